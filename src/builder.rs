@@ -1,0 +1,42 @@
+//! [`ServiceBuilderExt`]: one method per layer of this crate on tower's `ServiceBuilder`.
+
+use tower::ServiceBuilder;
+use tower_layer::Stack;
+
+use crate::rate_limit::RateLimitByRoute;
+
+mod sealed {
+    pub trait Sealed<T> {}
+    impl<L> Sealed<L> for tower::ServiceBuilder<L> {}
+}
+
+/// Adds this crate's layers to a [`ServiceBuilder`].
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_quota::{Quota, RateLimitByRoute, ServiceBuilderExt};
+/// # fn wrap<S>(client: S) -> Result<(), tower_quota::ConfigError> {
+/// let limits = RateLimitByRoute::builder()
+///     .default_quota(Quota::per_minute(600))
+///     .build()?;
+/// let svc = ServiceBuilder::new().rate_limit_by_route(limits).service(client);
+/// # drop(svc);
+/// # Ok(())
+/// # }
+/// ```
+pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
+    /// Adds a [`RateLimitByRoute`] layer.
+    fn rate_limit_by_route<M>(
+        self,
+        limits: RateLimitByRoute<M>,
+    ) -> ServiceBuilder<Stack<RateLimitByRoute<M>, L>>;
+}
+
+impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
+    fn rate_limit_by_route<M>(
+        self,
+        limits: RateLimitByRoute<M>,
+    ) -> ServiceBuilder<Stack<RateLimitByRoute<M>, L>> {
+        self.layer(limits)
+    }
+}

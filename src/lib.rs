@@ -1,0 +1,55 @@
+//! Tower middleware for living within an HTTP API's limits, from either side of the wire.
+//!
+//! Job APIs publish per-route request rates ("`POST /v2/generate`: 60 requests per minute,
+//! every other endpoint 600") and answer `429 Too Many Requests` on excess. This crate
+//! provides [`tower::Layer`]s that keep a client inside those limits, or make a server
+//! enforce them:
+//!
+//! - [`RateLimitByRoute`]: per-route quotas. As a client it makes each request wait for its
+//!   turn so the server never sees more than the quota; as a server (`.reject()`) it answers
+//!   the excess with a `429` and a `Retry-After` that says exactly when to come back.
+//!
+//! ```
+//! use tower::ServiceBuilder;
+//! use tower_quota::{Quota, RateLimitByRoute};
+//! # fn wrap<S>(client: S) -> Result<(), tower_quota::ConfigError> {
+//! let limits = RateLimitByRoute::builder()
+//!     .route("POST /v2/generate", Quota::per_minute(60))
+//!     .default_quota(Quota::per_minute(600)) // every other route
+//!     .build()?;
+//! let svc = ServiceBuilder::new().layer(limits.clone()).service(client);
+//! # drop(svc);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every clone of a layer, and every service it makes, shares one set of counters: cloning
+//! never creates a new limit. Keep a clone of the layer to look inside it
+//! ([`RateLimitByRoute::snapshot`]) or to change a quota at run time.
+//!
+//! All timing runs on [`tokio::time`], so every behaviour can be tested on a paused clock.
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
+mod builder;
+mod clock;
+mod error;
+pub mod headers;
+mod limiter;
+mod quota;
+pub mod rate_limit;
+mod route;
+
+pub use builder::ServiceBuilderExt;
+pub use error::ConfigError;
+pub use quota::Quota;
+pub use rate_limit::RateLimitByRoute;
+
+/// Alias for a type-erased error type, as used by tower.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

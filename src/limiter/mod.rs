@@ -1,0 +1,225 @@
+//! Limiter algorithms: when may the next request go? No HTTP in here.
+//!
+//! A client cannot know when the server counts a request: at some moment between its send and
+//! its response. So a request holds its place from the moment it is admitted (sent) until its
+//! response is back, plus the quota's window (sliding window) or emission interval (GCRA),
+//! plus a small safety margin. Admission follows from that:
+//!
+//! - **Sliding window** ([`window`]): a request is admitted while fewer than `count` requests
+//!   are *holding*: in flight, or answered less than `period + margin` ago. Any window of length
+//!   `period`, as the server sees it, then holds at most `count` requests: of `count + 1`
+//!   requests in it, the last sent was admitted while the other `count` were all holding.
+//! - **GCRA** ([`gcra`]): the theoretical arrival time (TAT) advances by one emission interval
+//!   per *answered* request, from its response time; a request in flight counts one interval
+//!   ahead of it. A request is admitted when `max(TAT, now) + in_flight × interval` is at most
+//!   `now + (burst - 1) × interval`. Any interval of length `L` then holds at most
+//!   `burst + L / interval` requests as the server sees them, which is GCRA's own guarantee.
+//!
+//! Both cost one round trip per period (the price of not knowing the server's moment), and
+//! both reduce to the textbook algorithm when responses are instant.
+//!
+//! In server mode the limiter *is* the server: a request is admitted and answered at once,
+//! with no margin, which gives the exact textbook behaviour.
+
+mod gcra;
+mod window;
+
+use crate::clock::Nanos;
+use crate::quota::Rate;
+
+/// Why a request cannot be admitted now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Not before this time (a lower bound: a waiter re-checks then).
+    Until(Nanos),
+    /// Not before a request in flight is answered.
+    Response,
+}
+
+/// A limit the server told us about: at most `remaining` more sends until `reset_at`.
+#[derive(Clone, Copy, Debug)]
+struct ServerCap {
+    remaining: u32,
+    reset_at: Nanos,
+}
+
+#[derive(Debug)]
+enum Algorithm {
+    Window(window::Window),
+    Gcra(gcra::Gcra),
+}
+
+/// The state of one limit (one route, or one route and key).
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    algorithm: Algorithm,
+    in_flight: u32,
+    /// Nothing is admitted before this time (learnt from a server's 429).
+    blocked_until: Nanos,
+    cap: Option<ServerCap>,
+}
+
+impl Limiter {
+    pub(crate) fn new(rate: &Rate) -> Self {
+        let algorithm = if rate.is_gcra() {
+            Algorithm::Gcra(gcra::Gcra::default())
+        } else {
+            Algorithm::Window(window::Window::default())
+        };
+        Self {
+            algorithm,
+            in_flight: 0,
+            blocked_until: 0,
+            cap: None,
+        }
+    }
+
+    /// Admits one request now, or says how long it must wait. On success the request is in
+    /// flight until [`Limiter::release`].
+    pub(crate) fn try_acquire(&mut self, rate: &Rate, now: Nanos) -> Result<(), Wait> {
+        self.check(rate, now, 0)?;
+        self.in_flight += 1;
+        if let Some(cap) = &mut self.cap {
+            cap.remaining -= 1;
+        }
+        Ok(())
+    }
+
+    /// Whether a request could be admitted now, without admitting it.
+    pub(crate) fn probe(&mut self, rate: &Rate, now: Nanos) -> Result<(), Wait> {
+        self.check(rate, now, 0)
+    }
+
+    /// Whether a request, behind `ahead` others that will be admitted first, could go now;
+    /// if not, a lower bound of when.
+    fn check(&mut self, rate: &Rate, now: Nanos, ahead: u32) -> Result<(), Wait> {
+        if let Some(cap) = self.cap {
+            if now >= cap.reset_at {
+                self.cap = None;
+            }
+        }
+        let mut earliest = self.blocked_until;
+        if let Some(cap) = self.cap {
+            if cap.remaining <= ahead {
+                earliest = earliest.max(cap.reset_at);
+            }
+        }
+        let algorithm = match &mut self.algorithm {
+            Algorithm::Window(w) => w.check(rate, now, self.in_flight, ahead),
+            Algorithm::Gcra(g) => g.check(rate, now, self.in_flight, ahead),
+        };
+        match algorithm {
+            Ok(()) if earliest <= now => Ok(()),
+            Ok(()) => Err(Wait::Until(earliest)),
+            Err(Wait::Until(at)) => Err(Wait::Until(at.max(earliest))),
+            Err(Wait::Response) => Err(Wait::Response),
+        }
+    }
+
+    /// A lower bound on when a request behind `ahead` others could be admitted.
+    pub(crate) fn estimate(&mut self, rate: &Rate, now: Nanos, ahead: u32) -> Nanos {
+        match self.check(rate, now, ahead) {
+            Ok(()) => now,
+            Err(Wait::Until(at)) => at,
+            Err(Wait::Response) => {
+                let after_response = match &self.algorithm {
+                    Algorithm::Window(w) => w.after_response(rate, now),
+                    Algorithm::Gcra(g) => g.after_response(rate, now, self.in_flight, ahead),
+                };
+                after_response.max(self.blocked_until)
+            }
+        }
+    }
+
+    /// The request admitted earlier has been answered (or abandoned) at `at`.
+    pub(crate) fn release(&mut self, rate: &Rate, at: Nanos) {
+        debug_assert!(self.in_flight > 0, "release without acquire");
+        self.in_flight = self.in_flight.saturating_sub(1);
+        match &mut self.algorithm {
+            Algorithm::Window(w) => w.release(at),
+            Algorithm::Gcra(g) => g.release(rate, at),
+        }
+    }
+
+    /// Admits and answers one request at `now` in one step (server mode).
+    pub(crate) fn try_hit(&mut self, rate: &Rate, now: Nanos) -> Result<(), Wait> {
+        self.try_acquire(rate, now)?;
+        self.release(rate, now);
+        Ok(())
+    }
+
+    /// Requests that could be admitted at `now` if they came at once.
+    pub(crate) fn remaining(&mut self, rate: &Rate, now: Nanos) -> u32 {
+        if self.check(rate, now, 0).is_err() {
+            return 0;
+        }
+        let algorithm = match &mut self.algorithm {
+            Algorithm::Window(w) => w.remaining(rate, now, self.in_flight),
+            Algorithm::Gcra(g) => g.remaining(rate, now, self.in_flight),
+        };
+        match self.cap {
+            Some(cap) => algorithm.min(cap.remaining),
+            None => algorithm,
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// Whether this state is the same as a fresh one at `now`, so it can be forgotten.
+    pub(crate) fn is_idle(&mut self, rate: &Rate, now: Nanos) -> bool {
+        self.in_flight == 0
+            && self.blocked_until <= now
+            && self.cap.is_none_or(|cap| cap.reset_at <= now)
+            && match &mut self.algorithm {
+                Algorithm::Window(w) => w.is_idle(rate, now),
+                Algorithm::Gcra(g) => g.is_idle(now),
+            }
+    }
+
+    /// Admits nothing before `until` (the server said so).
+    pub(crate) fn block_until(&mut self, until: Nanos) {
+        self.blocked_until = self.blocked_until.max(until);
+    }
+
+    /// The server says `remaining` more requests may go until `reset_at`. This can only
+    /// tighten the local state: requests still in flight may not have been counted in
+    /// `remaining` yet, so they are taken off it.
+    pub(crate) fn cap(&mut self, remaining: u32, reset_at: Nanos, now: Nanos) {
+        if reset_at <= now {
+            return;
+        }
+        let remaining = remaining.saturating_sub(self.in_flight);
+        self.cap = Some(match self.cap {
+            Some(cap) if cap.reset_at > now => ServerCap {
+                remaining: cap.remaining.min(remaining),
+                reset_at: cap.reset_at.max(reset_at),
+            },
+            _ => ServerCap {
+                remaining,
+                reset_at,
+            },
+        });
+    }
+
+    /// Adapts the state to a new rate of another algorithm, erring on the safe side.
+    pub(crate) fn change_rate(&mut self, old: &Rate, new: &Rate, now: Nanos) {
+        match (&mut self.algorithm, new.is_gcra()) {
+            (Algorithm::Window(w), true) => {
+                // As if every request still holding a place had just been answered.
+                let tat = now.saturating_add(new.interval.saturating_mul(w.len(old, now)));
+                self.algorithm = Algorithm::Gcra(gcra::Gcra::starting_at(tat));
+            }
+            (Algorithm::Gcra(g), false) => {
+                // The history is gone: count the quota as just used up, unless it was idle.
+                let used = if g.is_idle(now) { 0 } else { new.count };
+                self.algorithm = Algorithm::Window(window::Window::filled(used, now));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

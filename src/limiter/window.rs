@@ -1,0 +1,91 @@
+//! Sliding window: at most `count` requests in any window of length `period`.
+
+use std::collections::VecDeque;
+
+use super::Wait;
+use crate::clock::Nanos;
+use crate::quota::Rate;
+
+/// The response times of answered requests that still hold a place, oldest first. A request
+/// answered at `r` holds its place until `r + margin + period`; requests in flight hold theirs
+/// too, and are counted by the caller.
+#[derive(Debug, Default)]
+pub(super) struct Window {
+    answered: VecDeque<Nanos>,
+}
+
+fn held_until(rate: &Rate, answered_at: Nanos) -> Nanos {
+    answered_at
+        .saturating_add(rate.margin)
+        .saturating_add(rate.period)
+}
+
+impl Window {
+    /// A window whose `count` places were all taken by requests answered at `now`.
+    pub(super) fn filled(count: u32, now: Nanos) -> Self {
+        Self {
+            answered: std::iter::repeat_n(now, count as usize).collect(),
+        }
+    }
+
+    fn expire(&mut self, rate: &Rate, now: Nanos) {
+        while let Some(&at) = self.answered.front() {
+            if held_until(rate, at) > now {
+                break;
+            }
+            self.answered.pop_front();
+        }
+    }
+
+    pub(super) fn check(
+        &mut self,
+        rate: &Rate,
+        now: Nanos,
+        in_flight: u32,
+        ahead: u32,
+    ) -> Result<(), Wait> {
+        self.expire(rate, now);
+        let holding = u64::from(in_flight) + self.answered.len() as u64 + u64::from(ahead);
+        if holding < u64::from(rate.count) {
+            return Ok(());
+        }
+        // The `needed`-th place to free up is ours.
+        let needed = holding + 1 - u64::from(rate.count);
+        match usize::try_from(needed - 1)
+            .ok()
+            .and_then(|i| self.answered.get(i))
+        {
+            Some(&at) => Err(Wait::Until(held_until(rate, at))),
+            None => Err(Wait::Response),
+        }
+    }
+
+    /// A lower bound on when a place held by a request in flight frees up.
+    pub(super) fn after_response(&self, rate: &Rate, now: Nanos) -> Nanos {
+        held_until(rate, now)
+    }
+
+    pub(super) fn release(&mut self, at: Nanos) {
+        // Responses are recorded in order; a thread that read the clock a moment before
+        // another but took the lock after it is counted at the later time, which is safe.
+        let at = self.answered.back().map_or(at, |&last| at.max(last));
+        self.answered.push_back(at);
+    }
+
+    pub(super) fn remaining(&mut self, rate: &Rate, now: Nanos, in_flight: u32) -> u32 {
+        self.expire(rate, now);
+        let holding = u64::from(in_flight) + self.answered.len() as u64;
+        u64::from(rate.count).saturating_sub(holding) as u32
+    }
+
+    pub(super) fn is_idle(&mut self, rate: &Rate, now: Nanos) -> bool {
+        self.expire(rate, now);
+        self.answered.is_empty()
+    }
+
+    /// Answered requests still holding a place at `now`.
+    pub(super) fn len(&mut self, rate: &Rate, now: Nanos) -> u64 {
+        self.expire(rate, now);
+        self.answered.len() as u64
+    }
+}

@@ -1,0 +1,156 @@
+//! What a route allows: a count per period, and the algorithm that spreads it.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::clock::{nanos, Nanos};
+
+/// A request quota: at most `count` requests per `period`.
+///
+/// By default a quota is a **sliding window**: never more than `count` requests in any window
+/// of length `period`, with bursts of up to `count` allowed. This is safe against servers that
+/// count with fixed windows, sliding windows or token buckets of the same size.
+///
+/// [`Quota::with_burst`] switches to **GCRA** (a virtual-scheduling leaky bucket) with the
+/// given burst size: requests are paced at `period / count` apart on average, with up to
+/// `burst` sent at once after an idle spell. `with_burst(1)` is even pacing, which a
+/// leaky-bucket server with no burst allowance (nginx `limit_req` without `burst=`) demands.
+///
+/// Constructors never fail; a zero count, period or burst is reported by the builder that
+/// receives the quota, as a [`ConfigError`](crate::ConfigError).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_quota::Quota;
+///
+/// let generate = Quota::per_minute(60);
+/// assert_eq!(generate.count(), 60);
+/// assert_eq!(generate.period(), Duration::from_secs(60));
+///
+/// let paced = Quota::per_second(10).with_burst(1);
+/// assert_eq!(paced.burst(), Some(1));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Quota {
+    count: u32,
+    period: Duration,
+    burst: Option<u32>,
+}
+
+impl Quota {
+    /// `count` requests per `period`, as a sliding window.
+    pub const fn new(count: u32, period: Duration) -> Self {
+        Self {
+            count,
+            period,
+            burst: None,
+        }
+    }
+
+    /// `count` requests per second.
+    pub const fn per_second(count: u32) -> Self {
+        Self::new(count, Duration::from_secs(1))
+    }
+
+    /// `count` requests per minute.
+    pub const fn per_minute(count: u32) -> Self {
+        Self::new(count, Duration::from_secs(60))
+    }
+
+    /// `count` requests per hour.
+    pub const fn per_hour(count: u32) -> Self {
+        Self::new(count, Duration::from_secs(3600))
+    }
+
+    /// Paces the quota with GCRA instead of a sliding window, allowing bursts of `burst`.
+    pub const fn with_burst(mut self, burst: u32) -> Self {
+        self.burst = Some(burst);
+        self
+    }
+
+    /// The number of requests allowed per period.
+    pub const fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The period the count applies to.
+    pub const fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// The GCRA burst size, or `None` for a sliding window.
+    pub const fn burst(&self) -> Option<u32> {
+        self.burst
+    }
+
+    /// Checks the quota, returning why it is unusable.
+    pub(crate) fn validate(&self) -> Result<(), &'static str> {
+        if self.count == 0 {
+            return Err("a quota's count must be at least 1");
+        }
+        if self.period.is_zero() {
+            return Err("a quota's period must be longer than zero");
+        }
+        if self.burst == Some(0) {
+            return Err("a quota's burst must be at least 1");
+        }
+        // Nanosecond arithmetic must not overflow: a century is plenty.
+        if self.period > Duration::from_secs(100 * 365 * 24 * 3600) {
+            return Err("a quota's period must be at most 100 years");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} per {:?}", self.count, self.period)?;
+        if let Some(burst) = self.burst {
+            write!(f, " (paced, burst {burst})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A validated quota in the limiter's units.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rate {
+    pub(crate) quota: Quota,
+    pub(crate) count: u32,
+    pub(crate) period: Nanos,
+    /// GCRA burst, or 0 for a sliding window.
+    pub(crate) burst: u32,
+    /// GCRA emission interval: `period / count`, rounded up so that pacing is never early.
+    pub(crate) interval: Nanos,
+    /// Added to every response time before it is counted (see `limiter`).
+    pub(crate) margin: Nanos,
+}
+
+impl Rate {
+    /// Compiles a quota, which must have passed [`Quota::validate`]. `margin` of `None` takes
+    /// the default: 1% of the period a request holds its place for (the window for a sliding
+    /// window, the emission interval for GCRA), at most 50 ms.
+    pub(crate) fn new(quota: Quota, margin: Option<Duration>) -> Self {
+        let count = quota.count.max(1);
+        let period = nanos(quota.period).max(1);
+        let interval = period.div_ceil(u64::from(count));
+        let burst = quota.burst.unwrap_or(0);
+        let spacing = if burst == 0 { period } else { interval };
+        let margin = match margin {
+            Some(margin) => nanos(margin),
+            None => (spacing / 100).min(50_000_000),
+        };
+        Self {
+            quota,
+            count,
+            period,
+            burst,
+            interval,
+            margin,
+        }
+    }
+
+    pub(crate) fn is_gcra(&self) -> bool {
+        self.burst != 0
+    }
+}

@@ -1,0 +1,37 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A request the client-mode [`RateLimitByRoute`](super::RateLimitByRoute) gave back to its
+/// caller without sending it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RateLimitError {
+    /// Waiting for the route's quota would take longer than the configured maximum wait.
+    WaitTooLong {
+        /// The route the request fell under (its pattern, or `"default"`).
+        route: Arc<str>,
+        /// How long it would have had to wait at least, counted from when it was made.
+        wait: Duration,
+        /// The maximum wait that was configured.
+        max_wait: Duration,
+    },
+}
+
+impl fmt::Display for RateLimitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WaitTooLong {
+                route,
+                wait,
+                max_wait,
+            } => write!(
+                f,
+                "rate limit of route `{route}`: the request would wait at least {wait:?}, \
+                 longer than the maximum of {max_wait:?}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RateLimitError {}

@@ -1,0 +1,529 @@
+use std::fmt;
+use std::hash::{Hash, RandomState};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{HeaderName, Response};
+use tower_layer::Layer;
+
+use super::key::{ClientKey, RequestHead};
+use super::service::RateLimitByRouteService;
+use super::state::{lock, ClientRoute, ClientShared, ClientState, KeyedRoute, Learn, Shared};
+use crate::clock::Clock;
+use crate::error::ConfigError;
+use crate::limiter::Wait as Admission;
+use crate::quota::{Quota, Rate};
+use crate::route::{Pattern, RouteTable};
+
+/// The name the default quota goes by in errors, snapshots and headers.
+pub(crate) const DEFAULT_ROUTE: &str = "default";
+
+/// Per-route rate limits, as a [`Layer`] and the handle to their shared state.
+///
+/// Built with [`RateLimitByRoute::builder`]. Cloning is cheap (one `Arc`) and never creates a
+/// new limit: every clone, and every service made from any clone (say one per connection under
+/// axum), counts against the same quotas.
+///
+/// The mode `M` is [`Wait`] for a client (requests wait for their turn) or [`Reject`] for a
+/// server (excess requests are answered with 429), chosen on the builder.
+pub struct RateLimitByRoute<M = Wait> {
+    pub(crate) mode: M,
+}
+
+impl<M: Clone> Clone for RateLimitByRoute<M> {
+    fn clone(&self) -> Self {
+        Self {
+            mode: self.mode.clone(),
+        }
+    }
+}
+
+impl<M: fmt::Debug> fmt::Debug for RateLimitByRoute<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitByRoute")
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// Client mode: a request whose route has no quota left waits for its turn.
+#[derive(Clone)]
+pub struct Wait(pub(crate) Arc<ClientShared>);
+
+impl fmt::Debug for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Wait")
+            .field("routes", &self.0.routes.len())
+            .field("max_wait", &self.0.config.max_wait)
+            .finish()
+    }
+}
+
+/// Server mode: a request over its client's quota is answered at once with 429.
+///
+/// `F` builds the 429 response's body: [`EmptyBody`] by default, or a closure given to
+/// [`Builder::reject_with`].
+pub struct Reject<F = EmptyBody>(pub(crate) Arc<Shared<KeyedRoute, RejectConfig<F>>>);
+
+impl<F> Clone for Reject<F> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<F> fmt::Debug for Reject<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reject")
+            .field("routes", &self.0.routes.len())
+            .field("key", &self.0.config.key)
+            .finish()
+    }
+}
+
+/// Client-mode settings, as held by a [`Builder`].
+#[derive(Debug, Clone)]
+pub struct WaitConfig {
+    pub(crate) max_wait: Option<Duration>,
+    learn: Learn,
+}
+
+/// Server-mode settings, as held by a [`Builder`].
+pub struct RejectConfig<F = EmptyBody> {
+    pub(crate) key: ClientKey,
+    pub(crate) headers: bool,
+    max_keys: usize,
+    pub(crate) body: F,
+    pub(crate) hasher: RandomState,
+}
+
+impl<F> fmt::Debug for RejectConfig<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectConfig")
+            .field("key", &self.key)
+            .field("headers", &self.headers)
+            .field("max_keys", &self.max_keys)
+            .finish()
+    }
+}
+
+/// The default 429 body: `ResBody::default()`, empty for the usual body types.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmptyBody;
+
+/// Why server mode refused a request, handed to the closure that builds the 429 response.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Rejection {
+    /// The route's pattern, or `"default"`.
+    pub route: Arc<str>,
+    /// The route's quota.
+    pub quota: Quota,
+    /// How long the client must wait before the request would be admitted.
+    pub retry_after: Duration,
+}
+
+/// Builds the response server mode sends for a refused request. Status and rate-limit header
+/// fields are set on it afterwards.
+pub trait RejectResponse<B> {
+    /// The response for this rejection.
+    fn response(&self, rejection: &Rejection) -> Response<B>;
+}
+
+impl<B: Default> RejectResponse<B> for EmptyBody {
+    fn response(&self, _: &Rejection) -> Response<B> {
+        Response::new(B::default())
+    }
+}
+
+impl<B, F> RejectResponse<B> for F
+where
+    F: Fn(&Rejection) -> Response<B>,
+{
+    fn response(&self, rejection: &Rejection) -> Response<B> {
+        self(rejection)
+    }
+}
+
+/// Builds a [`RateLimitByRoute`]. Made by [`RateLimitByRoute::builder`].
+#[derive(Debug)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder<C = WaitConfig> {
+    routes: Vec<(String, Quota)>,
+    default: Option<Quota>,
+    margin: Option<Duration>,
+    config: C,
+}
+
+impl RateLimitByRoute<Wait> {
+    /// Starts a client-mode builder with no routes and no default quota.
+    pub fn builder() -> Builder<WaitConfig> {
+        Builder {
+            routes: Vec::new(),
+            default: None,
+            margin: None,
+            config: WaitConfig {
+                max_wait: None,
+                learn: Learn {
+                    enabled: true,
+                    backoff: Duration::from_secs(1),
+                },
+            },
+        }
+    }
+}
+
+impl<C> Builder<C> {
+    /// Gives the requests matching `pattern` their own quota.
+    ///
+    /// A pattern is a method (or `*` for any method), one space, and a path in which `{name}`
+    /// matches one segment and a final `{*name}` the rest: `"POST /v2/generate"`,
+    /// `"GET /v2/generate/{id}"`, `"* /v2/assets/{*rest}"`. Routes for the request's own
+    /// method are tried before `*` routes. Malformed or colliding patterns are reported by
+    /// [`build`](Builder::build), naming the pattern.
+    pub fn route(mut self, pattern: impl Into<String>, quota: Quota) -> Self {
+        self.routes.push((pattern.into(), quota));
+        self
+    }
+
+    /// The quota shared by every request that matches no route. Without one, such requests
+    /// pass unlimited.
+    pub fn default_quota(mut self, quota: Quota) -> Self {
+        self.default = Some(quota);
+        self
+    }
+
+    /// How much longer than its period a request holds its place after its response, to cover
+    /// late timers and a server's clock granularity.
+    ///
+    /// Default: 1% of the time a request holds its place for (the window of a sliding window,
+    /// the emission interval of a paced quota), at most 50 ms. Server mode counts requests
+    /// itself and uses no margin.
+    pub fn safety_margin(mut self, margin: Duration) -> Self {
+        self.margin = Some(margin);
+        self
+    }
+
+    fn compile(
+        &self,
+        margin: Option<Duration>,
+    ) -> Result<(RouteTable, Vec<(Arc<str>, Rate)>), ConfigError> {
+        let mut table = RouteTable::default();
+        let mut routes = Vec::with_capacity(self.routes.len() + 1);
+        for (index, (text, quota)) in self.routes.iter().enumerate() {
+            let pattern = Pattern::parse(text)?;
+            check_quota(text, quota)?;
+            table.insert(text, &pattern, index)?;
+            routes.push((Arc::from(text.as_str()), Rate::new(*quota, margin)));
+        }
+        if let Some(quota) = &self.default {
+            check_quota(DEFAULT_ROUTE, quota)?;
+            table.set_default(routes.len());
+            routes.push((Arc::from(DEFAULT_ROUTE), Rate::new(*quota, margin)));
+        }
+        Ok((table, routes))
+    }
+}
+
+fn check_quota(route: &str, quota: &Quota) -> Result<(), ConfigError> {
+    quota.validate().map_err(|reason| ConfigError::InvalidQuota {
+        route: route.to_owned(),
+        reason,
+    })
+}
+
+impl Builder<WaitConfig> {
+    /// The longest a request may wait for its turn. A request that would wait longer is
+    /// returned at once with [`RateLimitError::WaitTooLong`](super::RateLimitError), saying how
+    /// long it would have waited; one whose wait turns out longer than estimated is returned
+    /// when the maximum runs out. Default: no maximum.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.config.max_wait = Some(max_wait);
+        self
+    }
+
+    /// Whether responses passing back teach the limiter (default: yes). A 429 closes its route
+    /// to every caller until its `Retry-After`; `RateLimit`, `RateLimit-Remaining`/`-Reset` and
+    /// `X-RateLimit-Remaining`/`-Reset` fields can lower what is left until their reset. Either
+    /// can only tighten the local limit, never loosen it.
+    pub fn learn_from_responses(mut self, enabled: bool) -> Self {
+        self.config.learn.enabled = enabled;
+        self
+    }
+
+    /// How long a 429 that carries no usable `Retry-After` closes its route. Default: 1 s.
+    pub fn learn_backoff(mut self, backoff: Duration) -> Self {
+        self.config.learn.backoff = backoff;
+        self
+    }
+
+    /// Switches to server mode: requests over quota are answered at once with a 429 and a
+    /// `Retry-After` in whole seconds (rounded up, never 0), plus the IETF draft
+    /// `RateLimit-Policy` and `RateLimit` fields.
+    pub fn reject(self) -> Builder<RejectConfig<EmptyBody>> {
+        Builder {
+            routes: self.routes,
+            default: self.default,
+            margin: self.margin,
+            config: RejectConfig {
+                key: ClientKey::Global,
+                headers: true,
+                max_keys: 65_536,
+                body: EmptyBody,
+                hasher: RandomState::new(),
+            },
+        }
+    }
+
+    /// Builds the layer, or says which part of the configuration is unusable.
+    pub fn build(self) -> Result<RateLimitByRoute<Wait>, ConfigError> {
+        let (table, routes) = self.compile(self.margin)?;
+        let learn = self.config.learn;
+        let routes = routes
+            .into_iter()
+            .map(|(name, rate)| ClientRoute {
+                name,
+                learn,
+                state: Mutex::new(ClientState::new(rate)),
+            })
+            .collect();
+        Ok(RateLimitByRoute {
+            mode: Wait(Arc::new(Shared {
+                table,
+                routes,
+                clock: Clock::new(),
+                config: self.config,
+            })),
+        })
+    }
+}
+
+impl<F> Builder<RejectConfig<F>> {
+    /// Counts quotas per value of this request header field, such as `x-api-key`. Requests
+    /// without it share one anonymous quota. Keys are kept only as keyed hashes.
+    pub fn key_header(mut self, name: HeaderName) -> Self {
+        self.config.key = ClientKey::Header(name);
+        self
+    }
+
+    /// Counts quotas per peer IP address, read from the request's extensions: a
+    /// `std::net::SocketAddr` or `IpAddr`, or (feature `axum`) axum's
+    /// `ConnectInfo<SocketAddr>`, which `into_make_service_with_connect_info` inserts.
+    pub fn key_peer_ip(mut self) -> Self {
+        self.config.key = ClientKey::PeerIp;
+        self
+    }
+
+    /// Counts quotas per key that a closure reads from the request's head; `None` falls under
+    /// one anonymous key.
+    pub fn key_fn<K, G>(mut self, key: G) -> Self
+    where
+        G: Fn(&RequestHead<'_>) -> Option<K> + Send + Sync + 'static,
+        K: Hash,
+    {
+        self.config.key = ClientKey::from_fn(key);
+        self
+    }
+
+    /// Whether 429s carry the `RateLimit-Policy` and `RateLimit` fields (default: yes).
+    pub fn rate_limit_headers(mut self, enabled: bool) -> Self {
+        self.config.headers = enabled;
+        self
+    }
+
+    /// The most client keys tracked at once, per route (default 65,536). Keys whose quota is
+    /// untouched are forgotten; when every tracked key is active, requests from new keys are
+    /// refused until some go idle, so memory stays bounded and no client exceeds its quota.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.config.max_keys = max_keys;
+        self
+    }
+
+    /// Builds each 429 response with this closure (its status and rate-limit fields are set
+    /// afterwards), for example Sync's JSON error body.
+    pub fn reject_with<G>(self, response: G) -> Builder<RejectConfig<G>> {
+        Builder {
+            routes: self.routes,
+            default: self.default,
+            margin: self.margin,
+            config: RejectConfig {
+                key: self.config.key,
+                headers: self.config.headers,
+                max_keys: self.config.max_keys,
+                body: response,
+                hasher: self.config.hasher,
+            },
+        }
+    }
+
+    /// Builds the layer, or says which part of the configuration is unusable.
+    pub fn build(self) -> Result<RateLimitByRoute<Reject<F>>, ConfigError> {
+        if self.config.max_keys == 0 {
+            return Err(ConfigError::InvalidSetting {
+                name: "max_keys",
+                reason: "at least one key must be tracked",
+            });
+        }
+        // The server counts its own requests: there is no round trip to cover.
+        let (table, routes) = self.compile(Some(self.margin.unwrap_or(Duration::ZERO)))?;
+        let max_keys = self.config.max_keys;
+        let routes = routes
+            .into_iter()
+            .map(|(name, rate)| KeyedRoute::new(name, rate, max_keys))
+            .collect();
+        Ok(RateLimitByRoute {
+            mode: Reject(Arc::new(Shared {
+                table,
+                routes,
+                clock: Clock::new(),
+                config: self.config,
+            })),
+        })
+    }
+}
+
+// ===== introspection and run-time changes =====
+
+/// When a client-mode route can next admit a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextAdmission {
+    /// Now.
+    Now,
+    /// After this long (at the earliest).
+    In(Duration),
+    /// Once a request in flight is answered (the wait then starts from the response).
+    AfterResponse,
+}
+
+/// A client-mode route's state at one moment.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RouteSnapshot {
+    /// The route's pattern, or `"default"`.
+    pub route: Arc<str>,
+    /// Its quota.
+    pub quota: Quota,
+    /// Requests that could be sent now without waiting.
+    pub remaining: u32,
+    /// When the next request could go.
+    pub next: NextAdmission,
+    /// Requests sent and not yet answered.
+    pub in_flight: u32,
+    /// Requests waiting for their turn.
+    pub waiters: usize,
+}
+
+/// A server-mode route's state at one moment.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct KeyedRouteSnapshot {
+    /// The route's pattern, or `"default"`.
+    pub route: Arc<str>,
+    /// Its quota, per client key.
+    pub quota: Quota,
+    /// Client keys tracked now.
+    pub tracked_keys: usize,
+}
+
+fn find<R>(
+    routes: &[R],
+    name: impl Fn(&R) -> &str,
+    pattern: &str,
+    quota: &Quota,
+) -> Result<usize, ConfigError> {
+    check_quota(pattern, quota)?;
+    routes
+        .iter()
+        .position(|r| name(r) == pattern)
+        .ok_or_else(|| ConfigError::UnknownRoute {
+            pattern: pattern.to_owned(),
+        })
+}
+
+impl RateLimitByRoute<Wait> {
+    /// Each route's state now, in the order the routes were given, the default last.
+    pub fn snapshot(&self) -> Vec<RouteSnapshot> {
+        let shared = &self.mode.0;
+        shared
+            .routes
+            .iter()
+            .map(|route| {
+                let mut guard = lock(&route.state);
+                let now = shared.clock.now();
+                let state = &mut *guard;
+                let rate = state.rate;
+                let next = match state.limiter.probe(&rate, now) {
+                    Ok(()) => NextAdmission::Now,
+                    Err(Admission::Until(at)) => NextAdmission::In(Duration::from_nanos(at - now)),
+                    Err(Admission::Response) => NextAdmission::AfterResponse,
+                };
+                RouteSnapshot {
+                    route: route.name.clone(),
+                    quota: rate.quota,
+                    remaining: state.limiter.remaining(&rate, now),
+                    next,
+                    in_flight: state.limiter.in_flight(),
+                    waiters: state.waiters.len(),
+                }
+            })
+            .collect()
+    }
+
+    /// Replaces the quota of the route given by `pattern` (as written to the builder, or
+    /// `"default"`), keeping what it has counted so far. Waiting requests re-check at once.
+    pub fn set_quota(&self, pattern: &str, quota: Quota) -> Result<(), ConfigError> {
+        let shared = &self.mode.0;
+        let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
+        let route = &shared.routes[index];
+        let mut guard = lock(&route.state);
+        let now = shared.clock.now();
+        let state = &mut *guard;
+        let margin = Some(Duration::from_nanos(state.rate.margin));
+        let rate = Rate::new(quota, margin);
+        state.limiter.change_rate(&state.rate, &rate, now);
+        state.rate = rate;
+        state.wake_head();
+        Ok(())
+    }
+}
+
+impl<F> RateLimitByRoute<Reject<F>> {
+    /// Each route's state now, in the order the routes were given, the default last.
+    pub fn snapshot(&self) -> Vec<KeyedRouteSnapshot> {
+        self.mode
+            .0
+            .routes
+            .iter()
+            .map(|route| KeyedRouteSnapshot {
+                route: route.name.clone(),
+                quota: lock(&route.shards[0]).rate.quota,
+                tracked_keys: route.tracked_keys(),
+            })
+            .collect()
+    }
+
+    /// Replaces the quota of the route given by `pattern` (as written to the builder, or
+    /// `"default"`), keeping what each client has used so far.
+    pub fn set_quota(&self, pattern: &str, quota: Quota) -> Result<(), ConfigError> {
+        let shared = &self.mode.0;
+        let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
+        let now = shared.clock.now();
+        for shard in shared.routes[index].shards.iter() {
+            let mut shard = lock(shard);
+            let old = shard.rate;
+            let rate = Rate::new(quota, Some(Duration::ZERO));
+            for limiter in shard.keys.values_mut() {
+                limiter.change_rate(&old, &rate, now);
+            }
+            shard.rate = rate;
+        }
+        Ok(())
+    }
+}
+
+impl<S, M: Clone> Layer<S> for RateLimitByRoute<M> {
+    type Service = RateLimitByRouteService<S, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimitByRouteService::new(inner, self.mode.clone())
+    }
+}

@@ -1,0 +1,123 @@
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::future::{RejectFuture, ResponseFuture};
+use super::key::ClientKey;
+use super::layer::{Reject, RejectResponse, Wait};
+use super::state::{lock, Permit, Ticket, Verdict};
+use crate::BoxError;
+
+/// The service made by a [`RateLimitByRoute`](super::RateLimitByRoute) layer.
+///
+/// `poll_ready` forwards to the inner service: which quota a request needs is only known from
+/// the request, so waiting happens in the response future.
+#[derive(Debug, Clone)]
+pub struct RateLimitByRouteService<S, M = Wait> {
+    inner: S,
+    mode: M,
+}
+
+impl<S, M> RateLimitByRouteService<S, M> {
+    pub(crate) fn new(inner: S, mode: M) -> Self {
+        Self { inner, mode }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for RateLimitByRouteService<S, Wait>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let shared = &self.mode.0;
+        let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {
+            return ResponseFuture::called(self.inner.call(request), None);
+        };
+        let mut state = lock(&shared.routes[route].state);
+        let now = shared.clock.now();
+        if let Some(permit) = Permit::try_acquire(shared, &mut state, route, now) {
+            drop(state);
+            return ResponseFuture::called(self.inner.call(request), Some(permit));
+        }
+        let max_wait = shared.config.max_wait;
+        if let Some(max_wait) = max_wait {
+            let ahead = state.waiters.len() as u32;
+            let rate = state.rate;
+            let wait = state.limiter.estimate(&rate, now, ahead).saturating_sub(now);
+            if wait > crate::clock::nanos(max_wait) {
+                drop(state);
+                return ResponseFuture::too_long(
+                    shared.routes[route].name.clone(),
+                    std::time::Duration::from_nanos(wait),
+                    max_wait,
+                );
+            }
+        }
+        let ticket = Ticket::join(shared, &mut state, route, now);
+        drop(state);
+        // The request waits for its turn inside the future, which needs a service to call
+        // then. Take the one that was driven to readiness and leave a clone in its place
+        // (the clone has not been polled ready; the next caller's `poll_ready` does that).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::queued(inner, request, ticket, max_wait)
+    }
+}
+
+impl<S, B, ResBody, F> Service<Request<B>> for RateLimitByRouteService<S, Reject<F>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    F: RejectResponse<ResBody>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = RejectFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let shared = &self.mode.0;
+        let Some(index) = shared.table.lookup(request.method(), request.uri().path()) else {
+            return RejectFuture::inner(self.inner.call(request));
+        };
+        let config = &shared.config;
+        let key = match &config.key {
+            ClientKey::Global => 0,
+            key => key.extract(&request, &config.hasher),
+        };
+        let route = &shared.routes[index];
+        match route.hit(key, shared.clock.now()) {
+            Verdict::Pass => RejectFuture::inner(self.inner.call(request)),
+            Verdict::Refuse { wait, quota } => {
+                RejectFuture::rejected(super::future::rejection(config, &route.name, quota, wait))
+            }
+        }
+    }
+}

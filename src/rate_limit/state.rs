@@ -1,0 +1,429 @@
+//! The shared state behind every clone of a [`RateLimitByRoute`](super::RateLimitByRoute).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Waker};
+use std::time::{Duration, SystemTime};
+
+use http::{Response, StatusCode};
+
+use crate::clock::{nanos, Clock, Nanos};
+use crate::headers;
+use crate::limiter::{Limiter, Wait};
+use crate::quota::{Quota, Rate};
+use crate::route::RouteTable;
+
+/// Locks a mutex; a panic elsewhere while it was held leaves consistent counters (no code
+/// here panics between two writes), so poisoning is ignored.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What every clone of a layer shares: the routes, their state, the clock and the mode's
+/// settings.
+#[derive(Debug)]
+pub(crate) struct Shared<R, C> {
+    pub(crate) table: RouteTable,
+    pub(crate) routes: Box<[R]>,
+    pub(crate) clock: Clock,
+    pub(crate) config: C,
+}
+
+// ===== client mode =====
+
+/// How a client learns from the responses passing back through it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Learn {
+    pub(crate) enabled: bool,
+    /// How long a 429 without a usable `Retry-After` closes its route.
+    pub(crate) backoff: Duration,
+}
+
+/// One route in client mode: a limiter and the queue of requests waiting for it.
+#[derive(Debug)]
+pub(crate) struct ClientRoute {
+    pub(crate) name: Arc<str>,
+    pub(crate) learn: Learn,
+    pub(crate) state: Mutex<ClientState>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ClientState {
+    pub(crate) rate: Rate,
+    pub(crate) limiter: Limiter,
+    /// Requests waiting for their turn, first come first served. Tickets only grow, so the
+    /// queue is sorted by ticket.
+    pub(crate) waiters: VecDeque<Waiter>,
+    next_ticket: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    ticket: u64,
+    waker: Option<Waker>,
+}
+
+impl ClientState {
+    pub(crate) fn new(rate: Rate) -> Self {
+        Self {
+            limiter: Limiter::new(&rate),
+            rate,
+            waiters: VecDeque::new(),
+            next_ticket: 0,
+        }
+    }
+
+    /// Wakes the request at the head of the queue, whose turn may have come.
+    pub(crate) fn wake_head(&mut self) {
+        if let Some(waker) = self.waiters.front_mut().and_then(|w| w.waker.take()) {
+            waker.wake();
+        }
+    }
+
+    fn position(&self, ticket: u64) -> Option<usize> {
+        self.waiters.binary_search_by_key(&ticket, |w| w.ticket).ok()
+    }
+}
+
+pub(crate) type ClientShared = Shared<ClientRoute, super::layer::WaitConfig>;
+
+/// A place in a route's queue. Dropping it while still queued leaves the queue.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    shared: Arc<ClientShared>,
+    route: usize,
+    id: u64,
+    queued: bool,
+    /// When the request was made, for the wait it reports.
+    pub(crate) since: Nanos,
+}
+
+/// What a waiting request learns when it looks at the queue.
+#[derive(Debug)]
+pub(crate) enum Turn {
+    /// Its turn: the request holds a place and may be sent.
+    Admitted(Permit),
+    /// Not yet; it will be woken, or should look again at this time.
+    Wait(Option<Nanos>),
+}
+
+impl Ticket {
+    /// Joins the back of a route's queue (whose lock the caller holds).
+    pub(crate) fn join(
+        shared: &Arc<ClientShared>,
+        state: &mut ClientState,
+        route: usize,
+        now: Nanos,
+    ) -> Self {
+        let id = state.next_ticket;
+        state.next_ticket += 1;
+        state.waiters.push_back(Waiter {
+            ticket: id,
+            waker: None,
+        });
+        Self {
+            shared: shared.clone(),
+            route,
+            id,
+            queued: true,
+            since: now,
+        }
+    }
+
+    pub(crate) fn route_name(&self) -> &Arc<str> {
+        &self.shared.routes[self.route].name
+    }
+
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.shared.clock
+    }
+
+    /// Takes a place if this ticket is at the head of the queue and the quota allows;
+    /// otherwise registers the task to be woken when the queue moves.
+    pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Turn {
+        debug_assert!(self.queued, "ticket polled after its turn");
+        let route = &self.shared.routes[self.route];
+        let mut guard = lock(&route.state);
+        let now = self.shared.clock.now();
+        let state = &mut *guard;
+        let mut wait = None;
+        if state.waiters.front().is_some_and(|w| w.ticket == self.id) {
+            match state.limiter.try_acquire(&state.rate, now) {
+                Ok(()) => {
+                    state.waiters.pop_front();
+                    state.wake_head();
+                    self.queued = false;
+                    return Turn::Admitted(Permit {
+                        shared: self.shared.clone(),
+                        route: self.route,
+                        released: false,
+                    });
+                }
+                Err(Wait::Until(at)) => wait = Some(at),
+                Err(Wait::Response) => {}
+            }
+        }
+        if let Some(i) = state.position(self.id) {
+            let slot = &mut state.waiters[i].waker;
+            match slot {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => *slot = Some(cx.waker().clone()),
+            }
+        }
+        Turn::Wait(wait)
+    }
+
+    /// A lower bound of when this ticket's turn comes.
+    pub(crate) fn estimate(&self) -> Nanos {
+        let route = &self.shared.routes[self.route];
+        let mut guard = lock(&route.state);
+        let now = self.shared.clock.now();
+        let state = &mut *guard;
+        let ahead = state.position(self.id).unwrap_or(0) as u32;
+        state.limiter.estimate(&state.rate, now, ahead)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.queued {
+            return;
+        }
+        let mut state = lock(&self.shared.routes[self.route].state);
+        if let Some(i) = state.position(self.id) {
+            state.waiters.remove(i);
+            if i == 0 {
+                // The head left: the next request may be able to go now.
+                state.wake_head();
+            }
+        }
+    }
+}
+
+/// A place held by a request that has been sent. It is given back when the response arrives,
+/// or when the request is abandoned (the future dropped, or a transport error): the server
+/// may have counted it either way, so it holds its place for the route's period from then.
+#[derive(Debug)]
+pub(crate) struct Permit {
+    shared: Arc<ClientShared>,
+    route: usize,
+    released: bool,
+}
+
+impl Permit {
+    /// Admits a request at once if nobody is queued for its route and the quota allows.
+    pub(crate) fn try_acquire(
+        shared: &Arc<ClientShared>,
+        state: &mut ClientState,
+        route: usize,
+        now: Nanos,
+    ) -> Option<Self> {
+        if !state.waiters.is_empty() {
+            return None;
+        }
+        state.limiter.try_acquire(&state.rate, now).ok()?;
+        Some(Self {
+            shared: shared.clone(),
+            route,
+            released: false,
+        })
+    }
+
+    /// The response is back: give the place back and learn what the server says.
+    pub(crate) fn finish<B>(mut self, response: &Response<B>) {
+        let route = &self.shared.routes[self.route];
+        if !route.learn.enabled
+            || (response.status() != StatusCode::TOO_MANY_REQUESTS
+                && response.headers().is_empty())
+        {
+            return; // the drop gives the place back
+        }
+        let mut guard = lock(&route.state);
+        let now = self.shared.clock.now();
+        let state = &mut *guard;
+        state.limiter.release(&state.rate, now);
+        learn(&route.name, route.learn, state, response, now);
+        state.wake_head();
+        self.released = true;
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let mut guard = lock(&self.shared.routes[self.route].state);
+        let now = self.shared.clock.now();
+        let state = &mut *guard;
+        state.limiter.release(&state.rate, now);
+        state.wake_head();
+    }
+}
+
+/// Applies what a response says about the route's limit to its state.
+fn learn<B>(
+    route: &str,
+    learn: Learn,
+    state: &mut ClientState,
+    response: &Response<B>,
+    now: Nanos,
+) {
+    let wall = SystemTime::now();
+    // A server may ask for long waits, but garbage must not close a route for years: a wait
+    // is capped at an hour or the route's period, whichever is longer.
+    let cap = Duration::from_secs(3600).max(state.rate.quota.period());
+    let until = |wait: Duration| now.saturating_add(nanos(wait.min(cap)));
+    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+        let wait = match headers::retry_after(response.headers(), wall) {
+            Ok(Some(wait)) if !wait.is_zero() => wait,
+            Ok(_) => learn.backoff,
+            Err(error) => {
+                tracing::debug!(route, %error, "ignoring a malformed header on a 429");
+                learn.backoff
+            }
+        };
+        tracing::debug!(route, ?wait, "the server answered 429: the route waits");
+        state.limiter.block_until(until(wait));
+    }
+    match headers::remaining(response.headers(), wall) {
+        Ok(Some((remaining, reset))) => state.limiter.cap(remaining, until(reset), now),
+        Ok(None) => {}
+        Err(error) => tracing::debug!(route, %error, "ignoring a malformed rate-limit header"),
+    }
+}
+
+// ===== server mode =====
+
+/// Keys are already keyed hashes: hashing them again would be wasted work.
+#[derive(Debug, Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type KeyMap = HashMap<u64, Limiter, BuildHasherDefault<KeyHasher>>;
+
+/// Shards of a keyed route: requests of different clients rarely contend for one lock.
+pub(crate) const SHARDS: usize = 16;
+
+/// How often a full shard may be swept for idle keys.
+const SWEEP_INTERVAL: Nanos = 1_000_000_000;
+
+/// One route in server mode: a limiter per client key.
+#[derive(Debug)]
+pub(crate) struct KeyedRoute {
+    pub(crate) name: Arc<str>,
+    pub(crate) shards: Box<[Mutex<Shard>]>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shard {
+    pub(crate) rate: Rate,
+    pub(crate) keys: KeyMap,
+    /// The most keys this shard tracks.
+    capacity: usize,
+    next_sweep: Nanos,
+}
+
+/// A server-mode verdict.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    Pass,
+    /// Refused: the client may come back after this long.
+    Refuse { wait: Duration, quota: Quota },
+}
+
+impl KeyedRoute {
+    pub(crate) fn new(name: Arc<str>, rate: Rate, max_keys: usize) -> Self {
+        let capacity = max_keys.div_ceil(SHARDS).max(1);
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    rate,
+                    keys: KeyMap::default(),
+                    capacity,
+                    next_sweep: 0,
+                })
+            })
+            .collect();
+        Self { name, shards }
+    }
+
+    pub(crate) fn hit(&self, key: u64, now: Nanos) -> Verdict {
+        let mut guard = lock(&self.shards[(key as usize) % SHARDS]);
+        let shard = &mut *guard;
+        let rate = shard.rate;
+        if !shard.keys.contains_key(&key) && !shard.make_room(now, &self.name) {
+            // Every tracked client is active: refusing a new one is the only way to keep
+            // both memory and every client's quota bounded.
+            let wait = Duration::from_nanos(shard.next_sweep.saturating_sub(now));
+            return Verdict::Refuse {
+                wait,
+                quota: rate.quota,
+            };
+        }
+        let limiter = shard
+            .keys
+            .entry(key)
+            .or_insert_with(|| Limiter::new(&rate));
+        match limiter.try_hit(&rate, now) {
+            Ok(()) => Verdict::Pass,
+            Err(Wait::Until(at)) => Verdict::Refuse {
+                wait: Duration::from_nanos(at - now),
+                quota: rate.quota,
+            },
+            // Nothing is in flight in server mode; should it ever be, a period is safe.
+            Err(Wait::Response) => Verdict::Refuse {
+                wait: rate.quota.period(),
+                quota: rate.quota,
+            },
+        }
+    }
+
+    pub(crate) fn tracked_keys(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).keys.len()).sum()
+    }
+}
+
+impl Shard {
+    /// Makes room for one more key. Idle keys are swept out when the shard is half full, at
+    /// most once a second, so a flood of new keys costs one sweep a second, not one a request.
+    fn make_room(&mut self, now: Nanos, route: &str) -> bool {
+        if now >= self.next_sweep && self.keys.len() >= self.capacity / 2 {
+            self.sweep(now);
+        }
+        let room = self.keys.len() < self.capacity;
+        if !room {
+            tracing::debug!(route, "refusing a new client: every tracked client is active");
+        }
+        room
+    }
+
+    fn sweep(&mut self, now: Nanos) {
+        let rate = self.rate;
+        let before = self.keys.len();
+        self.keys.retain(|_, limiter| !limiter.is_idle(&rate, now));
+        self.next_sweep = now.saturating_add(SWEEP_INTERVAL);
+        if self.keys.len() == self.capacity {
+            tracing::warn!(
+                tracked = before,
+                "rate limiter key table full of active clients; new clients are refused"
+            );
+        }
+    }
+}

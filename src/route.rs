@@ -1,0 +1,186 @@
+//! The route table: `"METHOD /path/{param}"` patterns matched to an index, without allocating.
+
+use http::Method;
+
+use crate::error::ConfigError;
+
+/// A route pattern split into its method (`None` for `*`, any method) and path.
+#[derive(Debug, Clone)]
+pub(crate) struct Pattern {
+    pub(crate) method: Option<Method>,
+    pub(crate) path: String,
+}
+
+impl Pattern {
+    /// Parses `"METHOD /path"` or `"* /path"`. Methods are case-sensitive (RFC 9110), so a
+    /// lowercase method is refused rather than silently matching nothing.
+    pub(crate) fn parse(pattern: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: &str| ConfigError::InvalidRoute {
+            pattern: pattern.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let mut parts = pattern.split_whitespace();
+        let (Some(method), Some(path), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(invalid(
+                "expected a method (or `*`), one space and a path, as in `POST /v2/generate`",
+            ));
+        };
+        let method = match method {
+            "*" => None,
+            m if m.bytes().any(|b| b.is_ascii_lowercase()) => {
+                return Err(invalid("methods are case-sensitive: write them in uppercase"))
+            }
+            m => Some(Method::from_bytes(m.as_bytes()).map_err(|_| invalid("invalid method"))?),
+        };
+        if !path.starts_with('/') {
+            return Err(invalid("the path must start with `/`"));
+        }
+        Ok(Self {
+            method,
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Maps a request's method and path to the index of the route it falls under.
+///
+/// Routes for the request's own method are tried first, then `*` routes, then the default.
+/// Lookup walks the path once (matchit's radix tree) and allocates nothing for patterns with
+/// up to three parameters.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RouteTable {
+    by_method: Vec<(Method, matchit::Router<usize>)>,
+    any_method: matchit::Router<usize>,
+    default: Option<usize>,
+}
+
+impl RouteTable {
+    /// Adds a route, or says why it cannot be added.
+    pub(crate) fn insert(
+        &mut self,
+        pattern_text: &str,
+        pattern: &Pattern,
+        index: usize,
+    ) -> Result<(), ConfigError> {
+        let router = match &pattern.method {
+            None => &mut self.any_method,
+            Some(method) => {
+                let position = match self.by_method.iter().position(|(m, _)| m == method) {
+                    Some(position) => position,
+                    None => {
+                        self.by_method
+                            .push((method.clone(), matchit::Router::new()));
+                        self.by_method.len() - 1
+                    }
+                };
+                &mut self.by_method[position].1
+            }
+        };
+        router
+            .insert(pattern.path.as_str(), index)
+            .map_err(|error| match error {
+                matchit::InsertError::Conflict { with } => ConfigError::DuplicateRoute {
+                    pattern: pattern_text.to_owned(),
+                    existing: match &pattern.method {
+                        Some(method) => format!("{method} {with}"),
+                        None => format!("* {with}"),
+                    },
+                },
+                other => ConfigError::InvalidRoute {
+                    pattern: pattern_text.to_owned(),
+                    reason: other.to_string(),
+                },
+            })
+    }
+
+    pub(crate) fn set_default(&mut self, index: usize) {
+        self.default = Some(index);
+    }
+
+    /// The route a request falls under, or `None` when it matches nothing and there is no
+    /// default.
+    pub(crate) fn lookup(&self, method: &Method, path: &str) -> Option<usize> {
+        let path = if path.is_empty() { "/" } else { path };
+        for (m, router) in &self.by_method {
+            if m == method {
+                if let Ok(found) = router.at(path) {
+                    return Some(*found.value);
+                }
+                break;
+            }
+        }
+        match self.any_method.at(path) {
+            Ok(found) => Some(*found.value),
+            Err(_) => self.default,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(patterns: &[&str]) -> Result<RouteTable, ConfigError> {
+        let mut table = RouteTable::default();
+        for (i, p) in patterns.iter().enumerate() {
+            table.insert(p, &Pattern::parse(p)?, i)?;
+        }
+        Ok(table)
+    }
+
+    #[test]
+    fn matches_method_then_any_then_default() {
+        let mut t = table(&[
+            "POST /v2/generate",
+            "GET /v2/generate/{id}",
+            "* /v2/generations",
+            "GET /v2/{*rest}",
+        ])
+        .unwrap();
+        assert_eq!(t.lookup(&Method::POST, "/v2/generate"), Some(0));
+        assert_eq!(t.lookup(&Method::GET, "/v2/generate/abc"), Some(1));
+        assert_eq!(t.lookup(&Method::DELETE, "/v2/generations"), Some(2));
+        // A method route wins over a `*` route for its method.
+        assert_eq!(t.lookup(&Method::GET, "/v2/generations"), Some(3));
+        assert_eq!(t.lookup(&Method::GET, "/other"), None);
+        t.set_default(9);
+        assert_eq!(t.lookup(&Method::GET, "/other"), Some(9));
+        assert_eq!(t.lookup(&Method::POST, "/v2/generate/abc"), Some(9));
+        assert_eq!(t.lookup(&Method::GET, ""), Some(9));
+    }
+
+    #[test]
+    fn malformed_patterns_are_errors_naming_the_pattern() {
+        for bad in [
+            "/v2/generate",
+            "POST",
+            "POST v2/generate",
+            "post /v2/generate",
+            "PO(ST /x",
+            "GET /a /b",
+            "GET /{id",
+            "GET /{*rest}/x",
+            "",
+        ] {
+            match table(&[bad]) {
+                Err(ConfigError::InvalidRoute { pattern, .. }) => assert_eq!(pattern, bad),
+                other => panic!("{bad:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn duplicates_are_errors_naming_both() {
+        let err = table(&["GET /v2/generate/{id}", "GET /v2/generate/{other}"]).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::DuplicateRoute {
+                pattern: "GET /v2/generate/{other}".into(),
+                existing: "GET /v2/generate/{id}".into()
+            }
+        );
+        assert!(table(&["* /a", "* /a"]).is_err());
+        // The same path under different methods is no duplicate.
+        assert!(table(&["GET /a", "POST /a", "* /a"]).is_ok());
+    }
+}

@@ -1,1 +1,269 @@
+use std::collections::BinaryHeap;
+use std::cmp::Reverse;
+use std::time::Duration;
 
+use proptest::prelude::*;
+
+use super::{Limiter, Wait};
+use crate::quota::{Quota, Rate};
+
+const MS: u64 = 1_000_000;
+const SEC: u64 = 1_000 * MS;
+
+fn rate(quota: Quota, margin_ms: u64) -> Rate {
+    Rate::new(quota, Some(Duration::from_millis(margin_ms)))
+}
+
+#[test]
+fn window_admits_a_burst_then_waits_for_the_first_place_to_free() {
+    let rate = rate(Quota::per_minute(3), 10);
+    let mut l = Limiter::new(&rate);
+    for _ in 0..3 {
+        l.try_acquire(&rate, 0).unwrap();
+    }
+    // All three in flight: only a response can free a place.
+    assert_eq!(l.try_acquire(&rate, 0), Err(Wait::Response));
+    l.release(&rate, 2 * SEC);
+    assert_eq!(l.try_acquire(&rate, 2 * SEC), Err(Wait::Until(62 * SEC + 10 * MS)));
+    l.release(&rate, 3 * SEC);
+    l.release(&rate, 3 * SEC);
+    assert_eq!(l.remaining(&rate, 62 * SEC + 10 * MS - 1), 0);
+    assert_eq!(l.remaining(&rate, 62 * SEC + 10 * MS), 1);
+    l.try_acquire(&rate, 62 * SEC + 10 * MS).unwrap();
+    assert_eq!(
+        l.try_acquire(&rate, 62 * SEC + 10 * MS),
+        Err(Wait::Until(63 * SEC + 10 * MS))
+    );
+}
+
+#[test]
+fn window_estimates_count_the_requests_ahead() {
+    let rate = rate(Quota::per_second(2), 0);
+    let mut l = Limiter::new(&rate);
+    l.try_hit(&rate, 0).unwrap();
+    l.try_hit(&rate, 100 * MS).unwrap();
+    assert_eq!(l.estimate(&rate, 100 * MS, 0), SEC);
+    assert_eq!(l.estimate(&rate, 100 * MS, 1), 1100 * MS);
+    // The third waiter needs a place that the first two have not taken yet.
+    assert_eq!(l.estimate(&rate, 100 * MS, 2), 100 * MS + SEC);
+}
+
+#[test]
+fn gcra_with_burst_one_paces_evenly() {
+    let rate = rate(Quota::per_second(10).with_burst(1), 0);
+    let mut l = Limiter::new(&rate);
+    let mut now = 0;
+    for i in 0..5 {
+        match l.try_hit(&rate, now) {
+            Ok(()) => {}
+            Err(Wait::Until(at)) => {
+                assert_eq!(at, i * 100 * MS);
+                now = at;
+                l.try_hit(&rate, now).unwrap();
+            }
+            Err(Wait::Response) => panic!("nothing in flight"),
+        }
+    }
+    assert_eq!(now, 400 * MS);
+}
+
+#[test]
+fn gcra_allows_its_burst_then_one_per_interval() {
+    let rate = rate(Quota::per_second(10).with_burst(3), 0);
+    let mut l = Limiter::new(&rate);
+    for _ in 0..3 {
+        l.try_hit(&rate, 0).unwrap();
+    }
+    assert_eq!(l.try_hit(&rate, 0), Err(Wait::Until(100 * MS)));
+    assert_eq!(l.remaining(&rate, 100 * MS), 1);
+    assert_eq!(l.remaining(&rate, 300 * MS), 3);
+    assert!(l.is_idle(&rate, 300 * MS));
+}
+
+#[test]
+fn gcra_in_flight_requests_hold_their_place() {
+    let rate = rate(Quota::per_second(10).with_burst(2), 0);
+    let mut l = Limiter::new(&rate);
+    l.try_acquire(&rate, 0).unwrap();
+    l.try_acquire(&rate, 0).unwrap();
+    assert_eq!(l.try_acquire(&rate, 0), Err(Wait::Response));
+    // The first is answered late: the schedule runs from its response.
+    l.release(&rate, 90 * MS);
+    assert_eq!(l.try_acquire(&rate, 90 * MS), Err(Wait::Until(190 * MS)));
+}
+
+#[test]
+fn a_server_429_blocks_and_headers_only_tighten() {
+    let rate = rate(Quota::per_minute(100), 0);
+    let mut l = Limiter::new(&rate);
+    l.block_until(5 * SEC);
+    assert_eq!(l.try_acquire(&rate, SEC), Err(Wait::Until(5 * SEC)));
+    l.block_until(2 * SEC); // never loosens
+    assert_eq!(l.try_acquire(&rate, 3 * SEC), Err(Wait::Until(5 * SEC)));
+    l.try_acquire(&rate, 5 * SEC).unwrap();
+    // The server says 3 left until 10 s; one request of ours is in flight and may not be in
+    // its count yet, so 2 remain.
+    l.cap(3, 10 * SEC, 5 * SEC);
+    assert_eq!(l.remaining(&rate, 5 * SEC), 2);
+    l.try_acquire(&rate, 5 * SEC).unwrap();
+    l.try_acquire(&rate, 5 * SEC).unwrap();
+    assert_eq!(l.try_acquire(&rate, 5 * SEC), Err(Wait::Until(10 * SEC)));
+    // A looser word from the server changes nothing.
+    l.cap(50, 10 * SEC, 6 * SEC);
+    assert_eq!(l.try_acquire(&rate, 6 * SEC), Err(Wait::Until(10 * SEC)));
+    l.try_acquire(&rate, 10 * SEC).unwrap();
+}
+
+#[test]
+fn changing_algorithm_errs_on_the_safe_side() {
+    let window = rate(Quota::per_second(4), 0);
+    let gcra = rate(Quota::per_second(4).with_burst(4), 0);
+    let mut l = Limiter::new(&window);
+    for _ in 0..4 {
+        l.try_hit(&window, 0).unwrap();
+    }
+    l.change_rate(&window, &gcra, 0);
+    assert!(l.try_hit(&gcra, 0).is_err());
+    l.change_rate(&gcra, &window, 0);
+    assert_eq!(l.try_hit(&window, 0), Err(Wait::Until(SEC)));
+}
+
+/// Runs requests arriving at `arrivals` (sorted) through one limiter, first come first served,
+/// each answered `rtt` after it is sent. Returns `(send, response)` times.
+fn simulate(rate: &Rate, arrivals: &[u64], rtts: &[u64]) -> Vec<(u64, u64)> {
+    let mut limiter = Limiter::new(rate);
+    let mut in_flight = BinaryHeap::new();
+    let mut sent = Vec::with_capacity(arrivals.len());
+    let mut now = 0;
+    loop {
+        while let Some(&Reverse(at)) = in_flight.peek() {
+            if at > now {
+                break;
+            }
+            in_flight.pop();
+            limiter.release(rate, at);
+        }
+        let mut wake = None;
+        while sent.len() < arrivals.len() && arrivals[sent.len()] <= now {
+            match limiter.try_acquire(rate, now) {
+                Ok(()) => {
+                    let response = now + rtts[sent.len()];
+                    sent.push((now, response));
+                    in_flight.push(Reverse(response));
+                }
+                Err(Wait::Until(at)) => {
+                    assert!(at > now, "a wait must lie in the future");
+                    wake = Some(at);
+                    break;
+                }
+                Err(Wait::Response) => {
+                    assert!(!in_flight.is_empty(), "waiting for a response none will send");
+                    break;
+                }
+            }
+        }
+        if sent.len() == arrivals.len() && in_flight.is_empty() {
+            return sent;
+        }
+        let next_arrival = arrivals.get(sent.len()).copied().filter(|&a| a > now);
+        now = [in_flight.peek().map(|r| r.0), wake, next_arrival]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("something must happen next");
+    }
+}
+
+/// Where the server may count each request: anywhere between its send and its response.
+fn server_times(sent: &[(u64, u64)], at: &[f64]) -> Vec<u64> {
+    let mut times: Vec<u64> = sent
+        .iter()
+        .zip(at.iter().cycle())
+        .map(|(&(s, r), &f)| s + ((r - s) as f64 * f) as u64)
+        .collect();
+    times.sort_unstable();
+    times
+}
+
+fn arrivals_and_rtts() -> impl Strategy<Value = (Vec<u64>, Vec<u64>, Vec<f64>)> {
+    (1usize..160).prop_flat_map(|n| {
+        (
+            prop::collection::vec(0u64..3_000, n),
+            prop::collection::vec(prop_oneof![Just(0u64), 0u64..400], n),
+            prop::collection::vec(prop_oneof![Just(0.0), Just(1.0), 0.0f64..1.0], 1..8),
+        )
+            .prop_map(|(mut gaps, rtts, at)| {
+                // Arrival gaps in ms, often zero: bursts.
+                let mut t = 0;
+                for g in gaps.iter_mut() {
+                    t += if *g < 1_500 { 0 } else { (*g - 1_500) * MS };
+                    *g = t;
+                }
+                let rtts = rtts.into_iter().map(|r| r * MS).collect();
+                (gaps, rtts, at)
+            })
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn no_window_ever_holds_more_than_the_quota(
+        count in 1u32..12,
+        period_ms in 50u64..2_000,
+        margin_ms in 0u64..20,
+        (arrivals, rtts, at) in arrivals_and_rtts(),
+    ) {
+        let rate = rate(Quota::new(count, Duration::from_millis(period_ms)), margin_ms);
+        let sent = simulate(&rate, &arrivals, &rtts);
+        let times = server_times(&sent, &at);
+        let n = count as usize;
+        for i in n..times.len() {
+            prop_assert!(
+                times[i] - times[i - n] >= rate.period,
+                "{} requests within {} ns", n + 1, times[i] - times[i - n]
+            );
+        }
+        // Nothing waits without cause: a request goes at its arrival when the window allows.
+        prop_assert!(sent.iter().zip(&arrivals).all(|(&(s, _), &a)| s >= a));
+    }
+
+    #[test]
+    fn gcra_spacing_holds(
+        count in 1u32..12,
+        burst in 1u32..6,
+        period_ms in 50u64..2_000,
+        margin_ms in 0u64..20,
+        (arrivals, rtts, at) in arrivals_and_rtts(),
+    ) {
+        let rate = rate(Quota::new(count, Duration::from_millis(period_ms)).with_burst(burst), margin_ms);
+        let sent = simulate(&rate, &arrivals, &rtts);
+        let times = server_times(&sent, &at);
+        let b = burst as u64;
+        for i in 0..times.len() {
+            for j in i + 1..times.len() {
+                let k = (j - i + 1) as u64;
+                if k > b {
+                    prop_assert!(
+                        times[j] - times[i] >= (k - b) * rate.interval,
+                        "{k} requests within {} ns", times[j] - times[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn instant_responses_use_the_whole_window(count in 1u32..20, bursts in 1usize..5) {
+        // With instant responses and no margin, a sliding window sends exactly `count` per
+        // period: the quota is used in full.
+        let rate = rate(Quota::new(count, Duration::from_secs(1)), 0);
+        let arrivals = vec![0; count as usize * bursts];
+        let rtts = vec![0; arrivals.len()];
+        let sent = simulate(&rate, &arrivals, &rtts);
+        for (i, &(s, _)) in sent.iter().enumerate() {
+            prop_assert_eq!(s, (i / count as usize) as u64 * SEC);
+        }
+    }
+}

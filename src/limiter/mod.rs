@@ -183,19 +183,24 @@ impl Limiter {
         self.blocked_until = self.blocked_until.max(until);
     }
 
-    /// The server says `remaining` more requests may go until `reset_at`. This can only
-    /// tighten the local state: requests still in flight may not have been counted in
-    /// `remaining` yet, so they are taken off it.
+    /// The server says `remaining` more requests may go until `reset_at`. This never loosens
+    /// the local algorithm, only adds a bound beside it. Requests still in flight may not be in
+    /// `remaining` yet, so they are taken off it. A report for the same reset as the bound in
+    /// force (within a second) can only lower it, since responses may arrive out of order; one
+    /// for another reset is a new window and replaces it.
     pub(crate) fn cap(&mut self, remaining: u32, reset_at: Nanos, now: Nanos) {
+        const SAME_RESET: Nanos = 1_000_000_000;
         if reset_at <= now {
             return;
         }
         let remaining = remaining.saturating_sub(self.in_flight);
         self.cap = Some(match self.cap {
-            Some(cap) if cap.reset_at > now => ServerCap {
-                remaining: cap.remaining.min(remaining),
-                reset_at: cap.reset_at.max(reset_at),
-            },
+            Some(cap) if cap.reset_at > now && cap.reset_at.abs_diff(reset_at) <= SAME_RESET => {
+                ServerCap {
+                    remaining: cap.remaining.min(remaining),
+                    reset_at: cap.reset_at.max(reset_at),
+                }
+            }
             _ => ServerCap {
                 remaining,
                 reset_at,

@@ -108,10 +108,13 @@ fn a_server_429_blocks_and_headers_only_tighten() {
     l.try_acquire(&rate, 5 * SEC).unwrap();
     l.try_acquire(&rate, 5 * SEC).unwrap();
     assert_eq!(l.try_acquire(&rate, 5 * SEC), Err(Wait::Until(10 * SEC)));
-    // A looser word from the server changes nothing.
-    l.cap(50, 10 * SEC, 6 * SEC);
-    assert_eq!(l.try_acquire(&rate, 6 * SEC), Err(Wait::Until(10 * SEC)));
-    l.try_acquire(&rate, 10 * SEC).unwrap();
+    // A looser report for the same window (an older response, late) changes nothing.
+    l.cap(50, 10 * SEC + 200 * MS, 6 * SEC);
+    assert_eq!(l.try_acquire(&rate, 6 * SEC), Err(Wait::Until(10 * SEC + 200 * MS)));
+    l.try_acquire(&rate, 10 * SEC + 200 * MS).unwrap();
+    // A report for a new window replaces the bound; the local quota still holds.
+    l.cap(1000, 70 * SEC, 11 * SEC);
+    assert_eq!(l.remaining(&rate, 11 * SEC), 100 - 4);
 }
 
 #[test]

@@ -1,0 +1,562 @@
+//! Client mode of `RateLimitByRoute`, on tokio's paused clock.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use http::{Method, Request, Response, StatusCode};
+use tokio::time::{advance, sleep, Instant};
+use tokio_test::{assert_pending, assert_ready};
+use tower::{service_fn, Layer, Service, ServiceExt};
+use tower_quota::rate_limit::{NextAdmission, RateLimitError};
+use tower_quota::{BoxError, ConfigError, Quota, RateLimitByRoute};
+
+type Log = Arc<Mutex<Vec<(Duration, String)>>>;
+
+/// A fake API: records when each request reaches it (since `start`) and answers after
+/// `latency` with what `answer` makes of the request.
+fn fake_api(
+    start: Instant,
+    latency: Duration,
+    answer: fn(&Request<()>) -> Response<()>,
+) -> (
+    impl Service<
+            Request<()>,
+            Response = Response<()>,
+            Error = Infallible,
+            Future = impl Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
+    Log,
+) {
+    let log: Log = Arc::default();
+    let seen = log.clone();
+    let svc = service_fn(move |req: Request<()>| {
+        let log = seen.clone();
+        async move {
+            let id = req
+                .headers()
+                .get("x-id")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_else(|| req.uri().path().to_owned());
+            log.lock().unwrap().push((start.elapsed(), id));
+            let response = answer(&req);
+            sleep(latency).await;
+            Ok::<_, Infallible>(response)
+        }
+    });
+    (svc, log)
+}
+
+fn ok(_: &Request<()>) -> Response<()> {
+    Response::new(())
+}
+
+fn req(method: Method, path: &str) -> Request<()> {
+    Request::builder()
+        .method(method)
+        .uri(format!("http://api.test{path}"))
+        .body(())
+        .unwrap()
+}
+
+fn generate(id: usize) -> Request<()> {
+    let mut r = req(Method::POST, "/v2/generate");
+    r.headers_mut().insert("x-id", id.into());
+    r
+}
+
+fn times(log: &Log) -> Vec<Duration> {
+    log.lock().unwrap().iter().map(|(t, _)| *t).collect()
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+async fn run_all<S>(svc: S, requests: Vec<Request<()>>) -> Vec<Result<Response<()>, BoxError>>
+where
+    S: Service<Request<()>, Response = Response<()>, Error = BoxError> + Clone,
+{
+    let futures: FuturesUnordered<_> = requests
+        .into_iter()
+        .map(|r| svc.clone().oneshot(r))
+        .collect();
+    futures.collect().await
+}
+
+#[tokio::test(start_paused = true)]
+async fn sliding_window_burst_send_times() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_millis(100), ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(3))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let svc = limits.layer(api);
+    let results = run_all(svc, (0..7).map(generate).collect()).await;
+    assert!(results.iter().all(Result::is_ok));
+    // Three at once; each place frees one period after its response (100 ms later).
+    assert_eq!(
+        times(&log),
+        [0.0, 0.0, 0.0, 1.1, 1.1, 1.1, 2.2].map(secs).to_vec()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn gcra_burst_send_times() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(10).with_burst(2))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    run_all(limits.layer(api), (0..6).map(generate).collect()).await;
+    assert_eq!(
+        times(&log),
+        [0.0, 0.0, 0.1, 0.2, 0.3, 0.4].map(secs).to_vec()
+    );
+
+    // Burst 1 is even pacing.
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(4).with_burst(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    run_all(limits.layer(api), (0..4).map(generate).collect()).await;
+    assert_eq!(times(&log), [0.0, 0.25, 0.5, 0.75].map(secs).to_vec());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_of_generate_calls_at_60_per_minute() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_millis(200), ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(60))
+        .default_quota(Quota::per_minute(600))
+        .build()
+        .unwrap();
+    let results = run_all(limits.layer(api), (0..3600).map(generate).collect()).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3600);
+
+    let sent = times(&log);
+    let margin = secs(0.05); // the default: 1% of the window, at most 50 ms
+    // Within an hour plus the safety margin...
+    assert!(start.elapsed() <= Duration::from_secs(3600) + margin, "{:?}", start.elapsed());
+    // ...with no window of a minute over quota...
+    let mut sorted = sent.clone();
+    sorted.sort();
+    for pair in sorted.windows(61) {
+        assert!(pair[60] - pair[0] >= Duration::from_secs(60));
+    }
+    // ...and the whole quota used: each batch of 60 goes the moment the last one's places
+    // free up (one round trip and the margin after a minute).
+    let last = *sorted.last().unwrap();
+    assert_eq!(last, (secs(60.2) + margin) * 59);
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_come_first_served_per_route() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(2))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    let mut pending = Vec::new();
+    for id in 0..20 {
+        // The place in the queue is taken by `call`, in call order.
+        pending.push(tokio::spawn(svc.call(generate(id))));
+        advance(Duration::from_millis(7)).await;
+    }
+    for task in pending {
+        task.await.unwrap().unwrap();
+    }
+    let order: Vec<String> = log.lock().unwrap().iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(order, (0..20).map(|i| i.to_string()).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn routes_have_their_own_quotas_and_unmatched_requests_pass() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .route("GET /v2/generate/{id}", Quota::per_minute(2))
+        .build()
+        .unwrap();
+    let svc = limits.layer(api);
+    let mut requests = vec![
+        req(Method::POST, "/v2/generate"),
+        req(Method::GET, "/v2/generate/a"),
+        req(Method::GET, "/v2/generate/b"),
+    ];
+    // No default quota: everything else is unlimited.
+    requests.extend((0..100).map(|_| req(Method::GET, "/v2/generations")));
+    run_all(svc, requests).await;
+    assert!(times(&log).iter().all(|t| t.is_zero()));
+    assert_eq!(limits.snapshot()[0].remaining, 0);
+    assert_eq!(limits.snapshot()[1].remaining, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_gives_the_request_back_saying_how_long() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .max_wait(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    let error = svc.call(generate(1)).await.unwrap_err();
+    match error.downcast_ref::<RateLimitError>() {
+        Some(RateLimitError::WaitTooLong {
+            route,
+            wait,
+            max_wait,
+        }) => {
+            assert_eq!(&**route, "POST /v2/generate");
+            assert_eq!(*wait, secs(60.05));
+            assert_eq!(*max_wait, Duration::from_secs(10));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(error.to_string().contains("60.05s"), "{error}");
+    assert_eq!(log.lock().unwrap().len(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO, "refused at once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_runs_out_while_the_server_is_slow() {
+    let start = Instant::now();
+    let (api, _log) = fake_api(start, Duration::from_secs(30), ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(1))
+        .max_wait(Duration::from_secs(5))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    let first = tokio::spawn(svc.call(generate(0)));
+    // The estimate (a response at the earliest now, then a second) is within the maximum...
+    let error = svc.call(generate(1)).await.unwrap_err();
+    // ...but the response takes 30 s, so the maximum runs out first.
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    match error.downcast_ref::<RateLimitError>() {
+        Some(RateLimitError::WaitTooLong { wait, .. }) => assert!(*wait >= secs(6.0), "{wait:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(limits.snapshot()[0].waiters, 0);
+    first.await.unwrap().unwrap();
+}
+
+/// A small deterministic generator for "random" points.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_waiters_leave_no_trace() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(10))
+        .safety_margin(Duration::ZERO)
+        .max_wait(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    for id in 0..10 {
+        svc.call(generate(id)).await.unwrap();
+    }
+    let mut rng = Lcg(7);
+    let mut waiting = Vec::new();
+    for id in 0..3000 {
+        let mut fut = tokio_test::task::spawn(svc.call(generate(1000 + id)));
+        // Some are never polled, some once, some many times.
+        for _ in 0..rng.next(3) {
+            assert_pending!(fut.poll());
+        }
+        waiting.push(fut);
+        if rng.next(100) == 0 {
+            advance(Duration::from_millis(rng.next(500))).await;
+        }
+        if rng.next(4) == 0 && !waiting.is_empty() {
+            let i = rng.next(waiting.len() as u64) as usize;
+            drop(waiting.swap_remove(i));
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(60));
+    // Drop the rest, in random order, head included.
+    while !waiting.is_empty() {
+        let i = rng.next(waiting.len() as u64) as usize;
+        drop(waiting.swap_remove(i));
+    }
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!((snapshot.waiters, snapshot.in_flight, snapshot.remaining), (0, 0, 0));
+    assert_eq!(
+        snapshot.next,
+        NextAdmission::In(Duration::from_secs(60) - start.elapsed())
+    );
+    // As if they had never come: the next request goes the moment the window allows.
+    svc.call(generate(9999)).await.unwrap();
+    assert_eq!(times(&log).last(), Some(&Duration::from_secs(60)));
+    assert_eq!(log.lock().unwrap().len(), 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_head_of_the_queue_wakes_the_next() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    let mut head = tokio_test::task::spawn(svc.call(generate(1)));
+    let mut next = tokio_test::task::spawn(svc.call(generate(2)));
+    assert_pending!(head.poll());
+    assert_pending!(next.poll());
+    advance(Duration::from_millis(500)).await;
+    drop(head);
+    assert!(next.is_woken());
+    assert_pending!(next.poll());
+    advance(Duration::from_millis(500)).await;
+    assert!(next.is_woken());
+    assert_ready!(next.poll()).unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(1.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_abandoned_in_flight_keeps_its_place_from_then() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_secs(10), ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    let mut sent = tokio_test::task::spawn(svc.call(generate(0)));
+    assert_pending!(sent.poll());
+    advance(Duration::from_secs(5)).await;
+    drop(sent); // the server may have counted it: it holds its place from now
+    assert_eq!(limits.snapshot()[0].in_flight, 0);
+    svc.call(generate(1)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(65.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_closes_the_route_for_every_caller() {
+    fn too_many(req: &Request<()>) -> Response<()> {
+        let first = req.headers().get("x-id").is_some_and(|v| v == "0");
+        let mut response = Response::new(());
+        if first {
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            response.headers_mut().insert("retry-after", "7".parse().unwrap());
+        }
+        response
+    }
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, too_many);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(100))
+        .build()
+        .unwrap();
+    let mut a = limits.layer(api.clone());
+    let mut b = limits.clone().layer(api);
+    assert_eq!(
+        a.call(generate(0)).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(limits.snapshot()[0].next, NextAdmission::In(secs(7.0)));
+    b.call(generate(1)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(7.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_without_a_usable_retry_after_backs_off_briefly() {
+    fn too_many(req: &Request<()>) -> Response<()> {
+        let mut response = Response::new(());
+        match req.headers().get("x-id").unwrap().to_str().unwrap() {
+            "0" => *response.status_mut() = StatusCode::TOO_MANY_REQUESTS,
+            "1" => {
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                response.headers_mut().insert("retry-after", "soon".parse().unwrap());
+            }
+            _ => {}
+        }
+        response
+    }
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, too_many);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(100))
+        .learn_backoff(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    for id in 0..3 {
+        svc.call(generate(id)).await.unwrap();
+    }
+    assert_eq!(times(&log), [secs(0.0), secs(1.5), secs(3.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_rate_limit_fields_only_tighten() {
+    fn fields(req: &Request<()>) -> Response<()> {
+        let mut response = Response::new(());
+        let h = response.headers_mut();
+        match req.headers().get("x-id").unwrap().to_str().unwrap() {
+            // Looser than ours: no effect.
+            "0" => {
+                h.insert("x-ratelimit-remaining", "1000".parse().unwrap());
+                h.insert("x-ratelimit-reset", "60".parse().unwrap());
+            }
+            // Tighter: one more until 20 s from now.
+            "1" => {
+                h.insert("ratelimit", "\"generate\";r=1;t=20".parse().unwrap());
+            }
+            _ => {
+                h.insert("x-ratelimit-remaining", "garbage".parse().unwrap());
+                h.insert("x-ratelimit-reset", "60".parse().unwrap());
+            }
+        }
+        response
+    }
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, fields);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(100))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    for id in 0..4 {
+        svc.call(generate(id)).await.unwrap();
+    }
+    assert_eq!(times(&log), [secs(0.0), secs(0.0), secs(0.0), secs(20.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_clone_and_service_shares_one_limit() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .default_quota(Quota::per_minute(5))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let clones: Vec<_> = (0..5).map(|_| limits.clone()).collect();
+    for (i, layer) in clones.iter().enumerate() {
+        // A fresh service per "connection", from a fresh clone of the layer.
+        let mut svc = layer.layer(api.clone());
+        svc.call(req(Method::GET, &format!("/{i}"))).await.unwrap();
+    }
+    let mut sixth = clones[0].layer(api).clone();
+    sixth.call(req(Method::GET, "/6")).await.unwrap();
+    assert_eq!(times(&log)[5], Duration::from_secs(60));
+}
+
+#[tokio::test(start_paused = true)]
+async fn quotas_change_at_run_time() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .default_quota(Quota::per_minute(600))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    let mut waiting = tokio_test::task::spawn(svc.call(generate(1)));
+    assert_pending!(waiting.poll());
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!(&*snapshot.route, "POST /v2/generate");
+    assert_eq!(snapshot.quota, Quota::per_minute(1));
+    assert_eq!(snapshot.waiters, 1);
+    assert_eq!(&*limits.snapshot()[1].route, "default");
+
+    limits
+        .set_quota("POST /v2/generate", Quota::per_minute(2))
+        .unwrap();
+    assert!(waiting.is_woken());
+    assert_ready!(waiting.poll()).unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(0.0)]);
+
+    assert_eq!(
+        limits.set_quota("GET /nope", Quota::per_minute(1)),
+        Err(ConfigError::UnknownRoute {
+            pattern: "GET /nope".into()
+        })
+    );
+    assert!(matches!(
+        limits.set_quota("default", Quota::per_minute(0)),
+        Err(ConfigError::InvalidQuota { .. })
+    ));
+}
+
+#[test]
+fn bad_configuration_is_a_typed_error() {
+    let build = |pattern: &str, quota: Quota| {
+        RateLimitByRoute::builder()
+            .route("GET /ok", Quota::per_second(1))
+            .route(pattern, quota)
+            .build()
+            .map(drop)
+    };
+    assert!(matches!(
+        build("POST /a", Quota::per_minute(0)),
+        Err(ConfigError::InvalidQuota { route, .. }) if route == "POST /a"
+    ));
+    assert!(matches!(
+        build("POST /a", Quota::new(5, Duration::ZERO)),
+        Err(ConfigError::InvalidQuota { .. })
+    ));
+    assert!(matches!(
+        build("POST /a", Quota::per_second(5).with_burst(0)),
+        Err(ConfigError::InvalidQuota { .. })
+    ));
+    assert!(matches!(
+        build("GET /ok", Quota::per_second(5)),
+        Err(ConfigError::DuplicateRoute { pattern, .. }) if pattern == "GET /ok"
+    ));
+    assert!(matches!(
+        build("GET no-slash", Quota::per_second(5)),
+        Err(ConfigError::InvalidRoute { pattern, .. }) if pattern == "GET no-slash"
+    ));
+    let error = RateLimitByRoute::builder()
+        .default_quota(Quota::per_hour(0))
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid quota for route `default`: a quota's count must be at least 1"
+    );
+}
+
+#[test]
+fn services_and_futures_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+    type Inner = tower::util::BoxCloneSyncService<Request<()>, Response<()>, Infallible>;
+    assert_send_sync::<RateLimitByRoute>();
+    assert_send_sync::<tower_quota::rate_limit::RateLimitByRouteService<Inner>>();
+    assert_send::<tower_quota::rate_limit::ResponseFuture<Inner, ()>>();
+    assert_send_sync::<RateLimitError>();
+}

@@ -493,10 +493,13 @@ impl<F> RateLimitByRoute<Reject<F>> {
             .0
             .routes
             .iter()
-            .map(|route| KeyedRouteSnapshot {
-                route: route.name.clone(),
-                quota: lock(&route.shards[0]).rate.quota,
-                tracked_keys: route.tracked_keys(),
+            .map(|route| {
+                let quota = lock(&route.shards[0]).rate.quota;
+                KeyedRouteSnapshot {
+                    route: route.name.clone(),
+                    quota,
+                    tracked_keys: route.tracked_keys(),
+                }
             })
             .collect()
     }

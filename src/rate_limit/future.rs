@@ -26,7 +26,8 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        queued: Option<Queued<S, B>>,
+        // Boxed: only a request that waits needs it, and it keeps the future small.
+        queued: Option<Box<Queued<S, B>>>,
         permit: Option<Permit>,
     }
 }
@@ -44,8 +45,9 @@ pin_project! {
     enum State<F> {
         // In the route's queue; the timer is not made yet.
         Queued,
-        // In the route's queue, with a timer for a known turn or the maximum wait.
-        Waiting { #[pin] sleep: Sleep },
+        // In the route's queue, with a timer for a known turn or the maximum wait (boxed,
+        // made once per waiting request and reset in place).
+        Waiting { sleep: Pin<Box<Sleep>> },
         // Sent.
         Called { #[pin] future: F },
         // Given back unsent.
@@ -73,12 +75,12 @@ where
     ) -> Self {
         Self {
             state: State::Queued,
-            queued: Some(Queued {
+            queued: Some(Box::new(Queued {
                 inner,
                 request,
                 ticket,
                 max_wait,
-            }),
+            })),
             permit: None,
         }
     }
@@ -137,19 +139,19 @@ where
                         None => clock.instant(u64::MAX),
                     };
                     this.state.set(State::Waiting {
-                        sleep: tokio::time::sleep_until(deadline),
+                        sleep: Box::pin(tokio::time::sleep_until(deadline)),
                     });
                 }
-                StateProj::Waiting { mut sleep } => {
+                StateProj::Waiting { sleep } => {
                     let Some(queued) = this.queued.as_mut() else {
                         return Poll::Ready(Err("rate limit future in an invalid state".into()));
                     };
                     match queued.ticket.poll_turn(cx) {
                         Turn::Admitted(permit) => {
-                            if let Some(Queued {
-                                mut inner, request, ..
-                            }) = this.queued.take()
-                            {
+                            if let Some(queued) = this.queued.take() {
+                                let Queued {
+                                    mut inner, request, ..
+                                } = *queued;
                                 *this.permit = Some(permit);
                                 this.state.set(State::Called {
                                     future: inner.call(request),
@@ -190,7 +192,7 @@ where
                             if sleep.deadline() != wake {
                                 sleep.as_mut().reset(wake);
                             }
-                            if sleep.poll(cx).is_pending() {
+                            if sleep.as_mut().poll(cx).is_pending() {
                                 return Poll::Pending;
                             }
                         }

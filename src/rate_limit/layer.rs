@@ -448,8 +448,8 @@ impl RateLimitByRoute<Wait> {
             .iter()
             .map(|route| {
                 let mut guard = lock(&route.state);
-                let now = shared.clock.now();
                 let state = &mut *guard;
+                let now = state.now(&shared.clock);
                 let rate = state.rate;
                 let next = match state.limiter.probe(&rate, now) {
                     Ok(()) => NextAdmission::Now,
@@ -475,8 +475,8 @@ impl RateLimitByRoute<Wait> {
         let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
         let route = &shared.routes[index];
         let mut guard = lock(&route.state);
-        let now = shared.clock.now();
         let state = &mut *guard;
+        let now = state.now(&shared.clock);
         let margin = Some(Duration::from_nanos(state.rate.margin));
         let rate = Rate::new(quota, margin);
         state.limiter.change_rate(&state.rate, &rate, now);

@@ -59,11 +59,11 @@ where
             return ResponseFuture::called(self.inner.call(request), None);
         };
         let mut state = lock(&shared.routes[route].state);
-        let now = shared.clock.now();
-        if let Some(permit) = Permit::try_acquire(shared, &mut state, route, now) {
+        if let Some(permit) = Permit::try_acquire(shared, &mut state, route) {
             drop(state);
             return ResponseFuture::called(self.inner.call(request), Some(permit));
         }
+        let now = state.now(&shared.clock);
         let max_wait = shared.config.max_wait;
         if let Some(max_wait) = max_wait {
             let ahead = state.waiters.len() as u32;

@@ -56,6 +56,10 @@ pub(crate) struct ClientState {
     /// queue is sorted by ticket.
     pub(crate) waiters: VecDeque<Waiter>,
     next_ticket: u64,
+    /// The latest time read under this lock. Time only moves forward, and admission only
+    /// gets easier as it does, so a request that the limiter admits at this time may go
+    /// without reading the clock again.
+    last_seen: Nanos,
 }
 
 #[derive(Debug)]
@@ -71,7 +75,14 @@ impl ClientState {
             rate,
             waiters: VecDeque::new(),
             next_ticket: 0,
+            last_seen: 0,
         }
+    }
+
+    /// Reads the clock (under the route's lock, so times recorded here never go backwards).
+    pub(crate) fn now(&mut self, clock: &Clock) -> Nanos {
+        self.last_seen = self.last_seen.max(clock.now());
+        self.last_seen
     }
 
     /// Wakes the request at the head of the queue, whose turn may have come.
@@ -145,8 +156,8 @@ impl Ticket {
         debug_assert!(self.queued, "ticket polled after its turn");
         let route = &self.shared.routes[self.route];
         let mut guard = lock(&route.state);
-        let now = self.shared.clock.now();
         let state = &mut *guard;
+        let now = state.now(&self.shared.clock);
         let mut wait = None;
         if state.waiters.front().is_some_and(|w| w.ticket == self.id) {
             match state.limiter.try_acquire(&state.rate, now) {
@@ -178,8 +189,8 @@ impl Ticket {
     pub(crate) fn estimate(&self) -> Nanos {
         let route = &self.shared.routes[self.route];
         let mut guard = lock(&route.state);
-        let now = self.shared.clock.now();
         let state = &mut *guard;
+        let now = state.now(&self.shared.clock);
         let ahead = state.position(self.id).unwrap_or(0) as u32;
         state.limiter.estimate(&state.rate, now, ahead)
     }
@@ -217,12 +228,15 @@ impl Permit {
         shared: &Arc<ClientShared>,
         state: &mut ClientState,
         route: usize,
-        now: Nanos,
     ) -> Option<Self> {
         if !state.waiters.is_empty() {
             return None;
         }
-        state.limiter.try_acquire(&state.rate, now).ok()?;
+        let rate = state.rate;
+        if state.limiter.try_acquire(&rate, state.last_seen).is_err() {
+            let now = state.now(&shared.clock);
+            state.limiter.try_acquire(&rate, now).ok()?;
+        }
         Some(Self {
             shared: shared.clone(),
             route,
@@ -240,8 +254,8 @@ impl Permit {
             return; // the drop gives the place back
         }
         let mut guard = lock(&route.state);
-        let now = self.shared.clock.now();
         let state = &mut *guard;
+        let now = state.now(&self.shared.clock);
         state.limiter.release(&state.rate, now);
         learn(&route.name, route.learn, state, response, now);
         state.wake_head();
@@ -255,8 +269,8 @@ impl Drop for Permit {
             return;
         }
         let mut guard = lock(&self.shared.routes[self.route].state);
-        let now = self.shared.clock.now();
         let state = &mut *guard;
+        let now = state.now(&self.shared.clock);
         state.limiter.release(&state.rate, now);
         state.wake_head();
     }

@@ -1,0 +1,212 @@
+//! `RateLimitByRoute` beside tower's `RateLimit` and governor's keyed limiter.
+//!
+//! Quotas are set far above what a bench can send, so that every request takes the fast path
+//! (a token is available): the numbers are the limiter's overhead per request.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use futures::FutureExt;
+use governor::{DefaultKeyedRateLimiter, Quota as GovernorQuota, RateLimiter};
+use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
+use tower::limit::RateLimit;
+use tower::{service_fn, Layer, Service};
+use tower_quota::{Quota, RateLimitByRoute};
+
+type Inner = tower::util::ServiceFn<fn(Request<()>) -> Ready<Result<Response<()>, Infallible>>>;
+
+fn inner() -> Inner {
+    service_fn(|_| ready(Ok(Response::new(()))))
+}
+
+const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+fn request() -> Request<()> {
+    let mut request = Request::new(());
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = Uri::from_static("http://api.test/v2/generate/0b6b8f2e-5a41");
+    request
+        .headers_mut()
+        .insert(API_KEY, HeaderValue::from_static("sk-live-0123456789abcdef"));
+    request
+}
+
+/// A quota no bench can exhaust, as a sliding window or paced.
+fn huge(paced: bool) -> Quota {
+    let quota = Quota::new(u32::MAX, Duration::from_millis(1));
+    if paced {
+        quota.with_burst(u32::MAX)
+    } else {
+        quota
+    }
+}
+
+fn client_layer(paced: bool) -> RateLimitByRoute {
+    RateLimitByRoute::builder()
+        .route("POST /v2/generate", huge(paced))
+        .route("GET /v2/generate/{id}", huge(paced))
+        .route("GET /v2/generations", huge(paced))
+        .default_quota(huge(paced))
+        .build()
+        .unwrap()
+}
+
+/// matchit over the same patterns, for the anchors.
+fn matchit_table() -> matchit::Router<usize> {
+    let mut router = matchit::Router::new();
+    router.insert("/v2/generate", 0).unwrap();
+    router.insert("/v2/generate/{id}", 1).unwrap();
+    router.insert("/v2/generations", 2).unwrap();
+    router
+}
+
+fn governor_keyed<K: std::hash::Hash + Eq + Clone>() -> DefaultKeyedRateLimiter<K> {
+    RateLimiter::keyed(GovernorQuota::per_second(NonZeroU32::MAX))
+}
+
+pub(crate) fn client_fast_path(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let mut group = c.benchmark_group("client_fast_path");
+
+    group.bench_function("inner service alone", |b| {
+        let mut svc = inner();
+        b.iter(|| svc.call(black_box(request())).now_or_never())
+    });
+    for (name, paced) in [("RateLimitByRoute (sliding window)", false), ("RateLimitByRoute (GCRA)", true)] {
+        group.bench_function(name, |b| {
+            let mut svc = client_layer(paced).layer(inner());
+            b.iter(|| svc.call(black_box(request())).now_or_never())
+        });
+    }
+    group.bench_function("tower RateLimit", |b| {
+        let mut svc = RateLimit::new(inner(), tower::limit::rate::Rate::new(u64::MAX, Duration::from_secs(1)));
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        b.iter(|| {
+            let _ = svc.poll_ready(&mut cx);
+            svc.call(black_box(request())).now_or_never()
+        })
+    });
+    group.bench_function("governor keyed + matchit", |b| {
+        let router = matchit_table();
+        let limiter = governor_keyed::<usize>();
+        let mut svc = inner();
+        b.iter(|| {
+            let request = black_box(request());
+            let route = router.at(request.uri().path()).map(|m| *m.value).unwrap_or(3);
+            limiter.check_key(&route).unwrap();
+            svc.call(request).now_or_never()
+        })
+    });
+    group.finish();
+}
+
+pub(crate) fn server_fast_path(c: &mut Criterion) {
+    let mut group = c.benchmark_group("server_fast_path");
+    group.bench_function("inner service alone", |b| {
+        let mut svc = inner();
+        b.iter(|| svc.call(black_box(request())).now_or_never())
+    });
+    group.bench_function("RateLimitByRoute reject, per x-api-key", |b| {
+        let limits = RateLimitByRoute::builder()
+            .route("POST /v2/generate", huge(false))
+            .route("GET /v2/generate/{id}", huge(false))
+            .route("GET /v2/generations", huge(false))
+            .default_quota(huge(false))
+            .reject()
+            .key_header(API_KEY)
+            .build()
+            .unwrap();
+        let mut svc = limits.layer(inner());
+        b.iter(|| svc.call(black_box(request())).now_or_never())
+    });
+    group.bench_function("governor keyed (route, x-api-key) + matchit", |b| {
+        let router = matchit_table();
+        let limiter = governor_keyed::<(usize, HeaderValue)>();
+        let mut svc = inner();
+        b.iter(|| {
+            let request = black_box(request());
+            let route = router.at(request.uri().path()).map(|m| *m.value).unwrap_or(3);
+            let key = request.headers().get(API_KEY).cloned().unwrap();
+            limiter.check_key(&(route, key)).unwrap();
+            svc.call(request).now_or_never()
+        })
+    });
+    group.finish();
+}
+
+/// 64 tasks on a 2-worker runtime, all sending through one shared limit.
+pub(crate) fn contended(c: &mut Criterion) {
+    const TASKS: u64 = 64;
+    const PER_TASK: u64 = 1_000;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("contended_64_tasks_2_workers");
+    group.throughput(Throughput::Elements(TASKS * PER_TASK));
+
+    let run = |make: Arc<dyn Fn() -> Box<dyn FnMut() + Send> + Send + Sync>, iters: u64| {
+        runtime.block_on(async move {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let tasks: Vec<_> = (0..TASKS)
+                    .map(|_| {
+                        let mut send = make();
+                        tokio::spawn(async move {
+                            for _ in 0..PER_TASK {
+                                send();
+                                tokio::task::yield_now().await;
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+            }
+            start.elapsed()
+        })
+    };
+
+    for (name, paced) in [("RateLimitByRoute (sliding window)", false), ("RateLimitByRoute (GCRA)", true)] {
+        let limits = client_layer(paced);
+        group.bench_function(BenchmarkId::new(name, TASKS), |b| {
+            let limits = limits.clone();
+            let make: Arc<dyn Fn() -> Box<dyn FnMut() + Send> + Send + Sync> = Arc::new(move || {
+                let mut svc = limits.layer(inner());
+                Box::new(move || {
+                    black_box(svc.call(request()).now_or_never());
+                })
+            });
+            b.iter_custom(|iters| run(make.clone(), iters))
+        });
+    }
+    let limiter = Arc::new(governor_keyed::<usize>());
+    let router = Arc::new(matchit_table());
+    group.bench_function(BenchmarkId::new("governor keyed + matchit", TASKS), |b| {
+        let (limiter, router) = (limiter.clone(), router.clone());
+        let make: Arc<dyn Fn() -> Box<dyn FnMut() + Send> + Send + Sync> = Arc::new(move || {
+            let (limiter, router) = (limiter.clone(), router.clone());
+            let mut svc = inner();
+            Box::new(move || {
+                let request = request();
+                let route = router.at(request.uri().path()).map(|m| *m.value).unwrap_or(3);
+                limiter.check_key(&route).unwrap();
+                black_box(svc.call(request).now_or_never());
+            })
+        });
+        b.iter_custom(|iters| run(make.clone(), iters))
+    });
+    group.finish();
+}

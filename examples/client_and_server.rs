@@ -52,8 +52,14 @@ async fn start_server() -> Result<String, BoxError> {
         .reject_with(sync_429)
         .build()?;
     let app = Router::new()
-        .route("/v2/generate", post(|| async { (StatusCode::CREATED, r#"{"id":"gen_1","status":"PENDING"}"#) }))
-        .route("/v2/generate/{id}", get(|| async { r#"{"id":"gen_1","status":"PROCESSING"}"# }))
+        .route(
+            "/v2/generate",
+            post(|| async { (StatusCode::CREATED, r#"{"id":"gen_1","status":"PENDING"}"#) }),
+        )
+        .route(
+            "/v2/generate/{id}",
+            get(|| async { r#"{"id":"gen_1","status":"PROCESSING"}"# }),
+        )
         .layer(limits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -105,7 +111,9 @@ where
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let base = start_server().await?;
-    println!("server on {base}: POST /v2/generate {GENERATE}, everything else {OTHER}, per x-api-key\n");
+    println!(
+        "server on {base}: POST /v2/generate {GENERATE}, everything else {OTHER}, per x-api-key\n"
+    );
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
 
     println!("bare hyper-util client:");
@@ -126,7 +134,10 @@ async fn main() -> Result<(), BoxError> {
     println!("\n| client            | answered | 429s | wall time |");
     println!("|-------------------|----------|------|-----------|");
     for (name, (ok, refused, time)) in [("bare", bare), ("RateLimitByRoute", with_layer)] {
-        println!("| {name:<17} | {ok:>8} | {refused:>4} | {:>8.2}s |", time.as_secs_f64());
+        println!(
+            "| {name:<17} | {ok:>8} | {refused:>4} | {:>8.2}s |",
+            time.as_secs_f64()
+        );
     }
     for route in limits.snapshot() {
         println!(

@@ -41,7 +41,10 @@ impl std::error::Error for InvalidHeader {}
 ///
 /// `retry-after-ms` wins over `Retry-After` when both are valid, as it is the more precise. A
 /// date in the past gives a zero wait; `now` is the wall-clock time the date is measured from.
-pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Result<Option<Duration>, InvalidHeader> {
+pub fn retry_after(
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Result<Option<Duration>, InvalidHeader> {
     if let Some(value) = headers.get(RETRY_AFTER_MS) {
         if let Some(ms) = text(value).and_then(parse_seconds) {
             return Ok(Some(ms_to_duration(ms)));
@@ -131,7 +134,10 @@ fn parse_count(text: &str) -> Option<u32> {
         return None;
     }
     // A count larger than u32 is as good as unlimited.
-    Some(text.parse::<u64>().map_or(u32::MAX, |n| n.min(u64::from(u32::MAX)) as u32))
+    Some(
+        text.parse::<u64>()
+            .map_or(u32::MAX, |n| n.min(u64::from(u32::MAX)) as u32),
+    )
 }
 
 /// Seconds beyond what any limit means (about 31 years) are capped there, so that arithmetic

@@ -28,7 +28,9 @@ impl Pattern {
         let method = match method {
             "*" => None,
             m if m.bytes().any(|b| b.is_ascii_lowercase()) => {
-                return Err(invalid("methods are case-sensitive: write them in uppercase"))
+                return Err(invalid(
+                    "methods are case-sensitive: write them in uppercase",
+                ))
             }
             m => Some(Method::from_bytes(m.as_bytes()).map_err(|_| invalid("invalid method"))?),
         };

@@ -64,8 +64,14 @@ async fn the_fast_path_allocates_nothing() {
     let inner = service_fn(|_: Request<()>| ready(Ok::<_, Infallible>(Response::new(()))));
 
     let client = RateLimitByRoute::builder()
-        .route("POST /v2/generate", Quota::new(10_000, Duration::from_millis(10)))
-        .route("GET /v2/generate/{id}", Quota::new(10_000, Duration::from_millis(10)).with_burst(1_000))
+        .route(
+            "POST /v2/generate",
+            Quota::new(10_000, Duration::from_millis(10)),
+        )
+        .route(
+            "GET /v2/generate/{id}",
+            Quota::new(10_000, Duration::from_millis(10)).with_burst(1_000),
+        )
         .default_quota(Quota::new(10_000, Duration::from_millis(10)))
         .build()
         .unwrap();
@@ -73,7 +79,10 @@ async fn the_fast_path_allocates_nothing() {
 
     let key = HeaderName::from_static("x-api-key");
     let server = RateLimitByRoute::builder()
-        .route("POST /v2/generate", Quota::new(10_000, Duration::from_millis(10)))
+        .route(
+            "POST /v2/generate",
+            Quota::new(10_000, Duration::from_millis(10)),
+        )
         .default_quota(Quota::new(10_000, Duration::from_millis(10)))
         .reject()
         .key_header(key.clone())
@@ -83,7 +92,10 @@ async fn the_fast_path_allocates_nothing() {
 
     let paths = [
         (Method::POST, "http://api.test/v2/generate"),
-        (Method::GET, "http://api.test/v2/generate/0b6b8f2e-5a41-4f5e"),
+        (
+            Method::GET,
+            "http://api.test/v2/generate/0b6b8f2e-5a41-4f5e",
+        ),
         (Method::GET, "http://api.test/v2/generations"),
     ];
     for round in 0..3 {
@@ -107,7 +119,10 @@ async fn the_fast_path_allocates_nothing() {
         let made = allocations() - before;
         // The first round grows the window buffers and the key table; after that, nothing.
         if round > 0 {
-            assert_eq!(made, 0, "round {round}: {made} allocations for 3,000 requests");
+            assert_eq!(
+                made, 0,
+                "round {round}: {made} allocations for 3,000 requests"
+            );
         }
         tokio::time::advance(Duration::from_millis(20)).await;
     }
@@ -146,7 +161,6 @@ async fn memory_stays_bounded_under_a_million_distinct_keys() {
         if i == 499_999 {
             at_half = live_bytes() - base;
         }
-
     }
     let end = live_bytes() - base;
     println!(

@@ -45,7 +45,10 @@ async fn strict_limit(State(strict): State<Strict>, request: Request, next: Next
     {
         let mut logs = strict.logs.lock().unwrap();
         let log = logs.entry(route).or_default();
-        while log.front().is_some_and(|&t| now.duration_since(t) >= period) {
+        while log
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= period)
+        {
             log.pop_front();
         }
         if log.len() >= count {
@@ -66,8 +69,14 @@ async fn serve(app: Router) -> String {
 
 fn sync_like_app(strict: Strict) -> Router {
     Router::new()
-        .route("/v2/generate", post(|| async { (StatusCode::CREATED, "{\"id\":\"gen\"}") }))
-        .route("/v2/generate/{id}", get(|| async { "{\"status\":\"PENDING\"}" }))
+        .route(
+            "/v2/generate",
+            post(|| async { (StatusCode::CREATED, "{\"id\":\"gen\"}") }),
+        )
+        .route(
+            "/v2/generate/{id}",
+            get(|| async { "{\"status\":\"PENDING\"}" }),
+        )
         .route("/v2/generations", get(|| async { "[]" }))
         .layer(middleware::from_fn_with_state(strict, strict_limit))
 }

@@ -147,8 +147,12 @@ async fn an_hour_of_generate_calls_at_60_per_minute() {
 
     let sent = times(&log);
     let margin = secs(0.05); // the default: 1% of the window, at most 50 ms
-    // Within an hour plus the safety margin...
-    assert!(start.elapsed() <= Duration::from_secs(3600) + margin, "{:?}", start.elapsed());
+                             // Within an hour plus the safety margin...
+    assert!(
+        start.elapsed() <= Duration::from_secs(3600) + margin,
+        "{:?}",
+        start.elapsed()
+    );
     // ...with no window of a minute over quota...
     let mut sorted = sent.clone();
     sorted.sort();
@@ -179,7 +183,12 @@ async fn first_come_first_served_per_route() {
     for task in pending {
         task.await.unwrap().unwrap();
     }
-    let order: Vec<String> = log.lock().unwrap().iter().map(|(_, id)| id.clone()).collect();
+    let order: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, id)| id.clone())
+        .collect();
     assert_eq!(order, (0..20).map(|i| i.to_string()).collect::<Vec<_>>());
 }
 
@@ -264,7 +273,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n
     }
 }
@@ -307,7 +319,10 @@ async fn dropped_waiters_leave_no_trace() {
         drop(waiting.swap_remove(i));
     }
     let snapshot = &limits.snapshot()[0];
-    assert_eq!((snapshot.waiters, snapshot.in_flight, snapshot.remaining), (0, 0, 0));
+    assert_eq!(
+        (snapshot.waiters, snapshot.in_flight, snapshot.remaining),
+        (0, 0, 0)
+    );
     assert_eq!(
         snapshot.next,
         NextAdmission::In(Duration::from_secs(60) - start.elapsed())
@@ -369,7 +384,9 @@ async fn a_429_closes_the_route_for_every_caller() {
         let mut response = Response::new(());
         if first {
             *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-            response.headers_mut().insert("retry-after", "7".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("retry-after", "7".parse().unwrap());
         }
         response
     }
@@ -398,7 +415,9 @@ async fn a_429_without_a_usable_retry_after_backs_off_briefly() {
             "0" => *response.status_mut() = StatusCode::TOO_MANY_REQUESTS,
             "1" => {
                 *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                response.headers_mut().insert("retry-after", "soon".parse().unwrap());
+                response
+                    .headers_mut()
+                    .insert("retry-after", "soon".parse().unwrap());
             }
             _ => {}
         }

@@ -58,22 +58,54 @@ async fn answers_excess_with_429_and_the_rate_limit_fields() {
         header(&refused, "ratelimit-policy"),
         "\"POST /v2/generate\";q=2;w=60"
     );
-    assert_eq!(header(&refused, "ratelimit"), "\"POST /v2/generate\";r=0;t=60");
+    assert_eq!(
+        header(&refused, "ratelimit"),
+        "\"POST /v2/generate\";r=0;t=60"
+    );
 
     // Another key has its own quota; requests with no key share one anonymous quota.
-    assert_eq!(send(&mut svc, req("/v2/generate", Some("bob"))).await.status(), 200);
-    assert_eq!(send(&mut svc, req("/v2/generate", None)).await.status(), 200);
-    assert_eq!(send(&mut svc, req("/v2/generate", None)).await.status(), 200);
-    assert_eq!(send(&mut svc, req("/v2/generate", None)).await.status(), 429);
+    assert_eq!(
+        send(&mut svc, req("/v2/generate", Some("bob")))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send(&mut svc, req("/v2/generate", None)).await.status(),
+        200
+    );
+    assert_eq!(
+        send(&mut svc, req("/v2/generate", None)).await.status(),
+        200
+    );
+    assert_eq!(
+        send(&mut svc, req("/v2/generate", None)).await.status(),
+        429
+    );
     // Unmatched routes pass, with no default quota.
     for _ in 0..10 {
-        assert_eq!(send(&mut svc, req("/v2/other", Some("alice"))).await.status(), 200);
+        assert_eq!(
+            send(&mut svc, req("/v2/other", Some("alice")))
+                .await
+                .status(),
+            200
+        );
     }
     // The window slides: alice may go again a minute after her first request.
     advance(Duration::from_millis(59_599)).await;
-    assert_eq!(send(&mut svc, req("/v2/generate", Some("alice"))).await.status(), 429);
+    assert_eq!(
+        send(&mut svc, req("/v2/generate", Some("alice")))
+            .await
+            .status(),
+        429
+    );
     advance(Duration::from_millis(1)).await;
-    assert_eq!(send(&mut svc, req("/v2/generate", Some("alice"))).await.status(), 200);
+    assert_eq!(
+        send(&mut svc, req("/v2/generate", Some("alice")))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -122,7 +154,9 @@ async fn the_429_response_is_pluggable() {
     assert_eq!(header(&refused, "retry-after"), "60");
     let body: serde_json_lite::Value = serde_json_lite::parse(refused.body());
     assert_eq!(body.get("errorCode"), Some("rate_limit_exceeded"));
-    assert!(refused.body().contains("POST /v2/generate allows 1 requests per minute"));
+    assert!(refused
+        .body()
+        .contains("POST /v2/generate allows 1 requests per minute"));
 }
 
 /// Just enough JSON reading for the assertion above, without a dependency for it.
@@ -157,10 +191,19 @@ async fn keys_by_peer_ip_and_by_closure() {
             .insert(SocketAddr::from((IpAddr::from(ip), port)));
         r
     };
-    assert_eq!(send(&mut svc, from([10, 0, 0, 1], 1000)).await.status(), 200);
+    assert_eq!(
+        send(&mut svc, from([10, 0, 0, 1], 1000)).await.status(),
+        200
+    );
     // Another connection from the same address shares its quota.
-    assert_eq!(send(&mut svc, from([10, 0, 0, 1], 2000)).await.status(), 429);
-    assert_eq!(send(&mut svc, from([10, 0, 0, 2], 1000)).await.status(), 200);
+    assert_eq!(
+        send(&mut svc, from([10, 0, 0, 1], 2000)).await.status(),
+        429
+    );
+    assert_eq!(
+        send(&mut svc, from([10, 0, 0, 2], 1000)).await.status(),
+        200
+    );
 
     let limits = RateLimitByRoute::builder()
         .default_quota(Quota::per_minute(1))
@@ -186,7 +229,9 @@ async fn a_flood_of_new_keys_is_bounded_and_idle_keys_are_evicted() {
     let mut svc = limits.layer(ok_service());
     let mut refused = 0;
     for i in 0..5_000 {
-        let status = send(&mut svc, req("/", Some(&format!("key-{i}")))).await.status();
+        let status = send(&mut svc, req("/", Some(&format!("key-{i}"))))
+            .await
+            .status();
         if status == 429 {
             refused += 1;
         }
@@ -201,7 +246,10 @@ async fn a_flood_of_new_keys_is_bounded_and_idle_keys_are_evicted() {
     advance(Duration::from_secs(61)).await;
     for i in 0..1_000 {
         let newcomer = format!("newcomer-{i}");
-        assert_eq!(send(&mut svc, req("/", Some(&newcomer))).await.status(), 200);
+        assert_eq!(
+            send(&mut svc, req("/", Some(&newcomer))).await.status(),
+            200
+        );
     }
     assert_eq!(limits.snapshot()[0].tracked_keys, 1_000);
 }
@@ -233,5 +281,11 @@ fn zero_keys_is_a_typed_error() {
         .max_keys(0)
         .build()
         .unwrap_err();
-    assert!(matches!(error, ConfigError::InvalidSetting { name: "max_keys", .. }));
+    assert!(matches!(
+        error,
+        ConfigError::InvalidSetting {
+            name: "max_keys",
+            ..
+        }
+    ));
 }

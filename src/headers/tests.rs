@@ -42,9 +42,15 @@ fn retry_after_in_both_forms() {
 #[test]
 fn retry_after_ms_wins_when_valid() {
     let both = map(&[("retry-after", "2"), ("retry-after-ms", "1500")]);
-    assert_eq!(retry_after(&both, now()), Ok(Some(Duration::from_millis(1500))));
+    assert_eq!(
+        retry_after(&both, now()),
+        Ok(Some(Duration::from_millis(1500)))
+    );
     let bad_ms = map(&[("retry-after", "2"), ("retry-after-ms", "x")]);
-    assert_eq!(retry_after(&bad_ms, now()), Ok(Some(Duration::from_secs(2))));
+    assert_eq!(
+        retry_after(&bad_ms, now()),
+        Ok(Some(Duration::from_secs(2)))
+    );
     let only_bad_ms = map(&[("retry-after-ms", "x")]);
     assert!(retry_after(&only_bad_ms, now()).is_err());
 }
@@ -74,11 +80,17 @@ fn remaining_from_every_field_family() {
     );
     // A Unix time, in seconds and in milliseconds.
     assert_eq!(
-        r(&[("x-ratelimit-remaining", "1"), ("x-ratelimit-reset", "1700000045")]),
+        r(&[
+            ("x-ratelimit-remaining", "1"),
+            ("x-ratelimit-reset", "1700000045")
+        ]),
         Ok(Some((1, Duration::from_secs(45))))
     );
     assert_eq!(
-        r(&[("x-ratelimit-remaining", "1"), ("x-ratelimit-reset", "1700000045000")]),
+        r(&[
+            ("x-ratelimit-remaining", "1"),
+            ("x-ratelimit-reset", "1700000045000")
+        ]),
         Ok(Some((1, Duration::from_secs(45))))
     );
     // A count with no reset cannot be placed in time.
@@ -88,7 +100,10 @@ fn remaining_from_every_field_family() {
         &[("ratelimit", "r=;t=")][..],
         &[("ratelimit", "\"x\";r=-1;t=3")],
         &[("ratelimit-remaining", "lots"), ("ratelimit-reset", "3")],
-        &[("x-ratelimit-remaining", "3"), ("x-ratelimit-reset", "later")],
+        &[
+            ("x-ratelimit-remaining", "3"),
+            ("x-ratelimit-reset", "later"),
+        ],
     ] {
         assert!(r(garbage).is_err(), "{garbage:?}");
     }

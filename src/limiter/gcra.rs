@@ -70,8 +70,8 @@ impl Gcra {
     pub(super) fn remaining(&self, rate: &Rate, now: Nanos, in_flight: u32) -> u32 {
         // How many more can be admitted now, one after another.
         let tolerance = u128::from(rate.interval) * u128::from(rate.burst - 1);
-        let used = u128::from(self.tat.max(now) - now)
-            + u128::from(rate.interval) * u128::from(in_flight);
+        let used =
+            u128::from(self.tat.max(now) - now) + u128::from(rate.interval) * u128::from(in_flight);
         if used > tolerance {
             return 0;
         }

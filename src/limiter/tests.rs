@@ -1,5 +1,5 @@
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -24,7 +24,10 @@ fn window_admits_a_burst_then_waits_for_the_first_place_to_free() {
     // All three in flight: only a response can free a place.
     assert_eq!(l.try_acquire(&rate, 0), Err(Wait::Response));
     l.release(&rate, 2 * SEC);
-    assert_eq!(l.try_acquire(&rate, 2 * SEC), Err(Wait::Until(62 * SEC + 10 * MS)));
+    assert_eq!(
+        l.try_acquire(&rate, 2 * SEC),
+        Err(Wait::Until(62 * SEC + 10 * MS))
+    );
     l.release(&rate, 3 * SEC);
     l.release(&rate, 3 * SEC);
     assert_eq!(l.remaining(&rate, 62 * SEC + 10 * MS - 1), 0);
@@ -110,7 +113,10 @@ fn a_server_429_blocks_and_headers_only_tighten() {
     assert_eq!(l.try_acquire(&rate, 5 * SEC), Err(Wait::Until(10 * SEC)));
     // A looser report for the same window (an older response, late) changes nothing.
     l.cap(50, 10 * SEC + 200 * MS, 6 * SEC);
-    assert_eq!(l.try_acquire(&rate, 6 * SEC), Err(Wait::Until(10 * SEC + 200 * MS)));
+    assert_eq!(
+        l.try_acquire(&rate, 6 * SEC),
+        Err(Wait::Until(10 * SEC + 200 * MS))
+    );
     l.try_acquire(&rate, 10 * SEC + 200 * MS).unwrap();
     // A report for a new window replaces the bound; the local quota still holds.
     l.cap(1000, 70 * SEC, 11 * SEC);
@@ -160,7 +166,10 @@ fn simulate(rate: &Rate, arrivals: &[u64], rtts: &[u64]) -> Vec<(u64, u64)> {
                     break;
                 }
                 Err(Wait::Response) => {
-                    assert!(!in_flight.is_empty(), "waiting for a response none will send");
+                    assert!(
+                        !in_flight.is_empty(),
+                        "waiting for a response none will send"
+                    );
                     break;
                 }
             }

@@ -166,8 +166,8 @@ where
                                 .map(|max| queued.ticket.since.saturating_add(nanos(max)));
                             if let (Some(deadline), Some(max_wait)) = (deadline, queued.max_wait) {
                                 if now >= deadline {
-                                    let wait = queued.ticket.estimate().max(now)
-                                        - queued.ticket.since;
+                                    let wait =
+                                        queued.ticket.estimate().max(now) - queued.ticket.since;
                                     let route = queued.ticket.route_name().clone();
                                     // Leave the queue before answering.
                                     *this.queued = None;

@@ -206,7 +206,7 @@ impl<C> Builder<C> {
     fn compile(
         &self,
         margin: Option<Duration>,
-    ) -> Result<(RouteTable, Vec<(Arc<str>, Rate)>), ConfigError> {
+    ) -> Result<(RouteTable, Vec<NamedRate>), ConfigError> {
         let mut table = RouteTable::default();
         let mut routes = Vec::with_capacity(self.routes.len() + 1);
         for (index, (text, quota)) in self.routes.iter().enumerate() {
@@ -224,11 +224,16 @@ impl<C> Builder<C> {
     }
 }
 
+/// A route's name (its pattern, or `"default"`) and compiled quota.
+type NamedRate = (Arc<str>, Rate);
+
 fn check_quota(route: &str, quota: &Quota) -> Result<(), ConfigError> {
-    quota.validate().map_err(|reason| ConfigError::InvalidQuota {
-        route: route.to_owned(),
-        reason,
-    })
+    quota
+        .validate()
+        .map_err(|reason| ConfigError::InvalidQuota {
+            route: route.to_owned(),
+            reason,
+        })
 }
 
 impl Builder<WaitConfig> {

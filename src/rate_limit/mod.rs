@@ -57,7 +57,7 @@ pub use error::RateLimitError;
 pub use future::{RejectFuture, ResponseFuture};
 pub use key::RequestHead;
 pub use layer::{
-    Builder, EmptyBody, KeyedRouteSnapshot, NextAdmission, RateLimitByRoute, Reject,
-    RejectConfig, RejectResponse, Rejection, RouteSnapshot, Wait, WaitConfig,
+    Builder, EmptyBody, KeyedRouteSnapshot, NextAdmission, RateLimitByRoute, Reject, RejectConfig,
+    RejectResponse, Rejection, RouteSnapshot, Wait, WaitConfig,
 };
 pub use service::RateLimitByRouteService;

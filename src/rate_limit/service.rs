@@ -68,7 +68,10 @@ where
         if let Some(max_wait) = max_wait {
             let ahead = state.waiters.len() as u32;
             let rate = state.rate;
-            let wait = state.limiter.estimate(&rate, now, ahead).saturating_sub(now);
+            let wait = state
+                .limiter
+                .estimate(&rate, now, ahead)
+                .saturating_sub(now);
             if wait > crate::clock::nanos(max_wait) {
                 drop(state);
                 return ResponseFuture::too_long(

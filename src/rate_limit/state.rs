@@ -93,7 +93,9 @@ impl ClientState {
     }
 
     fn position(&self, ticket: u64) -> Option<usize> {
-        self.waiters.binary_search_by_key(&ticket, |w| w.ticket).ok()
+        self.waiters
+            .binary_search_by_key(&ticket, |w| w.ticket)
+            .ok()
     }
 }
 
@@ -248,8 +250,7 @@ impl Permit {
     pub(crate) fn finish<B>(mut self, response: &Response<B>) {
         let route = &self.shared.routes[self.route];
         if !route.learn.enabled
-            || (response.status() != StatusCode::TOO_MANY_REQUESTS
-                && response.headers().is_empty())
+            || (response.status() != StatusCode::TOO_MANY_REQUESTS && response.headers().is_empty())
         {
             return; // the drop gives the place back
         }
@@ -359,7 +360,10 @@ pub(crate) struct Shard {
 pub(crate) enum Verdict {
     Pass,
     /// Refused: the client may come back after this long.
-    Refuse { wait: Duration, quota: Quota },
+    Refuse {
+        wait: Duration,
+        quota: Quota,
+    },
 }
 
 impl KeyedRoute {
@@ -391,10 +395,7 @@ impl KeyedRoute {
                 quota: rate.quota,
             };
         }
-        let limiter = shard
-            .keys
-            .entry(key)
-            .or_insert_with(|| Limiter::new(&rate));
+        let limiter = shard.keys.entry(key).or_insert_with(|| Limiter::new(&rate));
         match limiter.try_hit(&rate, now) {
             Ok(()) => Verdict::Pass,
             Err(Wait::Until(at)) => Verdict::Refuse {
@@ -423,7 +424,10 @@ impl Shard {
         }
         let room = self.keys.len() < self.capacity;
         if !room {
-            tracing::debug!(route, "refusing a new client: every tracked client is active");
+            tracing::debug!(
+                route,
+                "refusing a new client: every tracked client is active"
+            );
         }
         room
     }

@@ -8,7 +8,7 @@ use tower_layer::Layer;
 
 use super::key::{ClientKey, RequestHead};
 use super::service::RateLimitByRouteService;
-use super::state::{lock, ClientRoute, ClientShared, ClientState, KeyedRoute, Learn, Shared};
+use super::state::{lock, ClientHandle, ClientRoute, ClientState, KeyedRoute, Learn, Shared};
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::limiter::Wait as Admission;
@@ -48,7 +48,7 @@ impl<M: fmt::Debug> fmt::Debug for RateLimitByRoute<M> {
 
 /// Client mode: a request whose route has no quota left waits for its turn.
 #[derive(Clone)]
-pub struct Wait(pub(crate) Arc<ClientShared>);
+pub struct Wait(pub(crate) ClientHandle);
 
 impl fmt::Debug for Wait {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -292,12 +292,12 @@ impl Builder<WaitConfig> {
             })
             .collect();
         Ok(RateLimitByRoute {
-            mode: Wait(Arc::new(Shared {
+            mode: Wait(Arc::new(Arc::new(Shared {
                 table,
                 routes,
                 clock: Clock::new(),
                 config: self.config,
-            })),
+            }))),
         })
     }
 }
@@ -528,8 +528,18 @@ impl<F> RateLimitByRoute<Reject<F>> {
     }
 }
 
-impl<S, M: Clone> Layer<S> for RateLimitByRoute<M> {
-    type Service = RateLimitByRouteService<S, M>;
+impl<S> Layer<S> for RateLimitByRoute<Wait> {
+    type Service = RateLimitByRouteService<S, Wait>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        // The same shared state, behind a handle of the service's own.
+        let handle = Arc::new(Arc::clone(&*self.mode.0));
+        RateLimitByRouteService::new(inner, Wait(handle))
+    }
+}
+
+impl<S, F> Layer<S> for RateLimitByRoute<Reject<F>> {
+    type Service = RateLimitByRouteService<S, Reject<F>>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RateLimitByRouteService::new(inner, self.mode.clone())

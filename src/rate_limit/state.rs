@@ -101,10 +101,15 @@ impl ClientState {
 
 pub(crate) type ClientShared = Shared<ClientRoute, super::layer::WaitConfig>;
 
+/// What a client-mode service and its requests hold: one `Arc` per service around the shared
+/// state, so that requests of different services (different connections, different tasks)
+/// count references on different cache lines instead of all contending for one.
+pub(crate) type ClientHandle = Arc<Arc<ClientShared>>;
+
 /// A place in a route's queue. Dropping it while still queued leaves the queue.
 #[derive(Debug)]
 pub(crate) struct Ticket {
-    shared: Arc<ClientShared>,
+    shared: ClientHandle,
     route: usize,
     id: u64,
     queued: bool,
@@ -124,7 +129,7 @@ pub(crate) enum Turn {
 impl Ticket {
     /// Joins the back of a route's queue (whose lock the caller holds).
     pub(crate) fn join(
-        shared: &Arc<ClientShared>,
+        shared: &ClientHandle,
         state: &mut ClientState,
         route: usize,
         now: Nanos,
@@ -219,7 +224,7 @@ impl Drop for Ticket {
 /// may have counted it either way, so it holds its place for the route's period from then.
 #[derive(Debug)]
 pub(crate) struct Permit {
-    shared: Arc<ClientShared>,
+    shared: ClientHandle,
     route: usize,
     released: bool,
 }
@@ -227,7 +232,7 @@ pub(crate) struct Permit {
 impl Permit {
     /// Admits a request at once if nobody is queued for its route and the quota allows.
     pub(crate) fn try_acquire(
-        shared: &Arc<ClientShared>,
+        shared: &ClientHandle,
         state: &mut ClientState,
         route: usize,
     ) -> Option<Self> {

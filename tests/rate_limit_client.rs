@@ -579,3 +579,36 @@ fn services_and_futures_are_send_and_sync() {
     assert_send::<tower_quota::rate_limit::ResponseFuture<Inner, ()>>();
     assert_send_sync::<RateLimitError>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn poll_ready_forwards_to_the_inner_service() {
+    let limits = RateLimitByRoute::builder()
+        .default_quota(Quota::per_second(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let (mut service, mut handle) =
+        tower_test::mock::spawn_layer::<Request<()>, Response<()>, _>(limits.clone());
+    handle.allow(0);
+    assert_pending!(service.poll_ready());
+    handle.allow(2);
+    assert!(service.poll_ready().is_ready());
+    let first = service.call(req(Method::GET, "/a"));
+    let (request, send) = handle.next_request().await.unwrap();
+    assert_eq!(request.uri().path(), "/a");
+    // The second waits for the quota, not for readiness: the inner service is ready.
+    assert!(service.poll_ready().is_ready());
+    let mut second = tokio_test::task::spawn(service.call(req(Method::GET, "/b")));
+    assert_pending!(second.poll());
+    assert_eq!(limits.snapshot()[0].next, NextAdmission::AfterResponse);
+    send.send_response(Response::new(()));
+    first.await.unwrap();
+    assert!(second.is_woken());
+    assert_pending!(second.poll());
+    advance(Duration::from_secs(1)).await;
+    assert_pending!(second.poll()); // sent now, answered below
+    let (request, send) = handle.next_request().await.unwrap();
+    assert_eq!(request.uri().path(), "/b");
+    send.send_response(Response::new(()));
+    assert_ready!(second.poll()).unwrap();
+}

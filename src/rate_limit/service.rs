@@ -4,7 +4,6 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::{RejectFuture, ResponseFuture};
-use super::key::ClientKey;
 use super::layer::{Reject, RejectResponse, Wait};
 use super::state::{lock, Permit, Ticket, Verdict};
 use crate::BoxError;
@@ -111,10 +110,7 @@ where
             return RejectFuture::inner(self.inner.call(request));
         };
         let config = &shared.config;
-        let key = match &config.key {
-            ClientKey::Global => 0,
-            key => key.extract(&request, &config.hasher),
-        };
+        let key = config.key.extract(&request, &config.hasher);
         let route = &shared.routes[index];
         match route.hit(key, shared.clock.now()) {
             Verdict::Pass => RejectFuture::inner(self.inner.call(request)),

@@ -85,34 +85,20 @@ pub fn remaining(
             .map(Some)
             .ok_or(InvalidHeader { name: "ratelimit" });
     }
-    for (remaining, reset, name) in [
-        (
-            "ratelimit-remaining",
-            "ratelimit-reset",
-            "ratelimit-remaining",
-        ),
-        (
-            "x-ratelimit-remaining",
-            "x-ratelimit-reset",
-            "x-ratelimit-remaining",
-        ),
+    for (remaining, reset) in [
+        ("ratelimit-remaining", "ratelimit-reset"),
+        ("x-ratelimit-remaining", "x-ratelimit-reset"),
     ] {
-        let (Some(count), Some(reset)) = (headers.get(remaining), headers.get(reset)) else {
+        let (Some(count), Some(until)) = (headers.get(remaining), headers.get(reset)) else {
             continue;
         };
         let count = text(count)
             .and_then(parse_count)
-            .ok_or(InvalidHeader { name })?;
-        let reset = text(reset)
+            .ok_or(InvalidHeader { name: remaining })?;
+        let until = text(until)
             .and_then(|t| parse_reset(t, now))
-            .ok_or(InvalidHeader {
-                name: if name.starts_with('x') {
-                    "x-ratelimit-reset"
-                } else {
-                    "ratelimit-reset"
-                },
-            })?;
-        return Ok(Some((count, reset)));
+            .ok_or(InvalidHeader { name: reset })?;
+        return Ok(Some((count, until)));
     }
     Ok(None)
 }

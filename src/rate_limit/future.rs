@@ -12,7 +12,7 @@ use tower_service::Service;
 use super::error::RateLimitError;
 use super::layer::{RejectConfig, RejectResponse, Rejection};
 use super::state::{Permit, Ticket, Turn};
-use crate::clock::nanos;
+use crate::clock::{nanos, Nanos};
 use crate::headers;
 use crate::quota::Quota;
 use crate::BoxError;
@@ -38,6 +38,8 @@ struct Queued<S, B> {
     request: Request<B>,
     ticket: Ticket,
     max_wait: Option<Duration>,
+    /// When the maximum wait runs out, if there is one.
+    deadline: Option<Nanos>,
 }
 
 pin_project! {
@@ -78,6 +80,7 @@ where
             queued: Some(Box::new(Queued {
                 inner,
                 request,
+                deadline: max_wait.map(|max| ticket.since.saturating_add(nanos(max))),
                 ticket,
                 max_wait,
             })),
@@ -133,11 +136,10 @@ where
                     let Some(queued) = this.queued.as_ref() else {
                         return Poll::Ready(Err("rate limit future in an invalid state".into()));
                     };
-                    let clock = queued.ticket.clock();
-                    let deadline = match queued.max_wait {
-                        Some(max) => clock.instant(queued.ticket.since.saturating_add(nanos(max))),
-                        None => clock.instant(u64::MAX),
-                    };
+                    let deadline = queued
+                        .ticket
+                        .clock()
+                        .instant(queued.deadline.unwrap_or(u64::MAX));
                     this.state.set(State::Waiting {
                         sleep: Box::pin(tokio::time::sleep_until(deadline)),
                     });
@@ -161,9 +163,7 @@ where
                         Turn::Wait(turn) => {
                             let clock = *queued.ticket.clock();
                             let now = clock.now();
-                            let deadline = queued
-                                .max_wait
-                                .map(|max| queued.ticket.since.saturating_add(nanos(max)));
+                            let deadline = queued.deadline;
                             if let (Some(deadline), Some(max_wait)) = (deadline, queued.max_wait) {
                                 if now >= deadline {
                                     let wait =

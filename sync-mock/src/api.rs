@@ -1,0 +1,275 @@
+//! The HTTP face of the mock: Sync's routes on axum, and the admin endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as Extract};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::Endpoint;
+use crate::state::{CreateRequest, Refusal, State, Status};
+
+type Shared = Arc<State>;
+
+/// The mock's routes.
+pub(crate) fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v2/generate", post(create))
+        .route("/v2/generate/{id}", get(generation))
+        .route("/v2/generations", get(list))
+        .route("/v2/generations/count", get(count))
+        .route("/_mock/stats", get(stats))
+        .with_state(state)
+}
+
+/// An answer other than success, in Sync's error body:
+/// `{"statusCode", "errorCode"?, "message", "error"}`.
+enum ApiError {
+    BadRequest(String),
+    Unauthorized,
+    NotFound,
+    TooMany {
+        refusal: Refusal,
+        error_codes: bool,
+        retry_after: bool,
+    },
+}
+
+impl ApiError {
+    fn refused(state: &State, refusal: Refusal) -> Self {
+        if let Refusal::UnknownKey = refusal {
+            return Self::Unauthorized;
+        }
+        Self::TooMany {
+            refusal,
+            error_codes: state.config.error_codes,
+            retry_after: state.config.retry_after,
+        }
+    }
+}
+
+fn body(status: StatusCode, code: Option<&str>, message: &str) -> Response {
+    let mut body = json!({
+        "statusCode": status.as_u16(),
+        "message": message,
+        "error": status.canonical_reason().unwrap_or(""),
+    });
+    if let Some(code) = code {
+        body["errorCode"] = Value::from(code);
+    }
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::BadRequest(message) => body(StatusCode::BAD_REQUEST, None, &message),
+            Self::Unauthorized => body(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "Missing or invalid API key.",
+            ),
+            Self::NotFound => body(StatusCode::NOT_FOUND, None, "Generation not found."),
+            Self::TooMany {
+                refusal,
+                error_codes,
+                retry_after,
+            } => {
+                let (code, message, wait) = match refusal {
+                    Refusal::Rate(wait) => (
+                        "rate_limit_exceeded",
+                        "Rate limit exceeded. Please slow down your requests.",
+                        wait,
+                    ),
+                    Refusal::Concurrency(wait) => (
+                        "concurrency_limit_reached",
+                        "Concurrency limit reached for your plan. Wait for a generation to finish.",
+                        wait,
+                    ),
+                    Refusal::UnknownKey => return Self::Unauthorized.into_response(),
+                };
+                let code = error_codes.then_some(code);
+                let mut response = body(StatusCode::TOO_MANY_REQUESTS, code, message);
+                if retry_after {
+                    // Whole seconds, rounded up, never 0.
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    response
+                        .headers_mut()
+                        .insert("retry-after", HeaderValue::from(secs.max(1)));
+                }
+                response
+            }
+        }
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(message.into())
+}
+
+/// Counts the request, checks its key and the route's rate. The key on success.
+fn gate(state: &State, headers: &HeaderMap, endpoint: Endpoint) -> Result<String, ApiError> {
+    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    match state.admit(endpoint, key) {
+        Ok(true) => Ok(key.unwrap_or_default().to_owned()),
+        Ok(false) => Err(ApiError::Unauthorized),
+        Err(refusal) => Err(ApiError::refused(state, refusal)),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let valid = |key: &str| {
+        (1..=128).contains(&key.len())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+    };
+    match value.to_str() {
+        Ok(key) if valid(key) => Ok(Some(key.to_owned())),
+        _ => Err(bad_request(
+            "Idempotency-Key must be 1 to 128 characters of A-Z a-z 0-9 . _ ~ -",
+        )),
+    }
+}
+
+fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
+    let request: CreateRequest = serde_json::from_slice(body)
+        .map_err(|e| bad_request(format!("Invalid request body: {e}")))?;
+    if request.model.is_empty() {
+        return Err(bad_request("model must not be empty"));
+    }
+    let inputs = request
+        .input
+        .as_array()
+        .filter(|inputs| !inputs.is_empty())
+        .ok_or_else(|| bad_request("input must be a non-empty array"))?;
+    for input in inputs {
+        let kind = input.get("type").and_then(Value::as_str);
+        if !matches!(kind, Some("video" | "audio" | "image" | "text")) {
+            return Err(bad_request(
+                "each input needs a type: video, audio, image or text",
+            ));
+        }
+    }
+    Ok(request)
+}
+
+async fn create(
+    Extract(state): Extract<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let key = gate(&state, &headers, Endpoint::Create)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let request = parse_create(&body)?;
+    match state.create(&key, idempotency_key, request) {
+        Ok((generation, false)) => Ok((StatusCode::CREATED, Json(generation)).into_response()),
+        Ok((generation, true)) => Ok((
+            StatusCode::CREATED,
+            [("idempotent-replayed", "true")],
+            Json(generation),
+        )
+            .into_response()),
+        Err(refusal) => Err(ApiError::refused(&state, refusal)),
+    }
+}
+
+#[derive(Deserialize)]
+struct GetQuery {
+    wait: Option<bool>,
+    timeout: Option<u64>,
+}
+
+async fn generation(
+    Extract(state): Extract<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let key = gate(&state, &headers, Endpoint::Get)?;
+    let Query(query) = Query::<GetQuery>::try_from_uri(&uri)
+        .map_err(|e| bad_request(format!("Invalid query: {e}")))?;
+    let timeout = match query.timeout {
+        None => 10,
+        Some(t @ 1..=10) => t,
+        Some(_) => return Err(bad_request("timeout must be between 1 and 10 seconds")),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let changed = state.changed.notified();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        let generation = state.generation(&key, &id).ok_or(ApiError::NotFound)?;
+        if query.wait != Some(true) || !generation.status.is_active() {
+            return Ok(Json(generation).into_response());
+        }
+        tokio::select! {
+            () = changed => {}
+            () = tokio::time::sleep_until(deadline) => return Ok(Json(generation).into_response()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+fn list_query(uri: &Uri) -> Result<(ListQuery, Vec<Status>), ApiError> {
+    let Query(query) = Query::<ListQuery>::try_from_uri(uri)
+        .map_err(|e| bad_request(format!("Invalid query: {e}")))?;
+    let statuses = match &query.status {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|s| {
+                Status::parse(s.trim()).ok_or_else(|| bad_request(format!("Unknown status {s:?}")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok((query, statuses))
+}
+
+async fn list(
+    Extract(state): Extract<Shared>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let key = gate(&state, &headers, Endpoint::List)?;
+    let (query, statuses) = list_query(&uri)?;
+    let limit = match query.limit {
+        None => 20,
+        Some(n @ 1..=100) => n,
+        Some(_) => return Err(bad_request("limit must be between 1 and 100")),
+    };
+    let generations = state
+        .list(&key, &statuses, query.cursor.as_deref(), limit)
+        .ok_or_else(|| bad_request("Unknown cursor"))?;
+    Ok(Json(generations).into_response())
+}
+
+async fn count(
+    Extract(state): Extract<Shared>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let key = gate(&state, &headers, Endpoint::Count)?;
+    let (_, statuses) = list_query(&uri)?;
+    let count = state.count(&key, &statuses);
+    Ok(Json(json!({ "count": count })).into_response())
+}
+
+async fn stats(Extract(state): Extract<Shared>) -> Response {
+    Json(state.stats()).into_response()
+}

@@ -265,16 +265,18 @@ impl State {
         *by_key = (*by_key).max(account.active);
         inner.generations.insert(id.clone(), generation.clone());
         let fails = unit(self.config.seed, seq, "fails") < self.config.failure_rate;
-        let job = tokio::spawn(Arc::clone(self).run(id, fails));
+        let started = Instant::now();
+        let job = tokio::spawn(Arc::clone(self).run(id, started, fails));
         inner.jobs.push(job.abort_handle());
         Ok((generation, false))
     }
 
     /// A generation's life after its create.
-    async fn run(self: Arc<Self>, id: String, fails: bool) {
-        tokio::time::sleep(self.config.pending).await;
+    async fn run(self: Arc<Self>, id: String, started: Instant, fails: bool) {
+        let processing = started + self.config.pending;
+        tokio::time::sleep_until(processing).await;
         self.set_status(&id, Status::Processing);
-        tokio::time::sleep(self.config.processing).await;
+        tokio::time::sleep_until(processing + self.config.processing).await;
         let status = if fails {
             Status::Failed
         } else {

@@ -1,0 +1,105 @@
+//! `RateLimitByRoute` against the local Sync API (`sync-mock`), whose limits are counted by
+//! its own code, under each of its server algorithms. On tokio's paused clock.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sync_mock::{Algorithm, Config, Endpoint, Limit, MockServer};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_quota::{Quota, RateLimitByRoute};
+
+const BODY: &str =
+    r#"{"model":"lipsync-2","input":[{"type":"video","url":"v"},{"type":"audio","url":"a"}]}"#;
+
+/// 120 creates and 240 status reads at once, through the layer, against the mock. `quota`
+/// makes the client's quota of `n` a minute, to match the server's algorithm.
+async fn run(algorithm: Algorithm, quota: fn(u32) -> Quota) {
+    // A paced quota with a burst of `b` allows `b - 1` more in a minute than its rate.
+    let burst_extra = match algorithm {
+        Algorithm::LeakyBucket { burst } => burst as usize - 1,
+        _ => 0,
+    };
+    let hour = Duration::from_secs(3600);
+    let config = Config::default()
+        .api_key(sync_mock::DEFAULT_KEY, 1_000) // only the route limits in play
+        .algorithm(algorithm)
+        .limit(Endpoint::Create, Limit::per_minute(60))
+        .other_limits(Limit::per_minute(600))
+        .job_durations(hour, hour);
+    let server = MockServer::start(config).await.unwrap();
+
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", quota(60))
+        .route("GET /v2/generate/{id}", quota(600))
+        .build()
+        .unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let svc = ServiceBuilder::new().layer(limits).service(client);
+
+    let mut calls = FuturesUnordered::new();
+    for i in 0..360 {
+        let request = if i % 3 == 0 {
+            http::Request::post(server.url("/v2/generate")).body(Full::new(Bytes::from(BODY)))
+        } else {
+            http::Request::get(server.url(&format!("/v2/generate/id-{i}"))).body(Full::default())
+        };
+        let request = request
+            .map(|mut r| {
+                r.headers_mut()
+                    .insert("x-api-key", sync_mock::DEFAULT_KEY.parse().unwrap());
+                r
+            })
+            .unwrap();
+        let mut svc = svc.clone();
+        calls.push(async move {
+            let response = svc.ready().await?.call(request).await?;
+            let status = response.status().as_u16();
+            response.into_body().collect().await?;
+            Ok::<_, tower_quota::BoxError>(status)
+        });
+    }
+    while let Some(status) = calls.next().await {
+        assert!(matches!(status.unwrap(), 201 | 404));
+    }
+    let stats = server.stats();
+    assert_eq!(
+        stats.too_many_requests(),
+        0,
+        "{algorithm:?}: {:?}",
+        stats.rate_limited
+    );
+    assert_eq!(stats.created, 120);
+    let minute = Duration::from_secs(60);
+    assert!(stats.max_in_window(Endpoint::Create, minute) <= 60 + burst_extra);
+    assert!(stats.max_in_window(Endpoint::Get, minute) <= 600 + burst_extra);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_429_from_a_fixed_window_server() {
+    run(Algorithm::FixedWindow, Quota::per_minute).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_429_from_a_sliding_window_server() {
+    run(Algorithm::SlidingWindow, Quota::per_minute).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_429_from_a_leaky_bucket_server_with_no_burst() {
+    run(Algorithm::LeakyBucket { burst: 1 }, |n| {
+        Quota::per_minute(n).with_burst(1)
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_429_from_a_leaky_bucket_server_with_a_burst() {
+    run(Algorithm::LeakyBucket { burst: 5 }, |n| {
+        Quota::per_minute(n).with_burst(5)
+    })
+    .await;
+}

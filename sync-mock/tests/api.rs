@@ -16,6 +16,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 fn rate_only(algorithm: Algorithm, create: Limit) -> Config {
     Config::default()
         .api_key(KEY, 1000)
+        .api_key("sk-second", 1000)
         .algorithm(algorithm)
         .limit(Endpoint::Create, create)
         .job_durations(HOUR, HOUR)
@@ -45,18 +46,20 @@ async fn a_rate_limit_429_has_the_documented_body_and_a_retry_after() {
         })
     );
     assert_eq!(refused.header("retry-after"), Some("60"));
-    // Other routes have their own quota.
+    // Other routes have their own quota, and other keys their own counts.
     assert_eq!(api.get("/v2/generations").await.status, StatusCode::OK);
+    let other = api.clone().with_key(Some("sk-second"));
+    assert_eq!(other.create().await.status, StatusCode::CREATED);
 
     sleep(Duration::from_secs(60)).await;
     assert_eq!(api.create().await.status, StatusCode::CREATED);
 
     let stats = server.stats();
-    assert_eq!(stats.requests_to(Endpoint::Create), 5);
+    assert_eq!(stats.requests_to(Endpoint::Create), 6);
     assert_eq!(stats.rate_limited["POST /v2/generate"], 1);
-    assert_eq!(stats.created, 4);
+    assert_eq!(stats.created, 5);
     let limited: Vec<bool> = stats.arrivals.iter().map(|a| a.limited).collect();
-    assert_eq!(limited, [false, false, false, true, false, false]);
+    assert_eq!(limited, [false, false, false, true, false, false, false]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -462,11 +465,29 @@ async fn a_plain_client_bursting_gets_429s_of_both_kinds() {
 }
 
 #[tokio::test]
-async fn runs_in_real_time_too_and_stops() {
-    let config = Config::default()
-        .job_durations(Duration::from_millis(20), Duration::from_millis(30))
-        .time_scale(1);
-    let server = MockServer::start(config).await.unwrap();
+async fn bad_settings_are_typed_errors() {
+    let bad = [
+        Config::default().limit(Endpoint::Create, Limit::per_minute(0)),
+        Config::default().other_limits(Limit::new(5, Duration::ZERO)),
+        Config::default().algorithm(Algorithm::LeakyBucket { burst: 0 }),
+        Config::default().failure_rate(1.5),
+        Config::default().api_key("sk-empty", 0),
+    ];
+    for config in bad {
+        let error = MockServer::start(config.clone()).await.unwrap_err();
+        assert!(
+            matches!(error, sync_mock::StartError::Config(_)),
+            "{config:?}: {error}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn runs_in_real_time_too_on_a_given_listener_and_stops() {
+    // Sync's numbers scaled down 1,000 times: jobs of 2 ms and 10 ms.
+    let config = Config::default().time_scale(1_000);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = MockServer::serve(listener, config).unwrap();
     let api = Api::new(&server);
     let id = api.create().await.json["id"].as_str().unwrap().to_owned();
     let done = api

@@ -39,14 +39,17 @@
 
 mod builder;
 mod clock;
+pub mod concurrency;
 mod error;
 pub mod headers;
 mod limiter;
 mod quota;
 pub mod rate_limit;
 mod route;
+mod sync;
 
 pub use builder::ServiceBuilderExt;
+pub use concurrency::{ConcurrencyLimitByPlan, Plan};
 pub use error::ConfigError;
 pub use quota::Quota;
 pub use rate_limit::RateLimitByRoute;

@@ -99,6 +99,31 @@ impl RouteTable {
         self.default = Some(index);
     }
 
+    /// The route a request falls under and the value of the pattern's first parameter, if it
+    /// has one (the default route has none).
+    pub(crate) fn lookup_param<'p>(
+        &self,
+        method: &Method,
+        path: &'p str,
+    ) -> Option<(usize, Option<&'p str>)> {
+        let path = if path.is_empty() { "/" } else { path };
+        let first = |found: matchit::Match<'_, 'p, &usize>| {
+            (*found.value, found.params.iter().next().map(|(_, v)| v))
+        };
+        for (m, router) in &self.by_method {
+            if m == method {
+                if let Ok(found) = router.at(path) {
+                    return Some(first(found));
+                }
+                break;
+            }
+        }
+        match self.any_method.at(path) {
+            Ok(found) => Some(first(found)),
+            Err(_) => self.default.map(|d| (d, None)),
+        }
+    }
+
     /// The route a request falls under, or `None` when it matches nothing and there is no
     /// default.
     pub(crate) fn lookup(&self, method: &Method, path: &str) -> Option<usize> {

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -14,11 +14,7 @@ use crate::limiter::{Limiter, Wait};
 use crate::quota::{Quota, Rate};
 use crate::route::RouteTable;
 
-/// Locks a mutex; a panic elsewhere while it was held leaves consistent counters (no code
-/// here panics between two writes), so poisoning is ignored.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
+pub(crate) use crate::sync::lock;
 
 /// What every clone of a layer shares: the routes, their state, the clock and the mode's
 /// settings.

@@ -1,0 +1,42 @@
+//! Why a job-creating request was given back unsent.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A job-creating request was given back to its caller without being sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConcurrencyError {
+    /// The queue for a slot already held its maximum length.
+    QueueFull {
+        /// The maximum length.
+        max_queue: usize,
+    },
+    /// The request waited its maximum time for a slot.
+    WaitTooLong {
+        /// The maximum wait.
+        max_wait: Duration,
+        /// Slots held when it gave up.
+        in_use: usize,
+    },
+    /// The plan allows no job at all (`Enterprise(0)`).
+    NoSlots,
+}
+
+impl fmt::Display for ConcurrencyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::QueueFull { max_queue } => write!(
+                f,
+                "job not sent: {max_queue} requests already wait for a slot of the plan"
+            ),
+            Self::WaitTooLong { max_wait, in_use } => write!(
+                f,
+                "job not sent: no slot of the plan freed within {max_wait:?} ({in_use} held)"
+            ),
+            Self::NoSlots => f.write_str("job not sent: the plan allows no job at all"),
+        }
+    }
+}
+
+impl std::error::Error for ConcurrencyError {}

@@ -1,0 +1,249 @@
+//! The response future: waits for a slot, sends, and decides what the response means.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use super::body::{HoldGuard, Job, Observe, Observer, PlanBody};
+use super::error::ConcurrencyError;
+use super::layer::Shared;
+use super::slots::Release;
+use crate::clock::{nanos, Nanos};
+use crate::sync::lock;
+use crate::BoxError;
+
+/// What the request is to the plan, decided when it is called.
+#[derive(Debug)]
+pub(crate) enum Role {
+    /// Nothing: passes through.
+    Other,
+    /// Creates a job.
+    Create,
+    /// Shows job `id`, which holds a slot.
+    Status(Box<str>),
+    /// Lists jobs.
+    List,
+}
+
+pin_project! {
+    /// The response future of [`ConcurrencyLimitByPlanService`](super::ConcurrencyLimitByPlanService).
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        shared: Arc<Shared>,
+        role: Role,
+        hold: Option<HoldGuard>,
+        // Boxed: only a request that waits needs it.
+        queued: Option<Box<Queued<S, B>>>,
+    }
+}
+
+/// A request waiting for a slot, with the service that will send it.
+struct Queued<S, B> {
+    inner: S,
+    request: Request<B>,
+    ticket: Ticket,
+    deadline: Option<Nanos>,
+}
+
+/// A place in the queue; dropping it while queued leaves the queue.
+struct Ticket {
+    shared: Arc<Shared>,
+    id: u64,
+    queued: bool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.queued {
+            lock(&self.shared.slots).leave(self.id);
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Queued,
+        Waiting { sleep: Pin<Box<Sleep>> },
+        Called { #[pin] future: F },
+        Failed { error: Option<ConcurrencyError> },
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn called(
+        future: S::Future,
+        shared: Arc<Shared>,
+        role: Role,
+        hold: Option<HoldGuard>,
+    ) -> Self {
+        Self {
+            state: State::Called { future },
+            shared,
+            role,
+            hold,
+            queued: None,
+        }
+    }
+
+    pub(crate) fn failed(shared: Arc<Shared>, error: ConcurrencyError) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+            shared,
+            role: Role::Other,
+            hold: None,
+            queued: None,
+        }
+    }
+
+    pub(crate) fn queued(inner: S, request: Request<B>, shared: Arc<Shared>, ticket: u64) -> Self {
+        let deadline = shared
+            .config
+            .max_wait
+            .map(|wait| shared.clock.now().saturating_add(nanos(wait)));
+        Self {
+            state: State::Queued,
+            queued: Some(Box::new(Queued {
+                inner,
+                request,
+                ticket: Ticket {
+                    shared: shared.clone(),
+                    id: ticket,
+                    queued: true,
+                },
+                deadline,
+            })),
+            shared,
+            role: Role::Create,
+            hold: None,
+        }
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<PlanBody<ResBody>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    let result = ready!(future.poll(cx));
+                    return Poll::Ready(respond(this.shared, this.role, this.hold.take(), result));
+                }
+                StateProj::Failed { error } => {
+                    let error = error.take().unwrap_or(ConcurrencyError::NoSlots);
+                    return Poll::Ready(Err(error.into()));
+                }
+                StateProj::Waiting { sleep } => {
+                    // Woken by the queue or the timer: look again either way.
+                    let _ = sleep.as_mut().poll(cx);
+                }
+                StateProj::Queued => {}
+            }
+            let Some(mut queued) = this.queued.take() else {
+                // Not reachable: a waiting future always has its request.
+                this.state.set(State::Failed { error: None });
+                continue;
+            };
+            let shared = this.shared.clone();
+            let now = shared.clock.now();
+            let turn = lock(&shared.slots).poll_take(queued.ticket.id, now, cx.waker());
+            let next_expiry = match turn {
+                Ok(hold) => {
+                    queued.ticket.queued = false;
+                    let Queued {
+                        mut inner, request, ..
+                    } = *queued;
+                    *this.hold = Some(HoldGuard::new(shared, hold));
+                    let future = inner.call(request);
+                    this.state.set(State::Called { future });
+                    continue;
+                }
+                Err(next_expiry) => next_expiry,
+            };
+            if queued.deadline.is_some_and(|d| d <= now) {
+                drop(queued); // leaves the queue
+                let in_use = lock(&shared.slots).in_use();
+                let max_wait = shared.config.max_wait.unwrap_or_default();
+                this.state.set(State::Failed {
+                    error: Some(ConcurrencyError::WaitTooLong { max_wait, in_use }),
+                });
+                continue;
+            }
+            let wake_at = [next_expiry, queued.deadline].into_iter().flatten().min();
+            *this.queued = Some(queued);
+            let Some(at) = wake_at else {
+                this.state.set(State::Queued);
+                return Poll::Pending;
+            };
+            let deadline = shared.clock.instant(at);
+            match this.state.as_mut().project() {
+                StateProj::Waiting { sleep } => sleep.as_mut().reset(deadline),
+                _ => this.state.set(State::Waiting {
+                    sleep: Box::pin(tokio::time::sleep_until(deadline)),
+                }),
+            }
+            if let StateProj::Waiting { sleep } = this.state.as_mut().project() {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// What a response means to the plan; wraps its body to read what it shows.
+fn respond<ResBody, E: Into<BoxError>>(
+    shared: &Arc<Shared>,
+    role: &mut Role,
+    hold: Option<HoldGuard>,
+    result: Result<Response<ResBody>, E>,
+) -> Result<Response<PlanBody<ResBody>>, BoxError> {
+    // On an error the request was sent and its outcome is unknown: the hold, dropped, stays
+    // held as such.
+    let mut response = result.map_err(Into::into)?;
+    let status = response.status();
+    let observe = match std::mem::replace(role, Role::Other) {
+        Role::Other => None,
+        Role::Create => hold.and_then(|hold| {
+            if shared.config.in_flight {
+                Some(Observe::InFlight { hold })
+            } else if status.is_success() {
+                let job = Job::default();
+                response.extensions_mut().insert(job.clone());
+                Some(Observe::Create { hold, job })
+            } else {
+                // A definite failure (429 included): nothing was created.
+                hold.release(Release::Failed);
+                None
+            }
+        }),
+        Role::Status(id) if status == StatusCode::NOT_FOUND => {
+            shared.finish(&id, Release::Finished);
+            None
+        }
+        Role::Status(id) if status.is_success() => Some(Observe::Status { id }),
+        Role::List if status.is_success() => Some(Observe::List),
+        Role::Status(_) | Role::List => None,
+    };
+    let observer = observe.map(|what| Observer::new(shared.clone(), what));
+    Ok(response.map(|body| PlanBody::new(body, observer)))
+}

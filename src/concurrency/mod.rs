@@ -1,0 +1,84 @@
+//! Job slots that live as long as the job: [`ConcurrencyLimitByPlan`].
+//!
+//! A job API counts concurrency in jobs, not requests. A Sync generation holds one of the
+//! plan's slots (Hobbyist 1, Creator 3, Growth 6, Scale 15, Enterprise custom) while it is
+//! `PENDING` or `PROCESSING`, minutes after the `POST /v2/generate` that created it returned,
+//! and a create over the plan gets a 429. This layer is the client-side queue the vendor
+//! advises: job-creating requests wait, first come first served, inside their response
+//! futures until a slot is free, and each slot is held for its job's whole life.
+//!
+//! # The life of a slot
+//!
+//! - **Taken** before the create request is sent. Requests on other routes pass with no cost
+//!   beyond a route match.
+//! - **Given back at once** when the create gets a definite failure: any status that is not a
+//!   2xx (a 429 included), since nothing was created.
+//! - On a 2xx, the job's **id** is read from the response JSON (field `id` by default) as the
+//!   caller reads the body: the body is not delayed and not a byte of it changes, and at most
+//!   [`Builder::max_prefix`] bytes of it are kept. The response carries a [`Job`] in its
+//!   extensions, whose [`Job::id`] is set once the body has shown it.
+//! - The slot is then **held until the first of**: a response passing through the layer shows
+//!   the job in a terminal state (the status route `GET /v2/generate/{id}`, a 404 there, or
+//!   the list route `GET /v2/generations`; any status but `PENDING` and `PROCESSING` is
+//!   terminal by default); [`ConcurrencyLimitByPlan::complete`] (from a webhook);
+//!   [`ConcurrencyLimitByPlan::reconcile`] with the list of active jobs says it is gone; or its
+//!   lease ([`Builder::max_job_life`], one hour by default) runs out, with a warning.
+//! - **Unknown outcomes**: a transport error after sending, a response future dropped after
+//!   sending, a body dropped before it showed the id, or a 2xx without an id. The server may
+//!   have created a job, so the slot stays held until a reconcile accounts for it or its lease
+//!   runs out. Jobs that a list shows active but this process does not hold (another process
+//!   shares the API key) take slots too.
+//! - A request dropped while **waiting** leaves the queue and wakes nobody wrongly.
+//!
+//! [`ConcurrencyLimitByPlan::watch`] polls the held jobs' status itself, through the service
+//! below the layer. [`Builder::in_flight`] switches to counting requests in flight, for APIs
+//! whose concurrency means that: the slot is held until the response body ends or is dropped.
+//!
+//! ```
+//! use http::{Request, Response};
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_quota::concurrency::Job;
+//! use tower_quota::{ConcurrencyLimitByPlan, Plan};
+//! use http_body_util::BodyExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_quota::BoxError> {
+//! let plan = ConcurrencyLimitByPlan::new(Plan::Creator); // 3 jobs at once
+//!
+//! // A stand-in for the API: every create makes job `gen_1`.
+//! let api = service_fn(|_req: Request<String>| async {
+//!     let body = r#"{"id":"gen_1","status":"PENDING"}"#;
+//!     Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(body.as_bytes())))
+//! });
+//! let mut svc = ServiceBuilder::new().layer(plan.clone()).service(api);
+//!
+//! let create = Request::post("https://api.sync.so/v2/generate").body(String::new())?;
+//! let response = svc.ready().await?.call(create).await?;
+//! let job = response.extensions().get::<Job>().cloned().unwrap();
+//! response.into_body().collect().await?; // the caller reads the body as usual
+//! assert_eq!(job.id(), Some("gen_1"));
+//! assert_eq!(plan.in_use(), 1); // held until the job ends, not when the response did
+//!
+//! plan.complete("gen_1"); // e.g. from a webhook handler
+//! assert_eq!(plan.in_use(), 0);
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod error;
+mod future;
+mod json;
+mod layer;
+mod plan;
+mod service;
+mod slots;
+mod watch;
+
+pub use body::{Job, PlanBody};
+pub use error::ConcurrencyError;
+pub use future::ResponseFuture;
+pub use layer::{Builder, ConcurrencyLimitByPlan, HeldJob, PlanSnapshot};
+pub use plan::{ParsePlanError, Plan};
+pub use service::ConcurrencyLimitByPlanService;
+pub use watch::Watch;

@@ -1,0 +1,107 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::body::{HoldGuard, PlanBody};
+use super::error::ConcurrencyError;
+use super::future::{ResponseFuture, Role};
+use super::layer::{RouteKind, Shared};
+use crate::sync::lock;
+use crate::BoxError;
+
+/// The service made by a [`ConcurrencyLimitByPlan`](super::ConcurrencyLimitByPlan) layer.
+///
+/// `poll_ready` forwards to the inner service: whether a request needs a slot is only known
+/// from the request, so waiting happens in the response future.
+#[derive(Debug, Clone)]
+pub struct ConcurrencyLimitByPlanService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> ConcurrencyLimitByPlanService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for ConcurrencyLimitByPlanService<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<PlanBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let shared = &self.shared;
+        let found = shared
+            .table
+            .lookup_param(request.method(), request.uri().path());
+        let role = match found {
+            None => Role::Other,
+            Some((index, param)) => match shared.kinds[index] {
+                RouteKind::Create => Role::Create,
+                RouteKind::Status => match param {
+                    Some(id) if lock(&shared.slots).is_held(id) => Role::Status(id.into()),
+                    _ => Role::Other,
+                },
+                RouteKind::List => Role::List,
+            },
+        };
+        if !matches!(role, Role::Create) {
+            let future = self.inner.call(request);
+            return ResponseFuture::called(future, shared.clone(), role, None);
+        }
+        let now = shared.clock.now();
+        let mut slots = lock(&shared.slots);
+        if slots.limit() == 0 {
+            drop(slots);
+            return ResponseFuture::failed(shared.clone(), ConcurrencyError::NoSlots);
+        }
+        if let Some(hold) = slots.try_take(now) {
+            drop(slots);
+            let hold = HoldGuard::new(shared.clone(), hold);
+            let future = self.inner.call(request);
+            return ResponseFuture::called(future, shared.clone(), Role::Create, Some(hold));
+        }
+        if let Some(max_queue) = shared.config.max_queue {
+            if slots.queue_len() >= max_queue {
+                drop(slots);
+                return ResponseFuture::failed(
+                    shared.clone(),
+                    ConcurrencyError::QueueFull { max_queue },
+                );
+            }
+        }
+        let ticket = slots.join();
+        drop(slots);
+        // The request waits for a slot inside the future, which needs a service to call
+        // then: take the one driven to readiness and leave a clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::queued(inner, request, shared.clone(), ticket)
+    }
+}

@@ -1,0 +1,175 @@
+//! The active watch: the layer polls its held jobs' status itself.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use tower_service::Service;
+
+use super::body::{Observe, Observer, PlanBody};
+use super::layer::ConcurrencyLimitByPlan;
+use super::slots::Release;
+use crate::clock::{nanos, Nanos};
+use crate::sync::lock;
+use crate::BoxError;
+
+/// Polls held jobs' status and gives back the slots of those that ended; from
+/// [`ConcurrencyLimitByPlan::watch`]. Nothing happens until [`Watch::run`] is awaited (or
+/// spawned).
+#[derive(Debug, Clone)]
+#[must_use = "a watch does nothing until `.run()` is awaited or spawned"]
+pub struct Watch<S> {
+    plan: ConcurrencyLimitByPlan,
+    service: S,
+    origin: String,
+    interval: Duration,
+    long_poll: Option<Duration>,
+}
+
+impl<S> Watch<S> {
+    pub(crate) fn new(plan: ConcurrencyLimitByPlan, service: S, origin: String) -> Self {
+        Self {
+            plan,
+            service,
+            origin: origin.trim_end_matches('/').to_owned(),
+            interval: Duration::from_secs(5),
+            long_poll: None,
+        }
+    }
+
+    /// The least time between two polls of one job (default 5 s).
+    pub fn interval(mut self, every: Duration) -> Self {
+        self.interval = every;
+        self
+    }
+
+    /// Long-polls instead: each poll asks the server to answer when the job ends or after
+    /// `timeout`, in Sync's form (`?wait=true&timeout=<seconds>`). A job's end is then seen
+    /// the moment it happens, with one request per job per `timeout`.
+    pub fn long_poll(mut self, timeout: Duration) -> Self {
+        self.long_poll = Some(timeout);
+        self
+    }
+
+    /// Watches the held jobs. Never ends: drop the future, or abort its task, to stop.
+    pub async fn run<B, ResBody>(self)
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+        S::Error: Into<BoxError>,
+        B: Default,
+        ResBody: Body,
+    {
+        let shared = self.plan.shared.clone();
+        let Some(path) = shared.status_path.clone() else {
+            tracing::warn!("the plan has no status route to watch jobs with");
+            return;
+        };
+        let query = match self.long_poll {
+            Some(timeout) => format!("?wait=true&timeout={}", timeout.as_secs().max(1)),
+            None => String::new(),
+        };
+        let interval = nanos(self.interval);
+        let mut polling: HashSet<Box<str>> = HashSet::new();
+        let mut started: HashMap<Box<str>, Nanos> = HashMap::new();
+        let mut calls = FuturesUnordered::new();
+        loop {
+            let changed = shared.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+
+            let now = shared.clock.now();
+            let held: Vec<Box<str>> = lock(&shared.slots)
+                .jobs()
+                .map(|(id, _)| id.into())
+                .collect();
+            started.retain(|id, _| held.contains(id));
+            let mut next_due: Option<Nanos> = None;
+            for id in held {
+                if polling.contains(&id) {
+                    continue;
+                }
+                let due = started
+                    .get(&id)
+                    .map_or(now, |&t| t.saturating_add(interval));
+                if due > now {
+                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    continue;
+                }
+                let uri = format!("{}{}{query}", self.origin, with_id(&path, &id));
+                let request = match Request::get(&uri).body(B::default()) {
+                    Ok(request) => request,
+                    Err(error) => {
+                        tracing::error!(%uri, %error, "cannot build a status request; the watch stops");
+                        return;
+                    }
+                };
+                started.insert(id.clone(), now);
+                polling.insert(id.clone());
+                let mut service = self.service.clone();
+                let shared = shared.clone();
+                calls.push(async move {
+                    let answer = match std::future::poll_fn(|cx| service.poll_ready(cx)).await {
+                        Ok(()) => service.call(request).await,
+                        Err(error) => Err(error),
+                    };
+                    match answer {
+                        Ok(response) if response.status() == StatusCode::NOT_FOUND => {
+                            shared.finish(&id, Release::Finished);
+                        }
+                        Ok(response) if response.status().is_success() => {
+                            let observer = Observer::new(
+                                shared.clone(),
+                                Observe::Status { id: id.clone() },
+                            );
+                            let mut body = Box::pin(PlanBody::new(response.into_body(), Some(observer)));
+                            drain(body.as_mut()).await;
+                        }
+                        Ok(response) => {
+                            tracing::debug!(job = %id, status = %response.status(), "status poll answered with an error");
+                        }
+                        Err(error) => {
+                            let error: BoxError = error.into();
+                            tracing::debug!(job = %id, %error, "status poll failed");
+                        }
+                    }
+                    id
+                });
+            }
+            let sleep = async {
+                match next_due {
+                    Some(at) => tokio::time::sleep_until(shared.clock.instant(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(id) = calls.next(), if !calls.is_empty() => {
+                    polling.remove(&id);
+                }
+                () = changed => {}
+                () = sleep => {}
+            }
+        }
+    }
+}
+
+/// The status path with the job's id in place of the pattern's parameter.
+fn with_id(pattern: &str, id: &str) -> String {
+    match (pattern.find('{'), pattern.find('}')) {
+        (Some(start), Some(end)) if start < end => {
+            format!("{}{id}{}", &pattern[..start], &pattern[end + 1..])
+        }
+        _ => pattern.to_owned(),
+    }
+}
+
+/// Reads a body to its end (or its first error), dropping the data.
+async fn drain<B: Body>(mut body: Pin<&mut B>) {
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if frame.is_err() {
+            break;
+        }
+    }
+}

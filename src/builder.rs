@@ -3,6 +3,7 @@
 use tower::ServiceBuilder;
 use tower_layer::Stack;
 
+use crate::concurrency::ConcurrencyLimitByPlan;
 use crate::rate_limit::RateLimitByRoute;
 
 mod sealed {
@@ -30,6 +31,12 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         limits: RateLimitByRoute<M>,
     ) -> ServiceBuilder<Stack<RateLimitByRoute<M>, L>>;
+
+    /// Adds a [`ConcurrencyLimitByPlan`] layer.
+    fn concurrency_limit_by_plan(
+        self,
+        plan: ConcurrencyLimitByPlan,
+    ) -> ServiceBuilder<Stack<ConcurrencyLimitByPlan, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -38,5 +45,12 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         limits: RateLimitByRoute<M>,
     ) -> ServiceBuilder<Stack<RateLimitByRoute<M>, L>> {
         self.layer(limits)
+    }
+
+    fn concurrency_limit_by_plan(
+        self,
+        plan: ConcurrencyLimitByPlan,
+    ) -> ServiceBuilder<Stack<ConcurrencyLimitByPlan, L>> {
+        self.layer(plan)
     }
 }

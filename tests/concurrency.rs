@@ -1,0 +1,593 @@
+//! `ConcurrencyLimitByPlan` on tokio's paused clock, against a scripted job API: every path
+//! by which a slot is given back, and cancellation at each stage.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tokio_test::assert_pending;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower_quota::concurrency::{ConcurrencyError, Job, PlanBody};
+use tower_quota::{ConcurrencyLimitByPlan, ConfigError, Plan, ServiceBuilderExt};
+
+/// What the scripted API does with the next create.
+#[derive(Clone, Debug)]
+enum Next {
+    Create,
+    Status(u16),
+    TransportError,
+    /// A 201 whose body is this text.
+    Body(String),
+}
+
+/// A job API: creates make `job-N` (PENDING); status and list routes show the jobs.
+#[derive(Clone, Default)]
+struct Api {
+    jobs: Arc<Mutex<HashMap<String, String>>>,
+    order: Arc<Mutex<Vec<String>>>,
+    script: Arc<Mutex<VecDeque<Next>>>,
+    creates: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Api {
+    fn set(&self, id: &str, status: &str) {
+        self.jobs
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), status.to_owned());
+    }
+
+    fn next(&self, next: Next) {
+        self.script.lock().unwrap().push_back(next);
+    }
+
+    fn creates(&self) -> usize {
+        self.creates.lock().unwrap().len()
+    }
+
+    fn answer(&self, request: &Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, BoxError> {
+        let path = request.uri().path().to_owned();
+        let json = |status: u16, body: String| {
+            Ok(Response::builder()
+                .status(status)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap())
+        };
+        if request.method() == http::Method::POST && path == "/v2/generate" {
+            self.creates.lock().unwrap().push(Instant::now());
+            let next = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Next::Create);
+            return match next {
+                Next::Create => {
+                    let mut order = self.order.lock().unwrap();
+                    let id = format!("job-{}", order.len() + 1);
+                    order.push(id.clone());
+                    self.set(&id, "PENDING");
+                    json(
+                        201,
+                        format!(r#"{{"id":"{id}","status":"PENDING","model":"lipsync-2"}}"#),
+                    )
+                }
+                Next::Status(code) => {
+                    json(code, r#"{"errorCode":"concurrency_limit_reached"}"#.into())
+                }
+                Next::TransportError => Err("connection reset".into()),
+                Next::Body(body) => json(201, body),
+            };
+        }
+        if let Some(id) = path.strip_prefix("/v2/generate/") {
+            return match self.jobs.lock().unwrap().get(id) {
+                Some(status) => json(200, format!(r#"{{"id":"{id}","status":"{status}"}}"#)),
+                None => json(404, "{}".into()),
+            };
+        }
+        if path == "/v2/generations" {
+            let jobs = self.jobs.lock().unwrap();
+            let items: Vec<String> = jobs
+                .iter()
+                .map(|(id, status)| format!(r#"{{"id":"{id}","status":"{status}"}}"#))
+                .collect();
+            return json(200, format!("[{}]", items.join(",")));
+        }
+        json(200, "{}".into())
+    }
+}
+
+type Svc =
+    tower::util::BoxCloneService<Request<Full<Bytes>>, Response<PlanBody<Full<Bytes>>>, BoxError>;
+
+fn stack(plan: &ConcurrencyLimitByPlan, api: &Api) -> Svc {
+    let api = api.clone();
+    let inner = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let answer = api.answer(&request);
+        async move { answer }
+    });
+    tower::util::BoxCloneService::new(
+        ServiceBuilder::new()
+            .concurrency_limit_by_plan(plan.clone())
+            .service(inner),
+    )
+}
+
+fn create() -> Request<Full<Bytes>> {
+    Request::post("http://api.test/v2/generate")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap()
+}
+
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://api.test{path}"))
+        .body(Full::default())
+        .unwrap()
+}
+
+type Sent = Result<(StatusCode, Option<String>, Bytes), BoxError>;
+
+/// Sends a request and reads the whole body; the job id, if the response carries one.
+fn send(
+    svc: &Svc,
+    request: Request<Full<Bytes>>,
+) -> impl std::future::Future<Output = Sent> + Send {
+    let svc = svc.clone();
+    async move {
+        let response = svc.oneshot(request).await?;
+        let status = response.status();
+        let job = response.extensions().get::<Job>().cloned();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, job.and_then(|j| j.id().map(str::to_owned)), body))
+    }
+}
+
+fn spawn_create(
+    svc: &Svc,
+) -> tokio::task::JoinHandle<Result<(StatusCode, Option<String>, Bytes), BoxError>> {
+    let svc = svc.clone();
+    tokio::spawn(async move { send(&svc, create()).await })
+}
+
+/// Lets spawned tasks run without moving the clock.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_plan_plus_one_th_create_waits_until_a_job_completes() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Creator);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    for n in 1..=3 {
+        let (status, id, _) = send(&svc, create()).await.unwrap();
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(id.as_deref(), Some(format!("job-{n}").as_str()));
+    }
+    assert_eq!(
+        plan.in_use(),
+        3,
+        "held after the responses, for the jobs' life"
+    );
+    let fourth = spawn_create(&svc);
+    let fifth = spawn_create(&svc);
+    settle().await;
+    assert_eq!(api.creates(), 3);
+    assert_eq!(plan.queue_len(), 2);
+
+    assert!(plan.complete("job-2"));
+    assert!(!plan.complete("job-2"), "a slot is given back once");
+    let (_, id, _) = fourth.await.unwrap().unwrap();
+    assert_eq!(id.as_deref(), Some("job-4"));
+    settle().await;
+    assert_eq!(api.creates(), 4, "the fifth still waits");
+    plan.complete("job-1");
+    assert_eq!(fifth.await.unwrap().unwrap().1.as_deref(), Some("job-5"));
+    let held: Vec<String> = plan.jobs().into_iter().map(|j| j.id).collect();
+    assert_eq!(held.len(), 3);
+    assert!(held.contains(&"job-3".to_owned()) && held.contains(&"job-5".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_definite_failure_gives_the_slot_back_at_once() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    for code in [429, 400, 500, 503] {
+        api.next(Next::Status(code));
+        let (status, id, _) = send(&svc, create()).await.unwrap();
+        assert_eq!(status.as_u16(), code);
+        assert_eq!(id, None);
+        assert_eq!(plan.in_use(), 0, "after a {code}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_terminal_status_seen_on_the_status_route_gives_the_slot_back() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    api.set("job-1", "PROCESSING");
+    send(&svc, get("/v2/generate/job-1")).await.unwrap();
+    assert_eq!(plan.in_use(), 1, "PROCESSING is active");
+    let waiting = spawn_create(&svc);
+    settle().await;
+    api.set("job-1", "COMPLETED");
+    send(&svc, get("/v2/generate/job-1")).await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap().1.as_deref(), Some("job-2"));
+
+    // A 404 for a held job: it is gone.
+    api.jobs.lock().unwrap().remove("job-2");
+    send(&svc, get("/v2/generate/job-2")).await.unwrap();
+    assert_eq!(plan.in_use(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_list_route_ends_jobs_and_counts_other_processes_jobs() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Creator);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    send(&svc, create()).await.unwrap();
+    api.set("job-1", "FAILED");
+    api.set("other-process", "PROCESSING");
+    send(&svc, get("/v2/generations")).await.unwrap();
+    let mut held: Vec<(String, bool)> = plan.jobs().into_iter().map(|j| (j.id, j.ours)).collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [
+            ("job-2".to_owned(), true),
+            ("other-process".to_owned(), false)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconcile_gives_back_gone_jobs_and_unknown_outcomes() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Creator);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    send(&svc, create()).await.unwrap();
+    api.next(Next::TransportError);
+    let error = send(&svc, create()).await.unwrap_err();
+    assert!(error.to_string().contains("connection reset"));
+    let snapshot = plan.snapshot();
+    assert_eq!(
+        (snapshot.in_use, snapshot.unknown),
+        (3, 1),
+        "the failed send's outcome is unknown"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    plan.reconcile(["job-2"]);
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (1, 0));
+    assert_eq!(snapshot.jobs[0].id, "job-2");
+    assert_eq!(snapshot.jobs[0].age, Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_runs_out_and_wakes_a_waiter_on_time() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .max_job_life(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    let start = Instant::now();
+    send(&svc, create()).await.unwrap();
+    let waiting = spawn_create(&svc);
+    waiting.await.unwrap().unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(600));
+    assert_eq!(plan.jobs()[0].id, "job-2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancellation_at_each_stage() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+
+    // 1. Dropped while waiting: leaves the queue, wakes nobody wrongly.
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    let mut waiting = tokio_test::task::spawn(svc.clone().oneshot(create()));
+    assert_pending!(waiting.poll());
+    let behind = spawn_create(&svc);
+    settle().await;
+    assert_eq!(plan.queue_len(), 2);
+    drop(waiting);
+    assert_eq!(plan.queue_len(), 1);
+    plan.complete("job-1");
+    assert_eq!(behind.await.unwrap().unwrap().1.as_deref(), Some("job-2"));
+    plan.complete("job-2");
+
+    // 2. Dropped after the send, before the answer: the server may have made the job.
+    let (slow_tx, slow_rx) = tokio::sync::oneshot::channel::<()>();
+    let slow_rx = Arc::new(Mutex::new(Some(slow_rx)));
+    let slow = tower::service_fn(move |_: Request<Full<Bytes>>| -> BoxFuture<'static, Result<Response<Full<Bytes>>, BoxError>> {
+        let rx = slow_rx.lock().unwrap().take();
+        Box::pin(async move {
+            if let Some(rx) = rx {
+                let _ = rx.await;
+            }
+            Ok(Response::new(Full::new(Bytes::from_static(br#"{"id":"late"}"#))))
+        })
+    });
+    let mut in_flight = tokio_test::task::spawn(
+        ServiceBuilder::new()
+            .layer(plan.clone())
+            .service(slow)
+            .oneshot(create()),
+    );
+    assert_pending!(in_flight.poll());
+    assert_eq!(plan.snapshot().in_flight, 1);
+    drop(in_flight);
+    drop(slow_tx);
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (1, 1));
+    // A list taken later shows no job: the create made none.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    plan.reconcile(Vec::<String>::new());
+    assert_eq!(plan.in_use(), 0);
+
+    // 3. Answered, body dropped unread: the job exists but its id is unknown.
+    let response = svc.clone().oneshot(create()).await.unwrap();
+    let job = response.extensions().get::<Job>().cloned().unwrap();
+    drop(response);
+    assert_eq!(job.id(), None);
+    assert_eq!(plan.snapshot().unknown, 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    plan.reconcile(["job-3"]);
+    assert_eq!(plan.jobs()[0].id, "job-3", "the list accounts for it");
+    plan.complete("job-3");
+
+    // 4. Body read in part: the id came in the first bytes, so it is known.
+    let mut response = svc.clone().oneshot(create()).await.unwrap();
+    let job = response.extensions().get::<Job>().cloned().unwrap();
+    let _first = response.body_mut().frame().await;
+    drop(response);
+    assert_eq!(job.id(), Some("job-4"));
+    assert_eq!(plan.snapshot().unknown, 0);
+    assert_eq!(plan.in_use(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_body_passes_byte_for_byte_and_only_a_bounded_prefix_is_read() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Creator)
+        .max_prefix(64)
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    let filler = "x".repeat(1000);
+    let early = format!(r#"{{"id":"early","status":"PENDING","note":"{filler}"}}"#);
+    api.next(Next::Body(early.clone()));
+    let (_, id, body) = send(&svc, create()).await.unwrap();
+    assert_eq!(body, early.as_bytes());
+    assert_eq!(id.as_deref(), Some("early"));
+
+    let late = format!(r#"{{"note":"{filler}","id":"late"}}"#);
+    api.next(Next::Body(late.clone()));
+    let (_, id, body) = send(&svc, create()).await.unwrap();
+    assert_eq!(body, late.as_bytes());
+    assert_eq!(id, None, "the id lies past the prefix");
+    assert_eq!(plan.snapshot().unknown, 1);
+
+    // Not JSON at all: tolerated, held as unknown.
+    api.next(Next::Body("<html>oops</html>".into()));
+    let (status, id, _) = send(&svc, create()).await.unwrap();
+    assert_eq!((status, id), (StatusCode::CREATED, None));
+    assert_eq!(plan.snapshot().unknown, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_answered_terminal_holds_nothing() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    api.next(Next::Body(r#"{"id":"r","status":"REJECTED"}"#.into()));
+    send(&svc, create()).await.unwrap();
+    assert_eq!(plan.in_use(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_queue_and_the_wait_are_bounded() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .max_queue(1)
+        .max_wait(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    let start = Instant::now();
+    let waiting = spawn_create(&svc);
+    settle().await;
+    let full = send(&svc, create()).await.unwrap_err();
+    assert_eq!(
+        full.downcast_ref::<ConcurrencyError>(),
+        Some(&ConcurrencyError::QueueFull { max_queue: 1 })
+    );
+    let too_long = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(
+        too_long.downcast_ref::<ConcurrencyError>(),
+        Some(ConcurrencyError::WaitTooLong { in_use: 1, .. })
+    ));
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert_eq!((plan.queue_len(), api.creates()), (0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_mode_holds_a_slot_until_the_body_ends_or_is_dropped() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .in_flight()
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    let response = svc.clone().oneshot(create()).await.unwrap();
+    assert_eq!(plan.in_use(), 1, "the body is not over");
+    response.into_body().collect().await.unwrap();
+    assert_eq!(plan.in_use(), 0);
+    let response = svc.clone().oneshot(create()).await.unwrap();
+    drop(response);
+    assert_eq!(plan.in_use(), 0);
+    api.next(Next::Status(500));
+    send(&svc, create()).await.unwrap();
+    assert_eq!(plan.in_use(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn plan_changes_at_run_time() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    let waiters: Vec<_> = (0..3).map(|_| spawn_create(&svc)).collect();
+    settle().await;
+    assert_eq!(plan.queue_len(), 3);
+    plan.set_plan(Plan::Creator).unwrap();
+    settle().await;
+    assert_eq!(api.creates(), 3, "two more slots wake two waiters at once");
+    plan.set_plan(Plan::Hobbyist).unwrap();
+    plan.complete("job-1");
+    settle().await;
+    assert_eq!(
+        api.creates(),
+        3,
+        "fewer slots: 2 still held, the plan allows 1"
+    );
+    assert_eq!(
+        plan.set_plan(Plan::Enterprise(0)),
+        Err(ConfigError::InvalidSetting {
+            name: "plan",
+            reason: "a plan must allow at least one job"
+        })
+    );
+    assert_eq!(plan.plan(), Plan::Hobbyist);
+    plan.complete("job-2");
+    plan.complete("job-3");
+    for waiter in waiters {
+        waiter.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plan_allowing_no_job_is_a_typed_error() {
+    assert!(ConcurrencyLimitByPlan::with_limit(0).is_err());
+    assert!(ConcurrencyLimitByPlan::builder(Plan::Enterprise(0))
+        .build()
+        .is_err());
+    assert!(ConcurrencyLimitByPlan::builder(Plan::Scale)
+        .status_route("GET /v2/generate")
+        .build()
+        .is_err());
+    // `new` is infallible: each job request fails with a clear error instead.
+    let plan = ConcurrencyLimitByPlan::new(Plan::Enterprise(0));
+    let api = Api::default();
+    let error = send(&stack(&plan, &api), create()).await.unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<ConcurrencyError>(),
+        Some(&ConcurrencyError::NoSlots)
+    );
+    // Other requests pass.
+    send(&stack(&plan, &api), get("/v2/other")).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_watch_polls_held_jobs_through_the_service_below() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    let below = {
+        let api = api.clone();
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            let answer = api.answer(&request);
+            async move { answer }
+        })
+    };
+    let polls = Arc::new(Mutex::new(0));
+    let counted = {
+        let polls = polls.clone();
+        tower::ServiceBuilder::new()
+            .map_request(move |r: Request<Full<Bytes>>| {
+                *polls.lock().unwrap() += 1;
+                r
+            })
+            .service(below)
+    };
+    tokio::spawn(
+        plan.watch(counted, "http://api.test")
+            .interval(Duration::from_secs(5))
+            .run(),
+    );
+    let start = Instant::now();
+    send(&svc, create()).await.unwrap();
+    let waiting = spawn_create(&svc);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    api.set("job-1", "COMPLETED");
+    waiting.await.unwrap().unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(15),
+        "seen at the poll after the end"
+    );
+    assert_eq!(
+        *polls.lock().unwrap(),
+        5,
+        "job-1 at 0, 5, 10 and 15 s; job-2 as soon as it is held, at 15 s"
+    );
+}
+
+#[test]
+fn plans_parse_and_display() {
+    for (text, plan) in [
+        ("hobbyist", Plan::Hobbyist),
+        ("Creator", Plan::Creator),
+        ("GROWTH", Plan::Growth),
+        (" scale ", Plan::Scale),
+        ("enterprise:40", Plan::Enterprise(40)),
+        ("Enterprise(40)", Plan::Enterprise(40)),
+    ] {
+        assert_eq!(text.parse::<Plan>(), Ok(plan), "{text}");
+        assert_eq!(plan.to_string().parse::<Plan>(), Ok(plan));
+    }
+    for bad in [
+        "",
+        "pro",
+        "enterprise",
+        "enterprise:0",
+        "enterprise:-1",
+        "enterprise(x)",
+    ] {
+        assert!(bad.parse::<Plan>().is_err(), "{bad}");
+    }
+    assert_eq!(
+        [Plan::Hobbyist, Plan::Creator, Plan::Growth, Plan::Scale].map(Plan::limit),
+        [1, 3, 6, 15]
+    );
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn plans_serialize_as_their_text() {
+    assert_eq!(
+        serde_json::to_string(&Plan::Enterprise(40)).unwrap(),
+        r#""Enterprise(40)""#
+    );
+    assert_eq!(
+        serde_json::from_str::<Plan>(r#""creator""#).unwrap(),
+        Plan::Creator
+    );
+    assert!(serde_json::from_str::<Plan>(r#""enterprise:0""#).is_err());
+}

@@ -147,11 +147,8 @@ fn send(
     }
 }
 
-fn spawn_create(
-    svc: &Svc,
-) -> tokio::task::JoinHandle<Result<(StatusCode, Option<String>, Bytes), BoxError>> {
-    let svc = svc.clone();
-    tokio::spawn(async move { send(&svc, create()).await })
+fn spawn_create(svc: &Svc) -> tokio::task::JoinHandle<Sent> {
+    tokio::spawn(send(svc, create()))
 }
 
 /// Lets spawned tasks run without moving the clock.

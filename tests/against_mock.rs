@@ -103,3 +103,71 @@ async fn no_429_from_a_leaky_bucket_server_with_a_burst() {
     })
     .await;
 }
+
+/// A client on the Creator plan submits 300 jobs at once, through `ConcurrencyLimitByPlan`
+/// over `RateLimitByRoute`, with a long-polling watch through the rate-limited service below
+/// the plan. The mock holds each job 12 s (2 s `PENDING`, 10 s `PROCESSING`).
+#[tokio::test(start_paused = true)]
+async fn three_hundred_jobs_on_a_creator_plan_without_a_429() {
+    use tower_quota::{ConcurrencyLimitByPlan, Plan};
+
+    let server = MockServer::start(Config::default()).await.unwrap(); // Sync's defaults
+    let key: http::HeaderValue = sync_mock::DEFAULT_KEY.parse().unwrap();
+    let client = ServiceBuilder::new()
+        .map_request(move |mut request: http::Request<Full<Bytes>>| {
+            request.headers_mut().insert("x-api-key", key.clone());
+            request
+        })
+        .service(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(60))
+        .default_quota(Quota::per_minute(600))
+        .build()
+        .unwrap();
+    let below = ServiceBuilder::new().layer(limits).service(client);
+    let plan = ConcurrencyLimitByPlan::new(Plan::Creator);
+    let watch = tokio::spawn(
+        plan.watch(below.clone(), server.url(""))
+            .interval(Duration::from_secs(1))
+            .long_poll(Duration::from_secs(10))
+            .run(),
+    );
+    let svc = ServiceBuilder::new().layer(plan.clone()).service(below);
+
+    let start = tokio::time::Instant::now();
+    let mut calls = FuturesUnordered::new();
+    for _ in 0..300 {
+        let request = http::Request::post(server.url("/v2/generate"))
+            .body(Full::new(Bytes::from(BODY)))
+            .unwrap();
+        let svc = svc.clone();
+        calls.push(async move {
+            let response = svc.oneshot(request).await?;
+            let status = response.status().as_u16();
+            response.into_body().collect().await?;
+            Ok::<_, tower_quota::BoxError>(status)
+        });
+    }
+    while let Some(status) = calls.next().await {
+        assert_eq!(status.unwrap(), 201);
+    }
+    // The last three jobs run their 12 s after their creates were answered.
+    while plan.in_use() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = start.elapsed();
+    watch.abort();
+
+    let stats = server.stats();
+    assert_eq!(stats.too_many_requests(), 0, "{:?}", stats.rate_limited);
+    assert_eq!((stats.created, stats.completed), (300, 300));
+    assert_eq!(stats.max_active, 3);
+    // Ideal: ceil(300 / 3) rounds of 12 s = 1,200 s.
+    let ideal = Duration::from_secs(1_200);
+    assert!(elapsed >= ideal, "{elapsed:?}");
+    assert!(
+        elapsed <= ideal.mul_f64(1.02),
+        "{elapsed:?} is more than 2% over the ideal {ideal:?}"
+    );
+    eprintln!("300 jobs on a Creator plan: {elapsed:?} (ideal {ideal:?})");
+}

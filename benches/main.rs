@@ -3,12 +3,17 @@
 
 use criterion::{criterion_group, criterion_main};
 
+mod concurrency;
+mod harness;
 mod rate_limit;
 
 criterion_group!(
     benches,
     rate_limit::client_fast_path,
     rate_limit::server_fast_path,
-    rate_limit::contended
+    rate_limit::contended,
+    concurrency::job_request,
+    concurrency::other_request,
+    concurrency::contended
 );
 criterion_main!(benches);

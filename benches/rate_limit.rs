@@ -8,7 +8,9 @@ use std::future::{ready, Ready};
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::harness::{self, MakeSender};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::FutureExt;
@@ -181,28 +183,8 @@ pub(crate) fn contended(c: &mut Criterion) {
     let mut group = c.benchmark_group("contended_64_tasks_2_workers");
     group.throughput(Throughput::Elements(TASKS * PER_TASK));
 
-    let run = |make: Arc<dyn Fn() -> Box<dyn FnMut() + Send> + Send + Sync>, iters: u64| {
-        runtime.block_on(async move {
-            let start = Instant::now();
-            for _ in 0..iters {
-                let tasks: Vec<_> = (0..TASKS)
-                    .map(|_| {
-                        let mut send = make();
-                        tokio::spawn(async move {
-                            for _ in 0..PER_TASK {
-                                send();
-                                tokio::task::yield_now().await;
-                            }
-                        })
-                    })
-                    .collect();
-                for task in tasks {
-                    task.await.unwrap();
-                }
-            }
-            start.elapsed()
-        })
-    };
+    let run =
+        |make: MakeSender, iters: u64| harness::contended(&runtime, make, iters, TASKS, PER_TASK);
 
     for (name, paced) in [
         ("RateLimitByRoute (sliding window)", false),
@@ -211,13 +193,12 @@ pub(crate) fn contended(c: &mut Criterion) {
         let limits = client_layer(paced);
         group.bench_function(BenchmarkId::new(name, TASKS), |b| {
             let limits = limits.clone();
-            let make: Arc<dyn Fn() -> Box<dyn FnMut() + Send> + Send + Sync> =
-                Arc::new(move || {
-                    let mut svc = limits.layer(inner());
-                    Box::new(move || {
-                        black_box(svc.call(request()).now_or_never());
-                    })
-                });
+            let make: MakeSender = Arc::new(move || {
+                let mut svc = limits.layer(inner());
+                Box::new(move || {
+                    black_box(svc.call(request()).now_or_never());
+                })
+            });
             b.iter_custom(|iters| run(make.clone(), iters))
         });
     }
@@ -225,7 +206,7 @@ pub(crate) fn contended(c: &mut Criterion) {
     let router = Arc::new(matchit_table());
     group.bench_function(BenchmarkId::new("governor keyed + matchit", TASKS), |b| {
         let (limiter, router) = (limiter.clone(), router.clone());
-        let make: Arc<dyn Fn() -> Box<dyn FnMut() + Send> + Send + Sync> = Arc::new(move || {
+        let make: MakeSender = Arc::new(move || {
             let (limiter, router) = (limiter.clone(), router.clone());
             let mut svc = inner();
             Box::new(move || {

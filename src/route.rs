@@ -53,6 +53,8 @@ impl Pattern {
 pub(crate) struct RouteTable {
     by_method: Vec<(Method, matchit::Router<usize>)>,
     any_method: matchit::Router<usize>,
+    /// Whether `any_method` holds a route (an empty one is not searched).
+    has_any_method: bool,
     default: Option<usize>,
 }
 
@@ -65,7 +67,10 @@ impl RouteTable {
         index: usize,
     ) -> Result<(), ConfigError> {
         let router = match &pattern.method {
-            None => &mut self.any_method,
+            None => {
+                self.has_any_method = true;
+                &mut self.any_method
+            }
             Some(method) => {
                 let position = match self.by_method.iter().position(|(m, _)| m == method) {
                     Some(position) => position,
@@ -118,6 +123,9 @@ impl RouteTable {
                 break;
             }
         }
+        if !self.has_any_method {
+            return self.default.map(|d| (d, None));
+        }
         match self.any_method.at(path) {
             Ok(found) => Some(first(found)),
             Err(_) => self.default.map(|d| (d, None)),
@@ -135,6 +143,9 @@ impl RouteTable {
                 }
                 break;
             }
+        }
+        if !self.has_any_method {
+            return self.default;
         }
         match self.any_method.at(path) {
             Ok(found) => Some(*found.value),

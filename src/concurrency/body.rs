@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 
 use super::json::{self, Fields};
 use super::layer::Shared;
-use super::slots::{HoldId, Release};
+use super::slots::Release;
 use crate::sync::lock;
 
 /// The job a create made, in the create response's extensions.
@@ -44,54 +44,71 @@ impl Job {
 /// the slot stays held as an unknown outcome (the server may have created the job).
 #[derive(Debug)]
 pub(crate) struct HoldGuard {
-    shared: Arc<Shared>,
-    hold: Option<HoldId>,
+    shared: Option<Arc<Shared>>,
 }
 
 impl HoldGuard {
-    pub(crate) fn new(shared: Arc<Shared>, hold: HoldId) -> Self {
+    /// Owns a slot the caller has just taken.
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self {
-            shared,
-            hold: Some(hold),
+            shared: Some(shared),
         }
     }
 
     pub(crate) fn release(mut self, why: Release) {
-        if let Some(hold) = self.hold.take() {
-            lock(&self.shared.slots).release(hold, why);
+        if let Some(shared) = self.shared.take() {
+            lock(&shared.slots).release(why);
         }
     }
 
-    fn bind(mut self, id: &str) {
-        if let Some(hold) = self.hold.take() {
-            let now = self.shared.clock.now();
-            lock(&self.shared.slots).bind(hold, id, now);
-            self.shared.changed.notify_waiters();
-        }
+    pub(crate) fn in_flight_mode(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.config.in_flight)
+    }
+
+    /// Hands the slot on to the response body, which gives it back when it ends or is
+    /// dropped (in-flight mode).
+    pub(crate) fn answered(mut self) -> Option<Answered> {
+        self.shared.take().map(Answered)
+    }
+
+    /// Hands the slot on (to an [`Observer`], which settles it).
+    fn into_shared(mut self) -> Option<Arc<Shared>> {
+        self.shared.take()
     }
 }
 
 impl Drop for HoldGuard {
     fn drop(&mut self) {
-        if let Some(hold) = self.hold.take() {
-            lock(&self.shared.slots).unknown(hold);
+        if let Some(shared) = self.shared.take() {
+            let now = shared.clock.now();
+            lock(&shared.slots).unknown(now);
         }
+    }
+}
+
+/// In-flight mode: a slot given back when the response body ends or is dropped.
+#[derive(Debug)]
+pub(crate) struct Answered(Arc<Shared>);
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        lock(&self.0.slots).release(Release::Answered);
     }
 }
 
 /// What a response body is read for.
 #[derive(Debug)]
 pub(crate) enum Observe {
-    /// A successful create: the job's id (and status).
-    Create { hold: HoldGuard, job: Job },
+    /// A successful create, which holds a slot: the job's id (and status).
+    Create { job: Job },
     /// One job's status.
     Status { id: Box<str> },
     /// A list of jobs.
     List,
-    /// In-flight mode: the slot is given back when the body ends or is dropped.
-    InFlight { hold: HoldGuard },
 }
 
+/// Reads a response body's prefix for what it shows, once: when the body ends, when the
+/// prefix is full, or when the body is dropped.
 #[derive(Debug)]
 pub(crate) struct Observer {
     shared: Arc<Shared>,
@@ -108,22 +125,41 @@ impl Observer {
         }
     }
 
-    /// Keeps what fits of `chunk` in the prefix; reads it once full.
-    fn feed(&mut self, chunk: &[u8]) {
-        if matches!(self.what, None | Some(Observe::InFlight { .. })) {
+    /// An observer that settles the slot `hold` owns.
+    pub(crate) fn holding(hold: HoldGuard, what: Observe) -> Option<Self> {
+        hold.into_shared().map(|shared| Self::new(shared, what))
+    }
+
+    /// Keeps what fits of `chunk` in the prefix; reads the prefix once the body is over
+    /// (`last`) or the prefix is full.
+    fn feed(&mut self, chunk: &[u8], last: bool) {
+        if self.what.is_none() {
             return;
         }
-        let room = self.shared.config.max_prefix - self.prefix.len();
+        let max = self.shared.config.max_prefix;
+        if last && self.prefix.is_empty() {
+            // The whole body in one chunk, the common case: read it where it lies.
+            let what = self.what.take();
+            self.settle(what, &chunk[..chunk.len().min(max)]);
+            return;
+        }
+        let room = max - self.prefix.len();
         self.prefix
             .extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if self.prefix.len() == self.shared.config.max_prefix {
+        if last || self.prefix.len() == max {
             self.finish();
         }
     }
 
     /// Reads the prefix (the whole body, or as much as was kept or received).
     fn finish(&mut self) {
-        let Some(what) = self.what.take() else {
+        let what = self.what.take();
+        let prefix = std::mem::take(&mut self.prefix);
+        self.settle(what, &prefix);
+    }
+
+    fn settle(&self, what: Option<Observe>, body: &[u8]) {
+        let Some(what) = what else {
             return;
         };
         let shared = &self.shared;
@@ -133,23 +169,30 @@ impl Observer {
             status: &config.status_field,
         };
         match what {
-            Observe::Create { hold, job } => {
-                let seen = json::object(&self.prefix, fields);
+            Observe::Create { job } => {
+                let seen = json::object(body, fields);
+                let now = shared.clock.now();
                 let Some(id) = seen.id else {
                     tracing::warn!(
                         field = &*config.id_field,
                         "no job id in a successful create's response: its slot stays held until a reconcile or the maximum job life"
                     );
+                    lock(&shared.slots).unknown(now);
                     return;
                 };
-                let _ = job.id.set(id.as_str().into());
-                hold.bind(&id);
-                if seen.status.is_some_and(|s| config.is_terminal(&s)) {
-                    shared.finish(&id, Release::Finished);
+                let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));
+                {
+                    let mut slots = lock(&shared.slots);
+                    slots.bind(&id, now);
+                    if terminal {
+                        slots.finish(&id, Release::Finished);
+                    }
                 }
+                let _ = job.id.set(id.into());
+                shared.notify();
             }
             Observe::Status { id } => {
-                let seen = json::object(&self.prefix, fields);
+                let seen = json::object(body, fields);
                 if seen.status.is_some_and(|s| config.is_terminal(&s)) {
                     shared.finish(&id, Release::Finished);
                 }
@@ -157,25 +200,20 @@ impl Observer {
             Observe::List => {
                 let now = shared.clock.now();
                 let mut slots = lock(&shared.slots);
-                let mut changed = false;
-                for seen in json::array(&self.prefix, fields) {
+                for seen in json::array(body, fields) {
                     let (Some(id), Some(status)) = (seen.id, seen.status) else {
                         continue;
                     };
                     if config.is_terminal(&status) {
-                        changed |= slots.finish(&id, Release::Finished);
+                        slots.finish(&id, Release::Finished);
                     } else {
                         slots.seen_active(&id, now);
                     }
                 }
                 drop(slots);
-                if changed {
-                    shared.changed.notify_waiters();
-                }
+                shared.notify();
             }
-            Observe::InFlight { hold } => hold.release(Release::Answered),
         }
-        self.prefix = Vec::new();
     }
 }
 
@@ -194,6 +232,7 @@ pin_project! {
         #[pin]
         inner: B,
         observer: Option<Box<Observer>>,
+        answered: Option<Answered>,
     }
 }
 
@@ -202,6 +241,15 @@ impl<B> PlanBody<B> {
         Self {
             inner,
             observer: observer.map(Box::new),
+            answered: None,
+        }
+    }
+
+    pub(crate) fn in_flight(inner: B, answered: Option<Answered>) -> Self {
+        Self {
+            inner,
+            observer: None,
+            answered,
         }
     }
 
@@ -219,18 +267,21 @@ impl<B: Body> Body for PlanBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         if let Some(observer) = this.observer {
             match &frame {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         // Bytes and most bodies' data are one contiguous chunk.
-                        observer.feed(data.chunk());
+                        observer.feed(data.chunk(), this.inner.is_end_stream());
                     }
                 }
                 Some(Err(_)) | None => observer.finish(),
             }
+        }
+        if this.answered.is_some() && (frame.is_none() || this.inner.is_end_stream()) {
+            *this.answered = None;
         }
         Poll::Ready(frame)
     }

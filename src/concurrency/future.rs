@@ -23,12 +23,12 @@ use crate::BoxError;
 pub(crate) enum Role {
     /// Nothing: passes through.
     Other,
-    /// Creates a job.
-    Create,
+    /// Creates a job, holding a slot (once it has one).
+    Create(Option<HoldGuard>),
     /// Shows job `id`, which holds a slot.
-    Status(Box<str>),
+    Status(Arc<Shared>, Box<str>),
     /// Lists jobs.
-    List,
+    List(Arc<Shared>),
 }
 
 pin_project! {
@@ -39,9 +39,7 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        shared: Arc<Shared>,
         role: Role,
-        hold: Option<HoldGuard>,
         // Boxed: only a request that waits needs it.
         queued: Option<Box<Queued<S, B>>>,
     }
@@ -84,27 +82,18 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn called(
-        future: S::Future,
-        shared: Arc<Shared>,
-        role: Role,
-        hold: Option<HoldGuard>,
-    ) -> Self {
+    pub(crate) fn called(future: S::Future, role: Role) -> Self {
         Self {
             state: State::Called { future },
-            shared,
             role,
-            hold,
             queued: None,
         }
     }
 
-    pub(crate) fn failed(shared: Arc<Shared>, error: ConcurrencyError) -> Self {
+    pub(crate) fn failed(error: ConcurrencyError) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
-            shared,
             role: Role::Other,
-            hold: None,
             queued: None,
         }
     }
@@ -120,15 +109,13 @@ where
                 inner,
                 request,
                 ticket: Ticket {
-                    shared: shared.clone(),
+                    shared,
                     id: ticket,
                     queued: true,
                 },
                 deadline,
             })),
-            shared,
-            role: Role::Create,
-            hold: None,
+            role: Role::Create(None),
         }
     }
 }
@@ -146,7 +133,7 @@ where
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx));
-                    return Poll::Ready(respond(this.shared, this.role, this.hold.take(), result));
+                    return Poll::Ready(respond(this.role, result));
                 }
                 StateProj::Failed { error } => {
                     let error = error.take().unwrap_or(ConcurrencyError::NoSlots);
@@ -163,16 +150,16 @@ where
                 this.state.set(State::Failed { error: None });
                 continue;
             };
-            let shared = this.shared.clone();
+            let shared = queued.ticket.shared.clone();
             let now = shared.clock.now();
             let turn = lock(&shared.slots).poll_take(queued.ticket.id, now, cx.waker());
             let next_expiry = match turn {
-                Ok(hold) => {
+                Ok(()) => {
                     queued.ticket.queued = false;
                     let Queued {
                         mut inner, request, ..
                     } = *queued;
-                    *this.hold = Some(HoldGuard::new(shared, hold));
+                    *this.role = Role::Create(Some(HoldGuard::new(shared)));
                     let future = inner.call(request);
                     this.state.set(State::Called { future });
                     continue;
@@ -212,38 +199,37 @@ where
 
 /// What a response means to the plan; wraps its body to read what it shows.
 fn respond<ResBody, E: Into<BoxError>>(
-    shared: &Arc<Shared>,
     role: &mut Role,
-    hold: Option<HoldGuard>,
     result: Result<Response<ResBody>, E>,
 ) -> Result<Response<PlanBody<ResBody>>, BoxError> {
-    // On an error the request was sent and its outcome is unknown: the hold, dropped, stays
-    // held as such.
+    // On an error the request was sent and its outcome is unknown: the hold, dropped with the
+    // role, stays held as such.
     let mut response = result.map_err(Into::into)?;
     let status = response.status();
-    let observe = match std::mem::replace(role, Role::Other) {
-        Role::Other => None,
-        Role::Create => hold.and_then(|hold| {
-            if shared.config.in_flight {
-                Some(Observe::InFlight { hold })
+    let observer = match std::mem::replace(role, Role::Other) {
+        Role::Other | Role::Create(None) => None,
+        Role::Create(Some(hold)) => {
+            if hold.in_flight_mode() {
+                return Ok(response.map(|body| PlanBody::in_flight(body, hold.answered())));
             } else if status.is_success() {
                 let job = Job::default();
                 response.extensions_mut().insert(job.clone());
-                Some(Observe::Create { hold, job })
+                Observer::holding(hold, Observe::Create { job })
             } else {
                 // A definite failure (429 included): nothing was created.
                 hold.release(Release::Failed);
                 None
             }
-        }),
-        Role::Status(id) if status == StatusCode::NOT_FOUND => {
+        }
+        Role::Status(shared, id) if status == StatusCode::NOT_FOUND => {
             shared.finish(&id, Release::Finished);
             None
         }
-        Role::Status(id) if status.is_success() => Some(Observe::Status { id }),
-        Role::List if status.is_success() => Some(Observe::List),
-        Role::Status(_) | Role::List => None,
+        Role::Status(shared, id) if status.is_success() => {
+            Some(Observer::new(shared, Observe::Status { id }))
+        }
+        Role::List(shared) if status.is_success() => Some(Observer::new(shared, Observe::List)),
+        Role::Status(..) | Role::List(_) => None,
     };
-    let observer = observe.map(|what| Observer::new(shared.clone(), what));
     Ok(response.map(|body| PlanBody::new(body, observer)))
 }

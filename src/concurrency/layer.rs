@@ -1,5 +1,6 @@
 //! [`ConcurrencyLimitByPlan`]: the layer, the handle to its slots, and its builder.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,17 +56,25 @@ pub(crate) struct Shared {
     pub(crate) clock: Clock,
     pub(crate) slots: Mutex<Slots>,
     pub(crate) plan: Mutex<Plan>,
-    /// Notified when a job takes or gives back a slot (for the watch).
+    /// Notified when a job takes or gives back a slot, while a watch runs.
     pub(crate) changed: Notify,
+    pub(crate) watches: AtomicUsize,
 }
 
 impl Shared {
     pub(crate) fn finish(&self, id: &str, why: Release) -> bool {
         let finished = lock(&self.slots).finish(id, why);
         if finished {
-            self.changed.notify_waiters();
+            self.notify();
         }
         finished
+    }
+
+    /// Tells running watches that the held jobs changed.
+    pub(crate) fn notify(&self) {
+        if self.watches.load(Ordering::Relaxed) > 0 {
+            self.changed.notify_waiters();
+        }
     }
 }
 
@@ -172,7 +181,7 @@ impl ConcurrencyLimitByPlan {
         let as_of = nanos(listed_at.saturating_duration_since(self.shared.clock.instant(0)));
         let now = self.shared.clock.now();
         lock(&self.shared.slots).reconcile(ids.iter().map(AsRef::as_ref), as_of, now);
-        self.shared.changed.notify_waiters();
+        self.shared.notify();
     }
 
     /// Slots held now.
@@ -209,7 +218,7 @@ impl ConcurrencyLimitByPlan {
             })
             .collect();
         jobs.sort_by(|a, b| b.age.cmp(&a.age).then_with(|| a.id.cmp(&b.id)));
-        let (in_flight, unknown) = slots.anonymous();
+        let (in_flight, unknown) = slots.creates();
         PlanSnapshot {
             plan,
             in_use: slots.in_use(),
@@ -447,6 +456,7 @@ impl Builder {
                 slots: Mutex::new(Slots::new(limit, nanos(self.max_job_life))),
                 plan: Mutex::new(self.plan),
                 changed: Notify::new(),
+                watches: AtomicUsize::new(0),
             }),
         })
     }

@@ -63,37 +63,39 @@ where
         let role = match found {
             None => Role::Other,
             Some((index, param)) => match shared.kinds[index] {
-                RouteKind::Create => Role::Create,
+                RouteKind::Create => return self.create(request),
                 RouteKind::Status => match param {
-                    Some(id) if lock(&shared.slots).is_held(id) => Role::Status(id.into()),
+                    Some(id) if lock(&shared.slots).is_held(id) => {
+                        Role::Status(shared.clone(), id.into())
+                    }
                     _ => Role::Other,
                 },
-                RouteKind::List => Role::List,
+                RouteKind::List => Role::List(shared.clone()),
             },
         };
-        if !matches!(role, Role::Create) {
-            let future = self.inner.call(request);
-            return ResponseFuture::called(future, shared.clone(), role, None);
-        }
-        let now = shared.clock.now();
+        ResponseFuture::called(self.inner.call(request), role)
+    }
+}
+
+impl<S> ConcurrencyLimitByPlanService<S> {
+    fn create<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>> + Clone,
+    {
+        let shared = &self.shared;
         let mut slots = lock(&shared.slots);
         if slots.limit() == 0 {
-            drop(slots);
-            return ResponseFuture::failed(shared.clone(), ConcurrencyError::NoSlots);
+            return ResponseFuture::failed(ConcurrencyError::NoSlots);
         }
-        if let Some(hold) = slots.try_take(now) {
+        if slots.try_take(|| shared.clock.now()) {
             drop(slots);
-            let hold = HoldGuard::new(shared.clone(), hold);
+            let hold = HoldGuard::new(shared.clone());
             let future = self.inner.call(request);
-            return ResponseFuture::called(future, shared.clone(), Role::Create, Some(hold));
+            return ResponseFuture::called(future, Role::Create(Some(hold)));
         }
         if let Some(max_queue) = shared.config.max_queue {
             if slots.queue_len() >= max_queue {
-                drop(slots);
-                return ResponseFuture::failed(
-                    shared.clone(),
-                    ConcurrencyError::QueueFull { max_queue },
-                );
+                return ResponseFuture::failed(ConcurrencyError::QueueFull { max_queue });
             }
         }
         let ticket = slots.join();

@@ -2,25 +2,26 @@
 //!
 //! A slot is held by a *hold*, which lives in one of three states:
 //!
-//! - **in flight**: the job-creating request was sent and its answer is not in yet;
+//! - **in flight**: the job-creating request was sent and its answer is not in yet (its
+//!   future, and then its response body, hold it);
 //! - **unknown**: the request was sent but its outcome will never be read (a transport error,
 //!   a dropped future, a body without an id). The server may have created a job, so the slot
 //!   stays held until a reconcile accounts for it or its lease runs out;
 //! - **job**: the server created a job with a known id; held until the job is seen in a
 //!   terminal state, completed, reconciled away or its lease runs out.
 //!
-//! Jobs this process did not create (seen active in a list) hold slots too. Every hold is
-//! released exactly once; the tests and the property test in `tests.rs` check it.
+//! Jobs this process did not create (seen active in a list) hold slots too. Creates in flight
+//! are only counted: the guard that owns one (`HoldGuard`) gives it back exactly once. The
+//! tests and the property test in `tests.rs` check the counts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::task::Waker;
 
 use crate::clock::Nanos;
 
-/// Names an anonymous hold (in flight or unknown).
-pub(crate) type HoldId = u64;
-
-/// Why a slot was given back, for tracing and tests.
+/// Why a slot was given back, for tracing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Release {
     /// The create failed: nothing was created.
@@ -35,12 +36,6 @@ pub(crate) enum Release {
     Duplicate,
     /// In-flight mode: the response is over.
     Answered,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Anonymous {
-    since: Nanos,
-    unknown: bool,
 }
 
 /// A held job.
@@ -66,17 +61,20 @@ pub(crate) struct Slots {
     limit: usize,
     /// The maximum life of a hold that nobody will release (a job, or an unknown outcome).
     lease: Nanos,
-    anonymous: HashMap<HoldId, Anonymous>,
+    /// Creates sent and not answered (their futures hold them).
+    in_flight: usize,
+    /// When each create with an unknown outcome was found to be one, oldest first.
+    unknown: VecDeque<Nanos>,
     jobs: HashMap<Box<str>, Job>,
     waiters: VecDeque<Waiter>,
     next_ticket: u64,
-    next_hold: HoldId,
-    finished: HashMap<Box<str>, u64>,
-    finished_order: VecDeque<(Box<str>, u64)>,
-    finished_count: u64,
-    /// Every release, in order, when recording (tests).
+    /// Hashes of recently finished ids, oldest first, and the same as a set.
+    finished: VecDeque<u64>,
+    finished_set: HashSet<u64>,
+    hasher: RandomState,
+    /// Every release, in order (tests).
     #[cfg(test)]
-    pub(crate) log: Vec<(Option<HoldId>, Option<Box<str>>, Release)>,
+    pub(crate) log: Vec<Release>,
 }
 
 impl Slots {
@@ -84,14 +82,14 @@ impl Slots {
         Self {
             limit,
             lease,
-            anonymous: HashMap::new(),
+            in_flight: 0,
+            unknown: VecDeque::new(),
             jobs: HashMap::new(),
             waiters: VecDeque::new(),
             next_ticket: 0,
-            next_hold: 0,
-            finished: HashMap::new(),
-            finished_order: VecDeque::new(),
-            finished_count: 0,
+            finished: VecDeque::new(),
+            finished_set: HashSet::new(),
+            hasher: RandomState::new(),
             #[cfg(test)]
             log: Vec::new(),
         }
@@ -102,7 +100,7 @@ impl Slots {
     }
 
     pub(crate) fn in_use(&self) -> usize {
-        self.anonymous.len() + self.jobs.len()
+        self.in_flight + self.unknown.len() + self.jobs.len()
     }
 
     pub(crate) fn queue_len(&self) -> usize {
@@ -113,40 +111,33 @@ impl Slots {
         self.jobs.iter().map(|(id, job)| (&**id, job))
     }
 
-    /// Anonymous holds: (in flight, unknown outcome).
-    pub(crate) fn anonymous(&self) -> (usize, usize) {
-        let unknown = self.anonymous.values().filter(|a| a.unknown).count();
-        (self.anonymous.len() - unknown, unknown)
+    /// Creates (in flight, with an unknown outcome).
+    pub(crate) fn creates(&self) -> (usize, usize) {
+        (self.in_flight, self.unknown.len())
     }
 
     pub(crate) fn is_held(&self, id: &str) -> bool {
-        self.jobs.contains_key(id)
+        !self.jobs.is_empty() && self.jobs.contains_key(id)
     }
 
     fn free(&self) -> bool {
         self.in_use() < self.limit
     }
 
-    /// Takes a slot at once if one is free and nobody waits for it.
-    pub(crate) fn try_take(&mut self, now: Nanos) -> Option<HoldId> {
+    /// Takes a slot for a create about to be sent, if one is free and nobody waits for it.
+    /// Leases are only looked at when no slot is free, since they can only free one.
+    pub(crate) fn try_take(&mut self, now: impl FnOnce() -> Nanos) -> bool {
         if !self.waiters.is_empty() {
-            return None;
+            return false;
         }
-        self.expire(now);
-        self.free().then(|| self.hold(now))
-    }
-
-    fn hold(&mut self, now: Nanos) -> HoldId {
-        let id = self.next_hold;
-        self.next_hold += 1;
-        self.anonymous.insert(
-            id,
-            Anonymous {
-                since: now,
-                unknown: false,
-            },
-        );
-        id
+        if !self.free() {
+            self.expire(now());
+            if !self.free() {
+                return false;
+            }
+        }
+        self.in_flight += 1;
+        true
     }
 
     /// Joins the back of the queue.
@@ -168,13 +159,13 @@ impl Slots {
         ticket: u64,
         now: Nanos,
         waker: &Waker,
-    ) -> Result<HoldId, Option<Nanos>> {
+    ) -> Result<(), Option<Nanos>> {
         let next_expiry = self.expire(now);
         if self.waiters.front().is_some_and(|w| w.ticket == ticket) && self.free() {
             self.waiters.pop_front();
-            let hold = self.hold(now);
+            self.in_flight += 1;
             self.wake_head();
-            return Ok(hold);
+            return Ok(());
         }
         if let Ok(i) = self.waiters.binary_search_by_key(&ticket, |w| w.ticket) {
             let slot = &mut self.waiters[i].waker;
@@ -206,36 +197,35 @@ impl Slots {
         }
     }
 
-    fn record(&mut self, _hold: Option<HoldId>, _id: Option<&str>, why: Release) {
+    fn released(&mut self, why: Release) {
         tracing::trace!(?why, "job slot released");
         #[cfg(test)]
-        self.log.push((_hold, _id.map(Box::from), why));
+        self.log.push(why);
+        self.wake_head();
     }
 
-    /// Gives back an anonymous hold: the create failed, or (in-flight mode) was answered.
-    pub(crate) fn release(&mut self, hold: HoldId, why: Release) {
-        if self.anonymous.remove(&hold).is_some() {
-            self.record(Some(hold), None, why);
-            self.wake_head();
-        }
+    /// A create in flight is over without a job: it failed, or (in-flight mode) was answered.
+    pub(crate) fn release(&mut self, why: Release) {
+        debug_assert!(self.in_flight > 0, "release without take");
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.released(why);
     }
 
-    /// The outcome of an in-flight hold will never be read: it stays held until a reconcile
-    /// or its lease.
-    pub(crate) fn unknown(&mut self, hold: HoldId) {
-        if let Some(a) = self.anonymous.get_mut(&hold) {
-            a.unknown = true;
-        }
+    /// The outcome of a create in flight will never be read: its slot stays held until a
+    /// reconcile or its lease, both counted from `now`.
+    pub(crate) fn unknown(&mut self, now: Nanos) {
+        debug_assert!(self.in_flight > 0, "unknown without take");
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let at = self.unknown.back().map_or(now, |&last| now.max(last));
+        self.unknown.push_back(at);
     }
 
-    /// The create held by `hold` made job `id`.
-    pub(crate) fn bind(&mut self, hold: HoldId, id: &str, now: Nanos) {
-        if self.anonymous.remove(&hold).is_none() {
-            return;
-        }
-        if self.jobs.contains_key(id) || self.finished.contains_key(id) {
-            self.record(Some(hold), Some(id), Release::Duplicate);
-            self.wake_head();
+    /// A create in flight made job `id`.
+    pub(crate) fn bind(&mut self, id: &str, now: Nanos) {
+        debug_assert!(self.in_flight > 0, "bind without take");
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.jobs.contains_key(id) || self.was_finished(id) {
+            self.released(Release::Duplicate);
             return;
         }
         self.jobs.insert(
@@ -247,34 +237,32 @@ impl Slots {
         );
     }
 
-    /// Job `id` is over. False when it held no slot.
-    pub(crate) fn finish(&mut self, id: &str, why: Release) -> bool {
-        let Some((id, _)) = self.jobs.remove_entry(id) else {
-            return false;
-        };
-        self.record(None, Some(&id), why);
-        self.remember(id);
-        self.wake_head();
-        true
+    fn was_finished(&self, id: &str) -> bool {
+        !self.finished_set.is_empty() && self.finished_set.contains(&self.hasher.hash_one(id))
     }
 
-    fn remember(&mut self, id: Box<str>) {
-        self.finished_count += 1;
-        self.finished.insert(id.clone(), self.finished_count);
-        self.finished_order.push_back((id, self.finished_count));
-        while self.finished_order.len() > REMEMBERED {
-            if let Some((old, n)) = self.finished_order.pop_front() {
-                if self.finished.get(&old) == Some(&n) {
-                    self.finished.remove(&old);
+    /// Job `id` is over. False when it held no slot.
+    pub(crate) fn finish(&mut self, id: &str, why: Release) -> bool {
+        if self.jobs.remove(id).is_none() {
+            return false;
+        }
+        let hash = self.hasher.hash_one(id);
+        if self.finished_set.insert(hash) {
+            self.finished.push_back(hash);
+            if self.finished.len() > REMEMBERED {
+                if let Some(old) = self.finished.pop_front() {
+                    self.finished_set.remove(&old);
                 }
             }
         }
+        self.released(why);
+        true
     }
 
     /// Job `id` was seen active: if nobody holds a slot for it (another process created it),
     /// it takes one. Jobs known to be finished are not taken back by a stale report.
     pub(crate) fn seen_active(&mut self, id: &str, now: Nanos) {
-        if self.jobs.contains_key(id) || self.finished.contains_key(id) {
+        if self.jobs.contains_key(id) || self.was_finished(id) {
             return;
         }
         self.jobs.insert(
@@ -296,7 +284,7 @@ impl Slots {
         as_of: Nanos,
         now: Nanos,
     ) {
-        let active: std::collections::HashSet<&str> = active.into_iter().collect();
+        let active: HashSet<&str> = active.into_iter().collect();
         let gone: Vec<Box<str>> = self
             .jobs
             .iter()
@@ -306,19 +294,13 @@ impl Slots {
         for id in gone {
             self.finish(&id, Release::Reconciled);
         }
-        let unknown: Vec<HoldId> = self
-            .anonymous
-            .iter()
-            .filter(|(_, a)| a.unknown && a.since < as_of)
-            .map(|(&h, _)| h)
-            .collect();
-        for hold in unknown {
-            self.release(hold, Release::Reconciled);
+        while self.unknown.front().is_some_and(|&since| since < as_of) {
+            self.unknown.pop_front();
+            self.released(Release::Reconciled);
         }
         for id in active {
             self.seen_active(id, now);
         }
-        self.wake_head();
     }
 
     /// Releases holds older than the lease; returns when the next one expires.
@@ -337,29 +319,15 @@ impl Slots {
                 self.finish(&id, Release::Expired);
             }
         }
-        if self
-            .anonymous
-            .values()
-            .any(|a| a.unknown && expired(a.since))
-        {
-            let old: Vec<HoldId> = self
-                .anonymous
-                .iter()
-                .filter(|(_, a)| a.unknown && expired(a.since))
-                .map(|(&h, _)| h)
-                .collect();
-            for hold in old {
-                tracing::warn!("job slot of a create with an unknown outcome expired");
-                self.release(hold, Release::Expired);
-            }
+        while self.unknown.front().is_some_and(|&since| expired(since)) {
+            tracing::warn!("job slot of a create with an unknown outcome expired");
+            self.unknown.pop_front();
+            self.released(Release::Expired);
         }
-        let jobs = self.jobs.values().map(|j| j.since);
-        let unknown = self
-            .anonymous
-            .values()
-            .filter(|a| a.unknown)
-            .map(|a| a.since);
-        jobs.chain(unknown)
+        let oldest_job = self.jobs.values().map(|j| j.since).min();
+        [oldest_job, self.unknown.front().copied()]
+            .into_iter()
+            .flatten()
             .min()
             .map(|since| since.saturating_add(lease))
     }

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -72,6 +73,8 @@ impl<S> Watch<S> {
             None => String::new(),
         };
         let interval = nanos(self.interval);
+        shared.watches.fetch_add(1, Ordering::Relaxed);
+        let _running = Running(&shared.watches);
         let mut polling: HashSet<Box<str>> = HashSet::new();
         let mut started: HashMap<Box<str>, Nanos> = HashMap::new();
         let mut calls = FuturesUnordered::new();
@@ -152,6 +155,15 @@ impl<S> Watch<S> {
                 () = sleep => {}
             }
         }
+    }
+}
+
+/// Counts a running watch while it lives.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

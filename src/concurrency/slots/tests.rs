@@ -15,9 +15,9 @@ fn waker() -> &'static Waker {
 #[test]
 fn a_free_slot_is_taken_at_once_and_the_plan_plus_one_th_waits() {
     let mut slots = Slots::new(2, LEASE);
-    assert!(slots.try_take(0).is_some());
-    assert!(slots.try_take(0).is_some());
-    assert_eq!(slots.try_take(0), None);
+    assert!(slots.try_take(|| 0));
+    assert!(slots.try_take(|| 0));
+    assert!(!slots.try_take(|| 0));
     let ticket = slots.join();
     assert_eq!(slots.poll_take(ticket, 0, waker()), Err(None));
     assert_eq!(slots.in_use(), 2);
@@ -26,35 +26,33 @@ fn a_free_slot_is_taken_at_once_and_the_plan_plus_one_th_waits() {
 #[test]
 fn every_release_path_frees_the_slot_once() {
     let mut slots = Slots::new(10, LEASE);
-    let failed = slots.try_take(0).unwrap();
-    slots.release(failed, Release::Failed);
-    slots.release(failed, Release::Failed);
+    assert!(slots.try_take(|| 0));
+    slots.release(Release::Failed);
     assert_eq!(slots.in_use(), 0);
 
-    let a = slots.try_take(0).unwrap();
-    slots.bind(a, "a", 0);
+    slots.try_take(|| 0);
+    slots.bind("a", 0);
     assert!(slots.finish("a", Release::Finished));
     assert!(!slots.finish("a", Release::Finished));
 
-    let b = slots.try_take(0).unwrap();
-    slots.bind(b, "b", 0);
-    let c = slots.try_take(0).unwrap();
-    slots.unknown(c);
+    slots.try_take(|| 0);
+    slots.bind("b", 0);
+    slots.try_take(|| 0);
+    slots.unknown(0);
     assert_eq!(slots.in_use(), 2);
-    // The list shows neither: b is over and c's outcome is accounted for.
+    // The list shows neither: b is over and the unknown outcome made no job.
     slots.reconcile(["x"], SEC, SEC);
     assert_eq!(slots.in_use(), 1, "x, another process's job, takes a slot");
     assert!(slots.is_held("x"));
 
-    let d = slots.try_take(SEC).unwrap();
-    slots.bind(d, "d", SEC);
+    slots.try_take(|| SEC);
+    slots.bind("d", SEC);
     assert_eq!(slots.expire(SEC + LEASE - 1), Some(SEC + LEASE));
     slots.expire(SEC + LEASE);
     assert_eq!(slots.in_use(), 0);
 
-    let releases: Vec<Release> = slots.log.iter().map(|r| r.2).collect();
     assert_eq!(
-        releases,
+        slots.log,
         [
             Release::Failed,
             Release::Finished,
@@ -67,12 +65,23 @@ fn every_release_path_frees_the_slot_once() {
 }
 
 #[test]
+fn leases_are_only_looked_at_when_no_slot_is_free() {
+    let mut slots = Slots::new(1, LEASE);
+    slots.try_take(|| 0);
+    slots.bind("old", 0);
+    assert!(!slots.try_take(|| LEASE - 1));
+    assert!(slots.try_take(|| LEASE), "the expired lease frees the slot");
+    let mut slots = Slots::new(2, LEASE);
+    assert!(slots.try_take(|| unreachable!("a free slot needs no clock")));
+}
+
+#[test]
 fn a_job_listed_first_is_held_once_when_its_create_is_answered() {
     let mut slots = Slots::new(3, LEASE);
-    let hold = slots.try_take(0).unwrap();
+    slots.try_take(|| 0);
     slots.seen_active("a", 0);
     assert_eq!(slots.in_use(), 2);
-    slots.bind(hold, "a", 0);
+    slots.bind("a", 0);
     assert_eq!(slots.in_use(), 1);
     // A stale list showing a finished job does not take it back.
     slots.finish("a", Release::Finished);
@@ -83,10 +92,10 @@ fn a_job_listed_first_is_held_once_when_its_create_is_answered() {
 #[test]
 fn reconcile_leaves_holds_newer_than_the_list() {
     let mut slots = Slots::new(3, LEASE);
-    let old = slots.try_take(0).unwrap();
-    slots.bind(old, "old", 0);
-    let new = slots.try_take(5 * SEC).unwrap();
-    slots.bind(new, "new", 5 * SEC);
+    slots.try_take(|| 0);
+    slots.bind("old", 0);
+    slots.try_take(|| 5 * SEC);
+    slots.bind("new", 5 * SEC);
     slots.reconcile(std::iter::empty(), 2 * SEC, 6 * SEC);
     assert!(!slots.is_held("old"));
     assert!(slots.is_held("new"));
@@ -95,8 +104,8 @@ fn reconcile_leaves_holds_newer_than_the_list() {
 #[test]
 fn more_slots_admit_waiters_in_order_fewer_wait_for_jobs_to_end() {
     let mut slots = Slots::new(1, LEASE);
-    let first = slots.try_take(0).unwrap();
-    slots.bind(first, "first", 0);
+    slots.try_take(|| 0);
+    slots.bind("first", 0);
     let t1 = slots.join();
     let t2 = slots.join();
     assert!(slots.poll_take(t2, 0, waker()).is_err(), "not its turn");
@@ -106,7 +115,7 @@ fn more_slots_admit_waiters_in_order_fewer_wait_for_jobs_to_end() {
     assert_eq!(slots.in_use(), 3);
     slots.set_limit(1);
     slots.finish("first", Release::Finished);
-    assert_eq!(slots.try_take(0), None, "2 held, plan of 1");
+    assert!(!slots.try_take(|| 0), "2 held, plan of 1");
 }
 
 #[derive(Debug, Clone)]
@@ -114,9 +123,9 @@ enum Op {
     Join,
     Poll(usize),
     Leave(usize),
-    Fail(usize),
-    Unknown(usize),
-    Bind(usize, u8),
+    Fail,
+    Unknown,
+    Bind(u8),
     Finish(u8),
     SeenActive(u8),
     Reconcile(Vec<u8>),
@@ -129,9 +138,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::Join),
         4 => any::<usize>().prop_map(Op::Poll),
         1 => any::<usize>().prop_map(Op::Leave),
-        1 => any::<usize>().prop_map(Op::Fail),
-        1 => any::<usize>().prop_map(Op::Unknown),
-        3 => (any::<usize>(), 0u8..12).prop_map(|(h, j)| Op::Bind(h, j)),
+        1 => Just(Op::Fail),
+        1 => Just(Op::Unknown),
+        3 => (0u8..12).prop_map(Op::Bind),
         2 => (0u8..12).prop_map(Op::Finish),
         1 => (12u8..16).prop_map(Op::SeenActive),
         1 => proptest::collection::vec(0u8..16, 0..6).prop_map(Op::Reconcile),
@@ -140,8 +149,33 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn pick<T: Copy>(items: &[T], i: usize) -> Option<T> {
-    (!items.is_empty()).then(|| items[i % items.len()])
+/// What the slots should hold, kept the simple way.
+#[derive(Default)]
+struct Model {
+    in_flight: usize,
+    unknown: Vec<Nanos>,
+    jobs: std::collections::HashMap<String, Nanos>,
+    finished: HashSet<String>,
+}
+
+impl Model {
+    fn in_use(&self) -> usize {
+        self.in_flight + self.unknown.len() + self.jobs.len()
+    }
+
+    fn finish(&mut self, id: &str) -> bool {
+        let held = self.jobs.remove(id).is_some();
+        if held {
+            self.finished.insert(id.to_owned());
+        }
+        held
+    }
+
+    fn seen_active(&mut self, id: &str, now: Nanos) {
+        if !self.jobs.contains_key(id) && !self.finished.contains(id) {
+            self.jobs.insert(id.to_owned(), now);
+        }
+    }
 }
 
 proptest! {
@@ -149,17 +183,18 @@ proptest! {
 
     /// Under random interleavings of creates, failures, completions, status reports,
     /// reconciles, lease expiries and cancellations: admission never takes the slots in use
-    /// past the plan, waiters are admitted strictly in order, every hold is released at most
-    /// once, and once every job ends every waiter gets its slot.
+    /// past the plan, waiters are admitted strictly in order, the slots hold exactly what a
+    /// plain model of them holds after every step (so each is released exactly once), and
+    /// once every job ends every waiter gets its slot.
     #[test]
     fn slots_hold_the_plan_release_once_and_starve_no_one(
         limit in 1usize..5,
         ops in proptest::collection::vec(op(), 1..120),
     ) {
         let mut slots = Slots::new(limit, LEASE);
+        let mut model = Model::default();
         let mut now: Nanos = 0;
         let mut waiting: BTreeSet<u64> = BTreeSet::new();
-        let mut holds: Vec<HoldId> = Vec::new(); // in flight
         let mut limit = limit;
         for op in ops {
             match op {
@@ -168,81 +203,104 @@ proptest! {
                 }
                 Op::Poll(i) => {
                     let tickets: Vec<u64> = waiting.iter().copied().collect();
-                    if let Some(ticket) = pick(&tickets, i) {
-                        let before = slots.in_use();
-                        if let Ok(hold) = slots.poll_take(ticket, now, waker()) {
+                    if !tickets.is_empty() {
+                        let ticket = tickets[i % tickets.len()];
+                        // The slots expire leases first, as the model must.
+                        model.jobs.retain(|_, &mut since| since + LEASE > now);
+                        model.unknown.retain(|&since| since + LEASE > now);
+                        let before = model.in_use();
+                        if slots.poll_take(ticket, now, waker()).is_ok() {
                             prop_assert_eq!(Some(&ticket), waiting.first(), "admitted out of turn");
                             prop_assert!(before < limit, "admitted with {} of {} in use", before, limit);
                             waiting.remove(&ticket);
-                            holds.push(hold);
+                            model.in_flight += 1;
                         }
                     }
                 }
                 Op::Leave(i) => {
                     let tickets: Vec<u64> = waiting.iter().copied().collect();
-                    if let Some(ticket) = pick(&tickets, i) {
+                    if !tickets.is_empty() {
+                        let ticket = tickets[i % tickets.len()];
                         slots.leave(ticket);
                         waiting.remove(&ticket);
                     }
                 }
-                Op::Fail(i) => {
-                    if let Some(hold) = pick(&holds, i) {
-                        slots.release(hold, Release::Failed);
-                        holds.retain(|&h| h != hold);
-                    }
+                Op::Fail if model.in_flight > 0 => {
+                    slots.release(Release::Failed);
+                    model.in_flight -= 1;
                 }
-                Op::Unknown(i) => {
-                    if let Some(hold) = pick(&holds, i) {
-                        slots.unknown(hold);
-                        holds.retain(|&h| h != hold);
-                    }
+                Op::Unknown if model.in_flight > 0 => {
+                    slots.unknown(now);
+                    model.in_flight -= 1;
+                    model.unknown.push(now);
                 }
-                Op::Bind(i, job) => {
-                    if let Some(hold) = pick(&holds, i) {
-                        slots.bind(hold, &job.to_string(), now);
-                        holds.retain(|&h| h != hold);
-                    }
+                Op::Bind(job) if model.in_flight > 0 => {
+                    let id = job.to_string();
+                    slots.bind(&id, now);
+                    model.in_flight -= 1;
+                    model.seen_active(&id, now);
                 }
+                Op::Fail | Op::Unknown | Op::Bind(_) => {}
                 Op::Finish(job) => {
-                    slots.finish(&job.to_string(), Release::Finished);
+                    let id = job.to_string();
+                    prop_assert_eq!(slots.finish(&id, Release::Finished), model.finish(&id));
                 }
-                Op::SeenActive(job) => slots.seen_active(&job.to_string(), now),
+                Op::SeenActive(job) => {
+                    let id = job.to_string();
+                    slots.seen_active(&id, now);
+                    model.seen_active(&id, now);
+                }
                 Op::Reconcile(active) => {
                     let ids: Vec<String> = active.iter().map(u8::to_string).collect();
                     slots.reconcile(ids.iter().map(String::as_str), now, now);
+                    let gone: Vec<String> = model
+                        .jobs
+                        .iter()
+                        .filter(|(id, &since)| since < now && !ids.contains(id))
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in gone {
+                        model.finish(&id);
+                    }
+                    model.unknown.retain(|&since| since >= now);
+                    for id in &ids {
+                        model.seen_active(id, now);
+                    }
                 }
                 Op::Advance(secs) => {
                     now += Nanos::from(secs) * SEC;
                     slots.expire(now);
+                    let expired: Vec<String> = model
+                        .jobs
+                        .iter()
+                        .filter(|(_, &since)| since + LEASE <= now)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in expired {
+                        model.finish(&id);
+                    }
+                    model.unknown.retain(|&since| since + LEASE > now);
                 }
                 Op::SetLimit(n) => {
                     limit = n;
                     slots.set_limit(n);
                 }
             }
+            prop_assert_eq!(slots.in_use(), model.in_use());
         }
 
-        // Every hold is released at most once.
-        let mut released_holds = HashSet::new();
-        for (hold, _, _) in &slots.log {
-            if let Some(hold) = hold {
-                prop_assert!(released_holds.insert(*hold), "hold {} released twice", hold);
-            }
-        }
-        // Everything ends: the jobs, the creates in flight, the unknown outcomes.
-        for hold in holds.drain(..) {
-            slots.release(hold, Release::Failed);
+        // Everything ends: the creates in flight fail, the jobs and unknown outcomes go.
+        for _ in 0..model.in_flight {
+            slots.release(Release::Failed);
         }
         now += LEASE;
         slots.reconcile(std::iter::empty(), now, now);
         prop_assert_eq!(slots.in_use(), 0);
         // Then every waiter gets its slot, in order.
         for ticket in waiting.iter().copied().collect::<Vec<_>>() {
-            let hold = slots.poll_take(ticket, now, waker());
-            prop_assert!(hold.is_ok(), "waiter {} starved", ticket);
-            if let Ok(hold) = hold {
-                slots.release(hold, Release::Failed);
-            }
+            let taken = slots.poll_take(ticket, now, waker());
+            prop_assert!(taken.is_ok(), "waiter {} starved", ticket);
+            slots.release(Release::Failed);
         }
     }
 }

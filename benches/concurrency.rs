@@ -1,0 +1,197 @@
+//! `ConcurrencyLimitByPlan` beside tower's `ConcurrencyLimit`.
+//!
+//! Plans are set far above what a bench holds at once, so a job request always finds a free
+//! slot: the numbers are the layer's overhead per request, including reading the response
+//! body (which this layer watches for the job's id).
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use futures::FutureExt;
+use http::{Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
+use tower::limit::ConcurrencyLimit;
+use tower::{service_fn, Layer, Service};
+use tower_quota::{ConcurrencyLimitByPlan, Plan};
+
+use crate::harness::{self, MakeSender};
+
+type Inner =
+    tower::util::ServiceFn<fn(Request<()>) -> Ready<Result<Response<Full<Bytes>>, Infallible>>>;
+
+/// The API: every response is a generation, as Sync's create answers.
+fn inner() -> Inner {
+    service_fn(|_| {
+        ready(Ok(Response::new(Full::new(Bytes::from_static(
+            br#"{"id":"6e6e1f0a-2d3b-4c5d-8e9f-0a1b2c3d4e5f","status":"PENDING","model":"lipsync-2"}"#,
+        )))))
+    })
+}
+
+const JOB_ID: &str = "6e6e1f0a-2d3b-4c5d-8e9f-0a1b2c3d4e5f";
+
+thread_local! {
+    static CREATE: Uri = Uri::from_static("http://api.test/v2/generate");
+    static STATUS: Uri = Uri::from_static("http://api.test/v2/generate/0b6b8f2e-5a41");
+    static OTHER: Uri = Uri::from_static("http://api.test/v2/assets");
+}
+
+fn request(method: Method, uri: &'static std::thread::LocalKey<Uri>) -> Request<()> {
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri.with(Uri::clone);
+    request
+}
+
+fn create() -> Request<()> {
+    request(Method::POST, &CREATE)
+}
+
+/// Reads a body that is ready at once (as the benches' bodies are) to its end.
+fn drain<B: http_body::Body + Unpin>(mut body: B) {
+    while let Some(Some(frame)) = body.frame().now_or_never() {
+        black_box(frame.ok());
+    }
+}
+
+fn plan(in_flight: bool) -> ConcurrencyLimitByPlan {
+    let builder = ConcurrencyLimitByPlan::builder(Plan::Enterprise(1 << 30));
+    if in_flight {
+        builder.in_flight()
+    } else {
+        builder
+    }
+    .build()
+    .unwrap()
+}
+
+pub(crate) fn job_request(c: &mut Criterion) {
+    let mut group = c.benchmark_group("concurrency_job_request_free_slot");
+    group.bench_function("inner service alone", |b| {
+        let mut svc = inner();
+        b.iter(|| {
+            let response = svc.call(black_box(create())).now_or_never().unwrap();
+            drain(response.unwrap().into_body())
+        })
+    });
+    group.bench_function("tower ConcurrencyLimit", |b| {
+        let mut svc = ConcurrencyLimit::new(inner(), 1 << 30);
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        b.iter(|| {
+            let _ = svc.poll_ready(&mut cx);
+            let response = svc.call(black_box(create())).now_or_never().unwrap();
+            drain(response.unwrap().into_body())
+        })
+    });
+    group.bench_function("ConcurrencyLimitByPlan in-flight mode", |b| {
+        let mut svc = plan(true).layer(inner());
+        b.iter(|| {
+            let response = svc.call(black_box(create())).now_or_never().unwrap();
+            drain(response.unwrap().into_body())
+        })
+    });
+    group.bench_function(
+        "ConcurrencyLimitByPlan job life (id read, then complete)",
+        |b| {
+            let plan = plan(false);
+            let mut svc = plan.layer(inner());
+            b.iter(|| {
+                let response = svc.call(black_box(create())).now_or_never().unwrap();
+                drain(response.unwrap().into_body());
+                plan.complete(JOB_ID)
+            })
+        },
+    );
+    group.finish();
+}
+
+pub(crate) fn other_request(c: &mut Criterion) {
+    let mut group = c.benchmark_group("concurrency_other_request");
+    group.bench_function("inner service alone", |b| {
+        let mut svc = inner();
+        b.iter(|| {
+            let response = svc.call(black_box(request(Method::GET, &OTHER)));
+            drain(response.now_or_never().unwrap().unwrap().into_body())
+        })
+    });
+    group.bench_function("inner + matchit lookup", |b| {
+        let mut router = matchit::Router::new();
+        router.insert("/v2/generate", 0).unwrap();
+        router.insert("/v2/generate/{id}", 1).unwrap();
+        router.insert("/v2/generations", 2).unwrap();
+        let mut svc = inner();
+        b.iter(|| {
+            let request = black_box(request(Method::GET, &OTHER));
+            black_box(router.at(request.uri().path()).ok());
+            let response = svc.call(request);
+            drain(response.now_or_never().unwrap().unwrap().into_body())
+        })
+    });
+    group.bench_function("ConcurrencyLimitByPlan, unmatched route", |b| {
+        let mut svc = plan(false).layer(inner());
+        b.iter(|| {
+            let response = svc.call(black_box(request(Method::GET, &OTHER)));
+            drain(response.now_or_never().unwrap().unwrap().into_body())
+        })
+    });
+    group.bench_function("ConcurrencyLimitByPlan, status of a job not held", |b| {
+        let mut svc = plan(false).layer(inner());
+        b.iter(|| {
+            let response = svc.call(black_box(request(Method::GET, &STATUS)));
+            drain(response.now_or_never().unwrap().unwrap().into_body())
+        })
+    });
+    group.finish();
+}
+
+/// 64 tasks on a 2-worker runtime, all creating jobs through one shared plan.
+pub(crate) fn contended(c: &mut Criterion) {
+    const TASKS: u64 = 64;
+    const PER_TASK: u64 = 1_000;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("concurrency_contended_64_tasks_2_workers");
+    group.throughput(Throughput::Elements(TASKS * PER_TASK));
+    let run =
+        |make: MakeSender, iters: u64| harness::contended(&runtime, make, iters, TASKS, PER_TASK);
+
+    let limit = ConcurrencyLimit::new(inner(), 1 << 30);
+    group.bench_function(BenchmarkId::new("tower ConcurrencyLimit", TASKS), |b| {
+        let limit = limit.clone();
+        let make: MakeSender = Arc::new(move || {
+            let mut svc = limit.clone();
+            let waker = futures::task::noop_waker();
+            Box::new(move || {
+                let mut cx = std::task::Context::from_waker(&waker);
+                let _ = svc.poll_ready(&mut cx);
+                let response = svc.call(create()).now_or_never().unwrap();
+                drain(response.unwrap().into_body());
+            })
+        });
+        b.iter_custom(|iters| run(make.clone(), iters))
+    });
+    let in_flight = plan(true);
+    group.bench_function(
+        BenchmarkId::new("ConcurrencyLimitByPlan in-flight mode", TASKS),
+        |b| {
+            let plan = in_flight.clone();
+            let make: MakeSender = Arc::new(move || {
+                let mut svc = plan.layer(inner());
+                Box::new(move || {
+                    let response = svc.call(create()).now_or_never().unwrap();
+                    drain(response.unwrap().into_body());
+                })
+            });
+            b.iter_custom(|iters| run(make.clone(), iters))
+        },
+    );
+    group.finish();
+}

@@ -8,6 +8,8 @@
 //! - [`RateLimitByRoute`]: per-route quotas. As a client it makes each request wait for its
 //!   turn so the server never sees more than the quota; as a server (`.reject()`) it answers
 //!   the excess with a `429` and a `Retry-After` that says exactly when to come back.
+//! - [`ConcurrencyLimitByPlan`]: job slots per subscription plan, each held for its job's
+//!   whole life (until the job is seen to end), not just its HTTP request.
 //!
 //! ```
 //! use tower::ServiceBuilder;

@@ -3,6 +3,7 @@
 use tower::ServiceBuilder;
 use tower_layer::Stack;
 
+use crate::backoff::Backoff429;
 use crate::concurrency::ConcurrencyLimitByPlan;
 use crate::rate_limit::RateLimitByRoute;
 
@@ -37,6 +38,9 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
         self,
         plan: ConcurrencyLimitByPlan,
     ) -> ServiceBuilder<Stack<ConcurrencyLimitByPlan, L>>;
+
+    /// Adds a [`Backoff429`] layer.
+    fn backoff_429(self, backoff: Backoff429) -> ServiceBuilder<Stack<Backoff429, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -52,5 +56,9 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         plan: ConcurrencyLimitByPlan,
     ) -> ServiceBuilder<Stack<ConcurrencyLimitByPlan, L>> {
         self.layer(plan)
+    }
+
+    fn backoff_429(self, backoff: Backoff429) -> ServiceBuilder<Stack<Backoff429, L>> {
+        self.layer(backoff)
     }
 }

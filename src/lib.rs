@@ -10,6 +10,8 @@
 //!   the excess with a `429` and a `Retry-After` that says exactly when to come back.
 //! - [`ConcurrencyLimitByPlan`]: job slots per subscription plan, each held for its job's
 //!   whole life (until the job is seen to end), not just its HTTP request.
+//! - [`Backoff429`]: retries 429s with exponential backoff and jitter, honouring
+//!   `Retry-After`, telling a rate-limit 429 from a concurrency one.
 //!
 //! ```
 //! use tower::ServiceBuilder;
@@ -39,17 +41,20 @@
     rust_2018_idioms
 )]
 
+pub mod backoff;
 mod builder;
 mod clock;
 pub mod concurrency;
 mod error;
 pub mod headers;
+mod json;
 mod limiter;
 mod quota;
 pub mod rate_limit;
 mod route;
 mod sync;
 
+pub use backoff::Backoff429;
 pub use builder::ServiceBuilderExt;
 pub use concurrency::{ConcurrencyLimitByPlan, Plan};
 pub use error::ConfigError;

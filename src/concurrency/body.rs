@@ -9,9 +9,9 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::json::{self, Fields};
 use super::layer::Shared;
 use super::slots::Release;
+use crate::json::{self, Fields};
 use crate::sync::lock;
 
 /// The job a create made, in the create response's extensions.

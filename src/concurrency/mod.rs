@@ -68,7 +68,7 @@
 mod body;
 mod error;
 mod future;
-mod json;
+
 mod layer;
 mod plan;
 mod service;

@@ -33,6 +33,13 @@ pub(crate) fn object(body: &[u8], fields: Fields<'_>) -> Seen {
     seen
 }
 
+/// A string (or number) field of a JSON object, as far as `body` goes.
+pub(crate) fn field(body: &[u8], name: &str) -> Option<String> {
+    // No key is the empty string *and* `name`, so `status` never catches `name`'s value.
+    let status = if name.is_empty() { "\u{0}" } else { "" };
+    object(body, Fields { id: name, status }).id
+}
+
 /// The jobs in a JSON array of objects, as far as `body` goes. A job cut in two is left out.
 pub(crate) fn array(body: &[u8], fields: Fields<'_>) -> Vec<Seen> {
     let mut jobs = Vec::new();

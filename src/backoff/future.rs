@@ -1,0 +1,305 @@
+//! The response future: sends, reads a refusal, waits, and sends again.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, BytesMut};
+use http::response::Parts;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::body::BackoffBody;
+use super::error::{BackoffError, Retried};
+use super::layer::{Config, LimitKind, MIN_WAIT};
+use crate::headers;
+use crate::BoxError;
+
+pin_project! {
+    /// The response future of [`Backoff429Service`](super::Backoff429Service).
+    pub struct ResponseFuture<S, B, ResBody>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future, ResBody>,
+        retry: Option<Retry<S, B>>,
+    }
+}
+
+/// What a request needs to be sent again.
+struct Retry<S, B> {
+    service: S,
+    template: Request<B>,
+    config: Arc<Config>,
+    /// Whether a request that may have been processed can be sent again.
+    replayable: bool,
+    retries: u32,
+    waited: Duration,
+    last_wait: Duration,
+    /// When the request was made, if a deadline applies.
+    started: Option<Instant>,
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, ResBody> {
+        Called { #[pin] future: F },
+        // Reading a refusal's body to tell which limit it is about (boxed: only refusals
+        // come here, and the body may be handed on to the caller).
+        Reading {
+            parts: Option<Parts>,
+            body: Option<Pin<Box<ResBody>>>,
+            read: BytesMut,
+            kind: Option<LimitKind>,
+        },
+        Sleeping { #[pin] sleep: Sleep },
+        Ready,
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<S, B, ResBody> ResponseFuture<S, B, ResBody>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn new(
+        future: S::Future,
+        service: S,
+        template: Request<B>,
+        config: Arc<Config>,
+        replayable: bool,
+    ) -> Self {
+        let started = config.deadline.map(|_| Instant::now());
+        Self {
+            state: State::Called { future },
+            retry: Some(Retry {
+                service,
+                template,
+                config,
+                replayable,
+                retries: 0,
+                waited: Duration::ZERO,
+                last_wait: Duration::ZERO,
+                started,
+            }),
+        }
+    }
+
+    pub(crate) fn failed(error: BoxError) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+            retry: None,
+        }
+    }
+}
+
+/// What the server asks: `Retry-After` (either form) or `retry-after-ms`, else the reset of
+/// `RateLimit` / `X-RateLimit-Reset`. Garbage is ignored with an event.
+fn server_hint(headers: &HeaderMap) -> Option<Duration> {
+    let now = SystemTime::now();
+    match headers::retry_after(headers, now) {
+        Ok(Some(wait)) => return Some(wait),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "ignoring it: the backoff schedule decides the wait"),
+    }
+    match headers::remaining(headers, now) {
+        Ok(Some((_, reset))) => Some(reset),
+        Ok(None) => None,
+        Err(error) => {
+            tracing::warn!(%error, "ignoring it: the backoff schedule decides the wait");
+            None
+        }
+    }
+}
+
+impl<S, B> Retry<S, B> {
+    /// How long to wait before retrying a refusal of `kind`, or `None` to give up.
+    fn decide(&mut self, kind: LimitKind, hint: Option<Duration>) -> Option<Duration> {
+        let config = &self.config;
+        let schedule = config.schedule(kind);
+        if self.retries >= schedule.max_retries {
+            tracing::debug!(retries = self.retries, reason = %kind, "no retries left");
+            return None;
+        }
+        if let Some(asked) = hint {
+            if asked > schedule.cap {
+                tracing::debug!(?asked, max_delay = ?schedule.cap, "the server asks for a longer wait than the schedule's maximum: giving up");
+                return None;
+            }
+        }
+        let retry = self.retries + 1;
+        let wait = schedule
+            .wait(retry, self.last_wait, config.unit())
+            .max(hint.unwrap_or_default())
+            .max(MIN_WAIT);
+        if let (Some(deadline), Some(started)) = (config.deadline, self.started) {
+            if started.elapsed() + wait > deadline {
+                tracing::debug!(
+                    ?wait,
+                    ?deadline,
+                    "the wait would end past the deadline: giving up"
+                );
+                return None;
+            }
+        }
+        if !config.budget.withdraw() {
+            tracing::debug!("retry budget spent: giving up");
+            return None;
+        }
+        self.retries = retry;
+        self.waited += wait;
+        self.last_wait = wait;
+        tracing::info!(attempt = retry + 1, ?wait, reason = %kind, "retrying after a refusal");
+        Some(wait)
+    }
+
+    fn retried(&self) -> Option<Retried> {
+        (self.retries > 0).then_some(Retried {
+            attempts: self.retries + 1,
+            waited: self.waited,
+        })
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B, ResBody>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Clone,
+    ResBody: Body,
+    ResBody::Error: Into<BoxError>,
+{
+    type Output = Result<Response<BackoffBody<ResBody>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            if let StateProj::Failed { error } = this.state.as_mut().project() {
+                let error = error
+                    .take()
+                    .unwrap_or_else(|| "polled after completion".into());
+                return Poll::Ready(Err(error));
+            }
+            let Some(retry) = this.retry.as_mut() else {
+                return Poll::Ready(Err("polled after completion".into()));
+            };
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => match ready!(future.poll(cx)) {
+                    Ok(response) => {
+                        let status = response.status();
+                        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+                            None
+                        } else if retry.config.transient
+                            && retry.replayable
+                            && matches!(status.as_u16(), 502..=504)
+                        {
+                            Some(LimitKind::Transient)
+                        } else {
+                            let mut response = response.map(BackoffBody::new);
+                            if let Some(retried) = retry.retried() {
+                                response.extensions_mut().insert(retried);
+                            }
+                            return Poll::Ready(Ok(response));
+                        };
+                        let (parts, body) = response.into_parts();
+                        this.state.set(State::Reading {
+                            parts: Some(parts),
+                            body: Some(Box::pin(body)),
+                            read: BytesMut::new(),
+                            kind,
+                        });
+                    }
+                    Err(error) => {
+                        let error = error.into();
+                        let wait = (retry.config.transient && retry.replayable)
+                            .then(|| retry.decide(LimitKind::Transient, None))
+                            .flatten();
+                        match wait {
+                            Some(wait) => this.state.set(State::Sleeping {
+                                sleep: tokio::time::sleep(wait),
+                            }),
+                            None => return Poll::Ready(Err(error)),
+                        }
+                    }
+                },
+                StateProj::Reading {
+                    parts,
+                    body,
+                    read,
+                    kind,
+                } => {
+                    let max = retry.config.max_body;
+                    let mut ended = false;
+                    if let Some(stream) = body.as_mut() {
+                        while read.len() < max {
+                            match ready!(stream.as_mut().poll_frame(cx)) {
+                                Some(Ok(frame)) => {
+                                    if let Ok(mut data) = frame.into_data() {
+                                        while data.has_remaining() {
+                                            let chunk = data.chunk();
+                                            read.extend_from_slice(chunk);
+                                            let n = chunk.len();
+                                            data.advance(n);
+                                        }
+                                    }
+                                }
+                                Some(Err(error)) => return Poll::Ready(Err(error.into())),
+                                None => {
+                                    ended = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let Some(parts) = parts.take() else {
+                        return Poll::Ready(Err("polled after completion".into()));
+                    };
+                    let kind = kind.unwrap_or_else(|| (retry.config.classifier)(&parts, read));
+                    let hint = server_hint(&parts.headers);
+                    if let Some(wait) = retry.decide(kind, hint) {
+                        this.state.set(State::Sleeping {
+                            sleep: tokio::time::sleep(wait),
+                        });
+                        continue;
+                    }
+                    let status = parts.status;
+                    if retry.config.error_on_exhaustion {
+                        return Poll::Ready(Err(BackoffError::Exhausted {
+                            attempts: retry.retries + 1,
+                            waited: retry.waited,
+                            status,
+                        }
+                        .into()));
+                    }
+                    let rest = if ended { None } else { body.take() };
+                    let read = std::mem::take(read).freeze();
+                    let mut response = Response::from_parts(parts, BackoffBody::read(read, rest));
+                    if let Some(retried) = retry.retried() {
+                        response.extensions_mut().insert(retried);
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Sleeping { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    if let Err(error) = ready!(retry.service.poll_ready(cx)) {
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    let future = retry.service.call(retry.template.clone());
+                    this.state.set(State::Called { future });
+                }
+                StateProj::Failed { .. } => {
+                    return Poll::Ready(Err("polled after completion".into()));
+                }
+            }
+        }
+    }
+}

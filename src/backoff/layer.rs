@@ -1,0 +1,411 @@
+//! [`Backoff429`]: the layer, its schedules and its settings.
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::response::Parts;
+use http::HeaderName;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower_layer::Layer;
+
+use super::service::Backoff429Service;
+use crate::error::ConfigError;
+
+/// Which limit a response is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LimitKind {
+    /// A request rate (Sync: `errorCode` `rate_limit_exceeded`).
+    Rate,
+    /// A concurrency limit (Sync: `errorCode` `concurrency_limit_reached`): a slot frees when
+    /// a job ends, which may take minutes.
+    Concurrency,
+    /// A transient failure: 502, 503, 504 or a connection error (retried only when enabled).
+    Transient,
+}
+
+impl fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Rate => "rate limit",
+            Self::Concurrency => "concurrency limit",
+            Self::Transient => "transient failure",
+        })
+    }
+}
+
+/// How a wait is spread around the schedule's nominal delay `d`, so that clients refused
+/// together do not all come back together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Jitter {
+    /// Exactly `d`.
+    None,
+    /// Anywhere in `(0, d]`.
+    Full,
+    /// Anywhere in `[d / 2, d]`: never less than half the nominal delay, never zero. The
+    /// default.
+    #[default]
+    Equal,
+    /// AWS's "decorrelated" jitter: anywhere in `[base, 3 × previous wait]`, capped.
+    Decorrelated,
+}
+
+/// When to retry: the `n`-th retry waits `base_delay × factor^(n-1)`, capped at `max_delay`,
+/// spread by the [`Jitter`], for at most `max_retries` retries. What the server asks
+/// (`Retry-After` and its kin) always wins when it asks for longer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub(crate) base: Duration,
+    pub(crate) factor: f64,
+    pub(crate) cap: Duration,
+    pub(crate) max_retries: u32,
+    pub(crate) jitter: Jitter,
+}
+
+impl Default for Schedule {
+    /// The vendor's advice: 1 s, 2 s, 4 s, 8 s, 16 s (before jitter), five retries.
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            factor: 2.0,
+            cap: Duration::from_secs(60),
+            max_retries: 5,
+            jitter: Jitter::Equal,
+        }
+    }
+}
+
+impl Schedule {
+    /// The default schedule (see [`Schedule::default`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// At most this many retries (0: none).
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// The first retry's nominal delay (above zero).
+    pub fn base_delay(mut self, delay: Duration) -> Self {
+        self.base = delay;
+        self
+    }
+
+    /// How much each delay grows on the one before (at least 1).
+    pub fn factor(mut self, factor: f64) -> Self {
+        self.factor = factor;
+        self
+    }
+
+    /// The longest nominal delay (at least the base delay).
+    pub fn max_delay(mut self, cap: Duration) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    /// How waits are spread (default [`Jitter::Equal`]).
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, reason| Err(ConfigError::InvalidSetting { name, reason });
+        if self.base.is_zero() {
+            return invalid(
+                "base_delay",
+                "must be above zero: a zero wait is a tight loop",
+            );
+        }
+        if !self.factor.is_finite() || self.factor < 1.0 {
+            return invalid("factor", "must be a finite number of at least 1");
+        }
+        if self.cap < self.base {
+            return invalid("max_delay", "must be at least the base delay");
+        }
+        Ok(())
+    }
+
+    /// The nominal delay before retry number `retry` (1-based).
+    pub(crate) fn nominal(&self, retry: u32) -> Duration {
+        let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
+        let secs = self.base.as_secs_f64() * self.factor.powi(exponent);
+        if !secs.is_finite() || secs >= self.cap.as_secs_f64() {
+            self.cap
+        } else {
+            Duration::from_secs_f64(secs)
+        }
+    }
+
+    /// The wait before retry number `retry`, after `previous` (the last wait), with `unit` a
+    /// random number in `[0, 1)`. Never zero.
+    pub(crate) fn wait(&self, retry: u32, previous: Duration, unit: f64) -> Duration {
+        let nominal = self.nominal(retry);
+        let wait = match self.jitter {
+            Jitter::None => nominal,
+            Jitter::Full => nominal.mul_f64(1.0 - unit),
+            Jitter::Equal => nominal / 2 + (nominal / 2).mul_f64(1.0 - unit),
+            Jitter::Decorrelated => {
+                let high = previous.max(self.base).saturating_mul(3).min(self.cap);
+                (self.base + (high.saturating_sub(self.base)).mul_f64(unit)).min(self.cap)
+            }
+        };
+        wait.max(MIN_WAIT)
+    }
+}
+
+/// No wait is shorter than this: a zero wait would be a tight loop.
+pub(crate) const MIN_WAIT: Duration = Duration::from_millis(1);
+
+/// Tells which limit a refused response is about, from its head and the first bytes of its
+/// body.
+pub(crate) type Classifier = Arc<dyn Fn(&Parts, &[u8]) -> LimitKind + Send + Sync>;
+
+/// Reads Sync's `errorCode`: `concurrency_limit_reached` is a concurrency 429, anything else
+/// (`rate_limit_exceeded`, no code, no JSON) a rate-limit one.
+fn sync_error_code(_: &Parts, body: &[u8]) -> LimitKind {
+    match crate::json::field(body, "errorCode").as_deref() {
+        Some("concurrency_limit_reached") => LimitKind::Concurrency,
+        _ => LimitKind::Rate,
+    }
+}
+
+pub(crate) struct Config {
+    pub(crate) rate: Schedule,
+    pub(crate) concurrency: Option<Schedule>,
+    pub(crate) transient: bool,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) budget: Arc<dyn Budget + Send + Sync>,
+    pub(crate) classifier: Classifier,
+    pub(crate) idempotency_header: Option<HeaderName>,
+    pub(crate) error_on_exhaustion: bool,
+    pub(crate) max_body: usize,
+    random: RandomState,
+    counter: AtomicU64,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("rate", &self.rate)
+            .field("concurrency", &self.concurrency)
+            .field("transient", &self.transient)
+            .field("deadline", &self.deadline)
+            .field("idempotency_header", &self.idempotency_header)
+            .field("error_on_exhaustion", &self.error_on_exhaustion)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    pub(crate) fn schedule(&self, kind: LimitKind) -> &Schedule {
+        match kind {
+            LimitKind::Concurrency => self.concurrency.as_ref().unwrap_or(&self.rate),
+            _ => &self.rate,
+        }
+    }
+
+    /// A random number in `[0, 1)`.
+    pub(crate) fn unit(&self) -> f64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        (self.random.hash_one(n) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A fresh idempotency key: 32 random hex digits.
+    pub(crate) fn idempotency_key(&self) -> String {
+        let n = self.counter.fetch_add(2, Ordering::Relaxed);
+        format!(
+            "{:016x}{:016x}",
+            self.random.hash_one(n),
+            self.random.hash_one(n + 1)
+        )
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.rate.validate()?;
+        if let Some(concurrency) = &self.concurrency {
+            concurrency.validate()?;
+        }
+        if self.deadline.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::InvalidSetting {
+                name: "deadline",
+                reason: "must be above zero",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Retries 429s with exponential backoff and jitter, honouring `Retry-After`: a [`Layer`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_quota::Backoff429;
+/// let backoff = Backoff429::new()          // base 1 s, factor 2, 5 retries: 1, 2, 4, 8, 16 s
+///     .max_retries(5)
+///     .base_delay(Duration::from_secs(1));
+/// assert!(backoff.validate().is_ok());
+/// ```
+///
+/// The setters take any value; one that makes no sense (a zero base delay, a factor below 1)
+/// is a [`ConfigError`] from [`Backoff429::validate`], and a layer used without validating
+/// fails each request with that error rather than misbehave. See the [module docs](super).
+#[derive(Clone, Debug)]
+pub struct Backoff429 {
+    pub(crate) config: Arc<Config>,
+}
+
+impl Default for Backoff429 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backoff429 {
+    /// The vendor's advice: 5 retries, 1, 2, 4, 8, 16 s apart before jitter
+    /// ([`Jitter::Equal`]); concurrency 429s on the same schedule; no deadline; tower's
+    /// default [`TpsBudget`] (retries at most 20% of requests, beyond 10 a second); transient
+    /// failures not retried.
+    pub fn new() -> Self {
+        Self {
+            config: Arc::new(Config {
+                rate: Schedule::default(),
+                concurrency: None,
+                transient: false,
+                deadline: None,
+                budget: Arc::new(TpsBudget::default()),
+                classifier: Arc::new(sync_error_code),
+                idempotency_header: None,
+                error_on_exhaustion: false,
+                max_body: 64 * 1024,
+                random: RandomState::new(),
+                counter: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        match Arc::get_mut(&mut self.config) {
+            Some(config) => change(config),
+            None => {
+                // Another clone shares the settings: make this one its own.
+                let old = &self.config;
+                let mut config = Config {
+                    rate: old.rate,
+                    concurrency: old.concurrency,
+                    transient: old.transient,
+                    deadline: old.deadline,
+                    budget: old.budget.clone(),
+                    classifier: old.classifier.clone(),
+                    idempotency_header: old.idempotency_header.clone(),
+                    error_on_exhaustion: old.error_on_exhaustion,
+                    max_body: old.max_body,
+                    random: RandomState::new(),
+                    counter: AtomicU64::new(0),
+                };
+                change(&mut config);
+                self.config = Arc::new(config);
+            }
+        }
+        self
+    }
+
+    /// At most this many retries of one request (default 5).
+    pub fn max_retries(self, n: u32) -> Self {
+        self.with(|c| c.rate.max_retries = n)
+    }
+
+    /// The first retry's nominal delay (default 1 s).
+    pub fn base_delay(self, delay: Duration) -> Self {
+        self.with(|c| c.rate.base = delay)
+    }
+
+    /// How much each delay grows on the one before (default 2).
+    pub fn factor(self, factor: f64) -> Self {
+        self.with(|c| c.rate.factor = factor)
+    }
+
+    /// The longest nominal delay (default 60 s).
+    pub fn max_delay(self, cap: Duration) -> Self {
+        self.with(|c| c.rate.cap = cap)
+    }
+
+    /// How waits are spread (default [`Jitter::Equal`], never zero).
+    pub fn jitter(self, jitter: Jitter) -> Self {
+        self.with(|c| c.rate.jitter = jitter)
+    }
+
+    /// The whole schedule for rate-limit 429s (and, unless set apart, the others).
+    pub fn schedule(self, schedule: Schedule) -> Self {
+        self.with(|c| c.rate = schedule)
+    }
+
+    /// A schedule of its own for concurrency 429s, whose slots free when jobs end (often
+    /// minutes): for example `Schedule::new().base_delay(Duration::from_secs(15))`.
+    pub fn concurrency_schedule(self, schedule: Schedule) -> Self {
+        self.with(|c| c.concurrency = Some(schedule))
+    }
+
+    /// The most time one request may spend, retries and waits included. A wait that would
+    /// end past it is not slept: the last response goes back at once.
+    pub fn deadline(self, deadline: Duration) -> Self {
+        self.with(|c| c.deadline = Some(deadline))
+    }
+
+    /// The retry budget shared by every request through the layer (default tower's
+    /// [`TpsBudget::default`]). In a storm, a retry the budget refuses is not made: the
+    /// caller gets the 429.
+    pub fn budget(self, budget: impl Budget + Send + Sync + 'static) -> Self {
+        self.with(|c| c.budget = Arc::new(budget))
+    }
+
+    /// Tells a rate-limit 429 from a concurrency one. The closure gets the response head and
+    /// up to 64 KiB of its body. Default: Sync's JSON `errorCode`.
+    pub fn classify<F>(self, classify: F) -> Self
+    where
+        F: Fn(&Parts, &[u8]) -> LimitKind + Send + Sync + 'static,
+    {
+        self.with(|c| c.classifier = Arc::new(classify))
+    }
+
+    /// Also retries transient failures: 502, 503, 504 and connection errors. Requests that
+    /// may have been processed are only retried when safe: methods that are idempotent
+    /// (`GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`, `TRACE`), or requests carrying an
+    /// `Idempotency-Key` (the caller's, or one this layer adds, see
+    /// [`idempotency_keys`](Self::idempotency_keys)).
+    pub fn retry_transient(self) -> Self {
+        self.with(|c| c.transient = true)
+    }
+
+    /// Adds an `Idempotency-Key` to each request that has none and whose method is not
+    /// idempotent: generated once per logical request, the same on every retry of it.
+    pub fn idempotency_keys(self) -> Self {
+        self.with(|c| c.idempotency_header = Some(HeaderName::from_static("idempotency-key")))
+    }
+
+    /// When retries run out, fail with
+    /// [`BackoffError::Exhausted`](super::BackoffError::Exhausted) instead of answering with
+    /// the last 429.
+    pub fn error_on_exhaustion(self) -> Self {
+        self.with(|c| c.error_on_exhaustion = true)
+    }
+
+    /// Whether the settings make sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.config.validate()
+    }
+}
+
+impl<S> Layer<S> for Backoff429 {
+    type Service = Backoff429Service<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Backoff429Service::new(inner, self.config.clone())
+    }
+}

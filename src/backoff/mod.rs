@@ -1,0 +1,78 @@
+//! Retries that respect the server: [`Backoff429`].
+//!
+//! The vendor's advice for a 429 is to wait and retry with exponential backoff (1 s, 2 s, 4 s,
+//! 8 s, 16 s), never in a tight loop, and to treat a rate-limit 429 apart from a concurrency
+//! one. This layer does that, and gets right what retry layers commonly get wrong:
+//!
+//! - **What the server says wins.** `Retry-After` (delta-seconds or HTTP-date),
+//!   `retry-after-ms`, and the reset of `RateLimit` / `X-RateLimit-Reset` set the least wait:
+//!   jitter never takes a wait below it. A server asking for longer than the schedule's
+//!   `max_delay`, or than the request's deadline leaves, gets its 429 handed back to the caller
+//!   at once instead of a pointless sleep. Garbage values fall back to the schedule, with a
+//!   tracing event.
+//! - **Never a tight loop**: no wait is shorter than a millisecond, and the default jitter
+//!   ([`Jitter::Equal`]) keeps every wait between half and all of the nominal delay.
+//! - **Which limit**: a classifier reads the refusal's JSON `errorCode` (Sync's
+//!   `rate_limit_exceeded` / `concurrency_limit_reached`), or a closure of yours; each kind
+//!   can have its own [`Schedule`]. The body read to classify is not lost: the response the
+//!   caller finally gets carries all of it.
+//! - **A retry budget** (tower's [`TpsBudget`](tower::retry::budget::TpsBudget) by default):
+//!   in a storm, retries stay a bounded share of traffic.
+//! - **Transient failures** (502, 503, 504, connection errors) are retried only when asked
+//!   ([`Backoff429::retry_transient`]), and a request that may have been processed only when
+//!   replaying it is safe: an idempotent method, or an `Idempotency-Key` (the caller's, or one
+//!   the layer adds once per logical request and sends on every retry of it).
+//! - **Every retry goes through the layers below**: put this layer above
+//!   [`ConcurrencyLimitByPlan`](crate::ConcurrencyLimitByPlan) and
+//!   [`RateLimitByRoute`](crate::RateLimitByRoute), and a retry queues for its slot and its
+//!   token like any request.
+//!
+//! When retries run out the caller gets the last response (a [`Retried`] in its extensions
+//! says how many attempts and how much waiting it took), or, with
+//! [`Backoff429::error_on_exhaustion`], a [`BackoffError::Exhausted`].
+//!
+//! A retry replays a clone of the request, so its body must be `Clone` (`Full<Bytes>`,
+//! `String`): a streaming body is a compile error, not a silent no-retry. To retry a streaming
+//! body, buffer it first (`http_body_util::BodyExt::collect`, then `Full::new(collected.to_bytes())`).
+//!
+//! ```
+//! use std::time::Duration;
+//! use http::{Request, Response, StatusCode};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_quota::backoff::Retried;
+//! use tower_quota::Backoff429;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_quota::BoxError> {
+//! // A server that refuses the first two calls.
+//! let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+//! let api = service_fn(move |_: Request<String>| {
+//!     let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//!     async move {
+//!         let status = if n < 2 { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::OK };
+//!         Ok::<_, std::convert::Infallible>(
+//!             Response::builder().status(status).body(String::new()).unwrap(),
+//!         )
+//!     }
+//! });
+//! let backoff = Backoff429::new().max_retries(5).base_delay(Duration::from_secs(1));
+//! let svc = ServiceBuilder::new().layer(backoff).service(api);
+//!
+//! let response = svc.oneshot(Request::new(String::new())).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(response.extensions().get::<Retried>().unwrap().attempts, 3);
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod error;
+mod future;
+mod layer;
+mod service;
+
+pub use body::BackoffBody;
+pub use error::{BackoffError, Retried};
+pub use future::ResponseFuture;
+pub use layer::{Backoff429, Jitter, LimitKind, Schedule};
+pub use service::Backoff429Service;

@@ -1,0 +1,107 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Method, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::body::BackoffBody;
+use super::error::BackoffError;
+use super::future::ResponseFuture;
+use super::layer::Config;
+use crate::error::ConfigError;
+use crate::BoxError;
+
+/// The service made by a [`Backoff429`](super::Backoff429) layer.
+///
+/// A retry replays a clone of the request, so the body must be `Clone` (`Full<Bytes>`,
+/// `String`, `Bytes`...): a streaming body does not compile here rather than silently never
+/// being retried. Buffer one first, for example with `http_body_util::BodyExt::collect` into a
+/// `Full<Bytes>`.
+#[derive(Debug, Clone)]
+pub struct Backoff429Service<S> {
+    inner: S,
+    config: Arc<Config>,
+    invalid: Option<ConfigError>,
+}
+
+impl<S> Backoff429Service<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        let invalid = config.validate().err();
+        if let Some(error) = &invalid {
+            tracing::error!(%error, "Backoff429 has an invalid setting: its requests will fail");
+        }
+        Self {
+            inner,
+            config,
+            invalid,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl<S, B, ResBody> Service<Request<B>> for Backoff429Service<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Clone,
+    ResBody: Body,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<BackoffBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Some(error) = &self.invalid {
+            return ResponseFuture::failed(BackoffError::Config(error.clone()).into());
+        }
+        let config = &self.config;
+        config.budget.deposit();
+        let mut replayable = is_idempotent(request.method());
+        if config.transient && !replayable {
+            if let Some(header) = &config.idempotency_header {
+                if !request.headers().contains_key(header) {
+                    if let Ok(key) = HeaderValue::from_str(&config.idempotency_key()) {
+                        request.headers_mut().insert(header.clone(), key);
+                    }
+                }
+            }
+            replayable = request.headers().contains_key("idempotency-key");
+        }
+        let template = request.clone();
+        let future = self.inner.call(request);
+        ResponseFuture::new(
+            future,
+            self.inner.clone(),
+            template,
+            config.clone(),
+            replayable,
+        )
+    }
+}

@@ -1,0 +1,530 @@
+//! `Backoff429` on tokio's paused clock, against scripted servers.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::retry::budget::TpsBudget;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower_quota::backoff::{BackoffError, Jitter, Retried, Schedule};
+use tower_quota::{Backoff429, ConcurrencyLimitByPlan, ConfigError, Plan, ServiceBuilderExt};
+
+/// One scripted answer.
+#[derive(Clone)]
+enum Answer {
+    Status(u16, Vec<(&'static str, String)>, String),
+    ConnectionError,
+}
+
+fn refuse() -> Answer {
+    Answer::Status(429, vec![], r#"{"errorCode":"rate_limit_exceeded"}"#.into())
+}
+
+fn refuse_with(header: &'static str, value: impl Into<String>) -> Answer {
+    Answer::Status(429, vec![(header, value.into())], String::new())
+}
+
+fn ok() -> Answer {
+    Answer::Status(200, vec![], "done".into())
+}
+
+/// What the server saw of one request.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// A server that answers from a script (then `ok()` forever... unless `always` is set).
+#[derive(Clone, Default)]
+struct Script {
+    answers: Arc<Mutex<VecDeque<Answer>>>,
+    always: Arc<Mutex<Option<Answer>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Script {
+    fn new(answers: impl IntoIterator<Item = Answer>) -> Self {
+        let script = Self::default();
+        script.answers.lock().unwrap().extend(answers);
+        script
+    }
+
+    fn always(answer: Answer) -> Self {
+        let script = Self::default();
+        *script.always.lock().unwrap() = Some(answer);
+        script
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Seconds between the first request and each one.
+    fn times(&self) -> Vec<f64> {
+        let seen = self.seen();
+        seen.iter()
+            .map(|s| (s.at - seen[0].at).as_secs_f64())
+            .collect()
+    }
+
+    fn service(
+        &self,
+    ) -> impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = BoxError,
+        Future = impl Send,
+    > + Clone
+           + Send {
+        let script = self.clone();
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            let script = script.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
+                script.seen.lock().unwrap().push(Seen {
+                    at: Instant::now(),
+                    headers: parts.headers,
+                    body,
+                });
+                let next = script.answers.lock().unwrap().pop_front();
+                let answer = next
+                    .or_else(|| script.always.lock().unwrap().clone())
+                    .unwrap_or_else(ok);
+                match answer {
+                    Answer::Status(code, headers, body) => {
+                        let mut response = Response::builder().status(code);
+                        for (name, value) in headers {
+                            response = response.header(name, value);
+                        }
+                        Ok(response.body(Full::new(Bytes::from(body))).unwrap())
+                    }
+                    Answer::ConnectionError => Err::<_, BoxError>("connection reset".into()),
+                }
+            }
+        })
+    }
+}
+
+fn request(method: Method) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri("http://api.test/v2/generate")
+        .body(Full::new(Bytes::from_static(br#"{"model":"lipsync-2"}"#)))
+        .unwrap()
+}
+
+/// Sends through `backoff` to `script`; the status, body and retry record.
+async fn send(
+    backoff: Backoff429,
+    script: &Script,
+    request: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes, Option<Retried>), BoxError> {
+    let svc = ServiceBuilder::new()
+        .backoff_429(backoff)
+        .service(script.service());
+    let response = svc.oneshot(request).await?;
+    let status = response.status();
+    let retried = response.extensions().get::<Retried>().copied();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body, retried))
+}
+
+fn exact() -> Backoff429 {
+    Backoff429::new().jitter(Jitter::None)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_schedule_without_jitter_is_1_2_4_8_16_seconds() {
+    let script = Script::always(refuse());
+    let start = Instant::now();
+    let (status, body, retried) = send(exact(), &script, request(Method::POST)).await.unwrap();
+    assert_eq!(script.times(), [0.0, 1.0, 3.0, 7.0, 15.0, 31.0]);
+    assert_eq!(start.elapsed(), Duration::from_secs(31));
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        body, r#"{"errorCode":"rate_limit_exceeded"}"#,
+        "the last 429's body, whole"
+    );
+    assert_eq!(
+        retried,
+        Some(Retried {
+            attempts: 6,
+            waited: Duration::from_secs(31)
+        })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_after_refusals_is_answered_with_its_record() {
+    let script = Script::new([refuse(), refuse()]);
+    let (status, body, retried) = send(exact(), &script, request(Method::POST)).await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"done"[..]));
+    assert_eq!(retried.unwrap().attempts, 3);
+    assert_eq!(script.times(), [0.0, 1.0, 3.0]);
+    // No refusal: no record.
+    let script = Script::default();
+    let (_, _, retried) = send(exact(), &script, request(Method::POST)).await.unwrap();
+    assert_eq!(retried, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_stays_within_its_bounds_and_never_waits_zero() {
+    for (jitter, low, high) in [(Jitter::Equal, 0.5, 1.0), (Jitter::Full, 0.0, 1.0)] {
+        let script = Script::always(refuse());
+        let backoff = Backoff429::new()
+            .jitter(jitter)
+            .max_retries(5)
+            .budget(TpsBudget::new(Duration::from_secs(10), 1000, 1.0));
+        send(backoff, &script, request(Method::GET)).await.unwrap();
+        let times = script.times();
+        for (n, pair) in times.windows(2).enumerate() {
+            let wait = pair[1] - pair[0];
+            let nominal = f64::from(1u32 << n);
+            assert!(
+                wait > 0.0 && wait >= nominal * low && wait <= nominal * high,
+                "{jitter:?}: wait {n} = {wait} s, nominal {nominal} s"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn decorrelated_waits_in_a_run() {
+    let script = Script::always(refuse());
+    let backoff = Backoff429::new()
+        .jitter(Jitter::Decorrelated)
+        .max_retries(8)
+        .max_delay(Duration::from_secs(20))
+        .budget(TpsBudget::new(Duration::from_secs(10), 1000, 1.0));
+    send(backoff, &script, request(Method::GET)).await.unwrap();
+    let times = script.times();
+    let mut last = 1.0f64;
+    for pair in times.windows(2) {
+        let wait = pair[1] - pair[0];
+        assert!(
+            wait >= 1.0 && wait <= (3.0 * last).min(20.0) + 1e-9,
+            "{wait} after {last}"
+        );
+        last = wait;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_in_every_form() {
+    let in_5s = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(5));
+    let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(3600));
+    let next_year = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(365 * 86400));
+    let cases: Vec<(Answer, Option<(f64, f64)>)> = vec![
+        // (the refusal, the wait before the retry: None = handed back at once)
+        (refuse_with("retry-after", "3"), Some((3.0, 3.0))),
+        (refuse_with("retry-after", in_5s), Some((4.0, 5.0))),
+        (refuse_with("retry-after", past), Some((1.0, 1.0))),
+        (refuse_with("retry-after-ms", "1500"), Some((1.5, 1.5))),
+        (refuse_with("retry-after-ms", "0"), Some((1.0, 1.0))),
+        (refuse_with("retry-after", "-5"), Some((1.0, 1.0))),
+        (refuse_with("retry-after", "soon"), Some((1.0, 1.0))),
+        (refuse_with("retry-after", "0.5"), Some((1.0, 1.0))),
+        // A reset with no count of what is left says nothing usable.
+        (refuse_with("x-ratelimit-reset", "7"), Some((1.0, 1.0))),
+        (refuse_with("retry-after", next_year), None),
+        (refuse_with("retry-after", "99999999999999999999"), None),
+    ];
+    for (answer, expected) in cases {
+        let label = match &answer {
+            Answer::Status(_, headers, _) => format!("{headers:?}"),
+            Answer::ConnectionError => unreachable!(),
+        };
+        let script = Script::new([answer]);
+        let start = Instant::now();
+        let (status, _, _) = send(exact(), &script, request(Method::GET)).await.unwrap();
+        let times = script.times();
+        match expected {
+            Some((low, high)) => {
+                assert_eq!(status, StatusCode::OK, "{label}");
+                let wait = times[1];
+                assert!(wait >= low && wait <= high, "{label}: waited {wait} s");
+            }
+            None => {
+                assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{label}");
+                assert_eq!(times.len(), 1, "{label}");
+                assert_eq!(
+                    start.elapsed(),
+                    Duration::ZERO,
+                    "{label}: handed back at once"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_reset_of_ratelimit_fields_sets_the_wait() {
+    for (name, value) in [
+        ("x-ratelimit-reset", "7"),
+        ("ratelimit", r#""default";r=0;t=7"#),
+    ] {
+        let script = Script::new([Answer::Status(
+            429,
+            vec![(name, value.into()), ("x-ratelimit-remaining", "0".into())],
+            String::new(),
+        )]);
+        let backoff = exact().max_delay(Duration::from_secs(60));
+        send(backoff, &script, request(Method::GET)).await.unwrap();
+        assert_eq!(script.times(), [0.0, 7.0], "{name}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_past_the_deadline_hands_the_429_back_at_once() {
+    let script = Script::always(refuse());
+    let start = Instant::now();
+    let backoff = exact().deadline(Duration::from_secs(5));
+    let (status, _, retried) = send(backoff, &script, request(Method::GET)).await.unwrap();
+    // 1 s and 2 s fit in 5 s; the next 4 s would end at 7 s.
+    assert_eq!(script.times(), [0.0, 1.0, 3.0]);
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(retried.unwrap().attempts, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_stops_a_storm() {
+    let script = Script::always(refuse());
+    // Retries: at most 10% of requests, with no reserve.
+    let backoff = exact().budget(TpsBudget::new(Duration::from_secs(10), 1, 0.1));
+    let mut calls = Vec::new();
+    for _ in 0..100 {
+        let (backoff, script) = (backoff.clone(), script.clone());
+        calls.push(tokio::spawn(async move {
+            send(backoff, &script, request(Method::GET)).await
+        }));
+    }
+    let mut refused = 0;
+    for call in calls {
+        if call.await.unwrap().unwrap().0 == StatusCode::TOO_MANY_REQUESTS {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 100);
+    let sends = script.seen().len();
+    assert!(
+        sends <= 100 + 25,
+        "{sends} sends for 100 requests: the budget let a storm through"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_429_has_its_own_schedule() {
+    let concurrency = Answer::Status(
+        429,
+        vec![],
+        r#"{"statusCode":429,"errorCode":"concurrency_limit_reached"}"#.into(),
+    );
+    let script = Script::new([concurrency.clone(), concurrency, refuse()]);
+    let backoff = exact().concurrency_schedule(
+        Schedule::new()
+            .base_delay(Duration::from_secs(10))
+            .factor(1.0)
+            .jitter(Jitter::None),
+    );
+    send(backoff, &script, request(Method::POST)).await.unwrap();
+    // 10 s and 10 s for the concurrency 429s; then the rate 429 on the rate schedule (its
+    // third retry: 4 s).
+    assert_eq!(script.times(), [0.0, 10.0, 20.0, 24.0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_classifier_decides_the_kind() {
+    let script = Script::new([Answer::Status(
+        429,
+        vec![("x-limit-kind", "jobs".into())],
+        String::new(),
+    )]);
+    let backoff = exact()
+        .classify(|parts, _body| match parts.headers.get("x-limit-kind") {
+            Some(v) if v == "jobs" => tower_quota::backoff::LimitKind::Concurrency,
+            _ => tower_quota::backoff::LimitKind::Rate,
+        })
+        .concurrency_schedule(
+            Schedule::new()
+                .base_delay(Duration::from_secs(30))
+                .jitter(Jitter::None),
+        );
+    send(backoff, &script, request(Method::POST)).await.unwrap();
+    assert_eq!(script.times(), [0.0, 30.0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replays_are_byte_identical_with_one_idempotency_key() {
+    let script = Script::new([
+        Answer::Status(503, vec![], String::new()),
+        Answer::ConnectionError,
+        refuse(),
+    ]);
+    let backoff = exact().retry_transient().idempotency_keys();
+    let (status, _, retried) = send(backoff, &script, request(Method::POST)).await.unwrap();
+    assert_eq!((status, retried.unwrap().attempts), (StatusCode::OK, 4));
+    let seen = script.seen();
+    let keys: Vec<_> = seen
+        .iter()
+        .map(|s| s.headers.get("idempotency-key").unwrap().clone())
+        .collect();
+    assert_eq!(keys[0].len(), 32);
+    assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    assert!(seen
+        .iter()
+        .all(|s| s.body == br#"{"model":"lipsync-2"}"#[..]));
+
+    // The caller's own key is kept.
+    let script = Script::new([Answer::Status(502, vec![], String::new())]);
+    let mut mine = request(Method::POST);
+    mine.headers_mut()
+        .insert("idempotency-key", "order-42".parse().unwrap());
+    send(exact().retry_transient(), &script, mine)
+        .await
+        .unwrap();
+    assert!(script
+        .seen()
+        .iter()
+        .all(|s| s.headers["idempotency-key"] == "order-42"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_post_that_may_have_been_processed_is_not_replayed_without_a_key() {
+    let script = Script::new([Answer::Status(503, vec![], String::new())]);
+    let (status, _, _) = send(exact().retry_transient(), &script, request(Method::POST))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, script.seen().len()),
+        (StatusCode::SERVICE_UNAVAILABLE, 1)
+    );
+
+    let script = Script::new([Answer::ConnectionError]);
+    let error = send(exact().retry_transient(), &script, request(Method::POST))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("connection reset"));
+    assert_eq!(script.seen().len(), 1);
+
+    // A GET is idempotent: retried.
+    let script = Script::new([
+        Answer::ConnectionError,
+        Answer::Status(504, vec![], String::new()),
+    ]);
+    let (status, _, _) = send(exact().retry_transient(), &script, request(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!((status, script.seen().len()), (StatusCode::OK, 3));
+
+    // Transient failures are not retried unless asked.
+    let script = Script::new([Answer::Status(503, vec![], String::new())]);
+    let (status, _, _) = send(exact(), &script, request(Method::GET)).await.unwrap();
+    assert_eq!(
+        (status, script.seen().len()),
+        (StatusCode::SERVICE_UNAVAILABLE, 1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_final_response_keeps_its_whole_body_even_past_what_was_read() {
+    let big = "x".repeat(200_000);
+    let script = Script::always(Answer::Status(429, vec![], big.clone()));
+    let (status, body, _) = send(exact().max_retries(1), &script, request(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body.len(), big.len());
+    assert_eq!(body, big.as_bytes());
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhaustion_can_be_a_typed_error() {
+    let script = Script::always(refuse());
+    let error = send(
+        exact().max_retries(2).error_on_exhaustion(),
+        &script,
+        request(Method::GET),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<BackoffError>(),
+        Some(&BackoffError::Exhausted {
+            attempts: 3,
+            waited: Duration::from_secs(3),
+            status: StatusCode::TOO_MANY_REQUESTS
+        })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_settings_are_typed_errors() {
+    for backoff in [
+        Backoff429::new().base_delay(Duration::ZERO),
+        Backoff429::new().factor(0.5),
+        Backoff429::new().factor(f64::NAN),
+        Backoff429::new().max_delay(Duration::from_millis(10)),
+        Backoff429::new().deadline(Duration::ZERO),
+        Backoff429::new().concurrency_schedule(Schedule::new().factor(-1.0)),
+    ] {
+        let expected = backoff.validate().unwrap_err();
+        assert!(matches!(expected, ConfigError::InvalidSetting { .. }));
+        let script = Script::default();
+        let error = send(backoff, &script, request(Method::GET))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.downcast_ref::<BackoffError>(),
+            Some(&BackoffError::Config(expected))
+        );
+        assert!(script.seen().is_empty(), "nothing sent");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_retry_goes_back_through_the_layers_below() {
+    let concurrency = Answer::Status(
+        429,
+        vec![],
+        r#"{"errorCode":"concurrency_limit_reached"}"#.into(),
+    );
+    let script = Script::new([
+        concurrency,
+        Answer::Status(201, vec![], r#"{"id":"job-1","status":"PENDING"}"#.into()),
+    ]);
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let svc = ServiceBuilder::new()
+        .backoff_429(exact())
+        .concurrency_limit_by_plan(plan.clone())
+        .service(script.service());
+    let call = tokio::spawn(svc.clone().oneshot(request(Method::POST)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        plan.in_use(),
+        0,
+        "the concurrency 429 gave its slot back while the retry waits"
+    );
+    let response = call.await.unwrap().unwrap();
+    response.into_body().collect().await.unwrap();
+    assert_eq!(
+        plan.jobs()[0].id,
+        "job-1",
+        "the retry took a slot through the plan"
+    );
+
+    // A second job waits in the plan's queue, retry or not.
+    let second = tokio::spawn(svc.oneshot(request(Method::POST)));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(script.seen().len(), 2, "queued below, not sent");
+    plan.complete("job-1");
+    second.await.unwrap().unwrap();
+    assert_eq!(script.seen().len(), 3);
+}

@@ -3,6 +3,7 @@
 
 use criterion::{criterion_group, criterion_main};
 
+mod backoff;
 mod concurrency;
 mod harness;
 mod rate_limit;
@@ -14,6 +15,7 @@ criterion_group!(
     rate_limit::contended,
     concurrency::job_request,
     concurrency::other_request,
-    concurrency::contended
+    concurrency::contended,
+    backoff::no_retry
 );
 criterion_main!(benches);

@@ -32,6 +32,14 @@ pin_project! {
     }
 }
 
+/// A refusal being read.
+struct Reading<ResBody> {
+    parts: Option<Parts>,
+    body: Option<Pin<Box<ResBody>>>,
+    read: BytesMut,
+    kind: Option<LimitKind>,
+}
+
 /// What a request needs to be sent again.
 struct Retry<S, B> {
     service: S,
@@ -51,14 +59,10 @@ pin_project! {
     enum State<F, ResBody> {
         Called { #[pin] future: F },
         // Reading a refusal's body to tell which limit it is about (boxed: only refusals
-        // come here, and the body may be handed on to the caller).
-        Reading {
-            parts: Option<Parts>,
-            body: Option<Pin<Box<ResBody>>>,
-            read: BytesMut,
-            kind: Option<LimitKind>,
-        },
-        Sleeping { #[pin] sleep: Sleep },
+        // come here, and it keeps the future small).
+        Reading { reading: Box<Reading<ResBody>> },
+        // Boxed: only a retry needs it, and it keeps the future small.
+        Sleeping { sleep: Pin<Box<Sleep>> },
         Ready,
         Failed { error: Option<BoxError> },
     }
@@ -209,10 +213,12 @@ where
                         };
                         let (parts, body) = response.into_parts();
                         this.state.set(State::Reading {
-                            parts: Some(parts),
-                            body: Some(Box::pin(body)),
-                            read: BytesMut::new(),
-                            kind,
+                            reading: Box::new(Reading {
+                                parts: Some(parts),
+                                body: Some(Box::pin(body)),
+                                read: BytesMut::new(),
+                                kind,
+                            }),
                         });
                     }
                     Err(error) => {
@@ -222,18 +228,19 @@ where
                             .flatten();
                         match wait {
                             Some(wait) => this.state.set(State::Sleeping {
-                                sleep: tokio::time::sleep(wait),
+                                sleep: Box::pin(tokio::time::sleep(wait)),
                             }),
                             None => return Poll::Ready(Err(error)),
                         }
                     }
                 },
-                StateProj::Reading {
-                    parts,
-                    body,
-                    read,
-                    kind,
-                } => {
+                StateProj::Reading { reading } => {
+                    let Reading {
+                        parts,
+                        body,
+                        read,
+                        kind,
+                    } = &mut **reading;
                     let max = retry.config.max_body;
                     let mut ended = false;
                     if let Some(stream) = body.as_mut() {
@@ -264,7 +271,7 @@ where
                     let hint = server_hint(&parts.headers);
                     if let Some(wait) = retry.decide(kind, hint) {
                         this.state.set(State::Sleeping {
-                            sleep: tokio::time::sleep(wait),
+                            sleep: Box::pin(tokio::time::sleep(wait)),
                         });
                         continue;
                     }
@@ -286,7 +293,7 @@ where
                     return Poll::Ready(Ok(response));
                 }
                 StateProj::Sleeping { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {

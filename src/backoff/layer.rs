@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use http::response::Parts;
 use http::HeaderName;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
+
+use super::budget::RetryBudget;
 use tower_layer::Layer;
 
 use super::service::Backoff429Service;
@@ -269,8 +271,8 @@ impl Default for Backoff429 {
 
 impl Backoff429 {
     /// The vendor's advice: 5 retries, 1, 2, 4, 8, 16 s apart before jitter
-    /// ([`Jitter::Equal`]); concurrency 429s on the same schedule; no deadline; tower's
-    /// default [`TpsBudget`] (retries at most 20% of requests, beyond 10 a second); transient
+    /// ([`Jitter::Equal`]); concurrency 429s on the same schedule; no deadline; the default
+    /// [`RetryBudget`] (retries at most 20% of requests, beyond 10 a second); transient
     /// failures not retried.
     pub fn new() -> Self {
         Self {
@@ -279,7 +281,7 @@ impl Backoff429 {
                 concurrency: None,
                 transient: false,
                 deadline: None,
-                budget: Arc::new(TpsBudget::default()),
+                budget: Arc::new(RetryBudget::default()),
                 classifier: Arc::new(sync_error_code),
                 idempotency_header: None,
                 error_on_exhaustion: false,
@@ -358,9 +360,9 @@ impl Backoff429 {
         self.with(|c| c.deadline = Some(deadline))
     }
 
-    /// The retry budget shared by every request through the layer (default tower's
-    /// [`TpsBudget::default`]). In a storm, a retry the budget refuses is not made: the
-    /// caller gets the 429.
+    /// The retry budget shared by every request through the layer (default
+    /// [`RetryBudget::default`]; tower's `TpsBudget` fits too). In a storm, a retry the budget
+    /// refuses is not made: the caller gets the 429.
     pub fn budget(self, budget: impl Budget + Send + Sync + 'static) -> Self {
         self.with(|c| c.budget = Arc::new(budget))
     }

@@ -16,8 +16,9 @@
 //!   `rate_limit_exceeded` / `concurrency_limit_reached`), or a closure of yours; each kind
 //!   can have its own [`Schedule`]. The body read to classify is not lost: the response the
 //!   caller finally gets carries all of it.
-//! - **A retry budget** (tower's [`TpsBudget`](tower::retry::budget::TpsBudget) by default):
-//!   in a storm, retries stay a bounded share of traffic.
+//! - **A retry budget** ([`RetryBudget`], tower's `TpsBudget` settings at a fraction of its
+//!   cost per request; any [`Budget`](tower::retry::budget::Budget) can replace it): in a
+//!   storm, retries stay a bounded share of traffic.
 //! - **Transient failures** (502, 503, 504, connection errors) are retried only when asked
 //!   ([`Backoff429::retry_transient`]), and a request that may have been processed only when
 //!   replaying it is safe: an idempotent method, or an `Idempotency-Key` (the caller's, or one
@@ -66,12 +67,14 @@
 //! ```
 
 mod body;
+mod budget;
 mod error;
 mod future;
 mod layer;
 mod service;
 
 pub use body::BackoffBody;
+pub use budget::RetryBudget;
 pub use error::{BackoffError, Retried};
 pub use future::ResponseFuture;
 pub use layer::{Backoff429, Jitter, LimitKind, Schedule};

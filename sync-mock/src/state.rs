@@ -69,6 +69,9 @@ pub(crate) struct Generation {
     pub(crate) key: String,
     #[serde(skip)]
     pub(crate) webhook_url: Option<String>,
+    /// When it was created, since the server started.
+    #[serde(skip)]
+    pub(crate) started: Duration,
     /// When it ends, since the server started.
     #[serde(skip)]
     pub(crate) ends_at: Duration,
@@ -250,6 +253,7 @@ impl State {
             error_code: None,
             key: key.to_owned(),
             webhook_url: request.webhook_url,
+            started: now,
             ends_at: now + self.config.pending + self.config.processing,
         };
         account.active += 1;
@@ -325,6 +329,7 @@ impl State {
             _ => {}
         }
         if !status.is_active() {
+            inner.stats.job_time += self.now().saturating_sub(generation.started);
             inner.stats.active -= 1;
             if let Some(account) = inner.accounts.get_mut(&generation.key) {
                 account.active -= 1;

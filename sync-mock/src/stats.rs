@@ -51,6 +51,10 @@ pub struct Stats {
     pub completed: u64,
     /// Generations that ended `FAILED`.
     pub failed: u64,
+    /// Time spent `PENDING` or `PROCESSING` by the generations that ended, summed: the plan
+    /// slot-time used (seconds, in the admin endpoint's JSON).
+    #[serde(serialize_with = "as_secs")]
+    pub job_time: Duration,
     /// Generations `PENDING` or `PROCESSING` now, over all keys.
     pub active: usize,
     /// The most generations `PENDING` or `PROCESSING` at once, over all keys.

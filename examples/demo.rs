@@ -333,7 +333,7 @@ async fn main() -> Result<(), BoxError> {
         let slot_time =
             o.stats.job_time.as_secs_f64() / (args.plan.limit() as f64 * o.wall.as_secs_f64());
         format!(
-            "| {name:<8} | {:>5}/{:<4} | {:>5} | {:>7.2}s | {:>16.0}% | {:>18.0}% |",
+            "| {name:<8} | {:>5}/{:<4} | {:>5} | {:>8.2}s | {:>16.0}% | {:>18.0}% |",
             o.completed,
             o.completed + o.failed,
             o.stats.too_many_requests(),

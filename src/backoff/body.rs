@@ -14,28 +14,35 @@ pin_project! {
     #[derive(Debug)]
     pub struct BackoffBody<B> {
         #[pin]
-        inner: Option<B>,
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    #[derive(Debug)]
+    enum Kind<B> {
+        // Passed through, untouched.
+        Inner { #[pin] body: B },
         // A body this layer began to read: what it read, then the rest.
-        read: Option<Bytes>,
-        rest: Option<Pin<Box<B>>>,
+        Read { read: Option<Bytes>, rest: Option<Pin<Box<B>>> },
     }
 }
 
 impl<B> BackoffBody<B> {
     pub(crate) fn new(body: B) -> Self {
         Self {
-            inner: Some(body),
-            read: None,
-            rest: None,
+            kind: Kind::Inner { body },
         }
     }
 
     /// `read` (the start of the body, already read), then what is left of `rest`.
     pub(crate) fn read(read: Bytes, rest: Option<Pin<Box<B>>>) -> Self {
         Self {
-            inner: None,
-            read: (!read.is_empty()).then_some(read),
-            rest,
+            kind: Kind::Read {
+                read: (!read.is_empty()).then_some(read),
+                rest,
+            },
         }
     }
 }
@@ -55,35 +62,40 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        if let Some(inner) = this.inner.as_pin_mut() {
-            let frame = std::task::ready!(inner.poll_frame(cx));
-            return Poll::Ready(frame.map(|f| f.map(to_bytes)));
+        match self.project().kind.project() {
+            KindProj::Inner { body } => {
+                let frame = std::task::ready!(body.poll_frame(cx));
+                Poll::Ready(frame.map(|f| f.map(to_bytes)))
+            }
+            KindProj::Read { read, rest } => {
+                if let Some(read) = read.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(read))));
+                }
+                let Some(rest) = rest.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let frame = std::task::ready!(rest.as_mut().poll_frame(cx));
+                Poll::Ready(frame.map(|f| f.map(to_bytes)))
+            }
         }
-        if let Some(read) = this.read.take() {
-            return Poll::Ready(Some(Ok(Frame::data(read))));
-        }
-        let Some(rest) = this.rest.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let frame = std::task::ready!(rest.as_mut().poll_frame(cx));
-        Poll::Ready(frame.map(|f| f.map(to_bytes)))
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Some(inner) => inner.is_end_stream(),
-            None => self.read.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream()),
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Read { read, rest } => {
+                read.is_none() && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        if let Some(inner) = &self.inner {
-            return inner.size_hint();
-        }
-        let read = self.read.as_ref().map_or(0, |b| b.len() as u64);
-        let mut hint = self
-            .rest
+        let (read, rest) = match &self.kind {
+            Kind::Inner { body } => return body.size_hint(),
+            Kind::Read { read, rest } => (read, rest),
+        };
+        let read = read.as_ref().map_or(0, |b| b.len() as u64);
+        let mut hint = rest
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());
         // Upper first: a lower bound above the upper one would panic.

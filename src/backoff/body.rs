@@ -30,6 +30,7 @@ pin_project! {
 }
 
 impl<B> BackoffBody<B> {
+    #[inline]
     pub(crate) fn new(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
@@ -47,6 +48,7 @@ impl<B> BackoffBody<B> {
     }
 }
 
+#[inline]
 fn to_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
     frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
 }
@@ -58,6 +60,7 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -80,6 +83,7 @@ where
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),

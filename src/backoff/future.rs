@@ -72,6 +72,7 @@ impl<S, B, ResBody> ResponseFuture<S, B, ResBody>
 where
     S: Service<Request<B>>,
 {
+    #[inline]
     pub(crate) fn new(
         future: S::Future,
         service: S,
@@ -171,6 +172,27 @@ impl<S, B> Retry<S, B> {
     }
 }
 
+impl<S, B> Retry<S, B> {
+    /// Whether an answer with `status` is one this layer may retry.
+    #[inline]
+    fn refused(&self, status: StatusCode) -> bool {
+        status == StatusCode::TOO_MANY_REQUESTS
+            || (self.config.transient && self.replayable && matches!(status.as_u16(), 502..=504))
+    }
+
+    /// The response the caller gets.
+    #[inline]
+    fn finish<ResBody>(&self, response: Response<ResBody>) -> Response<BackoffBody<ResBody>> {
+        let mut response = response.map(BackoffBody::new);
+        if let Some(retried) = self.retried() {
+            response.extensions_mut().insert(retried);
+        }
+        response
+    }
+}
+
+type Output<ResBody> = Result<Response<BackoffBody<ResBody>>, BoxError>;
+
 impl<S, B, ResBody> Future for ResponseFuture<S, B, ResBody>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
@@ -179,133 +201,180 @@ where
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
-    type Output = Result<Response<BackoffBody<ResBody>>, BoxError>;
+    type Output = Output<ResBody>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        loop {
-            if let StateProj::Failed { error } = this.state.as_mut().project() {
-                let error = error
-                    .take()
-                    .unwrap_or_else(|| "polled after completion".into());
-                return Poll::Ready(Err(error));
+        // The path of nearly every request, kept small: sent once, answered, not refused.
+        if let (StateProj::Called { future }, Some(retry)) =
+            (this.state.as_mut().project(), this.retry.as_mut())
+        {
+            match ready!(future.poll(cx)) {
+                Ok(response) if !retry.refused(response.status()) => {
+                    return Poll::Ready(Ok(retry.finish(response)));
+                }
+                answer => {
+                    if let Some(done) = on_answer(this.state.as_mut(), retry, answer) {
+                        return Poll::Ready(done);
+                    }
+                }
             }
-            let Some(retry) = this.retry.as_mut() else {
-                return Poll::Ready(Err("polled after completion".into()));
-            };
-            match this.state.as_mut().project() {
-                StateProj::Called { future } => match ready!(future.poll(cx)) {
-                    Ok(response) => {
-                        let status = response.status();
-                        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
-                            None
-                        } else if retry.config.transient
-                            && retry.replayable
-                            && matches!(status.as_u16(), 502..=504)
-                        {
-                            Some(LimitKind::Transient)
-                        } else {
-                            let mut response = response.map(BackoffBody::new);
-                            if let Some(retried) = retry.retried() {
-                                response.extensions_mut().insert(retried);
-                            }
-                            return Poll::Ready(Ok(response));
-                        };
-                        let (parts, body) = response.into_parts();
-                        this.state.set(State::Reading {
-                            reading: Box::new(Reading {
-                                parts: Some(parts),
-                                body: Some(Box::pin(body)),
-                                read: BytesMut::new(),
-                                kind,
-                            }),
-                        });
-                    }
-                    Err(error) => {
-                        let error = error.into();
-                        let wait = (retry.config.transient && retry.replayable)
-                            .then(|| retry.decide(LimitKind::Transient, None))
-                            .flatten();
-                        match wait {
-                            Some(wait) => this.state.set(State::Sleeping {
-                                sleep: Box::pin(tokio::time::sleep(wait)),
-                            }),
-                            None => return Poll::Ready(Err(error)),
-                        }
-                    }
-                },
-                StateProj::Reading { reading } => {
-                    let Reading {
-                        parts,
-                        body,
-                        read,
-                        kind,
-                    } = &mut **reading;
-                    let max = retry.config.max_body;
-                    let mut ended = false;
-                    if let Some(stream) = body.as_mut() {
-                        while read.len() < max {
-                            match ready!(stream.as_mut().poll_frame(cx)) {
-                                Some(Ok(frame)) => {
-                                    if let Ok(mut data) = frame.into_data() {
-                                        while data.has_remaining() {
-                                            let chunk = data.chunk();
-                                            read.extend_from_slice(chunk);
-                                            let n = chunk.len();
-                                            data.advance(n);
-                                        }
+        }
+        poll_slow(this.state, this.retry, cx)
+    }
+}
+
+/// What to do with an answer that is a refusal or an error: read it (`None`: the state moved
+/// on), or hand it back.
+#[inline(never)]
+fn on_answer<S, B, ResBody>(
+    mut state: Pin<&mut State<S::Future, ResBody>>,
+    retry: &mut Retry<S, B>,
+    answer: Result<Response<ResBody>, S::Error>,
+) -> Option<Output<ResBody>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    match answer {
+        Ok(response) => {
+            let status = response.status();
+            if !retry.refused(status) {
+                return Some(Ok(retry.finish(response)));
+            }
+            let kind = (status != StatusCode::TOO_MANY_REQUESTS).then_some(LimitKind::Transient);
+            let (parts, body) = response.into_parts();
+            state.set(State::Reading {
+                reading: Box::new(Reading {
+                    parts: Some(parts),
+                    body: Some(Box::pin(body)),
+                    read: BytesMut::new(),
+                    kind,
+                }),
+            });
+            None
+        }
+        Err(error) => {
+            let error = error.into();
+            let wait = (retry.config.transient && retry.replayable)
+                .then(|| retry.decide(LimitKind::Transient, None))
+                .flatten();
+            match wait {
+                Some(wait) => {
+                    state.set(State::Sleeping {
+                        sleep: Box::pin(tokio::time::sleep(wait)),
+                    });
+                    None
+                }
+                None => Some(Err(error)),
+            }
+        }
+    }
+}
+
+/// Everything but the first answer: reading refusals, waiting, sending again.
+#[inline(never)]
+fn poll_slow<S, B, ResBody>(
+    mut state: Pin<&mut State<S::Future, ResBody>>,
+    retry: &mut Option<Retry<S, B>>,
+    cx: &mut Context<'_>,
+) -> Poll<Output<ResBody>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Clone,
+    ResBody: Body,
+    ResBody::Error: Into<BoxError>,
+{
+    loop {
+        if let StateProj::Failed { error } = state.as_mut().project() {
+            let error = error
+                .take()
+                .unwrap_or_else(|| "polled after completion".into());
+            return Poll::Ready(Err(error));
+        }
+        let Some(retry) = retry.as_mut() else {
+            return Poll::Ready(Err("polled after completion".into()));
+        };
+        match state.as_mut().project() {
+            StateProj::Called { future } => {
+                let answer = ready!(future.poll(cx));
+                if let Some(done) = on_answer(state.as_mut(), retry, answer) {
+                    return Poll::Ready(done);
+                }
+            }
+            StateProj::Reading { reading } => {
+                let Reading {
+                    parts,
+                    body,
+                    read,
+                    kind,
+                } = &mut **reading;
+                let max = retry.config.max_body;
+                let mut ended = false;
+                if let Some(stream) = body.as_mut() {
+                    while read.len() < max {
+                        match ready!(stream.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => {
+                                if let Ok(mut data) = frame.into_data() {
+                                    while data.has_remaining() {
+                                        let chunk = data.chunk();
+                                        read.extend_from_slice(chunk);
+                                        let n = chunk.len();
+                                        data.advance(n);
                                     }
                                 }
-                                Some(Err(error)) => return Poll::Ready(Err(error.into())),
-                                None => {
-                                    ended = true;
-                                    break;
-                                }
+                            }
+                            Some(Err(error)) => return Poll::Ready(Err(error.into())),
+                            None => {
+                                ended = true;
+                                break;
                             }
                         }
                     }
-                    let Some(parts) = parts.take() else {
-                        return Poll::Ready(Err("polled after completion".into()));
-                    };
-                    let kind = kind.unwrap_or_else(|| (retry.config.classifier)(&parts, read));
-                    let hint = server_hint(&parts.headers);
-                    if let Some(wait) = retry.decide(kind, hint) {
-                        this.state.set(State::Sleeping {
-                            sleep: Box::pin(tokio::time::sleep(wait)),
-                        });
-                        continue;
-                    }
-                    let status = parts.status;
-                    if retry.config.error_on_exhaustion {
-                        return Poll::Ready(Err(BackoffError::Exhausted {
-                            attempts: retry.retries + 1,
-                            waited: retry.waited,
-                            status,
-                        }
-                        .into()));
-                    }
-                    let rest = if ended { None } else { body.take() };
-                    let read = std::mem::take(read).freeze();
-                    let mut response = Response::from_parts(parts, BackoffBody::read(read, rest));
-                    if let Some(retried) = retry.retried() {
-                        response.extensions_mut().insert(retried);
-                    }
-                    return Poll::Ready(Ok(response));
                 }
-                StateProj::Sleeping { sleep } => {
-                    ready!(sleep.as_mut().poll(cx));
-                    this.state.set(State::Ready);
-                }
-                StateProj::Ready => {
-                    if let Err(error) = ready!(retry.service.poll_ready(cx)) {
-                        return Poll::Ready(Err(error.into()));
-                    }
-                    let future = retry.service.call(retry.template.clone());
-                    this.state.set(State::Called { future });
-                }
-                StateProj::Failed { .. } => {
+                let Some(parts) = parts.take() else {
                     return Poll::Ready(Err("polled after completion".into()));
+                };
+                let kind = kind.unwrap_or_else(|| (retry.config.classifier)(&parts, read));
+                let hint = server_hint(&parts.headers);
+                if let Some(wait) = retry.decide(kind, hint) {
+                    state.set(State::Sleeping {
+                        sleep: Box::pin(tokio::time::sleep(wait)),
+                    });
+                    continue;
                 }
+                let status = parts.status;
+                if retry.config.error_on_exhaustion {
+                    return Poll::Ready(Err(BackoffError::Exhausted {
+                        attempts: retry.retries + 1,
+                        waited: retry.waited,
+                        status,
+                    }
+                    .into()));
+                }
+                let rest = if ended { None } else { body.take() };
+                let read = std::mem::take(read).freeze();
+                let mut response = Response::from_parts(parts, BackoffBody::read(read, rest));
+                if let Some(retried) = retry.retried() {
+                    response.extensions_mut().insert(retried);
+                }
+                return Poll::Ready(Ok(response));
+            }
+            StateProj::Sleeping { sleep } => {
+                ready!(sleep.as_mut().poll(cx));
+                state.set(State::Ready);
+            }
+            StateProj::Ready => {
+                if let Err(error) = ready!(retry.service.poll_ready(cx)) {
+                    return Poll::Ready(Err(error.into()));
+                }
+                let future = retry.service.call(retry.template.clone());
+                state.set(State::Called { future });
+            }
+            StateProj::Failed { .. } => {
+                return Poll::Ready(Err("polled after completion".into()));
             }
         }
     }

@@ -77,14 +77,42 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    #[inline(always)]
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if self.invalid.is_some() || self.config.transient {
+            return self.call_slow(request);
+        }
+        let config = &self.config;
+        config.budget.deposit();
+        let replayable = is_idempotent(request.method());
+        let template = request.clone();
+        let future = self.inner.call(request);
+        ResponseFuture::new(
+            future,
+            self.inner.clone(),
+            template,
+            config.clone(),
+            replayable,
+        )
+    }
+}
+
+impl<S> Backoff429Service<S> {
+    /// A layer with an invalid setting, or one that retries transient failures (which may
+    /// add an idempotency key).
+    #[inline(never)]
+    fn call_slow<B, ResBody>(&mut self, mut request: Request<B>) -> ResponseFuture<S, B, ResBody>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+        B: Clone,
+    {
         if let Some(error) = &self.invalid {
             return ResponseFuture::failed(BackoffError::Config(error.clone()).into());
         }
         let config = &self.config;
         config.budget.deposit();
         let mut replayable = is_idempotent(request.method());
-        if config.transient && !replayable {
+        if !replayable {
             if let Some(header) = &config.idempotency_header {
                 if !request.headers().contains_key(header) {
                     if let Ok(key) = HeaderValue::from_str(&config.idempotency_key()) {

@@ -245,6 +245,16 @@ impl<B> PlanBody<B> {
         }
     }
 
+    /// A body nothing is read from.
+    #[inline]
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            observer: None,
+            answered: None,
+        }
+    }
+
     pub(crate) fn in_flight(inner: B, answered: Option<Answered>) -> Self {
         Self {
             inner,
@@ -263,6 +273,7 @@ impl<B: Body> Body for PlanBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -286,6 +297,7 @@ impl<B: Body> Body for PlanBody<B> {
         Poll::Ready(frame)
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
     }

@@ -127,7 +127,35 @@ where
 {
     type Output = Result<Response<PlanBody<ResBody>>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The path of nearly every request, kept small: sent at once, answered.
+        let this = self.as_mut().project();
+        if let StateProj::Called { future } = this.state.project() {
+            let result = ready!(future.poll(cx));
+            if let Role::Other = this.role {
+                return Poll::Ready(match result {
+                    Ok(response) => Ok(response.map(PlanBody::passthrough)),
+                    Err(error) => Err(error.into()),
+                });
+            }
+            return Poll::Ready(respond(this.role, result));
+        }
+        self.poll_queued(cx)
+    }
+}
+
+impl<S, B, ResBody> ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    /// Waiting for a slot, then sending.
+    #[inline(never)]
+    fn poll_queued(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<PlanBody<ResBody>>, BoxError>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
@@ -198,6 +226,7 @@ where
 }
 
 /// What a response means to the plan; wraps its body to read what it shows.
+#[inline(never)]
 fn respond<ResBody, E: Into<BoxError>>(
     role: &mut Role,
     result: Result<Response<ResBody>, E>,

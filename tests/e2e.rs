@@ -301,4 +301,26 @@ async fn several_clients_share_one_layer_handle() {
         elapsed >= Duration::from_secs(120) && elapsed <= Duration::from_secs(123),
         "{elapsed:?}"
     );
+
+    // Three naive clients, same work: they take each other's slots and collect 429s.
+    let server = MockServer::start(
+        Config::default().job_durations(Duration::from_secs(2), Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    let mut clients = FuturesUnordered::new();
+    for _ in 0..3 {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let server = &server;
+        clients.push(async move {
+            let mut calls: FuturesUnordered<_> = (0..10)
+                .map(|_| naive_send(&client, || create(server)))
+                .collect();
+            while calls.next().await.is_some() {}
+        });
+    }
+    while clients.next().await.is_some() {}
+    let naive = server.stats();
+    assert!(naive.too_many_requests() > 0);
+    assert!(naive.created < 30, "the naive clients gave up on some jobs");
 }

@@ -35,9 +35,15 @@ pub(crate) fn object(body: &[u8], fields: Fields<'_>) -> Seen {
 
 /// A string (or number) field of a JSON object, as far as `body` goes.
 pub(crate) fn field(body: &[u8], name: &str) -> Option<String> {
-    // No key is the empty string *and* `name`, so `status` never catches `name`'s value.
-    let status = if name.is_empty() { "\u{0}" } else { "" };
-    object(body, Fields { id: name, status }).id
+    // The id is looked for first, so `name` as the status field too catches nothing else.
+    object(
+        body,
+        Fields {
+            id: name,
+            status: name,
+        },
+    )
+    .id
 }
 
 /// The jobs in a JSON array of objects, as far as `body` goes. A job cut in two is left out.

@@ -50,9 +50,13 @@ impl RetryBudget {
                 reason: "must be between 0 and 1000",
             });
         }
-        Ok(Self {
+        Ok(Self::with(ttl, f64::from(min_per_sec), retry_percent))
+    }
+
+    fn with(ttl: Duration, min_per_sec: f64, retry_percent: f64) -> Self {
+        Self {
             ttl,
-            reserve: f64::from(min_per_sec) * ttl.as_secs_f64(),
+            reserve: min_per_sec * ttl.as_secs_f64(),
             percent: retry_percent,
             deposits: AtomicU64::new(0),
             window: Mutex::new(Window {
@@ -61,25 +65,14 @@ impl RetryBudget {
                 retries: 0,
                 previous_retries: 0,
             }),
-        })
+        }
     }
 }
 
 impl Default for RetryBudget {
     /// tower's defaults: a 10 s window, 10 retries a second of reserve, 20% of requests.
     fn default() -> Self {
-        Self {
-            ttl: Duration::from_secs(10),
-            reserve: 100.0,
-            percent: 0.2,
-            deposits: AtomicU64::new(0),
-            window: Mutex::new(Window {
-                started: None,
-                previous_deposits: 0,
-                retries: 0,
-                previous_retries: 0,
-            }),
-        }
+        Self::with(Duration::from_secs(10), 10.0, 0.2)
     }
 }
 

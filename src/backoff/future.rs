@@ -183,7 +183,12 @@ impl<S, B> Retry<S, B> {
     /// The response the caller gets.
     #[inline]
     fn finish<ResBody>(&self, response: Response<ResBody>) -> Response<BackoffBody<ResBody>> {
-        let mut response = response.map(BackoffBody::new);
+        self.record(response.map(BackoffBody::new))
+    }
+
+    /// Notes the retries, if any, in the response's extensions.
+    #[inline]
+    fn record<T>(&self, mut response: Response<T>) -> Response<T> {
         if let Some(retried) = self.retried() {
             response.extensions_mut().insert(retried);
         }
@@ -356,11 +361,8 @@ where
                 }
                 let rest = if ended { None } else { body.take() };
                 let read = std::mem::take(read).freeze();
-                let mut response = Response::from_parts(parts, BackoffBody::read(read, rest));
-                if let Some(retried) = retry.retried() {
-                    response.extensions_mut().insert(retried);
-                }
-                return Poll::Ready(Ok(response));
+                let response = Response::from_parts(parts, BackoffBody::read(read, rest));
+                return Poll::Ready(Ok(retry.record(response)));
             }
             StateProj::Sleeping { sleep } => {
                 ready!(sleep.as_mut().poll(cx));

@@ -178,6 +178,7 @@ fn sync_error_code(_: &Parts, body: &[u8]) -> LimitKind {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) rate: Schedule,
     pub(crate) concurrency: Option<Schedule>,
@@ -188,8 +189,34 @@ pub(crate) struct Config {
     pub(crate) idempotency_header: Option<HeaderName>,
     pub(crate) error_on_exhaustion: bool,
     pub(crate) max_body: usize,
-    random: RandomState,
+    random: Random,
+}
+
+/// A source of random numbers: std's randomly keyed hasher over a counter. A clone starts
+/// with fresh keys.
+struct Random {
+    keys: RandomState,
     counter: AtomicU64,
+}
+
+impl Random {
+    fn new() -> Self {
+        Self {
+            keys: RandomState::new(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.keys.hash_one(n)
+    }
+}
+
+impl Clone for Random {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
 }
 
 impl fmt::Debug for Config {
@@ -215,18 +242,12 @@ impl Config {
 
     /// A random number in `[0, 1)`.
     pub(crate) fn unit(&self) -> f64 {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        (self.random.hash_one(n) >> 11) as f64 / (1u64 << 53) as f64
+        (self.random.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// A fresh idempotency key: 32 random hex digits.
     pub(crate) fn idempotency_key(&self) -> String {
-        let n = self.counter.fetch_add(2, Ordering::Relaxed);
-        format!(
-            "{:016x}{:016x}",
-            self.random.hash_one(n),
-            self.random.hash_one(n + 1)
-        )
+        format!("{:016x}{:016x}", self.random.next(), self.random.next())
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
@@ -286,35 +307,14 @@ impl Backoff429 {
                 idempotency_header: None,
                 error_on_exhaustion: false,
                 max_body: 64 * 1024,
-                random: RandomState::new(),
-                counter: AtomicU64::new(0),
+                random: Random::new(),
             }),
         }
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
-        match Arc::get_mut(&mut self.config) {
-            Some(config) => change(config),
-            None => {
-                // Another clone shares the settings: make this one its own.
-                let old = &self.config;
-                let mut config = Config {
-                    rate: old.rate,
-                    concurrency: old.concurrency,
-                    transient: old.transient,
-                    deadline: old.deadline,
-                    budget: old.budget.clone(),
-                    classifier: old.classifier.clone(),
-                    idempotency_header: old.idempotency_header.clone(),
-                    error_on_exhaustion: old.error_on_exhaustion,
-                    max_body: old.max_body,
-                    random: RandomState::new(),
-                    counter: AtomicU64::new(0),
-                };
-                change(&mut config);
-                self.config = Arc::new(config);
-            }
-        }
+        // A clone sharing the settings gets its own copy first.
+        change(Arc::make_mut(&mut self.config));
         self
     }
 

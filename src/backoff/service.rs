@@ -82,22 +82,35 @@ where
         if self.invalid.is_some() || self.config.transient {
             return self.call_slow(request);
         }
-        let config = &self.config;
-        config.budget.deposit();
         let replayable = is_idempotent(request.method());
+        self.send(request, replayable)
+    }
+}
+
+impl<S> Backoff429Service<S> {
+    /// Sends `request`, keeping a clone of it to retry with.
+    #[inline(always)]
+    fn send<B, ResBody>(
+        &mut self,
+        request: Request<B>,
+        replayable: bool,
+    ) -> ResponseFuture<S, B, ResBody>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+        B: Clone,
+    {
+        self.config.budget.deposit();
         let template = request.clone();
         let future = self.inner.call(request);
         ResponseFuture::new(
             future,
             self.inner.clone(),
             template,
-            config.clone(),
+            self.config.clone(),
             replayable,
         )
     }
-}
 
-impl<S> Backoff429Service<S> {
     /// A layer with an invalid setting, or one that retries transient failures (which may
     /// add an idempotency key).
     #[inline(never)]
@@ -110,7 +123,6 @@ impl<S> Backoff429Service<S> {
             return ResponseFuture::failed(BackoffError::Config(error.clone()).into());
         }
         let config = &self.config;
-        config.budget.deposit();
         let mut replayable = is_idempotent(request.method());
         if !replayable {
             if let Some(header) = &config.idempotency_header {
@@ -122,14 +134,6 @@ impl<S> Backoff429Service<S> {
             }
             replayable = request.headers().contains_key("idempotency-key");
         }
-        let template = request.clone();
-        let future = self.inner.call(request);
-        ResponseFuture::new(
-            future,
-            self.inner.clone(),
-            template,
-            config.clone(),
-            replayable,
-        )
+        self.send(request, replayable)
     }
 }

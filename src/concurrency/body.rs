@@ -245,16 +245,6 @@ impl<B> PlanBody<B> {
         }
     }
 
-    /// A body nothing is read from.
-    #[inline]
-    pub(crate) fn passthrough(inner: B) -> Self {
-        Self {
-            inner,
-            observer: None,
-            answered: None,
-        }
-    }
-
     pub(crate) fn in_flight(inner: B, answered: Option<Answered>) -> Self {
         Self {
             inner,

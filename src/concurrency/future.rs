@@ -133,12 +133,6 @@ where
         let this = self.as_mut().project();
         if let StateProj::Called { future } = this.state.project() {
             let result = ready!(future.poll(cx));
-            if let Role::Other = this.role {
-                return Poll::Ready(match result {
-                    Ok(response) => Ok(response.map(PlanBody::passthrough)),
-                    Err(error) => Err(error.into()),
-                });
-            }
             return Poll::Ready(respond(this.role, result));
         }
         self.poll_queued(cx)
@@ -226,7 +220,6 @@ where
 }
 
 /// What a response means to the plan; wraps its body to read what it shows.
-#[inline(never)]
 fn respond<ResBody, E: Into<BoxError>>(
     role: &mut Role,
     result: Result<Response<ResBody>, E>,

@@ -48,10 +48,17 @@ struct Retry<S, B> {
     /// Whether a request that may have been processed can be sent again.
     replayable: bool,
     retries: u32,
-    waited: Duration,
-    last_wait: Duration,
     /// When the request was made, if a deadline applies.
     started: Option<Instant>,
+    /// The waits so far; made at the first retry, so the path of every request stays small.
+    waits: Option<Box<Waits>>,
+}
+
+/// The waits of a request that has been retried.
+#[derive(Default)]
+struct Waits {
+    total: Duration,
+    last: Duration,
 }
 
 pin_project! {
@@ -72,26 +79,27 @@ impl<S, B, ResBody> ResponseFuture<S, B, ResBody>
 where
     S: Service<Request<B>>,
 {
-    #[inline]
+    #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
-        service: S,
         template: Request<B>,
-        config: Arc<Config>,
+        service: &S,
+        config: &Arc<Config>,
         replayable: bool,
-    ) -> Self {
-        let started = config.deadline.map(|_| Instant::now());
+    ) -> Self
+    where
+        S: Clone,
+    {
         Self {
             state: State::Called { future },
             retry: Some(Retry {
-                service,
                 template,
-                config,
+                service: service.clone(),
+                config: config.clone(),
                 replayable,
                 retries: 0,
-                waited: Duration::ZERO,
-                last_wait: Duration::ZERO,
-                started,
+                started: config.deadline.map(|_| Instant::now()),
+                waits: None,
             }),
         }
     }
@@ -139,8 +147,9 @@ impl<S, B> Retry<S, B> {
             }
         }
         let retry = self.retries + 1;
+        let last_wait = self.waits.as_ref().map_or(Duration::ZERO, |w| w.last);
         let wait = schedule
-            .wait(retry, self.last_wait, config.unit())
+            .wait(retry, last_wait, config.unit())
             .max(hint.unwrap_or_default())
             .max(MIN_WAIT);
         if let (Some(deadline), Some(started)) = (config.deadline, self.started) {
@@ -158,16 +167,17 @@ impl<S, B> Retry<S, B> {
             return None;
         }
         self.retries = retry;
-        self.waited += wait;
-        self.last_wait = wait;
+        let waits = self.waits.get_or_insert_with(Box::default);
+        waits.total += wait;
+        waits.last = wait;
         tracing::info!(attempt = retry + 1, ?wait, reason = %kind, "retrying after a refusal");
         Some(wait)
     }
 
     fn retried(&self) -> Option<Retried> {
-        (self.retries > 0).then_some(Retried {
+        self.waits.as_ref().map(|waits| Retried {
             attempts: self.retries + 1,
-            waited: self.waited,
+            waited: waits.total,
         })
     }
 }
@@ -354,7 +364,7 @@ where
                 if retry.config.error_on_exhaustion {
                     return Poll::Ready(Err(BackoffError::Exhausted {
                         attempts: retry.retries + 1,
-                        waited: retry.waited,
+                        waited: retry.waits.as_ref().map_or(Duration::ZERO, |w| w.total),
                         status,
                     }
                     .into()));

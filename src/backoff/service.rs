@@ -78,62 +78,43 @@ where
     }
 
     #[inline(always)]
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        if self.invalid.is_some() || self.config.transient {
-            return self.call_slow(request);
-        }
-        let replayable = is_idempotent(request.method());
-        self.send(request, replayable)
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let replayable = if self.invalid.is_some() || self.config.transient {
+            match self.prepare(&mut request) {
+                Ok(replayable) => replayable,
+                Err(error) => return ResponseFuture::failed(error),
+            }
+        } else {
+            is_idempotent(request.method())
+        };
+        self.config.budget.deposit();
+        let template = request.clone();
+        let future = self.inner.call(request);
+        ResponseFuture::new(future, template, &self.inner, &self.config, replayable)
     }
 }
 
 impl<S> Backoff429Service<S> {
-    /// Sends `request`, keeping a clone of it to retry with.
-    #[inline(always)]
-    fn send<B, ResBody>(
-        &mut self,
-        request: Request<B>,
-        replayable: bool,
-    ) -> ResponseFuture<S, B, ResBody>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-        B: Clone,
-    {
-        self.config.budget.deposit();
-        let template = request.clone();
-        let future = self.inner.call(request);
-        ResponseFuture::new(
-            future,
-            self.inner.clone(),
-            template,
-            self.config.clone(),
-            replayable,
-        )
-    }
-
-    /// A layer with an invalid setting, or one that retries transient failures (which may
-    /// add an idempotency key).
+    /// For a layer with an invalid setting, or one that retries transient failures (which may
+    /// add an idempotency key): whether the request may be sent again after a failure that
+    /// may have been processed.
     #[inline(never)]
-    fn call_slow<B, ResBody>(&mut self, mut request: Request<B>) -> ResponseFuture<S, B, ResBody>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-        B: Clone,
-    {
+    fn prepare<B>(&self, request: &mut Request<B>) -> Result<bool, BoxError> {
         if let Some(error) = &self.invalid {
-            return ResponseFuture::failed(BackoffError::Config(error.clone()).into());
+            return Err(BackoffError::Config(error.clone()).into());
         }
         let config = &self.config;
-        let mut replayable = is_idempotent(request.method());
-        if !replayable {
-            if let Some(header) = &config.idempotency_header {
-                if !request.headers().contains_key(header) {
-                    if let Ok(key) = HeaderValue::from_str(&config.idempotency_key()) {
-                        request.headers_mut().insert(header.clone(), key);
-                    }
+        let replayable = is_idempotent(request.method());
+        if replayable {
+            return Ok(true);
+        }
+        if let Some(header) = &config.idempotency_header {
+            if !request.headers().contains_key(header) {
+                if let Ok(key) = HeaderValue::from_str(&config.idempotency_key()) {
+                    request.headers_mut().insert(header.clone(), key);
                 }
             }
-            replayable = request.headers().contains_key("idempotency-key");
         }
-        self.send(request, replayable)
+        Ok(request.headers().contains_key("idempotency-key"))
     }
 }

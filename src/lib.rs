@@ -52,6 +52,7 @@ mod limiter;
 mod quota;
 pub mod rate_limit;
 mod route;
+pub mod store;
 mod sync;
 
 pub use backoff::Backoff429;

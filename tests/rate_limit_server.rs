@@ -267,8 +267,11 @@ fn server_mode_keeps_the_inner_error_type() {
     assert_send_sync::<RateLimitByRoute<tower_quota::rate_limit::Reject>>();
     assert_send_sync::<
         tower_quota::rate_limit::RejectFuture<
-            std::future::Ready<Result<Response<String>, Infallible>>,
-            String,
+            tower::util::ServiceFn<
+                fn(Request<()>) -> std::future::Ready<Result<Response<String>, Infallible>>,
+            >,
+            (),
+            tower_quota::rate_limit::EmptyBody,
         >,
     >();
 }

@@ -10,11 +10,13 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::error::RateLimitError;
-use super::layer::{RejectConfig, RejectResponse, Rejection};
-use super::state::{Permit, Ticket, Turn};
+use super::layer::{Reject, RejectConfig, RejectResponse, Rejection};
+use super::remote::{Outcome, Place, SharedTurn};
+use super::state::{lock, Permit, Ticket, Turn, Verdict};
 use crate::clock::{nanos, Nanos};
 use crate::headers;
 use crate::quota::Quota;
+use crate::store::{Decision, FailMode, Op};
 use crate::BoxError;
 
 pin_project! {
@@ -25,10 +27,12 @@ pin_project! {
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, Result<S::Response, S::Error>>,
         // Boxed: only a request that waits needs it, and it keeps the future small.
         queued: Option<Box<Queued<S, B>>>,
-        permit: Option<Permit>,
+        // Boxed for the same reason: a request asking a shared store for its turn.
+        shared: Option<Box<SharedTurn<S, B>>>,
+        permit: Option<Place>,
     }
 }
 
@@ -44,14 +48,19 @@ struct Queued<S, B> {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<F, A> {
         // In the route's queue; the timer is not made yet.
         Queued,
         // In the route's queue, with a timer for a known turn or the maximum wait (boxed,
         // made once per waiting request and reset in place).
         Waiting { sleep: Pin<Box<Sleep>> },
+        // Asking the shared store for its turn.
+        Shared,
         // Sent.
         Called { #[pin] future: F },
+        // Answered; giving its place in the shared store back before answering (boxed: only
+        // a layer with a shared store comes here).
+        Releasing { op: Op, answer: Option<Box<A>> },
         // Given back unsent.
         Failed { error: Option<RateLimitError> },
     }
@@ -65,7 +74,17 @@ where
         Self {
             state: State::Called { future },
             queued: None,
-            permit,
+            shared: None,
+            permit: permit.map(Place::Local),
+        }
+    }
+
+    pub(crate) fn shared(turn: SharedTurn<S, B>) -> Self {
+        Self {
+            state: State::Shared,
+            queued: None,
+            shared: Some(Box::new(turn)),
+            permit: None,
         }
     }
 
@@ -84,6 +103,7 @@ where
                 ticket,
                 max_wait,
             })),
+            shared: None,
             permit: None,
         }
     }
@@ -98,6 +118,7 @@ where
                 }),
             },
             queued: None,
+            shared: None,
             permit: None,
         }
     }
@@ -116,15 +137,85 @@ where
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx));
-                    if let Some(permit) = this.permit.take() {
-                        match &result {
-                            Ok(response) => permit.finish(response),
-                            // The server may have counted it: the drop gives the place back
-                            // from now, like a response.
-                            Err(_) => drop(permit),
+                    if let Some(place) = this.permit.take() {
+                        if let Some(op) = place.finish(result.as_ref().ok()) {
+                            this.state.set(State::Releasing {
+                                op,
+                                answer: Some(Box::new(result)),
+                            });
+                            continue;
                         }
                     }
                     return Poll::Ready(result.map_err(Into::into));
+                }
+                StateProj::Releasing { op, answer } => {
+                    if let Err(error) = ready!(Pin::new(op).poll(cx)) {
+                        tracing::debug!(%error, "a place could not be given back: it expires with its lease");
+                    }
+                    return Poll::Ready(match answer.take() {
+                        Some(answer) => (*answer).map_err(Into::into),
+                        None => Err("rate limit future polled after completion".into()),
+                    });
+                }
+                StateProj::Shared => {
+                    let Some(turn) = this.shared.as_mut() else {
+                        return Poll::Ready(Err("rate limit future in an invalid state".into()));
+                    };
+                    let outcome = ready!(turn.poll_turn(cx));
+                    let Some(turn) = this.shared.take() else {
+                        return Poll::Ready(Err("rate limit future in an invalid state".into()));
+                    };
+                    match outcome {
+                        Outcome::Admitted(place) => {
+                            let SharedTurn {
+                                mut inner, request, ..
+                            } = *turn;
+                            *this.permit = Some(Place::Shared(place));
+                            this.state.set(State::Called {
+                                future: inner.call(request),
+                            });
+                        }
+                        Outcome::TooLong(error) => {
+                            this.state.set(State::Failed { error: None });
+                            return Poll::Ready(Err(error.into()));
+                        }
+                        Outcome::Failed(error) => {
+                            if turn.store().fail_mode() == FailMode::Closed {
+                                this.state.set(State::Failed { error: None });
+                                return Poll::Ready(Err(error.into()));
+                            }
+                            tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
+                            let SharedTurn {
+                                mut inner,
+                                request,
+                                handle,
+                                route,
+                                max_wait,
+                                ..
+                            } = *turn;
+                            let mut state = lock(&handle.routes[route].state);
+                            if let Some(permit) = Permit::try_acquire(&handle, &mut state, route) {
+                                drop(state);
+                                *this.permit = Some(Place::Local(permit));
+                                this.state.set(State::Called {
+                                    future: inner.call(request),
+                                });
+                            } else {
+                                let now = state.now(&handle.clock);
+                                let ticket = Ticket::join(&handle, &mut state, route, now);
+                                drop(state);
+                                *this.queued = Some(Box::new(Queued {
+                                    inner,
+                                    request,
+                                    deadline: max_wait
+                                        .map(|max| ticket.since.saturating_add(nanos(max))),
+                                    ticket,
+                                    max_wait,
+                                }));
+                                this.state.set(State::Queued);
+                            }
+                        }
+                    }
                 }
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(match error.take() {
@@ -154,7 +245,7 @@ where
                                 let Queued {
                                     mut inner, request, ..
                                 } = *queued;
-                                *this.permit = Some(permit);
+                                *this.permit = Some(Place::Local(permit));
                                 this.state.set(State::Called {
                                     future: inner.call(request),
                                 });
@@ -216,55 +307,145 @@ where
 }
 
 pin_project! {
-    /// The response future of server mode: the inner service's, or a ready 429.
-    pub struct RejectFuture<F, B> {
+    /// The response future of server mode: the inner service's, or a ready 429 (or, with a
+    /// shared store, the store's verdict first).
+    pub struct RejectFuture<S, B, F>
+    where
+        S: Service<Request<B>>,
+    {
         #[pin]
-        kind: Kind<F, B>,
+        kind: Kind<S::Future, S::Response>,
+        // Boxed: only a layer with a shared store needs it.
+        shared: Option<Box<SharedHit<S, B, F>>>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B> {
+    enum Kind<F, R> {
         Inner { #[pin] future: F },
-        Rejected { response: Option<Response<B>> },
+        Rejected { response: Option<R> },
+        Shared,
     }
 }
 
-impl<F, B> RejectFuture<F, B> {
-    pub(crate) fn inner(future: F) -> Self {
+/// A request whose verdict the shared store is deciding.
+pub(crate) struct SharedHit<S, B, F> {
+    pub(crate) inner: S,
+    pub(crate) request: Request<B>,
+    pub(crate) op: Op,
+    pub(crate) layer: Reject<F>,
+    pub(crate) route: usize,
+    /// The client's key in this process's own limiter, for [`FailMode::Open`].
+    pub(crate) local_key: u64,
+}
+
+impl<S, B, F> RejectFuture<S, B, F>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn inner(future: S::Future) -> Self {
         Self {
             kind: Kind::Inner { future },
+            shared: None,
         }
     }
 
-    pub(crate) fn rejected(response: Response<B>) -> Self {
+    pub(crate) fn rejected(response: S::Response) -> Self {
         Self {
             kind: Kind::Rejected {
                 response: Some(response),
             },
+            shared: None,
+        }
+    }
+
+    pub(crate) fn shared(hit: SharedHit<S, B, F>) -> Self {
+        Self {
+            kind: Kind::Shared,
+            shared: Some(Box::new(hit)),
         }
     }
 }
 
-impl<F, B, E> Future for RejectFuture<F, B>
+impl<S, B, F, ResBody> Future for RejectFuture<S, B, F>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    F: RejectResponse<ResBody>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<ResBody>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Inner { future } => future.poll(cx),
-            KindProj::Rejected { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
-                None => Poll::Pending,
-            },
+        let mut this = self.project();
+        loop {
+            match this.kind.as_mut().project() {
+                KindProj::Inner { future } => return future.poll(cx),
+                KindProj::Rejected { response } => {
+                    return match response.take() {
+                        Some(response) => Poll::Ready(Ok(response)),
+                        None => Poll::Pending,
+                    }
+                }
+                KindProj::Shared => {
+                    let Some(hit) = this.shared.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    let decision = ready!(Pin::new(&mut hit.op).poll(cx));
+                    let Some(hit) = this.shared.take() else {
+                        return Poll::Pending;
+                    };
+                    let SharedHit {
+                        mut inner,
+                        request,
+                        layer,
+                        route: index,
+                        local_key,
+                        ..
+                    } = *hit;
+                    let shared = &layer.0;
+                    let route = &shared.routes[index];
+                    let config = &shared.config;
+                    let verdict = match decision {
+                        Ok(Decision::Admitted) => Verdict::Pass,
+                        Ok(Decision::Wait(wait)) => Verdict::Refuse {
+                            // Nothing is in flight in server mode; should it ever be, a
+                            // period is safe.
+                            wait: wait.unwrap_or(route.quota().period()),
+                            quota: route.quota(),
+                        },
+                        Err(error) => match config.store.as_ref().map(|s| s.fail_mode()) {
+                            Some(FailMode::Closed) => {
+                                tracing::warn!(%error, "the shared quota store failed: refusing");
+                                Verdict::Refuse {
+                                    wait: Duration::from_secs(1),
+                                    quota: route.quota(),
+                                }
+                            }
+                            _ => {
+                                tracing::warn!(%error, "the shared quota store failed: counting against this server's own quota");
+                                route.hit(local_key, shared.clock.now())
+                            }
+                        },
+                    };
+                    let next = match verdict {
+                        Verdict::Pass => Kind::Inner {
+                            future: inner.call(request),
+                        },
+                        Verdict::Refuse { wait, quota } => Kind::Rejected {
+                            response: Some(rejection(config, &route.name, quota, wait)),
+                        },
+                    };
+                    this.kind.set(next);
+                }
+            }
         }
     }
 }
 
-impl<F, B> std::fmt::Debug for RejectFuture<F, B> {
+impl<S, B, F> std::fmt::Debug for RejectFuture<S, B, F>
+where
+    S: Service<Request<B>>,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RejectFuture").finish_non_exhaustive()
     }

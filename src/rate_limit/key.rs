@@ -1,7 +1,7 @@
 //! Which client a request comes from, for server mode's per-client quotas.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, DefaultHasher, Hash, RandomState};
 use std::sync::Arc;
 
 use http::{Extensions, HeaderMap, HeaderName, Method, Request, Uri};
@@ -46,7 +46,28 @@ impl<'a> RequestHead<'a> {
     }
 }
 
-type KeyFn = dyn Fn(&RequestHead<'_>, &RandomState) -> Option<u64> + Send + Sync;
+type KeyFn = dyn Fn(&RequestHead<'_>, &KeyHashing) -> Option<u64> + Send + Sync;
+
+/// How client keys are hashed.
+#[derive(Debug, Clone)]
+pub(crate) enum KeyHashing {
+    /// With this process's random keys, so that clients cannot choose keys that collide.
+    Random(RandomState),
+    /// The same in every process (SipHash with zero keys), for keys kept in a shared store.
+    /// Stable for processes built by the same Rust release.
+    Stable,
+}
+
+impl BuildHasher for KeyHashing {
+    type Hasher = DefaultHasher;
+
+    fn build_hasher(&self) -> DefaultHasher {
+        match self {
+            Self::Random(state) => state.build_hasher(),
+            Self::Stable => DefaultHasher::new(),
+        }
+    }
+}
 
 /// How server mode tells clients apart.
 #[derive(Clone, Default)]
@@ -87,7 +108,7 @@ impl ClientKey {
     /// The key's hash, keyed with `hasher`'s random keys so that clients cannot choose keys
     /// that collide. A request with no key (a missing header, an unknown peer) falls under
     /// one shared anonymous key.
-    pub(crate) fn extract<B>(&self, request: &Request<B>, hasher: &RandomState) -> u64 {
+    pub(crate) fn extract<B>(&self, request: &Request<B>, hasher: &KeyHashing) -> u64 {
         const ANONYMOUS: u64 = 0;
         let key = match self {
             Self::Global => return ANONYMOUS,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{HeaderName, Response};
 use tower_layer::Layer;
 
-use super::key::{ClientKey, RequestHead};
+use super::key::{ClientKey, KeyHashing, RequestHead};
 use super::service::RateLimitByRouteService;
 use super::state::{lock, ClientHandle, ClientRoute, ClientState, KeyedRoute, Learn, Shared};
 use crate::clock::Clock;
@@ -14,6 +14,7 @@ use crate::error::ConfigError;
 use crate::limiter::Wait as Admission;
 use crate::quota::{Quota, Rate};
 use crate::route::{Pattern, RouteTable};
+use crate::store::Remote;
 
 /// The name the default quota goes by in errors, snapshots and headers.
 pub(crate) const DEFAULT_ROUTE: &str = "default";
@@ -85,6 +86,7 @@ impl<F> fmt::Debug for Reject<F> {
 pub struct WaitConfig {
     pub(crate) max_wait: Option<Duration>,
     learn: Learn,
+    pub(crate) store: Option<Remote>,
 }
 
 /// Server-mode settings, as held by a [`Builder`].
@@ -93,7 +95,8 @@ pub struct RejectConfig<F = EmptyBody> {
     pub(crate) headers: bool,
     max_keys: usize,
     pub(crate) body: F,
-    pub(crate) hasher: RandomState,
+    pub(crate) hasher: KeyHashing,
+    pub(crate) store: Option<Remote>,
 }
 
 impl<F> fmt::Debug for RejectConfig<F> {
@@ -167,6 +170,7 @@ impl RateLimitByRoute<Wait> {
                     enabled: true,
                     backoff: Duration::from_secs(1),
                 },
+                store: None,
             },
         }
     }
@@ -261,6 +265,20 @@ impl Builder<WaitConfig> {
         self
     }
 
+    /// Keeps the quotas in a store shared with other processes (feature `redis`), so that
+    /// every process's requests count against one quota per route: the fleet never sends
+    /// more than a route's quota together. Requests then wait across processes (a release
+    /// anywhere wakes them) and the store's [`FailMode`](crate::store::FailMode) says what
+    /// happens while it is away.
+    ///
+    /// With a store, a 429 passing back closes the route for the whole fleet until its
+    /// `Retry-After`; `RateLimit` / `X-RateLimit-*` fields are not learnt from.
+    #[cfg(feature = "redis")]
+    pub fn store(mut self, store: crate::store::RedisStore) -> Self {
+        self.config.store = Some(store);
+        self
+    }
+
     /// Switches to server mode: requests over quota are answered at once with a 429 and a
     /// `Retry-After` in whole seconds (rounded up, never 0), plus the IETF draft
     /// `RateLimit-Policy` and `RateLimit` fields.
@@ -274,7 +292,8 @@ impl Builder<WaitConfig> {
                 headers: true,
                 max_keys: 65_536,
                 body: EmptyBody,
-                hasher: RandomState::new(),
+                hasher: KeyHashing::Random(RandomState::new()),
+                store: self.config.store,
             },
         }
     }
@@ -356,8 +375,21 @@ impl<F> Builder<RejectConfig<F>> {
                 max_keys: self.config.max_keys,
                 body: response,
                 hasher: self.config.hasher,
+                store: self.config.store,
             },
         }
+    }
+
+    /// Keeps every client's quotas in a store shared with other servers (feature `redis`),
+    /// so that a fleet of servers enforces one quota per client key. Client keys are hashed
+    /// the same way in every process (SipHash with fixed keys; the same Rust release across
+    /// the fleet keeps it stable). While the store is away, its
+    /// [`FailMode`](crate::store::FailMode) says whether each server falls back to its own
+    /// count or refuses with a 429.
+    #[cfg(feature = "redis")]
+    pub fn store(mut self, store: crate::store::RedisStore) -> Self {
+        self.config.store = Some(store);
+        self
     }
 
     /// Builds the layer, or says which part of the configuration is unusable.

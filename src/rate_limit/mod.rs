@@ -50,6 +50,7 @@ mod error;
 mod future;
 mod key;
 mod layer;
+mod remote;
 mod service;
 mod state;
 

@@ -3,8 +3,10 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::{RejectFuture, ResponseFuture};
+use super::future::{RejectFuture, ResponseFuture, SharedHit};
+use super::key::KeyHashing;
 use super::layer::{Reject, RejectResponse, Wait};
+use super::remote::SharedTurn;
 use super::state::{lock, Permit, Ticket, Verdict};
 use crate::BoxError;
 
@@ -52,12 +54,31 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    // Without the `redis` feature no store exists, and the compiler knows that path never runs.
+    #[cfg_attr(not(feature = "redis"), allow(unreachable_code, unused_variables))]
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let shared = &self.mode.0;
         let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {
             return ResponseFuture::called(self.inner.call(request), None);
         };
         let mut state = lock(&shared.routes[route].state);
+        if let Some(store) = &shared.config.store {
+            let (rate, learn) = (state.rate, shared.routes[route].learn);
+            drop(state);
+            let (handle, store) = (shared.clone(), store.clone());
+            let max_wait = handle.config.max_wait;
+            let turn = SharedTurn::new(
+                self.take_inner(),
+                request,
+                handle,
+                route,
+                store,
+                rate,
+                learn,
+                max_wait,
+            );
+            return ResponseFuture::shared(turn);
+        }
         if let Some(permit) = Permit::try_acquire(shared, &mut state, route) {
             drop(state);
             return ResponseFuture::called(self.inner.call(request), Some(permit));
@@ -82,23 +103,29 @@ where
         }
         let ticket = Ticket::join(shared, &mut state, route, now);
         drop(state);
-        // The request waits for its turn inside the future, which needs a service to call
-        // then. Take the one that was driven to readiness and leave a clone in its place
-        // (the clone has not been polled ready; the next caller's `poll_ready` does that).
+        ResponseFuture::queued(self.take_inner(), request, ticket, max_wait)
+    }
+}
+
+impl<S: Clone, M> RateLimitByRouteService<S, M> {
+    /// The request waits for its turn (or the store's verdict) inside the future, which needs
+    /// a service to call then. Takes the one that was driven to readiness and leaves a clone
+    /// in its place (the clone has not been polled ready; the next caller's `poll_ready` does
+    /// that).
+    fn take_inner(&mut self) -> S {
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::queued(inner, request, ticket, max_wait)
+        std::mem::replace(&mut self.inner, clone)
     }
 }
 
 impl<S, B, ResBody, F> Service<Request<B>> for RateLimitByRouteService<S, Reject<F>>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     F: RejectResponse<ResBody>,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = RejectFuture<S::Future, ResBody>;
+    type Future = RejectFuture<S, B, F>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -112,6 +139,20 @@ where
         let config = &shared.config;
         let key = config.key.extract(&request, &config.hasher);
         let route = &shared.routes[index];
+        if let Some(store) = &config.store {
+            let stable = config.key.extract(&request, &KeyHashing::Stable);
+            let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
+            let op = store.acquire(&name, &store.member(), &route.rate(), true);
+            let layer = Reject(shared.clone());
+            return RejectFuture::shared(SharedHit {
+                inner: self.take_inner(),
+                request,
+                op,
+                layer,
+                route: index,
+                local_key: key,
+            });
+        }
         match route.hit(key, shared.clock.now()) {
             Verdict::Pass => RejectFuture::inner(self.inner.call(request)),
             Verdict::Refuse { wait, quota } => {

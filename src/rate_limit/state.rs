@@ -368,6 +368,15 @@ pub(crate) enum Verdict {
 }
 
 impl KeyedRoute {
+    /// The route's rate (every shard holds the same).
+    pub(crate) fn rate(&self) -> Rate {
+        lock(&self.shards[0]).rate
+    }
+
+    pub(crate) fn quota(&self) -> Quota {
+        self.rate().quota
+    }
+
     pub(crate) fn new(name: Arc<str>, rate: Rate, max_keys: usize) -> Self {
         let capacity = max_keys.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS)

@@ -1,0 +1,232 @@
+//! Client mode over a shared store: a request takes its place in the store, waiting across
+//! processes for its turn, and gives it back when its response arrives.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::Sleep;
+
+use super::error::RateLimitError;
+use super::state::{ClientHandle, Learn, Permit};
+use crate::clock::{nanos, Nanos};
+use crate::headers;
+use crate::quota::Rate;
+use crate::store::{Decision, Op, Remote, StoreError};
+
+/// The place a sent request holds until its response.
+#[derive(Debug)]
+pub(crate) enum Place {
+    /// In this process's limiter.
+    Local(Permit),
+    /// In the shared store.
+    Shared(SharedPlace),
+}
+
+impl Place {
+    /// The answer is in (a response, or `None` for a transport error): give the place back,
+    /// learning what the server says. A place in the shared store is given back by the
+    /// returned operation, which the request awaits before it answers its caller: a release
+    /// left to run in the background could be lost with its runtime, and the place would stay
+    /// taken for the whole fleet until its lease ran out.
+    pub(crate) fn finish<B>(self, response: Option<&Response<B>>) -> Option<Op> {
+        match (self, response) {
+            (Self::Local(permit), Some(response)) => {
+                permit.finish(response);
+                None
+            }
+            // The server may have counted it: the drop gives the place back from now.
+            (Self::Local(permit), None) => {
+                drop(permit);
+                None
+            }
+            (Self::Shared(place), response) => Some(place.finish(response)),
+        }
+    }
+}
+
+/// A place held in the shared store. Dropping it (a transport error, an abandoned request)
+/// gives it back from then, like a response.
+#[derive(Debug)]
+pub(crate) struct SharedPlace {
+    store: Remote,
+    key: String,
+    member: String,
+    rate: Rate,
+    learn: Learn,
+    released: bool,
+}
+
+impl SharedPlace {
+    fn finish<B>(mut self, response: Option<&Response<B>>) -> Op {
+        let mut block = Duration::ZERO;
+        let refused = response.filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS);
+        if let (true, Some(response)) = (self.learn.enabled, refused) {
+            // Garbage must not close a route for years: an hour or the period at most.
+            let cap = Duration::from_secs(3600).max(self.rate.quota.period());
+            block = match headers::retry_after(response.headers(), std::time::SystemTime::now())
+            {
+                Ok(Some(wait)) if !wait.is_zero() => wait,
+                Ok(_) => self.learn.backoff,
+                Err(error) => {
+                    tracing::debug!(key = %self.key, %error, "ignoring a malformed header on a 429");
+                    self.learn.backoff
+                }
+            }
+            .min(cap);
+            tracing::debug!(key = %self.key, wait = ?block, "the server answered 429: the route waits, fleet-wide");
+        }
+        self.released = true;
+        self.store
+            .release_op(&self.key, &self.member, &self.rate, block)
+    }
+}
+
+impl Drop for SharedPlace {
+    fn drop(&mut self) {
+        if !self.released {
+            self.store
+                .release(&self.key, &self.member, &self.rate, Duration::ZERO);
+        }
+    }
+}
+
+/// A request asking the shared store for its turn.
+pub(crate) struct SharedTurn<S, B> {
+    pub(crate) inner: S,
+    pub(crate) request: Request<B>,
+    pub(crate) handle: ClientHandle,
+    pub(crate) route: usize,
+    pub(crate) max_wait: Option<Duration>,
+    store: Remote,
+    key: String,
+    member: String,
+    rate: Rate,
+    learn: Learn,
+    since: Nanos,
+    op: Option<Op>,
+    released: Pin<Box<OwnedNotified>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// How a turn in the shared store ended.
+pub(crate) enum Outcome {
+    Admitted(SharedPlace),
+    TooLong(RateLimitError),
+    Failed(StoreError),
+}
+
+impl<S, B> SharedTurn<S, B> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        inner: S,
+        request: Request<B>,
+        handle: ClientHandle,
+        route: usize,
+        store: Remote,
+        rate: Rate,
+        learn: Learn,
+        max_wait: Option<Duration>,
+    ) -> Self {
+        let key = store.key(&format!("rate:{}", handle.routes[route].name));
+        let member = store.member();
+        // Listen before asking, so that a release during the question is not missed.
+        let released = Box::pin(store.released());
+        let op = store.acquire(&key, &member, &rate, false);
+        let since = handle.clock.now();
+        Self {
+            inner,
+            request,
+            handle,
+            route,
+            max_wait,
+            store,
+            key,
+            member,
+            rate,
+            learn,
+            since,
+            op: Some(op),
+            released,
+            sleep: None,
+        }
+    }
+
+    pub(crate) fn store(&self) -> &Remote {
+        &self.store
+    }
+
+    /// Asks the store, and between questions sleeps until the turn the store named, a
+    /// release anywhere, or the poll interval, whichever comes first.
+    // Without the `redis` feature no store exists, and the compiler knows this never runs.
+    #[cfg_attr(not(feature = "redis"), allow(unreachable_code))]
+    pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        loop {
+            if let Some(op) = self.op.as_mut() {
+                let decision = std::task::ready!(Pin::new(op).poll(cx));
+                self.op = None;
+                let wait = match decision {
+                    Err(error) => return Poll::Ready(Outcome::Failed(error)),
+                    Ok(Decision::Admitted) => {
+                        return Poll::Ready(Outcome::Admitted(SharedPlace {
+                            store: self.store.clone(),
+                            key: std::mem::take(&mut self.key),
+                            member: std::mem::take(&mut self.member),
+                            rate: self.rate,
+                            learn: self.learn,
+                            released: false,
+                        }))
+                    }
+                    Ok(Decision::Wait(wait)) => wait,
+                };
+                let clock = self.handle.clock;
+                let now = clock.now();
+                let turn = wait.map(|wait| now.saturating_add(nanos(wait)));
+                let deadline = self
+                    .max_wait
+                    .map(|max| self.since.saturating_add(nanos(max)));
+                if let (Some(deadline), Some(max_wait)) = (deadline, self.max_wait) {
+                    let known_late = turn.is_some_and(|turn| turn > deadline);
+                    if known_late || now >= deadline {
+                        let until = turn.unwrap_or(now).max(now);
+                        return Poll::Ready(Outcome::TooLong(RateLimitError::WaitTooLong {
+                            route: self.handle.routes[self.route].name.clone(),
+                            wait: Duration::from_nanos(until - self.since),
+                            max_wait,
+                        }));
+                    }
+                }
+                let mut wake = now.saturating_add(nanos(self.store.poll_interval()));
+                if let Some(turn) = turn {
+                    wake = wake.min(turn);
+                }
+                if let Some(deadline) = deadline {
+                    wake = wake.min(deadline);
+                }
+                let wake = clock.instant(wake);
+                match self.sleep.as_mut() {
+                    Some(sleep) => sleep.as_mut().reset(wake),
+                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(wake))),
+                }
+            }
+            let released = self.released.as_mut().poll(cx).is_ready();
+            let slept = self
+                .sleep
+                .as_mut()
+                .is_none_or(|sleep| sleep.as_mut().poll(cx).is_ready());
+            if !released && !slept {
+                return Poll::Pending;
+            }
+            if released {
+                self.released = Box::pin(self.store.released());
+            }
+            self.op = Some(
+                self.store
+                    .acquire(&self.key, &self.member, &self.rate, false),
+            );
+        }
+    }
+}

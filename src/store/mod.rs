@@ -1,0 +1,144 @@
+//! Where limiter state lives: in this process (the default), or in a Redis server that
+//! several processes share (feature `redis`).
+//!
+//! The in-memory store is the layers' own state, untouched by this module: a layer built
+//! without a store costs what it cost before. A layer given a [`RedisStore`] keeps its local
+//! state too, as the fallback of [`FailMode::Open`].
+//!
+//! # Quotas shared across processes
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use tower_quota::store::{FailMode, RedisStore};
+//! use tower_quota::{Quota, RateLimitByRoute};
+//!
+//! let store = RedisStore::builder("redis://127.0.0.1/")
+//!     .prefix("sync:acct-42")                 // one namespace per API key
+//!     .timeout(Duration::from_millis(200))    // per Redis operation
+//!     .fail_mode(FailMode::Closed)            // Redis down: requests fail, typed
+//!     .build()?;
+//! let limits = RateLimitByRoute::builder()
+//!     .route("POST /v2/generate", Quota::per_minute(60))
+//!     .default_quota(Quota::per_minute(600))
+//!     .store(store)
+//!     .build()?;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sync_wrapper::SyncFuture;
+
+#[cfg(feature = "redis")]
+mod redis;
+
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
+
+/// What a layer does when its shared store does not answer in time (down, unreachable, or
+/// slower than the store's timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailMode {
+    /// Fall back to the layer's own limit in this process (the default): requests keep
+    /// flowing, each process within the quota, so a fleet of `n` may send up to `n` times it
+    /// while the store is away. Logged as a warning.
+    #[default]
+    Open,
+    /// Return the request to its caller with a [`StoreError`] (client mode), or refuse it
+    /// with a 429 (server mode): the shared quota is never exceeded.
+    Closed,
+}
+
+/// A shared store failed an operation, and the layer fails closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store did not answer within its timeout.
+    Timeout(Duration),
+    /// The store answered with an error, or the connection failed.
+    Unavailable(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timeout(timeout) => {
+                write!(
+                    f,
+                    "the shared limit store did not answer within {timeout:?}"
+                )
+            }
+            Self::Unavailable(reason) => write!(f, "the shared limit store failed: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// What the store decided about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) enum Decision {
+    /// Admitted: it holds a place until released.
+    Admitted,
+    /// Not now; at the earliest after this long (`None`: once a request in flight is
+    /// answered, which a release notification tells).
+    Wait(Option<Duration>),
+}
+
+/// A store operation in progress: owns everything it needs, so it outlives the call that
+/// made it. `Sync` (it is only ever polled through `&mut`), so that the layers' futures stay
+/// `Send + Sync` as they are without a store.
+pub(crate) type Op = SyncFuture<Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>>;
+
+/// The store a layer shares with other processes, if any.
+#[cfg(feature = "redis")]
+pub(crate) type Remote = RedisStore;
+
+/// Without the `redis` feature there is no shared store: this type has no values, and the
+/// code paths that take one are never run.
+#[cfg(not(feature = "redis"))]
+#[derive(Debug, Clone)]
+pub(crate) enum Remote {}
+
+#[cfg(not(feature = "redis"))]
+#[allow(dead_code, clippy::unused_self)]
+impl Remote {
+    pub(crate) fn fail_mode(&self) -> FailMode {
+        match *self {}
+    }
+
+    pub(crate) fn key(&self, _: &str) -> String {
+        match *self {}
+    }
+
+    pub(crate) fn member(&self) -> String {
+        match *self {}
+    }
+
+    pub(crate) fn released(&self) -> tokio::sync::futures::OwnedNotified {
+        match *self {}
+    }
+
+    pub(crate) fn poll_interval(&self) -> Duration {
+        match *self {}
+    }
+
+    pub(crate) fn acquire(&self, _: &str, _: &str, _: &crate::quota::Rate, _: bool) -> Op {
+        match *self {}
+    }
+
+    pub(crate) fn release(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) {
+        match *self {}
+    }
+
+    pub(crate) fn release_op(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) -> Op {
+        match *self {}
+    }
+}

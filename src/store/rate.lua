@@ -1,0 +1,100 @@
+-- One rate limit (a route, or a route and client key) in Redis, on Redis's own clock.
+--
+-- KEYS[1]  sorted set of places held: member -> until when (microseconds)
+--          (sliding window: every request holding a place; GCRA: requests in flight)
+-- KEYS[2]  GCRA's theoretical arrival time (microseconds)
+-- KEYS[3]  set while the route is closed by a server's 429
+-- ARGV     op ('acquire' | 'hit' | 'release'), algorithm ('window' | 'gcra'), count,
+--          period, margin, interval, burst, in-flight lease (all times in microseconds),
+--          member, block (release: how long a 429 closes the route, 0 for none), channel
+--
+-- Returns {admitted (1 or 0), wait in microseconds (-1: until a response)}.
+--
+-- The semantics are the in-memory limiter's (see `limiter`): a client's request holds its
+-- place from its send until `period + margin` after its response (sliding window), or is
+-- counted one emission interval ahead while in flight and pushes the TAT one interval past
+-- its response (GCRA); a server's request (`hit`) is counted once, at once. A place held by a
+-- request in flight expires after the lease, so a process that dies frees what it held.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local op, algorithm = ARGV[1], ARGV[2]
+local count, period, margin = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local interval, burst, lease = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local member = ARGV[9]
+local holders, tat_key, block_key = KEYS[1], KEYS[2], KEYS[3]
+-- Keys expire once nothing in them can matter any more.
+local idle_ms = math.ceil((lease + period + margin + interval * burst) / 1000) + 1000
+
+-- Numbers are formatted by hand: Lua's default keeps 14 digits, and these have 16.
+local function int(x)
+  return string.format('%.0f', x)
+end
+
+if op == 'release' then
+  local block = tonumber(ARGV[10])
+  if block > 0 then
+    local block_ms = math.ceil(block / 1000)
+    if redis.call('PTTL', block_key) < block_ms then
+      redis.call('SET', block_key, '1', 'PX', block_ms)
+    end
+  end
+  if algorithm == 'window' then
+    if redis.call('ZSCORE', holders, member) then
+      redis.call('ZADD', holders, int(now + period + margin), member)
+      redis.call('PEXPIRE', holders, idle_ms)
+    end
+  elseif redis.call('ZREM', holders, member) == 1 then
+    local tat = tonumber(redis.call('GET', tat_key) or '0')
+    tat = math.max(tat, now + margin) + interval
+    redis.call('SET', tat_key, int(tat), 'PX', idle_ms)
+  end
+  redis.call('PUBLISH', ARGV[11], 'released')
+  return {1, 0}
+end
+
+local blocked = redis.call('PTTL', block_key)
+if blocked > 0 then
+  return {0, blocked * 1000}
+end
+redis.call('ZREMRANGEBYSCORE', holders, '-inf', int(now))
+
+if algorithm == 'window' then
+  local n = redis.call('ZCARD', holders)
+  if n < count then
+    local hold = now + period
+    if op ~= 'hit' then
+      hold = now + lease + period + margin
+    end
+    redis.call('ZADD', holders, int(hold), member)
+    redis.call('PEXPIRE', holders, idle_ms)
+    return {1, 0}
+  end
+  -- The (n - count + 1)-th place to free up is ours. One held by a request in flight frees
+  -- at its response: the lease is only an upper bound, and a release wakes waiters.
+  local at = redis.call('ZRANGE', holders, n - count, n - count, 'WITHSCORES')
+  return {0, math.max(tonumber(at[2]) - now, 1)}
+end
+
+local tat = tonumber(redis.call('GET', tat_key) or '0')
+if op == 'hit' then
+  local base = math.max(tat, now)
+  local admit_at = base - (burst - 1) * interval
+  if admit_at <= now then
+    redis.call('SET', tat_key, int(base + interval), 'PX', idle_ms)
+    return {1, 0}
+  end
+  return {0, admit_at - now}
+end
+local in_flight = redis.call('ZCARD', holders)
+local slack = burst - 1 - in_flight
+if slack < 0 then
+  return {0, -1}
+end
+local admit_at = tat - slack * interval
+if admit_at <= now then
+  redis.call('ZADD', holders, int(now + lease), member)
+  redis.call('PEXPIRE', holders, idle_ms)
+  return {1, 0}
+end
+return {0, admit_at - now}

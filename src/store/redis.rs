@@ -1,0 +1,343 @@
+//! [`RedisStore`]: limits kept in a Redis server, shared by every process that uses it.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, IntoConnectionInfo, ProtocolVersion, PushInfo, Script};
+use sync_wrapper::SyncFuture;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::{Decision, FailMode, Op, StoreError};
+use crate::error::ConfigError;
+use crate::quota::Rate;
+
+/// Limits kept in Redis, so that every process using the same server and prefix shares them:
+/// a fleet of clients stays inside one API key's quotas, a fleet of servers enforces one
+/// quota per client key.
+///
+/// Give it to a layer's builder with `.store(store)`. Cheap to clone: clones share the
+/// connections.
+///
+/// - Rates run as atomic Lua scripts on Redis's own clock (`TIME`), so the processes' clocks do
+///   not matter: a sliding window is a sorted set of the places held, GCRA a stored
+///   theoretical arrival time. Keys are `{prefix:…}` (one Redis Cluster slot per limit) and
+///   expire once idle.
+/// - A request waiting for its turn sleeps until the time the script names, and is woken
+///   early by a release anywhere in the fleet (pub/sub, resubscribed after a reconnect), with
+///   a bounded poll as the fallback for a lost message.
+/// - Every operation has a timeout; when Redis is slow or down, the [`FailMode`] decides.
+///   The connections reconnect by themselves.
+/// - A request in flight holds its place for at most the in-flight lease (default 2 min),
+///   so the places of a process that dies come back.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: ConnectionManager,
+    prefix: String,
+    channel: String,
+    timeout: Duration,
+    fail_mode: FailMode,
+    lease: Duration,
+    poll: Duration,
+    released: Arc<Notify>,
+    /// Makes this process's members unique in the fleet.
+    node: u64,
+    counter: AtomicU64,
+    script: Script,
+    subscriber: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("fail_mode", &self.inner.fail_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`RedisStore`]; see [`RedisStore::builder`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    url: String,
+    prefix: String,
+    timeout: Duration,
+    fail_mode: FailMode,
+    lease: Duration,
+    poll: Duration,
+}
+
+impl RedisStore {
+    /// A store on the Redis server at `url` (`redis://host:port/db`, with the usual
+    /// user, password and TLS forms).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            prefix: "tower-quota".to_owned(),
+            timeout: Duration::from_millis(250),
+            fail_mode: FailMode::Open,
+            lease: Duration::from_secs(120),
+            poll: Duration::from_millis(500),
+        }
+    }
+
+    /// What a layer does when this store fails.
+    pub fn fail_mode(&self) -> FailMode {
+        self.inner.fail_mode
+    }
+
+    /// The key of a limit: the prefix and the limit's name, in braces so that the keys of one
+    /// limit share a Redis Cluster slot.
+    pub(crate) fn key(&self, name: &str) -> String {
+        format!("{{{}:{}}}", self.inner.prefix, name)
+    }
+
+    /// A name for one request's place, unique in the fleet.
+    pub(crate) fn member(&self) -> String {
+        let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}:{n:x}", self.inner.node)
+    }
+
+    /// Resolves when some process releases a place (or after a reconnect): created before
+    /// an operation, so that a release during it is not missed.
+    pub(crate) fn released(&self) -> OwnedNotified {
+        self.inner.released.clone().notified_owned()
+    }
+
+    /// The longest a waiting request sleeps before asking again, notification or not.
+    pub(crate) fn poll_interval(&self) -> Duration {
+        self.inner.poll
+    }
+
+    /// Takes a place for one request at `key` (`hit`: counted and answered at once, as a
+    /// server does).
+    pub(crate) fn acquire(&self, key: &str, member: &str, rate: &Rate, hit: bool) -> Op {
+        let op = if hit { "hit" } else { "acquire" };
+        self.run(key, op, member, rate, Duration::ZERO)
+    }
+
+    /// Gives back the place `member` holds at `key`, closing the limit for `block` if a
+    /// server asked so, in the background (for a request abandoned by its caller). A place
+    /// not given back expires with its lease.
+    pub(crate) fn release(&self, key: &str, member: &str, rate: &Rate, block: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let op = self.release_op(key, member, rate, block);
+        runtime.spawn(async move {
+            if let Err(error) = op.await {
+                tracing::debug!(%error, "a place could not be given back: it expires with its lease");
+            }
+        });
+    }
+
+    /// The same, as an operation to await.
+    pub(crate) fn release_op(&self, key: &str, member: &str, rate: &Rate, block: Duration) -> Op {
+        self.run(key, "release", member, rate, block)
+    }
+
+    fn run(&self, key: &str, op: &'static str, member: &str, rate: &Rate, block: Duration) -> Op {
+        let inner = &self.inner;
+        let micros = |nanos: u64| nanos.div_ceil(1_000);
+        let keys = [
+            format!("{key}:held"),
+            format!("{key}:tat"),
+            format!("{key}:closed"),
+        ];
+        let numbers = [
+            u64::from(rate.count),
+            micros(rate.period),
+            micros(rate.margin),
+            micros(rate.interval),
+            u64::from(rate.burst.max(1)),
+            u64::try_from(inner.lease.as_micros()).unwrap_or(u64::MAX),
+        ];
+        let algorithm = if rate.is_gcra() { "gcra" } else { "window" };
+        let member = member.to_owned();
+        let block = u64::try_from(block.as_micros()).unwrap_or(u64::MAX);
+        let channel = inner.channel.clone();
+        let script = inner.script.clone();
+        let mut connection = inner.connection.clone();
+        let timeout = inner.timeout;
+        SyncFuture::new(Box::pin(async move {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(&keys[..]).arg(op).arg(algorithm);
+            for n in numbers {
+                invocation.arg(n);
+            }
+            invocation.arg(member).arg(block).arg(channel);
+            let reply = tokio::time::timeout(
+                timeout,
+                invocation.invoke_async::<(i64, i64)>(&mut connection),
+            )
+            .await;
+            match reply {
+                Err(_) => Err(StoreError::Timeout(timeout)),
+                Ok(Err(error)) => Err(StoreError::Unavailable(error.to_string())),
+                Ok(Ok((1, _))) => Ok(Decision::Admitted),
+                Ok(Ok((_, wait))) => Ok(Decision::Wait(
+                    u64::try_from(wait).ok().map(Duration::from_micros),
+                )),
+            }
+        }))
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The namespace of this store's keys (default `"tower-quota"`). Processes that share
+    /// limits use the same prefix; limits of different API keys use different ones.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest one Redis operation may take before the [`FailMode`] applies (default
+    /// 250 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What a layer does when Redis is slow or down (default [`FailMode::Open`]).
+    pub fn fail_mode(mut self, fail_mode: FailMode) -> Self {
+        self.fail_mode = fail_mode;
+        self
+    }
+
+    /// The longest a request in flight holds its place if its process never gives it back
+    /// (it died); default 2 minutes. A request that is really in flight longer than this
+    /// loses its place early, so keep it above the slowest response.
+    pub fn in_flight_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// The longest a waiting request sleeps before asking Redis again when no release
+    /// notification comes (default 500 ms).
+    pub fn poll_interval(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// Builds the store. Connections are made lazily, so Redis need not be up yet (the
+    /// [`FailMode`] covers the time until it is). Must run inside a Tokio runtime, which
+    /// keeps the release subscription alive.
+    pub fn build(self) -> Result<RedisStore, ConfigError> {
+        let invalid = |name, reason| Err(ConfigError::InvalidSetting { name, reason });
+        if self.timeout.is_zero() {
+            return invalid("timeout", "must be above zero");
+        }
+        if self.poll.is_zero() {
+            return invalid("poll_interval", "must be above zero");
+        }
+        if self.lease.is_zero() {
+            return invalid("in_flight_lease", "must be above zero");
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return invalid("prefix", "must be non-empty, without braces");
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return invalid(
+                "runtime",
+                "a RedisStore must be built inside a Tokio runtime",
+            );
+        };
+        let info =
+            self.url
+                .as_str()
+                .into_connection_info()
+                .map_err(|_| ConfigError::InvalidSetting {
+                    name: "url",
+                    reason: "not a Redis URL",
+                })?;
+        let unusable = |_| ConfigError::InvalidSetting {
+            name: "url",
+            reason: "Redis rejected the connection settings",
+        };
+        let commands = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(self.poll);
+        let connection = ConnectionManager::new_lazy_with_config(
+            Client::open(info.clone()).map_err(unusable)?,
+            commands,
+        )
+        .map_err(unusable)?;
+
+        // Release notifications come on a RESP3 connection of their own, resubscribed after
+        // every reconnect. A disconnection wakes the waiters too, so that they ask again.
+        let released = Arc::new(Notify::new());
+        let notify = released.clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let subscriptions = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_max_delay(self.poll)
+            .set_push_sender(move |_: PushInfo| {
+                notify.notify_waiters();
+                Ok::<(), redis::aio::SendError>(())
+            })
+            .set_automatic_resubscription();
+        let subscriber = ConnectionManager::new_lazy_with_config(
+            Client::open(info.set_redis_settings(resp3)).map_err(unusable)?,
+            subscriptions,
+        )
+        .map_err(unusable)?;
+        let channel = format!("{{{}}}:released", self.prefix);
+        let subscriber = runtime.spawn(subscribe(subscriber, channel.clone(), self.poll));
+
+        let node = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0u8);
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                connection,
+                prefix: self.prefix,
+                channel,
+                timeout: self.timeout,
+                fail_mode: self.fail_mode,
+                lease: self.lease,
+                poll: self.poll,
+                released,
+                node,
+                counter: AtomicU64::new(0),
+                script: Script::new(include_str!("rate.lua")),
+                subscriber,
+            }),
+        })
+    }
+}
+
+/// Subscribes to release notifications until it succeeds, then pings at the poll interval so
+/// that a lost connection is noticed, remade and resubscribed.
+async fn subscribe(mut connection: ConnectionManager, channel: String, every: Duration) {
+    let mut subscribed = false;
+    loop {
+        if !subscribed {
+            match connection.subscribe(&channel).await {
+                Ok(()) => subscribed = true,
+                Err(error) => tracing::debug!(%error, "release notifications: subscribing again"),
+            }
+        } else if let Err(error) = redis::cmd("PING").query_async::<()>(&mut connection).await {
+            tracing::debug!(%error, "release notifications: reconnecting");
+        }
+        tokio::time::sleep(every).await;
+    }
+}

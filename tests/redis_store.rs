@@ -1,0 +1,563 @@
+//! Limits shared across processes through Redis (feature `redis`).
+//!
+//! Every test starts its own `redis-server` (from the OS packages: `apt-get install
+//! redis-server`) on a free port of 127.0.0.1, or uses the one `TOWER_QUOTA_REDIS_URL` names
+//! where a test needs no restart. Redis keeps time with its own clock, which tokio's paused
+//! clock cannot move, so these tests run in real time: quotas of a second or two, and no
+//! sleeps used to order events (the limiters do the waiting).
+
+#![cfg(feature = "redis")]
+
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use http::{Request, Response};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_quota::rate_limit::RateLimitError;
+use tower_quota::store::{FailMode, RedisStore, StoreError};
+use tower_quota::{Quota, RateLimitByRoute};
+
+// ===== a Redis server of the test's own =====
+
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self { port, child: None };
+        server.restart();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts (again) on the same port, with no data, and waits until it accepts connections.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The shared server CI starts, or one of the test's own.
+fn shared_redis() -> (String, Option<RedisServer>) {
+    match std::env::var("TOWER_QUOTA_REDIS_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let server = RedisServer::start();
+            (server.url(), Some(server))
+        }
+    }
+}
+
+/// A prefix no other test (or earlier run) uses.
+fn unique_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("test:{test}:{nanos:x}")
+}
+
+// ===== an API that logs when requests arrive =====
+
+#[derive(Clone, Default)]
+struct Arrivals(Arc<Mutex<Vec<Instant>>>);
+
+impl Arrivals {
+    fn sorted(&self) -> Vec<Instant> {
+        let mut arrivals = self.0.lock().unwrap().clone();
+        arrivals.sort();
+        arrivals
+    }
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+async fn logging_api(arrivals: Arrivals) -> SocketAddr {
+    let app = Router::new().route(
+        "/work",
+        get(move || {
+            let arrivals = arrivals.clone();
+            async move {
+                arrivals.0.lock().unwrap().push(Instant::now());
+                "done"
+            }
+        }),
+    );
+    serve(app).await
+}
+
+/// The most arrivals in any window of length `window`.
+fn max_in_window(arrivals: &[Instant], window: Duration) -> usize {
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..arrivals.len() {
+        while arrivals[end].duration_since(arrivals[start]) >= window {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn get_request(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
+    Request::get(format!("http://{addr}{path}"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// One process of a fleet: its own runtime, its own Redis connections, its own layer.
+fn client_process(
+    url: String,
+    prefix: String,
+    quota: Quota,
+    api: SocketAddr,
+    requests: usize,
+) -> std::thread::JoinHandle<Vec<StatusCode>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let store = RedisStore::builder(url)
+                .prefix(prefix)
+                .fail_mode(FailMode::Closed)
+                .build()
+                .unwrap();
+            let limits = RateLimitByRoute::builder()
+                .route("GET /work", quota)
+                .store(store)
+                .build()
+                .unwrap();
+            let service = ServiceBuilder::new().layer(limits).service(http_client());
+            let mut calls: FuturesUnordered<_> = (0..requests)
+                .map(|_| service.clone().oneshot(get_request(api, "/work")))
+                .collect();
+            let mut statuses = Vec::new();
+            while let Some(response) = calls.next().await {
+                statuses.push(response.expect("every request is sent").status());
+            }
+            statuses
+        })
+    })
+}
+
+// ===== client mode: a fleet sharing one quota =====
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_share_one_sliding_window() {
+    const N: usize = 30;
+    const PERIOD: Duration = Duration::from_secs(1);
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("window");
+    let arrivals = Arrivals::default();
+    let api = logging_api(arrivals.clone()).await;
+
+    let fleet: Vec<_> = (0..3)
+        .map(|_| {
+            client_process(
+                url.clone(),
+                prefix.clone(),
+                Quota::new(N as u32, PERIOD),
+                api,
+                N,
+            )
+        })
+        .collect();
+    for process in fleet {
+        let statuses = tokio::task::spawn_blocking(move || process.join().unwrap())
+            .await
+            .unwrap();
+        assert!(statuses.iter().all(|s| *s == StatusCode::OK));
+    }
+
+    let arrivals = arrivals.sorted();
+    assert_eq!(arrivals.len(), 3 * N);
+    assert!(
+        max_in_window(&arrivals, PERIOD) <= N,
+        "over quota: {} in one window",
+        max_in_window(&arrivals, PERIOD)
+    );
+    // Over the span of the run the quota allowed N per period, counting the first window.
+    let span = arrivals[arrivals.len() - 1].duration_since(arrivals[0]) + PERIOD;
+    let used = (3 * N) as f64 / (N as f64 * span.as_secs_f64() / PERIOD.as_secs_f64());
+    println!("the fleet used {:.1}% of the quota", used * 100.0);
+    assert!(
+        used >= 0.95,
+        "the fleet used {:.1}% of the quota",
+        used * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_share_one_paced_quota() {
+    const RATE: u32 = 5; // a request every 200 ms
+    const EACH: usize = 4;
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("gcra");
+    let arrivals = Arrivals::default();
+    let api = logging_api(arrivals.clone()).await;
+
+    let quota = Quota::per_second(RATE).with_burst(1);
+    let fleet: Vec<_> = (0..3)
+        .map(|_| client_process(url.clone(), prefix.clone(), quota, api, EACH))
+        .collect();
+    for process in fleet {
+        tokio::task::spawn_blocking(move || process.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    let arrivals = arrivals.sorted();
+    assert_eq!(arrivals.len(), 3 * EACH);
+    let interval = Duration::from_secs(1) / RATE;
+    for pair in arrivals.windows(2) {
+        // Redis's clock and this process's may differ by a hair.
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(
+            gap + Duration::from_millis(2) >= interval,
+            "paced too fast: {gap:?}"
+        );
+    }
+    let span = arrivals[arrivals.len() - 1].duration_since(arrivals[0]);
+    let used = (interval * (3 * EACH as u32 - 1)).as_secs_f64() / span.as_secs_f64();
+    println!("the fleet used {:.1}% of the pace", used * 100.0);
+    assert!(
+        used >= 0.95,
+        "the fleet used {:.1}% of the pace",
+        used * 100.0
+    );
+}
+
+// ===== server mode: a fleet of axum servers enforcing one quota per client key =====
+
+async fn limited_server(url: &str, prefix: &str, quota: Quota, fail_mode: FailMode) -> SocketAddr {
+    let store = RedisStore::builder(url)
+        .prefix(prefix)
+        .timeout(Duration::from_millis(200))
+        .fail_mode(fail_mode)
+        .build()
+        .unwrap();
+    let limits = RateLimitByRoute::builder()
+        .route("GET /v2/generations", quota)
+        .reject()
+        .key_header(http::HeaderName::from_static("x-api-key"))
+        .store(store)
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/v2/generations", get(|| async { "[]" }))
+        .layer(limits);
+    serve(app).await
+}
+
+async fn send_keyed(
+    client: &HttpClient,
+    addr: SocketAddr,
+    key: &'static str,
+) -> Response<hyper::body::Incoming> {
+    let mut request = get_request(addr, "/v2/generations");
+    request
+        .headers_mut()
+        .insert("x-api-key", http::HeaderValue::from_static(key));
+    client.request(request).await.unwrap()
+}
+
+fn retry_after(headers: &HeaderMap) -> u64 {
+    headers["retry-after"].to_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_axum_servers_enforces_one_quota_per_key() {
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("servers");
+    let quota = Quota::new(10, Duration::from_secs(30));
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        fleet.push(limited_server(&url, &prefix, quota, FailMode::Closed).await);
+    }
+    let client = http_client();
+
+    for key in ["key-one", "key-two"] {
+        let mut passed = 0;
+        let mut refused = Vec::new();
+        for i in 0..30 {
+            let response = send_keyed(&client, fleet[i % 3], key).await;
+            match response.status() {
+                StatusCode::OK => passed += 1,
+                StatusCode::TOO_MANY_REQUESTS => refused.push(retry_after(response.headers())),
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(passed, 10, "{key}: one quota across the fleet");
+        assert_eq!(refused.len(), 20);
+        assert!(
+            refused.iter().all(|&s| (1..=30).contains(&s)),
+            "{refused:?}"
+        );
+    }
+}
+
+// ===== Redis stopped and started mid-test =====
+
+/// Sends until a request gets through (Redis is back), for at most `limit`.
+async fn until_ok<F, Fut>(mut send: F, limit: Duration) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    while !send().await {
+        assert!(started.elapsed() < limit, "the limits did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+fn client_layer(url: &str, prefix: &str, quota: Quota, fail_mode: FailMode) -> RateLimitByRoute {
+    let store = RedisStore::builder(url)
+        .prefix(prefix)
+        .timeout(Duration::from_millis(200))
+        .poll_interval(Duration::from_millis(100))
+        .fail_mode(fail_mode)
+        .build()
+        .unwrap();
+    RateLimitByRoute::builder()
+        .route("GET /work", quota)
+        .max_wait(Duration::from_millis(300))
+        .store(store)
+        .build()
+        .unwrap()
+}
+
+async fn send<S>(service: &S, api: SocketAddr) -> Result<StatusCode, BoxError>
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<hyper::body::Incoming>, Error = BoxError>
+        + Clone,
+{
+    service
+        .clone()
+        .oneshot(get_request(api, "/work"))
+        .await
+        .map(|r| r.status())
+}
+
+fn is_wait_too_long(error: &BoxError) -> bool {
+    matches!(
+        error.downcast_ref::<RateLimitError>(),
+        Some(RateLimitError::WaitTooLong { .. })
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_and_back_failing_closed() {
+    let mut redis = RedisServer::start();
+    let arrivals = Arrivals::default();
+    let api = logging_api(arrivals.clone()).await;
+    let quota = Quota::new(5, Duration::from_secs(10));
+    let limits = client_layer(&redis.url(), "closed", quota, FailMode::Closed);
+    let service = ServiceBuilder::new().layer(limits).service(http_client());
+
+    assert_eq!(send(&service, api).await.unwrap(), StatusCode::OK);
+
+    redis.stop();
+    for _ in 0..3 {
+        let error = send(&service, api).await.unwrap_err();
+        assert!(
+            error.downcast_ref::<StoreError>().is_some(),
+            "a typed store error, got {error}"
+        );
+    }
+    assert_eq!(
+        arrivals.sorted().len(),
+        1,
+        "nothing is sent while the quota is unknown"
+    );
+
+    // Back, with its data lost: the quota starts afresh and holds again.
+    redis.restart();
+    until_ok(
+        || async { send(&service, api).await.is_ok() },
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut results = Vec::new();
+    for _ in 0..5 {
+        results.push(send(&service, api).await);
+    }
+    let passed = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(
+        passed, 4,
+        "5 a window, one of them already used: {results:?}"
+    );
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(is_wait_too_long));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_and_back_failing_open() {
+    let mut redis = RedisServer::start();
+    let arrivals = Arrivals::default();
+    let api = logging_api(arrivals.clone()).await;
+    let quota = Quota::new(5, Duration::from_secs(10));
+    let limits = client_layer(&redis.url(), "open", quota, FailMode::Open);
+    let service = ServiceBuilder::new().layer(limits).service(http_client());
+
+    assert_eq!(send(&service, api).await.unwrap(), StatusCode::OK);
+
+    // Down: the layer's own limit in this process takes over (this process has not used it
+    // yet, since the store counted the first request).
+    redis.stop();
+    let mut results = Vec::new();
+    for _ in 0..6 {
+        results.push(send(&service, api).await);
+    }
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        5,
+        "{results:?}"
+    );
+    assert!(is_wait_too_long(results[5].as_ref().unwrap_err()));
+
+    // Back: the shared count is used again (afresh, as Redis lost its data).
+    redis.restart();
+    until_ok(
+        || async { send(&service, api).await.is_ok() },
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut passed = 1;
+    while send(&service, api).await.is_ok() {
+        passed += 1;
+        assert!(passed <= 5);
+    }
+    assert_eq!(passed, 5, "the shared quota holds again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refuses_or_counts_alone_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let quota = Quota::new(3, Duration::from_secs(30));
+    let closed = limited_server(&redis.url(), "server-closed", quota, FailMode::Closed).await;
+    let open = limited_server(&redis.url(), "server-open", quota, FailMode::Open).await;
+    let client = http_client();
+    assert_eq!(
+        send_keyed(&client, closed, "k").await.status(),
+        StatusCode::OK
+    );
+
+    redis.stop();
+    let refused = send_keyed(&client, closed, "k").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry_after(refused.headers()) >= 1);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(send_keyed(&client, open, "k").await.status());
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "failing open, the server counts alone"
+    );
+
+    redis.restart();
+    until_ok(
+        || async { send_keyed(&client, closed, "k").await.status() == StatusCode::OK },
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut passed = 1;
+    while send_keyed(&client, closed, "k").await.status() == StatusCode::OK {
+        passed += 1;
+        assert!(passed <= 3);
+    }
+    assert_eq!(passed, 3, "the shared quota holds again");
+}
+
+#[tokio::test]
+async fn bad_store_settings_are_typed_errors() {
+    for builder in [
+        RedisStore::builder("not a url"),
+        RedisStore::builder("redis://127.0.0.1/").timeout(Duration::ZERO),
+        RedisStore::builder("redis://127.0.0.1/").poll_interval(Duration::ZERO),
+        RedisStore::builder("redis://127.0.0.1/").prefix(""),
+        RedisStore::builder("redis://127.0.0.1/").prefix("a{b}"),
+    ] {
+        assert!(matches!(
+            builder.build().unwrap_err(),
+            tower_quota::ConfigError::InvalidSetting { .. }
+        ));
+    }
+}
+
+#[test]
+fn a_store_needs_a_runtime() {
+    let error = RedisStore::builder("redis://127.0.0.1/")
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("runtime"), "{error}");
+}

@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
@@ -12,7 +13,6 @@ use pin_project_lite::pin_project;
 use super::layer::Shared;
 use super::slots::Release;
 use crate::json::{self, Fields};
-use crate::sync::lock;
 
 /// The job a create made, in the create response's extensions.
 ///
@@ -45,6 +45,8 @@ impl Job {
 #[derive(Debug)]
 pub(crate) struct HoldGuard {
     shared: Option<Arc<Shared>>,
+    /// The slot's name in the shared store, once the store gave one.
+    token: Option<Box<str>>,
 }
 
 impl HoldGuard {
@@ -52,12 +54,23 @@ impl HoldGuard {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self {
             shared: Some(shared),
+            token: None,
         }
+    }
+
+    pub(crate) fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
+    /// The slot is held in the shared store too, as `token`.
+    pub(crate) fn set_token(&mut self, token: Box<str>) {
+        self.token = Some(token);
     }
 
     pub(crate) fn release(mut self, why: Release) {
         if let Some(shared) = self.shared.take() {
-            lock(&shared.slots).release(why);
+            shared.slots().release(why);
+            release_token(&shared, self.token.take());
         }
     }
 
@@ -68,12 +81,21 @@ impl HoldGuard {
     /// Hands the slot on to the response body, which gives it back when it ends or is
     /// dropped (in-flight mode).
     pub(crate) fn answered(mut self) -> Option<Answered> {
-        self.shared.take().map(Answered)
+        let token = self.token.take();
+        self.shared.take().map(|shared| Answered(shared, token))
     }
 
     /// Hands the slot on (to an [`Observer`], which settles it).
-    fn into_shared(mut self) -> Option<Arc<Shared>> {
-        self.shared.take()
+    fn into_shared(mut self) -> Option<(Arc<Shared>, Option<Box<str>>)> {
+        let token = self.token.take();
+        self.shared.take().map(|shared| (shared, token))
+    }
+}
+
+/// Gives back the slot a create held in the shared store, if any.
+fn release_token(shared: &Shared, token: Option<Box<str>>) {
+    if let (Some(store), Some(token)) = (&shared.store, token) {
+        store.slot_release(&token);
     }
 }
 
@@ -81,18 +103,19 @@ impl Drop for HoldGuard {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
             let now = shared.clock.now();
-            lock(&shared.slots).unknown(now);
+            shared.slots().unknown(now);
         }
     }
 }
 
 /// In-flight mode: a slot given back when the response body ends or is dropped.
 #[derive(Debug)]
-pub(crate) struct Answered(Arc<Shared>);
+pub(crate) struct Answered(Arc<Shared>, Option<Box<str>>);
 
 impl Drop for Answered {
     fn drop(&mut self) {
-        lock(&self.0.slots).release(Release::Answered);
+        self.0.slots().release(Release::Answered);
+        release_token(&self.0, self.1.take());
     }
 }
 
@@ -114,6 +137,8 @@ pub(crate) struct Observer {
     shared: Arc<Shared>,
     what: Option<Observe>,
     prefix: Vec<u8>,
+    /// The name in the shared store of the slot this create holds, if any.
+    token: Option<Box<str>>,
 }
 
 impl Observer {
@@ -122,12 +147,17 @@ impl Observer {
             shared,
             what: Some(what),
             prefix: Vec::new(),
+            token: None,
         }
     }
 
     /// An observer that settles the slot `hold` owns.
     pub(crate) fn holding(hold: HoldGuard, what: Observe) -> Option<Self> {
-        hold.into_shared().map(|shared| Self::new(shared, what))
+        hold.into_shared().map(|(shared, token)| {
+            let mut observer = Self::new(shared, what);
+            observer.token = token;
+            observer
+        })
     }
 
     /// Keeps what fits of `chunk` in the prefix; reads the prefix once the body is over
@@ -158,7 +188,7 @@ impl Observer {
         self.settle(what, &prefix);
     }
 
-    fn settle(&self, what: Option<Observe>, body: &[u8]) {
+    fn settle(&mut self, what: Option<Observe>, body: &[u8]) {
         let Some(what) = what else {
             return;
         };
@@ -177,15 +207,23 @@ impl Observer {
                         field = &*config.id_field,
                         "no job id in a successful create's response: its slot stays held until a reconcile or the maximum job life"
                     );
-                    lock(&shared.slots).unknown(now);
+                    shared.slots().unknown(now);
                     return;
                 };
                 let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));
-                {
-                    let mut slots = lock(&shared.slots);
+                let lease = {
+                    let mut slots = shared.slots();
                     slots.bind(&id, now);
                     if terminal {
                         slots.finish(&id, Release::Finished);
+                    }
+                    slots.lease()
+                };
+                if let (Some(store), Some(token)) = (&shared.store, self.token.take()) {
+                    if terminal {
+                        store.slot_release(&token);
+                    } else {
+                        store.slot_bind(&token, &id, Duration::from_nanos(lease));
                     }
                 }
                 let _ = job.id.set(id.into());
@@ -199,7 +237,7 @@ impl Observer {
             }
             Observe::List => {
                 let now = shared.clock.now();
-                let mut slots = lock(&shared.slots);
+                let mut slots = shared.slots();
                 for seen in json::array(body, fields) {
                     let (Some(id), Some(status)) = (seen.id, seen.status) else {
                         continue;

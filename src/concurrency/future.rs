@@ -15,8 +15,9 @@ use super::error::ConcurrencyError;
 use super::layer::Shared;
 use super::slots::Release;
 use crate::clock::{nanos, Nanos};
-use crate::sync::lock;
+use crate::store::{Decision, FailMode, Op, Remote, StoreError};
 use crate::BoxError;
+use tokio::sync::futures::OwnedNotified;
 
 /// What the request is to the plan, decided when it is called.
 #[derive(Debug)]
@@ -42,6 +43,93 @@ pin_project! {
         role: Role,
         // Boxed: only a request that waits needs it.
         queued: Option<Box<Queued<S, B>>>,
+        // Boxed: only a layer with a shared store needs it.
+        shared: Option<Box<SharedSlot<S, B>>>,
+    }
+}
+
+/// A create holding a slot here, asking the shared store for one across processes.
+struct SharedSlot<S, B> {
+    inner: S,
+    request: Request<B>,
+    store: Remote,
+    member: Box<str>,
+    op: Option<Op>,
+    released: Pin<Box<OwnedNotified>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Nanos>,
+}
+
+impl<S, B> SharedSlot<S, B> {
+    fn new(
+        inner: S,
+        request: Request<B>,
+        shared: &Shared,
+        store: Remote,
+        deadline: Option<Nanos>,
+    ) -> Self {
+        let member: Box<str> = format!("c:{}", store.member()).into();
+        let released = Box::pin(store.released());
+        let limit = shared.slots().limit();
+        let op = store.slot_acquire(limit, shared.lease(), &member);
+        Self {
+            inner,
+            request,
+            store,
+            member,
+            op: Some(op),
+            released,
+            sleep: None,
+            deadline,
+        }
+    }
+
+    /// Asks until the store gives a slot, the maximum wait runs out (`Ok(false)`), or the
+    /// store fails.
+    fn poll_slot(
+        &mut self,
+        shared: &Shared,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<bool, StoreError>> {
+        loop {
+            if let Some(op) = self.op.as_mut() {
+                let decision = ready!(Pin::new(op).poll(cx))?;
+                self.op = None;
+                let wait = match decision {
+                    Decision::Admitted => return Poll::Ready(Ok(true)),
+                    Decision::Wait(wait) => wait,
+                };
+                let now = shared.clock.now();
+                if self.deadline.is_some_and(|d| d <= now) {
+                    return Poll::Ready(Ok(false));
+                }
+                let mut wake = now.saturating_add(nanos(self.store.poll_interval()));
+                if let Some(wait) = wait {
+                    wake = wake.min(now.saturating_add(nanos(wait)));
+                }
+                if let Some(deadline) = self.deadline {
+                    wake = wake.min(deadline);
+                }
+                let wake = shared.clock.instant(wake);
+                match self.sleep.as_mut() {
+                    Some(sleep) => sleep.as_mut().reset(wake),
+                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(wake))),
+                }
+            }
+            let released = self.released.as_mut().poll(cx).is_ready();
+            let slept = self
+                .sleep
+                .as_mut()
+                .is_none_or(|sleep| sleep.as_mut().poll(cx).is_ready());
+            if !released && !slept {
+                return Poll::Pending;
+            }
+            if released {
+                self.released = Box::pin(self.store.released());
+            }
+            let limit = shared.slots().limit();
+            self.op = Some(self.store.slot_acquire(limit, shared.lease(), &self.member));
+        }
     }
 }
 
@@ -63,7 +151,7 @@ struct Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.queued {
-            lock(&self.shared.slots).leave(self.id);
+            self.shared.slots().leave(self.id);
         }
     }
 }
@@ -73,6 +161,8 @@ pin_project! {
     enum State<F> {
         Queued,
         Waiting { sleep: Pin<Box<Sleep>> },
+        // Holding a slot here, asking the shared store for one.
+        Shared,
         Called { #[pin] future: F },
         Failed { error: Option<ConcurrencyError> },
     }
@@ -87,6 +177,7 @@ where
             state: State::Called { future },
             role,
             queued: None,
+            shared: None,
         }
     }
 
@@ -95,6 +186,30 @@ where
             state: State::Failed { error: Some(error) },
             role: Role::Other,
             queued: None,
+            shared: None,
+        }
+    }
+
+    /// A create holding a slot here (`hold`), to ask the shared `store` for one before it is
+    /// sent.
+    pub(crate) fn shared_slot(
+        inner: S,
+        request: Request<B>,
+        shared: &Shared,
+        store: Remote,
+        hold: HoldGuard,
+    ) -> Self {
+        let deadline = shared
+            .config
+            .max_wait
+            .map(|wait| shared.clock.now().saturating_add(nanos(wait)));
+        Self {
+            state: State::Shared,
+            role: Role::Create(Some(hold)),
+            queued: None,
+            shared: Some(Box::new(SharedSlot::new(
+                inner, request, shared, store, deadline,
+            ))),
         }
     }
 
@@ -116,6 +231,7 @@ where
                 deadline,
             })),
             role: Role::Create(None),
+            shared: None,
         }
     }
 }
@@ -165,6 +281,63 @@ where
                     // Woken by the queue or the timer: look again either way.
                     let _ = sleep.as_mut().poll(cx);
                 }
+                StateProj::Shared => {
+                    let Some(slot) = this.shared.as_mut() else {
+                        this.state.set(State::Failed { error: None });
+                        continue;
+                    };
+                    let Role::Create(Some(hold)) = this.role else {
+                        this.state.set(State::Failed { error: None });
+                        continue;
+                    };
+                    let Some(shared) = hold.shared().cloned() else {
+                        this.state.set(State::Failed { error: None });
+                        continue;
+                    };
+                    let outcome = ready!(slot.poll_slot(&shared, cx));
+                    let Some(slot) = this.shared.take() else {
+                        continue;
+                    };
+                    let SharedSlot {
+                        mut inner,
+                        request,
+                        store,
+                        member,
+                        ..
+                    } = *slot;
+                    match outcome {
+                        Ok(true) => hold.set_token(member),
+                        Ok(false) => {
+                            let in_use = shared.slots().in_use();
+                            if let Role::Create(Some(hold)) =
+                                std::mem::replace(this.role, Role::Other)
+                            {
+                                hold.release(Release::Failed);
+                            }
+                            let max_wait = shared.config.max_wait.unwrap_or_default();
+                            this.state.set(State::Failed {
+                                error: Some(ConcurrencyError::WaitTooLong { max_wait, in_use }),
+                            });
+                            continue;
+                        }
+                        Err(error) if store.fail_mode() == FailMode::Closed => {
+                            if let Role::Create(Some(hold)) =
+                                std::mem::replace(this.role, Role::Other)
+                            {
+                                hold.release(Release::Failed);
+                            }
+                            this.state.set(State::Failed { error: None });
+                            return Poll::Ready(Err(error.into()));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "the shared slot store failed: this create counts against this process's plan only");
+                        }
+                    }
+                    this.state.set(State::Called {
+                        future: inner.call(request),
+                    });
+                    continue;
+                }
                 StateProj::Queued => {}
             }
             let Some(mut queued) = this.queued.take() else {
@@ -174,23 +347,32 @@ where
             };
             let shared = queued.ticket.shared.clone();
             let now = shared.clock.now();
-            let turn = lock(&shared.slots).poll_take(queued.ticket.id, now, cx.waker());
+            let turn = shared.slots().poll_take(queued.ticket.id, now, cx.waker());
             let next_expiry = match turn {
                 Ok(()) => {
                     queued.ticket.queued = false;
+                    let deadline = queued.deadline;
                     let Queued {
                         mut inner, request, ..
                     } = *queued;
-                    *this.role = Role::Create(Some(HoldGuard::new(shared)));
-                    let future = inner.call(request);
-                    this.state.set(State::Called { future });
+                    *this.role = Role::Create(Some(HoldGuard::new(shared.clone())));
+                    match shared.store.clone() {
+                        Some(store) => {
+                            let slot = SharedSlot::new(inner, request, &shared, store, deadline);
+                            *this.shared = Some(Box::new(slot));
+                            this.state.set(State::Shared);
+                        }
+                        None => this.state.set(State::Called {
+                            future: inner.call(request),
+                        }),
+                    }
                     continue;
                 }
                 Err(next_expiry) => next_expiry,
             };
             if queued.deadline.is_some_and(|d| d <= now) {
                 drop(queued); // leaves the queue
-                let in_use = lock(&shared.slots).in_use();
+                let in_use = shared.slots().in_use();
                 let max_wait = shared.config.max_wait.unwrap_or_default();
                 this.state.set(State::Failed {
                     error: Some(ConcurrencyError::WaitTooLong { max_wait, in_use }),

@@ -1,7 +1,8 @@
 //! [`ConcurrencyLimitByPlan`]: the layer, the handle to its slots, and its builder.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -9,11 +10,12 @@ use tower_layer::Layer;
 
 use super::plan::Plan;
 use super::service::ConcurrencyLimitByPlanService;
-use super::slots::{Release, Slots};
+use super::slots::{Effect, Release, Slots};
 use super::watch::Watch;
 use crate::clock::{nanos, Clock};
 use crate::error::ConfigError;
 use crate::route::{Pattern, RouteTable};
+use crate::store::Remote;
 use crate::sync::lock;
 
 /// What a route's requests mean to the plan.
@@ -59,15 +61,70 @@ pub(crate) struct Shared {
     /// Notified when a job takes or gives back a slot, while a watch runs.
     pub(crate) changed: Notify,
     pub(crate) watches: AtomicUsize,
+    /// The store the slots are shared through with other processes, if any.
+    pub(crate) store: Option<Remote>,
+}
+
+/// The slots, locked. Changes of the held jobs go to the shared store, if any, when it is
+/// let go.
+pub(crate) struct SlotsGuard<'a> {
+    slots: MutexGuard<'a, Slots>,
+    store: Option<&'a Remote>,
+}
+
+impl Deref for SlotsGuard<'_> {
+    type Target = Slots;
+
+    fn deref(&self) -> &Slots {
+        &self.slots
+    }
+}
+
+impl DerefMut for SlotsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Slots {
+        &mut self.slots
+    }
+}
+
+impl Drop for SlotsGuard<'_> {
+    fn drop(&mut self) {
+        if self.slots.effects.is_empty() {
+            return;
+        }
+        let effects = std::mem::take(&mut self.slots.effects);
+        let Some(store) = self.store else {
+            return;
+        };
+        let lease = Duration::from_nanos(self.slots.lease());
+        for effect in effects {
+            match effect {
+                Effect::Finished(id) => store.job_done(&id),
+                Effect::Active(id) => store.job_active(&id, lease),
+            }
+        }
+    }
 }
 
 impl Shared {
+    /// The slots, locked.
+    pub(crate) fn slots(&self) -> SlotsGuard<'_> {
+        SlotsGuard {
+            slots: lock(&self.slots),
+            store: self.store.as_ref(),
+        }
+    }
+
     pub(crate) fn finish(&self, id: &str, why: Release) -> bool {
-        let finished = lock(&self.slots).finish(id, why);
+        let finished = self.slots().finish(id, why);
         if finished {
             self.notify();
         }
         finished
+    }
+
+    /// The most a held job's slot lives.
+    pub(crate) fn lease(&self) -> Duration {
+        Duration::from_nanos(self.slots().lease())
     }
 
     /// Tells running watches that the held jobs changed.
@@ -150,8 +207,16 @@ impl ConcurrencyLimitByPlan {
 
     /// Job `id` is over (for example, a webhook said so): its slot is given back. False when
     /// it held none.
+    ///
+    /// With a shared store, the job's slot is given back for every process: whichever
+    /// process created it lets it go too. The result then only says whether this process held
+    /// it.
     pub fn complete(&self, id: &str) -> bool {
-        self.shared.finish(id, Release::Finished)
+        let held = self.shared.finish(id, Release::Finished);
+        if let (false, Some(store)) = (held, &self.shared.store) {
+            store.job_done(id);
+        }
+        held
     }
 
     /// `active_ids` are every job the API counts as active now (for example, every page of
@@ -180,18 +245,26 @@ impl ConcurrencyLimitByPlan {
         let ids: Vec<I::Item> = active_ids.into_iter().collect();
         let as_of = nanos(listed_at.saturating_duration_since(self.shared.clock.instant(0)));
         let now = self.shared.clock.now();
-        lock(&self.shared.slots).reconcile(ids.iter().map(AsRef::as_ref), as_of, now);
+        self.shared
+            .slots()
+            .reconcile(ids.iter().map(AsRef::as_ref), as_of, now);
+        if let Some(store) = &self.shared.store {
+            // Jobs other processes hold, gone from the list, are given back too.
+            let age = Duration::from_nanos(now.saturating_sub(as_of));
+            let active = ids.iter().map(|id| id.as_ref().to_owned()).collect();
+            store.jobs_reconcile(active, age, self.shared.lease());
+        }
         self.shared.notify();
     }
 
     /// Slots held now.
     pub fn in_use(&self) -> usize {
-        lock(&self.shared.slots).in_use()
+        self.shared.slots().in_use()
     }
 
     /// Job-creating requests waiting for a slot.
     pub fn queue_len(&self) -> usize {
-        lock(&self.shared.slots).queue_len()
+        self.shared.slots().queue_len()
     }
 
     /// The plan in force.
@@ -208,7 +281,7 @@ impl ConcurrencyLimitByPlan {
     pub fn snapshot(&self) -> PlanSnapshot {
         let now = self.shared.clock.now();
         let plan = self.plan();
-        let slots = lock(&self.shared.slots);
+        let slots = self.shared.slots();
         let mut jobs: Vec<HeldJob> = slots
             .jobs()
             .map(|(id, job)| HeldJob {
@@ -234,7 +307,7 @@ impl ConcurrencyLimitByPlan {
     pub fn set_plan(&self, plan: Plan) -> Result<(), ConfigError> {
         let limit = plan.checked_limit()?;
         *lock(&self.shared.plan) = plan;
-        lock(&self.shared.slots).set_limit(limit);
+        self.shared.slots().set_limit(limit);
         Ok(())
     }
 
@@ -271,6 +344,7 @@ pub struct Builder {
     max_queue: Option<usize>,
     max_wait: Option<Duration>,
     in_flight: bool,
+    store: Option<Remote>,
 }
 
 impl Builder {
@@ -288,6 +362,7 @@ impl Builder {
             max_queue: None,
             max_wait: None,
             in_flight: false,
+            store: None,
         }
     }
 
@@ -376,6 +451,22 @@ impl Builder {
         self
     }
 
+    /// Shares the plan's slots with other processes through a store (feature `redis`): jobs
+    /// created by every process sharing it count against one plan. A create takes a slot
+    /// here (in this process's fair queue) and then in the store, waiting across processes
+    /// for one; `complete(id)` and `reconcile` work from any process, and a job given back
+    /// anywhere is let go everywhere. Each held job has a lease in the store of the maximum
+    /// job life, so the slots of a process that dies come back. While the store is away,
+    /// its [`FailMode`](crate::store::FailMode) decides: creates go on under this process's
+    /// own plan count, or fail with a [`StoreError`](crate::store::StoreError).
+    ///
+    /// Build the layer inside a Tokio runtime: it listens for jobs given back elsewhere.
+    #[cfg(feature = "redis")]
+    pub fn store(mut self, store: crate::store::RedisStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// Builds the layer, or says what is wrong.
     pub fn build(self) -> Result<ConcurrencyLimitByPlan, ConfigError> {
         self.plan.checked_limit()?;
@@ -438,7 +529,11 @@ impl Builder {
             }
         }
         let limit = self.plan.limit();
-        Ok(ConcurrencyLimitByPlan {
+        let mut slots = Slots::new(limit, nanos(self.max_job_life));
+        if self.store.is_some() {
+            slots.mirror();
+        }
+        let layer = ConcurrencyLimitByPlan {
             shared: Arc::new(Shared {
                 table,
                 kinds: kinds.into(),
@@ -453,11 +548,49 @@ impl Builder {
                     in_flight: self.in_flight,
                 },
                 clock: Clock::new(),
-                slots: Mutex::new(Slots::new(limit, nanos(self.max_job_life))),
+                slots: Mutex::new(slots),
                 plan: Mutex::new(self.plan),
                 changed: Notify::new(),
                 watches: AtomicUsize::new(0),
+                store: self.store,
             }),
-        })
+        };
+        #[cfg(feature = "redis")]
+        if let Some(store) = &layer.shared.store {
+            listen(&layer.shared, store)?;
+        }
+        Ok(layer)
     }
+}
+
+/// Lets go, in this process, of the jobs another process gave back.
+#[cfg(feature = "redis")]
+fn listen(shared: &Arc<Shared>, store: &crate::store::RedisStore) -> Result<(), ConfigError> {
+    use tokio::sync::broadcast::error::RecvError;
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return Err(ConfigError::InvalidSetting {
+            name: "store",
+            reason: "a layer with a store must be built inside a Tokio runtime",
+        });
+    };
+    let mut done = store.done_jobs();
+    let shared = Arc::downgrade(shared);
+    runtime.spawn(async move {
+        loop {
+            match done.recv().await {
+                Ok(id) => {
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    shared.finish(&id, Release::Elsewhere);
+                }
+                Err(RecvError::Lagged(missed)) => tracing::warn!(
+                    missed,
+                    "missed jobs given back elsewhere: their slots come back with a reconcile or their lease"
+                ),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(())
 }

@@ -8,7 +8,6 @@ use super::body::{HoldGuard, PlanBody};
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
 use super::layer::{RouteKind, Shared};
-use crate::sync::lock;
 use crate::BoxError;
 
 /// The service made by a [`ConcurrencyLimitByPlan`](super::ConcurrencyLimitByPlan) layer.
@@ -66,7 +65,7 @@ where
             Some((index, param)) => match shared.kinds[index] {
                 RouteKind::Create => return self.create(request),
                 RouteKind::Status => match param {
-                    Some(id) if lock(&shared.slots).is_held(id) => {
+                    Some(id) if shared.slots().is_held(id) => {
                         Role::Status(shared.clone(), id.into())
                     }
                     _ => Role::Other,
@@ -84,13 +83,18 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         S: Service<Request<B>> + Clone,
     {
         let shared = &self.shared;
-        let mut slots = lock(&shared.slots);
+        let mut slots = shared.slots();
         if slots.limit() == 0 {
             return ResponseFuture::failed(ConcurrencyError::NoSlots);
         }
         if slots.try_take(|| shared.clock.now()) {
             drop(slots);
             let hold = HoldGuard::new(shared.clone());
+            if let Some(store) = &shared.store {
+                let (shared, store) = (shared.clone(), store.clone());
+                let inner = self.take_inner();
+                return ResponseFuture::shared_slot(inner, request, &shared, store, hold);
+            }
             let future = self.inner.call(request);
             return ResponseFuture::called(future, Role::Create(Some(hold)));
         }
@@ -101,10 +105,18 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         }
         let ticket = slots.join();
         drop(slots);
-        // The request waits for a slot inside the future, which needs a service to call
-        // then: take the one driven to readiness and leave a clone in its place.
+        let shared = shared.clone();
+        ResponseFuture::queued(self.take_inner(), request, shared, ticket)
+    }
+
+    /// The request waits (for a slot here or in the shared store) inside the future, which
+    /// needs a service to call then: takes the one driven to readiness and leaves a clone in
+    /// its place.
+    fn take_inner(&mut self) -> S
+    where
+        S: Clone,
+    {
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::queued(inner, request, shared.clone(), ticket)
+        std::mem::replace(&mut self.inner, clone)
     }
 }

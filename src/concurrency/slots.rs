@@ -36,6 +36,18 @@ pub(crate) enum Release {
     Duplicate,
     /// In-flight mode: the response is over.
     Answered,
+    /// Another process sharing the store gave the job back (a webhook, a status it saw).
+    Elsewhere,
+}
+
+/// A change of the held jobs that a shared store must hear of (recorded only when one mirrors
+/// the slots).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// The job is over.
+    Finished(Box<str>),
+    /// The job was seen active, and holds a slot.
+    Active(Box<str>),
 }
 
 /// A held job.
@@ -72,6 +84,9 @@ pub(crate) struct Slots {
     finished: VecDeque<u64>,
     finished_set: HashSet<u64>,
     hasher: RandomState,
+    /// Whether changes of the held jobs are recorded in `effects`, for a shared store.
+    mirror: bool,
+    pub(crate) effects: Vec<Effect>,
     /// Every release, in order (tests).
     #[cfg(test)]
     pub(crate) log: Vec<Release>,
@@ -90,6 +105,8 @@ impl Slots {
             finished: VecDeque::new(),
             finished_set: HashSet::new(),
             hasher: RandomState::new(),
+            mirror: false,
+            effects: Vec::new(),
             #[cfg(test)]
             log: Vec::new(),
         }
@@ -97,6 +114,15 @@ impl Slots {
 
     pub(crate) fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Records changes of the held jobs for a shared store from now on.
+    pub(crate) fn mirror(&mut self) {
+        self.mirror = true;
+    }
+
+    pub(crate) fn lease(&self) -> Nanos {
+        self.lease
     }
 
     pub(crate) fn in_use(&self) -> usize {
@@ -246,6 +272,9 @@ impl Slots {
         if self.jobs.remove(id).is_none() {
             return false;
         }
+        if self.mirror && why != Release::Elsewhere {
+            self.effects.push(Effect::Finished(id.into()));
+        }
         let hash = self.hasher.hash_one(id);
         if self.finished_set.insert(hash) {
             self.finished.push_back(hash);
@@ -272,6 +301,9 @@ impl Slots {
                 ours: false,
             },
         );
+        if self.mirror {
+            self.effects.push(Effect::Active(id.into()));
+        }
     }
 
     /// `active` is every job the server counts now, as listed at `as_of`: held jobs not in

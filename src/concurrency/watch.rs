@@ -14,7 +14,6 @@ use super::body::{Observe, Observer, PlanBody};
 use super::layer::ConcurrencyLimitByPlan;
 use super::slots::Release;
 use crate::clock::{nanos, Nanos};
-use crate::sync::lock;
 use crate::BoxError;
 
 /// Polls held jobs' status and gives back the slots of those that ended; from
@@ -84,10 +83,7 @@ impl<S> Watch<S> {
             changed.as_mut().enable();
 
             let now = shared.clock.now();
-            let held: Vec<Box<str>> = lock(&shared.slots)
-                .jobs()
-                .map(|(id, _)| id.into())
-                .collect();
+            let held: Vec<Box<str>> = shared.slots().jobs().map(|(id, _)| id.into()).collect();
             started.retain(|id, _| held.contains(id));
             let mut next_due: Option<Nanos> = None;
             for id in held {

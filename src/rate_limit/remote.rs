@@ -161,8 +161,6 @@ impl<S, B> SharedTurn<S, B> {
 
     /// Asks the store, and between questions sleeps until the turn the store named, a
     /// release anywhere, or the poll interval, whichever comes first.
-    // Without the `redis` feature no store exists, and the compiler knows this never runs.
-    #[cfg_attr(not(feature = "redis"), allow(unreachable_code))]
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         loop {
             if let Some(op) = self.op.as_mut() {

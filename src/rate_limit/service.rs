@@ -54,8 +54,6 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    // Without the `redis` feature no store exists, and the compiler knows that path never runs.
-    #[cfg_attr(not(feature = "redis"), allow(unreachable_code, unused_variables))]
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let shared = &self.mode.0;
         let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {

@@ -101,44 +101,65 @@ pub(crate) type Op = SyncFuture<Pin<Box<dyn Future<Output = Result<Decision, Sto
 #[cfg(feature = "redis")]
 pub(crate) type Remote = RedisStore;
 
-/// Without the `redis` feature there is no shared store: this type has no values, and the
-/// code paths that take one are never run.
+/// Without the `redis` feature there is no shared store: this type is never made, and the
+/// code paths that take one never run. Its methods only keep those paths compiling.
 #[cfg(not(feature = "redis"))]
 #[derive(Debug, Clone)]
-pub(crate) enum Remote {}
+#[allow(dead_code)]
+pub(crate) struct Remote {
+    never: (),
+}
 
 #[cfg(not(feature = "redis"))]
 #[allow(dead_code, clippy::unused_self)]
 impl Remote {
-    pub(crate) fn fail_mode(&self) -> FailMode {
-        match *self {}
+    fn none(&self) -> Op {
+        SyncFuture::new(Box::pin(std::future::ready(Err(StoreError::Unavailable(
+            "built without the `redis` feature".into(),
+        )))))
     }
 
-    pub(crate) fn key(&self, _: &str) -> String {
-        match *self {}
+    pub(crate) fn fail_mode(&self) -> FailMode {
+        FailMode::Closed
+    }
+
+    pub(crate) fn key(&self, name: &str) -> String {
+        name.to_owned()
     }
 
     pub(crate) fn member(&self) -> String {
-        match *self {}
+        String::new()
     }
 
     pub(crate) fn released(&self) -> tokio::sync::futures::OwnedNotified {
-        match *self {}
+        std::sync::Arc::new(tokio::sync::Notify::new()).notified_owned()
     }
 
     pub(crate) fn poll_interval(&self) -> Duration {
-        match *self {}
+        Duration::from_secs(1)
     }
 
     pub(crate) fn acquire(&self, _: &str, _: &str, _: &crate::quota::Rate, _: bool) -> Op {
-        match *self {}
+        self.none()
     }
 
-    pub(crate) fn release(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) {
-        match *self {}
-    }
+    pub(crate) fn release(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) {}
 
     pub(crate) fn release_op(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) -> Op {
-        match *self {}
+        self.none()
     }
+
+    pub(crate) fn slot_acquire(&self, _: usize, _: Duration, _: &str) -> Op {
+        self.none()
+    }
+
+    pub(crate) fn slot_bind(&self, _: &str, _: &str, _: Duration) {}
+
+    pub(crate) fn slot_release(&self, _: &str) {}
+
+    pub(crate) fn job_done(&self, _: &str) {}
+
+    pub(crate) fn job_active(&self, _: &str, _: Duration) {}
+
+    pub(crate) fn jobs_reconcile(&self, _: Vec<String>, _: Duration, _: Duration) {}
 }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, ProtocolVersion, PushInfo, Script};
+use redis::{Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value};
 use sync_wrapper::SyncFuture;
 use tokio::sync::futures::OwnedNotified;
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::{Decision, FailMode, Op, StoreError};
@@ -52,12 +52,24 @@ struct Inner {
     node: u64,
     counter: AtomicU64,
     script: Script,
+    slots_script: Script,
+    /// Ids of jobs given back by some process, for the processes holding them locally.
+    done: broadcast::Sender<Arc<str>>,
+    /// Changes that nobody awaits (slots given back, jobs bound or done), run one after
+    /// another in the order they were made, so that a job's end never overtakes its start.
+    background: mpsc::Sender<Op>,
     subscriber: JoinHandle<()>,
+    worker: JoinHandle<()>,
 }
+
+/// How many background changes may wait for Redis; past it (Redis away for long) they are
+/// dropped, and the leases give the slots back.
+const BACKGROUND: usize = 4096;
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.subscriber.abort();
+        self.worker.abort();
     }
 }
 
@@ -135,15 +147,7 @@ impl RedisStore {
     /// server asked so, in the background (for a request abandoned by its caller). A place
     /// not given back expires with its lease.
     pub(crate) fn release(&self, key: &str, member: &str, rate: &Rate, block: Duration) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let op = self.release_op(key, member, rate, block);
-        runtime.spawn(async move {
-            if let Err(error) = op.await {
-                tracing::debug!(%error, "a place could not be given back: it expires with its lease");
-            }
-        });
+        self.spawn(self.release_op(key, member, rate, block));
     }
 
     /// The same, as an operation to await.
@@ -186,15 +190,103 @@ impl RedisStore {
                 invocation.invoke_async::<(i64, i64)>(&mut connection),
             )
             .await;
-            match reply {
-                Err(_) => Err(StoreError::Timeout(timeout)),
-                Ok(Err(error)) => Err(StoreError::Unavailable(error.to_string())),
-                Ok(Ok((1, _))) => Ok(Decision::Admitted),
-                Ok(Ok((_, wait))) => Ok(Decision::Wait(
-                    u64::try_from(wait).ok().map(Duration::from_micros),
-                )),
-            }
+            decision(reply, timeout)
         }))
+    }
+}
+
+// ===== job slots =====
+
+impl RedisStore {
+    /// Takes one of `limit` job slots for a create about to be sent, held as `member` for at
+    /// most `lease`.
+    pub(crate) fn slot_acquire(&self, limit: usize, lease: Duration, member: &str) -> Op {
+        self.run_slots(vec![
+            "acquire".into(),
+            limit.to_string(),
+            micros(lease),
+            member.into(),
+        ])
+    }
+
+    /// The create held as `token` made job `id`.
+    pub(crate) fn slot_bind(&self, token: &str, id: &str, lease: Duration) {
+        self.spawn(self.run_slots(vec!["bind".into(), token.into(), id.into(), micros(lease)]));
+    }
+
+    /// The create held as `token` is over without a job.
+    pub(crate) fn slot_release(&self, token: &str) {
+        self.spawn(self.run_slots(vec!["remove".into(), token.into(), "released".into()]));
+    }
+
+    /// Job `id` is over, wherever it was created.
+    pub(crate) fn job_done(&self, id: &str) {
+        let message = format!("done:{id}");
+        self.spawn(self.run_slots(vec!["remove".into(), format!("j:{id}"), message]));
+    }
+
+    /// Job `id` was seen active: it holds a slot, whoever created it.
+    pub(crate) fn job_active(&self, id: &str, lease: Duration) {
+        self.spawn(self.run_slots(vec!["active".into(), id.into(), micros(lease)]));
+    }
+
+    /// `active` is every job the server counts, as listed `age` ago.
+    pub(crate) fn jobs_reconcile(&self, active: Vec<String>, age: Duration, lease: Duration) {
+        let mut args = vec!["reconcile".into(), micros(age), micros(lease)];
+        args.extend(active);
+        self.spawn(self.run_slots(args));
+    }
+
+    /// Ids of jobs another process gave back.
+    pub(crate) fn done_jobs(&self) -> broadcast::Receiver<Arc<str>> {
+        self.inner.done.subscribe()
+    }
+
+    /// Runs `op` in the background, after the ones made before it.
+    fn spawn(&self, op: Op) {
+        if self.inner.background.try_send(op).is_err() {
+            tracing::debug!(
+                "too many changes wait for the store: this one is dropped, and its lease covers it"
+            );
+        }
+    }
+
+    fn run_slots(&self, mut args: Vec<String>) -> Op {
+        let inner = &self.inner;
+        args.insert(1, inner.channel.clone());
+        let key = format!("{}:held", self.key("slots"));
+        let script = inner.slots_script.clone();
+        let mut connection = inner.connection.clone();
+        let timeout = inner.timeout;
+        SyncFuture::new(Box::pin(async move {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(key).arg(args);
+            let reply = tokio::time::timeout(
+                timeout,
+                invocation.invoke_async::<(i64, i64)>(&mut connection),
+            )
+            .await;
+            decision(reply, timeout)
+        }))
+    }
+}
+
+fn micros(d: Duration) -> String {
+    d.as_micros().to_string()
+}
+
+/// What a script's reply (or its absence) means.
+fn decision(
+    reply: Result<redis::RedisResult<(i64, i64)>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<Decision, StoreError> {
+    match reply {
+        Err(_) => Err(StoreError::Timeout(timeout)),
+        Ok(Err(error)) => Err(StoreError::Unavailable(error.to_string())),
+        Ok(Ok((1, _))) => Ok(Decision::Admitted),
+        Ok(Ok((_, wait))) => Ok(Decision::Wait(
+            u64::try_from(wait).ok().map(Duration::from_micros),
+        )),
     }
 }
 
@@ -284,6 +376,8 @@ impl RedisStoreBuilder {
         // every reconnect. A disconnection wakes the waiters too, so that they ask again.
         let released = Arc::new(Notify::new());
         let notify = released.clone();
+        let (done, _) = broadcast::channel(1024);
+        let done_sender = done.clone();
         let resp3 = info
             .redis_settings()
             .clone()
@@ -292,7 +386,15 @@ impl RedisStoreBuilder {
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_max_delay(self.poll)
-            .set_push_sender(move |_: PushInfo| {
+            .set_push_sender(move |push: PushInfo| {
+                if push.kind == PushKind::Message {
+                    if let Some(Value::BulkString(message)) = push.data.get(1) {
+                        if let Some(id) = message.strip_prefix(b"done:") {
+                            let id = String::from_utf8_lossy(id);
+                            let _ = done_sender.send(Arc::from(id.as_ref()));
+                        }
+                    }
+                }
                 notify.notify_waiters();
                 Ok::<(), redis::aio::SendError>(())
             })
@@ -304,6 +406,14 @@ impl RedisStoreBuilder {
         .map_err(unusable)?;
         let channel = format!("{{{}}}:released", self.prefix);
         let subscriber = runtime.spawn(subscribe(subscriber, channel.clone(), self.poll));
+        let (background, mut queue) = mpsc::channel::<Op>(BACKGROUND);
+        let worker = runtime.spawn(async move {
+            while let Some(op) = queue.recv().await {
+                if let Err(error) = op.await {
+                    tracing::debug!(%error, "a change did not reach the store: the lease of what it held covers it");
+                }
+            }
+        });
 
         let node = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0u8);
         Ok(RedisStore {
@@ -319,7 +429,11 @@ impl RedisStoreBuilder {
                 node,
                 counter: AtomicU64::new(0),
                 script: Script::new(include_str!("rate.lua")),
+                slots_script: Script::new(include_str!("slots.lua")),
+                done,
+                background,
                 subscriber,
+                worker,
             }),
         })
     }

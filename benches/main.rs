@@ -7,6 +7,8 @@ mod backoff;
 mod concurrency;
 mod harness;
 mod rate_limit;
+#[cfg(feature = "redis")]
+mod store;
 
 criterion_group!(
     benches,
@@ -18,4 +20,10 @@ criterion_group!(
     concurrency::contended,
     backoff::no_retry
 );
+#[cfg(feature = "redis")]
+criterion_group!(shared_store, store::overhead);
+
+#[cfg(feature = "redis")]
+criterion_main!(benches, shared_store);
+#[cfg(not(feature = "redis"))]
 criterion_main!(benches);

@@ -46,11 +46,16 @@ impl Job {
 pub(crate) struct HoldGuard {
     shared: Option<Arc<Shared>>,
     /// The slot's name in the shared store, once the store gave one.
-    token: Option<Box<str>>,
+    token: Option<Token>,
 }
+
+/// A slot's name in the shared store. Boxed twice to be one word: holds live on the path
+/// of every create, store or not.
+pub(crate) type Token = Box<String>;
 
 impl HoldGuard {
     /// Owns a slot the caller has just taken.
+    #[inline]
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self {
             shared: Some(shared),
@@ -63,14 +68,17 @@ impl HoldGuard {
     }
 
     /// The slot is held in the shared store too, as `token`.
-    pub(crate) fn set_token(&mut self, token: Box<str>) {
+    pub(crate) fn set_token(&mut self, token: Token) {
         self.token = Some(token);
     }
 
+    #[inline]
     pub(crate) fn release(mut self, why: Release) {
         if let Some(shared) = self.shared.take() {
-            shared.slots().release(why);
-            release_token(&shared, self.token.take());
+            shared.counts().release(why);
+            if self.token.is_some() {
+                release_token(&shared, self.token.take());
+            }
         }
     }
 
@@ -80,20 +88,24 @@ impl HoldGuard {
 
     /// Hands the slot on to the response body, which gives it back when it ends or is
     /// dropped (in-flight mode).
+    #[inline]
     pub(crate) fn answered(mut self) -> Option<Answered> {
         let token = self.token.take();
         self.shared.take().map(|shared| Answered(shared, token))
     }
 
     /// Hands the slot on (to an [`Observer`], which settles it).
-    fn into_shared(mut self) -> Option<(Arc<Shared>, Option<Box<str>>)> {
+    #[inline]
+    fn into_shared(mut self) -> Option<(Arc<Shared>, Option<Token>)> {
         let token = self.token.take();
         self.shared.take().map(|shared| (shared, token))
     }
 }
 
 /// Gives back the slot a create held in the shared store, if any.
-fn release_token(shared: &Shared, token: Option<Box<str>>) {
+#[cold]
+#[inline(never)]
+fn release_token(shared: &Shared, token: Option<Token>) {
     if let (Some(store), Some(token)) = (&shared.store, token) {
         store.slot_release(&token);
     }
@@ -103,19 +115,21 @@ impl Drop for HoldGuard {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
             let now = shared.clock.now();
-            shared.slots().unknown(now);
+            shared.counts().unknown(now);
         }
     }
 }
 
 /// In-flight mode: a slot given back when the response body ends or is dropped.
 #[derive(Debug)]
-pub(crate) struct Answered(Arc<Shared>, Option<Box<str>>);
+pub(crate) struct Answered(Arc<Shared>, Option<Token>);
 
 impl Drop for Answered {
     fn drop(&mut self) {
-        self.0.slots().release(Release::Answered);
-        release_token(&self.0, self.1.take());
+        self.0.counts().release(Release::Answered);
+        if self.1.is_some() {
+            release_token(&self.0, self.1.take());
+        }
     }
 }
 
@@ -138,7 +152,7 @@ pub(crate) struct Observer {
     what: Option<Observe>,
     prefix: Vec<u8>,
     /// The name in the shared store of the slot this create holds, if any.
-    token: Option<Box<str>>,
+    token: Option<Token>,
 }
 
 impl Observer {
@@ -207,7 +221,7 @@ impl Observer {
                         field = &*config.id_field,
                         "no job id in a successful create's response: its slot stays held until a reconcile or the maximum job life"
                     );
-                    shared.slots().unknown(now);
+                    shared.counts().unknown(now);
                     return;
                 };
                 let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::body::{HoldGuard, Job, Observe, Observer, PlanBody};
+use super::body::{HoldGuard, Job, Observe, Observer, PlanBody, Token};
 use super::error::ConcurrencyError;
 use super::layer::Shared;
 use super::slots::Release;
@@ -42,10 +42,18 @@ pin_project! {
         state: State<S::Future>,
         role: Role,
         // Boxed: only a request that waits needs it.
-        queued: Option<Box<Queued<S, B>>>,
-        // Boxed: only a layer with a shared store needs it.
-        shared: Option<Box<SharedSlot<S, B>>>,
+        // Boxed: only a request that waits for a slot (here, or in a shared store) needs it.
+        aside: Option<Box<Aside<S, B>>>,
     }
+}
+
+/// What a create that is not sent at once keeps aside.
+#[allow(clippy::large_enum_variant)] // boxed as a whole, and made once per request
+enum Aside<S, B> {
+    /// Waiting for a slot here.
+    Queued(Queued<S, B>),
+    /// Holding a slot here, asking the shared store for one.
+    Shared(SharedSlot<S, B>),
 }
 
 /// A create holding a slot here, asking the shared store for one across processes.
@@ -53,7 +61,7 @@ struct SharedSlot<S, B> {
     inner: S,
     request: Request<B>,
     store: Remote,
-    member: Box<str>,
+    member: Token,
     op: Option<Op>,
     released: Pin<Box<OwnedNotified>>,
     sleep: Option<Pin<Box<Sleep>>>,
@@ -68,7 +76,7 @@ impl<S, B> SharedSlot<S, B> {
         store: Remote,
         deadline: Option<Nanos>,
     ) -> Self {
-        let member: Box<str> = format!("c:{}", store.member()).into();
+        let member: Token = Box::new(format!("c:{}", store.member()));
         let released = Box::pin(store.released());
         let limit = shared.slots().limit();
         let op = store.slot_acquire(limit, shared.lease(), &member);
@@ -176,8 +184,7 @@ where
         Self {
             state: State::Called { future },
             role,
-            queued: None,
-            shared: None,
+            aside: None,
         }
     }
 
@@ -185,8 +192,7 @@ where
         Self {
             state: State::Failed { error: Some(error) },
             role: Role::Other,
-            queued: None,
-            shared: None,
+            aside: None,
         }
     }
 
@@ -206,10 +212,9 @@ where
         Self {
             state: State::Shared,
             role: Role::Create(Some(hold)),
-            queued: None,
-            shared: Some(Box::new(SharedSlot::new(
+            aside: Some(Box::new(Aside::Shared(SharedSlot::new(
                 inner, request, shared, store, deadline,
-            ))),
+            )))),
         }
     }
 
@@ -220,7 +225,7 @@ where
             .map(|wait| shared.clock.now().saturating_add(nanos(wait)));
         Self {
             state: State::Queued,
-            queued: Some(Box::new(Queued {
+            aside: Some(Box::new(Aside::Queued(Queued {
                 inner,
                 request,
                 ticket: Ticket {
@@ -229,9 +234,8 @@ where
                     queued: true,
                 },
                 deadline,
-            })),
+            }))),
             role: Role::Create(None),
-            shared: None,
         }
     }
 }
@@ -282,7 +286,7 @@ where
                     let _ = sleep.as_mut().poll(cx);
                 }
                 StateProj::Shared => {
-                    let Some(slot) = this.shared.as_mut() else {
+                    let Some(Aside::Shared(slot)) = this.aside.as_deref_mut() else {
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
@@ -295,7 +299,7 @@ where
                         continue;
                     };
                     let outcome = ready!(slot.poll_slot(&shared, cx));
-                    let Some(slot) = this.shared.take() else {
+                    let Some(Aside::Shared(slot)) = this.aside.take().map(|a| *a) else {
                         continue;
                     };
                     let SharedSlot {
@@ -304,7 +308,7 @@ where
                         store,
                         member,
                         ..
-                    } = *slot;
+                    } = slot;
                     match outcome {
                         Ok(true) => hold.set_token(member),
                         Ok(false) => {
@@ -340,7 +344,7 @@ where
                 }
                 StateProj::Queued => {}
             }
-            let Some(mut queued) = this.queued.take() else {
+            let Some(Aside::Queued(queued)) = this.aside.as_deref_mut() else {
                 // Not reachable: a waiting future always has its request.
                 this.state.set(State::Failed { error: None });
                 continue;
@@ -348,18 +352,22 @@ where
             let shared = queued.ticket.shared.clone();
             let now = shared.clock.now();
             let turn = shared.slots().poll_take(queued.ticket.id, now, cx.waker());
+            let queue_deadline = queued.deadline;
             let next_expiry = match turn {
                 Ok(()) => {
                     queued.ticket.queued = false;
+                    let Some(Aside::Queued(queued)) = this.aside.take().map(|a| *a) else {
+                        continue;
+                    };
                     let deadline = queued.deadline;
                     let Queued {
                         mut inner, request, ..
-                    } = *queued;
+                    } = queued;
                     *this.role = Role::Create(Some(HoldGuard::new(shared.clone())));
                     match shared.store.clone() {
                         Some(store) => {
                             let slot = SharedSlot::new(inner, request, &shared, store, deadline);
-                            *this.shared = Some(Box::new(slot));
+                            *this.aside = Some(Box::new(Aside::Shared(slot)));
                             this.state.set(State::Shared);
                         }
                         None => this.state.set(State::Called {
@@ -370,8 +378,8 @@ where
                 }
                 Err(next_expiry) => next_expiry,
             };
-            if queued.deadline.is_some_and(|d| d <= now) {
-                drop(queued); // leaves the queue
+            if queue_deadline.is_some_and(|d| d <= now) {
+                *this.aside = None; // leaves the queue
                 let in_use = shared.slots().in_use();
                 let max_wait = shared.config.max_wait.unwrap_or_default();
                 this.state.set(State::Failed {
@@ -379,8 +387,7 @@ where
                 });
                 continue;
             }
-            let wake_at = [next_expiry, queued.deadline].into_iter().flatten().min();
-            *this.queued = Some(queued);
+            let wake_at = [next_expiry, queue_deadline].into_iter().flatten().min();
             let Some(at) = wake_at else {
                 this.state.set(State::Queued);
                 return Poll::Pending;

@@ -75,22 +75,32 @@ pub(crate) struct SlotsGuard<'a> {
 impl Deref for SlotsGuard<'_> {
     type Target = Slots;
 
+    #[inline]
     fn deref(&self) -> &Slots {
         &self.slots
     }
 }
 
 impl DerefMut for SlotsGuard<'_> {
+    #[inline]
     fn deref_mut(&mut self) -> &mut Slots {
         &mut self.slots
     }
 }
 
 impl Drop for SlotsGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
-        if self.slots.effects.is_empty() {
-            return;
+        if !self.slots.effects.is_empty() {
+            self.send_effects();
         }
+    }
+}
+
+impl SlotsGuard<'_> {
+    #[cold]
+    #[inline(never)]
+    fn send_effects(&mut self) {
         let effects = std::mem::take(&mut self.slots.effects);
         let Some(store) = self.store else {
             return;
@@ -107,11 +117,19 @@ impl Drop for SlotsGuard<'_> {
 
 impl Shared {
     /// The slots, locked.
+    #[inline]
     pub(crate) fn slots(&self) -> SlotsGuard<'_> {
         SlotsGuard {
             slots: lock(&self.slots),
             store: self.store.as_ref(),
         }
+    }
+
+    /// The slots, locked, for a change of the creates in flight only (a release, an unknown
+    /// outcome), which the shared store never needs to hear of from here.
+    #[inline]
+    pub(crate) fn counts(&self) -> MutexGuard<'_, Slots> {
+        lock(&self.slots)
     }
 
     pub(crate) fn finish(&self, id: &str, why: Release) -> bool {

@@ -8,6 +8,7 @@ use super::body::{HoldGuard, PlanBody};
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
 use super::layer::{RouteKind, Shared};
+use crate::store::Remote;
 use crate::BoxError;
 
 /// The service made by a [`ConcurrencyLimitByPlan`](super::ConcurrencyLimitByPlan) layer.
@@ -91,9 +92,8 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             drop(slots);
             let hold = HoldGuard::new(shared.clone());
             if let Some(store) = &shared.store {
-                let (shared, store) = (shared.clone(), store.clone());
-                let inner = self.take_inner();
-                return ResponseFuture::shared_slot(inner, request, &shared, store, hold);
+                let store = store.clone();
+                return self.create_shared(request, store, hold);
             }
             let future = self.inner.call(request);
             return ResponseFuture::called(future, Role::Create(Some(hold)));
@@ -107,6 +107,23 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         drop(slots);
         let shared = shared.clone();
         ResponseFuture::queued(self.take_inner(), request, shared, ticket)
+    }
+
+    /// A create holding a slot here asks the shared store for one. Out of line, so that the
+    /// in-memory path stays as small as it was.
+    #[inline(never)]
+    fn create_shared<B>(
+        &mut self,
+        request: Request<B>,
+        store: Remote,
+        hold: HoldGuard,
+    ) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>> + Clone,
+    {
+        let shared = self.shared.clone();
+        let inner = self.take_inner();
+        ResponseFuture::shared_slot(inner, request, &shared, store, hold)
     }
 
     /// The request waits (for a slot here or in the shared store) inside the future, which

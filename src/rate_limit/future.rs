@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::error::RateLimitError;
 use super::layer::{Reject, RejectConfig, RejectResponse, Rejection};
-use super::remote::{Outcome, Place, SharedTurn};
+use super::remote::{Outcome, SharedTurn};
 use super::state::{lock, Permit, Ticket, Turn, Verdict};
 use crate::clock::{nanos, Nanos};
 use crate::headers;
@@ -28,11 +28,40 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, Result<S::Response, S::Error>>,
-        // Boxed: only a request that waits needs it, and it keeps the future small.
-        queued: Option<Box<Queued<S, B>>>,
-        // Boxed for the same reason: a request asking a shared store for its turn.
-        shared: Option<Box<SharedTurn<S, B>>>,
-        permit: Option<Place>,
+        // Boxed: only a request that waits (or asks a shared store) needs it, and it keeps the
+        // future small.
+        aside: Option<Box<Aside<S, B>>>,
+        permit: Option<Permit>,
+    }
+}
+
+/// What a request that is not sent at once keeps aside.
+#[allow(clippy::large_enum_variant)] // boxed as a whole, and made once per request
+enum Aside<S, B> {
+    /// Waiting in the route's queue.
+    Queued(Queued<S, B>),
+    /// Asking the shared store for its turn, then holding its place there.
+    Shared(SharedTurn<S, B>),
+}
+
+fn queued<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<&mut Queued<S, B>> {
+    match aside.as_deref_mut() {
+        Some(Aside::Queued(queued)) => Some(queued),
+        _ => None,
+    }
+}
+
+fn shared<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<&mut SharedTurn<S, B>> {
+    match aside.as_deref_mut() {
+        Some(Aside::Shared(turn)) => Some(turn),
+        _ => None,
+    }
+}
+
+fn take_queued<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<Queued<S, B>> {
+    match aside.take().map(|aside| *aside) {
+        Some(Aside::Queued(queued)) => Some(queued),
+        _ => None,
     }
 }
 
@@ -73,17 +102,15 @@ where
     pub(crate) fn called(future: S::Future, permit: Option<Permit>) -> Self {
         Self {
             state: State::Called { future },
-            queued: None,
-            shared: None,
-            permit: permit.map(Place::Local),
+            aside: None,
+            permit,
         }
     }
 
     pub(crate) fn shared(turn: SharedTurn<S, B>) -> Self {
         Self {
             state: State::Shared,
-            queued: None,
-            shared: Some(Box::new(turn)),
+            aside: Some(Box::new(Aside::Shared(turn))),
             permit: None,
         }
     }
@@ -96,14 +123,13 @@ where
     ) -> Self {
         Self {
             state: State::Queued,
-            queued: Some(Box::new(Queued {
+            aside: Some(Box::new(Aside::Queued(Queued {
                 inner,
                 request,
                 deadline: max_wait.map(|max| ticket.since.saturating_add(nanos(max))),
                 ticket,
                 max_wait,
-            })),
-            shared: None,
+            }))),
             permit: None,
         }
     }
@@ -117,8 +143,7 @@ where
                     max_wait,
                 }),
             },
-            queued: None,
-            shared: None,
+            aside: None,
             permit: None,
         }
     }
@@ -131,20 +156,56 @@ where
 {
     type Output = Result<Response<ResBody>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The path of nearly every request, kept small: sent at once, answered.
+        let this = self.as_mut().project();
+        if let (StateProj::Called { future }, Some(_)) = (this.state.project(), &this.permit) {
+            let result = ready!(future.poll(cx));
+            if let Some(permit) = this.permit.take() {
+                match &result {
+                    Ok(response) => permit.finish(response),
+                    // The server may have counted it: the drop gives the place back from
+                    // now, like a response.
+                    Err(_) => drop(permit),
+                }
+            }
+            return Poll::Ready(result.map_err(Into::into));
+        }
+        self.poll_slow(cx)
+    }
+}
+
+impl<S, B, ResBody> ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    /// Everything else: waiting for a turn, asking a shared store, giving a place back there.
+    #[inline(never)]
+    fn poll_slow(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ResBody>, BoxError>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx));
-                    if let Some(place) = this.permit.take() {
-                        if let Some(op) = place.finish(result.as_ref().ok()) {
-                            this.state.set(State::Releasing {
-                                op,
-                                answer: Some(Box::new(result)),
-                            });
-                            continue;
+                    if let Some(permit) = this.permit.take() {
+                        match &result {
+                            Ok(response) => permit.finish(response),
+                            // The server may have counted it: the drop gives the place back
+                            // from now, like a response.
+                            Err(_) => drop(permit),
                         }
+                    } else if let Some(place) = shared(this.aside).and_then(|t| t.place.take()) {
+                        let op = place.finish(result.as_ref().ok());
+                        this.state.set(State::Releasing {
+                            op,
+                            answer: Some(Box::new(result)),
+                        });
+                        continue;
                     }
                     return Poll::Ready(result.map_err(Into::into));
                 }
@@ -158,23 +219,27 @@ where
                     });
                 }
                 StateProj::Shared => {
-                    let Some(turn) = this.shared.as_mut() else {
+                    let Some(turn) = shared(this.aside) else {
                         return Poll::Ready(Err("rate limit future in an invalid state".into()));
                     };
                     let outcome = ready!(turn.poll_turn(cx));
-                    let Some(turn) = this.shared.take() else {
+                    if let Outcome::Admitted(place) = outcome {
+                        turn.place = Some(place);
+                        let Some((mut inner, request)) = turn.call.take() else {
+                            return Poll::Ready(
+                                Err("rate limit future in an invalid state".into()),
+                            );
+                        };
+                        this.state.set(State::Called {
+                            future: inner.call(request),
+                        });
+                        continue;
+                    }
+                    let Some(Aside::Shared(mut turn)) = this.aside.take().map(|a| *a) else {
                         return Poll::Ready(Err("rate limit future in an invalid state".into()));
                     };
                     match outcome {
-                        Outcome::Admitted(place) => {
-                            let SharedTurn {
-                                mut inner, request, ..
-                            } = *turn;
-                            *this.permit = Some(Place::Shared(place));
-                            this.state.set(State::Called {
-                                future: inner.call(request),
-                            });
-                        }
+                        Outcome::Admitted(_) => {}
                         Outcome::TooLong(error) => {
                             this.state.set(State::Failed { error: None });
                             return Poll::Ready(Err(error.into()));
@@ -185,18 +250,21 @@ where
                                 return Poll::Ready(Err(error.into()));
                             }
                             tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
+                            let Some((mut inner, request)) = turn.call.take() else {
+                                return Poll::Ready(Err(
+                                    "rate limit future in an invalid state".into()
+                                ));
+                            };
                             let SharedTurn {
-                                mut inner,
-                                request,
                                 handle,
                                 route,
                                 max_wait,
                                 ..
-                            } = *turn;
+                            } = turn;
                             let mut state = lock(&handle.routes[route].state);
                             if let Some(permit) = Permit::try_acquire(&handle, &mut state, route) {
                                 drop(state);
-                                *this.permit = Some(Place::Local(permit));
+                                *this.permit = Some(permit);
                                 this.state.set(State::Called {
                                     future: inner.call(request),
                                 });
@@ -204,14 +272,14 @@ where
                                 let now = state.now(&handle.clock);
                                 let ticket = Ticket::join(&handle, &mut state, route, now);
                                 drop(state);
-                                *this.queued = Some(Box::new(Queued {
+                                *this.aside = Some(Box::new(Aside::Queued(Queued {
                                     inner,
                                     request,
                                     deadline: max_wait
                                         .map(|max| ticket.since.saturating_add(nanos(max))),
                                     ticket,
                                     max_wait,
-                                }));
+                                })));
                                 this.state.set(State::Queued);
                             }
                         }
@@ -224,7 +292,7 @@ where
                     }));
                 }
                 StateProj::Queued => {
-                    let Some(queued) = this.queued.as_ref() else {
+                    let Some(queued) = queued(this.aside) else {
                         return Poll::Ready(Err("rate limit future in an invalid state".into()));
                     };
                     let deadline = queued
@@ -236,16 +304,16 @@ where
                     });
                 }
                 StateProj::Waiting { sleep } => {
-                    let Some(queued) = this.queued.as_mut() else {
+                    let Some(queued) = queued(this.aside) else {
                         return Poll::Ready(Err("rate limit future in an invalid state".into()));
                     };
                     match queued.ticket.poll_turn(cx) {
                         Turn::Admitted(permit) => {
-                            if let Some(queued) = this.queued.take() {
+                            if let Some(queued) = take_queued(this.aside) {
                                 let Queued {
                                     mut inner, request, ..
-                                } = *queued;
-                                *this.permit = Some(Place::Local(permit));
+                                } = queued;
+                                *this.permit = Some(permit);
                                 this.state.set(State::Called {
                                     future: inner.call(request),
                                 });
@@ -261,7 +329,7 @@ where
                                         queued.ticket.estimate().max(now) - queued.ticket.since;
                                     let route = queued.ticket.route_name().clone();
                                     // Leave the queue before answering.
-                                    *this.queued = None;
+                                    *this.aside = None;
                                     this.state.set(State::Failed { error: None });
                                     return Poll::Ready(Err(RateLimitError::WaitTooLong {
                                         route,
@@ -300,7 +368,7 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("queued", &self.queued.is_some())
+            .field("aside", &self.aside.is_some())
             .field("sent", &self.permit.is_some())
             .finish()
     }

@@ -11,42 +11,11 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
 
 use super::error::RateLimitError;
-use super::state::{ClientHandle, Learn, Permit};
+use super::state::{ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::headers;
 use crate::quota::Rate;
 use crate::store::{Decision, Op, Remote, StoreError};
-
-/// The place a sent request holds until its response.
-#[derive(Debug)]
-pub(crate) enum Place {
-    /// In this process's limiter.
-    Local(Permit),
-    /// In the shared store.
-    Shared(SharedPlace),
-}
-
-impl Place {
-    /// The answer is in (a response, or `None` for a transport error): give the place back,
-    /// learning what the server says. A place in the shared store is given back by the
-    /// returned operation, which the request awaits before it answers its caller: a release
-    /// left to run in the background could be lost with its runtime, and the place would stay
-    /// taken for the whole fleet until its lease ran out.
-    pub(crate) fn finish<B>(self, response: Option<&Response<B>>) -> Option<Op> {
-        match (self, response) {
-            (Self::Local(permit), Some(response)) => {
-                permit.finish(response);
-                None
-            }
-            // The server may have counted it: the drop gives the place back from now.
-            (Self::Local(permit), None) => {
-                drop(permit);
-                None
-            }
-            (Self::Shared(place), response) => Some(place.finish(response)),
-        }
-    }
-}
 
 /// A place held in the shared store. Dropping it (a transport error, an abandoned request)
 /// gives it back from then, like a response.
@@ -61,7 +30,11 @@ pub(crate) struct SharedPlace {
 }
 
 impl SharedPlace {
-    fn finish<B>(mut self, response: Option<&Response<B>>) -> Op {
+    /// The answer is in (a response, or `None` for a transport error): give the place back,
+    /// learning what the server says. The request awaits the returned operation before it
+    /// answers its caller: a release left to run in the background could be lost with its
+    /// runtime, and the place would stay taken for the whole fleet until its lease ran out.
+    pub(crate) fn finish<B>(mut self, response: Option<&Response<B>>) -> Op {
         let mut block = Duration::ZERO;
         let refused = response.filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS);
         if let (true, Some(response)) = (self.learn.enabled, refused) {
@@ -96,8 +69,10 @@ impl Drop for SharedPlace {
 
 /// A request asking the shared store for its turn.
 pub(crate) struct SharedTurn<S, B> {
-    pub(crate) inner: S,
-    pub(crate) request: Request<B>,
+    /// The service and the request, until it is sent.
+    pub(crate) call: Option<(S, Request<B>)>,
+    /// The place, once the store gave one.
+    pub(crate) place: Option<SharedPlace>,
     pub(crate) handle: ClientHandle,
     pub(crate) route: usize,
     pub(crate) max_wait: Option<Duration>,
@@ -138,8 +113,8 @@ impl<S, B> SharedTurn<S, B> {
         let op = store.acquire(&key, &member, &rate, false);
         let since = handle.clock.now();
         Self {
-            inner,
-            request,
+            call: Some((inner, request)),
+            place: None,
             handle,
             route,
             max_wait,

@@ -8,6 +8,7 @@ use super::key::KeyHashing;
 use super::layer::{Reject, RejectResponse, Wait};
 use super::remote::SharedTurn;
 use super::state::{lock, Permit, Ticket, Verdict};
+use crate::store::Remote;
 use crate::BoxError;
 
 /// The service made by a [`RateLimitByRoute`](super::RateLimitByRoute) layer.
@@ -59,24 +60,11 @@ where
         let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {
             return ResponseFuture::called(self.inner.call(request), None);
         };
-        let mut state = lock(&shared.routes[route].state);
         if let Some(store) = &shared.config.store {
-            let (rate, learn) = (state.rate, shared.routes[route].learn);
-            drop(state);
-            let (handle, store) = (shared.clone(), store.clone());
-            let max_wait = handle.config.max_wait;
-            let turn = SharedTurn::new(
-                self.take_inner(),
-                request,
-                handle,
-                route,
-                store,
-                rate,
-                learn,
-                max_wait,
-            );
-            return ResponseFuture::shared(turn);
+            let store = store.clone();
+            return self.call_shared(route, store, request);
         }
+        let mut state = lock(&shared.routes[route].state);
         if let Some(permit) = Permit::try_acquire(shared, &mut state, route) {
             drop(state);
             return ResponseFuture::called(self.inner.call(request), Some(permit));
@@ -102,6 +90,29 @@ where
         let ticket = Ticket::join(shared, &mut state, route, now);
         drop(state);
         ResponseFuture::queued(self.take_inner(), request, ticket, max_wait)
+    }
+}
+
+impl<S: Clone> RateLimitByRouteService<S, Wait> {
+    /// A request under a quota kept in a shared store: it asks the store for its turn.
+    /// Out of line, so that the in-memory path stays as small as it was.
+    #[inline(never)]
+    fn call_shared<B>(
+        &mut self,
+        route: usize,
+        store: Remote,
+        request: Request<B>,
+    ) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        let handle = self.mode.0.clone();
+        let rate = lock(&handle.routes[route].state).rate;
+        let (learn, max_wait) = (handle.routes[route].learn, handle.config.max_wait);
+        let inner = self.take_inner();
+        ResponseFuture::shared(SharedTurn::new(
+            inner, request, handle, route, store, rate, learn, max_wait,
+        ))
     }
 }
 

@@ -2,7 +2,7 @@
 //! several processes share (feature `redis`).
 //!
 //! The in-memory store is the layers' own state, untouched by this module: a layer built
-//! without a store costs what it cost before. A layer given a [`RedisStore`] keeps its local
+//! without a store costs what it cost before. A layer given a `RedisStore` keeps its local
 //! state too, as the fallback of [`FailMode::Open`].
 //!
 //! # Quotas shared across processes

@@ -14,10 +14,9 @@ use super::body::{HoldGuard, Job, Observe, Observer, PlanBody, Token};
 use super::error::ConcurrencyError;
 use super::layer::Shared;
 use super::slots::Release;
-use crate::clock::{nanos, Nanos};
-use crate::store::{Decision, FailMode, Op, Remote, StoreError};
+use crate::clock::Nanos;
+use crate::store::{Asking, Decision, FailMode, Remote, StoreError};
 use crate::BoxError;
-use tokio::sync::futures::OwnedNotified;
 
 /// What the request is to the plan, decided when it is called.
 #[derive(Debug)]
@@ -62,9 +61,7 @@ struct SharedSlot<S, B> {
     request: Request<B>,
     store: Remote,
     member: Token,
-    op: Option<Op>,
-    released: Pin<Box<OwnedNotified>>,
-    sleep: Option<Pin<Box<Sleep>>>,
+    asking: Asking,
     deadline: Option<Nanos>,
 }
 
@@ -77,17 +74,15 @@ impl<S, B> SharedSlot<S, B> {
         deadline: Option<Nanos>,
     ) -> Self {
         let member: Token = Box::new(format!("c:{}", store.member()));
-        let released = Box::pin(store.released());
         let limit = shared.slots().limit();
-        let op = store.slot_acquire(limit, shared.lease(), &member);
+        let lease = shared.lease();
+        let asking = Asking::new(&store, || store.slot_acquire(limit, lease, &member));
         Self {
             inner,
             request,
             store,
             member,
-            op: Some(op),
-            released,
-            sleep: None,
+            asking,
             deadline,
         }
     }
@@ -100,10 +95,8 @@ impl<S, B> SharedSlot<S, B> {
         cx: &mut Context<'_>,
     ) -> Poll<Result<bool, StoreError>> {
         loop {
-            if let Some(op) = self.op.as_mut() {
-                let decision = ready!(Pin::new(op).poll(cx))?;
-                self.op = None;
-                let wait = match decision {
+            if let Some(answer) = ready!(self.asking.poll_answer(cx)) {
+                let wait = match answer? {
                     Decision::Admitted => return Poll::Ready(Ok(true)),
                     Decision::Wait(wait) => wait,
                 };
@@ -111,32 +104,16 @@ impl<S, B> SharedSlot<S, B> {
                 if self.deadline.is_some_and(|d| d <= now) {
                     return Poll::Ready(Ok(false));
                 }
-                let mut wake = now.saturating_add(nanos(self.store.poll_interval()));
-                if let Some(wait) = wait {
-                    wake = wake.min(now.saturating_add(nanos(wait)));
-                }
-                if let Some(deadline) = self.deadline {
-                    wake = wake.min(deadline);
-                }
-                let wake = shared.clock.instant(wake);
-                match self.sleep.as_mut() {
-                    Some(sleep) => sleep.as_mut().reset(wake),
-                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(wake))),
-                }
+                let deadline = self.deadline.map(|at| shared.clock.instant(at));
+                self.asking
+                    .again_by(&self.store, shared.clock.instant(now), wait, deadline);
             }
-            let released = self.released.as_mut().poll(cx).is_ready();
-            let slept = self
-                .sleep
-                .as_mut()
-                .is_none_or(|sleep| sleep.as_mut().poll(cx).is_ready());
-            if !released && !slept {
-                return Poll::Pending;
-            }
-            if released {
-                self.released = Box::pin(self.store.released());
-            }
+            let (store, member) = (&self.store, &self.member);
             let limit = shared.slots().limit();
-            self.op = Some(self.store.slot_acquire(limit, shared.lease(), &self.member));
+            let lease = shared.lease();
+            ready!(self
+                .asking
+                .poll_again(store, cx, || store.slot_acquire(limit, lease, member)));
         }
     }
 }
@@ -205,10 +182,7 @@ where
         store: Remote,
         hold: HoldGuard,
     ) -> Self {
-        let deadline = shared
-            .config
-            .max_wait
-            .map(|wait| shared.clock.now().saturating_add(nanos(wait)));
+        let deadline = shared.wait_deadline();
         Self {
             state: State::Shared,
             role: Role::Create(Some(hold)),
@@ -219,10 +193,7 @@ where
     }
 
     pub(crate) fn queued(inner: S, request: Request<B>, shared: Arc<Shared>, ticket: u64) -> Self {
-        let deadline = shared
-            .config
-            .max_wait
-            .map(|wait| shared.clock.now().saturating_add(nanos(wait)));
+        let deadline = shared.wait_deadline();
         Self {
             state: State::Queued,
             aside: Some(Box::new(Aside::Queued(Queued {

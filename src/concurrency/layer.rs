@@ -38,6 +38,8 @@ pub(crate) struct Config {
     pub(crate) max_queue: Option<usize>,
     pub(crate) max_wait: Option<Duration>,
     pub(crate) in_flight: bool,
+    /// The most a held job's slot lives.
+    pub(crate) max_job_life: Duration,
 }
 
 impl Config {
@@ -140,9 +142,15 @@ impl Shared {
         finished
     }
 
+    /// When a create that starts waiting now gives up (its maximum wait), if ever.
+    pub(crate) fn wait_deadline(&self) -> Option<crate::clock::Nanos> {
+        let max_wait = self.config.max_wait?;
+        Some(self.clock.now().saturating_add(nanos(max_wait)))
+    }
+
     /// The most a held job's slot lives.
     pub(crate) fn lease(&self) -> Duration {
-        Duration::from_nanos(self.slots().lease())
+        self.config.max_job_life
     }
 
     /// Tells running watches that the held jobs changed.
@@ -564,6 +572,7 @@ impl Builder {
                     max_queue: self.max_queue,
                     max_wait: self.max_wait,
                     in_flight: self.in_flight,
+                    max_job_life: self.max_job_life,
                 },
                 clock: Clock::new(),
                 slots: Mutex::new(slots),

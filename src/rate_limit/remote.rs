@@ -1,21 +1,17 @@
 //! Client mode over a shared store: a request takes its place in the store, waiting across
 //! processes for its turn, and gives it back when its response arrives.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
-use tokio::sync::futures::OwnedNotified;
-use tokio::time::Sleep;
 
 use super::error::RateLimitError;
 use super::state::{ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::headers;
 use crate::quota::Rate;
-use crate::store::{Decision, Op, Remote, StoreError};
+use crate::store::{Asking, Decision, Op, Remote, StoreError};
 
 /// A place held in the shared store. Dropping it (a transport error, an abandoned request)
 /// gives it back from then, like a response.
@@ -82,9 +78,7 @@ pub(crate) struct SharedTurn<S, B> {
     rate: Rate,
     learn: Learn,
     since: Nanos,
-    op: Option<Op>,
-    released: Pin<Box<OwnedNotified>>,
-    sleep: Option<Pin<Box<Sleep>>>,
+    asking: Asking,
 }
 
 /// How a turn in the shared store ended.
@@ -108,9 +102,7 @@ impl<S, B> SharedTurn<S, B> {
     ) -> Self {
         let key = store.key(&format!("rate:{}", handle.routes[route].name));
         let member = store.member();
-        // Listen before asking, so that a release during the question is not missed.
-        let released = Box::pin(store.released());
-        let op = store.acquire(&key, &member, &rate, false);
+        let asking = Asking::new(&store, || store.acquire(&key, &member, &rate, false));
         let since = handle.clock.now();
         Self {
             call: Some((inner, request)),
@@ -124,9 +116,7 @@ impl<S, B> SharedTurn<S, B> {
             rate,
             learn,
             since,
-            op: Some(op),
-            released,
-            sleep: None,
+            asking,
         }
     }
 
@@ -138,10 +128,8 @@ impl<S, B> SharedTurn<S, B> {
     /// release anywhere, or the poll interval, whichever comes first.
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         loop {
-            if let Some(op) = self.op.as_mut() {
-                let decision = std::task::ready!(Pin::new(op).poll(cx));
-                self.op = None;
-                let wait = match decision {
+            if let Some(answer) = std::task::ready!(self.asking.poll_answer(cx)) {
+                let wait = match answer {
                     Err(error) => return Poll::Ready(Outcome::Failed(error)),
                     Ok(Decision::Admitted) => {
                         return Poll::Ready(Outcome::Admitted(SharedPlace {
@@ -172,34 +160,14 @@ impl<S, B> SharedTurn<S, B> {
                         }));
                     }
                 }
-                let mut wake = now.saturating_add(nanos(self.store.poll_interval()));
-                if let Some(turn) = turn {
-                    wake = wake.min(turn);
-                }
-                if let Some(deadline) = deadline {
-                    wake = wake.min(deadline);
-                }
-                let wake = clock.instant(wake);
-                match self.sleep.as_mut() {
-                    Some(sleep) => sleep.as_mut().reset(wake),
-                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(wake))),
-                }
+                let deadline = deadline.map(|at| clock.instant(at));
+                self.asking
+                    .again_by(&self.store, clock.instant(now), wait, deadline);
             }
-            let released = self.released.as_mut().poll(cx).is_ready();
-            let slept = self
-                .sleep
-                .as_mut()
-                .is_none_or(|sleep| sleep.as_mut().poll(cx).is_ready());
-            if !released && !slept {
-                return Poll::Pending;
-            }
-            if released {
-                self.released = Box::pin(self.store.released());
-            }
-            self.op = Some(
-                self.store
-                    .acquire(&self.key, &self.member, &self.rate, false),
-            );
+            let (store, key, member, rate) = (&self.store, &self.key, &self.member, &self.rate);
+            std::task::ready!(self
+                .asking
+                .poll_again(store, cx, || store.acquire(key, member, rate, false)));
         }
     }
 }

@@ -163,3 +163,80 @@ impl Remote {
 
     pub(crate) fn jobs_reconcile(&self, _: Vec<String>, _: Duration, _: Duration) {}
 }
+
+/// Questions to a shared store, asked again until one is answered with a place. Between
+/// questions it sleeps until the time the store named, a release anywhere, or the poll
+/// interval, whichever comes first: no tight loop, and a lost release message costs at most
+/// one poll interval.
+pub(crate) struct Asking {
+    op: Option<Op>,
+    released: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Asking {
+    /// Listens for releases, then asks the first question (so that a release while it is
+    /// asked is not missed).
+    pub(crate) fn new(store: &Remote, ask: impl FnOnce() -> Op) -> Self {
+        let released = Box::pin(store.released());
+        Self {
+            op: Some(ask()),
+            released,
+            sleep: None,
+        }
+    }
+
+    /// The answer to the question in flight, or `None` when none is (it is between two).
+    pub(crate) fn poll_answer(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Decision, StoreError>>> {
+        let Some(op) = self.op.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let answer = std::task::ready!(Pin::new(op).poll(cx));
+        self.op = None;
+        std::task::Poll::Ready(Some(answer))
+    }
+
+    /// Asks again at `at` at the latest: sooner after `wait` (what the store named), the
+    /// poll interval, or `deadline`.
+    pub(crate) fn again_by(
+        &mut self,
+        store: &Remote,
+        now: tokio::time::Instant,
+        wait: Option<Duration>,
+        deadline: Option<tokio::time::Instant>,
+    ) {
+        let mut at = now + store.poll_interval().min(wait.unwrap_or(Duration::MAX));
+        if let Some(deadline) = deadline {
+            at = at.min(deadline);
+        }
+        match self.sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Ready when it is time to ask again: `ask` is then in flight.
+    pub(crate) fn poll_again(
+        &mut self,
+        store: &Remote,
+        cx: &mut std::task::Context<'_>,
+        ask: impl FnOnce() -> Op,
+    ) -> std::task::Poll<()> {
+        let released = self.released.as_mut().poll(cx).is_ready();
+        let slept = self
+            .sleep
+            .as_mut()
+            .is_none_or(|sleep| sleep.as_mut().poll(cx).is_ready());
+        if !released && !slept {
+            return std::task::Poll::Pending;
+        }
+        if released {
+            self.released = Box::pin(store.released());
+        }
+        self.op = Some(ask());
+        std::task::Poll::Ready(())
+    }
+}

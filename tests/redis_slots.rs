@@ -323,3 +323,104 @@ async fn redis_down_and_back_failing_open() {
     assert_eq!(stats.created, 3);
     assert_eq!(stats.too_many_requests(), 0);
 }
+
+// ===== reconcile from any process, and the leases of a process that died =====
+
+fn shared_plan(url: &str, prefix: &str, life: Duration) -> ConcurrencyLimitByPlan {
+    let store = RedisStore::builder(url)
+        .prefix(prefix)
+        .poll_interval(Duration::from_millis(100))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    ConcurrencyLimitByPlan::builder(Plan::Creator)
+        .max_job_life(life)
+        .store(store)
+        .build()
+        .unwrap()
+}
+
+/// Waits (in real time, for at most five seconds) until `done` holds.
+async fn eventually(mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(5), "not within 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_in_one_process_frees_the_jobs_another_holds() {
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("reconcile");
+    let api = long_jobs_api().await;
+    let creator = shared_plan(&url, &prefix, Duration::from_secs(60));
+    let other = shared_plan(&url, &prefix, Duration::from_secs(60));
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    for _ in 0..3 {
+        create(&creator, &client, create_request(&api, None))
+            .await
+            .unwrap();
+    }
+    assert_eq!(creator.in_use(), 3);
+
+    // The other process lists the account's jobs (here: none is active any more, as if they
+    // had ended with nobody watching) and reconciles.
+    other.reconcile(Vec::<String>::new());
+    eventually(|| creator.in_use() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slots_of_a_process_that_died_come_back_with_their_leases() {
+    const LIFE: Duration = Duration::from_secs(1);
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("died");
+    // Jobs end on the server long before the leases, which nobody gives back.
+    let api = Arc::new(
+        MockServer::start(
+            Config::default()
+                .api_key(sync_mock::DEFAULT_KEY, 3)
+                .job_durations(Duration::from_millis(50), Duration::from_millis(50)),
+        )
+        .await
+        .unwrap(),
+    );
+    let died = {
+        let (url, prefix, api) = (url.clone(), prefix.clone(), api.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let plan = shared_plan(&url, &prefix, LIFE);
+                let client = Client::builder(TokioExecutor::new()).build_http();
+                for _ in 0..3 {
+                    create(&plan, &client, create_request(&api, None))
+                        .await
+                        .unwrap();
+                }
+                // Die: the runtime and everything on it goes, giving nothing back. (Whether
+                // the creates' slots were bound to their jobs in Redis yet or not, each has a
+                // lease of the job life.)
+                Instant::now()
+            })
+        })
+    };
+    let died_at = tokio::task::spawn_blocking(move || died.join().unwrap())
+        .await
+        .unwrap();
+
+    let survivor = shared_plan(&url, &prefix, LIFE);
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    create(&survivor, &client, create_request(&api, None))
+        .await
+        .unwrap();
+    let waited = died_at.elapsed();
+    assert!(
+        waited >= LIFE / 2,
+        "the dead process's slots were held until their leases ran out ({waited:?})"
+    );
+    assert!(waited < LIFE * 4, "and came back then ({waited:?})");
+    assert_eq!(api.stats().too_many_requests(), 0);
+}

@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion};
 use futures::FutureExt;
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
@@ -151,36 +151,31 @@ pub(crate) fn other_request(c: &mut Criterion) {
 
 /// 64 tasks on a 2-worker runtime, all creating jobs through one shared plan.
 pub(crate) fn contended(c: &mut Criterion) {
-    const TASKS: u64 = 64;
-    const PER_TASK: u64 = 1_000;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_time()
-        .build()
-        .unwrap();
-    let mut group = c.benchmark_group("concurrency_contended_64_tasks_2_workers");
-    group.throughput(Throughput::Elements(TASKS * PER_TASK));
-    let run =
-        |make: MakeSender, iters: u64| harness::contended(&runtime, make, iters, TASKS, PER_TASK);
+    let runtime = harness::runtime();
+    let mut group = harness::group(c, "concurrency_contended_64_tasks_2_workers");
+    let run = |make: MakeSender, iters: u64| harness::contended(&runtime, make, iters);
 
     let limit = ConcurrencyLimit::new(inner(), 1 << 30);
-    group.bench_function(BenchmarkId::new("tower ConcurrencyLimit", TASKS), |b| {
-        let limit = limit.clone();
-        let make: MakeSender = Arc::new(move || {
-            let mut svc = limit.clone();
-            let waker = futures::task::noop_waker();
-            Box::new(move || {
-                let mut cx = std::task::Context::from_waker(&waker);
-                let _ = svc.poll_ready(&mut cx);
-                let response = svc.call(create()).now_or_never().unwrap();
-                drain(response.unwrap().into_body());
-            })
-        });
-        b.iter_custom(|iters| run(make.clone(), iters))
-    });
+    group.bench_function(
+        BenchmarkId::new("tower ConcurrencyLimit", harness::TASKS),
+        |b| {
+            let limit = limit.clone();
+            let make: MakeSender = Arc::new(move || {
+                let mut svc = limit.clone();
+                let waker = futures::task::noop_waker();
+                Box::new(move || {
+                    let mut cx = std::task::Context::from_waker(&waker);
+                    let _ = svc.poll_ready(&mut cx);
+                    let response = svc.call(create()).now_or_never().unwrap();
+                    drain(response.unwrap().into_body());
+                })
+            });
+            b.iter_custom(|iters| run(make.clone(), iters))
+        },
+    );
     let in_flight = plan(true);
     group.bench_function(
-        BenchmarkId::new("ConcurrencyLimitByPlan in-flight mode", TASKS),
+        BenchmarkId::new("ConcurrencyLimitByPlan in-flight mode", harness::TASKS),
         |b| {
             let plan = in_flight.clone();
             let make: MakeSender = Arc::new(move || {

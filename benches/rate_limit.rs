@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::harness::{self, MakeSender};
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion};
 use futures::FutureExt;
 use governor::{DefaultKeyedRateLimiter, Quota as GovernorQuota, RateLimiter};
 use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
@@ -173,25 +173,16 @@ pub(crate) fn server_fast_path(c: &mut Criterion) {
 
 /// 64 tasks on a 2-worker runtime, all sending through one shared limit.
 pub(crate) fn contended(c: &mut Criterion) {
-    const TASKS: u64 = 64;
-    const PER_TASK: u64 = 1_000;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_time()
-        .build()
-        .unwrap();
-    let mut group = c.benchmark_group("contended_64_tasks_2_workers");
-    group.throughput(Throughput::Elements(TASKS * PER_TASK));
-
-    let run =
-        |make: MakeSender, iters: u64| harness::contended(&runtime, make, iters, TASKS, PER_TASK);
+    let runtime = harness::runtime();
+    let mut group = harness::group(c, "contended_64_tasks_2_workers");
+    let run = |make: MakeSender, iters: u64| harness::contended(&runtime, make, iters);
 
     for (name, paced) in [
         ("RateLimitByRoute (sliding window)", false),
         ("RateLimitByRoute (GCRA)", true),
     ] {
         let limits = client_layer(paced);
-        group.bench_function(BenchmarkId::new(name, TASKS), |b| {
+        group.bench_function(BenchmarkId::new(name, harness::TASKS), |b| {
             let limits = limits.clone();
             let make: MakeSender = Arc::new(move || {
                 let mut svc = limits.layer(inner());
@@ -204,22 +195,25 @@ pub(crate) fn contended(c: &mut Criterion) {
     }
     let limiter = Arc::new(governor_keyed::<usize>());
     let router = Arc::new(matchit_table());
-    group.bench_function(BenchmarkId::new("governor keyed + matchit", TASKS), |b| {
-        let (limiter, router) = (limiter.clone(), router.clone());
-        let make: MakeSender = Arc::new(move || {
+    group.bench_function(
+        BenchmarkId::new("governor keyed + matchit", harness::TASKS),
+        |b| {
             let (limiter, router) = (limiter.clone(), router.clone());
-            let mut svc = inner();
-            Box::new(move || {
-                let request = request();
-                let route = router
-                    .at(request.uri().path())
-                    .map(|m| *m.value)
-                    .unwrap_or(3);
-                limiter.check_key(&route).unwrap();
-                black_box(svc.call(request).now_or_never());
-            })
-        });
-        b.iter_custom(|iters| run(make.clone(), iters))
-    });
+            let make: MakeSender = Arc::new(move || {
+                let (limiter, router) = (limiter.clone(), router.clone());
+                let mut svc = inner();
+                Box::new(move || {
+                    let request = request();
+                    let route = router
+                        .at(request.uri().path())
+                        .map(|m| *m.value)
+                        .unwrap_or(3);
+                    limiter.check_key(&route).unwrap();
+                    black_box(svc.call(request).now_or_never());
+                })
+            });
+            b.iter_custom(|iters| run(make.clone(), iters))
+        },
+    );
     group.finish();
 }

@@ -11,9 +11,10 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use criterion::Criterion;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion};
 use http::{Method, Request, Response, Uri};
-use tower::{service_fn, Layer, ServiceExt};
+use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_quota::store::{FailMode, RedisStore};
 use tower_quota::{ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
 
@@ -65,6 +66,32 @@ fn redis() -> Option<Server> {
         std::thread::sleep(Duration::from_millis(10));
     }
     None
+}
+
+fn status() -> Request<()> {
+    request(Method::GET, "http://api.test/v2/generate/0b6b8f2e")
+}
+
+fn create() -> Request<()> {
+    request(Method::POST, "http://api.test/v2/generate")
+}
+
+/// One row: `layer` over a ready inner service, one request of `make` through it.
+fn layered<L>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    layer: &L,
+    make: fn() -> Request<()>,
+) where
+    L: Layer<Inner>,
+    L::Service: Service<Request<()>> + Clone,
+{
+    group.bench_function(name, |b| {
+        let service = layer.layer(inner());
+        b.to_async(runtime)
+            .iter(|| black_box(service.clone().oneshot(make())))
+    });
 }
 
 fn huge() -> Quota {
@@ -127,8 +154,6 @@ pub(crate) fn overhead(c: &mut Criterion) {
         redis::aio::ConnectionManager::new(client).await.unwrap()
     });
 
-    let status = || request(Method::GET, "http://api.test/v2/generate/0b6b8f2e");
-    let create = || request(Method::POST, "http://api.test/v2/generate");
     let mut group = c.benchmark_group("shared_store");
     group.bench_function("Redis PING round trip (the floor)", |b| {
         b.to_async(&runtime).iter(|| {
@@ -138,38 +163,43 @@ pub(crate) fn overhead(c: &mut Criterion) {
             }
         })
     });
-    for (name, limits) in [
-        ("client mode, in memory", &mem_client),
-        ("client mode, Redis (take + give back)", &redis_client),
-    ] {
-        group.bench_function(name, |b| {
-            let service = limits.layer(inner());
-            b.to_async(&runtime)
-                .iter(|| black_box(service.clone().oneshot(status())))
-        });
-    }
-    for (name, limits) in [
-        ("server mode, in memory", &mem_server),
-        ("server mode, Redis (one hit)", &redis_server),
-    ] {
-        group.bench_function(name, |b| {
-            let service = limits.layer(inner());
-            b.to_async(&runtime)
-                .iter(|| black_box(service.clone().oneshot(status())))
-        });
-    }
-    for (name, plan) in [
-        ("job slot in flight, in memory", &mem_plan),
-        (
-            "job slot in flight, Redis (take; give back queued)",
-            &redis_plan,
-        ),
-    ] {
-        group.bench_function(name, |b| {
-            let service = plan.layer(inner());
-            b.to_async(&runtime)
-                .iter(|| black_box(service.clone().oneshot(create())))
-        });
-    }
+    let runtime = &runtime;
+    layered(
+        &mut group,
+        runtime,
+        "client mode, in memory",
+        &mem_client,
+        status,
+    );
+    layered(
+        &mut group,
+        runtime,
+        "client mode, Redis (take + give back)",
+        &redis_client,
+        status,
+    );
+    layered(
+        &mut group,
+        runtime,
+        "server mode, in memory",
+        &mem_server,
+        status,
+    );
+    layered(
+        &mut group,
+        runtime,
+        "server mode, Redis (one hit)",
+        &redis_server,
+        status,
+    );
+    layered(
+        &mut group,
+        runtime,
+        "job slot in flight, in memory",
+        &mem_plan,
+        create,
+    );
+    let name = "job slot in flight, Redis (take; give back queued)";
+    layered(&mut group, runtime, name, &redis_plan, create);
     group.finish();
 }

@@ -9,7 +9,6 @@ use http::{Request, Response, StatusCode};
 use super::error::RateLimitError;
 use super::state::{ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
-use crate::headers;
 use crate::quota::Rate;
 use crate::store::{Asking, Decision, Op, Remote, StoreError};
 
@@ -34,19 +33,11 @@ impl SharedPlace {
         let mut block = Duration::ZERO;
         let refused = response.filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS);
         if let (true, Some(response)) = (self.learn.enabled, refused) {
-            // Garbage must not close a route for years: an hour or the period at most.
-            let cap = Duration::from_secs(3600).max(self.rate.quota.period());
-            block = match headers::retry_after(response.headers(), std::time::SystemTime::now())
-            {
-                Ok(Some(wait)) if !wait.is_zero() => wait,
-                Ok(_) => self.learn.backoff,
-                Err(error) => {
-                    tracing::debug!(key = %self.key, %error, "ignoring a malformed header on a 429");
-                    self.learn.backoff
-                }
-            }
-            .min(cap);
-            tracing::debug!(key = %self.key, wait = ?block, "the server answered 429: the route waits, fleet-wide");
+            let wait = self
+                .learn
+                .refusal_wait(&self.key, response, std::time::SystemTime::now());
+            // Closes the route for every process sharing the store.
+            block = wait.min(Learn::cap(&self.rate));
         }
         self.released = true;
         self.store

@@ -36,6 +36,34 @@ pub(crate) struct Learn {
     pub(crate) backoff: Duration,
 }
 
+impl Learn {
+    /// The longest a server's word closes a route: a server may ask for long waits, but
+    /// garbage must not close a route for years, so an hour or the route's period, whichever
+    /// is longer.
+    pub(crate) fn cap(rate: &Rate) -> Duration {
+        Duration::from_secs(3600).max(rate.quota.period())
+    }
+
+    /// How long a 429 closes its route (before the cap): its `Retry-After`, else the backoff.
+    pub(crate) fn refusal_wait<B>(
+        &self,
+        route: &str,
+        response: &Response<B>,
+        wall: SystemTime,
+    ) -> Duration {
+        let wait = match headers::retry_after(response.headers(), wall) {
+            Ok(Some(wait)) if !wait.is_zero() => wait,
+            Ok(_) => self.backoff,
+            Err(error) => {
+                tracing::debug!(route, %error, "ignoring a malformed header on a 429");
+                self.backoff
+            }
+        };
+        tracing::debug!(route, ?wait, "the server answered 429: the route waits");
+        wait
+    }
+}
+
 /// One route in client mode: a limiter and the queue of requests waiting for it.
 #[derive(Debug)]
 pub(crate) struct ClientRoute {
@@ -287,20 +315,10 @@ fn learn<B>(
     now: Nanos,
 ) {
     let wall = SystemTime::now();
-    // A server may ask for long waits, but garbage must not close a route for years: a wait
-    // is capped at an hour or the route's period, whichever is longer.
-    let cap = Duration::from_secs(3600).max(state.rate.quota.period());
+    let cap = Learn::cap(&state.rate);
     let until = |wait: Duration| now.saturating_add(nanos(wait.min(cap)));
     if response.status() == StatusCode::TOO_MANY_REQUESTS {
-        let wait = match headers::retry_after(response.headers(), wall) {
-            Ok(Some(wait)) if !wait.is_zero() => wait,
-            Ok(_) => learn.backoff,
-            Err(error) => {
-                tracing::debug!(route, %error, "ignoring a malformed header on a 429");
-                learn.backoff
-            }
-        };
-        tracing::debug!(route, ?wait, "the server answered 429: the route waits");
+        let wait = learn.refusal_wait(route, response, wall);
         state.limiter.block_until(until(wait));
     }
     match headers::remaining(response.headers(), wall) {

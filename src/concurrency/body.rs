@@ -4,7 +4,6 @@
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
@@ -225,19 +224,18 @@ impl Observer {
                     return;
                 };
                 let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));
-                let lease = {
+                {
                     let mut slots = shared.slots();
                     slots.bind(&id, now);
                     if terminal {
                         slots.finish(&id, Release::Finished);
                     }
-                    slots.lease()
-                };
+                }
                 if let (Some(store), Some(token)) = (&shared.store, self.token.take()) {
                     if terminal {
                         store.slot_release(&token);
                     } else {
-                        store.slot_bind(&token, &id, Duration::from_nanos(lease));
+                        store.slot_bind(&token, &id, shared.lease());
                     }
                 }
                 let _ = job.id.set(id.into());

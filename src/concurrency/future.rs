@@ -280,38 +280,34 @@ where
                         member,
                         ..
                     } = slot;
-                    match outcome {
-                        Ok(true) => hold.set_token(member),
-                        Ok(false) => {
-                            let in_use = shared.slots().in_use();
-                            if let Role::Create(Some(hold)) =
-                                std::mem::replace(this.role, Role::Other)
-                            {
-                                hold.release(Release::Failed);
-                            }
-                            let max_wait = shared.config.max_wait.unwrap_or_default();
-                            this.state.set(State::Failed {
-                                error: Some(ConcurrencyError::WaitTooLong { max_wait, in_use }),
+                    let refused: BoxError = match outcome {
+                        Ok(true) => {
+                            hold.set_token(member);
+                            this.state.set(State::Called {
+                                future: inner.call(request),
                             });
                             continue;
                         }
-                        Err(error) if store.fail_mode() == FailMode::Closed => {
-                            if let Role::Create(Some(hold)) =
-                                std::mem::replace(this.role, Role::Other)
-                            {
-                                hold.release(Release::Failed);
-                            }
-                            this.state.set(State::Failed { error: None });
-                            return Poll::Ready(Err(error.into()));
-                        }
-                        Err(error) => {
+                        Err(error) if store.fail_mode() == FailMode::Open => {
                             tracing::warn!(%error, "the shared slot store failed: this create counts against this process's plan only");
+                            this.state.set(State::Called {
+                                future: inner.call(request),
+                            });
+                            continue;
                         }
+                        Ok(false) => {
+                            let in_use = shared.slots().in_use();
+                            let max_wait = shared.config.max_wait.unwrap_or_default();
+                            ConcurrencyError::WaitTooLong { max_wait, in_use }.into()
+                        }
+                        Err(error) => error.into(),
+                    };
+                    // Nothing was sent: the slot taken here goes back.
+                    if let Role::Create(Some(hold)) = std::mem::replace(this.role, Role::Other) {
+                        hold.release(Release::Failed);
                     }
-                    this.state.set(State::Called {
-                        future: inner.call(request),
-                    });
-                    continue;
+                    this.state.set(State::Failed { error: None });
+                    return Poll::Ready(Err(refused));
                 }
                 StateProj::Queued => {}
             }

@@ -71,7 +71,7 @@ pub(crate) struct Shared {
 /// let go.
 pub(crate) struct SlotsGuard<'a> {
     slots: MutexGuard<'a, Slots>,
-    store: Option<&'a Remote>,
+    shared: &'a Shared,
 }
 
 impl Deref for SlotsGuard<'_> {
@@ -104,10 +104,10 @@ impl SlotsGuard<'_> {
     #[inline(never)]
     fn send_effects(&mut self) {
         let effects = std::mem::take(&mut self.slots.effects);
-        let Some(store) = self.store else {
+        let Some(store) = &self.shared.store else {
             return;
         };
-        let lease = Duration::from_nanos(self.slots.lease());
+        let lease = self.shared.lease();
         for effect in effects {
             match effect {
                 Effect::Finished(id) => store.job_done(&id),
@@ -123,7 +123,7 @@ impl Shared {
     pub(crate) fn slots(&self) -> SlotsGuard<'_> {
         SlotsGuard {
             slots: lock(&self.slots),
-            store: self.store.as_ref(),
+            shared: self,
         }
     }
 

@@ -121,10 +121,6 @@ impl Slots {
         self.mirror = true;
     }
 
-    pub(crate) fn lease(&self) -> Nanos {
-        self.lease
-    }
-
     pub(crate) fn in_use(&self) -> usize {
         self.in_flight + self.unknown.len() + self.jobs.len()
     }

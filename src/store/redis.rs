@@ -156,35 +156,36 @@ impl RedisStore {
     }
 
     fn run(&self, key: &str, op: &'static str, member: &str, rate: &Rate, block: Duration) -> Op {
-        let inner = &self.inner;
-        let micros = |nanos: u64| nanos.div_ceil(1_000);
-        let keys = [
+        let keys = vec![
             format!("{key}:held"),
             format!("{key}:tat"),
             format!("{key}:closed"),
         ];
-        let numbers = [
-            u64::from(rate.count),
-            micros(rate.period),
-            micros(rate.margin),
-            micros(rate.interval),
-            u64::from(rate.burst.max(1)),
-            u64::try_from(inner.lease.as_micros()).unwrap_or(u64::MAX),
+        let nanos = |n: u64| micros(Duration::from_nanos(n));
+        let args = vec![
+            op.into(),
+            if rate.is_gcra() { "gcra" } else { "window" }.into(),
+            rate.count.to_string(),
+            nanos(rate.period),
+            nanos(rate.margin),
+            nanos(rate.interval),
+            rate.burst.max(1).to_string(),
+            micros(self.inner.lease),
+            member.into(),
+            micros(block),
+            self.inner.channel.clone(),
         ];
-        let algorithm = if rate.is_gcra() { "gcra" } else { "window" };
-        let member = member.to_owned();
-        let block = u64::try_from(block.as_micros()).unwrap_or(u64::MAX);
-        let channel = inner.channel.clone();
-        let script = inner.script.clone();
-        let mut connection = inner.connection.clone();
-        let timeout = inner.timeout;
+        self.invoke(&self.inner.script, keys, args)
+    }
+
+    /// Runs `script` on `keys` and `args`, within the store's timeout.
+    fn invoke(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Op {
+        let script = script.clone();
+        let mut connection = self.inner.connection.clone();
+        let timeout = self.inner.timeout;
         SyncFuture::new(Box::pin(async move {
             let mut invocation = script.prepare_invoke();
-            invocation.key(&keys[..]).arg(op).arg(algorithm);
-            for n in numbers {
-                invocation.arg(n);
-            }
-            invocation.arg(member).arg(block).arg(channel);
+            invocation.key(keys).arg(args);
             let reply = tokio::time::timeout(
                 timeout,
                 invocation.invoke_async::<(i64, i64)>(&mut connection),
@@ -252,27 +253,15 @@ impl RedisStore {
     }
 
     fn run_slots(&self, mut args: Vec<String>) -> Op {
-        let inner = &self.inner;
-        args.insert(1, inner.channel.clone());
+        args.insert(1, self.inner.channel.clone());
         let key = format!("{}:held", self.key("slots"));
-        let script = inner.slots_script.clone();
-        let mut connection = inner.connection.clone();
-        let timeout = inner.timeout;
-        SyncFuture::new(Box::pin(async move {
-            let mut invocation = script.prepare_invoke();
-            invocation.key(key).arg(args);
-            let reply = tokio::time::timeout(
-                timeout,
-                invocation.invoke_async::<(i64, i64)>(&mut connection),
-            )
-            .await;
-            decision(reply, timeout)
-        }))
+        self.invoke(&self.inner.slots_script, vec![key], args)
     }
 }
 
+/// Whole microseconds, rounded up (a wait or a hold is never shortened), as a script takes them.
 fn micros(d: Duration) -> String {
-    d.as_micros().to_string()
+    d.as_nanos().div_ceil(1_000).to_string()
 }
 
 /// What a script's reply (or its absence) means.

@@ -528,3 +528,65 @@ async fn every_retry_goes_back_through_the_layers_below() {
     second.await.unwrap().unwrap();
     assert_eq!(script.seen().len(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_handed_back_keeps_its_frames_and_trailers_as_they_came() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    type Frames =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>>;
+    let seen_by_classifier = Arc::new(Mutex::new(Vec::new()));
+    let frames = || -> Frames {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        StreamBody::new(futures::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(br#"{"errorCode":"#))),
+            Ok(Frame::data(Bytes::from_static(
+                br#""concurrency_limit_reached"}"#,
+            ))),
+            Ok(Frame::trailers(trailers)),
+        ]))
+    };
+    let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let mut response = Response::new(frames());
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        async move { Ok::<_, BoxError>(response) }
+    });
+    let seen = seen_by_classifier.clone();
+    let backoff = exact().max_retries(0).classify(move |_, body| {
+        seen.lock().unwrap().push(body.to_vec());
+        tower_quota::backoff::LimitKind::Concurrency
+    });
+    let response = ServiceBuilder::new()
+        .layer(backoff)
+        .service(inner)
+        .oneshot(request(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        *seen_by_classifier.lock().unwrap(),
+        [br#"{"errorCode":"concurrency_limit_reached"}"#.to_vec()]
+    );
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        assert!(trailers.is_none(), "nothing comes after the trailers");
+        match frame.into_data() {
+            Ok(chunk) => data.push(chunk),
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    assert_eq!(
+        data,
+        [
+            Bytes::from_static(br#"{"errorCode":"#),
+            Bytes::from_static(br#""concurrency_limit_reached"}"#)
+        ],
+        "the frames come as the server sent them"
+    );
+    assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+}

@@ -1,18 +1,19 @@
 //! Response bodies: passed through, or (for a response whose body was read to classify it)
 //! the bytes read followed by the rest.
 
+use std::collections::VecDeque;
+use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 pin_project! {
     /// The response body of [`Backoff429Service`](super::Backoff429Service): the whole body
     /// of the answer the caller gets, whether or not this layer read part of it.
-    #[derive(Debug)]
-    pub struct BackoffBody<B> {
+    pub struct BackoffBody<B: Body> {
         #[pin]
         kind: Kind<B>,
     }
@@ -20,16 +21,26 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    #[derive(Debug)]
-    enum Kind<B> {
+    enum Kind<B: Body> {
         // Passed through, untouched.
         Inner { #[pin] body: B },
-        // A body this layer began to read: what it read, then the rest.
-        Read { read: Option<Bytes>, rest: Option<Pin<Box<B>>> },
+        // A body this layer began to read: the frames it read, as they came, then the rest.
+        Read { read: VecDeque<Frame<B::Data>>, rest: Option<Pin<Box<B>>> },
     }
 }
 
-impl<B> BackoffBody<B> {
+impl<B: Body + fmt::Debug> fmt::Debug for BackoffBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = f.debug_struct("BackoffBody");
+        match &self.kind {
+            Kind::Inner { body } => out.field("inner", body),
+            Kind::Read { read, rest } => out.field("frames_read", &read.len()).field("rest", rest),
+        }
+        .finish()
+    }
+}
+
+impl<B: Body> BackoffBody<B> {
     #[inline]
     pub(crate) fn new(body: B) -> Self {
         Self {
@@ -37,48 +48,36 @@ impl<B> BackoffBody<B> {
         }
     }
 
-    /// `read` (the start of the body, already read), then what is left of `rest`.
-    pub(crate) fn read(read: Bytes, rest: Option<Pin<Box<B>>>) -> Self {
+    /// The frames already `read` from the start of the body, then what is left of `rest`.
+    pub(crate) fn read(read: VecDeque<Frame<B::Data>>, rest: Option<Pin<Box<B>>>) -> Self {
         Self {
-            kind: Kind::Read {
-                read: (!read.is_empty()).then_some(read),
-                rest,
-            },
+            kind: Kind::Read { read, rest },
         }
     }
-}
-
-#[inline]
-fn to_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
-    frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
 }
 
 impl<B> Body for BackoffBody<B>
 where
     B: Body,
 {
-    type Data = Bytes;
+    type Data = B::Data;
     type Error = B::Error;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    ) -> Poll<Option<Result<Frame<B::Data>, Self::Error>>> {
         match self.project().kind.project() {
-            KindProj::Inner { body } => {
-                let frame = std::task::ready!(body.poll_frame(cx));
-                Poll::Ready(frame.map(|f| f.map(to_bytes)))
-            }
+            KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Read { read, rest } => {
-                if let Some(read) = read.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(read))));
+                if let Some(frame) = read.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                let Some(rest) = rest.as_mut() else {
-                    return Poll::Ready(None);
-                };
-                let frame = std::task::ready!(rest.as_mut().poll_frame(cx));
-                Poll::Ready(frame.map(|f| f.map(to_bytes)))
+                match rest.as_mut() {
+                    Some(rest) => rest.as_mut().poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
             }
         }
     }
@@ -88,7 +87,7 @@ where
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Read { read, rest } => {
-                read.is_none() && rest.as_ref().is_none_or(|r| r.is_end_stream())
+                read.is_empty() && rest.as_ref().is_none_or(|r| r.is_end_stream())
             }
         }
     }
@@ -98,7 +97,11 @@ where
             Kind::Inner { body } => return body.size_hint(),
             Kind::Read { read, rest } => (read, rest),
         };
-        let read = read.as_ref().map_or(0, |b| b.len() as u64);
+        let read: u64 = read
+            .iter()
+            .filter_map(|frame| frame.data_ref())
+            .map(|data| data.remaining() as u64)
+            .sum();
         let mut hint = rest
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());

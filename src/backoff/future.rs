@@ -1,6 +1,8 @@
 //! The response future: sends, reads a refusal, waits, and sends again.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -9,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Buf, BytesMut};
 use http::response::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body::Body;
+use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -25,25 +27,30 @@ pin_project! {
     pub struct ResponseFuture<S, B, ResBody>
     where
         S: Service<Request<B>>,
+        ResBody: Body,
     {
         #[pin]
         state: State<S::Future, ResBody>,
-        retry: Option<Retry<S, B>>,
+        // What a request needs to be sent again: a copy of it, and the rest.
+        template: Option<Request<B>>,
+        retry: Option<Retry<S>>,
     }
 }
 
 /// A refusal being read.
-struct Reading<ResBody> {
+struct Reading<ResBody: Body> {
     parts: Option<Parts>,
     body: Option<Pin<Box<ResBody>>>,
+    /// The frames read, handed on as they came.
+    frames: VecDeque<Frame<ResBody::Data>>,
+    /// A copy of their data, for the classifier.
     read: BytesMut,
     kind: Option<LimitKind>,
 }
 
-/// What a request needs to be sent again.
-struct Retry<S, B> {
+/// What a request needs to be sent again, besides a copy of it.
+struct Retry<S> {
     service: S,
-    template: Request<B>,
     config: Arc<Config>,
     /// Whether a request that may have been processed can be sent again.
     replayable: bool,
@@ -63,7 +70,7 @@ struct Waits {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, ResBody> {
+    enum State<F, ResBody: Body> {
         Called { #[pin] future: F },
         // Reading a refusal's body to tell which limit it is about (boxed: only refusals
         // come here, and it keeps the future small).
@@ -78,8 +85,9 @@ pin_project! {
 impl<S, B, ResBody> ResponseFuture<S, B, ResBody>
 where
     S: Service<Request<B>>,
+    ResBody: Body,
 {
-    #[inline(always)]
+    #[inline(never)]
     pub(crate) fn new(
         future: S::Future,
         template: Request<B>,
@@ -92,8 +100,8 @@ where
     {
         Self {
             state: State::Called { future },
+            template: Some(template),
             retry: Some(Retry {
-                template,
                 service: service.clone(),
                 config: config.clone(),
                 replayable,
@@ -107,6 +115,7 @@ where
     pub(crate) fn failed(error: BoxError) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
+            template: None,
             retry: None,
         }
     }
@@ -131,7 +140,7 @@ fn server_hint(headers: &HeaderMap) -> Option<Duration> {
     }
 }
 
-impl<S, B> Retry<S, B> {
+impl<S> Retry<S> {
     /// How long to wait before retrying a refusal of `kind`, or `None` to give up.
     fn decide(&mut self, kind: LimitKind, hint: Option<Duration>) -> Option<Duration> {
         let config = &self.config;
@@ -182,7 +191,7 @@ impl<S, B> Retry<S, B> {
     }
 }
 
-impl<S, B> Retry<S, B> {
+impl<S> Retry<S> {
     /// Whether an answer with `status` is one this layer may retry.
     #[inline]
     fn refused(&self, status: StatusCode) -> bool {
@@ -192,8 +201,13 @@ impl<S, B> Retry<S, B> {
 
     /// The response the caller gets.
     #[inline]
-    fn finish<ResBody>(&self, response: Response<ResBody>) -> Response<BackoffBody<ResBody>> {
-        self.record(response.map(BackoffBody::new))
+    fn finish<ResBody: Body>(&self, response: Response<ResBody>) -> Response<BackoffBody<ResBody>> {
+        let response = response.map(BackoffBody::new);
+        if self.waits.is_none() {
+            // Never retried: nothing to note.
+            return response;
+        }
+        self.record(response)
     }
 
     /// Notes the retries, if any, in the response's extensions.
@@ -236,7 +250,7 @@ where
                 }
             }
         }
-        poll_slow(this.state, this.retry, cx)
+        poll_slow(this.state, this.template, this.retry, cx)
     }
 }
 
@@ -245,12 +259,13 @@ where
 #[inline(never)]
 fn on_answer<S, B, ResBody>(
     mut state: Pin<&mut State<S::Future, ResBody>>,
-    retry: &mut Retry<S, B>,
+    retry: &mut Retry<S>,
     answer: Result<Response<ResBody>, S::Error>,
 ) -> Option<Output<ResBody>>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
+    ResBody: Body,
 {
     match answer {
         Ok(response) => {
@@ -264,6 +279,7 @@ where
                 reading: Box::new(Reading {
                     parts: Some(parts),
                     body: Some(Box::pin(body)),
+                    frames: VecDeque::new(),
                     read: BytesMut::new(),
                     kind,
                 }),
@@ -288,11 +304,30 @@ where
     }
 }
 
+/// Copies `data` to the end of `read`, leaving it whole to be handed on as it came.
+fn copy_data(data: &impl Buf, read: &mut BytesMut) {
+    let mut slices = [IoSlice::new(&[]); 16];
+    let n = data.chunks_vectored(&mut slices);
+    let mut copied = 0;
+    for slice in &slices[..n] {
+        read.extend_from_slice(slice);
+        copied += slice.len();
+    }
+    if copied < data.remaining() {
+        tracing::debug!(
+            copied,
+            remaining = data.remaining(),
+            "a refusal's frame in more pieces than read at once: the classifier sees its start"
+        );
+    }
+}
+
 /// Everything but the first answer: reading refusals, waiting, sending again.
 #[inline(never)]
 fn poll_slow<S, B, ResBody>(
     mut state: Pin<&mut State<S::Future, ResBody>>,
-    retry: &mut Option<Retry<S, B>>,
+    template: &Option<Request<B>>,
+    retry: &mut Option<Retry<S>>,
     cx: &mut Context<'_>,
 ) -> Poll<Output<ResBody>>
 where
@@ -309,7 +344,7 @@ where
                 .unwrap_or_else(|| "polled after completion".into());
             return Poll::Ready(Err(error));
         }
-        let Some(retry) = retry.as_mut() else {
+        let (Some(retry), Some(template)) = (retry.as_mut(), template) else {
             return Poll::Ready(Err("polled after completion".into()));
         };
         match state.as_mut().project() {
@@ -323,6 +358,7 @@ where
                 let Reading {
                     parts,
                     body,
+                    frames,
                     read,
                     kind,
                 } = &mut **reading;
@@ -332,14 +368,10 @@ where
                     while read.len() < max {
                         match ready!(stream.as_mut().poll_frame(cx)) {
                             Some(Ok(frame)) => {
-                                if let Ok(mut data) = frame.into_data() {
-                                    while data.has_remaining() {
-                                        let chunk = data.chunk();
-                                        read.extend_from_slice(chunk);
-                                        let n = chunk.len();
-                                        data.advance(n);
-                                    }
+                                if let Some(data) = frame.data_ref() {
+                                    copy_data(data, read);
                                 }
+                                frames.push_back(frame);
                             }
                             Some(Err(error)) => return Poll::Ready(Err(error.into())),
                             None => {
@@ -370,8 +402,8 @@ where
                     .into()));
                 }
                 let rest = if ended { None } else { body.take() };
-                let read = std::mem::take(read).freeze();
-                let response = Response::from_parts(parts, BackoffBody::read(read, rest));
+                let frames = std::mem::take(frames);
+                let response = Response::from_parts(parts, BackoffBody::read(frames, rest));
                 return Poll::Ready(Ok(retry.record(response)));
             }
             StateProj::Sleeping { sleep } => {
@@ -382,7 +414,7 @@ where
                 if let Err(error) = ready!(retry.service.poll_ready(cx)) {
                     return Poll::Ready(Err(error.into()));
                 }
-                let future = retry.service.call(retry.template.clone());
+                let future = retry.service.call(template.clone());
                 state.set(State::Called { future });
             }
             StateProj::Failed { .. } => {

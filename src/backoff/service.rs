@@ -88,9 +88,9 @@ where
             is_idempotent(request.method())
         };
         self.config.budget.deposit();
-        let template = request.clone();
-        let future = self.inner.call(request);
-        ResponseFuture::new(future, template, &self.inner, &self.config, replayable)
+        // The clone is sent and the original kept: the request is not moved twice.
+        let future = self.inner.call(request.clone());
+        ResponseFuture::new(future, request, &self.inner, &self.config, replayable)
     }
 }
 

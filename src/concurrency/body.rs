@@ -281,25 +281,48 @@ pin_project! {
     pub struct PlanBody<B> {
         #[pin]
         inner: B,
-        observer: Option<Box<Observer>>,
-        answered: Option<Answered>,
+        watch: Watch,
     }
 }
 
+/// What a response body does besides passing through: one word, so that a body nobody
+/// watches costs its inner body's size and a pointer.
+#[derive(Debug)]
+enum Watch {
+    /// Nothing.
+    None,
+    /// Reads the body for what it shows.
+    Observer(Box<Observer>),
+    /// Gives a slot back when the body ends or is dropped (in-flight mode).
+    Answered { _slot: Answered },
+}
+
 impl<B> PlanBody<B> {
+    #[inline]
+    pub(crate) fn plain(inner: B) -> Self {
+        Self {
+            inner,
+            watch: Watch::None,
+        }
+    }
+
     pub(crate) fn new(inner: B, observer: Option<Observer>) -> Self {
         Self {
             inner,
-            observer: observer.map(Box::new),
-            answered: None,
+            watch: match observer {
+                Some(observer) => Watch::Observer(Box::new(observer)),
+                None => Watch::None,
+            },
         }
     }
 
     pub(crate) fn in_flight(inner: B, answered: Option<Answered>) -> Self {
         Self {
             inner,
-            observer: None,
-            answered,
+            watch: match answered {
+                Some(answered) => Watch::Answered { _slot: answered },
+                None => Watch::None,
+            },
         }
     }
 
@@ -320,8 +343,9 @@ impl<B: Body> Body for PlanBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
-        if let Some(observer) = this.observer {
-            match &frame {
+        match this.watch {
+            Watch::None => {}
+            Watch::Observer(observer) => match &frame {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         // Bytes and most bodies' data are one contiguous chunk.
@@ -329,10 +353,12 @@ impl<B: Body> Body for PlanBody<B> {
                     }
                 }
                 Some(Err(_)) | None => observer.finish(),
+            },
+            Watch::Answered { .. } => {
+                if frame.is_none() || this.inner.is_end_stream() {
+                    *this.watch = Watch::None;
+                }
             }
-        }
-        if this.answered.is_some() && (frame.is_none() || this.inner.is_end_stream()) {
-            *this.answered = None;
         }
         Poll::Ready(frame)
     }

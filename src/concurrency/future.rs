@@ -376,7 +376,24 @@ where
 }
 
 /// What a response means to the plan; wraps its body to read what it shows.
+#[inline]
 fn respond<ResBody, E: Into<BoxError>>(
+    role: &mut Role,
+    result: Result<Response<ResBody>, E>,
+) -> Result<Response<PlanBody<ResBody>>, BoxError> {
+    if let Role::Other = role {
+        // Nearly every request: nothing to watch.
+        return match result {
+            Ok(response) => Ok(response.map(PlanBody::plain)),
+            Err(error) => Err(error.into()),
+        };
+    }
+    respond_watched(role, result)
+}
+
+/// [`respond`] for a request the plan watches.
+#[inline]
+fn respond_watched<ResBody, E: Into<BoxError>>(
     role: &mut Role,
     result: Result<Response<ResBody>, E>,
 ) -> Result<Response<PlanBody<ResBody>>, BoxError> {

@@ -5,15 +5,13 @@
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
-use std::hint::black_box;
 
+use crate::harness::{answered, Row};
 use bytes::Bytes;
-use criterion::Criterion;
-use futures::FutureExt;
 use http::{Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tower::retry::{Policy, Retry};
-use tower::{service_fn, Layer, Service};
+use tower::{service_fn, Layer};
 use tower_quota::Backoff429;
 
 type Inner = tower::util::ServiceFn<
@@ -59,48 +57,22 @@ impl<E> Policy<Request<Full<Bytes>>, Response<Full<Bytes>>, E> for NoRetry {
     }
 }
 
-fn drain<B: http_body::Body + Unpin>(mut body: B) {
-    while let Some(Some(frame)) = body.frame().now_or_never() {
-        black_box(frame.ok());
-    }
-}
-
-pub(crate) fn no_retry(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    let _guard = runtime.enter();
-    let mut group = c.benchmark_group("backoff_no_retry");
-    group.bench_function("inner service alone", |b| {
-        let mut svc = inner();
-        b.iter(|| {
-            let response = svc.call(black_box(request())).now_or_never().unwrap();
-            drain(response.unwrap().into_body())
-        })
-    });
-    group.bench_function("tower Retry (no-op policy, request cloned)", |b| {
-        let mut svc = Retry::new(NoRetry, inner());
-        b.iter(|| {
-            let response = svc.call(black_box(request())).now_or_never().unwrap();
-            drain(response.unwrap().into_body())
-        })
-    });
-    group.bench_function("Backoff429", |b| {
-        let mut svc = Backoff429::new().layer(inner());
-        b.iter(|| {
-            let response = svc.call(black_box(request())).now_or_never().unwrap();
-            drain(response.unwrap().into_body())
-        })
-    });
-    group.bench_function("Backoff429 without a retry budget", |b| {
-        let mut svc = Backoff429::new().budget(NoBudget).layer(inner());
-        b.iter(|| {
-            let response = svc.call(black_box(request())).now_or_never().unwrap();
-            drain(response.unwrap().into_body())
-        })
-    });
-    group.finish();
+/// A request answered at once, not refused, its response body read to the end.
+pub(crate) fn no_retry_rows() -> Vec<Row> {
+    vec![
+        answered("inner service alone", inner(), request),
+        answered(
+            "tower Retry (no-op policy, request cloned)",
+            Retry::new(NoRetry, inner()),
+            request,
+        ),
+        answered("Backoff429", Backoff429::new().layer(inner()), request),
+        answered(
+            "Backoff429 without a retry budget",
+            Backoff429::new().budget(NoBudget).layer(inner()),
+            request,
+        ),
+    ]
 }
 
 /// A budget that always allows, to show what tower's `TpsBudget` costs.

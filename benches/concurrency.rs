@@ -13,12 +13,12 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
 use futures::FutureExt;
 use http::{Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tower::limit::ConcurrencyLimit;
 use tower::{service_fn, Layer, Service};
 use tower_quota::{ConcurrencyLimitByPlan, Plan};
 
-use crate::harness::{self, MakeSender};
+use crate::harness::{self, answered, drain, MakeSender, Row};
 
 type Inner =
     tower::util::ServiceFn<fn(Request<()>) -> Ready<Result<Response<Full<Bytes>>, Infallible>>>;
@@ -51,13 +51,6 @@ fn create() -> Request<()> {
     request(Method::POST, &CREATE)
 }
 
-/// Reads a body that is ready at once (as the benches' bodies are) to its end.
-fn drain<B: http_body::Body + Unpin>(mut body: B) {
-    while let Some(Some(frame)) = body.frame().now_or_never() {
-        black_box(frame.ok());
-    }
-}
-
 fn plan(in_flight: bool) -> ConcurrencyLimitByPlan {
     let builder = ConcurrencyLimitByPlan::builder(Plan::Enterprise(1 << 30));
     if in_flight {
@@ -69,84 +62,73 @@ fn plan(in_flight: bool) -> ConcurrencyLimitByPlan {
     .unwrap()
 }
 
-pub(crate) fn job_request(c: &mut Criterion) {
-    let mut group = c.benchmark_group("concurrency_job_request_free_slot");
-    group.bench_function("inner service alone", |b| {
-        let mut svc = inner();
-        b.iter(|| {
-            let response = svc.call(black_box(create())).now_or_never().unwrap();
-            drain(response.unwrap().into_body())
-        })
-    });
-    group.bench_function("tower ConcurrencyLimit", |b| {
-        let mut svc = ConcurrencyLimit::new(inner(), 1 << 30);
-        let waker = futures::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        b.iter(|| {
-            let _ = svc.poll_ready(&mut cx);
-            let response = svc.call(black_box(create())).now_or_never().unwrap();
-            drain(response.unwrap().into_body())
-        })
-    });
-    group.bench_function("ConcurrencyLimitByPlan in-flight mode", |b| {
-        let mut svc = plan(true).layer(inner());
-        b.iter(|| {
-            let response = svc.call(black_box(create())).now_or_never().unwrap();
-            drain(response.unwrap().into_body())
-        })
-    });
-    group.bench_function(
-        "ConcurrencyLimitByPlan job life (id read, then complete)",
-        |b| {
-            let plan = plan(false);
-            let mut svc = plan.layer(inner());
-            b.iter(|| {
-                let response = svc.call(black_box(create())).now_or_never().unwrap();
-                drain(response.unwrap().into_body());
-                plan.complete(JOB_ID)
-            })
-        },
-    );
-    group.finish();
+fn other() -> Request<()> {
+    request(Method::GET, &OTHER)
 }
 
-pub(crate) fn other_request(c: &mut Criterion) {
-    let mut group = c.benchmark_group("concurrency_other_request");
-    group.bench_function("inner service alone", |b| {
-        let mut svc = inner();
-        b.iter(|| {
-            let response = svc.call(black_box(request(Method::GET, &OTHER)));
-            drain(response.now_or_never().unwrap().unwrap().into_body())
-        })
-    });
-    group.bench_function("inner + matchit lookup", |b| {
-        let mut router = matchit::Router::new();
-        router.insert("/v2/generate", 0).unwrap();
-        router.insert("/v2/generate/{id}", 1).unwrap();
-        router.insert("/v2/generations", 2).unwrap();
-        let mut svc = inner();
-        b.iter(|| {
-            let request = black_box(request(Method::GET, &OTHER));
-            black_box(router.at(request.uri().path()).ok());
-            let response = svc.call(request);
-            drain(response.now_or_never().unwrap().unwrap().into_body())
-        })
-    });
-    group.bench_function("ConcurrencyLimitByPlan, unmatched route", |b| {
-        let mut svc = plan(false).layer(inner());
-        b.iter(|| {
-            let response = svc.call(black_box(request(Method::GET, &OTHER)));
-            drain(response.now_or_never().unwrap().unwrap().into_body())
-        })
-    });
-    group.bench_function("ConcurrencyLimitByPlan, status of a job not held", |b| {
-        let mut svc = plan(false).layer(inner());
-        b.iter(|| {
-            let response = svc.call(black_box(request(Method::GET, &STATUS)));
-            drain(response.now_or_never().unwrap().unwrap().into_body())
-        })
-    });
-    group.finish();
+fn status() -> Request<()> {
+    request(Method::GET, &STATUS)
+}
+
+/// A create that finds a free slot, its response body read to the end.
+pub(crate) fn job_request_rows() -> Vec<Row> {
+    let mut svc = ConcurrencyLimit::new(inner(), 1 << 30);
+    let waker = futures::task::noop_waker();
+    let tower_row = move || {
+        let mut cx = std::task::Context::from_waker(&waker);
+        let _ = svc.poll_ready(&mut cx);
+        let response = svc.call(black_box(create())).now_or_never().unwrap();
+        drain(response.unwrap().into_body())
+    };
+    let job_life = plan(false);
+    let mut svc = job_life.layer(inner());
+    let job_life_row = move || {
+        let response = svc.call(black_box(create())).now_or_never().unwrap();
+        drain(response.unwrap().into_body());
+        job_life.complete(JOB_ID);
+    };
+    vec![
+        answered("inner service alone", inner(), create),
+        ("tower ConcurrencyLimit", Box::new(tower_row)),
+        answered(
+            "ConcurrencyLimitByPlan in-flight mode",
+            plan(true).layer(inner()),
+            create,
+        ),
+        (
+            "ConcurrencyLimitByPlan job life (id read, then complete)",
+            Box::new(job_life_row),
+        ),
+    ]
+}
+
+/// A request on a route that holds no slot, its response body read to the end.
+pub(crate) fn other_request_rows() -> Vec<Row> {
+    let mut router = matchit::Router::new();
+    router.insert("/v2/generate", 0).unwrap();
+    router.insert("/v2/generate/{id}", 1).unwrap();
+    router.insert("/v2/generations", 2).unwrap();
+    let mut svc = inner();
+    let matchit_row = move || {
+        let request = black_box(other());
+        black_box(router.at(request.uri().path()).ok());
+        let response = svc.call(request);
+        drain(response.now_or_never().unwrap().unwrap().into_body())
+    };
+    vec![
+        answered("inner service alone", inner(), other),
+        ("inner + matchit lookup", Box::new(matchit_row)),
+        answered(
+            "ConcurrencyLimitByPlan, unmatched route",
+            plan(false).layer(inner()),
+            other,
+        ),
+        answered(
+            "ConcurrencyLimitByPlan, status of a job not held",
+            plan(false).layer(inner()),
+            status,
+        ),
+    ]
 }
 
 /// 64 tasks on a 2-worker runtime, all creating jobs through one shared plan.

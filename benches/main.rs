@@ -1,7 +1,11 @@
 //! criterion benches. Each group runs its anchors (tower's own limiters, governor) beside
 //! this crate's layers, so one run gives the ratios.
+//!
+//! The fast-path groups can also be counted rather than timed, for an instruction counter
+//! that this noisy machine does not disturb: see [`harness::count`] and
+//! `benches/instructions.sh`.
 
-use criterion::{criterion_group, criterion_main};
+use criterion::{criterion_group, Criterion};
 
 mod backoff;
 mod concurrency;
@@ -10,20 +14,41 @@ mod rate_limit;
 #[cfg(feature = "redis")]
 mod store;
 
+use harness::Rows;
+
+/// The fast-path groups: one request at a time, each row beside its anchors.
+const FAST_PATHS: &[(&str, Rows)] = &[
+    ("client_fast_path", rate_limit::client_rows),
+    ("server_fast_path", rate_limit::server_rows),
+    (
+        "concurrency_job_request_free_slot",
+        concurrency::job_request_rows,
+    ),
+    ("concurrency_other_request", concurrency::other_request_rows),
+    ("backoff_no_retry", backoff::no_retry_rows),
+];
+
+fn fast_paths(c: &mut Criterion) {
+    for (name, rows) in FAST_PATHS {
+        harness::fast_path(c, name, *rows);
+    }
+}
+
 criterion_group!(
     benches,
-    rate_limit::client_fast_path,
-    rate_limit::server_fast_path,
+    fast_paths,
     rate_limit::contended,
-    concurrency::job_request,
-    concurrency::other_request,
-    concurrency::contended,
-    backoff::no_retry
+    concurrency::contended
 );
 #[cfg(feature = "redis")]
 criterion_group!(shared_store, store::overhead);
 
-#[cfg(feature = "redis")]
-criterion_main!(benches, shared_store);
-#[cfg(not(feature = "redis"))]
-criterion_main!(benches);
+fn main() {
+    if harness::count(FAST_PATHS) {
+        return;
+    }
+    benches();
+    #[cfg(feature = "redis")]
+    shared_store();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{self, MakeSender};
+use crate::harness::{self, MakeSender, Row};
 
 use criterion::{BenchmarkId, Criterion};
 use futures::FutureExt;
@@ -84,80 +84,91 @@ fn governor_keyed<K: std::hash::Hash + Eq + Clone>() -> DefaultKeyedRateLimiter<
     RateLimiter::keyed(GovernorQuota::per_second(NonZeroU32::MAX))
 }
 
-pub(crate) fn client_fast_path(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    let _guard = runtime.enter();
-    let mut group = c.benchmark_group("client_fast_path");
-
-    group.bench_function("inner service alone", |b| {
-        let mut svc = inner();
-        b.iter(|| svc.call(black_box(request())).now_or_never())
-    });
+/// A status request's fast path in client mode.
+pub(crate) fn client_rows() -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    let mut svc = inner();
+    rows.push((
+        "inner service alone",
+        Box::new(move || {
+            black_box(svc.call(black_box(request())).now_or_never());
+        }),
+    ));
     for (name, paced) in [
         ("RateLimitByRoute (sliding window)", false),
         ("RateLimitByRoute (GCRA)", true),
     ] {
-        group.bench_function(name, |b| {
-            let mut svc = client_layer(paced).layer(inner());
-            b.iter(|| svc.call(black_box(request())).now_or_never())
-        });
+        let mut svc = client_layer(paced).layer(inner());
+        rows.push((
+            name,
+            Box::new(move || {
+                black_box(svc.call(black_box(request())).now_or_never());
+            }),
+        ));
     }
-    group.bench_function("tower RateLimit", |b| {
-        let mut svc = RateLimit::new(
-            inner(),
-            tower::limit::rate::Rate::new(u64::MAX, Duration::from_secs(1)),
-        );
-        let waker = futures::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        b.iter(|| {
+    let mut svc = RateLimit::new(
+        inner(),
+        tower::limit::rate::Rate::new(u64::MAX, Duration::from_secs(1)),
+    );
+    let waker = futures::task::noop_waker();
+    rows.push((
+        "tower RateLimit",
+        Box::new(move || {
+            let mut cx = std::task::Context::from_waker(&waker);
             let _ = svc.poll_ready(&mut cx);
-            svc.call(black_box(request())).now_or_never()
-        })
-    });
-    group.bench_function("governor keyed + matchit", |b| {
-        let router = matchit_table();
-        let limiter = governor_keyed::<usize>();
-        let mut svc = inner();
-        b.iter(|| {
+            black_box(svc.call(black_box(request())).now_or_never());
+        }),
+    ));
+    let router = matchit_table();
+    let limiter = governor_keyed::<usize>();
+    let mut svc = inner();
+    rows.push((
+        "governor keyed + matchit",
+        Box::new(move || {
             let request = black_box(request());
             let route = router
                 .at(request.uri().path())
                 .map(|m| *m.value)
                 .unwrap_or(3);
             limiter.check_key(&route).unwrap();
-            svc.call(request).now_or_never()
-        })
-    });
-    group.finish();
+            black_box(svc.call(request).now_or_never());
+        }),
+    ));
+    rows
 }
 
-pub(crate) fn server_fast_path(c: &mut Criterion) {
-    let mut group = c.benchmark_group("server_fast_path");
-    group.bench_function("inner service alone", |b| {
-        let mut svc = inner();
-        b.iter(|| svc.call(black_box(keyed_request())).now_or_never())
-    });
-    group.bench_function("RateLimitByRoute reject, per x-api-key", |b| {
-        let limits = RateLimitByRoute::builder()
-            .route("POST /v2/generate", huge(false))
-            .route("GET /v2/generate/{id}", huge(false))
-            .route("GET /v2/generations", huge(false))
-            .default_quota(huge(false))
-            .reject()
-            .key_header(API_KEY)
-            .build()
-            .unwrap();
-        let mut svc = limits.layer(inner());
-        b.iter(|| svc.call(black_box(keyed_request())).now_or_never())
-    });
-    group.bench_function("governor keyed (route, x-api-key) + matchit", |b| {
-        let router = matchit_table();
-        let limiter = governor_keyed::<(usize, HeaderValue)>();
-        let mut svc = inner();
-        b.iter(|| {
+/// A status request's fast path in server mode, keyed on `x-api-key`.
+pub(crate) fn server_rows() -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    let mut svc = inner();
+    rows.push((
+        "inner service alone",
+        Box::new(move || {
+            black_box(svc.call(black_box(keyed_request())).now_or_never());
+        }),
+    ));
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", huge(false))
+        .route("GET /v2/generate/{id}", huge(false))
+        .route("GET /v2/generations", huge(false))
+        .default_quota(huge(false))
+        .reject()
+        .key_header(API_KEY)
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(inner());
+    rows.push((
+        "RateLimitByRoute reject, per x-api-key",
+        Box::new(move || {
+            black_box(svc.call(black_box(keyed_request())).now_or_never());
+        }),
+    ));
+    let router = matchit_table();
+    let limiter = governor_keyed::<(usize, HeaderValue)>();
+    let mut svc = inner();
+    rows.push((
+        "governor keyed (route, x-api-key) + matchit",
+        Box::new(move || {
             let request = black_box(keyed_request());
             let route = router
                 .at(request.uri().path())
@@ -165,10 +176,10 @@ pub(crate) fn server_fast_path(c: &mut Criterion) {
                 .unwrap_or(3);
             let key = request.headers().get(API_KEY).cloned().unwrap();
             limiter.check_key(&(route, key)).unwrap();
-            svc.call(request).now_or_never()
-        })
-    });
-    group.finish();
+            black_box(svc.call(request).now_or_never());
+        }),
+    ));
+    rows
 }
 
 /// 64 tasks on a 2-worker runtime, all sending through one shared limit.

@@ -342,6 +342,9 @@ impl<B: Body> Body for PlanBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
+        if let Watch::None = this.watch {
+            return this.inner.poll_frame(cx);
+        }
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         match this.watch {
             Watch::None => {}

@@ -4,13 +4,15 @@
 #
 #   benches/instructions.sh                     every fast-path row
 #   benches/instructions.sh backoff_no_retry/   the rows whose `group/row` contains this
+#   FEATURES=redis benches/instructions.sh      built with these features
 #
 # Only the sending loop is counted, and each row runs N and 2N requests (N = 10000, or $N): the
-# difference over N is its cost per request, with first-call costs cancelled out. Needs valgrind (`apt-get install -y valgrind`).
+# difference over N is its cost per request, with first-call costs cancelled out.
+# Needs valgrind (`apt-get install -y valgrind`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${N:-10000}
-bin=$(cargo bench --bench main --no-run --message-format=json 2>/dev/null |
+bin=$(cargo bench --bench main --no-run --message-format=json ${FEATURES:+--features "$FEATURES"} 2>/dev/null |
     grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
 rows=$(TOWER_QUOTA_LIST=1 "$bin" | grep -F -- "${1:-/}")
 count() {

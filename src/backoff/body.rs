@@ -25,8 +25,15 @@ pin_project! {
         // Passed through, untouched.
         Inner { #[pin] body: B },
         // A body this layer began to read: the frames it read, as they came, then the rest.
-        Read { read: VecDeque<Frame<B::Data>>, rest: Option<Pin<Box<B>>> },
+        // Boxed: only a refusal handed back comes here, and it keeps the body small.
+        Read { read: Box<Read<B>> },
     }
+}
+
+/// The frames this layer read from a body, and the rest of it.
+struct Read<B: Body> {
+    frames: VecDeque<Frame<B::Data>>,
+    rest: Option<Pin<Box<B>>>,
 }
 
 impl<B: Body + fmt::Debug> fmt::Debug for BackoffBody<B> {
@@ -34,7 +41,9 @@ impl<B: Body + fmt::Debug> fmt::Debug for BackoffBody<B> {
         let mut out = f.debug_struct("BackoffBody");
         match &self.kind {
             Kind::Inner { body } => out.field("inner", body),
-            Kind::Read { read, rest } => out.field("frames_read", &read.len()).field("rest", rest),
+            Kind::Read { read } => out
+                .field("frames_read", &read.frames.len())
+                .field("rest", &read.rest),
         }
         .finish()
     }
@@ -51,7 +60,9 @@ impl<B: Body> BackoffBody<B> {
     /// The frames already `read` from the start of the body, then what is left of `rest`.
     pub(crate) fn read(read: VecDeque<Frame<B::Data>>, rest: Option<Pin<Box<B>>>) -> Self {
         Self {
-            kind: Kind::Read { read, rest },
+            kind: Kind::Read {
+                read: Box::new(Read { frames: read, rest }),
+            },
         }
     }
 }
@@ -70,7 +81,8 @@ where
     ) -> Poll<Option<Result<Frame<B::Data>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Read { read, rest } => {
+            KindProj::Read { read } => {
+                let Read { frames: read, rest } = &mut **read;
                 if let Some(frame) = read.pop_front() {
                     return Poll::Ready(Some(Ok(frame)));
                 }
@@ -86,7 +98,8 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
-            Kind::Read { read, rest } => {
+            Kind::Read { read } => {
+                let Read { frames: read, rest } = &**read;
                 read.is_empty() && rest.as_ref().is_none_or(|r| r.is_end_stream())
             }
         }
@@ -95,7 +108,7 @@ where
     fn size_hint(&self) -> SizeHint {
         let (read, rest) = match &self.kind {
             Kind::Inner { body } => return body.size_hint(),
-            Kind::Read { read, rest } => (read, rest),
+            Kind::Read { read } => (&read.frames, &read.rest),
         };
         let read: u64 = read
             .iter()

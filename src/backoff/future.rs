@@ -87,7 +87,7 @@ where
     S: Service<Request<B>>,
     ResBody: Body,
 {
-    #[inline(never)]
+    #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
         template: Request<B>,

@@ -363,6 +363,28 @@ async fn a_reconcile_in_one_process_frees_the_jobs_another_holds() {
             .unwrap();
     }
     assert_eq!(creator.in_use(), 3);
+    // The creates' jobs reach Redis through the creator's background queue: a reconcile that
+    // came before them would see creates in flight, which it rightly leaves alone.
+    let redis = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let held_key = format!("{{{prefix}:slots}}:held");
+    let mut jobs_in_redis = 0;
+    let started = Instant::now();
+    while jobs_in_redis < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "jobs not in Redis within 5 s"
+        );
+        let held: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&held_key)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        jobs_in_redis = held.iter().filter(|m| m.starts_with("j:")).count();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // The other process lists the account's jobs (here: none is active any more, as if they
     // had ended with nobody watching) and reconciles.

@@ -1,5 +1,5 @@
 //! Response bodies: passed through, or (for a response whose body was read to classify it)
-//! the bytes read followed by the rest.
+//! the frames read followed by the rest.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -12,7 +12,8 @@ use pin_project_lite::pin_project;
 
 pin_project! {
     /// The response body of [`Backoff429Service`](super::Backoff429Service): the whole body
-    /// of the answer the caller gets, whether or not this layer read part of it.
+    /// of the answer the caller gets, whether or not this layer read part of it. Its frames
+    /// are the inner body's, as the inner body gave them (same data type, trailers included).
     pub struct BackoffBody<B: Body> {
         #[pin]
         kind: Kind<B>,

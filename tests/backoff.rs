@@ -590,3 +590,67 @@ async fn a_refusal_handed_back_keeps_its_frames_and_trailers_as_they_came() {
     );
     assert_eq!(trailers.unwrap()["x-checksum"], "abc");
 }
+
+proptest::proptest! {
+    /// Whatever frames a refusal comes in, the caller gets them back as they came, and the
+    /// classifier sees all their data in order.
+    #[test]
+    fn any_refusal_comes_back_frame_for_frame(
+        chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..200), 0..6),
+        with_trailers in proptest::bool::ANY,
+    ) {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+
+        let sent = chunks.clone();
+        let frames = move || {
+            let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = sent
+                .iter()
+                .map(|chunk| Ok(Frame::data(Bytes::from(chunk.clone()))))
+                .collect();
+            if with_trailers {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("x-end", "1".parse().unwrap());
+                frames.push(Ok(Frame::trailers(trailers)));
+            }
+            frames
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let (data, trailers) = runtime.block_on(async {
+            let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
+                let body = StreamBody::new(futures::stream::iter(frames()));
+                let mut response = Response::new(body);
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                async move { Ok::<_, BoxError>(response) }
+            });
+            let seen_by_classifier = seen.clone();
+            let backoff = exact().max_retries(0).classify(move |_, body| {
+                seen_by_classifier.lock().unwrap().push(body.to_vec());
+                tower_quota::backoff::LimitKind::Rate
+            });
+            let response = ServiceBuilder::new()
+                .layer(backoff)
+                .service(inner)
+                .oneshot(request(Method::GET))
+                .await
+                .unwrap();
+            let mut body = response.into_body();
+            let (mut data, mut trailers) = (Vec::new(), None);
+            while let Some(frame) = body.frame().await {
+                match frame.unwrap().into_data() {
+                    Ok(chunk) => data.push(chunk.to_vec()),
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                }
+            }
+            (data, trailers)
+        });
+        proptest::prop_assert_eq!(data, chunks.clone());
+        proptest::prop_assert_eq!(trailers.is_some(), with_trailers);
+        proptest::prop_assert_eq!(seen.lock().unwrap().clone(), vec![chunks.concat()]);
+    }
+}

@@ -80,7 +80,7 @@ pub(crate) struct ClientState {
     /// queue is sorted by ticket.
     pub(crate) waiters: VecDeque<Waiter>,
     next_ticket: u64,
-    /// The latest time read under this lock. Time only moves forward, and admission only
+    /// The latest time recorded under this lock. Time only moves forward, and admission only
     /// gets easier as it does, so a request that the limiter admits at this time may go
     /// without reading the clock again.
     last_seen: Nanos,
@@ -105,7 +105,15 @@ impl ClientState {
 
     /// Reads the clock (under the route's lock, so times recorded here never go backwards).
     pub(crate) fn now(&mut self, clock: &Clock) -> Nanos {
-        self.last_seen = self.last_seen.max(clock.now());
+        self.seen(clock.now())
+    }
+
+    /// Records a time read from the clock before the route's lock was taken, and returns the
+    /// latest time seen. A response's time read before the lock is still after the response
+    /// came, so it is as safe to record as one read under the lock, and the lock is held for
+    /// less.
+    pub(crate) fn seen(&mut self, now: Nanos) -> Nanos {
+        self.last_seen = self.last_seen.max(now);
         self.last_seen
     }
 
@@ -283,9 +291,10 @@ impl Permit {
         {
             return; // the drop gives the place back
         }
+        let answered = self.shared.clock.now();
         let mut guard = lock(&route.state);
         let state = &mut *guard;
-        let now = state.now(&self.shared.clock);
+        let now = state.seen(answered);
         state.limiter.release(&state.rate, now);
         learn(&route.name, route.learn, state, response, now);
         state.wake_head();
@@ -298,9 +307,10 @@ impl Drop for Permit {
         if self.released {
             return;
         }
+        let answered = self.shared.clock.now();
         let mut guard = lock(&self.shared.routes[self.route].state);
         let state = &mut *guard;
-        let now = state.now(&self.shared.clock);
+        let now = state.seen(answered);
         state.limiter.release(&state.rate, now);
         state.wake_head();
     }

@@ -84,28 +84,32 @@ fn governor_keyed<K: std::hash::Hash + Eq + Clone>() -> DefaultKeyedRateLimiter<
     RateLimiter::keyed(GovernorQuota::per_second(NonZeroU32::MAX))
 }
 
+/// A row that sends `request()` through `svc`, which answers at once.
+fn sent<S>(name: &'static str, mut svc: S, request: fn() -> Request<()>) -> Row
+where
+    S: Service<Request<()>> + 'static,
+{
+    let send = move || {
+        black_box(svc.call(black_box(request())).now_or_never());
+    };
+    (name, Box::new(send))
+}
+
 /// A status request's fast path in client mode.
 pub(crate) fn client_rows() -> Vec<Row> {
-    let mut rows: Vec<Row> = Vec::new();
-    let mut svc = inner();
-    rows.push((
-        "inner service alone",
-        Box::new(move || {
-            black_box(svc.call(black_box(request())).now_or_never());
-        }),
-    ));
-    for (name, paced) in [
-        ("RateLimitByRoute (sliding window)", false),
-        ("RateLimitByRoute (GCRA)", true),
-    ] {
-        let mut svc = client_layer(paced).layer(inner());
-        rows.push((
-            name,
-            Box::new(move || {
-                black_box(svc.call(black_box(request())).now_or_never());
-            }),
-        ));
-    }
+    let mut rows = vec![
+        sent("inner service alone", inner(), request),
+        sent(
+            "RateLimitByRoute (sliding window)",
+            client_layer(false).layer(inner()),
+            request,
+        ),
+        sent(
+            "RateLimitByRoute (GCRA)",
+            client_layer(true).layer(inner()),
+            request,
+        ),
+    ];
     let mut svc = RateLimit::new(
         inner(),
         tower::limit::rate::Rate::new(u64::MAX, Duration::from_secs(1)),
@@ -139,14 +143,7 @@ pub(crate) fn client_rows() -> Vec<Row> {
 
 /// A status request's fast path in server mode, keyed on `x-api-key`.
 pub(crate) fn server_rows() -> Vec<Row> {
-    let mut rows: Vec<Row> = Vec::new();
-    let mut svc = inner();
-    rows.push((
-        "inner service alone",
-        Box::new(move || {
-            black_box(svc.call(black_box(keyed_request())).now_or_never());
-        }),
-    ));
+    let mut rows = vec![sent("inner service alone", inner(), keyed_request)];
     let limits = RateLimitByRoute::builder()
         .route("POST /v2/generate", huge(false))
         .route("GET /v2/generate/{id}", huge(false))
@@ -156,12 +153,10 @@ pub(crate) fn server_rows() -> Vec<Row> {
         .key_header(API_KEY)
         .build()
         .unwrap();
-    let mut svc = limits.layer(inner());
-    rows.push((
+    rows.push(sent(
         "RateLimitByRoute reject, per x-api-key",
-        Box::new(move || {
-            black_box(svc.call(black_box(keyed_request())).now_or_never());
-        }),
+        limits.layer(inner()),
+        keyed_request,
     ));
     let router = matchit_table();
     let limiter = governor_keyed::<(usize, HeaderValue)>();

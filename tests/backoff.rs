@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
@@ -529,34 +530,27 @@ async fn every_retry_goes_back_through_the_layers_below() {
     assert_eq!(script.seen().len(), 3);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_refusal_handed_back_keeps_its_frames_and_trailers_as_they_came() {
-    use http_body_util::StreamBody;
-    use hyper::body::Frame;
+/// What a caller gets back from a 429 sent as `frames`, with no retry left: its data frames
+/// and trailers as they come out of the layer, and what the classifier saw of it.
+struct HandedBack {
+    data: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    classified: Vec<Vec<u8>>,
+}
 
-    type Frames =
-        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>>;
-    let seen_by_classifier = Arc::new(Mutex::new(Vec::new()));
-    let frames = || -> Frames {
-        let mut trailers = HeaderMap::new();
-        trailers.insert("x-checksum", "abc".parse().unwrap());
-        StreamBody::new(futures::stream::iter(vec![
-            Ok(Frame::data(Bytes::from_static(br#"{"errorCode":"#))),
-            Ok(Frame::data(Bytes::from_static(
-                br#""concurrency_limit_reached"}"#,
-            ))),
-            Ok(Frame::trailers(trailers)),
-        ]))
-    };
+async fn refusal_handed_back(frames: Vec<Result<Frame<Bytes>, BoxError>>) -> HandedBack {
+    let frames = Arc::new(Mutex::new(Some(frames)));
     let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
-        let mut response = Response::new(frames());
+        let frames = frames.lock().unwrap().take().unwrap_or_default();
+        let mut response = Response::new(StreamBody::new(futures::stream::iter(frames)));
         *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
         async move { Ok::<_, BoxError>(response) }
     });
-    let seen = seen_by_classifier.clone();
+    let classified = Arc::new(Mutex::new(Vec::new()));
+    let seen = classified.clone();
     let backoff = exact().max_retries(0).classify(move |_, body| {
         seen.lock().unwrap().push(body.to_vec());
-        tower_quota::backoff::LimitKind::Concurrency
+        tower_quota::backoff::LimitKind::Rate
     });
     let response = ServiceBuilder::new()
         .layer(backoff)
@@ -565,30 +559,48 @@ async fn a_refusal_handed_back_keeps_its_frames_and_trailers_as_they_came() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(
-        *seen_by_classifier.lock().unwrap(),
-        [br#"{"errorCode":"concurrency_limit_reached"}"#.to_vec()]
-    );
     let mut body = response.into_body();
-    let mut data = Vec::new();
-    let mut trailers = None;
+    let (mut data, mut trailers) = (Vec::new(), None);
     while let Some(frame) = body.frame().await {
-        let frame = frame.unwrap();
         assert!(trailers.is_none(), "nothing comes after the trailers");
-        match frame.into_data() {
+        match frame.unwrap().into_data() {
             Ok(chunk) => data.push(chunk),
             Err(frame) => trailers = frame.into_trailers().ok(),
         }
     }
-    assert_eq!(
+    let classified = classified.lock().unwrap().clone();
+    HandedBack {
         data,
+        trailers,
+        classified,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_handed_back_keeps_its_frames_and_trailers_as_they_came() {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    let back = refusal_handed_back(vec![
+        Ok(Frame::data(Bytes::from_static(br#"{"errorCode":"#))),
+        Ok(Frame::data(Bytes::from_static(
+            br#""concurrency_limit_reached"}"#,
+        ))),
+        Ok(Frame::trailers(trailers)),
+    ])
+    .await;
+    assert_eq!(
+        back.classified,
+        [br#"{"errorCode":"concurrency_limit_reached"}"#.to_vec()]
+    );
+    assert_eq!(
+        back.data,
         [
             Bytes::from_static(br#"{"errorCode":"#),
             Bytes::from_static(br#""concurrency_limit_reached"}"#)
         ],
         "the frames come as the server sent them"
     );
-    assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+    assert_eq!(back.trailers.unwrap()["x-checksum"], "abc");
 }
 
 proptest::proptest! {
@@ -599,58 +611,24 @@ proptest::proptest! {
         chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..200), 0..6),
         with_trailers in proptest::bool::ANY,
     ) {
-        use http_body_util::StreamBody;
-        use hyper::body::Frame;
-
-        let sent = chunks.clone();
-        let frames = move || {
-            let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = sent
-                .iter()
-                .map(|chunk| Ok(Frame::data(Bytes::from(chunk.clone()))))
-                .collect();
-            if with_trailers {
-                let mut trailers = HeaderMap::new();
-                trailers.insert("x-end", "1".parse().unwrap());
-                frames.push(Ok(Frame::trailers(trailers)));
-            }
-            frames
-        };
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|chunk| Ok(Frame::data(Bytes::from(chunk.clone()))))
+            .collect();
+        if with_trailers {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-end", "1".parse().unwrap());
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
             .build()
             .unwrap();
-        let (data, trailers) = runtime.block_on(async {
-            let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
-                let body = StreamBody::new(futures::stream::iter(frames()));
-                let mut response = Response::new(body);
-                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                async move { Ok::<_, BoxError>(response) }
-            });
-            let seen_by_classifier = seen.clone();
-            let backoff = exact().max_retries(0).classify(move |_, body| {
-                seen_by_classifier.lock().unwrap().push(body.to_vec());
-                tower_quota::backoff::LimitKind::Rate
-            });
-            let response = ServiceBuilder::new()
-                .layer(backoff)
-                .service(inner)
-                .oneshot(request(Method::GET))
-                .await
-                .unwrap();
-            let mut body = response.into_body();
-            let (mut data, mut trailers) = (Vec::new(), None);
-            while let Some(frame) = body.frame().await {
-                match frame.unwrap().into_data() {
-                    Ok(chunk) => data.push(chunk.to_vec()),
-                    Err(frame) => trailers = frame.into_trailers().ok(),
-                }
-            }
-            (data, trailers)
-        });
+        let back = runtime.block_on(refusal_handed_back(frames));
+        let data: Vec<Vec<u8>> = back.data.iter().map(|chunk| chunk.to_vec()).collect();
         proptest::prop_assert_eq!(data, chunks.clone());
-        proptest::prop_assert_eq!(trailers.is_some(), with_trailers);
-        proptest::prop_assert_eq!(seen.lock().unwrap().clone(), vec![chunks.concat()]);
+        proptest::prop_assert_eq!(back.trailers.is_some(), with_trailers);
+        proptest::prop_assert_eq!(back.classified, vec![chunks.concat()]);
     }
 }

@@ -31,9 +31,7 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, ResBody>,
-        // What a request needs to be sent again: a copy of it, and the rest.
-        template: Option<Request<B>>,
-        retry: Option<Retry<S>>,
+        retry: Option<Retry<S, B>>,
     }
 }
 
@@ -48,9 +46,10 @@ struct Reading<ResBody: Body> {
     kind: Option<LimitKind>,
 }
 
-/// What a request needs to be sent again, besides a copy of it.
-struct Retry<S> {
+/// What a request needs to be sent again.
+struct Retry<S, B> {
     service: S,
+    template: Request<B>,
     config: Arc<Config>,
     /// Whether a request that may have been processed can be sent again.
     replayable: bool,
@@ -100,8 +99,8 @@ where
     {
         Self {
             state: State::Called { future },
-            template: Some(template),
             retry: Some(Retry {
+                template,
                 service: service.clone(),
                 config: config.clone(),
                 replayable,
@@ -115,7 +114,6 @@ where
     pub(crate) fn failed(error: BoxError) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
-            template: None,
             retry: None,
         }
     }
@@ -140,7 +138,7 @@ fn server_hint(headers: &HeaderMap) -> Option<Duration> {
     }
 }
 
-impl<S> Retry<S> {
+impl<S, B> Retry<S, B> {
     /// How long to wait before retrying a refusal of `kind`, or `None` to give up.
     fn decide(&mut self, kind: LimitKind, hint: Option<Duration>) -> Option<Duration> {
         let config = &self.config;
@@ -191,7 +189,7 @@ impl<S> Retry<S> {
     }
 }
 
-impl<S> Retry<S> {
+impl<S, B> Retry<S, B> {
     /// Whether an answer with `status` is one this layer may retry.
     #[inline]
     fn refused(&self, status: StatusCode) -> bool {
@@ -202,21 +200,17 @@ impl<S> Retry<S> {
     /// The response the caller gets.
     #[inline]
     fn finish<ResBody: Body>(&self, response: Response<ResBody>) -> Response<BackoffBody<ResBody>> {
-        let response = response.map(BackoffBody::new);
-        if self.waits.is_none() {
-            // Never retried: nothing to note.
-            return response;
-        }
-        self.record(response)
+        let mut response = response.map(BackoffBody::new);
+        self.record(&mut response);
+        response
     }
 
     /// Notes the retries, if any, in the response's extensions.
     #[inline]
-    fn record<T>(&self, mut response: Response<T>) -> Response<T> {
+    fn record<T>(&self, response: &mut Response<T>) {
         if let Some(retried) = self.retried() {
             response.extensions_mut().insert(retried);
         }
-        response
     }
 }
 
@@ -250,7 +244,7 @@ where
                 }
             }
         }
-        poll_slow(this.state, this.template, this.retry, cx)
+        poll_slow(this.state, this.retry, cx)
     }
 }
 
@@ -259,7 +253,7 @@ where
 #[inline(never)]
 fn on_answer<S, B, ResBody>(
     mut state: Pin<&mut State<S::Future, ResBody>>,
-    retry: &mut Retry<S>,
+    retry: &mut Retry<S, B>,
     answer: Result<Response<ResBody>, S::Error>,
 ) -> Option<Output<ResBody>>
 where
@@ -326,8 +320,7 @@ fn copy_data(data: &impl Buf, read: &mut BytesMut) {
 #[inline(never)]
 fn poll_slow<S, B, ResBody>(
     mut state: Pin<&mut State<S::Future, ResBody>>,
-    template: &Option<Request<B>>,
-    retry: &mut Option<Retry<S>>,
+    retry: &mut Option<Retry<S, B>>,
     cx: &mut Context<'_>,
 ) -> Poll<Output<ResBody>>
 where
@@ -344,7 +337,7 @@ where
                 .unwrap_or_else(|| "polled after completion".into());
             return Poll::Ready(Err(error));
         }
-        let (Some(retry), Some(template)) = (retry.as_mut(), template) else {
+        let Some(retry) = retry.as_mut() else {
             return Poll::Ready(Err("polled after completion".into()));
         };
         match state.as_mut().project() {
@@ -403,8 +396,9 @@ where
                 }
                 let rest = if ended { None } else { body.take() };
                 let frames = std::mem::take(frames);
-                let response = Response::from_parts(parts, BackoffBody::read(frames, rest));
-                return Poll::Ready(Ok(retry.record(response)));
+                let mut response = Response::from_parts(parts, BackoffBody::read(frames, rest));
+                retry.record(&mut response);
+                return Poll::Ready(Ok(response));
             }
             StateProj::Sleeping { sleep } => {
                 ready!(sleep.as_mut().poll(cx));
@@ -414,7 +408,7 @@ where
                 if let Err(error) = ready!(retry.service.poll_ready(cx)) {
                     return Poll::Ready(Err(error.into()));
                 }
-                let future = retry.service.call(template.clone());
+                let future = retry.service.call(retry.template.clone());
                 state.set(State::Called { future });
             }
             StateProj::Failed { .. } => {

@@ -163,16 +163,22 @@ where
         if let (StateProj::Called { future }, Some(_)) = (this.state.project(), &this.permit) {
             let result = ready!(future.poll(cx));
             if let Some(permit) = this.permit.take() {
-                match &result {
-                    Ok(response) => permit.finish(response),
-                    // The server may have counted it: the drop gives the place back from
-                    // now, like a response.
-                    Err(_) => drop(permit),
-                }
+                settle(permit, &result);
             }
             return Poll::Ready(result.map_err(Into::into));
         }
         self.poll_slow(cx)
+    }
+}
+
+/// Gives a place back once its request is answered, learning from the response.
+#[inline]
+fn settle<ResBody, E>(permit: Permit, result: &Result<Response<ResBody>, E>) {
+    match result {
+        Ok(response) => permit.finish(response),
+        // The server may have counted it: the drop gives the place back from now, like a
+        // response.
+        Err(_) => drop(permit),
     }
 }
 
@@ -193,12 +199,7 @@ where
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx));
                     if let Some(permit) = this.permit.take() {
-                        match &result {
-                            Ok(response) => permit.finish(response),
-                            // The server may have counted it: the drop gives the place back
-                            // from now, like a response.
-                            Err(_) => drop(permit),
-                        }
+                        settle(permit, &result);
                     } else if let Some(place) = shared(this.aside).and_then(|t| t.place.take()) {
                         let op = place.finish(result.as_ref().ok());
                         this.state.set(State::Releasing {

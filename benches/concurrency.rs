@@ -2,7 +2,9 @@
 //!
 //! Plans are set far above what a bench holds at once, so a job request always finds a free
 //! slot: the numbers are the layer's overhead per request, including reading the response
-//! body (which this layer watches for the job's id).
+//! body (which this layer watches for the job's id). Beside the anchors, rows that only match
+//! the route and map the response body into an `Either` (what every response through a layer
+//! that may watch its body pays at the least, in this build).
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -13,8 +15,9 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
 use futures::FutureExt;
 use http::{Method, Request, Response, Uri};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use tower::limit::ConcurrencyLimit;
+use tower::util::{MapRequest, MapResponse};
 use tower::{service_fn, Layer, Service};
 use tower_quota::{ConcurrencyLimitByPlan, Plan};
 
@@ -87,9 +90,24 @@ pub(crate) fn job_request_rows() -> Vec<Row> {
         drain(response.unwrap().into_body());
         job_life.complete(JOB_ID);
     };
+    let router = matchit_table();
+    let mut svc = MapResponse::new(ConcurrencyLimit::new(inner(), 1 << 30), either);
+    let waker = futures::task::noop_waker();
+    let floor_row = move || {
+        let mut cx = std::task::Context::from_waker(&waker);
+        let request = black_box(create());
+        black_box(router.at(request.uri().path()).ok());
+        let _ = svc.poll_ready(&mut cx);
+        let response = svc.call(request).now_or_never().unwrap();
+        drain(response.unwrap().into_body())
+    };
     vec![
         answered("inner service alone", inner(), create),
         ("tower ConcurrencyLimit", Box::new(tower_row)),
+        (
+            "tower ConcurrencyLimit + matchit lookup, body mapped into an Either",
+            Box::new(floor_row),
+        ),
         answered(
             "ConcurrencyLimitByPlan in-flight mode",
             plan(true).layer(inner()),
@@ -104,10 +122,7 @@ pub(crate) fn job_request_rows() -> Vec<Row> {
 
 /// A request on a route that holds no slot, its response body read to the end.
 pub(crate) fn other_request_rows() -> Vec<Row> {
-    let mut router = matchit::Router::new();
-    router.insert("/v2/generate", 0).unwrap();
-    router.insert("/v2/generate/{id}", 1).unwrap();
-    router.insert("/v2/generations", 2).unwrap();
+    let router = matchit_table();
     let mut svc = inner();
     let matchit_row = move || {
         let request = black_box(other());
@@ -119,6 +134,11 @@ pub(crate) fn other_request_rows() -> Vec<Row> {
         answered("inner service alone", inner(), other),
         ("inner + matchit lookup", Box::new(matchit_row)),
         answered(
+            "matchit lookup, body mapped into an Either",
+            MapResponse::new(looked_up(inner()), either),
+            other,
+        ),
+        answered(
             "ConcurrencyLimitByPlan, unmatched route",
             plan(false).layer(inner()),
             other,
@@ -129,6 +149,29 @@ pub(crate) fn other_request_rows() -> Vec<Row> {
             status,
         ),
     ]
+}
+
+/// matchit over the plan's default routes, for the anchors.
+fn matchit_table() -> matchit::Router<usize> {
+    let mut router = matchit::Router::new();
+    router.insert("/v2/generate", 0).unwrap();
+    router.insert("/v2/generate/{id}", 1).unwrap();
+    router.insert("/v2/generations", 2).unwrap();
+    router
+}
+
+/// `svc`, after a matchit lookup of each request's path.
+fn looked_up<S>(svc: S) -> MapRequest<S, impl FnMut(Request<()>) -> Request<()>> {
+    let router = matchit_table();
+    MapRequest::new(svc, move |request: Request<()>| {
+        black_box(router.at(request.uri().path()).ok());
+        request
+    })
+}
+
+/// Wraps a response's body as a layer that may watch it must.
+fn either(response: Response<Full<Bytes>>) -> Response<Either<Full<Bytes>, Box<Full<Bytes>>>> {
+    response.map(Either::Left)
 }
 
 /// 64 tasks on a 2-worker runtime, all creating jobs through one shared plan.

@@ -8,10 +8,10 @@
 use std::convert::Infallible;
 use std::future::{ready, Ready};
 
-use crate::harness::{answered, Row};
+use crate::harness::{answered, either, Row};
 use bytes::Bytes;
 use http::{Method, Request, Response, Uri};
-use http_body_util::Either;
+
 use http_body_util::Full;
 use tower::retry::{Policy, Retry};
 use tower::util::MapResponse;
@@ -82,11 +82,6 @@ pub(crate) fn no_retry_rows() -> Vec<Row> {
             request,
         ),
     ]
-}
-
-/// Wraps a response's body as a layer that may hand back another body must.
-fn either(response: Response<Full<Bytes>>) -> Response<Either<Full<Bytes>, Box<Full<Bytes>>>> {
-    response.map(Either::Left)
 }
 
 /// A budget that always allows, to show what tower's `TpsBudget` costs.

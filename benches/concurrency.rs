@@ -15,13 +15,13 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
 use futures::FutureExt;
 use http::{Method, Request, Response, Uri};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use tower::limit::ConcurrencyLimit;
 use tower::util::{MapRequest, MapResponse};
 use tower::{service_fn, Layer, Service};
 use tower_quota::{ConcurrencyLimitByPlan, Plan};
 
-use crate::harness::{self, answered, drain, MakeSender, Row};
+use crate::harness::{self, answered, drain, either, matchit_table, MakeSender, Row};
 
 type Inner =
     tower::util::ServiceFn<fn(Request<()>) -> Ready<Result<Response<Full<Bytes>>, Infallible>>>;
@@ -75,14 +75,6 @@ fn status() -> Request<()> {
 
 /// A create that finds a free slot, its response body read to the end.
 pub(crate) fn job_request_rows() -> Vec<Row> {
-    let mut svc = ConcurrencyLimit::new(inner(), 1 << 30);
-    let waker = futures::task::noop_waker();
-    let tower_row = move || {
-        let mut cx = std::task::Context::from_waker(&waker);
-        let _ = svc.poll_ready(&mut cx);
-        let response = svc.call(black_box(create())).now_or_never().unwrap();
-        drain(response.unwrap().into_body())
-    };
     let job_life = plan(false);
     let mut svc = job_life.layer(inner());
     let job_life_row = move || {
@@ -90,23 +82,15 @@ pub(crate) fn job_request_rows() -> Vec<Row> {
         drain(response.unwrap().into_body());
         job_life.complete(JOB_ID);
     };
-    let router = matchit_table();
-    let mut svc = MapResponse::new(ConcurrencyLimit::new(inner(), 1 << 30), either);
-    let waker = futures::task::noop_waker();
-    let floor_row = move || {
-        let mut cx = std::task::Context::from_waker(&waker);
-        let request = black_box(create());
-        black_box(router.at(request.uri().path()).ok());
-        let _ = svc.poll_ready(&mut cx);
-        let response = svc.call(request).now_or_never().unwrap();
-        drain(response.unwrap().into_body())
-    };
     vec![
         answered("inner service alone", inner(), create),
-        ("tower ConcurrencyLimit", Box::new(tower_row)),
-        (
+        polled_ready(
+            "tower ConcurrencyLimit",
+            ConcurrencyLimit::new(inner(), 1 << 30),
+        ),
+        polled_ready(
             "tower ConcurrencyLimit + matchit lookup, body mapped into an Either",
-            Box::new(floor_row),
+            MapResponse::new(looked_up(ConcurrencyLimit::new(inner(), 1 << 30)), either),
         ),
         answered(
             "ConcurrencyLimitByPlan in-flight mode",
@@ -118,6 +102,24 @@ pub(crate) fn job_request_rows() -> Vec<Row> {
             Box::new(job_life_row),
         ),
     ]
+}
+
+/// A row that sends a create through `svc`, driven ready first as tower's limiter needs, and
+/// reads the body.
+fn polled_ready<S, B>(name: &'static str, mut svc: S) -> Row
+where
+    S: Service<Request<()>, Response = Response<B>> + 'static,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body + Unpin,
+{
+    let waker = futures::task::noop_waker();
+    let send = move || {
+        let mut cx = std::task::Context::from_waker(&waker);
+        let _ = svc.poll_ready(&mut cx);
+        let response = svc.call(black_box(create())).now_or_never().unwrap();
+        drain(response.unwrap().into_body())
+    };
+    (name, Box::new(send))
 }
 
 /// A request on a route that holds no slot, its response body read to the end.
@@ -151,15 +153,6 @@ pub(crate) fn other_request_rows() -> Vec<Row> {
     ]
 }
 
-/// matchit over the plan's default routes, for the anchors.
-fn matchit_table() -> matchit::Router<usize> {
-    let mut router = matchit::Router::new();
-    router.insert("/v2/generate", 0).unwrap();
-    router.insert("/v2/generate/{id}", 1).unwrap();
-    router.insert("/v2/generations", 2).unwrap();
-    router
-}
-
 /// `svc`, after a matchit lookup of each request's path.
 fn looked_up<S>(svc: S) -> MapRequest<S, impl FnMut(Request<()>) -> Request<()>> {
     let router = matchit_table();
@@ -167,11 +160,6 @@ fn looked_up<S>(svc: S) -> MapRequest<S, impl FnMut(Request<()>) -> Request<()>>
         black_box(router.at(request.uri().path()).ok());
         request
     })
-}
-
-/// Wraps a response's body as a layer that may watch it must.
-fn either(response: Response<Full<Bytes>>) -> Response<Either<Full<Bytes>, Box<Full<Bytes>>>> {
-    response.map(Either::Left)
 }
 
 /// 64 tasks on a 2-worker runtime, all creating jobs through one shared plan.

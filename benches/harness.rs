@@ -4,10 +4,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput};
 use futures::FutureExt;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Either, Full};
 
 /// Tasks sharing one limit in a contended group, and the sends each makes per iteration.
 pub(crate) const TASKS: u64 = 64;
@@ -143,4 +144,22 @@ where
         drain(response.unwrap().into_body())
     };
     (name, Box::new(send))
+}
+
+/// matchit over the routes the benches' requests take (`/v2/generate`, its status route, the
+/// list route), for the anchors that look a route up.
+pub(crate) fn matchit_table() -> matchit::Router<usize> {
+    let mut router = matchit::Router::new();
+    router.insert("/v2/generate", 0).unwrap();
+    router.insert("/v2/generate/{id}", 1).unwrap();
+    router.insert("/v2/generations", 2).unwrap();
+    router
+}
+
+/// Wraps a response's body the way a layer must that may read, watch or hand back a body: the
+/// map of the body-wrapping reference rows.
+pub(crate) fn either(
+    response: http::Response<Full<Bytes>>,
+) -> http::Response<Either<Full<Bytes>, Box<Full<Bytes>>>> {
+    response.map(Either::Left)
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{self, MakeSender, Row};
+use crate::harness::{self, matchit_table, MakeSender, Row};
 
 use criterion::{BenchmarkId, Criterion};
 use futures::FutureExt;
@@ -72,15 +72,6 @@ fn client_layer(paced: bool) -> RateLimitByRoute {
         .default_quota(huge(paced))
         .build()
         .unwrap()
-}
-
-/// matchit over the same patterns, for the anchors.
-fn matchit_table() -> matchit::Router<usize> {
-    let mut router = matchit::Router::new();
-    router.insert("/v2/generate", 0).unwrap();
-    router.insert("/v2/generate/{id}", 1).unwrap();
-    router.insert("/v2/generations", 2).unwrap();
-    router
 }
 
 fn governor_keyed<K: std::hash::Hash + Eq + Clone>() -> DefaultKeyedRateLimiter<K> {

@@ -33,6 +33,15 @@ pub enum ConfigError {
         /// The pattern as given.
         pattern: String,
     },
+    /// A value given to a setting cannot be used.
+    InvalidValue {
+        /// The setting's name.
+        name: &'static str,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// Another setting is out of range.
     InvalidSetting {
         /// The setting's name.
@@ -56,6 +65,11 @@ impl fmt::Display for ConfigError {
                 "route pattern `{pattern}` collides with `{existing}` given before"
             ),
             Self::UnknownRoute { pattern } => write!(f, "no route `{pattern}` in this layer"),
+            Self::InvalidValue {
+                name,
+                value,
+                reason,
+            } => write!(f, "invalid {name} `{value}`: {reason}"),
             Self::InvalidSetting { name, reason } => write!(f, "invalid `{name}`: {reason}"),
         }
     }

@@ -222,49 +222,85 @@ pub(crate) fn retry_after_value(wait: Duration) -> HeaderValue {
 }
 
 pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let secs = wait
+        .as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0));
     secs.max(1)
 }
 
-/// A policy name as a structured-field string: the route's pattern, or `"default"`. Characters
-/// a structured string cannot hold are replaced.
-pub(crate) fn policy_name(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('"');
+/// Writes a policy name as a structured-field string: the route's pattern, or `"default"`.
+/// Characters a structured string cannot hold are replaced.
+fn write_policy_name(out: &mut dyn fmt::Write, name: &str) -> fmt::Result {
+    out.write_char('"')?;
     for c in name.chars() {
         match c {
             '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
+                out.write_char('\\')?;
+                out.write_char(c)?;
             }
-            ' '..='~' => out.push(c),
-            _ => out.push('_'),
+            ' '..='~' => out.write_char(c)?,
+            _ => out.write_char('_')?,
         }
     }
-    out.push('"');
-    out
+    out.write_char('"')
+}
+
+/// A short text written on the stack, so that a field value costs one allocation: its own.
+struct StackText {
+    bytes: [u8; 192],
+    len: usize,
+}
+
+impl fmt::Write for StackText {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let end = self.len + text.len();
+        let room = self.bytes.get_mut(self.len..end).ok_or(fmt::Error)?;
+        room.copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// A field value of our own making, written by `write`.
+fn field_value(write: impl Fn(&mut dyn fmt::Write) -> fmt::Result) -> HeaderValue {
+    let mut stack = StackText {
+        bytes: [0; 192],
+        len: 0,
+    };
+    let value = if write(&mut stack).is_ok() {
+        HeaderValue::from_bytes(&stack.bytes[..stack.len])
+    } else {
+        let mut text = String::new();
+        let _ = write(&mut text);
+        HeaderValue::from_str(&text)
+    };
+    value.unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
 }
 
 /// `RateLimit-Policy: "<name>";q=<count>;w=<window seconds>`.
 pub(crate) fn policy_value(name: &str, count: u32, period: Duration) -> HeaderValue {
-    let value = format!(
-        "{};q={};w={}",
-        policy_name(name),
-        count,
-        retry_after_secs(period)
-    );
-    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+    let window = retry_after_secs(period);
+    field_value(|out| {
+        write_policy_name(out, name)?;
+        write!(out, ";q={count};w={window}")
+    })
 }
 
-/// `RateLimit: "<name>";r=<remaining>;t=<seconds until a request may go>`.
+/// `RateLimit: "<name>";r=<remaining>;t=<seconds>`: with none remaining, `t` is the wait
+/// until a request may go (at least 1); otherwise the time until everything counted is gone.
+/// Both rounded up: a client that trusts them is never early.
 pub(crate) fn ratelimit_value(name: &str, remaining: u32, reset: Duration) -> HeaderValue {
     let reset = if remaining == 0 {
         retry_after_secs(reset)
     } else {
-        reset.as_secs()
+        reset
+            .as_secs()
+            .saturating_add(u64::from(reset.subsec_nanos() > 0))
     };
-    let value = format!("{};r={};t={}", policy_name(name), remaining, reset);
-    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+    field_value(|out| {
+        write_policy_name(out, name)?;
+        write!(out, ";r={remaining};t={reset}")
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,11 @@
 //! The route table: `"METHOD /path/{param}"` patterns matched to an index, without allocating.
+//!
+//! Requests match as axum routes them, so that no form of a request that reaches a handler
+//! escapes its route's quota: a `HEAD` request falls under the `GET` route of its path when
+//! no `HEAD` route matches (axum serves `HEAD` with the `GET` handler), and paths are matched
+//! as sent, byte for byte (axum does not decode, fold case or merge slashes before routing).
 
-use http::Method;
+use http::{Method, Request};
 
 use crate::error::ConfigError;
 
@@ -44,9 +49,21 @@ impl Pattern {
     }
 }
 
+/// The path a request is routed by: the one the client sent. Inside an axum router nested
+/// with `Router::nest` or `nest_service`, the request's URI has lost the prefix, and axum
+/// keeps the original in `OriginalUri` (read with feature `axum`).
+pub(crate) fn request_path<B>(request: &Request<B>) -> &str {
+    #[cfg(feature = "axum")]
+    if let Some(original) = request.extensions().get::<axum::extract::OriginalUri>() {
+        return original.0.path();
+    }
+    request.uri().path()
+}
+
 /// Maps a request's method and path to the index of the route it falls under.
 ///
-/// Routes for the request's own method are tried first, then `*` routes, then the default.
+/// Routes for the request's own method are tried first (for `HEAD`, then the `GET` routes),
+/// then `*` routes, then the default.
 /// Lookup walks the path once (matchit's radix tree) and allocates nothing for patterns with
 /// up to three parameters.
 #[derive(Debug, Clone, Default)]
@@ -104,6 +121,23 @@ impl RouteTable {
         self.default = Some(index);
     }
 
+    /// The route of `method` matching `path`; for `HEAD`, else the `GET` route.
+    #[inline]
+    fn by_method<'r, 'p>(
+        &'r self,
+        method: &Method,
+        path: &'p str,
+    ) -> Option<matchit::Match<'r, 'p, &'r usize>> {
+        let at = |wanted: &Method| {
+            let (_, router) = self.by_method.iter().find(|(m, _)| m == wanted)?;
+            router.at(path).ok()
+        };
+        match at(method) {
+            None if method == Method::HEAD => at(&Method::GET),
+            found => found,
+        }
+    }
+
     /// The route a request falls under and the value of the pattern's first parameter, if it
     /// has one (the default route has none).
     pub(crate) fn lookup_param<'p>(
@@ -115,13 +149,8 @@ impl RouteTable {
         let first = |found: matchit::Match<'_, 'p, &usize>| {
             (*found.value, found.params.iter().next().map(|(_, v)| v))
         };
-        for (m, router) in &self.by_method {
-            if m == method {
-                if let Ok(found) = router.at(path) {
-                    return Some(first(found));
-                }
-                break;
-            }
+        if let Some(found) = self.by_method(method, path) {
+            return Some(first(found));
         }
         if !self.has_any_method {
             return self.default.map(|d| (d, None));
@@ -136,13 +165,8 @@ impl RouteTable {
     /// default.
     pub(crate) fn lookup(&self, method: &Method, path: &str) -> Option<usize> {
         let path = if path.is_empty() { "/" } else { path };
-        for (m, router) in &self.by_method {
-            if m == method {
-                if let Ok(found) = router.at(path) {
-                    return Some(*found.value);
-                }
-                break;
-            }
+        if let Some(found) = self.by_method(method, path) {
+            return Some(*found.value);
         }
         if !self.has_any_method {
             return self.default;

@@ -123,7 +123,10 @@ fn written_fields() {
         ratelimit_value("default", 0, Duration::from_millis(2500)),
         "\"default\";r=0;t=3"
     );
-    assert_eq!(policy_name("a\"b\\c\u{e9}"), "\"a\\\"b\\\\c_\"");
+    assert_eq!(
+        ratelimit_value("a\"b\\c\u{e9}", 5, Duration::from_millis(100)),
+        "\"a\\\"b\\\\c_\";r=5;t=1"
+    );
 }
 
 proptest! {
@@ -149,6 +152,7 @@ proptest! {
             let _ = retry_after(&fields, UNIX_EPOCH);
             let _ = remaining(&fields, UNIX_EPOCH);
         }
-        let _ = policy_name(&text);
+        let _ = policy_value(&text, 1, Duration::from_secs(1));
+        let _ = ratelimit_value(&text, 0, Duration::MAX);
     }
 }

@@ -22,6 +22,7 @@
 //! with no margin, which gives the exact textbook behaviour.
 
 mod gcra;
+pub(crate) mod keyed;
 mod window;
 
 use crate::clock::Nanos;
@@ -141,7 +142,8 @@ impl Limiter {
         }
     }
 
-    /// Admits and answers one request at `now` in one step (server mode).
+    /// Admits and answers one request at `now` in one step, as a server does (tests).
+    #[cfg(test)]
     pub(crate) fn try_hit(&mut self, rate: &Rate, now: Nanos) -> Result<(), Wait> {
         self.try_acquire(rate, now)?;
         self.release(rate, now);
@@ -167,7 +169,8 @@ impl Limiter {
         self.in_flight
     }
 
-    /// Whether this state is the same as a fresh one at `now`, so it can be forgotten.
+    /// Whether this state is the same as a fresh one at `now` (tests).
+    #[cfg(test)]
     pub(crate) fn is_idle(&mut self, rate: &Rate, now: Nanos) -> bool {
         self.in_flight == 0
             && self.blocked_until <= now

@@ -78,6 +78,7 @@ impl Window {
         u64::from(rate.count).saturating_sub(holding) as u32
     }
 
+    #[cfg(test)]
     pub(super) fn is_idle(&mut self, rate: &Rate, now: Nanos) -> bool {
         self.expire(rate, now);
         self.answered.is_empty()

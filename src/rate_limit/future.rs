@@ -4,19 +4,16 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::error::RateLimitError;
-use super::layer::{Reject, RejectConfig, RejectResponse, Rejection};
 use super::remote::{Outcome, SharedTurn};
-use super::state::{lock, Permit, Ticket, Turn, Verdict};
+use super::state::{lock, Permit, Ticket, Turn};
 use crate::clock::{nanos, Nanos};
-use crate::headers;
-use crate::quota::Quota;
-use crate::store::{Decision, FailMode, Op};
+use crate::store::{FailMode, Op};
 use crate::BoxError;
 
 pin_project! {
@@ -373,175 +370,4 @@ where
             .field("sent", &self.permit.is_some())
             .finish()
     }
-}
-
-pin_project! {
-    /// The response future of server mode: the inner service's, or a ready 429 (or, with a
-    /// shared store, the store's verdict first).
-    pub struct RejectFuture<S, B, F>
-    where
-        S: Service<Request<B>>,
-    {
-        #[pin]
-        kind: Kind<S::Future, S::Response>,
-        // Boxed: only a layer with a shared store needs it.
-        shared: Option<Box<SharedHit<S, B, F>>>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F, R> {
-        Inner { #[pin] future: F },
-        Rejected { response: Option<R> },
-        Shared,
-    }
-}
-
-/// A request whose verdict the shared store is deciding.
-pub(crate) struct SharedHit<S, B, F> {
-    pub(crate) inner: S,
-    pub(crate) request: Request<B>,
-    pub(crate) op: Op,
-    pub(crate) layer: Reject<F>,
-    pub(crate) route: usize,
-    /// The client's key in this process's own limiter, for [`FailMode::Open`].
-    pub(crate) local_key: u64,
-}
-
-impl<S, B, F> RejectFuture<S, B, F>
-where
-    S: Service<Request<B>>,
-{
-    pub(crate) fn inner(future: S::Future) -> Self {
-        Self {
-            kind: Kind::Inner { future },
-            shared: None,
-        }
-    }
-
-    pub(crate) fn rejected(response: S::Response) -> Self {
-        Self {
-            kind: Kind::Rejected {
-                response: Some(response),
-            },
-            shared: None,
-        }
-    }
-
-    pub(crate) fn shared(hit: SharedHit<S, B, F>) -> Self {
-        Self {
-            kind: Kind::Shared,
-            shared: Some(Box::new(hit)),
-        }
-    }
-}
-
-impl<S, B, F, ResBody> Future for RejectFuture<S, B, F>
-where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    F: RejectResponse<ResBody>,
-{
-    type Output = Result<Response<ResBody>, S::Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            match this.kind.as_mut().project() {
-                KindProj::Inner { future } => return future.poll(cx),
-                KindProj::Rejected { response } => {
-                    return match response.take() {
-                        Some(response) => Poll::Ready(Ok(response)),
-                        None => Poll::Pending,
-                    }
-                }
-                KindProj::Shared => {
-                    let Some(hit) = this.shared.as_mut() else {
-                        return Poll::Pending;
-                    };
-                    let decision = ready!(Pin::new(&mut hit.op).poll(cx));
-                    let Some(hit) = this.shared.take() else {
-                        return Poll::Pending;
-                    };
-                    let SharedHit {
-                        mut inner,
-                        request,
-                        layer,
-                        route: index,
-                        local_key,
-                        ..
-                    } = *hit;
-                    let shared = &layer.0;
-                    let route = &shared.routes[index];
-                    let config = &shared.config;
-                    let verdict = match decision {
-                        Ok(Decision::Admitted) => Verdict::Pass,
-                        Ok(Decision::Wait(wait)) => Verdict::Refuse {
-                            // Nothing is in flight in server mode; should it ever be, a
-                            // period is safe.
-                            wait: wait.unwrap_or(route.quota().period()),
-                            quota: route.quota(),
-                        },
-                        Err(error) => match config.store.as_ref().map(|s| s.fail_mode()) {
-                            Some(FailMode::Closed) => {
-                                tracing::warn!(%error, "the shared quota store failed: refusing");
-                                Verdict::Refuse {
-                                    wait: Duration::from_secs(1),
-                                    quota: route.quota(),
-                                }
-                            }
-                            _ => {
-                                tracing::warn!(%error, "the shared quota store failed: counting against this server's own quota");
-                                route.hit(local_key, shared.clock.now())
-                            }
-                        },
-                    };
-                    let next = match verdict {
-                        Verdict::Pass => Kind::Inner {
-                            future: inner.call(request),
-                        },
-                        Verdict::Refuse { wait, quota } => Kind::Rejected {
-                            response: Some(rejection(config, &route.name, quota, wait)),
-                        },
-                    };
-                    this.kind.set(next);
-                }
-            }
-        }
-    }
-}
-
-impl<S, B, F> std::fmt::Debug for RejectFuture<S, B, F>
-where
-    S: Service<Request<B>>,
-{
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RejectFuture").finish_non_exhaustive()
-    }
-}
-
-/// The 429 for a refused request: the configured response, with status and header fields.
-pub(crate) fn rejection<B, F: RejectResponse<B>>(
-    config: &RejectConfig<F>,
-    route: &Arc<str>,
-    quota: Quota,
-    wait: Duration,
-) -> Response<B> {
-    let rejection = Rejection {
-        route: route.clone(),
-        quota,
-        retry_after: wait,
-    };
-    let mut response = config.body.response(&rejection);
-    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-    let fields = response.headers_mut();
-    fields.insert(header::RETRY_AFTER, headers::retry_after_value(wait));
-    if config.headers {
-        fields.insert(
-            headers::RATELIMIT_POLICY,
-            headers::policy_value(route, quota.count(), quota.period()),
-        );
-        fields.insert(headers::RATELIMIT, headers::ratelimit_value(route, 0, wait));
-    }
-    response
 }

@@ -1,10 +1,20 @@
 //! Which client a request comes from, for server mode's per-client quotas.
+//!
+//! A key is never trusted to be there: a request without one follows the layer's
+//! [`MissingKey`] policy, and a peer address the server never supplied is a configuration
+//! error answered with a 500, not a quietly shared quota. Forwarded addresses are read only
+//! when the connection comes from a trusted proxy, walking the proxies' list from the right,
+//! so a client cannot name itself a fresh quota.
 
 use std::fmt;
 use std::hash::{BuildHasher, DefaultHasher, Hash, RandomState};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use http::{Extensions, HeaderMap, HeaderName, Method, Request, Uri};
+use ipnet::IpNet;
+
+use crate::error::ConfigError;
 
 /// A borrowed view of a request's head, handed to a client-key closure.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +56,42 @@ impl<'a> RequestHead<'a> {
     }
 }
 
+/// What server mode does with a request from which no client key can be read (no key
+/// header, a closure answering `None`, a forwarded address it cannot parse). Set with
+/// [`Builder::on_missing_key`](super::Builder::on_missing_key).
+///
+/// A server that supplies no peer address at all to a layer keyed by address
+/// ([`key_peer_ip`](super::Builder::key_peer_ip),
+/// [`key_forwarded_ip`](super::Builder::key_forwarded_ip)) is misconfigured: unless a policy
+/// was set explicitly, such requests are answered `500 Internal Server Error` with a warning
+/// in the log, never counted against one shared quota in silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MissingKey {
+    /// Every such request counts against one anonymous quota per route (the default).
+    #[default]
+    Shared,
+    /// Such requests are answered `400 Bad Request` (the layer's response builder sees
+    /// [`RejectReason::MissingKey`](super::RejectReason::MissingKey)).
+    Refuse,
+    /// Such requests pass uncounted.
+    Pass,
+}
+
+/// Which header field a trusted proxy puts the client's address in, for
+/// [`Builder::key_forwarded_ip`](super::Builder::key_forwarded_ip). Name the one your proxy
+/// writes: a field it passes through untouched is the client's to forge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `Forwarded: for=192.0.2.60;proto=https, for="[2001:db8::1]:4711"` (RFC 7239).
+    Forwarded,
+    /// `X-Forwarded-For: 192.0.2.60, 10.0.0.7`.
+    XForwardedFor,
+    /// `X-Real-IP: 192.0.2.60`, a single address set by the proxy.
+    XRealIp,
+}
+
 type KeyFn = dyn Fn(&RequestHead<'_>, &KeyHashing) -> Option<u64> + Send + Sync;
 
 /// How client keys are hashed.
@@ -79,8 +125,149 @@ pub(crate) enum ClientKey {
     Header(HeaderName),
     /// The peer's IP address.
     PeerIp,
+    /// The client's address as trusted proxies forward it.
+    Forwarded(Arc<TrustedProxies>),
     /// A closure.
     Fn(Arc<KeyFn>),
+}
+
+/// Proxies whose forwarded addresses are believed, and the field they write.
+#[derive(Debug)]
+pub(crate) struct TrustedProxies {
+    header: ForwardedHeader,
+    proxies: Vec<IpNet>,
+}
+
+impl TrustedProxies {
+    /// Parses each proxy as an address (`10.0.0.7`, `::1`) or a range (`10.0.0.0/8`).
+    pub(crate) fn new<I>(header: ForwardedHeader, proxies: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let proxies = proxies
+            .into_iter()
+            .map(|text| {
+                let text = text.as_ref().trim();
+                text.parse::<IpNet>()
+                    .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| ConfigError::InvalidValue {
+                        name: "trusted proxy",
+                        value: text.to_owned(),
+                        reason: "not an IP address or a range such as `10.0.0.0/8`",
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { header, proxies })
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address, given the connection's peer: the peer itself unless it is a
+    /// trusted proxy; else the first address from the right of the forwarded list that is
+    /// not a trusted proxy. `None` when a trusted proxy's entry cannot be parsed.
+    fn client(&self, peer: IpAddr, headers: &HeaderMap) -> Option<IpAddr> {
+        if !self.trusts(peer) {
+            return Some(peer);
+        }
+        let mut hops = Vec::new();
+        match self.header {
+            ForwardedHeader::XRealIp => {
+                let mut values = headers.get_all("x-real-ip").iter();
+                return match (values.next(), values.next()) {
+                    (None, _) => Some(peer),
+                    (Some(value), None) => parse_node(value.to_str().ok()?.trim()),
+                    (Some(_), Some(_)) => None,
+                };
+            }
+            ForwardedHeader::XForwardedFor => {
+                for value in headers.get_all("x-forwarded-for") {
+                    hops.extend(value.to_str().ok()?.split(',').map(str::trim));
+                }
+            }
+            ForwardedHeader::Forwarded => {
+                for value in headers.get_all(http::header::FORWARDED) {
+                    for element in split_outside_quotes(value.to_str().ok()?, ',') {
+                        hops.push(forwarded_for(element)?);
+                    }
+                }
+            }
+        }
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            client = parse_node(hop)?;
+            if !self.trusts(client) {
+                break;
+            }
+        }
+        Some(client)
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The `for=` parameter of one `Forwarded` element, unquoted.
+fn forwarded_for(element: &str) -> Option<&str> {
+    for pair in split_outside_quotes(element, ';') {
+        let (name, value) = pair.split_once('=')?;
+        if name.trim().eq_ignore_ascii_case("for") {
+            let value = value.trim();
+            return Some(
+                value
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(value),
+            );
+        }
+    }
+    None
+}
+
+/// An address, with or without a port: `192.0.2.60`, `192.0.2.60:4711`, `2001:db8::1`,
+/// `[2001:db8::1]:4711`. Obfuscated identifiers (`unknown`, `_hidden`) are not addresses.
+fn parse_node(node: &str) -> Option<IpAddr> {
+    let node = node.trim();
+    if let Some(rest) = node.strip_prefix('[') {
+        let (ip, _port) = rest.split_once(']')?;
+        return ip.parse::<Ipv6Addr>().ok().map(IpAddr::V6).map(canonical);
+    }
+    if let Ok(ip) = node.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    let (ip, port) = node.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// Splits on `separator` outside double-quoted strings.
+fn split_outside_quotes(text: &str, separator: char) -> impl Iterator<Item = &str> {
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut start = 0;
+    let mut parts = Vec::new();
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_string => escaped = true,
+            '"' => in_string = !in_string,
+            c if c == separator && !in_string => {
+                parts.push(text[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(text[start..].trim());
+    parts.into_iter().filter(|part| !part.is_empty())
 }
 
 impl fmt::Debug for ClientKey {
@@ -89,10 +276,25 @@ impl fmt::Debug for ClientKey {
             Self::Global => f.write_str("Global"),
             Self::Header(name) => f.debug_tuple("Header").field(name).finish(),
             Self::PeerIp => f.write_str("PeerIp"),
+            Self::Forwarded(proxies) => f.debug_tuple("Forwarded").field(proxies).finish(),
             Self::Fn(_) => f.write_str("Fn(..)"),
         }
     }
 }
+
+/// The key read from a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Extracted {
+    /// The client's key (never 0: that is the anonymous key).
+    Key(u64),
+    /// The request carries no key.
+    Missing,
+    /// The layer keys by address and the server supplied none.
+    NoPeer,
+}
+
+/// The key of requests that share one anonymous quota.
+pub(crate) const ANONYMOUS: u64 = 0;
 
 impl ClientKey {
     pub(crate) fn from_fn<F, K>(f: F) -> Self
@@ -106,25 +308,32 @@ impl ClientKey {
     }
 
     /// The key's hash, keyed with `hasher`'s random keys so that clients cannot choose keys
-    /// that collide. A request with no key (a missing header, an unknown peer) falls under
-    /// one shared anonymous key.
-    pub(crate) fn extract<B>(&self, request: &Request<B>, hasher: &KeyHashing) -> u64 {
-        const ANONYMOUS: u64 = 0;
+    /// that collide.
+    pub(crate) fn extract<B>(&self, request: &Request<B>, hasher: &KeyHashing) -> Extracted {
         let key = match self {
-            Self::Global => return ANONYMOUS,
+            Self::Global => return Extracted::Key(ANONYMOUS),
             Self::Header(name) => request
                 .headers()
                 .get(name)
                 .map(|value| hasher.hash_one(value.as_bytes())),
-            Self::PeerIp => peer_ip(request.extensions()).map(|ip| hasher.hash_one(ip)),
+            Self::PeerIp => match peer_ip(request.extensions()) {
+                Some(ip) => Some(hasher.hash_one(canonical(ip))),
+                None => return Extracted::NoPeer,
+            },
+            Self::Forwarded(proxies) => match peer_ip(request.extensions()) {
+                Some(peer) => proxies
+                    .client(canonical(peer), request.headers())
+                    .map(|ip| hasher.hash_one(ip)),
+                None => return Extracted::NoPeer,
+            },
             Self::Fn(f) => f(&RequestHead::of(request), hasher),
         };
         // Keep 0 for the anonymous key; a real key hashing to 0 shares the next value.
-        key.map_or(ANONYMOUS, |k| k.max(1))
+        key.map_or(Extracted::Missing, |k| Extracted::Key(k.max(1)))
     }
 }
 
-fn peer_ip(extensions: &Extensions) -> Option<std::net::IpAddr> {
+fn peer_ip(extensions: &Extensions) -> Option<IpAddr> {
     #[cfg(feature = "axum")]
     if let Some(info) = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
         return Some(info.0.ip());
@@ -132,5 +341,91 @@ fn peer_ip(extensions: &Extensions) -> Option<std::net::IpAddr> {
     extensions
         .get::<std::net::SocketAddr>()
         .map(|addr| addr.ip())
-        .or_else(|| extensions.get::<std::net::IpAddr>().copied())
+        .or_else(|| extensions.get::<IpAddr>().copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+        let xff = TrustedProxies::new(ForwardedHeader::XForwardedFor, ["10.0.0.0/8"]).unwrap();
+        let spoofed = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.1.1.1")]);
+        // Straight from a client: the peer, whatever it claims.
+        assert_eq!(
+            xff.client(ip("198.51.100.7"), &spoofed),
+            Some(ip("198.51.100.7"))
+        );
+        // Through the proxies: the first untrusted hop from the right, not the forged one.
+        assert_eq!(
+            xff.client(ip("10.0.0.2"), &spoofed),
+            Some(ip("203.0.113.9"))
+        );
+        // Several field lines are one list.
+        let lines = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "203.0.113.9,10.1.1.1"),
+        ]);
+        assert_eq!(xff.client(ip("10.0.0.2"), &lines), Some(ip("203.0.113.9")));
+        // No field: the proxy itself is the client.
+        assert_eq!(
+            xff.client(ip("10.0.0.2"), &HeaderMap::new()),
+            Some(ip("10.0.0.2"))
+        );
+        // Garbage where a trusted proxy should have written an address: no key.
+        let garbage = headers(&[("x-forwarded-for", "203.0.113.9, unknown")]);
+        assert_eq!(xff.client(ip("10.0.0.2"), &garbage), None);
+    }
+
+    #[test]
+    fn the_forwarded_field_in_its_quoted_forms() {
+        let fwd = TrustedProxies::new(ForwardedHeader::Forwarded, ["10.0.0.2", "::1"]).unwrap();
+        let value = headers(&[(
+            "forwarded",
+            r#"for="_gazonk", For="[2001:db8:cafe::17]:4711";proto=https, for=10.0.0.2;by="x,y""#,
+        )]);
+        assert_eq!(fwd.client(ip("::1"), &value), Some(ip("2001:db8:cafe::17")));
+        let v4 = headers(&[("forwarded", "for=192.0.2.60:8080;proto=http")]);
+        assert_eq!(fwd.client(ip("10.0.0.2"), &v4), Some(ip("192.0.2.60")));
+        // An IPv4-mapped peer is its IPv4 address.
+        assert_eq!(
+            fwd.client(ip("::ffff:10.0.0.2"), &v4),
+            Some(ip("192.0.2.60"))
+        );
+        let obfuscated = headers(&[("forwarded", "for=_hidden")]);
+        assert_eq!(fwd.client(ip("10.0.0.2"), &obfuscated), None);
+    }
+
+    #[test]
+    fn x_real_ip_is_one_address_from_a_trusted_proxy() {
+        let real = TrustedProxies::new(ForwardedHeader::XRealIp, ["127.0.0.1"]).unwrap();
+        let one = headers(&[("x-real-ip", "192.0.2.1")]);
+        assert_eq!(real.client(ip("127.0.0.1"), &one), Some(ip("192.0.2.1")));
+        assert_eq!(real.client(ip("192.0.2.99"), &one), Some(ip("192.0.2.99")));
+        let two = headers(&[("x-real-ip", "192.0.2.1"), ("x-real-ip", "192.0.2.2")]);
+        assert_eq!(real.client(ip("127.0.0.1"), &two), None);
+    }
+
+    #[test]
+    fn untrustworthy_proxy_lists_are_config_errors() {
+        let error =
+            TrustedProxies::new(ForwardedHeader::XForwardedFor, ["10.0.0.0/33"]).unwrap_err();
+        assert!(matches!(error, ConfigError::InvalidValue { value, .. } if value == "10.0.0.0/33"));
+    }
 }

@@ -1,14 +1,16 @@
 use std::fmt;
 use std::hash::{Hash, RandomState};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderName, Response};
 use tower_layer::Layer;
 
-use super::key::{ClientKey, KeyHashing, RequestHead};
+use super::key::{ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies};
+use super::server::KeyedRoute;
 use super::service::RateLimitByRouteService;
-use super::state::{lock, ClientHandle, ClientRoute, ClientState, KeyedRoute, Learn, Shared};
+use super::state::{lock, ClientHandle, ClientRoute, ClientState, Learn, Shared};
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::limiter::Wait as Admission;
@@ -92,17 +94,23 @@ pub struct WaitConfig {
 /// Server-mode settings, as held by a [`Builder`].
 pub struct RejectConfig<F = EmptyBody> {
     pub(crate) key: ClientKey,
+    /// A key setting that could not be used, reported by `build`.
+    key_error: Option<ConfigError>,
+    pub(crate) on_missing: Option<MissingKey>,
     pub(crate) headers: bool,
     max_keys: usize,
     pub(crate) body: F,
     pub(crate) hasher: KeyHashing,
     pub(crate) store: Option<Remote>,
+    /// Whether the missing peer address was warned about.
+    pub(crate) warned_no_peer: AtomicBool,
 }
 
 impl<F> fmt::Debug for RejectConfig<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RejectConfig")
             .field("key", &self.key)
+            .field("on_missing", &self.on_missing)
             .field("headers", &self.headers)
             .field("max_keys", &self.max_keys)
             .finish()
@@ -113,7 +121,7 @@ impl<F> fmt::Debug for RejectConfig<F> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EmptyBody;
 
-/// Why server mode refused a request, handed to the closure that builds the 429 response.
+/// Why server mode refused a request, handed to the closure that builds the response.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Rejection {
@@ -121,8 +129,31 @@ pub struct Rejection {
     pub route: Arc<str>,
     /// The route's quota.
     pub quota: Quota,
-    /// How long the client must wait before the request would be admitted.
+    /// How long the client must wait before the request would be admitted (zero when the
+    /// refusal is not about time: [`RejectReason::MissingKey`],
+    /// [`RejectReason::NoPeerAddress`]).
     pub retry_after: Duration,
+    /// Why the request was refused.
+    pub reason: RejectReason,
+}
+
+/// Why server mode refused a request; the status it is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The client's quota for the route is used up: `429`, with `Retry-After`.
+    Quota,
+    /// The client is new, and every client the route tracks has used too much of its quota
+    /// to be forgotten: `429`, with `Retry-After` at the time one can be.
+    KeyTableFull,
+    /// The shared store is away and fails closed: `429`, `Retry-After: 1`.
+    StoreUnavailable,
+    /// The request carries no client key and the layer refuses such requests
+    /// ([`MissingKey::Refuse`]): `400 Bad Request`.
+    MissingKey,
+    /// The layer keys clients by address and the server supplied none (a configuration
+    /// error, logged as a warning): `500 Internal Server Error`.
+    NoPeerAddress,
 }
 
 /// Builds the response server mode sends for a refused request. Status and rate-limit header
@@ -289,11 +320,14 @@ impl Builder<WaitConfig> {
             margin: self.margin,
             config: RejectConfig {
                 key: ClientKey::Global,
+                key_error: None,
+                on_missing: None,
                 headers: true,
                 max_keys: 65_536,
                 body: EmptyBody,
                 hasher: KeyHashing::Random(RandomState::new()),
                 store: self.config.store,
+                warned_no_peer: AtomicBool::new(false),
             },
         }
     }
@@ -323,7 +357,8 @@ impl Builder<WaitConfig> {
 
 impl<F> Builder<RejectConfig<F>> {
     /// Counts quotas per value of this request header field, such as `x-api-key`. Requests
-    /// without it share one anonymous quota. Keys are kept only as keyed hashes.
+    /// without it follow the [`MissingKey`] policy (by default they share one anonymous
+    /// quota). Keys are kept only as keyed hashes.
     pub fn key_header(mut self, name: HeaderName) -> Self {
         self.config.key = ClientKey::Header(name);
         self
@@ -332,13 +367,57 @@ impl<F> Builder<RejectConfig<F>> {
     /// Counts quotas per peer IP address, read from the request's extensions: a
     /// `std::net::SocketAddr` or `IpAddr`, or (feature `axum`) axum's
     /// `ConnectInfo<SocketAddr>`, which `into_make_service_with_connect_info` inserts.
+    ///
+    /// A request without any of these is answered `500 Internal Server Error`, with a warning
+    /// logged once: the server is not giving the layer the address (axum served without
+    /// `into_make_service_with_connect_info`, or the crate built without the `axum`
+    /// feature), and counting every client against one shared quota would be a silent
+    /// outage. [`on_missing_key`](Self::on_missing_key) chooses otherwise explicitly.
+    ///
+    /// Behind a reverse proxy every request comes from the proxy's address: use
+    /// [`key_forwarded_ip`](Self::key_forwarded_ip) there.
     pub fn key_peer_ip(mut self) -> Self {
         self.config.key = ClientKey::PeerIp;
         self
     }
 
-    /// Counts quotas per key that a closure reads from the request's head; `None` falls under
-    /// one anonymous key.
+    /// Counts quotas per client IP address as forwarded by trusted reverse proxies.
+    ///
+    /// `trusted_proxies` are addresses (`"10.0.0.7"`) or ranges (`"10.0.0.0/8"`,
+    /// `"fd00::/8"`); a malformed one is a [`ConfigError`] from `build`. A request whose
+    /// peer (read as [`key_peer_ip`](Self::key_peer_ip) does) is not one of them is keyed by
+    /// the peer, whatever its header fields say. One from a trusted proxy is keyed by the
+    /// address in `header`: for the lists (`Forwarded`, `X-Forwarded-For`, all their field
+    /// lines in order), the first address from the right that is not a trusted proxy, since
+    /// everything left of it was written by the client; without the field, by the proxy's
+    /// own address. An entry that is not an address (`unknown`, `_hidden`) follows the
+    /// [`MissingKey`] policy. Name the field your proxy writes: one it passes through
+    /// untouched is the client's to forge.
+    pub fn key_forwarded_ip<I>(mut self, header: ForwardedHeader, trusted_proxies: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        match TrustedProxies::new(header, trusted_proxies) {
+            Ok(proxies) => {
+                self.config.key = ClientKey::Forwarded(Arc::new(proxies));
+                self.config.key_error = None;
+            }
+            Err(error) => self.config.key_error = Some(error),
+        }
+        self
+    }
+
+    /// What a request without a client key gets (default: [`MissingKey::Shared`], one
+    /// anonymous quota per route; for layers keyed by address, a missing peer address is
+    /// answered 500 unless a policy is set here).
+    pub fn on_missing_key(mut self, policy: MissingKey) -> Self {
+        self.config.on_missing = Some(policy);
+        self
+    }
+
+    /// Counts quotas per key that a closure reads from the request's head; `None` follows the
+    /// [`MissingKey`] policy (by default one anonymous quota).
     pub fn key_fn<K, G>(mut self, key: G) -> Self
     where
         G: Fn(&RequestHead<'_>) -> Option<K> + Send + Sync + 'static,
@@ -348,15 +427,23 @@ impl<F> Builder<RejectConfig<F>> {
         self
     }
 
-    /// Whether 429s carry the `RateLimit-Policy` and `RateLimit` fields (default: yes).
+    /// Whether the responses of limited routes carry the IETF draft `RateLimit-Policy` and
+    /// `RateLimit` fields (default: yes): every response, so that a client can pace itself
+    /// before it is refused, as the draft intends. A passing response gets
+    /// `RateLimit: "<route>";r=<requests left>;t=<seconds until all it counted is gone>`, a
+    /// 429 `r=0` and `t` the wait. Costs one small allocation per response (the field's
+    /// value).
     pub fn rate_limit_headers(mut self, enabled: bool) -> Self {
         self.config.headers = enabled;
         self
     }
 
-    /// The most client keys tracked at once, per route (default 65,536). Keys whose quota is
-    /// untouched are forgotten; when every tracked key is active, requests from new keys are
-    /// refused until some go idle, so memory stays bounded and no client exceeds its quota.
+    /// The most client keys tracked at once, per route (default 65,536; about 140 bytes each,
+    /// whatever the quota). A new client arriving at a full table takes the place of a
+    /// little-used one, whose count is kept in a fixed-size shadow table for when it comes
+    /// back: a flood of fresh keys neither grows memory nor locks newcomers out, and never
+    /// frees a client that has used more than a sixteenth of its quota. See the
+    /// [module docs](super#deploying-server-mode).
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.config.max_keys = max_keys;
         self
@@ -371,11 +458,14 @@ impl<F> Builder<RejectConfig<F>> {
             margin: self.margin,
             config: RejectConfig {
                 key: self.config.key,
+                key_error: self.config.key_error,
+                on_missing: self.config.on_missing,
                 headers: self.config.headers,
                 max_keys: self.config.max_keys,
                 body: response,
                 hasher: self.config.hasher,
                 store: self.config.store,
+                warned_no_peer: self.config.warned_no_peer,
             },
         }
     }
@@ -393,7 +483,10 @@ impl<F> Builder<RejectConfig<F>> {
     }
 
     /// Builds the layer, or says which part of the configuration is unusable.
-    pub fn build(self) -> Result<RateLimitByRoute<Reject<F>>, ConfigError> {
+    pub fn build(mut self) -> Result<RateLimitByRoute<Reject<F>>, ConfigError> {
+        if let Some(error) = self.config.key_error.take() {
+            return Err(error);
+        }
         if self.config.max_keys == 0 {
             return Err(ConfigError::InvalidSetting {
                 name: "max_keys",
@@ -530,13 +623,10 @@ impl<F> RateLimitByRoute<Reject<F>> {
             .0
             .routes
             .iter()
-            .map(|route| {
-                let quota = lock(&route.shards[0]).rate.quota;
-                KeyedRouteSnapshot {
-                    route: route.name.clone(),
-                    quota,
-                    tracked_keys: route.tracked_keys(),
-                }
+            .map(|route| KeyedRouteSnapshot {
+                route: route.name.clone(),
+                quota: route.quota(),
+                tracked_keys: route.tracked_keys(),
             })
             .collect()
     }
@@ -546,16 +636,8 @@ impl<F> RateLimitByRoute<Reject<F>> {
     pub fn set_quota(&self, pattern: &str, quota: Quota) -> Result<(), ConfigError> {
         let shared = &self.mode.0;
         let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
-        let now = shared.clock.now();
-        for shard in shared.routes[index].shards.iter() {
-            let mut shard = lock(shard);
-            let old = shard.rate;
-            let rate = Rate::new(quota, Some(Duration::ZERO));
-            for limiter in shard.keys.values_mut() {
-                limiter.change_rate(&old, &rate, now);
-            }
-            shard.rate = rate;
-        }
+        let rate = Rate::new(quota, Some(Duration::ZERO));
+        shared.routes[index].set_rate(rate, shared.clock.now());
         Ok(())
     }
 }

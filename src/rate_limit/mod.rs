@@ -51,14 +51,16 @@ mod future;
 mod key;
 mod layer;
 mod remote;
+mod server;
 mod service;
 mod state;
 
 pub use error::RateLimitError;
-pub use future::{RejectFuture, ResponseFuture};
-pub use key::RequestHead;
+pub use future::ResponseFuture;
+pub use key::{ForwardedHeader, MissingKey, RequestHead};
 pub use layer::{
     Builder, EmptyBody, KeyedRouteSnapshot, NextAdmission, RateLimitByRoute, Reject, RejectConfig,
-    RejectResponse, Rejection, RouteSnapshot, Wait, WaitConfig,
+    RejectReason, RejectResponse, Rejection, RouteSnapshot, Wait, WaitConfig,
 };
+pub use server::RejectFuture;
 pub use service::RateLimitByRouteService;

@@ -3,11 +3,10 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::{RejectFuture, ResponseFuture, SharedHit};
-use super::key::KeyHashing;
-use super::layer::{Reject, RejectResponse, Wait};
+use super::future::ResponseFuture;
+use super::layer::Wait;
 use super::remote::SharedTurn;
-use super::state::{lock, Permit, Ticket, Verdict};
+use super::state::{lock, Permit, Ticket};
 use crate::store::Remote;
 use crate::BoxError;
 
@@ -17,8 +16,8 @@ use crate::BoxError;
 /// the request, so waiting happens in the response future.
 #[derive(Debug, Clone)]
 pub struct RateLimitByRouteService<S, M = Wait> {
-    inner: S,
-    mode: M,
+    pub(super) inner: S,
+    pub(super) mode: M,
 }
 
 impl<S, M> RateLimitByRouteService<S, M> {
@@ -124,49 +123,5 @@ impl<S: Clone, M> RateLimitByRouteService<S, M> {
     fn take_inner(&mut self) -> S {
         let clone = self.inner.clone();
         std::mem::replace(&mut self.inner, clone)
-    }
-}
-
-impl<S, B, ResBody, F> Service<Request<B>> for RateLimitByRouteService<S, Reject<F>>
-where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-    F: RejectResponse<ResBody>,
-{
-    type Response = Response<ResBody>;
-    type Error = S::Error;
-    type Future = RejectFuture<S, B, F>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let shared = &self.mode.0;
-        let Some(index) = shared.table.lookup(request.method(), request.uri().path()) else {
-            return RejectFuture::inner(self.inner.call(request));
-        };
-        let config = &shared.config;
-        let key = config.key.extract(&request, &config.hasher);
-        let route = &shared.routes[index];
-        if let Some(store) = &config.store {
-            let stable = config.key.extract(&request, &KeyHashing::Stable);
-            let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
-            let op = store.acquire(&name, &store.member(), &route.rate(), true);
-            let layer = Reject(shared.clone());
-            return RejectFuture::shared(SharedHit {
-                inner: self.take_inner(),
-                request,
-                op,
-                layer,
-                route: index,
-                local_key: key,
-            });
-        }
-        match route.hit(key, shared.clock.now()) {
-            Verdict::Pass => RejectFuture::inner(self.inner.call(request)),
-            Verdict::Refuse { wait, quota } => {
-                RejectFuture::rejected(super::future::rejection(config, &route.name, quota, wait))
-            }
-        }
     }
 }

@@ -1,7 +1,6 @@
 //! The shared state behind every clone of a [`RateLimitByRoute`](super::RateLimitByRoute).
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
@@ -11,7 +10,7 @@ use http::{Response, StatusCode};
 use crate::clock::{nanos, Clock, Nanos};
 use crate::headers;
 use crate::limiter::{Limiter, Wait};
-use crate::quota::{Quota, Rate};
+use crate::quota::Rate;
 use crate::route::RouteTable;
 
 pub(crate) use crate::sync::lock;
@@ -335,151 +334,5 @@ fn learn<B>(
         Ok(Some((remaining, reset))) => state.limiter.cap(remaining, until(reset), now),
         Ok(None) => {}
         Err(error) => tracing::debug!(route, %error, "ignoring a malformed rate-limit header"),
-    }
-}
-
-// ===== server mode =====
-
-/// Keys are already keyed hashes: hashing them again would be wasted work.
-#[derive(Debug, Default)]
-pub(crate) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type KeyMap = HashMap<u64, Limiter, BuildHasherDefault<KeyHasher>>;
-
-/// Shards of a keyed route: requests of different clients rarely contend for one lock.
-pub(crate) const SHARDS: usize = 16;
-
-/// How often a full shard may be swept for idle keys.
-const SWEEP_INTERVAL: Nanos = 1_000_000_000;
-
-/// One route in server mode: a limiter per client key.
-#[derive(Debug)]
-pub(crate) struct KeyedRoute {
-    pub(crate) name: Arc<str>,
-    pub(crate) shards: Box<[Mutex<Shard>]>,
-}
-
-#[derive(Debug)]
-pub(crate) struct Shard {
-    pub(crate) rate: Rate,
-    pub(crate) keys: KeyMap,
-    /// The most keys this shard tracks.
-    capacity: usize,
-    next_sweep: Nanos,
-}
-
-/// A server-mode verdict.
-#[derive(Debug)]
-pub(crate) enum Verdict {
-    Pass,
-    /// Refused: the client may come back after this long.
-    Refuse {
-        wait: Duration,
-        quota: Quota,
-    },
-}
-
-impl KeyedRoute {
-    /// The route's rate (every shard holds the same).
-    pub(crate) fn rate(&self) -> Rate {
-        lock(&self.shards[0]).rate
-    }
-
-    pub(crate) fn quota(&self) -> Quota {
-        self.rate().quota
-    }
-
-    pub(crate) fn new(name: Arc<str>, rate: Rate, max_keys: usize) -> Self {
-        let capacity = max_keys.div_ceil(SHARDS).max(1);
-        let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
-                    rate,
-                    keys: KeyMap::default(),
-                    capacity,
-                    next_sweep: 0,
-                })
-            })
-            .collect();
-        Self { name, shards }
-    }
-
-    pub(crate) fn hit(&self, key: u64, now: Nanos) -> Verdict {
-        let mut guard = lock(&self.shards[(key as usize) % SHARDS]);
-        let shard = &mut *guard;
-        let rate = shard.rate;
-        if !shard.keys.contains_key(&key) && !shard.make_room(now, &self.name) {
-            // Every tracked client is active: refusing a new one is the only way to keep
-            // both memory and every client's quota bounded.
-            let wait = Duration::from_nanos(shard.next_sweep.saturating_sub(now));
-            return Verdict::Refuse {
-                wait,
-                quota: rate.quota,
-            };
-        }
-        let limiter = shard.keys.entry(key).or_insert_with(|| Limiter::new(&rate));
-        match limiter.try_hit(&rate, now) {
-            Ok(()) => Verdict::Pass,
-            Err(Wait::Until(at)) => Verdict::Refuse {
-                wait: Duration::from_nanos(at - now),
-                quota: rate.quota,
-            },
-            // Nothing is in flight in server mode; should it ever be, a period is safe.
-            Err(Wait::Response) => Verdict::Refuse {
-                wait: rate.quota.period(),
-                quota: rate.quota,
-            },
-        }
-    }
-
-    pub(crate) fn tracked_keys(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).keys.len()).sum()
-    }
-}
-
-impl Shard {
-    /// Makes room for one more key. Idle keys are swept out when the shard is half full, at
-    /// most once a second, so a flood of new keys costs one sweep a second, not one a request.
-    fn make_room(&mut self, now: Nanos, route: &str) -> bool {
-        if now >= self.next_sweep && self.keys.len() >= self.capacity / 2 {
-            self.sweep(now);
-        }
-        let room = self.keys.len() < self.capacity;
-        if !room {
-            tracing::debug!(
-                route,
-                "refusing a new client: every tracked client is active"
-            );
-        }
-        room
-    }
-
-    fn sweep(&mut self, now: Nanos) {
-        let rate = self.rate;
-        let before = self.keys.len();
-        self.keys.retain(|_, limiter| !limiter.is_idle(&rate, now));
-        self.next_sweep = now.saturating_add(SWEEP_INTERVAL);
-        if self.keys.len() == self.capacity {
-            tracing::warn!(
-                tracked = before,
-                "rate limiter key table full of active clients; new clients are refused"
-            );
-        }
     }
 }

@@ -1,0 +1,231 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::quota::Quota;
+
+const MS: Nanos = 1_000_000;
+const SEC: Nanos = 1_000_000_000;
+
+fn rate(quota: Quota) -> Rate {
+    Rate::new(quota, Some(Duration::ZERO))
+}
+
+fn passes(verdict: Verdict) -> bool {
+    matches!(verdict, Verdict::Pass { .. })
+}
+
+/// Admitted times: no window `[t, t + period)` holds more than `count`.
+fn assert_windows(admitted: &[Nanos], count: u32, period: Nanos) {
+    for (i, &start) in admitted.iter().enumerate() {
+        let within = admitted[i..]
+            .iter()
+            .take_while(|&&t| t < start + period)
+            .count();
+        assert!(
+            within <= count as usize,
+            "{within} admitted in [{start}, {start} + {period})"
+        );
+    }
+}
+
+#[test]
+fn a_window_refuses_past_its_count_and_names_the_time_it_frees() {
+    let rate = rate(Quota::per_minute(3));
+    let mut state = KeyState::new(&rate, 0);
+    for i in 0..3 {
+        assert!(passes(state.hit(&rate, i * SEC)));
+    }
+    let Verdict::Refuse { until, why } = state.hit(&rate, 10 * SEC) else {
+        panic!("over the quota");
+    };
+    assert_eq!(why, Refusal::Quota);
+    // The first request's bucket (width 3.75 s) stops counting 17 buckets after it starts.
+    assert_eq!(until, 17 * 3_750 * MS);
+    assert!(!passes(state.hit(&rate, until - 1)));
+    assert!(passes(state.hit(&rate, until)));
+}
+
+#[test]
+fn a_state_is_the_same_size_at_any_quota() {
+    assert!(std::mem::size_of::<KeyState>() <= 88);
+    for quota in [Quota::per_minute(600), Quota::per_hour(10_000)] {
+        let rate = rate(quota);
+        let mut state = KeyState::new(&rate, 0);
+        for i in 0..u64::from(quota.count()) {
+            assert!(passes(state.hit(&rate, i)));
+        }
+        assert!(!passes(state.hit(&rate, 10 * SEC)));
+    }
+}
+
+#[test]
+fn gcra_keeps_its_level_in_requests_when_the_rate_changes() {
+    let fast = rate(Quota::per_second(10).with_burst(1));
+    let slow = rate(Quota::per_second(1).with_burst(1));
+    let mut state = KeyState::new(&fast, 0);
+    assert!(passes(state.hit(&fast, 0)));
+    state.change_rate(&fast, &slow, 0);
+    // One request in the bucket drains at the new interval: the next goes a second later.
+    assert!(!passes(state.hit(&slow, 100 * MS)));
+    assert!(!passes(state.hit(&slow, SEC - 1)));
+    assert!(passes(state.hit(&slow, SEC)));
+}
+
+#[test]
+fn a_window_keeps_its_count_when_the_quota_changes() {
+    let wide = rate(Quota::per_minute(10));
+    let narrow = rate(Quota::per_minute(2));
+    let mut state = KeyState::new(&wide, 0);
+    for i in 0..3 {
+        assert!(passes(state.hit(&wide, i * SEC)));
+    }
+    state.change_rate(&wide, &narrow, 5 * SEC);
+    assert!(!passes(state.hit(&narrow, 5 * SEC)));
+    // Another period and algorithm: what was counted stays counted until it would expire.
+    let paced = rate(Quota::per_second(1).with_burst(2));
+    state.change_rate(&narrow, &paced, 5 * SEC);
+    assert!(!passes(state.hit(&paced, 6 * SEC)));
+}
+
+#[test]
+fn a_flood_of_fresh_keys_never_frees_a_client_at_its_quota() {
+    let rate = rate(Quota::per_hour(100));
+    let mut table = KeyTable::new(1_000);
+    let client = 0xc1_1e47;
+    for i in 0..100 {
+        assert!(passes(table.hit(client, &rate, i * MS)));
+    }
+    assert!(!passes(table.hit(client, &rate, SEC)));
+    let mut now = SEC;
+    for key in 1..=200_000u64 {
+        now += MS / 10;
+        let key = RandomState::new().hash_one(key);
+        assert!(
+            passes(table.hit(key, &rate, now)),
+            "fresh key {key} refused at {now}: {:?}",
+            table.hit(key, &rate, now)
+        );
+        assert!(table.len() <= 1_000);
+    }
+    // Twenty seconds of flood later, the client is still at its quota.
+    let Verdict::Refuse { until, .. } = table.hit(client, &rate, now) else {
+        panic!("the flood freed a client at its quota");
+    };
+    assert!(until > 3_600 * SEC);
+}
+
+#[test]
+fn quota_one_limits_refuse_newcomers_until_a_tracked_client_is_done() {
+    let rate = rate(Quota::per_minute(1));
+    let mut table = KeyTable::new(10);
+    for key in 1..=10 {
+        assert!(passes(table.hit(key, &rate, key * SEC)));
+    }
+    let Verdict::Refuse { until, why } = table.hit(99, &rate, 20 * SEC) else {
+        panic!("a quota-1 client was forgotten while its request counts");
+    };
+    assert_eq!(why, Refusal::TableFull);
+    assert!(!passes(table.hit(99, &rate, until - 1)));
+    assert!(passes(table.hit(99, &rate, until)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn a_window_never_admits_more_than_its_count_in_any_period(
+        count in 1u32..20,
+        period_ms in 1u64..2_000,
+        gaps in prop::collection::vec(0u64..300, 1..400),
+    ) {
+        let period = period_ms * MS;
+        let rate = rate(Quota::new(count, Duration::from_nanos(period)));
+        let mut state = KeyState::new(&rate, 0);
+        let mut now = 0;
+        let mut admitted = Vec::new();
+        for gap in gaps {
+            now += gap * MS / 7;
+            if passes(state.hit(&rate, now)) {
+                admitted.push(now);
+            }
+        }
+        assert_windows(&admitted, count, period);
+    }
+
+    #[test]
+    fn a_client_pacing_at_ninety_percent_is_never_refused(
+        count in 1u32..2_000,
+        period_ms in 1u64..3_600_000,
+        start in 0u64..10_000_000_000,
+        gcra in any::<bool>(),
+    ) {
+        let period = period_ms * MS;
+        let mut quota = Quota::new(count, Duration::from_nanos(period));
+        if gcra {
+            quota = quota.with_burst(1);
+        }
+        let rate = rate(quota);
+        let spacing = (u128::from(period) * 10).div_ceil(9 * u128::from(count)) as u64;
+        let mut state = KeyState::new(&rate, start);
+        for i in 0..u64::from(count.min(300)) * 3 {
+            let verdict = state.hit(&rate, start + i * spacing);
+            prop_assert!(passes(verdict), "request {i} refused: {verdict:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_client_is_admitted_when_it_comes_back_as_told(
+        count in 1u32..10,
+        period_ms in 1u64..1_000,
+        burst in prop::option::of(1u32..5),
+        gaps in prop::collection::vec(0u64..200, 1..100),
+    ) {
+        let mut quota = Quota::new(count, Duration::from_millis(period_ms));
+        if let Some(burst) = burst {
+            quota = quota.with_burst(burst);
+        }
+        let rate = rate(quota);
+        let mut state = KeyState::new(&rate, 0);
+        let mut now = 0;
+        for gap in gaps {
+            now += gap * MS / 3;
+            if let Verdict::Refuse { until, .. } = state.hit(&rate, now) {
+                prop_assert!(until > now);
+                let mut early = state;
+                prop_assert!(!passes(early.hit(&rate, until - 1)));
+                let mut back = state;
+                prop_assert!(passes(back.hit(&rate, until)));
+            }
+        }
+    }
+
+    #[test]
+    fn forgetting_lets_a_client_exceed_its_quota_only_by_what_the_shadow_lost(
+        count in 2u32..40,
+        capacity in 1usize..12,
+        clients in 2u64..200,
+        requests in prop::collection::vec((0u64..1_000, 0u64..50), 1..2_000),
+    ) {
+        let period = 500 * MS;
+        let rate = rate(Quota::new(count, Duration::from_nanos(period)));
+        let below = forgettable_below(&rate) as usize;
+        let mut table = KeyTable::new(capacity);
+        let mut admitted: std::collections::HashMap<u64, Vec<Nanos>> = Default::default();
+        let mut now = 0;
+        for (client, gap) in requests {
+            now += gap * MS / 10;
+            let key = (client % clients).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            if passes(table.hit(key, &rate, now)) {
+                admitted.entry(key).or_default().push(now);
+            }
+            prop_assert!(table.len() <= capacity);
+        }
+        for (key, times) in &admitted {
+            // Each count the shadow dropped was at most `below` requests.
+            let lost = table.lost.iter().filter(|&&k| k == *key).count();
+            assert_windows(times, count + (lost * below) as u32, period);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Server mode under a flood of fresh client keys: who still gets in, and what a 429 says.
+//!
+//! On tokio's paused clock, through the layer, at the default `max_keys` (65,536 per route).
+
+use std::convert::Infallible;
+use std::future::{ready, Future};
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use tokio::time::advance;
+use tower::{service_fn, Layer, Service};
+use tower_quota::rate_limit::Reject;
+use tower_quota::{Quota, RateLimitByRoute};
+
+const KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+fn request(key: &str) -> Request<()> {
+    let mut request = Request::post("http://api.test/v2/generate")
+        .body(())
+        .unwrap();
+    request
+        .headers_mut()
+        .insert(KEY, HeaderValue::from_str(key).unwrap());
+    request
+}
+
+/// Server mode answers at once: polls its future one time.
+fn now<F: Future>(future: F) -> F::Output {
+    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("server mode must answer at once"),
+    }
+}
+
+/// The application behind the layer: answers at once.
+type App = fn(Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>>;
+type Server = tower_quota::rate_limit::RateLimitByRouteService<tower::util::ServiceFn<App>, Reject>;
+
+fn make_server(quota: Quota, max_keys: Option<usize>) -> Server {
+    let mut builder = RateLimitByRoute::builder()
+        .route("POST /v2/generate", quota)
+        .reject()
+        .key_header(KEY)
+        .rate_limit_headers(false);
+    if let Some(max_keys) = max_keys {
+        builder = builder.max_keys(max_keys);
+    }
+    let inner: App = |_| ready(Ok(Response::new(())));
+    builder.build().unwrap().layer(service_fn(inner))
+}
+
+fn send(server: &mut Server, key: &str) -> Response<()> {
+    now(server.call(request(key))).unwrap()
+}
+
+fn retry_after(response: &Response<()>) -> Duration {
+    let secs = response.headers()["retry-after"].to_str().unwrap();
+    Duration::from_secs(secs.parse().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_burst_of_70_000_fresh_keys_a_newcomer_is_admitted_at_once() {
+    for quota in [Quota::per_minute(600), Quota::per_hour(100)] {
+        let mut server = make_server(quota, None);
+        // A client at its quota before the burst.
+        for _ in 0..quota.count() {
+            assert_eq!(send(&mut server, "heavy").status(), StatusCode::OK);
+        }
+        let mut refused = 0;
+        for i in 0..70_000 {
+            if send(&mut server, &format!("flood-{i}")).status() != StatusCode::OK {
+                refused += 1;
+            }
+        }
+        // Within the same second: the newcomer gets in, the heavy client does not.
+        let newcomer = send(&mut server, "newcomer");
+        println!(
+            "{quota}: {refused} of 70,000 flood requests refused; newcomer {}",
+            newcomer.status()
+        );
+        assert_eq!(newcomer.status(), StatusCode::OK);
+        assert_eq!(
+            send(&mut server, "heavy").status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(refused, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_a_sustained_flood_of_fresh_keys_newcomers_are_admitted() {
+    let quota = Quota::per_hour(100);
+    let mut server = make_server(quota, None);
+    for _ in 0..100 {
+        send(&mut server, "heavy");
+    }
+    let mut newcomers = 0;
+    let mut admitted = 0;
+    let mut follow_ups = 0;
+    // Ten minutes at 1,000 fresh keys a second (the table is full after 66 s), and one
+    // legitimate newcomer a second, which comes back for nine more requests, one a second.
+    for second in 0..600u32 {
+        for i in 0..1_000 {
+            send(&mut server, &format!("flood-{second}-{i}"));
+        }
+        newcomers += 1;
+        if send(&mut server, &format!("user-{second}")).status() == StatusCode::OK {
+            admitted += 1;
+        }
+        for back in second.saturating_sub(9)..second {
+            if send(&mut server, &format!("user-{back}")).status() == StatusCode::OK {
+                follow_ups += 1;
+            }
+        }
+        assert_eq!(
+            send(&mut server, "heavy").status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        advance(Duration::from_secs(1)).await;
+    }
+    let share = f64::from(admitted) / f64::from(newcomers);
+    println!(
+        "{admitted} of {newcomers} newcomers admitted ({:.1}%), {follow_ups} follow-ups admitted",
+        share * 100.0
+    );
+    assert!(share >= 0.99);
+    assert_eq!(follow_ups, (0..600u32).map(|s| s.min(9)).sum::<u32>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_client_that_comes_back_when_told_is_admitted() {
+    // Over its quota.
+    let mut server = make_server(Quota::per_minute(10), None);
+    for _ in 0..10 {
+        send(&mut server, "client");
+    }
+    advance(Duration::from_millis(12_345)).await;
+    let refused = send(&mut server, "client");
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    advance(retry_after(&refused) - Duration::from_secs(1)).await;
+    assert_eq!(
+        send(&mut server, "client").status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(send(&mut server, "client").status(), StatusCode::OK);
+
+    // New, at a table full of clients too active to forget (quota 1: each one is at its
+    // quota): refused with the time the first of them is done.
+    let mut full = make_server(Quota::per_minute(1), Some(16));
+    for i in 0..200 {
+        send(&mut full, &format!("busy-{i}"));
+        advance(Duration::from_millis(100)).await;
+    }
+    let refused = send(&mut full, "newcomer");
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait = retry_after(&refused);
+    assert!(wait <= Duration::from_secs(64), "{wait:?}");
+    advance(wait).await;
+    assert_eq!(send(&mut full, "newcomer").status(), StatusCode::OK);
+}

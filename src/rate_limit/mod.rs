@@ -12,9 +12,11 @@
 //!   counts it at some moment in between. 429s and rate-limit header fields in the responses
 //!   can only tighten the local limit.
 //! - **Server mode** ([`Builder::reject`]): requests over their client's quota are answered at
-//!   once with 429, a `Retry-After` in whole seconds rounded up (never 0), and the IETF draft
-//!   `RateLimit-Policy` / `RateLimit` fields. The service keeps `type Error = S::Error`, so it
-//!   drops into axum without `HandleErrorLayer`.
+//!   once with 429, a `Retry-After` in whole seconds rounded up (never 0) that says when the
+//!   client will be admitted, and the IETF draft `RateLimit-Policy` / `RateLimit` fields, which
+//!   every response of a limited route carries. The service keeps `type Error = S::Error`, so
+//!   it drops into axum without `HandleErrorLayer`. See [Deploying server
+//!   mode](#deploying-server-mode).
 //!
 //! ```
 //! use std::time::Duration;
@@ -43,6 +45,53 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Deploying server mode
+//!
+//! A limiter in front of a public API is attacked, so server mode assumes the worst of what it
+//! is sent.
+//!
+//! **Keys.** [`Builder::key_header`] (an API key), [`Builder::key_peer_ip`],
+//! [`Builder::key_forwarded_ip`] or [`Builder::key_fn`] tell clients apart; keys are kept only
+//! as hashes keyed with this process's random keys, so clients cannot choose colliding keys. A
+//! request with no key follows [`Builder::on_missing_key`]: one anonymous quota per route
+//! (the default), a `400`, or no limit. A layer keyed by address that the server gives no
+//! peer address (axum served without `into_make_service_with_connect_info::<SocketAddr>()`,
+//! or this crate built without the `axum` feature) answers `500` and logs a warning, instead
+//! of quietly counting every client against one quota.
+//!
+//! **Proxies.** Behind a load balancer every peer is the balancer. [`Builder::key_forwarded_ip`]
+//! reads the client's address from the field your proxy writes (`Forwarded`,
+//! `X-Forwarded-For` or `X-Real-IP`), only when the request comes from one of the trusted
+//! proxy addresses or ranges you list, and walks the list from the right: the client writes
+//! what it likes on the left, and a forged entry buys no fresh quota.
+//!
+//! **Routing.** Patterns match as axum routes: a `HEAD` request counts under the `GET` route
+//! of its path, and paths are matched as sent, byte for byte (axum does not decode
+//! percent-escapes, fold case, merge slashes or drop a trailing slash before routing, and
+//! neither does the layer): no form of a request that reaches a handler escapes its route's
+//! quota. Inside `Router::nest` and `nest_service` axum strips the prefix from the URI; with
+//! the `axum` feature the layer reads the path the client sent (`OriginalUri`), so patterns
+//! are always written in full. Without the feature, put the layer on the outermost router.
+//!
+//! **Memory.** Each client's limit takes a fixed 88 bytes whatever the quota (about 150 to
+//! 200 bytes per tracked client with the table around it), so `per_hour(10_000)` costs what
+//! `per_minute(60)` does. A sliding window is kept as 16 buckets: it never admits more than
+//! the count in any window of the period, never refuses a client pacing itself at 90 % of its
+//! quota, and after a burst may admit up to a sixteenth of the period later than an exact log
+//! would (`Retry-After: 64` for a minute's quota used at once). A route tracks at most
+//! [`Builder::max_keys`] clients (65,536 by default: about 10 MiB).
+//!
+//! **Floods.** A flood of fresh keys (one request each) cannot grow memory, lock newcomers
+//! out, or free a client from its quota: a new client at a full table takes the place of the
+//! least-used of 16 sampled clients, and only a client with at most `max(1, count / 16)`
+//! requests counted (`burst / 16` for a paced quota) is ever forgotten. Its count goes to a
+//! fixed-size shadow table and is restored if it comes back while the count still matters;
+//! only if the shadow had to drop it for heavier ones does it start afresh, having had at
+//! most that many requests counted. A table full of clients that have each used more than a
+//! sixteenth of their quota (or of quota-1 limits, whose every client is at its quota)
+//! refuses a newcomer with `Retry-After` at the time the first tracked client can be
+//! forgotten, and admits it then.
 //!
 //! [`Quota`]: crate::Quota
 

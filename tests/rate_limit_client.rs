@@ -612,3 +612,23 @@ async fn poll_ready_forwards_to_the_inner_service() {
     send.send_response(Response::new(()));
     assert_ready!(second.poll()).unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lowered_paced_quota_paces_the_next_request_at_the_new_interval() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(10).with_burst(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    limits
+        .set_quota("POST /v2/generate", Quota::per_second(1).with_burst(1))
+        .unwrap();
+    assert_eq!(limits.snapshot()[0].next, NextAdmission::In(secs(1.0)));
+    svc.call(generate(1)).await.unwrap();
+    svc.call(generate(2)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(1.0), secs(2.0)]);
+}

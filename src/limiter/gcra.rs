@@ -26,6 +26,16 @@ impl Gcra {
         Self { tat }
     }
 
+    /// Moves the schedule to a new emission interval, keeping how many requests it runs
+    /// ahead of `now`: a lowered rate paces the very next request at its own interval.
+    pub(super) fn rescale(&mut self, now: Nanos, old_interval: Nanos, new_interval: Nanos) {
+        if self.tat > now {
+            let ahead = u128::from(self.tat - now) * u128::from(new_interval)
+                / u128::from(old_interval.max(1));
+            self.tat = now.saturating_add(u64::try_from(ahead).unwrap_or(u64::MAX));
+        }
+    }
+
     pub(super) fn check(
         &mut self,
         rate: &Rate,

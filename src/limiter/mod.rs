@@ -208,7 +208,8 @@ impl Limiter {
         });
     }
 
-    /// Adapts the state to a new rate of another algorithm, erring on the safe side.
+    /// Adapts the state to a new rate at once: a paced schedule keeps its level in requests;
+    /// a change of algorithm errs on the safe side.
     pub(crate) fn change_rate(&mut self, old: &Rate, new: &Rate, now: Nanos) {
         match (&mut self.algorithm, new.is_gcra()) {
             (Algorithm::Window(w), true) => {
@@ -221,7 +222,8 @@ impl Limiter {
                 let used = if g.is_idle(now) { 0 } else { new.count };
                 self.algorithm = Algorithm::Window(window::Window::filled(used, now));
             }
-            _ => {}
+            (Algorithm::Gcra(g), true) => g.rescale(now, old.interval, new.interval),
+            (Algorithm::Window(_), false) => {}
         }
     }
 }

@@ -137,6 +137,33 @@ fn changing_algorithm_errs_on_the_safe_side() {
     assert_eq!(l.try_hit(&window, 0), Err(Wait::Until(SEC)));
 }
 
+#[test]
+fn a_new_gcra_rate_applies_at_once() {
+    let fast = rate(Quota::per_second(10).with_burst(1), 0);
+    let slow = rate(Quota::per_second(1).with_burst(1), 0);
+    let mut l = Limiter::new(&fast);
+    l.try_hit(&fast, 0).unwrap();
+    // The schedule was 100 ms ahead of now: one request's worth, which is a second now.
+    l.change_rate(&fast, &slow, 0);
+    assert_eq!(l.try_hit(&slow, 100 * MS), Err(Wait::Until(SEC)));
+    l.try_hit(&slow, SEC).unwrap();
+    // Raised again, the level in requests is kept: one request ahead is 100 ms ahead.
+    l.change_rate(&slow, &fast, 1500 * MS);
+    assert_eq!(l.try_hit(&fast, 1500 * MS), Err(Wait::Until(1550 * MS)));
+    // An idle schedule stays idle; huge values saturate instead of overflowing.
+    let mut idle = Limiter::new(&fast);
+    idle.change_rate(&fast, &slow, 5 * SEC);
+    idle.try_hit(&slow, 5 * SEC).unwrap();
+    let glacial = rate(
+        Quota::new(1, Duration::from_secs(100 * 365 * 24 * 3600)).with_burst(1),
+        0,
+    );
+    let mut l = Limiter::new(&fast);
+    l.try_hit(&fast, 0).unwrap();
+    l.change_rate(&fast, &glacial, 0);
+    assert!(matches!(l.try_hit(&glacial, 0), Err(Wait::Until(at)) if at >= glacial.interval));
+}
+
 /// Runs requests arriving at `arrivals` (sorted) through one limiter, first come first served,
 /// each answered `rtt` after it is sent. Returns `(send, response)` times.
 fn simulate(rate: &Rate, arrivals: &[u64], rtts: &[u64]) -> Vec<(u64, u64)> {

@@ -13,6 +13,7 @@ use tower_quota::rate_limit::{NextAdmission, RateLimitError};
 use tower_quota::{BoxError, ConfigError, Quota, RateLimitByRoute};
 
 type Log = Arc<Mutex<Vec<(Duration, String)>>>;
+type Answer = Result<Response<()>, Infallible>;
 
 /// A fake API: records when each request reaches it (since `start`) and answers after
 /// `latency` with what `answer` makes of the request.
@@ -25,7 +26,7 @@ fn fake_api(
             Request<()>,
             Response = Response<()>,
             Error = Infallible,
-            Future = impl Send + 'static,
+            Future = impl std::future::Future<Output = Answer> + Send + 'static,
         > + Clone
         + Send
         + 'static,
@@ -631,4 +632,159 @@ async fn a_lowered_paced_quota_paces_the_next_request_at_the_new_interval() {
     svc.call(generate(1)).await.unwrap();
     svc.call(generate(2)).await.unwrap();
     assert_eq!(times(&log), [secs(0.0), secs(1.0), secs(2.0)]);
+}
+
+// ===== readiness: a waiting request holds no service that was driven ready =====
+
+fn two_routes() -> RateLimitByRoute {
+    RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .route("GET /v2/generate/{id}", Quota::per_minute(100))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap()
+}
+
+/// With `svc` over something that reserves capacity when driven ready, requests waiting on an
+/// exhausted route must not stop a route that has quota.
+async fn a_waiting_route_stops_no_other<S>(svc: S, start: Instant, log: &Log)
+where
+    S: Service<Request<()>, Response = Response<()>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    svc.clone().oneshot(generate(0)).await.unwrap();
+    let mut waiting = Vec::new();
+    for id in 1..4 {
+        let mut call = Box::pin(svc.clone().oneshot(generate(id)));
+        // Driven ready and called: it waits for its turn.
+        assert!(futures::poll!(&mut call).is_pending());
+        waiting.push(tokio::spawn(call));
+    }
+    let response = svc
+        .clone()
+        .oneshot(req(Method::GET, "/v2/generate/abc"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), secs(0.02), "served at once");
+    for task in waiting {
+        task.await.unwrap().unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    let sent: Vec<_> = log
+        .iter()
+        .map(|(t, id)| (t.as_secs_f64(), id.as_str()))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            (0.0, "0"),
+            (0.01, "/v2/generate/abc"),
+            (60.01, "1"),
+            (120.02, "2"),
+            (180.03, "3")
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_route_stops_no_other_over_a_concurrency_limit() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_millis(10), ok);
+    let inner = tower::limit::ConcurrencyLimit::new(api.map_err(BoxError::from), 1);
+    a_waiting_route_stops_no_other(two_routes().layer(inner), start, &log).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_route_stops_no_other_over_a_buffer() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_millis(10), ok);
+    let inner = tower::buffer::Buffer::new(api, 1);
+    a_waiting_route_stops_no_other(two_routes().layer(inner), start, &log).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_leaves_its_service_ready_for_nothing() {
+    // The caller keeps its service after a call that waits: the reservation it made with
+    // `poll_ready` is given back, or the waiting request could never ready its own clone.
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_millis(10), ok);
+    let mut svc = two_routes().layer(tower::limit::ConcurrencyLimit::new(api, 1));
+    svc.ready().await.unwrap();
+    svc.call(generate(0)).await.unwrap();
+    svc.ready().await.unwrap();
+    let waiting = tokio::spawn(svc.call(generate(1)));
+    tokio::time::timeout(Duration::from_secs(120), waiting)
+        .await
+        .expect("the waiting request readies its own service")
+        .unwrap()
+        .unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(60.01)]);
+    svc.ready().await.unwrap();
+    svc.call(generate(2)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_readying_gives_its_place_back() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let below = tower::limit::ConcurrencyLimit::new(api, 1);
+    let mut svc = limits.layer(below.clone());
+    svc.ready().await.unwrap();
+    svc.call(generate(0)).await.unwrap();
+    svc.ready().await.unwrap();
+    let mut waiting = tokio_test::task::spawn(svc.call(generate(1)));
+    assert_pending!(waiting.poll());
+    // Something else takes the only capacity below the layer while the request waits.
+    let mut other = below.clone();
+    let mut other_ready = tokio_test::task::spawn(std::future::poll_fn(|cx| other.poll_ready(cx)));
+    assert_ready!(other_ready.poll()).unwrap();
+    drop(other_ready);
+    advance(Duration::from_secs(1)).await;
+    // Its turn: it holds its place while it readies its own service...
+    assert!(waiting.is_woken());
+    assert_pending!(waiting.poll());
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!((snapshot.in_flight, snapshot.remaining), (1, 0));
+    // ...and, dropped before it was sent, gives the place back entirely.
+    drop(waiting);
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!(
+        (snapshot.in_flight, snapshot.remaining, snapshot.next),
+        (0, 1, NextAdmission::Now)
+    );
+    drop(other);
+    svc.ready().await.unwrap();
+    svc.call(generate(2)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(1.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_error_returns_the_request_and_its_place() {
+    let limits = RateLimitByRoute::builder()
+        .default_quota(Quota::per_second(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let (mut service, mut handle) =
+        tower_test::mock::spawn_layer::<Request<()>, Response<()>, _>(limits.clone());
+    assert!(service.poll_ready().is_ready());
+    let first = service.call(req(Method::GET, "/a"));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::new(()));
+    first.await.unwrap();
+    assert!(service.poll_ready().is_ready());
+    let mut waiting = tokio_test::task::spawn(service.call(req(Method::GET, "/b")));
+    assert_pending!(waiting.poll());
+    handle.send_error("the connection pool is closed");
+    advance(Duration::from_secs(1)).await;
+    let error = assert_ready!(waiting.poll()).unwrap_err();
+    assert_eq!(error.to_string(), "the connection pool is closed");
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!((snapshot.in_flight, snapshot.remaining), (0, 1));
 }

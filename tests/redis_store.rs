@@ -23,7 +23,7 @@ use http::{Request, Response};
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_quota::rate_limit::RateLimitError;
 use tower_quota::store::{FailMode, RedisStore, StoreError};
 use tower_quota::{Quota, RateLimitByRoute};
@@ -211,6 +211,111 @@ async fn three_processes_share_one_paced_quota() {
         "the fleet used {:.1}% of the pace",
         used * 100.0
     );
+}
+
+// ===== client mode: a request waiting for the store holds no readied service =====
+
+async fn two_path_api(arrivals: Arrivals) -> SocketAddr {
+    let log = |arrivals: Arrivals| {
+        move || {
+            let arrivals = arrivals.clone();
+            async move {
+                arrivals.0.lock().unwrap().push(Instant::now());
+                "done"
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/work", get(log(arrivals.clone())))
+        .route("/slow", get(log(arrivals)));
+    serve(app).await
+}
+
+fn store(url: &str, prefix: &str) -> RedisStore {
+    RedisStore::builder(url)
+        .prefix(prefix)
+        .poll_interval(Duration::from_millis(100))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_waiting_for_the_store_stops_no_other() {
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("readiness");
+    let api = two_path_api(Arrivals::default()).await;
+    let limits = RateLimitByRoute::builder()
+        .route("GET /slow", Quota::new(1, Duration::from_secs(2)))
+        .route("GET /work", Quota::new(100, Duration::from_secs(1)))
+        .store(store(&url, &prefix))
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(limits)
+        .concurrency_limit(1)
+        .service(http_client());
+
+    service
+        .clone()
+        .oneshot(get_request(api, "/slow"))
+        .await
+        .unwrap();
+    let mut waiting = Box::pin(service.clone().oneshot(get_request(api, "/slow")));
+    // Driven ready and called: it asks the store, and waits about 2 s for its turn.
+    assert!(futures::poll!(&mut waiting).is_pending());
+    let waiting = tokio::spawn(waiting);
+
+    let started = Instant::now();
+    let response = service.clone().oneshot(get_request(api, "/work")).await;
+    assert_eq!(response.unwrap().status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "another route waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(waiting.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_taken_in_the_store_but_never_sent_is_given_back() {
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("cancel");
+    let arrivals = Arrivals::default();
+    let api = logging_api(arrivals.clone()).await;
+    let quota = Quota::new(1, Duration::from_secs(30));
+    let limits = |max_wait| {
+        RateLimitByRoute::builder()
+            .route("GET /work", quota)
+            .max_wait(max_wait)
+            .store(store(&url, &prefix))
+            .build()
+            .unwrap()
+    };
+    let below = tower::limit::ConcurrencyLimit::new(http_client(), 1);
+    let mut service = limits(Duration::from_secs(60)).layer(below.clone());
+    service.ready().await.unwrap();
+    let request = tokio::spawn(service.call(get_request(api, "/work")));
+
+    // Something else takes the only capacity below the layer, so the request, admitted by
+    // the store, waits to ready its own service.
+    let mut other = below.clone();
+    tokio::time::timeout(Duration::from_secs(1), other.ready())
+        .await
+        .expect("the waiting request holds no capacity below the layer")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let elsewhere = limits(Duration::from_millis(100)).layer(http_client());
+    let error = send(&elsewhere, api).await.unwrap_err();
+    assert!(is_wait_too_long(&error), "the place is held: {error}");
+
+    // Dropped before it was sent: its place comes back at once, for the whole fleet.
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(send(&elsewhere, api).await.unwrap(), StatusCode::OK);
+    assert_eq!(arrivals.sorted().len(), 1);
 }
 
 // ===== server mode: a fleet of axum servers enforcing one quota per client key =====

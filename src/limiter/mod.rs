@@ -141,6 +141,16 @@ impl Limiter {
         }
     }
 
+    /// The request admitted earlier was never sent: its place is given back as if it had
+    /// never been taken (no answer is counted, the schedule does not move).
+    pub(crate) fn cancel(&mut self) {
+        debug_assert!(self.in_flight > 0, "cancel without acquire");
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(cap) = &mut self.cap {
+            cap.remaining = cap.remaining.saturating_add(1);
+        }
+    }
+
     /// Admits and answers one request at `now` in one step (server mode).
     pub(crate) fn try_hit(&mut self, rate: &Rate, now: Nanos) -> Result<(), Wait> {
         self.try_acquire(rate, now)?;

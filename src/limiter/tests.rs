@@ -164,6 +164,36 @@ fn a_new_gcra_rate_applies_at_once() {
     assert!(matches!(l.try_hit(&glacial, 0), Err(Wait::Until(at)) if at >= glacial.interval));
 }
 
+#[test]
+fn a_cancelled_place_is_given_back_as_if_never_taken() {
+    let window = rate(Quota::per_second(2), 0);
+    let mut l = Limiter::new(&window);
+    l.try_acquire(&window, 0).unwrap();
+    l.try_acquire(&window, 0).unwrap();
+    assert_eq!(l.try_acquire(&window, 0), Err(Wait::Response));
+    l.cancel();
+    // No answer is counted: the place is free at once, and for good.
+    assert_eq!(l.remaining(&window, 0), 1);
+    l.release(&window, 0);
+    assert!(l.is_idle(&window, SEC));
+
+    let gcra = rate(Quota::per_second(10).with_burst(1), 0);
+    let mut l = Limiter::new(&gcra);
+    l.try_acquire(&gcra, 0).unwrap();
+    l.cancel();
+    // The schedule did not move.
+    l.try_hit(&gcra, 0).unwrap();
+    assert_eq!(l.try_hit(&gcra, 0), Err(Wait::Until(100 * MS)));
+
+    // A server's bound gets its place back too.
+    let mut l = Limiter::new(&window);
+    l.cap(1, 10 * SEC, 0);
+    l.try_acquire(&window, 0).unwrap();
+    assert_eq!(l.remaining(&window, 0), 0);
+    l.cancel();
+    assert_eq!(l.remaining(&window, 0), 1);
+}
+
 /// Runs requests arriving at `arrivals` (sorted) through one limiter, first come first served,
 /// each answered `rtt` after it is sent. Returns `(send, response)` times.
 fn simulate(rate: &Rate, arrivals: &[u64], rtts: &[u64]) -> Vec<(u64, u64)> {

@@ -4,7 +4,7 @@
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 
 use super::error::RateLimitError;
 use super::state::{ClientHandle, Learn};
@@ -12,8 +12,9 @@ use crate::clock::{nanos, Nanos};
 use crate::quota::Rate;
 use crate::store::{Asking, Decision, Op, Remote, StoreError};
 
-/// A place held in the shared store. Dropping it (a transport error, an abandoned request)
-/// gives it back from then, like a response.
+/// A place held in the shared store. Dropped after its request was sent (a transport error,
+/// an abandoned request), it is given back from then, like a response; dropped before (the
+/// service failed to get ready, the request was dropped), it is given back entirely.
 #[derive(Debug)]
 pub(crate) struct SharedPlace {
     store: Remote,
@@ -21,10 +22,16 @@ pub(crate) struct SharedPlace {
     member: String,
     rate: Rate,
     learn: Learn,
+    sent: bool,
     released: bool,
 }
 
 impl SharedPlace {
+    /// The request is being sent.
+    pub(crate) fn sent(&mut self) {
+        self.sent = true;
+    }
+
     /// The answer is in (a response, or `None` for a transport error): give the place back,
     /// learning what the server says. The request awaits the returned operation before it
     /// answers its caller: a release left to run in the background could be lost with its
@@ -47,17 +54,20 @@ impl SharedPlace {
 
 impl Drop for SharedPlace {
     fn drop(&mut self) {
-        if !self.released {
+        if self.released {
+            return;
+        }
+        if self.sent {
             self.store
                 .release(&self.key, &self.member, &self.rate, Duration::ZERO);
+        } else {
+            self.store.cancel(&self.key, &self.member, &self.rate);
         }
     }
 }
 
 /// A request asking the shared store for its turn.
-pub(crate) struct SharedTurn<S, B> {
-    /// The service and the request, until it is sent.
-    pub(crate) call: Option<(S, Request<B>)>,
+pub(crate) struct SharedTurn {
     /// The place, once the store gave one.
     pub(crate) place: Option<SharedPlace>,
     pub(crate) handle: ClientHandle,
@@ -79,11 +89,8 @@ pub(crate) enum Outcome {
     Failed(StoreError),
 }
 
-impl<S, B> SharedTurn<S, B> {
-    #[allow(clippy::too_many_arguments)]
+impl SharedTurn {
     pub(crate) fn new(
-        inner: S,
-        request: Request<B>,
         handle: ClientHandle,
         route: usize,
         store: Remote,
@@ -96,7 +103,6 @@ impl<S, B> SharedTurn<S, B> {
         let asking = Asking::new(&store, || store.acquire(&key, &member, &rate, false));
         let since = handle.clock.now();
         Self {
-            call: Some((inner, request)),
             place: None,
             handle,
             route,
@@ -129,6 +135,7 @@ impl<S, B> SharedTurn<S, B> {
                             member: std::mem::take(&mut self.member),
                             rate: self.rate,
                             learn: self.learn,
+                            sent: false,
                             released: false,
                         }))
                     }

@@ -89,7 +89,7 @@ where
         }
         let ticket = Ticket::join(shared, &mut state, route, now);
         drop(state);
-        ResponseFuture::queued(self.take_inner(), request, ticket, max_wait)
+        ResponseFuture::queued(self.waiting_inner(), request, ticket, max_wait)
     }
 }
 
@@ -109,10 +109,20 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
         let handle = self.mode.0.clone();
         let rate = lock(&handle.routes[route].state).rate;
         let (learn, max_wait) = (handle.routes[route].learn, handle.config.max_wait);
-        let inner = self.take_inner();
-        ResponseFuture::shared(SharedTurn::new(
-            inner, request, handle, route, store, rate, learn, max_wait,
-        ))
+        let inner = self.waiting_inner();
+        let turn = SharedTurn::new(handle, route, store, rate, learn, max_wait);
+        ResponseFuture::shared(inner, request, turn)
+    }
+
+    /// The service a request that waits (for its turn, or the store's verdict) will call: a
+    /// clone of its own, not driven ready, which it drives ready when its turn comes. The
+    /// service the caller drove ready is swapped for another such clone, which gives back
+    /// what that readiness reserved (a `Buffer` slot, a `ConcurrencyLimit` permit) for the
+    /// wait; the caller's next `poll_ready` reserves again.
+    fn waiting_inner(&mut self) -> S {
+        let waiting = self.inner.clone();
+        self.inner = waiting.clone();
+        waiting
     }
 }
 

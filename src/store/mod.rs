@@ -145,6 +145,8 @@ impl Remote {
 
     pub(crate) fn release(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) {}
 
+    pub(crate) fn cancel(&self, _: &str, _: &str, _: &crate::quota::Rate) {}
+
     pub(crate) fn release_op(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) -> Op {
         self.none()
     }

@@ -4,7 +4,7 @@
 --          (sliding window: every request holding a place; GCRA: requests in flight)
 -- KEYS[2]  GCRA's theoretical arrival time (microseconds)
 -- KEYS[3]  set while the route is closed by a server's 429
--- ARGV     op ('acquire' | 'hit' | 'release'), algorithm ('window' | 'gcra'), count,
+-- ARGV     op ('acquire' | 'hit' | 'release' | 'cancel'), algorithm ('window' | 'gcra'), count,
 --          period, margin, interval, burst, in-flight lease (all times in microseconds),
 --          member, block (release: how long a 429 closes the route, 0 for none), channel
 --
@@ -29,6 +29,14 @@ local idle_ms = math.ceil((lease + period + margin + interval * burst) / 1000) +
 -- Numbers are formatted by hand: Lua's default keeps 14 digits, and these have 16.
 local function int(x)
   return string.format('%.0f', x)
+end
+
+if op == 'cancel' then
+  -- Admitted but never sent: the place is given back as if it had never been taken.
+  if redis.call('ZREM', holders, member) == 1 then
+    redis.call('PUBLISH', ARGV[11], 'released')
+  end
+  return {1, 0}
 end
 
 if op == 'release' then

@@ -150,6 +150,12 @@ impl RedisStore {
         self.spawn(self.release_op(key, member, rate, block));
     }
 
+    /// Gives back entirely, in the background, the place `member` took at `key` for a request
+    /// that was never sent.
+    pub(crate) fn cancel(&self, key: &str, member: &str, rate: &Rate) {
+        self.spawn(self.run(key, "cancel", member, rate, Duration::ZERO));
+    }
+
     /// The same, as an operation to await.
     pub(crate) fn release_op(&self, key: &str, member: &str, rate: &Rate, block: Duration) -> Op {
         self.run(key, "release", member, rate, block)

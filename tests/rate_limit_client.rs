@@ -360,7 +360,7 @@ async fn dropping_the_head_of_the_queue_wakes_the_next() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_request_abandoned_in_flight_keeps_its_place_from_then() {
+async fn a_request_abandoned_in_flight_holds_its_place_for_the_abandoned_hold() {
     let start = Instant::now();
     let (api, log) = fake_api(start, Duration::from_secs(10), ok);
     let limits = RateLimitByRoute::builder()
@@ -372,10 +372,17 @@ async fn a_request_abandoned_in_flight_keeps_its_place_from_then() {
     let mut sent = tokio_test::task::spawn(svc.call(generate(0)));
     assert_pending!(sent.poll());
     advance(Duration::from_secs(5)).await;
-    drop(sent); // the server may have counted it: it holds its place from now
-    assert_eq!(limits.snapshot()[0].in_flight, 0);
+    // The server may count it late: it holds its place as in flight for the default hold of
+    // 60 s, then as answered then, for the quota's period.
+    drop(sent);
+    assert_eq!(limits.snapshot()[0].in_flight, 1);
+    assert_eq!(
+        limits.snapshot()[0].next,
+        NextAdmission::In(Duration::from_secs(120))
+    );
     svc.call(generate(1)).await.unwrap();
-    assert_eq!(times(&log), [secs(0.0), secs(65.0)]);
+    assert_eq!(times(&log), [secs(0.0), secs(125.0)]);
+    assert_eq!(limits.snapshot()[0].in_flight, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -787,4 +794,88 @@ async fn a_readiness_error_returns_the_request_and_its_place() {
     assert_eq!(error.to_string(), "the connection pool is closed");
     let snapshot = &limits.snapshot()[0];
     assert_eq!((snapshot.in_flight, snapshot.remaining), (0, 1));
+}
+
+// ===== abandoned requests: a server that counts them late never sees more than the quota =====
+
+const HOLD: Duration = Duration::from_secs(5);
+
+/// The most count times in any window of `period` (sorted times).
+fn most_in_a_window(times: &[Duration], period: Duration) -> usize {
+    let mut most = 0;
+    let mut first = 0;
+    for last in 0..times.len() {
+        while times[last] - times[first] >= period {
+            first += 1;
+        }
+        most = most.max(last - first + 1);
+    }
+    most
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_counting_abandoned_requests_late_never_sees_more_than_the_quota() {
+    let start = Instant::now();
+    let counted: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    // A server that counts most requests as they arrive, and stalls on those marked
+    // `x-stall`: the client gives up on them a second after sending (it drops the future, or
+    // the connection fails), and the server counts them at the end of the client's hold.
+    let counts = counted.clone();
+    let api = service_fn(move |req: Request<()>| {
+        let counts = counts.clone();
+        async move {
+            let stall = req.headers().get("x-stall").cloned();
+            let Some(stall) = stall else {
+                counts.lock().unwrap().push(start.elapsed());
+                return Ok(Response::new(()));
+            };
+            tokio::spawn(async move {
+                sleep(Duration::from_secs(1) + HOLD).await;
+                counts.lock().unwrap().push(start.elapsed());
+            });
+            sleep(Duration::from_secs(1)).await;
+            if stall == "error" {
+                return Err(BoxError::from("connection reset"));
+            }
+            std::future::pending().await
+        }
+    });
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(2))
+        .safety_margin(Duration::ZERO)
+        .abandoned_hold(HOLD)
+        .build()
+        .unwrap();
+    let svc = limits.layer(api);
+    let stalled = |how: &'static str| {
+        let mut r = generate(0);
+        r.headers_mut().insert("x-stall", how.parse().unwrap());
+        r
+    };
+    let mut dropped = tokio_test::task::spawn(svc.clone().oneshot(stalled("drop")));
+    assert_pending!(dropped.poll());
+    let failed = tokio::spawn(svc.clone().oneshot(stalled("error")));
+    sleep(Duration::from_secs(1)).await;
+    drop(dropped);
+    assert!(failed.await.unwrap().is_err());
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!(
+        (snapshot.in_flight, snapshot.abandoned, snapshot.remaining),
+        (2, 2, 0)
+    );
+
+    // Then as many requests as the client allows.
+    let results = run_all(svc, (1..=20).map(generate).collect()).await;
+    assert!(results.iter().all(Result::is_ok));
+    let mut counted = counted.lock().unwrap().clone();
+    counted.sort();
+    assert_eq!(counted.len(), 22);
+    assert_eq!(
+        most_in_a_window(&counted, Duration::from_secs(1)),
+        2,
+        "counted at {counted:?}"
+    );
+    // Held no longer than that: the first goes when the abandoned requests, counted as
+    // answered at the end of their hold, free their places.
+    assert_eq!(counted[..4], [secs(6.0), secs(6.0), secs(7.0), secs(7.0)]);
 }

@@ -318,6 +318,86 @@ async fn a_place_taken_in_the_store_but_never_sent_is_given_back() {
     assert_eq!(arrivals.sorted().len(), 1);
 }
 
+// ===== client mode: a request given up on after its send =====
+
+/// Sends a request the server stalls on, gives up on it after 300 ms (by `give_up`), then
+/// sends another; returns how long after the first the server received the second.
+async fn next_after_abandoned<S>(service: S, api: SocketAddr, arrivals: &Arrivals) -> Duration
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<hyper::body::Incoming>, Error = BoxError>
+        + Clone,
+{
+    let mut stalled = get_request(api, "/work");
+    stalled
+        .headers_mut()
+        .insert("x-stall", http::HeaderValue::from_static("1"));
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(300), service.clone().oneshot(stalled)).await;
+    // Given up on: by the layer below (a transport error), or by dropping the future.
+    assert!(!matches!(abandoned, Ok(Ok(_))));
+    assert_eq!(send(&service, api).await.unwrap(), StatusCode::OK);
+    let arrivals = arrivals.sorted();
+    assert_eq!(arrivals.len(), 2);
+    arrivals[1].duration_since(arrivals[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_on_holds_its_place_in_the_store() {
+    const HOLD: Duration = Duration::from_secs(1);
+    let (url, _server) = shared_redis();
+    let limits = |quota: Quota, prefix: &str| {
+        RateLimitByRoute::builder()
+            .route("GET /work", quota)
+            .abandoned_hold(HOLD)
+            .store(store(&url, &unique_prefix(prefix)))
+            .build()
+            .unwrap()
+    };
+    let stalling_api = |arrivals: Arrivals| {
+        let app = Router::new().route(
+            "/work",
+            get(move |headers: HeaderMap| {
+                let arrivals = arrivals.clone();
+                async move {
+                    arrivals.0.lock().unwrap().push(Instant::now());
+                    if headers.contains_key("x-stall") {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    "done"
+                }
+            }),
+        );
+        serve(app)
+    };
+
+    // A sliding window, the request failing below the layer (a timeout, as a transport
+    // error would), and a paced quota, the request dropped by its caller.
+    let (window_arrivals, paced_arrivals) = (Arrivals::default(), Arrivals::default());
+    let window_api = stalling_api(window_arrivals.clone()).await;
+    let paced_api = stalling_api(paced_arrivals.clone()).await;
+    let window = ServiceBuilder::new()
+        .layer(limits(
+            Quota::new(1, Duration::from_secs(1)),
+            "abandon-window",
+        ))
+        .timeout(Duration::from_millis(300))
+        .service(http_client());
+    let paced = limits(Quota::per_second(1).with_burst(1), "abandon-gcra").layer(http_client());
+    let (window_gap, paced_gap) = tokio::join!(
+        next_after_abandoned(window, window_api, &window_arrivals),
+        next_after_abandoned(paced, paced_api, &paced_arrivals),
+    );
+    // Given up on 300 ms after it was sent, held for HOLD, then as answered for a period (a
+    // window) or an emission interval (paced): the server saw nothing sooner.
+    for gap in [window_gap, paced_gap] {
+        assert!(
+            gap >= Duration::from_millis(300) + HOLD + Duration::from_secs(1),
+            "the next request came {gap:?} after the abandoned one"
+        );
+        assert!(gap < Duration::from_secs(4), "held too long: {gap:?}");
+    }
+}
+
 // ===== server mode: a fleet of axum servers enforcing one quota per client key =====
 
 async fn limited_server(url: &str, prefix: &str, quota: Quota, fail_mode: FailMode) -> SocketAddr {

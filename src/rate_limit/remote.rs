@@ -12,9 +12,10 @@ use crate::clock::{nanos, Nanos};
 use crate::quota::Rate;
 use crate::store::{Asking, Decision, Op, Remote, StoreError};
 
-/// A place held in the shared store. Dropped after its request was sent (a transport error,
-/// an abandoned request), it is given back from then, like a response; dropped before (the
-/// service failed to get ready, the request was dropped), it is given back entirely.
+/// A place held in the shared store. Dropped after its request was sent (an abandoned
+/// request), it is held as in flight for the abandoned hold, then as answered, as after a
+/// transport error; dropped before (the request was dropped, or its service failed to get
+/// ready), it is given back entirely.
 #[derive(Debug)]
 pub(crate) struct SharedPlace {
     store: Remote,
@@ -22,6 +23,8 @@ pub(crate) struct SharedPlace {
     member: String,
     rate: Rate,
     learn: Learn,
+    /// How long it is held as in flight once abandoned.
+    hold: Duration,
     sent: bool,
     released: bool,
 }
@@ -32,21 +35,26 @@ impl SharedPlace {
         self.sent = true;
     }
 
-    /// The answer is in (a response, or `None` for a transport error): give the place back,
-    /// learning what the server says. The request awaits the returned operation before it
-    /// answers its caller: a release left to run in the background could be lost with its
-    /// runtime, and the place would stay taken for the whole fleet until its lease ran out.
+    /// The answer is in (a response, or `None` for a transport error, which abandons the
+    /// request): give the place back, learning what the server says. The request awaits the
+    /// returned operation before it answers its caller: a release left to run in the
+    /// background could be lost with its runtime, and the place would stay taken for the
+    /// whole fleet until its lease ran out.
     pub(crate) fn finish<B>(mut self, response: Option<&Response<B>>) -> Op {
+        self.released = true;
+        let Some(response) = response else {
+            return self
+                .store
+                .abandon_op(&self.key, &self.member, &self.rate, self.hold);
+        };
         let mut block = Duration::ZERO;
-        let refused = response.filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS);
-        if let (true, Some(response)) = (self.learn.enabled, refused) {
+        if self.learn.enabled && response.status() == StatusCode::TOO_MANY_REQUESTS {
             let wait = self
                 .learn
                 .refusal_wait(&self.key, response, std::time::SystemTime::now());
             // Closes the route for every process sharing the store.
             block = wait.min(Learn::cap(&self.rate));
         }
-        self.released = true;
         self.store
             .release_op(&self.key, &self.member, &self.rate, block)
     }
@@ -59,7 +67,7 @@ impl Drop for SharedPlace {
         }
         if self.sent {
             self.store
-                .release(&self.key, &self.member, &self.rate, Duration::ZERO);
+                .abandon(&self.key, &self.member, &self.rate, self.hold);
         } else {
             self.store.cancel(&self.key, &self.member, &self.rate);
         }
@@ -135,6 +143,7 @@ impl SharedTurn {
                             member: std::mem::take(&mut self.member),
                             rate: self.rate,
                             learn: self.learn,
+                            hold: self.handle.config.abandoned_hold,
                             sent: false,
                             released: false,
                         }))

@@ -255,9 +255,9 @@ impl Drop for Ticket {
 /// and which is readying its own service; then held by the request sent.
 ///
 /// Given back when the response arrives, as answered then; when the request is abandoned
-/// after its send (the future dropped, or a transport error), as answered then too, since the
-/// server may have counted it; and entirely, as if never taken, when the request is dropped
-/// or its service fails before it was sent.
+/// after its send (the future dropped, or a transport error), as in flight for the layer's
+/// abandoned hold and then answered, since the server may still count it; and entirely, as
+/// if never taken, when the request is dropped or its service fails before it was sent.
 #[derive(Debug)]
 pub(crate) struct Permit {
     shared: ClientHandle,
@@ -336,7 +336,10 @@ impl Permit {
         let now = state.seen(dropped);
         match self.stage {
             Stage::Unsent => state.limiter.cancel(),
-            Stage::Sent => state.limiter.release(&state.rate, now),
+            Stage::Sent => {
+                let hold = nanos(self.shared.config.abandoned_hold);
+                state.limiter.abandon(&state.rate, now, hold);
+            }
             Stage::Settled => return,
         }
         state.wake_head();

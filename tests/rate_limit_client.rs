@@ -879,3 +879,86 @@ async fn a_server_counting_abandoned_requests_late_never_sees_more_than_the_quot
     // answered at the end of their hold, free their places.
     assert_eq!(counted[..4], [secs(6.0), secs(6.0), secs(7.0), secs(7.0)]);
 }
+
+// ===== bounded queues =====
+
+fn queue_full(result: Result<Response<()>, BoxError>) -> (String, usize) {
+    let error = result.unwrap_err();
+    match error.downcast_ref::<RateLimitError>() {
+        Some(RateLimitError::QueueFull { route, max_queue }) => (route.to_string(), *max_queue),
+        _ => panic!("expected QueueFull, got {error}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_returns_the_request_at_once() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .default_quota(Quota::per_minute(100))
+        .safety_margin(Duration::ZERO)
+        .max_queue(2)
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    let mut first = tokio_test::task::spawn(svc.call(generate(1)));
+    let mut second = tokio_test::task::spawn(svc.call(generate(2)));
+    assert_pending!(first.poll());
+    assert_pending!(second.poll());
+    assert_eq!(limits.snapshot()[0].waiters, 2);
+
+    let at_once = Duration::from_secs(1);
+    let error = tokio::time::timeout(at_once, svc.call(generate(3)))
+        .await
+        .expect("returned at once")
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "rate limit of route `POST /v2/generate`: 2 requests already wait for their turn, \
+         as many as its queue holds"
+    );
+    assert_eq!(queue_full(Err(error)), ("POST /v2/generate".to_owned(), 2));
+    assert_eq!(start.elapsed(), Duration::ZERO, "returned at once");
+    // Every route has its own queue; a request that need not wait is sent.
+    svc.call(req(Method::GET, "/v2/generations")).await.unwrap();
+
+    // A place in the queue that frees up can be taken again.
+    drop(second);
+    let mut third = tokio_test::task::spawn(svc.call(generate(3)));
+    assert_pending!(third.poll());
+    let refused = tokio::time::timeout(at_once, svc.call(generate(4))).await;
+    assert_eq!(
+        queue_full(refused.expect("returned at once")),
+        ("POST /v2/generate".to_owned(), 2)
+    );
+    advance(Duration::from_secs(60)).await;
+    assert_ready!(first.poll()).unwrap();
+    advance(Duration::from_secs(60)).await;
+    assert_ready!(third.poll()).unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(0.0), secs(60.0), secs(120.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_of_zero_never_waits() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .default_quota(Quota::per_second(2))
+        .max_queue(0)
+        .build()
+        .unwrap();
+    let svc = limits.layer(api);
+    let results = run_all(
+        svc,
+        (0..4).map(|i| req(Method::GET, &format!("/{i}"))).collect(),
+    )
+    .await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2);
+    for result in results.into_iter().filter(Result::is_err) {
+        assert_eq!(queue_full(result), ("default".to_owned(), 0));
+    }
+    assert_eq!(times(&log), [secs(0.0), secs(0.0)]);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}

@@ -318,6 +318,47 @@ async fn a_place_taken_in_the_store_but_never_sent_is_given_back() {
     assert_eq!(arrivals.sorted().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_of_requests_waiting_for_the_store_returns_the_request_at_once() {
+    let (url, _server) = shared_redis();
+    let api = logging_api(Arrivals::default()).await;
+    let limits = RateLimitByRoute::builder()
+        .route("GET /work", Quota::new(1, Duration::from_secs(2)))
+        .max_queue(1)
+        .store(store(&url, &unique_prefix("queue")))
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(limits.clone())
+        .service(http_client());
+    assert_eq!(send(&service, api).await.unwrap(), StatusCode::OK);
+    let waiting = tokio::spawn({
+        let service = service.clone();
+        async move { send(&service, api).await }
+    });
+    let started = Instant::now();
+    while limits.snapshot()[0].waiters == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the request the store told to wait counts among the route's waiters"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let asked = Instant::now();
+    let error = send(&service, api).await.unwrap_err();
+    assert!(
+        matches!(
+            error.downcast_ref::<RateLimitError>(),
+            Some(RateLimitError::QueueFull { max_queue: 1, .. })
+        ),
+        "{error}"
+    );
+    assert!(asked.elapsed() < Duration::from_millis(500));
+    assert_eq!(waiting.await.unwrap().unwrap(), StatusCode::OK);
+    assert_eq!(limits.snapshot()[0].waiters, 0);
+}
+
 // ===== client mode: a request given up on after its send =====
 
 /// Sends a request the server stalls on, gives up on it after 300 ms (by `give_up`), then

@@ -155,14 +155,15 @@ where
     }
 
     pub(crate) fn too_long(route: Arc<str>, wait: Duration, max_wait: Duration) -> Self {
-        Self::failed(RateLimitError::WaitTooLong {
+        Self::refused(RateLimitError::WaitTooLong {
             route,
             wait,
             max_wait,
         })
     }
 
-    fn failed(error: RateLimitError) -> Self {
+    /// Returned at once, unsent.
+    pub(crate) fn refused(error: RateLimitError) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
             aside: None,
@@ -294,7 +295,7 @@ where
                             turn.place = Some(place);
                             this.state.set(State::Readying);
                         }
-                        Outcome::TooLong(error) => {
+                        Outcome::Refused(error) => {
                             *this.aside = None;
                             this.state.set(State::Failed { error: None });
                             return Poll::Ready(Err(error.into()));
@@ -308,12 +309,23 @@ where
                             tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
                             let (handle, route) = (turn.handle.clone(), turn.route);
                             let max_wait = turn.max_wait;
+                            let max_queue = handle.config.max_queue;
                             let mut state = lock(&handle.routes[route].state);
                             if let Some(permit) = Permit::try_acquire(&handle, &mut state, route) {
                                 drop(state);
                                 *this.permit = Some(permit.unsent());
                                 aside.turn = TurnIn::Taken;
                                 this.state.set(State::Readying);
+                            } else if let Some(max_queue) = state.queue_full(max_queue) {
+                                drop(state);
+                                let route = handle.routes[route].name.clone();
+                                *this.aside = None;
+                                this.state.set(State::Failed { error: None });
+                                return Poll::Ready(Err(RateLimitError::QueueFull {
+                                    route,
+                                    max_queue,
+                                }
+                                .into()));
                             } else {
                                 let now = state.now(&handle.clock);
                                 let ticket = Ticket::join(&handle, &mut state, route, now);

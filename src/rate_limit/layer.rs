@@ -85,6 +85,7 @@ impl<F> fmt::Debug for Reject<F> {
 #[derive(Debug, Clone)]
 pub struct WaitConfig {
     pub(crate) max_wait: Option<Duration>,
+    pub(crate) max_queue: Option<usize>,
     pub(crate) abandoned_hold: Duration,
     learn: Learn,
     pub(crate) store: Option<Remote>,
@@ -167,6 +168,7 @@ impl RateLimitByRoute<Wait> {
             margin: None,
             config: WaitConfig {
                 max_wait: None,
+                max_queue: None,
                 abandoned_hold: Duration::from_secs(60),
                 learn: Learn {
                     enabled: true,
@@ -249,6 +251,18 @@ impl Builder<WaitConfig> {
     /// when the maximum runs out. Default: no maximum.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.config.max_wait = Some(max_wait);
+        self
+    }
+
+    /// The most requests that may wait for their turn on one route at once (in this process,
+    /// with or without a store). A request that would have to wait while that many already
+    /// do is returned at once with
+    /// [`RateLimitError::QueueFull`](super::RateLimitError::QueueFull), unsent; `0` returns
+    /// every request that would have to wait. Default: no maximum, so the queue grows with
+    /// the requests the program makes (each waiting request holds its own request and a
+    /// clone of the inner service).
+    pub fn max_queue(mut self, max_queue: usize) -> Self {
+        self.config.max_queue = Some(max_queue);
         self
     }
 
@@ -467,7 +481,8 @@ pub struct RouteSnapshot {
     /// Requests given up on after they were sent, held as in flight until their hold ends
     /// (see [`Builder::abandoned_hold`]).
     pub abandoned: u32,
-    /// Requests waiting for their turn.
+    /// Requests of this process waiting for their turn (in the route's queue, or in a shared
+    /// store).
     pub waiters: usize,
 }
 
@@ -522,7 +537,7 @@ impl RateLimitByRoute<Wait> {
                     next,
                     in_flight: state.limiter.in_flight(),
                     abandoned: state.limiter.abandoned(),
-                    waiters: state.waiters.len(),
+                    waiters: state.waiting(),
                 }
             })
             .collect()

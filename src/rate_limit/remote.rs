@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::{Response, StatusCode};
 
 use super::error::RateLimitError;
-use super::state::{ClientHandle, Learn};
+use super::state::{lock, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::quota::Rate;
 use crate::store::{Asking, Decision, Op, Remote, StoreError};
@@ -88,12 +88,15 @@ pub(crate) struct SharedTurn {
     learn: Learn,
     since: Nanos,
     asking: Asking,
+    /// Counted among the route's waiters (once the store has said it must wait).
+    queued: bool,
 }
 
 /// How a turn in the shared store ended.
 pub(crate) enum Outcome {
     Admitted(SharedPlace),
-    TooLong(RateLimitError),
+    /// Returned unsent: it would wait too long, or too many already wait.
+    Refused(RateLimitError),
     Failed(StoreError),
 }
 
@@ -122,6 +125,31 @@ impl SharedTurn {
             learn,
             since,
             asking,
+            queued: false,
+        }
+    }
+
+    /// Joins the route's waiters, unless they are as many as its queue holds.
+    fn join_queue(&mut self) -> Result<(), RateLimitError> {
+        if self.queued {
+            return Ok(());
+        }
+        let route = &self.handle.routes[self.route];
+        let mut state = lock(&route.state);
+        if let Some(max_queue) = state.queue_full(self.handle.config.max_queue) {
+            let route = route.name.clone();
+            return Err(RateLimitError::QueueFull { route, max_queue });
+        }
+        state.store_waiters += 1;
+        self.queued = true;
+        Ok(())
+    }
+
+    fn leave_queue(&mut self) {
+        if self.queued {
+            self.queued = false;
+            let mut state = lock(&self.handle.routes[self.route].state);
+            state.store_waiters -= 1;
         }
     }
 
@@ -135,8 +163,12 @@ impl SharedTurn {
         loop {
             if let Some(answer) = std::task::ready!(self.asking.poll_answer(cx)) {
                 let wait = match answer {
-                    Err(error) => return Poll::Ready(Outcome::Failed(error)),
+                    Err(error) => {
+                        self.leave_queue();
+                        return Poll::Ready(Outcome::Failed(error));
+                    }
                     Ok(Decision::Admitted) => {
+                        self.leave_queue();
                         return Poll::Ready(Outcome::Admitted(SharedPlace {
                             store: self.store.clone(),
                             key: std::mem::take(&mut self.key),
@@ -146,10 +178,13 @@ impl SharedTurn {
                             hold: self.handle.config.abandoned_hold,
                             sent: false,
                             released: false,
-                        }))
+                        }));
                     }
                     Ok(Decision::Wait(wait)) => wait,
                 };
+                if let Err(full) = self.join_queue() {
+                    return Poll::Ready(Outcome::Refused(full));
+                }
                 let clock = self.handle.clock;
                 let now = clock.now();
                 let turn = wait.map(|wait| now.saturating_add(nanos(wait)));
@@ -160,7 +195,8 @@ impl SharedTurn {
                     let known_late = turn.is_some_and(|turn| turn > deadline);
                     if known_late || now >= deadline {
                         let until = turn.unwrap_or(now).max(now);
-                        return Poll::Ready(Outcome::TooLong(RateLimitError::WaitTooLong {
+                        self.leave_queue();
+                        return Poll::Ready(Outcome::Refused(RateLimitError::WaitTooLong {
                             route: self.handle.routes[self.route].name.clone(),
                             wait: Duration::from_nanos(until - self.since),
                             max_wait,
@@ -176,5 +212,11 @@ impl SharedTurn {
                 .asking
                 .poll_again(store, cx, || store.acquire(key, member, rate, false)));
         }
+    }
+}
+
+impl Drop for SharedTurn {
+    fn drop(&mut self) {
+        self.leave_queue();
     }
 }

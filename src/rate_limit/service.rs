@@ -3,6 +3,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
+use super::error::RateLimitError;
 use super::future::{RejectFuture, ResponseFuture, SharedHit};
 use super::key::KeyHashing;
 use super::layer::{Reject, RejectResponse, Wait};
@@ -14,7 +15,9 @@ use crate::BoxError;
 /// The service made by a [`RateLimitByRoute`](super::RateLimitByRoute) layer.
 ///
 /// `poll_ready` forwards to the inner service: which quota a request needs is only known from
-/// the request, so waiting happens in the response future.
+/// the request, so waiting happens in the response future. In client mode a request that
+/// waits does so with a clone of the inner service that it drives ready when its turn comes
+/// (see [the module docs](super#client-mode-readiness-queues-abandoned-requests)).
 #[derive(Debug, Clone)]
 pub struct RateLimitByRouteService<S, M = Wait> {
     inner: S,
@@ -68,6 +71,11 @@ where
         if let Some(permit) = Permit::try_acquire(shared, &mut state, route) {
             drop(state);
             return ResponseFuture::called(self.inner.call(request), Some(permit));
+        }
+        if let Some(max_queue) = state.queue_full(shared.config.max_queue) {
+            drop(state);
+            let route = shared.routes[route].name.clone();
+            return ResponseFuture::refused(RateLimitError::QueueFull { route, max_queue });
         }
         let now = state.now(&shared.clock);
         let max_wait = shared.config.max_wait;

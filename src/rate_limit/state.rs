@@ -79,6 +79,8 @@ pub(crate) struct ClientState {
     /// Requests waiting for their turn, first come first served. Tickets only grow, so the
     /// queue is sorted by ticket.
     pub(crate) waiters: VecDeque<Waiter>,
+    /// Requests of this process waiting for their turn in a shared store.
+    pub(crate) store_waiters: usize,
     next_ticket: u64,
     /// The latest time recorded under this lock. Time only moves forward, and admission only
     /// gets easier as it does, so a request that the limiter admits at this time may go
@@ -98,6 +100,7 @@ impl ClientState {
             limiter: Limiter::new(&rate),
             rate,
             waiters: VecDeque::new(),
+            store_waiters: 0,
             next_ticket: 0,
             last_seen: 0,
         }
@@ -115,6 +118,16 @@ impl ClientState {
     pub(crate) fn seen(&mut self, now: Nanos) -> Nanos {
         self.last_seen = self.last_seen.max(now);
         self.last_seen
+    }
+
+    /// Requests of this process waiting for their turn, here or in a shared store.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiters.len() + self.store_waiters
+    }
+
+    /// The route's queue is full: `max_queue` when that many already wait.
+    pub(crate) fn queue_full(&self, max_queue: Option<usize>) -> Option<usize> {
+        max_queue.filter(|&max| self.waiting() >= max)
     }
 
     /// Wakes the request at the head of the queue, whose turn may have come.

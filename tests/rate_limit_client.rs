@@ -732,6 +732,35 @@ async fn a_waiting_request_leaves_its_service_ready_for_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_returned_at_once_leaves_its_service_ready_for_nothing() {
+    let start = Instant::now();
+    let (api, _log) = fake_api(start, Duration::ZERO, ok);
+    let quota = Quota::per_minute(1);
+    let full_queue = RateLimitByRoute::builder()
+        .default_quota(quota)
+        .max_queue(0);
+    let wait_too_long = RateLimitByRoute::builder()
+        .default_quota(quota)
+        .max_wait(Duration::from_secs(1));
+    for builder in [full_queue, wait_too_long] {
+        let below = tower::limit::ConcurrencyLimit::new(api.clone(), 1);
+        let mut svc = builder.build().unwrap().layer(below.clone());
+        svc.ready().await.unwrap();
+        svc.call(req(Method::GET, "/a")).await.unwrap();
+        // Refused at once: the caller keeps its service, and what its `poll_ready` reserved
+        // below is free again.
+        svc.ready().await.unwrap();
+        let error = svc.call(req(Method::GET, "/b")).await.unwrap_err();
+        assert!(error.downcast_ref::<RateLimitError>().is_some(), "{error}");
+        let mut other = below.clone();
+        tokio::time::timeout(Duration::from_secs(1), other.ready())
+            .await
+            .expect("the refused request's readiness is given back")
+            .unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_request_dropped_while_readying_gives_its_place_back() {
     let start = Instant::now();
     let (api, log) = fake_api(start, Duration::ZERO, ok);

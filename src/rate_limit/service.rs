@@ -75,6 +75,7 @@ where
         if let Some(max_queue) = state.queue_full(shared.config.max_queue) {
             drop(state);
             let route = shared.routes[route].name.clone();
+            unready(&mut self.inner);
             return ResponseFuture::refused(RateLimitError::QueueFull { route, max_queue });
         }
         let now = state.now(&shared.clock);
@@ -88,6 +89,7 @@ where
                 .saturating_sub(now);
             if wait > crate::clock::nanos(max_wait) {
                 drop(state);
+                unready(&mut self.inner);
                 return ResponseFuture::too_long(
                     shared.routes[route].name.clone(),
                     std::time::Duration::from_nanos(wait),
@@ -124,14 +126,20 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
 
     /// The service a request that waits (for its turn, or the store's verdict) will call: a
     /// clone of its own, not driven ready, which it drives ready when its turn comes. The
-    /// service the caller drove ready is swapped for another such clone, which gives back
-    /// what that readiness reserved (a `Buffer` slot, a `ConcurrencyLimit` permit) for the
-    /// wait; the caller's next `poll_ready` reserves again.
+    /// service the caller drove ready gives back what that readiness reserved (a `Buffer`
+    /// slot, a `ConcurrencyLimit` permit) for the wait; the caller's next `poll_ready`
+    /// reserves again.
     fn waiting_inner(&mut self) -> S {
         let waiting = self.inner.clone();
-        self.inner = waiting.clone();
+        unready(&mut self.inner);
         waiting
     }
+}
+
+/// Gives back what the caller's `poll_ready` reserved, for a call that sends nothing now:
+/// swaps the service for a clone, which has not been driven ready.
+fn unready<S: Clone>(inner: &mut S) {
+    *inner = inner.clone();
 }
 
 impl<S: Clone, M> RateLimitByRouteService<S, M> {

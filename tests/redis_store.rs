@@ -359,6 +359,51 @@ async fn a_full_queue_of_requests_waiting_for_the_store_returns_the_request_at_o
     assert_eq!(limits.snapshot()[0].waiters, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_being_given_back_when_the_caller_gives_up_is_still_given_back() {
+    let (url, _server) = shared_redis();
+    let store = RedisStore::builder(url)
+        .prefix(unique_prefix("release"))
+        .in_flight_lease(Duration::from_secs(20))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let limits = RateLimitByRoute::builder()
+        .route("GET /work", Quota::new(1, Duration::from_secs(1)))
+        .route("GET /warm", Quota::new(100, Duration::from_secs(1)))
+        .max_wait(Duration::from_secs(3))
+        .store(store)
+        .build()
+        .unwrap();
+    // Answers at once, so that a poll takes the request from its turn to its release.
+    let api = tower::service_fn(|_: Request<()>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(()))
+    });
+    let mut service = limits.layer(api);
+    let request = || Request::get("http://api.test/work").body(()).unwrap();
+    // Connected to the store, so that a poll's question reaches it at once.
+    let warm = Request::get("http://api.test/warm").body(()).unwrap();
+    service.call(warm).await.unwrap();
+
+    let mut first = tokio_test::task::spawn(service.call(request()));
+    assert!(first.poll().is_pending(), "asking the store");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        first.poll().is_pending(),
+        "sent, answered, giving its place back"
+    );
+    // The caller gives up on the answer while the place is given back: the change still
+    // reaches the store, and the place frees a period after the response, not with its lease.
+    drop(first);
+    let started = Instant::now();
+    service.call(request()).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        Duration::from_millis(800) < waited && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+}
+
 // ===== client mode: a request given up on after its send =====
 
 /// Sends a request the server stalls on, gives up on it after 300 ms (by `give_up`), then

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::error::RateLimitError;
 use super::layer::{Reject, RejectConfig, RejectResponse, Rejection};
-use super::remote::{Outcome, SharedPlace, SharedTurn};
+use super::remote::{Outcome, Release, SharedPlace, SharedTurn};
 use super::state::{lock, Permit, Ticket, Turn, Verdict};
 use crate::clock::{nanos, Nanos};
 use crate::headers;
@@ -109,7 +109,7 @@ pin_project! {
         Called { #[pin] future: F },
         // Answered; giving its place in the shared store back before answering (boxed: only
         // a layer with a shared store comes here).
-        Releasing { op: Op, answer: Option<Box<A>> },
+        Releasing { release: Release, answer: Option<Box<A>> },
         // Given back unsent.
         Failed { error: Option<RateLimitError> },
     }
@@ -228,18 +228,18 @@ where
                     if let Some(permit) = this.permit.take() {
                         settle(permit, &result);
                     } else if let Some(place) = store_place(this.aside) {
-                        let op = place.finish(result.as_ref().ok());
+                        let release = place.finish(result.as_ref().ok());
                         *this.aside = None;
                         this.state.set(State::Releasing {
-                            op,
+                            release,
                             answer: Some(Box::new(result)),
                         });
                         continue;
                     }
                     return Poll::Ready(result.map_err(Into::into));
                 }
-                StateProj::Releasing { op, answer } => {
-                    if let Err(error) = ready!(Pin::new(op).poll(cx)) {
+                StateProj::Releasing { release, answer } => {
+                    if let Err(error) = ready!(Pin::new(release).poll(cx)) {
                         tracing::debug!(%error, "a place could not be given back: it expires with its lease");
                     }
                     return Poll::Ready(match answer.take() {

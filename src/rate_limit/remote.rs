@@ -1,6 +1,8 @@
 //! Client mode over a shared store: a request takes its place in the store, waiting across
 //! processes for its turn, and gives it back when its response arrives.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,13 +42,21 @@ impl SharedPlace {
     /// returned operation before it answers its caller: a release left to run in the
     /// background could be lost with its runtime, and the place would stay taken for the
     /// whole fleet until its lease ran out.
-    pub(crate) fn finish<B>(mut self, response: Option<&Response<B>>) -> Op {
+    pub(crate) fn finish<B>(mut self, response: Option<&Response<B>>) -> Release {
         self.released = true;
-        let Some(response) = response else {
-            return self
+        let op = match response {
+            Some(response) => self.release_op(response),
+            None => self
                 .store
-                .abandon_op(&self.key, &self.member, &self.rate, self.hold);
+                .abandon_op(&self.key, &self.member, &self.rate, self.hold),
         };
+        Release {
+            op: Some(op),
+            store: self.store.clone(),
+        }
+    }
+
+    fn release_op<B>(&self, response: &Response<B>) -> Op {
         let mut block = Duration::ZERO;
         if self.learn.enabled && response.status() == StatusCode::TOO_MANY_REQUESTS {
             let wait = self
@@ -57,6 +67,35 @@ impl SharedPlace {
         }
         self.store
             .release_op(&self.key, &self.member, &self.rate, block)
+    }
+}
+
+/// A place being given back in the shared store. Dropped before it is done (the caller gave
+/// up on the answer meanwhile), it finishes in the background rather than be lost.
+pub(crate) struct Release {
+    op: Option<Op>,
+    store: Remote,
+}
+
+impl Future for Release {
+    type Output = Result<Decision, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(op) = self.op.as_mut() else {
+            // Done already: nothing is left to give back.
+            return Poll::Ready(Ok(Decision::Admitted));
+        };
+        let done = std::task::ready!(Pin::new(op).poll(cx));
+        self.op = None;
+        Poll::Ready(done)
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            self.store.spawn(op);
+        }
     }
 }
 

@@ -257,7 +257,7 @@ impl RedisStore {
     }
 
     /// Runs `op` in the background, after the ones made before it.
-    fn spawn(&self, op: Op) {
+    pub(crate) fn spawn(&self, op: Op) {
         if self.inner.background.try_send(op).is_err() {
             tracing::debug!(
                 "too many changes wait for the store: this one is dropped, and its lease covers it"

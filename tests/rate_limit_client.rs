@@ -13,6 +13,7 @@ use tower_quota::rate_limit::{NextAdmission, RateLimitError};
 use tower_quota::{BoxError, ConfigError, Quota, RateLimitByRoute};
 
 type Log = Arc<Mutex<Vec<(Duration, String)>>>;
+type Answer = Result<Response<()>, Infallible>;
 
 /// A fake API: records when each request reaches it (since `start`) and answers after
 /// `latency` with what `answer` makes of the request.
@@ -25,7 +26,7 @@ fn fake_api(
             Request<()>,
             Response = Response<()>,
             Error = Infallible,
-            Future = impl Send + 'static,
+            Future = impl std::future::Future<Output = Answer> + Send + 'static,
         > + Clone
         + Send
         + 'static,
@@ -359,7 +360,7 @@ async fn dropping_the_head_of_the_queue_wakes_the_next() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_request_abandoned_in_flight_keeps_its_place_from_then() {
+async fn a_request_abandoned_in_flight_holds_its_place_for_the_abandoned_hold() {
     let start = Instant::now();
     let (api, log) = fake_api(start, Duration::from_secs(10), ok);
     let limits = RateLimitByRoute::builder()
@@ -371,10 +372,17 @@ async fn a_request_abandoned_in_flight_keeps_its_place_from_then() {
     let mut sent = tokio_test::task::spawn(svc.call(generate(0)));
     assert_pending!(sent.poll());
     advance(Duration::from_secs(5)).await;
-    drop(sent); // the server may have counted it: it holds its place from now
-    assert_eq!(limits.snapshot()[0].in_flight, 0);
+    // The server may count it late: it holds its place as in flight for the default hold of
+    // 60 s, then as answered then, for the quota's period.
+    drop(sent);
+    assert_eq!(limits.snapshot()[0].in_flight, 1);
+    assert_eq!(
+        limits.snapshot()[0].next,
+        NextAdmission::In(Duration::from_secs(120))
+    );
     svc.call(generate(1)).await.unwrap();
-    assert_eq!(times(&log), [secs(0.0), secs(65.0)]);
+    assert_eq!(times(&log), [secs(0.0), secs(125.0)]);
+    assert_eq!(limits.snapshot()[0].in_flight, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -611,4 +619,375 @@ async fn poll_ready_forwards_to_the_inner_service() {
     assert_eq!(request.uri().path(), "/b");
     send.send_response(Response::new(()));
     assert_ready!(second.poll()).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lowered_paced_quota_paces_the_next_request_at_the_new_interval() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(10).with_burst(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    limits
+        .set_quota("POST /v2/generate", Quota::per_second(1).with_burst(1))
+        .unwrap();
+    assert_eq!(limits.snapshot()[0].next, NextAdmission::In(secs(1.0)));
+    svc.call(generate(1)).await.unwrap();
+    svc.call(generate(2)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(1.0), secs(2.0)]);
+}
+
+// ===== readiness: a waiting request holds no service that was driven ready =====
+
+fn two_routes() -> RateLimitByRoute {
+    RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .route("GET /v2/generate/{id}", Quota::per_minute(100))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap()
+}
+
+/// With `svc` over something that reserves capacity when driven ready, requests waiting on an
+/// exhausted route must not stop a route that has quota.
+async fn a_waiting_route_stops_no_other<S>(svc: S, start: Instant, log: &Log)
+where
+    S: Service<Request<()>, Response = Response<()>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    svc.clone().oneshot(generate(0)).await.unwrap();
+    let mut waiting = Vec::new();
+    for id in 1..4 {
+        let mut call = Box::pin(svc.clone().oneshot(generate(id)));
+        // Driven ready and called: it waits for its turn.
+        assert!(futures::poll!(&mut call).is_pending());
+        waiting.push(tokio::spawn(call));
+    }
+    let response = svc
+        .clone()
+        .oneshot(req(Method::GET, "/v2/generate/abc"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), secs(0.02), "served at once");
+    for task in waiting {
+        task.await.unwrap().unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    let sent: Vec<_> = log
+        .iter()
+        .map(|(t, id)| (t.as_secs_f64(), id.as_str()))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            (0.0, "0"),
+            (0.01, "/v2/generate/abc"),
+            (60.01, "1"),
+            (120.02, "2"),
+            (180.03, "3")
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_route_stops_no_other_over_a_concurrency_limit() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_millis(10), ok);
+    let inner = tower::limit::ConcurrencyLimit::new(api.map_err(BoxError::from), 1);
+    a_waiting_route_stops_no_other(two_routes().layer(inner), start, &log).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_route_stops_no_other_over_a_buffer() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_millis(10), ok);
+    let inner = tower::buffer::Buffer::new(api, 1);
+    a_waiting_route_stops_no_other(two_routes().layer(inner), start, &log).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_leaves_its_service_ready_for_nothing() {
+    // The caller keeps its service after a call that waits: the reservation it made with
+    // `poll_ready` is given back, or the waiting request could never ready its own clone.
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::from_millis(10), ok);
+    let mut svc = two_routes().layer(tower::limit::ConcurrencyLimit::new(api, 1));
+    svc.ready().await.unwrap();
+    svc.call(generate(0)).await.unwrap();
+    svc.ready().await.unwrap();
+    let waiting = tokio::spawn(svc.call(generate(1)));
+    tokio::time::timeout(Duration::from_secs(120), waiting)
+        .await
+        .expect("the waiting request readies its own service")
+        .unwrap()
+        .unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(60.01)]);
+    svc.ready().await.unwrap();
+    svc.call(generate(2)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_returned_at_once_leaves_its_service_ready_for_nothing() {
+    let start = Instant::now();
+    let (api, _log) = fake_api(start, Duration::ZERO, ok);
+    let quota = Quota::per_minute(1);
+    let full_queue = RateLimitByRoute::builder()
+        .default_quota(quota)
+        .max_queue(0);
+    let wait_too_long = RateLimitByRoute::builder()
+        .default_quota(quota)
+        .max_wait(Duration::from_secs(1));
+    for builder in [full_queue, wait_too_long] {
+        let below = tower::limit::ConcurrencyLimit::new(api.clone(), 1);
+        let mut svc = builder.build().unwrap().layer(below.clone());
+        svc.ready().await.unwrap();
+        svc.call(req(Method::GET, "/a")).await.unwrap();
+        // Refused at once: the caller keeps its service, and what its `poll_ready` reserved
+        // below is free again.
+        svc.ready().await.unwrap();
+        let error = svc.call(req(Method::GET, "/b")).await.unwrap_err();
+        assert!(error.downcast_ref::<RateLimitError>().is_some(), "{error}");
+        let mut other = below.clone();
+        tokio::time::timeout(Duration::from_secs(1), other.ready())
+            .await
+            .expect("the refused request's readiness is given back")
+            .unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_readying_gives_its_place_back() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let below = tower::limit::ConcurrencyLimit::new(api, 1);
+    let mut svc = limits.layer(below.clone());
+    svc.ready().await.unwrap();
+    svc.call(generate(0)).await.unwrap();
+    svc.ready().await.unwrap();
+    let mut waiting = tokio_test::task::spawn(svc.call(generate(1)));
+    assert_pending!(waiting.poll());
+    // Something else takes the only capacity below the layer while the request waits.
+    let mut other = below.clone();
+    let mut other_ready = tokio_test::task::spawn(std::future::poll_fn(|cx| other.poll_ready(cx)));
+    assert_ready!(other_ready.poll()).unwrap();
+    drop(other_ready);
+    advance(Duration::from_secs(1)).await;
+    // Its turn: it holds its place while it readies its own service...
+    assert!(waiting.is_woken());
+    assert_pending!(waiting.poll());
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!((snapshot.in_flight, snapshot.remaining), (1, 0));
+    // ...and, dropped before it was sent, gives the place back entirely.
+    drop(waiting);
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!(
+        (snapshot.in_flight, snapshot.remaining, snapshot.next),
+        (0, 1, NextAdmission::Now)
+    );
+    drop(other);
+    svc.ready().await.unwrap();
+    svc.call(generate(2)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(1.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_error_returns_the_request_and_its_place() {
+    let limits = RateLimitByRoute::builder()
+        .default_quota(Quota::per_second(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let (mut service, mut handle) =
+        tower_test::mock::spawn_layer::<Request<()>, Response<()>, _>(limits.clone());
+    assert!(service.poll_ready().is_ready());
+    let first = service.call(req(Method::GET, "/a"));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::new(()));
+    first.await.unwrap();
+    assert!(service.poll_ready().is_ready());
+    let mut waiting = tokio_test::task::spawn(service.call(req(Method::GET, "/b")));
+    assert_pending!(waiting.poll());
+    handle.send_error("the connection pool is closed");
+    advance(Duration::from_secs(1)).await;
+    let error = assert_ready!(waiting.poll()).unwrap_err();
+    assert_eq!(error.to_string(), "the connection pool is closed");
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!((snapshot.in_flight, snapshot.remaining), (0, 1));
+}
+
+// ===== abandoned requests: a server that counts them late never sees more than the quota =====
+
+const HOLD: Duration = Duration::from_secs(5);
+
+/// The most count times in any window of `period` (sorted times).
+fn most_in_a_window(times: &[Duration], period: Duration) -> usize {
+    let mut most = 0;
+    let mut first = 0;
+    for last in 0..times.len() {
+        while times[last] - times[first] >= period {
+            first += 1;
+        }
+        most = most.max(last - first + 1);
+    }
+    most
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_counting_abandoned_requests_late_never_sees_more_than_the_quota() {
+    let start = Instant::now();
+    let counted: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    // A server that counts most requests as they arrive, and stalls on those marked
+    // `x-stall`: the client gives up on them a second after sending (it drops the future, or
+    // the connection fails), and the server counts them at the end of the client's hold.
+    let counts = counted.clone();
+    let api = service_fn(move |req: Request<()>| {
+        let counts = counts.clone();
+        async move {
+            let stall = req.headers().get("x-stall").cloned();
+            let Some(stall) = stall else {
+                counts.lock().unwrap().push(start.elapsed());
+                return Ok(Response::new(()));
+            };
+            tokio::spawn(async move {
+                sleep(Duration::from_secs(1) + HOLD).await;
+                counts.lock().unwrap().push(start.elapsed());
+            });
+            sleep(Duration::from_secs(1)).await;
+            if stall == "error" {
+                return Err(BoxError::from("connection reset"));
+            }
+            std::future::pending().await
+        }
+    });
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(2))
+        .safety_margin(Duration::ZERO)
+        .abandoned_hold(HOLD)
+        .build()
+        .unwrap();
+    let svc = limits.layer(api);
+    let stalled = |how: &'static str| {
+        let mut r = generate(0);
+        r.headers_mut().insert("x-stall", how.parse().unwrap());
+        r
+    };
+    let mut dropped = tokio_test::task::spawn(svc.clone().oneshot(stalled("drop")));
+    assert_pending!(dropped.poll());
+    let failed = tokio::spawn(svc.clone().oneshot(stalled("error")));
+    sleep(Duration::from_secs(1)).await;
+    drop(dropped);
+    assert!(failed.await.unwrap().is_err());
+    let snapshot = &limits.snapshot()[0];
+    assert_eq!(
+        (snapshot.in_flight, snapshot.abandoned, snapshot.remaining),
+        (2, 2, 0)
+    );
+
+    // Then as many requests as the client allows.
+    let results = run_all(svc, (1..=20).map(generate).collect()).await;
+    assert!(results.iter().all(Result::is_ok));
+    let mut counted = counted.lock().unwrap().clone();
+    counted.sort();
+    assert_eq!(counted.len(), 22);
+    assert_eq!(
+        most_in_a_window(&counted, Duration::from_secs(1)),
+        2,
+        "counted at {counted:?}"
+    );
+    // Held no longer than that: the first goes when the abandoned requests, counted as
+    // answered at the end of their hold, free their places.
+    assert_eq!(counted[..4], [secs(6.0), secs(6.0), secs(7.0), secs(7.0)]);
+}
+
+// ===== bounded queues =====
+
+fn queue_full(result: Result<Response<()>, BoxError>) -> (String, usize) {
+    let error = result.unwrap_err();
+    match error.downcast_ref::<RateLimitError>() {
+        Some(RateLimitError::QueueFull { route, max_queue }) => (route.to_string(), *max_queue),
+        _ => panic!("expected QueueFull, got {error}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_returns_the_request_at_once() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .default_quota(Quota::per_minute(100))
+        .safety_margin(Duration::ZERO)
+        .max_queue(2)
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    let mut first = tokio_test::task::spawn(svc.call(generate(1)));
+    let mut second = tokio_test::task::spawn(svc.call(generate(2)));
+    assert_pending!(first.poll());
+    assert_pending!(second.poll());
+    assert_eq!(limits.snapshot()[0].waiters, 2);
+
+    let at_once = Duration::from_secs(1);
+    let error = tokio::time::timeout(at_once, svc.call(generate(3)))
+        .await
+        .expect("returned at once")
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "rate limit of route `POST /v2/generate`: 2 requests already wait for their turn, \
+         as many as its queue holds"
+    );
+    assert_eq!(queue_full(Err(error)), ("POST /v2/generate".to_owned(), 2));
+    assert_eq!(start.elapsed(), Duration::ZERO, "returned at once");
+    // Every route has its own queue; a request that need not wait is sent.
+    svc.call(req(Method::GET, "/v2/generations")).await.unwrap();
+
+    // A place in the queue that frees up can be taken again.
+    drop(second);
+    let mut third = tokio_test::task::spawn(svc.call(generate(3)));
+    assert_pending!(third.poll());
+    let refused = tokio::time::timeout(at_once, svc.call(generate(4))).await;
+    assert_eq!(
+        queue_full(refused.expect("returned at once")),
+        ("POST /v2/generate".to_owned(), 2)
+    );
+    advance(Duration::from_secs(60)).await;
+    assert_ready!(first.poll()).unwrap();
+    advance(Duration::from_secs(60)).await;
+    assert_ready!(third.poll()).unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(0.0), secs(60.0), secs(120.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_of_zero_never_waits() {
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .default_quota(Quota::per_second(2))
+        .max_queue(0)
+        .build()
+        .unwrap();
+    let svc = limits.layer(api);
+    let results = run_all(
+        svc,
+        (0..4).map(|i| req(Method::GET, &format!("/{i}"))).collect(),
+    )
+    .await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2);
+    for result in results.into_iter().filter(Result::is_err) {
+        assert_eq!(queue_full(result), ("default".to_owned(), 0));
+    }
+    assert_eq!(times(&log), [secs(0.0), secs(0.0)]);
+    assert_eq!(start.elapsed(), Duration::ZERO);
 }

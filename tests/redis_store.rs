@@ -23,7 +23,7 @@ use http::{Request, Response};
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_quota::rate_limit::RateLimitError;
 use tower_quota::store::{FailMode, RedisStore, StoreError};
 use tower_quota::{Quota, RateLimitByRoute};
@@ -211,6 +211,277 @@ async fn three_processes_share_one_paced_quota() {
         "the fleet used {:.1}% of the pace",
         used * 100.0
     );
+}
+
+// ===== client mode: a request waiting for the store holds no readied service =====
+
+async fn two_path_api(arrivals: Arrivals) -> SocketAddr {
+    let log = |arrivals: Arrivals| {
+        move || {
+            let arrivals = arrivals.clone();
+            async move {
+                arrivals.0.lock().unwrap().push(Instant::now());
+                "done"
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/work", get(log(arrivals.clone())))
+        .route("/slow", get(log(arrivals)));
+    serve(app).await
+}
+
+fn store(url: &str, prefix: &str) -> RedisStore {
+    RedisStore::builder(url)
+        .prefix(prefix)
+        .poll_interval(Duration::from_millis(100))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_waiting_for_the_store_stops_no_other() {
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("readiness");
+    let api = two_path_api(Arrivals::default()).await;
+    let limits = RateLimitByRoute::builder()
+        .route("GET /slow", Quota::new(1, Duration::from_secs(2)))
+        .route("GET /work", Quota::new(100, Duration::from_secs(1)))
+        .store(store(&url, &prefix))
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(limits)
+        .concurrency_limit(1)
+        .service(http_client());
+
+    service
+        .clone()
+        .oneshot(get_request(api, "/slow"))
+        .await
+        .unwrap();
+    let mut waiting = Box::pin(service.clone().oneshot(get_request(api, "/slow")));
+    // Driven ready and called: it asks the store, and waits about 2 s for its turn.
+    assert!(futures::poll!(&mut waiting).is_pending());
+    let waiting = tokio::spawn(waiting);
+
+    let started = Instant::now();
+    let response = service.clone().oneshot(get_request(api, "/work")).await;
+    assert_eq!(response.unwrap().status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "another route waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(waiting.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_taken_in_the_store_but_never_sent_is_given_back() {
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("cancel");
+    let arrivals = Arrivals::default();
+    let api = logging_api(arrivals.clone()).await;
+    let quota = Quota::new(1, Duration::from_secs(30));
+    let limits = |max_wait| {
+        RateLimitByRoute::builder()
+            .route("GET /work", quota)
+            .max_wait(max_wait)
+            .store(store(&url, &prefix))
+            .build()
+            .unwrap()
+    };
+    let below = tower::limit::ConcurrencyLimit::new(http_client(), 1);
+    let mut service = limits(Duration::from_secs(60)).layer(below.clone());
+    service.ready().await.unwrap();
+    let request = tokio::spawn(service.call(get_request(api, "/work")));
+
+    // Something else takes the only capacity below the layer, so the request, admitted by
+    // the store, waits to ready its own service.
+    let mut other = below.clone();
+    tokio::time::timeout(Duration::from_secs(1), other.ready())
+        .await
+        .expect("the waiting request holds no capacity below the layer")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let elsewhere = limits(Duration::from_millis(100)).layer(http_client());
+    let error = send(&elsewhere, api).await.unwrap_err();
+    assert!(is_wait_too_long(&error), "the place is held: {error}");
+
+    // Dropped before it was sent: its place comes back at once, for the whole fleet.
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(send(&elsewhere, api).await.unwrap(), StatusCode::OK);
+    assert_eq!(arrivals.sorted().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_of_requests_waiting_for_the_store_returns_the_request_at_once() {
+    let (url, _server) = shared_redis();
+    let api = logging_api(Arrivals::default()).await;
+    let limits = RateLimitByRoute::builder()
+        .route("GET /work", Quota::new(1, Duration::from_secs(2)))
+        .max_queue(1)
+        .store(store(&url, &unique_prefix("queue")))
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(limits.clone())
+        .service(http_client());
+    assert_eq!(send(&service, api).await.unwrap(), StatusCode::OK);
+    let waiting = tokio::spawn({
+        let service = service.clone();
+        async move { send(&service, api).await }
+    });
+    let started = Instant::now();
+    while limits.snapshot()[0].waiters == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the request the store told to wait counts among the route's waiters"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let asked = Instant::now();
+    let error = send(&service, api).await.unwrap_err();
+    assert!(
+        matches!(
+            error.downcast_ref::<RateLimitError>(),
+            Some(RateLimitError::QueueFull { max_queue: 1, .. })
+        ),
+        "{error}"
+    );
+    assert!(asked.elapsed() < Duration::from_millis(500));
+    assert_eq!(waiting.await.unwrap().unwrap(), StatusCode::OK);
+    assert_eq!(limits.snapshot()[0].waiters, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_being_given_back_when_the_caller_gives_up_is_still_given_back() {
+    let (url, _server) = shared_redis();
+    let store = RedisStore::builder(url)
+        .prefix(unique_prefix("release"))
+        .in_flight_lease(Duration::from_secs(20))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let limits = RateLimitByRoute::builder()
+        .route("GET /work", Quota::new(1, Duration::from_secs(1)))
+        .route("GET /warm", Quota::new(100, Duration::from_secs(1)))
+        .max_wait(Duration::from_secs(3))
+        .store(store)
+        .build()
+        .unwrap();
+    // Answers at once, so that a poll takes the request from its turn to its release.
+    let api = tower::service_fn(|_: Request<()>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(()))
+    });
+    let mut service = limits.layer(api);
+    let request = || Request::get("http://api.test/work").body(()).unwrap();
+    // Connected to the store, so that a poll's question reaches it at once.
+    let warm = Request::get("http://api.test/warm").body(()).unwrap();
+    service.call(warm).await.unwrap();
+
+    let mut first = tokio_test::task::spawn(service.call(request()));
+    assert!(first.poll().is_pending(), "asking the store");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        first.poll().is_pending(),
+        "sent, answered, giving its place back"
+    );
+    // The caller gives up on the answer while the place is given back: the change still
+    // reaches the store, and the place frees a period after the response, not with its lease.
+    drop(first);
+    let started = Instant::now();
+    service.call(request()).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        Duration::from_millis(800) < waited && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+}
+
+// ===== client mode: a request given up on after its send =====
+
+/// Sends a request the server stalls on, gives up on it after 300 ms (by `give_up`), then
+/// sends another; returns how long after the first the server received the second.
+async fn next_after_abandoned<S>(service: S, api: SocketAddr, arrivals: &Arrivals) -> Duration
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<hyper::body::Incoming>, Error = BoxError>
+        + Clone,
+{
+    let mut stalled = get_request(api, "/work");
+    stalled
+        .headers_mut()
+        .insert("x-stall", http::HeaderValue::from_static("1"));
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(300), service.clone().oneshot(stalled)).await;
+    // Given up on: by the layer below (a transport error), or by dropping the future.
+    assert!(!matches!(abandoned, Ok(Ok(_))));
+    assert_eq!(send(&service, api).await.unwrap(), StatusCode::OK);
+    let arrivals = arrivals.sorted();
+    assert_eq!(arrivals.len(), 2);
+    arrivals[1].duration_since(arrivals[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_on_holds_its_place_in_the_store() {
+    const HOLD: Duration = Duration::from_secs(1);
+    let (url, _server) = shared_redis();
+    let limits = |quota: Quota, prefix: &str| {
+        RateLimitByRoute::builder()
+            .route("GET /work", quota)
+            .abandoned_hold(HOLD)
+            .store(store(&url, &unique_prefix(prefix)))
+            .build()
+            .unwrap()
+    };
+    let stalling_api = |arrivals: Arrivals| {
+        let app = Router::new().route(
+            "/work",
+            get(move |headers: HeaderMap| {
+                let arrivals = arrivals.clone();
+                async move {
+                    arrivals.0.lock().unwrap().push(Instant::now());
+                    if headers.contains_key("x-stall") {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    "done"
+                }
+            }),
+        );
+        serve(app)
+    };
+
+    // A sliding window, the request failing below the layer (a timeout, as a transport
+    // error would), and a paced quota, the request dropped by its caller.
+    let (window_arrivals, paced_arrivals) = (Arrivals::default(), Arrivals::default());
+    let window_api = stalling_api(window_arrivals.clone()).await;
+    let paced_api = stalling_api(paced_arrivals.clone()).await;
+    let window = ServiceBuilder::new()
+        .layer(limits(
+            Quota::new(1, Duration::from_secs(1)),
+            "abandon-window",
+        ))
+        .timeout(Duration::from_millis(300))
+        .service(http_client());
+    let paced = limits(Quota::per_second(1).with_burst(1), "abandon-gcra").layer(http_client());
+    let (window_gap, paced_gap) = tokio::join!(
+        next_after_abandoned(window, window_api, &window_arrivals),
+        next_after_abandoned(paced, paced_api, &paced_arrivals),
+    );
+    // Given up on 300 ms after it was sent, held for HOLD, then as answered for a period (a
+    // window) or an emission interval (paced): the server saw nothing sooner.
+    for gap in [window_gap, paced_gap] {
+        assert!(
+            gap >= Duration::from_millis(300) + HOLD + Duration::from_secs(1),
+            "the next request came {gap:?} after the abandoned one"
+        );
+        assert!(gap < Duration::from_secs(4), "held too long: {gap:?}");
+    }
 }
 
 // ===== server mode: a fleet of axum servers enforcing one quota per client key =====

@@ -1,6 +1,6 @@
 //! GCRA: requests paced one emission interval apart, with bursts of up to `burst`.
 
-use super::Wait;
+use super::{Pending, Wait};
 use crate::clock::Nanos;
 use crate::quota::Rate;
 
@@ -26,23 +26,34 @@ impl Gcra {
         Self { tat }
     }
 
+    /// Moves the schedule to a new emission interval, keeping how many requests it runs
+    /// ahead of `now`: a lowered rate paces the very next request at its own interval.
+    pub(super) fn rescale(&mut self, now: Nanos, old_interval: Nanos, new_interval: Nanos) {
+        if self.tat > now {
+            let ahead = u128::from(self.tat - now) * u128::from(new_interval)
+                / u128::from(old_interval.max(1));
+            self.tat = now.saturating_add(u64::try_from(ahead).unwrap_or(u64::MAX));
+        }
+    }
+
     pub(super) fn check(
         &mut self,
         rate: &Rate,
         now: Nanos,
-        in_flight: u32,
-        ahead: u32,
+        pending: &Pending<'_>,
     ) -> Result<(), Wait> {
-        let pending = i64::from(in_flight) + i64::from(ahead);
-        let slack = i64::from(rate.burst) - 1 - pending;
+        let slack = i64::from(rate.burst) - 1 - pending.count() as i64;
         // Admit when max(TAT, now) + pending × interval <= now + (burst - 1) × interval.
         let admit_at = offset(self.tat, -slack, rate.interval);
         if slack >= 0 && admit_at <= now {
             return Ok(());
         }
         if slack < 0 {
-            // More requests hold a place than the burst allows: only a response can help.
-            return Err(Wait::Response);
+            // More requests hold a place than the burst allows: only `-slack` answers can help.
+            return match pending.answer(slack.unsigned_abs() - 1) {
+                Some(at) => Err(Wait::Until(at)),
+                None => Err(Wait::Response),
+            };
         }
         Err(Wait::Until(admit_at))
     }

@@ -18,12 +18,21 @@
 //! Both cost one round trip per period (the price of not knowing the server's moment), and
 //! both reduce to the textbook algorithm when responses are instant.
 //!
+//! A request given up on after its send (*abandoned*) has no response time, and a stalled or
+//! queueing server may still count it long after. It stays counted in flight until the end
+//! of a hold, and is then counted as answered at that moment: to the algorithms it is a
+//! request answered late, so a server that counts it by then sees the quota kept. The ends
+//! of the holds wait in a queue of their own, soonest first, and are settled before anything
+//! else happens at or after them, so answers are still recorded in time order.
+//!
 //! In server mode the limiter *is* the server: a request is admitted and answered at once,
 //! with no margin, which gives the exact textbook behaviour.
 
 mod gcra;
 pub(crate) mod keyed;
 mod window;
+
+use std::collections::VecDeque;
 
 use crate::clock::Nanos;
 use crate::quota::Rate;
@@ -35,6 +44,34 @@ pub(crate) enum Wait {
     Until(Nanos),
     /// Not before a request in flight is answered.
     Response,
+}
+
+/// The requests that hold a place without an answer counted, as an algorithm sees them.
+pub(crate) struct Pending<'a> {
+    /// Requests in flight, abandoned ones included.
+    in_flight: u32,
+    /// Requests ahead of the one asking, which will be admitted before it.
+    ahead: u32,
+    /// When the abandoned requests are counted as answered, soonest first.
+    abandoned: &'a VecDeque<Nanos>,
+}
+
+impl Pending<'_> {
+    fn count(&self) -> u64 {
+        u64::from(self.in_flight) + u64::from(self.ahead)
+    }
+
+    /// When the `n`-th answer to come (from 0) comes at the earliest, if an abandoned
+    /// request's hold decides it; `None` when a response may bring it at any moment. A
+    /// response may come now, an abandoned request's hold ends later: responses come first.
+    fn answer(&self, n: u64) -> Option<Nanos> {
+        let answerable = self.count() - self.abandoned.len() as u64;
+        let i = n.checked_sub(answerable)?;
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.abandoned.get(i))
+            .copied()
+    }
 }
 
 /// A limit the server told us about: at most `remaining` more sends until `reset_at`.
@@ -54,7 +91,12 @@ enum Algorithm {
 #[derive(Debug)]
 pub(crate) struct Limiter {
     algorithm: Algorithm,
+    /// Requests holding a place with no answer counted yet: admitted and not answered, or
+    /// abandoned and still held.
     in_flight: u32,
+    /// When each abandoned request still held is counted as answered, soonest first; as long
+    /// as the places they hold, at most.
+    abandoned: VecDeque<Nanos>,
     /// Nothing is admitted before this time (learnt from a server's 429).
     blocked_until: Nanos,
     cap: Option<ServerCap>,
@@ -70,6 +112,7 @@ impl Limiter {
         Self {
             algorithm,
             in_flight: 0,
+            abandoned: VecDeque::new(),
             blocked_until: 0,
             cap: None,
         }
@@ -94,6 +137,7 @@ impl Limiter {
     /// Whether a request, behind `ahead` others that will be admitted first, could go now;
     /// if not, a lower bound of when.
     fn check(&mut self, rate: &Rate, now: Nanos, ahead: u32) -> Result<(), Wait> {
+        self.settle(rate, now);
         if let Some(cap) = self.cap {
             if now >= cap.reset_at {
                 self.cap = None;
@@ -105,9 +149,14 @@ impl Limiter {
                 earliest = earliest.max(cap.reset_at);
             }
         }
+        let pending = Pending {
+            in_flight: self.in_flight,
+            ahead,
+            abandoned: &self.abandoned,
+        };
         let algorithm = match &mut self.algorithm {
-            Algorithm::Window(w) => w.check(rate, now, self.in_flight, ahead),
-            Algorithm::Gcra(g) => g.check(rate, now, self.in_flight, ahead),
+            Algorithm::Window(w) => w.check(rate, now, &pending),
+            Algorithm::Gcra(g) => g.check(rate, now, &pending),
         };
         match algorithm {
             Ok(()) if earliest <= now => Ok(()),
@@ -132,13 +181,63 @@ impl Limiter {
         }
     }
 
-    /// The request admitted earlier has been answered (or abandoned) at `at`.
+    /// The request admitted earlier has been answered at `at`.
     pub(crate) fn release(&mut self, rate: &Rate, at: Nanos) {
+        self.settle(rate, at);
+        self.answered(rate, at);
+    }
+
+    fn answered(&mut self, rate: &Rate, at: Nanos) {
         debug_assert!(self.in_flight > 0, "release without acquire");
         self.in_flight = self.in_flight.saturating_sub(1);
         match &mut self.algorithm {
             Algorithm::Window(w) => w.release(at),
             Algorithm::Gcra(g) => g.release(rate, at),
+        }
+    }
+
+    /// The request sent earlier was given up on at `at`: the server may still count it, so it
+    /// stays in flight for `hold`, and then counts as answered then.
+    pub(crate) fn abandon(&mut self, rate: &Rate, at: Nanos, hold: Nanos) {
+        self.settle(rate, at);
+        let until = at.saturating_add(hold);
+        if until == at {
+            return self.answered(rate, at);
+        }
+        let i = self.abandoned.partition_point(|&t| t <= until);
+        self.abandoned.insert(i, until);
+    }
+
+    /// Counts the abandoned requests whose hold is over by `now` as answered.
+    #[inline]
+    fn settle(&mut self, rate: &Rate, now: Nanos) {
+        if self.abandoned.front().is_some_and(|&until| until <= now) {
+            self.settle_abandoned(rate, now);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn settle_abandoned(&mut self, rate: &Rate, now: Nanos) {
+        while let Some(&until) = self.abandoned.front() {
+            if until > now {
+                break;
+            }
+            self.abandoned.pop_front();
+            self.answered(rate, until);
+        }
+    }
+
+    /// The request admitted earlier was never sent: its place is given back as if it had
+    /// never been taken (no answer is counted, the schedule does not move).
+    pub(crate) fn cancel(&mut self) {
+        debug_assert!(
+            self.in_flight as usize > self.abandoned.len(),
+            "cancel without acquire"
+        );
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(cap) = &mut self.cap {
+            cap.remaining = cap.remaining.saturating_add(1);
         }
     }
 
@@ -165,13 +264,20 @@ impl Limiter {
         }
     }
 
+    /// Requests holding a place without an answer, abandoned ones still held included.
     pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight
+    }
+
+    /// Abandoned requests still held as in flight.
+    pub(crate) fn abandoned(&self) -> u32 {
+        self.abandoned.len() as u32
     }
 
     /// Whether this state is the same as a fresh one at `now` (tests).
     #[cfg(test)]
     pub(crate) fn is_idle(&mut self, rate: &Rate, now: Nanos) -> bool {
+        self.settle(rate, now);
         self.in_flight == 0
             && self.blocked_until <= now
             && self.cap.is_none_or(|cap| cap.reset_at <= now)
@@ -211,8 +317,10 @@ impl Limiter {
         });
     }
 
-    /// Adapts the state to a new rate of another algorithm, erring on the safe side.
+    /// Adapts the state to a new rate at once: a paced schedule keeps its level in requests;
+    /// a change of algorithm errs on the safe side.
     pub(crate) fn change_rate(&mut self, old: &Rate, new: &Rate, now: Nanos) {
+        self.settle(old, now);
         match (&mut self.algorithm, new.is_gcra()) {
             (Algorithm::Window(w), true) => {
                 // As if every request still holding a place had just been answered.
@@ -224,7 +332,8 @@ impl Limiter {
                 let used = if g.is_idle(now) { 0 } else { new.count };
                 self.algorithm = Algorithm::Window(window::Window::filled(used, now));
             }
-            _ => {}
+            (Algorithm::Gcra(g), true) => g.rescale(now, old.interval, new.interval),
+            (Algorithm::Window(_), false) => {}
         }
     }
 }

@@ -137,28 +137,107 @@ fn changing_algorithm_errs_on_the_safe_side() {
     assert_eq!(l.try_hit(&window, 0), Err(Wait::Until(SEC)));
 }
 
+#[test]
+fn a_new_gcra_rate_applies_at_once() {
+    let fast = rate(Quota::per_second(10).with_burst(1), 0);
+    let slow = rate(Quota::per_second(1).with_burst(1), 0);
+    let mut l = Limiter::new(&fast);
+    l.try_hit(&fast, 0).unwrap();
+    // The schedule was 100 ms ahead of now: one request's worth, which is a second now.
+    l.change_rate(&fast, &slow, 0);
+    assert_eq!(l.try_hit(&slow, 100 * MS), Err(Wait::Until(SEC)));
+    l.try_hit(&slow, SEC).unwrap();
+    // Raised again, the level in requests is kept: one request ahead is 100 ms ahead.
+    l.change_rate(&slow, &fast, 1500 * MS);
+    assert_eq!(l.try_hit(&fast, 1500 * MS), Err(Wait::Until(1550 * MS)));
+    // An idle schedule stays idle; huge values saturate instead of overflowing.
+    let mut idle = Limiter::new(&fast);
+    idle.change_rate(&fast, &slow, 5 * SEC);
+    idle.try_hit(&slow, 5 * SEC).unwrap();
+    let glacial = rate(
+        Quota::new(1, Duration::from_secs(100 * 365 * 24 * 3600)).with_burst(1),
+        0,
+    );
+    let mut l = Limiter::new(&fast);
+    l.try_hit(&fast, 0).unwrap();
+    l.change_rate(&fast, &glacial, 0);
+    assert!(matches!(l.try_hit(&glacial, 0), Err(Wait::Until(at)) if at >= glacial.interval));
+}
+
+#[test]
+fn a_cancelled_place_is_given_back_as_if_never_taken() {
+    let window = rate(Quota::per_second(2), 0);
+    let mut l = Limiter::new(&window);
+    l.try_acquire(&window, 0).unwrap();
+    l.try_acquire(&window, 0).unwrap();
+    assert_eq!(l.try_acquire(&window, 0), Err(Wait::Response));
+    l.cancel();
+    // No answer is counted: the place is free at once, and for good.
+    assert_eq!(l.remaining(&window, 0), 1);
+    l.release(&window, 0);
+    assert!(l.is_idle(&window, SEC));
+
+    let gcra = rate(Quota::per_second(10).with_burst(1), 0);
+    let mut l = Limiter::new(&gcra);
+    l.try_acquire(&gcra, 0).unwrap();
+    l.cancel();
+    // The schedule did not move.
+    l.try_hit(&gcra, 0).unwrap();
+    assert_eq!(l.try_hit(&gcra, 0), Err(Wait::Until(100 * MS)));
+
+    // A server's bound gets its place back too.
+    let mut l = Limiter::new(&window);
+    l.cap(1, 10 * SEC, 0);
+    l.try_acquire(&window, 0).unwrap();
+    assert_eq!(l.remaining(&window, 0), 0);
+    l.cancel();
+    assert_eq!(l.remaining(&window, 0), 1);
+}
+
 /// Runs requests arriving at `arrivals` (sorted) through one limiter, first come first served,
-/// each answered `rtt` after it is sent. Returns `(send, response)` times.
-fn simulate(rate: &Rate, arrivals: &[u64], rtts: &[u64]) -> Vec<(u64, u64)> {
+/// each answered `rtt` after it is sent, or given up on `gives_up` after it is sent when that
+/// is sooner (then held for `hold`). Returns `(send, last)` times, where `last` is the latest
+/// moment the server may count the request: its response, or the end of its hold.
+fn simulate(
+    rate: &Rate,
+    arrivals: &[u64],
+    rtts: &[u64],
+    gives_up: &[Option<u64>],
+    hold: u64,
+) -> Vec<(u64, u64)> {
     let mut limiter = Limiter::new(rate);
+    // (when, given up) of the requests in flight.
     let mut in_flight = BinaryHeap::new();
     let mut sent = Vec::with_capacity(arrivals.len());
     let mut now = 0;
     loop {
-        while let Some(&Reverse(at)) = in_flight.peek() {
+        while let Some(&Reverse((at, given_up))) = in_flight.peek() {
             if at > now {
                 break;
             }
             in_flight.pop();
-            limiter.release(rate, at);
+            if given_up {
+                limiter.abandon(rate, at, hold);
+            } else {
+                limiter.release(rate, at);
+            }
         }
         let mut wake = None;
         while sent.len() < arrivals.len() && arrivals[sent.len()] <= now {
             match limiter.try_acquire(rate, now) {
                 Ok(()) => {
-                    let response = now + rtts[sent.len()];
-                    sent.push((now, response));
-                    in_flight.push(Reverse(response));
+                    let i = sent.len();
+                    let rtt = rtts[i];
+                    match gives_up.get(i).copied().flatten().filter(|&g| g < rtt) {
+                        Some(g) => {
+                            sent.push((now, now + g + hold));
+                            in_flight.push(Reverse((now + g, true)));
+                        }
+                        None => {
+                            sent.push((now, now + rtt));
+                            in_flight.push(Reverse((now + rtt, false)));
+                        }
+                    }
                 }
                 Err(Wait::Until(at)) => {
                     assert!(at > now, "a wait must lie in the future");
@@ -178,7 +257,7 @@ fn simulate(rate: &Rate, arrivals: &[u64], rtts: &[u64]) -> Vec<(u64, u64)> {
             return sent;
         }
         let next_arrival = arrivals.get(sent.len()).copied().filter(|&a| a > now);
-        now = [in_flight.peek().map(|r| r.0), wake, next_arrival]
+        now = [in_flight.peek().map(|r| r.0 .0), wake, next_arrival]
             .into_iter()
             .flatten()
             .min()
@@ -228,7 +307,7 @@ proptest! {
         (arrivals, rtts, at) in arrivals_and_rtts(),
     ) {
         let rate = rate(Quota::new(count, Duration::from_millis(period_ms)), margin_ms);
-        let sent = simulate(&rate, &arrivals, &rtts);
+        let sent = simulate(&rate, &arrivals, &rtts, &[], 0);
         let times = server_times(&sent, &at);
         let n = count as usize;
         for i in n..times.len() {
@@ -250,7 +329,57 @@ proptest! {
         (arrivals, rtts, at) in arrivals_and_rtts(),
     ) {
         let rate = rate(Quota::new(count, Duration::from_millis(period_ms)).with_burst(burst), margin_ms);
-        let sent = simulate(&rate, &arrivals, &rtts);
+        let sent = simulate(&rate, &arrivals, &rtts, &[], 0);
+        let times = server_times(&sent, &at);
+        let b = burst as u64;
+        for i in 0..times.len() {
+            for j in i + 1..times.len() {
+                let k = (j - i + 1) as u64;
+                if k > b {
+                    prop_assert!(
+                        times[j] - times[i] >= (k - b) * rate.interval,
+                        "{k} requests within {} ns", times[j] - times[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn abandoned_requests_counted_late_keep_the_window(
+        count in 1u32..12,
+        period_ms in 50u64..2_000,
+        margin_ms in 0u64..20,
+        hold_ms in 0u64..3_000,
+        (arrivals, rtts, at) in arrivals_and_rtts(),
+        gives_up in prop::collection::vec(prop::option::weighted(0.3, 0u64..400), 1..40),
+    ) {
+        let rate = rate(Quota::new(count, Duration::from_millis(period_ms)), margin_ms);
+        let gives_up: Vec<_> = gives_up.iter().cycle().take(arrivals.len()).map(|g| g.map(|g| g * MS)).collect();
+        let sent = simulate(&rate, &arrivals, &rtts, &gives_up, hold_ms * MS);
+        let times = server_times(&sent, &at);
+        let n = count as usize;
+        for i in n..times.len() {
+            prop_assert!(
+                times[i] - times[i - n] >= rate.period,
+                "{} requests within {} ns", n + 1, times[i] - times[i - n]
+            );
+        }
+    }
+
+    #[test]
+    fn abandoned_requests_counted_late_keep_the_gcra_spacing(
+        count in 1u32..12,
+        burst in 1u32..6,
+        period_ms in 50u64..2_000,
+        margin_ms in 0u64..20,
+        hold_ms in 0u64..3_000,
+        (arrivals, rtts, at) in arrivals_and_rtts(),
+        gives_up in prop::collection::vec(prop::option::weighted(0.3, 0u64..400), 1..40),
+    ) {
+        let rate = rate(Quota::new(count, Duration::from_millis(period_ms)).with_burst(burst), margin_ms);
+        let gives_up: Vec<_> = gives_up.iter().cycle().take(arrivals.len()).map(|g| g.map(|g| g * MS)).collect();
+        let sent = simulate(&rate, &arrivals, &rtts, &gives_up, hold_ms * MS);
         let times = server_times(&sent, &at);
         let b = burst as u64;
         for i in 0..times.len() {
@@ -273,7 +402,7 @@ proptest! {
         let rate = rate(Quota::new(count, Duration::from_secs(1)), 0);
         let arrivals = vec![0; count as usize * bursts];
         let rtts = vec![0; arrivals.len()];
-        let sent = simulate(&rate, &arrivals, &rtts);
+        let sent = simulate(&rate, &arrivals, &rtts, &[], 0);
         for (i, &(s, _)) in sent.iter().enumerate() {
             prop_assert_eq!(s, (i / count as usize) as u64 * SEC);
         }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use super::Wait;
+use super::{Pending, Wait};
 use crate::clock::Nanos;
 use crate::quota::Rate;
 
@@ -41,21 +41,24 @@ impl Window {
         &mut self,
         rate: &Rate,
         now: Nanos,
-        in_flight: u32,
-        ahead: u32,
+        pending: &Pending<'_>,
     ) -> Result<(), Wait> {
         self.expire(rate, now);
-        let holding = u64::from(in_flight) + self.answered.len() as u64 + u64::from(ahead);
+        let holding = pending.count() + self.answered.len() as u64;
         if holding < u64::from(rate.count) {
             return Ok(());
         }
-        // The `needed`-th place to free up is ours.
+        // The `needed`-th place to free up is ours: the answered requests free theirs first,
+        // then the pending ones at their answers.
         let needed = holding + 1 - u64::from(rate.count);
-        match usize::try_from(needed - 1)
+        if let Some(&at) = usize::try_from(needed - 1)
             .ok()
             .and_then(|i| self.answered.get(i))
         {
-            Some(&at) => Err(Wait::Until(held_until(rate, at))),
+            return Err(Wait::Until(held_until(rate, at)));
+        }
+        match pending.answer(needed - 1 - self.answered.len() as u64) {
+            Some(at) => Err(Wait::Until(held_until(rate, at))),
             None => Err(Wait::Response),
         }
     }

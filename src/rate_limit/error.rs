@@ -16,6 +16,14 @@ pub enum RateLimitError {
         /// The maximum wait that was configured.
         max_wait: Duration,
     },
+    /// The route's queue already holds as many waiting requests as it may (see
+    /// [`Builder::max_queue`](super::Builder::max_queue)).
+    QueueFull {
+        /// The route the request fell under (its pattern, or `"default"`).
+        route: Arc<str>,
+        /// The most requests the route's queue holds.
+        max_queue: usize,
+    },
 }
 
 impl fmt::Display for RateLimitError {
@@ -29,6 +37,11 @@ impl fmt::Display for RateLimitError {
                 f,
                 "rate limit of route `{route}`: the request would wait at least {wait:?}, \
                  longer than the maximum of {max_wait:?}"
+            ),
+            Self::QueueFull { route, max_queue } => write!(
+                f,
+                "rate limit of route `{route}`: {max_queue} requests already wait for their \
+                 turn, as many as its queue holds"
             ),
         }
     }

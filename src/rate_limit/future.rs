@@ -10,10 +10,10 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::error::RateLimitError;
-use super::remote::{Outcome, SharedTurn};
+use super::remote::{Outcome, Release, SharedPlace, SharedTurn};
 use super::state::{lock, Permit, Ticket, Turn};
 use crate::clock::{nanos, Nanos};
-use crate::store::{FailMode, Op};
+use crate::store::FailMode;
 use crate::BoxError;
 
 pin_project! {
@@ -33,43 +33,61 @@ pin_project! {
 }
 
 /// What a request that is not sent at once keeps aside.
-#[allow(clippy::large_enum_variant)] // boxed as a whole, and made once per request
-enum Aside<S, B> {
-    /// Waiting in the route's queue.
-    Queued(Queued<S, B>),
-    /// Asking the shared store for its turn, then holding its place there.
-    Shared(SharedTurn<S, B>),
+struct Aside<S, B> {
+    /// Its own clone of the inner service, driven ready only once its turn has come, and the
+    /// request; until it is sent.
+    call: Option<(S, Request<B>)>,
+    turn: TurnIn,
 }
 
-fn queued<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<&mut Queued<S, B>> {
-    match aside.as_deref_mut() {
-        Some(Aside::Queued(queued)) => Some(queued),
-        _ => None,
-    }
+/// Where a request that is not sent at once gets its turn.
+#[allow(clippy::large_enum_variant)] // boxed with the rest of `Aside`, once per request
+enum TurnIn {
+    /// The route's queue in this process.
+    Queue(Queued),
+    /// The shared store, where it then holds its place.
+    Store(SharedTurn),
+    /// Its place is taken in this process: the future's permit holds it.
+    Taken,
 }
 
-fn shared<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<&mut SharedTurn<S, B>> {
-    match aside.as_deref_mut() {
-        Some(Aside::Shared(turn)) => Some(turn),
-        _ => None,
-    }
-}
-
-fn take_queued<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<Queued<S, B>> {
-    match aside.take().map(|aside| *aside) {
-        Some(Aside::Queued(queued)) => Some(queued),
-        _ => None,
-    }
-}
-
-/// A request waiting for its turn, with the service that will send it.
-struct Queued<S, B> {
-    inner: S,
-    request: Request<B>,
+/// A request waiting in its route's queue.
+struct Queued {
     ticket: Ticket,
     max_wait: Option<Duration>,
     /// When the maximum wait runs out, if there is one.
     deadline: Option<Nanos>,
+}
+
+impl Queued {
+    fn new(ticket: Ticket, max_wait: Option<Duration>) -> Self {
+        Self {
+            deadline: max_wait.map(|max| ticket.since.saturating_add(nanos(max))),
+            ticket,
+            max_wait,
+        }
+    }
+}
+
+fn queued<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<&mut Queued> {
+    match aside.as_deref_mut() {
+        Some(Aside {
+            turn: TurnIn::Queue(queued),
+            ..
+        }) => Some(queued),
+        _ => None,
+    }
+}
+
+/// The place a sent request holds in the shared store, taken to be given back.
+fn store_place<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<SharedPlace> {
+    match aside.as_deref_mut() {
+        Some(Aside {
+            turn: TurnIn::Store(turn),
+            ..
+        }) => turn.place.take(),
+        _ => None,
+    }
 }
 
 pin_project! {
@@ -82,11 +100,13 @@ pin_project! {
         Waiting { sleep: Pin<Box<Sleep>> },
         // Asking the shared store for its turn.
         Shared,
+        // Its turn has come: holding its place while it drives its own service ready.
+        Readying,
         // Sent.
         Called { #[pin] future: F },
         // Answered; giving its place in the shared store back before answering (boxed: only
         // a layer with a shared store comes here).
-        Releasing { op: Op, answer: Option<Box<A>> },
+        Releasing { release: Release, answer: Option<Box<A>> },
         // Given back unsent.
         Failed { error: Option<RateLimitError> },
     }
@@ -104,10 +124,13 @@ where
         }
     }
 
-    pub(crate) fn shared(turn: SharedTurn<S, B>) -> Self {
+    pub(crate) fn shared(inner: S, request: Request<B>, turn: SharedTurn) -> Self {
         Self {
             state: State::Shared,
-            aside: Some(Box::new(Aside::Shared(turn))),
+            aside: Some(Box::new(Aside {
+                call: Some((inner, request)),
+                turn: TurnIn::Store(turn),
+            })),
             permit: None,
         }
     }
@@ -120,26 +143,26 @@ where
     ) -> Self {
         Self {
             state: State::Queued,
-            aside: Some(Box::new(Aside::Queued(Queued {
-                inner,
-                request,
-                deadline: max_wait.map(|max| ticket.since.saturating_add(nanos(max))),
-                ticket,
-                max_wait,
-            }))),
+            aside: Some(Box::new(Aside {
+                call: Some((inner, request)),
+                turn: TurnIn::Queue(Queued::new(ticket, max_wait)),
+            })),
             permit: None,
         }
     }
 
     pub(crate) fn too_long(route: Arc<str>, wait: Duration, max_wait: Duration) -> Self {
+        Self::refused(RateLimitError::WaitTooLong {
+            route,
+            wait,
+            max_wait,
+        })
+    }
+
+    /// Returned at once, unsent.
+    pub(crate) fn refused(error: RateLimitError) -> Self {
         Self {
-            state: State::Failed {
-                error: Some(RateLimitError::WaitTooLong {
-                    route,
-                    wait,
-                    max_wait,
-                }),
-            },
+            state: State::Failed { error: Some(error) },
             aside: None,
             permit: None,
         }
@@ -173,10 +196,13 @@ where
 fn settle<ResBody, E>(permit: Permit, result: &Result<Response<ResBody>, E>) {
     match result {
         Ok(response) => permit.finish(response),
-        // The server may have counted it: the drop gives the place back from now, like a
-        // response.
+        // The server may have counted it: the drop gives the place back as abandoned.
         Err(_) => drop(permit),
     }
+}
+
+fn invalid<T>() -> Poll<Result<T, BoxError>> {
+    Poll::Ready(Err("rate limit future in an invalid state".into()))
 }
 
 impl<S, B, ResBody> ResponseFuture<S, B>
@@ -184,7 +210,8 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
-    /// Everything else: waiting for a turn, asking a shared store, giving a place back there.
+    /// Everything else: waiting for a turn, asking a shared store, readying the service,
+    /// giving a place back there.
     #[inline(never)]
     fn poll_slow(
         self: Pin<&mut Self>,
@@ -197,18 +224,19 @@ where
                     let result = ready!(future.poll(cx));
                     if let Some(permit) = this.permit.take() {
                         settle(permit, &result);
-                    } else if let Some(place) = shared(this.aside).and_then(|t| t.place.take()) {
-                        let op = place.finish(result.as_ref().ok());
+                    } else if let Some(place) = store_place(this.aside) {
+                        let release = place.finish(result.as_ref().ok());
+                        *this.aside = None;
                         this.state.set(State::Releasing {
-                            op,
+                            release,
                             answer: Some(Box::new(result)),
                         });
                         continue;
                     }
                     return Poll::Ready(result.map_err(Into::into));
                 }
-                StateProj::Releasing { op, answer } => {
-                    if let Err(error) = ready!(Pin::new(op).poll(cx)) {
+                StateProj::Releasing { release, answer } => {
+                    if let Err(error) = ready!(Pin::new(release).poll(cx)) {
                         tracing::debug!(%error, "a place could not be given back: it expires with its lease");
                     }
                     return Poll::Ready(match answer.take() {
@@ -216,82 +244,98 @@ where
                         None => Err("rate limit future polled after completion".into()),
                     });
                 }
-                StateProj::Shared => {
-                    let Some(turn) = shared(this.aside) else {
-                        return Poll::Ready(Err("rate limit future in an invalid state".into()));
-                    };
-                    let outcome = ready!(turn.poll_turn(cx));
-                    if let Outcome::Admitted(place) = outcome {
-                        turn.place = Some(place);
-                        let Some((mut inner, request)) = turn.call.take() else {
-                            return Poll::Ready(
-                                Err("rate limit future in an invalid state".into()),
-                            );
-                        };
-                        this.state.set(State::Called {
-                            future: inner.call(request),
-                        });
-                        continue;
-                    }
-                    let Some(Aside::Shared(mut turn)) = this.aside.take().map(|a| *a) else {
-                        return Poll::Ready(Err("rate limit future in an invalid state".into()));
-                    };
-                    match outcome {
-                        Outcome::Admitted(_) => {}
-                        Outcome::TooLong(error) => {
-                            this.state.set(State::Failed { error: None });
-                            return Poll::Ready(Err(error.into()));
-                        }
-                        Outcome::Failed(error) => {
-                            if turn.store().fail_mode() == FailMode::Closed {
-                                this.state.set(State::Failed { error: None });
-                                return Poll::Ready(Err(error.into()));
-                            }
-                            tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
-                            let Some((mut inner, request)) = turn.call.take() else {
-                                return Poll::Ready(Err(
-                                    "rate limit future in an invalid state".into()
-                                ));
-                            };
-                            let SharedTurn {
-                                handle,
-                                route,
-                                max_wait,
-                                ..
-                            } = turn;
-                            let mut state = lock(&handle.routes[route].state);
-                            if let Some(permit) = Permit::try_acquire(&handle, &mut state, route) {
-                                drop(state);
-                                *this.permit = Some(permit);
-                                this.state.set(State::Called {
-                                    future: inner.call(request),
-                                });
-                            } else {
-                                let now = state.now(&handle.clock);
-                                let ticket = Ticket::join(&handle, &mut state, route, now);
-                                drop(state);
-                                *this.aside = Some(Box::new(Aside::Queued(Queued {
-                                    inner,
-                                    request,
-                                    deadline: max_wait
-                                        .map(|max| ticket.since.saturating_add(nanos(max))),
-                                    ticket,
-                                    max_wait,
-                                })));
-                                this.state.set(State::Queued);
-                            }
-                        }
-                    }
-                }
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(match error.take() {
                         Some(error) => error.into(),
                         None => "rate limit future polled after completion".into(),
                     }));
                 }
+                StateProj::Readying => {
+                    let Some(aside) = this.aside.as_deref_mut() else {
+                        return invalid();
+                    };
+                    let Some((inner, _)) = aside.call.as_mut() else {
+                        return invalid();
+                    };
+                    if let Err(error) = ready!(inner.poll_ready(cx)) {
+                        // Never sent: its place is given back entirely.
+                        *this.permit = None;
+                        *this.aside = None;
+                        this.state.set(State::Failed { error: None });
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    let Some((mut inner, request)) = aside.call.take() else {
+                        return invalid();
+                    };
+                    if let TurnIn::Store(turn) = &mut aside.turn {
+                        if let Some(place) = turn.place.as_mut() {
+                            place.sent();
+                        }
+                    } else if let Some(permit) = this.permit.as_mut() {
+                        permit.sent();
+                    }
+                    let future = inner.call(request);
+                    if !matches!(aside.turn, TurnIn::Store(_)) {
+                        *this.aside = None;
+                    }
+                    this.state.set(State::Called { future });
+                }
+                StateProj::Shared => {
+                    let Some(aside) = this.aside.as_deref_mut() else {
+                        return invalid();
+                    };
+                    let TurnIn::Store(turn) = &mut aside.turn else {
+                        return invalid();
+                    };
+                    match ready!(turn.poll_turn(cx)) {
+                        Outcome::Admitted(place) => {
+                            turn.place = Some(place);
+                            this.state.set(State::Readying);
+                        }
+                        Outcome::Refused(error) => {
+                            *this.aside = None;
+                            this.state.set(State::Failed { error: None });
+                            return Poll::Ready(Err(error.into()));
+                        }
+                        Outcome::Failed(error) => {
+                            if turn.store().fail_mode() == FailMode::Closed {
+                                *this.aside = None;
+                                this.state.set(State::Failed { error: None });
+                                return Poll::Ready(Err(error.into()));
+                            }
+                            tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
+                            let (handle, route) = (turn.handle.clone(), turn.route);
+                            let max_wait = turn.max_wait;
+                            let max_queue = handle.config.max_queue;
+                            let mut state = lock(&handle.routes[route].state);
+                            if let Some(permit) = Permit::try_acquire(&handle, &mut state, route) {
+                                drop(state);
+                                *this.permit = Some(permit.unsent());
+                                aside.turn = TurnIn::Taken;
+                                this.state.set(State::Readying);
+                            } else if let Some(max_queue) = state.queue_full(max_queue) {
+                                drop(state);
+                                let route = handle.routes[route].name.clone();
+                                *this.aside = None;
+                                this.state.set(State::Failed { error: None });
+                                return Poll::Ready(Err(RateLimitError::QueueFull {
+                                    route,
+                                    max_queue,
+                                }
+                                .into()));
+                            } else {
+                                let now = state.now(&handle.clock);
+                                let ticket = Ticket::join(&handle, &mut state, route, now);
+                                drop(state);
+                                aside.turn = TurnIn::Queue(Queued::new(ticket, max_wait));
+                                this.state.set(State::Queued);
+                            }
+                        }
+                    }
+                }
                 StateProj::Queued => {
                     let Some(queued) = queued(this.aside) else {
-                        return Poll::Ready(Err("rate limit future in an invalid state".into()));
+                        return invalid();
                     };
                     let deadline = queued
                         .ticket
@@ -303,19 +347,16 @@ where
                 }
                 StateProj::Waiting { sleep } => {
                     let Some(queued) = queued(this.aside) else {
-                        return Poll::Ready(Err("rate limit future in an invalid state".into()));
+                        return invalid();
                     };
                     match queued.ticket.poll_turn(cx) {
                         Turn::Admitted(permit) => {
-                            if let Some(queued) = take_queued(this.aside) {
-                                let Queued {
-                                    mut inner, request, ..
-                                } = queued;
-                                *this.permit = Some(permit);
-                                this.state.set(State::Called {
-                                    future: inner.call(request),
-                                });
+                            *this.permit = Some(permit);
+                            if let Some(aside) = this.aside.as_deref_mut() {
+                                // Out of the queue: the ticket has nothing left to do.
+                                aside.turn = TurnIn::Taken;
                             }
+                            this.state.set(State::Readying);
                         }
                         Turn::Wait(turn) => {
                             let clock = *queued.ticket.clock();
@@ -367,7 +408,7 @@ where
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("aside", &self.aside.is_some())
-            .field("sent", &self.permit.is_some())
+            .field("permit", &self.permit.is_some())
             .finish()
     }
 }

@@ -87,6 +87,8 @@ impl<F> fmt::Debug for Reject<F> {
 #[derive(Debug, Clone)]
 pub struct WaitConfig {
     pub(crate) max_wait: Option<Duration>,
+    pub(crate) max_queue: Option<usize>,
+    pub(crate) abandoned_hold: Duration,
     learn: Learn,
     pub(crate) store: Option<Remote>,
 }
@@ -197,6 +199,8 @@ impl RateLimitByRoute<Wait> {
             margin: None,
             config: WaitConfig {
                 max_wait: None,
+                max_queue: None,
+                abandoned_hold: Duration::from_secs(60),
                 learn: Learn {
                     enabled: true,
                     backoff: Duration::from_secs(1),
@@ -278,6 +282,34 @@ impl Builder<WaitConfig> {
     /// when the maximum runs out. Default: no maximum.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.config.max_wait = Some(max_wait);
+        self
+    }
+
+    /// The most requests that may wait for their turn on one route at once (in this process,
+    /// with or without a store). A request that would have to wait while that many already
+    /// do is returned at once with
+    /// [`RateLimitError::QueueFull`](super::RateLimitError::QueueFull), unsent; `0` returns
+    /// every request that would have to wait. Default: no maximum, so the queue grows with
+    /// the requests the program makes (each waiting request holds its own request and a
+    /// clone of the inner service).
+    pub fn max_queue(mut self, max_queue: usize) -> Self {
+        self.config.max_queue = Some(max_queue);
+        self
+    }
+
+    /// How long a request given up on after it was sent (its response future dropped, or a
+    /// transport error) keeps holding its place as if still in flight; after that it counts
+    /// as answered then, and holds its place for the quota's period (or emission interval)
+    /// from then, as an answered request does. Default: 60 s.
+    ///
+    /// The server may count such a request late: a stalled or queueing server still has it
+    /// after the client has given up. A server that counts an abandoned request no later than
+    /// `abandoned_hold` after the client gave up on it never sees more than the quota; one
+    /// that counts it later may. A longer hold covers slower servers, at the price of places
+    /// held longer after each timeout or transport error. `Duration::ZERO` counts an abandoned
+    /// request as answered at once.
+    pub fn abandoned_hold(mut self, hold: Duration) -> Self {
+        self.config.abandoned_hold = hold;
         self
     }
 
@@ -536,9 +568,14 @@ pub struct RouteSnapshot {
     pub remaining: u32,
     /// When the next request could go.
     pub next: NextAdmission,
-    /// Requests sent and not yet answered.
+    /// Requests holding a place with no answer yet: sent (or admitted and readying their
+    /// service), and the abandoned ones still held.
     pub in_flight: u32,
-    /// Requests waiting for their turn.
+    /// Requests given up on after they were sent, held as in flight until their hold ends
+    /// (see [`Builder::abandoned_hold`]).
+    pub abandoned: u32,
+    /// Requests of this process waiting for their turn (in the route's queue, or in a shared
+    /// store).
     pub waiters: usize,
 }
 
@@ -592,7 +629,8 @@ impl RateLimitByRoute<Wait> {
                     remaining: state.limiter.remaining(&rate, now),
                     next,
                     in_flight: state.limiter.in_flight(),
-                    waiters: state.waiters.len(),
+                    abandoned: state.limiter.abandoned(),
+                    waiters: state.waiting(),
                 }
             })
             .collect()

@@ -46,6 +46,34 @@
 //! # }
 //! ```
 //!
+//! # Client mode: readiness, queues, abandoned requests
+//!
+//! `poll_ready` forwards to the inner service, and means what the inner service's does: it
+//! says nothing about quotas. The route, and so the quota, is only known from the request,
+//! so a request that must wait for its turn waits inside its response future, never in
+//! `poll_ready`.
+//!
+//! A request sent at once is sent with the service the caller drove ready. A request that
+//! waits (in its route's queue, or asking a shared store) holds no service driven ready: it
+//! keeps a clone of the inner service of its own, and the readiness the caller reserved (a
+//! slot of tower's `Buffer`, a permit of its `ConcurrencyLimit`) is given back at the call.
+//! When its turn comes it drives its clone ready, holding its place meanwhile, then sends.
+//! So requests waiting on an exhausted route never stop those of another route, whatever
+//! reserves capacity below the layer. If the inner service fails to get ready, the request
+//! is returned with that error, and its place is given back as if never taken (it was never
+//! sent); the same when the future is dropped before the request was sent.
+//!
+//! Each route's queue is first come, first served, and unbounded by default: every waiting
+//! request holds its request and a clone of the inner service. [`Builder::max_queue`] bounds
+//! it; a request that would have to wait while the queue is full is returned at once with
+//! [`RateLimitError::QueueFull`], and one that would wait longer than [`Builder::max_wait`]
+//! with [`RateLimitError::WaitTooLong`].
+//!
+//! A request given up on after its send (its future dropped, or a transport error) may still
+//! be counted by a stalled or queueing server. It keeps its place as in flight for
+//! [`Builder::abandoned_hold`] (60 s by default), then as answered then: a server that counts
+//! it no later than that after the client gave up never sees more than the quota.
+//!
 //! # Deploying server mode
 //!
 //! A limiter in front of a public API is attacked, so server mode assumes the worst of what it

@@ -1,19 +1,23 @@
 //! Client mode over a shared store: a request takes its place in the store, waiting across
 //! processes for its turn, and gives it back when its response arrives.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 
 use super::error::RateLimitError;
-use super::state::{ClientHandle, Learn};
+use super::state::{lock, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::quota::Rate;
 use crate::store::{Asking, Decision, Op, Remote, StoreError};
 
-/// A place held in the shared store. Dropping it (a transport error, an abandoned request)
-/// gives it back from then, like a response.
+/// A place held in the shared store. Dropped after its request was sent (an abandoned
+/// request), it is held as in flight for the abandoned hold, then as answered, as after a
+/// transport error; dropped before (the request was dropped, or its service failed to get
+/// ready), it is given back entirely.
 #[derive(Debug)]
 pub(crate) struct SharedPlace {
     store: Remote,
@@ -21,43 +25,96 @@ pub(crate) struct SharedPlace {
     member: String,
     rate: Rate,
     learn: Learn,
+    /// How long it is held as in flight once abandoned.
+    hold: Duration,
+    sent: bool,
     released: bool,
 }
 
 impl SharedPlace {
-    /// The answer is in (a response, or `None` for a transport error): give the place back,
-    /// learning what the server says. The request awaits the returned operation before it
-    /// answers its caller: a release left to run in the background could be lost with its
-    /// runtime, and the place would stay taken for the whole fleet until its lease ran out.
-    pub(crate) fn finish<B>(mut self, response: Option<&Response<B>>) -> Op {
+    /// The request is being sent.
+    pub(crate) fn sent(&mut self) {
+        self.sent = true;
+    }
+
+    /// The answer is in (a response, or `None` for a transport error, which abandons the
+    /// request): give the place back, learning what the server says. The request awaits the
+    /// returned operation before it answers its caller: a release left to run in the
+    /// background could be lost with its runtime, and the place would stay taken for the
+    /// whole fleet until its lease ran out.
+    pub(crate) fn finish<B>(mut self, response: Option<&Response<B>>) -> Release {
+        self.released = true;
+        let op = match response {
+            Some(response) => self.release_op(response),
+            None => self
+                .store
+                .abandon_op(&self.key, &self.member, &self.rate, self.hold),
+        };
+        Release {
+            op: Some(op),
+            store: self.store.clone(),
+        }
+    }
+
+    fn release_op<B>(&self, response: &Response<B>) -> Op {
         let mut block = Duration::ZERO;
-        let refused = response.filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS);
-        if let (true, Some(response)) = (self.learn.enabled, refused) {
+        if self.learn.enabled && response.status() == StatusCode::TOO_MANY_REQUESTS {
             let wait = self
                 .learn
                 .refusal_wait(&self.key, response, std::time::SystemTime::now());
             // Closes the route for every process sharing the store.
             block = wait.min(Learn::cap(&self.rate));
         }
-        self.released = true;
         self.store
             .release_op(&self.key, &self.member, &self.rate, block)
     }
 }
 
+/// A place being given back in the shared store. Dropped before it is done (the caller gave
+/// up on the answer meanwhile), it finishes in the background rather than be lost.
+pub(crate) struct Release {
+    op: Option<Op>,
+    store: Remote,
+}
+
+impl Future for Release {
+    type Output = Result<Decision, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(op) = self.op.as_mut() else {
+            // Done already: nothing is left to give back.
+            return Poll::Ready(Ok(Decision::Admitted));
+        };
+        let done = std::task::ready!(Pin::new(op).poll(cx));
+        self.op = None;
+        Poll::Ready(done)
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            self.store.spawn(op);
+        }
+    }
+}
+
 impl Drop for SharedPlace {
     fn drop(&mut self) {
-        if !self.released {
+        if self.released {
+            return;
+        }
+        if self.sent {
             self.store
-                .release(&self.key, &self.member, &self.rate, Duration::ZERO);
+                .abandon(&self.key, &self.member, &self.rate, self.hold);
+        } else {
+            self.store.cancel(&self.key, &self.member, &self.rate);
         }
     }
 }
 
 /// A request asking the shared store for its turn.
-pub(crate) struct SharedTurn<S, B> {
-    /// The service and the request, until it is sent.
-    pub(crate) call: Option<(S, Request<B>)>,
+pub(crate) struct SharedTurn {
     /// The place, once the store gave one.
     pub(crate) place: Option<SharedPlace>,
     pub(crate) handle: ClientHandle,
@@ -70,20 +127,20 @@ pub(crate) struct SharedTurn<S, B> {
     learn: Learn,
     since: Nanos,
     asking: Asking,
+    /// Counted among the route's waiters (once the store has said it must wait).
+    queued: bool,
 }
 
 /// How a turn in the shared store ended.
 pub(crate) enum Outcome {
     Admitted(SharedPlace),
-    TooLong(RateLimitError),
+    /// Returned unsent: it would wait too long, or too many already wait.
+    Refused(RateLimitError),
     Failed(StoreError),
 }
 
-impl<S, B> SharedTurn<S, B> {
-    #[allow(clippy::too_many_arguments)]
+impl SharedTurn {
     pub(crate) fn new(
-        inner: S,
-        request: Request<B>,
         handle: ClientHandle,
         route: usize,
         store: Remote,
@@ -96,7 +153,6 @@ impl<S, B> SharedTurn<S, B> {
         let asking = Asking::new(&store, || store.acquire(&key, &member, &rate, false));
         let since = handle.clock.now();
         Self {
-            call: Some((inner, request)),
             place: None,
             handle,
             route,
@@ -108,6 +164,31 @@ impl<S, B> SharedTurn<S, B> {
             learn,
             since,
             asking,
+            queued: false,
+        }
+    }
+
+    /// Joins the route's waiters, unless they are as many as its queue holds.
+    fn join_queue(&mut self) -> Result<(), RateLimitError> {
+        if self.queued {
+            return Ok(());
+        }
+        let route = &self.handle.routes[self.route];
+        let mut state = lock(&route.state);
+        if let Some(max_queue) = state.queue_full(self.handle.config.max_queue) {
+            let route = route.name.clone();
+            return Err(RateLimitError::QueueFull { route, max_queue });
+        }
+        state.store_waiters += 1;
+        self.queued = true;
+        Ok(())
+    }
+
+    fn leave_queue(&mut self) {
+        if self.queued {
+            self.queued = false;
+            let mut state = lock(&self.handle.routes[self.route].state);
+            state.store_waiters -= 1;
         }
     }
 
@@ -121,19 +202,28 @@ impl<S, B> SharedTurn<S, B> {
         loop {
             if let Some(answer) = std::task::ready!(self.asking.poll_answer(cx)) {
                 let wait = match answer {
-                    Err(error) => return Poll::Ready(Outcome::Failed(error)),
+                    Err(error) => {
+                        self.leave_queue();
+                        return Poll::Ready(Outcome::Failed(error));
+                    }
                     Ok(Decision::Admitted) => {
+                        self.leave_queue();
                         return Poll::Ready(Outcome::Admitted(SharedPlace {
                             store: self.store.clone(),
                             key: std::mem::take(&mut self.key),
                             member: std::mem::take(&mut self.member),
                             rate: self.rate,
                             learn: self.learn,
+                            hold: self.handle.config.abandoned_hold,
+                            sent: false,
                             released: false,
-                        }))
+                        }));
                     }
                     Ok(Decision::Wait(wait)) => wait,
                 };
+                if let Err(full) = self.join_queue() {
+                    return Poll::Ready(Outcome::Refused(full));
+                }
                 let clock = self.handle.clock;
                 let now = clock.now();
                 let turn = wait.map(|wait| now.saturating_add(nanos(wait)));
@@ -144,7 +234,8 @@ impl<S, B> SharedTurn<S, B> {
                     let known_late = turn.is_some_and(|turn| turn > deadline);
                     if known_late || now >= deadline {
                         let until = turn.unwrap_or(now).max(now);
-                        return Poll::Ready(Outcome::TooLong(RateLimitError::WaitTooLong {
+                        self.leave_queue();
+                        return Poll::Ready(Outcome::Refused(RateLimitError::WaitTooLong {
                             route: self.handle.routes[self.route].name.clone(),
                             wait: Duration::from_nanos(until - self.since),
                             max_wait,
@@ -160,5 +251,11 @@ impl<S, B> SharedTurn<S, B> {
                 .asking
                 .poll_again(store, cx, || store.acquire(key, member, rate, false)));
         }
+    }
+}
+
+impl Drop for SharedTurn {
+    fn drop(&mut self) {
+        self.leave_queue();
     }
 }

@@ -225,6 +225,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
     where
         S: Service<Request<B>>,
     {
+        let inner = self.waiting_inner();
         let shared = &self.mode.0;
         let config = &shared.config;
         let Some(store) = &config.store else {
@@ -238,7 +239,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
         let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
         let op = store.acquire(&name, &store.member(), &route.rate(), true);
         RejectFuture::store(StoreHit {
-            inner: self.inner.clone(),
+            inner,
             request: Some(request),
             op,
             layer: Reject(shared.clone()),

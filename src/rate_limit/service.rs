@@ -3,6 +3,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
+use super::error::RateLimitError;
 use super::future::ResponseFuture;
 use super::layer::Wait;
 use super::remote::SharedTurn;
@@ -13,7 +14,9 @@ use crate::BoxError;
 /// The service made by a [`RateLimitByRoute`](super::RateLimitByRoute) layer.
 ///
 /// `poll_ready` forwards to the inner service: which quota a request needs is only known from
-/// the request, so waiting happens in the response future.
+/// the request, so waiting happens in the response future. In client mode a request that
+/// waits does so with a clone of the inner service that it drives ready when its turn comes
+/// (see [the module docs](super#client-mode-readiness-queues-abandoned-requests)).
 #[derive(Debug, Clone)]
 pub struct RateLimitByRouteService<S, M = Wait> {
     pub(super) inner: S,
@@ -68,6 +71,12 @@ where
             drop(state);
             return ResponseFuture::called(self.inner.call(request), Some(permit));
         }
+        if let Some(max_queue) = state.queue_full(shared.config.max_queue) {
+            drop(state);
+            let route = shared.routes[route].name.clone();
+            unready(&mut self.inner);
+            return ResponseFuture::refused(RateLimitError::QueueFull { route, max_queue });
+        }
         let now = state.now(&shared.clock);
         let max_wait = shared.config.max_wait;
         if let Some(max_wait) = max_wait {
@@ -79,6 +88,7 @@ where
                 .saturating_sub(now);
             if wait > crate::clock::nanos(max_wait) {
                 drop(state);
+                unready(&mut self.inner);
                 return ResponseFuture::too_long(
                     shared.routes[route].name.clone(),
                     std::time::Duration::from_nanos(wait),
@@ -88,7 +98,7 @@ where
         }
         let ticket = Ticket::join(shared, &mut state, route, now);
         drop(state);
-        ResponseFuture::queued(self.take_inner(), request, ticket, max_wait)
+        ResponseFuture::queued(self.waiting_inner(), request, ticket, max_wait)
     }
 }
 
@@ -108,20 +118,27 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
         let handle = self.mode.0.clone();
         let rate = lock(&handle.routes[route].state).rate;
         let (learn, max_wait) = (handle.routes[route].learn, handle.config.max_wait);
-        let inner = self.take_inner();
-        ResponseFuture::shared(SharedTurn::new(
-            inner, request, handle, route, store, rate, learn, max_wait,
-        ))
+        let inner = self.waiting_inner();
+        let turn = SharedTurn::new(handle, route, store, rate, learn, max_wait);
+        ResponseFuture::shared(inner, request, turn)
     }
 }
 
+/// Gives back what the caller's `poll_ready` reserved, for a call that sends nothing now:
+/// swaps the service for a clone, which has not been driven ready.
+fn unready<S: Clone>(inner: &mut S) {
+    *inner = inner.clone();
+}
+
 impl<S: Clone, M> RateLimitByRouteService<S, M> {
-    /// The request waits for its turn (or the store's verdict) inside the future, which needs
-    /// a service to call then. Takes the one that was driven to readiness and leaves a clone
-    /// in its place (the clone has not been polled ready; the next caller's `poll_ready` does
-    /// that).
-    fn take_inner(&mut self) -> S {
-        let clone = self.inner.clone();
-        std::mem::replace(&mut self.inner, clone)
+    /// The service a request that waits (for its turn, or the store's verdict) will call: a
+    /// clone of its own, not driven ready, which it drives ready when its turn comes. The
+    /// service the caller drove ready gives back what that readiness reserved (a `Buffer`
+    /// slot, a `ConcurrencyLimit` permit) for the wait; the caller's next `poll_ready`
+    /// reserves again.
+    pub(super) fn waiting_inner(&mut self) -> S {
+        let waiting = self.inner.clone();
+        unready(&mut self.inner);
+        waiting
     }
 }

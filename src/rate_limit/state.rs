@@ -78,6 +78,8 @@ pub(crate) struct ClientState {
     /// Requests waiting for their turn, first come first served. Tickets only grow, so the
     /// queue is sorted by ticket.
     pub(crate) waiters: VecDeque<Waiter>,
+    /// Requests of this process waiting for their turn in a shared store.
+    pub(crate) store_waiters: usize,
     next_ticket: u64,
     /// The latest time recorded under this lock. Time only moves forward, and admission only
     /// gets easier as it does, so a request that the limiter admits at this time may go
@@ -97,6 +99,7 @@ impl ClientState {
             limiter: Limiter::new(&rate),
             rate,
             waiters: VecDeque::new(),
+            store_waiters: 0,
             next_ticket: 0,
             last_seen: 0,
         }
@@ -114,6 +117,16 @@ impl ClientState {
     pub(crate) fn seen(&mut self, now: Nanos) -> Nanos {
         self.last_seen = self.last_seen.max(now);
         self.last_seen
+    }
+
+    /// Requests of this process waiting for their turn, here or in a shared store.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiters.len() + self.store_waiters
+    }
+
+    /// The route's queue is full: `max_queue` when that many already wait.
+    pub(crate) fn queue_full(&self, max_queue: Option<usize>) -> Option<usize> {
+        max_queue.filter(|&max| self.waiting() >= max)
     }
 
     /// Wakes the request at the head of the queue, whose turn may have come.
@@ -206,7 +219,7 @@ impl Ticket {
                     return Turn::Admitted(Permit {
                         shared: self.shared.clone(),
                         route: self.route,
-                        released: false,
+                        stage: Stage::Unsent,
                     });
                 }
                 Err(Wait::Until(at)) => wait = Some(at),
@@ -250,18 +263,32 @@ impl Drop for Ticket {
     }
 }
 
-/// A place held by a request that has been sent. It is given back when the response arrives,
-/// or when the request is abandoned (the future dropped, or a transport error): the server
-/// may have counted it either way, so it holds its place for the route's period from then.
+/// A place held by a request. Taken for a request about to be sent, or one whose turn came
+/// and which is readying its own service; then held by the request sent.
+///
+/// Given back when the response arrives, as answered then; when the request is abandoned
+/// after its send (the future dropped, or a transport error), as in flight for the layer's
+/// abandoned hold and then answered, since the server may still count it; and entirely, as
+/// if never taken, when the request is dropped or its service fails before it was sent.
 #[derive(Debug)]
 pub(crate) struct Permit {
     shared: ClientHandle,
     route: usize,
-    released: bool,
+    stage: Stage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Not sent yet: its service is being readied.
+    Unsent,
+    Sent,
+    /// Given back.
+    Settled,
 }
 
 impl Permit {
-    /// Admits a request at once if nobody is queued for its route and the quota allows.
+    /// Admits a request at once, to be sent at once, if nobody is queued for its route and
+    /// the quota allows.
     pub(crate) fn try_acquire(
         shared: &ClientHandle,
         state: &mut ClientState,
@@ -278,40 +305,64 @@ impl Permit {
         Some(Self {
             shared: shared.clone(),
             route,
-            released: false,
+            stage: Stage::Sent,
         })
+    }
+
+    /// The same place, for a request that still has its service to ready.
+    pub(crate) fn unsent(mut self) -> Self {
+        self.stage = Stage::Unsent;
+        self
+    }
+
+    /// The request is being sent.
+    pub(crate) fn sent(&mut self) {
+        self.stage = Stage::Sent;
     }
 
     /// The response is back: give the place back and learn what the server says.
     pub(crate) fn finish<B>(mut self, response: &Response<B>) {
         let route = &self.shared.routes[self.route];
-        if !route.learn.enabled
-            || (response.status() != StatusCode::TOO_MANY_REQUESTS && response.headers().is_empty())
-        {
-            return; // the drop gives the place back
-        }
         let answered = self.shared.clock.now();
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.seen(answered);
         state.limiter.release(&state.rate, now);
-        learn(&route.name, route.learn, state, response, now);
+        if route.learn.enabled
+            && (response.status() == StatusCode::TOO_MANY_REQUESTS
+                || !response.headers().is_empty())
+        {
+            learn(&route.name, route.learn, state, response, now);
+        }
         state.wake_head();
-        self.released = true;
+        self.stage = Stage::Settled;
+    }
+
+    /// Gives the place back without an answer.
+    #[cold]
+    #[inline(never)]
+    fn give_back(&mut self) {
+        let dropped = self.shared.clock.now();
+        let mut guard = lock(&self.shared.routes[self.route].state);
+        let state = &mut *guard;
+        let now = state.seen(dropped);
+        match self.stage {
+            Stage::Unsent => state.limiter.cancel(),
+            Stage::Sent => {
+                let hold = nanos(self.shared.config.abandoned_hold);
+                state.limiter.abandon(&state.rate, now, hold);
+            }
+            Stage::Settled => return,
+        }
+        state.wake_head();
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if self.released {
-            return;
+        if self.stage != Stage::Settled {
+            self.give_back();
         }
-        let answered = self.shared.clock.now();
-        let mut guard = lock(&self.shared.routes[self.route].state);
-        let state = &mut *guard;
-        let now = state.seen(answered);
-        state.limiter.release(&state.rate, now);
-        state.wake_head();
     }
 }
 

@@ -143,11 +143,19 @@ impl Remote {
         self.none()
     }
 
-    pub(crate) fn release(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) {}
-
     pub(crate) fn release_op(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) -> Op {
         self.none()
     }
+
+    pub(crate) fn abandon_op(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) -> Op {
+        self.none()
+    }
+
+    pub(crate) fn abandon(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) {}
+
+    pub(crate) fn cancel(&self, _: &str, _: &str, _: &crate::quota::Rate) {}
+
+    pub(crate) fn spawn(&self, _: Op) {}
 
     pub(crate) fn slot_acquire(&self, _: usize, _: Duration, _: &str) -> Op {
         self.none()

@@ -4,9 +4,10 @@
 --          (sliding window: every request holding a place; GCRA: requests in flight)
 -- KEYS[2]  GCRA's theoretical arrival time (microseconds)
 -- KEYS[3]  set while the route is closed by a server's 429
--- ARGV     op ('acquire' | 'hit' | 'release'), algorithm ('window' | 'gcra'), count,
---          period, margin, interval, burst, in-flight lease (all times in microseconds),
---          member, block (release: how long a 429 closes the route, 0 for none), channel
+-- ARGV     op ('acquire' | 'hit' | 'release' | 'abandon' | 'cancel'), algorithm ('window' |
+--          'gcra'), count, period, margin, interval, burst, in-flight lease (all times in
+--          microseconds), member, span (release: how long a 429 closes the route, 0 for none;
+--          abandon: how long the request is held as in flight), channel
 --
 -- Returns {admitted (1 or 0), wait in microseconds (-1: until a response)}.
 --
@@ -14,7 +15,9 @@
 -- place from its send until `period + margin` after its response (sliding window), or is
 -- counted one emission interval ahead while in flight and pushes the TAT one interval past
 -- its response (GCRA); a server's request (`hit`) is counted once, at once. A place held by a
--- request in flight expires after the lease, so a process that dies frees what it held.
+-- request in flight expires after the lease, so a process that dies frees what it held. A
+-- request given up on after its send (`abandon`) counts as answered at the end of its hold;
+-- one never sent (`cancel`) gives its place back as if it had never taken it.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -31,6 +34,46 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
+-- Keeps `key` at least `ms` longer, never shortening what an earlier hold asked for.
+local function extend(key, ms)
+  if redis.call('PTTL', key) < ms then
+    redis.call('PEXPIRE', key, ms)
+  end
+end
+
+-- How long a TAT must be kept: until it lies in the past, and the usual idle time.
+local function tat_ms(tat)
+  return math.max(idle_ms, math.ceil((tat - now) / 1000) + 1000)
+end
+
+if op == 'cancel' then
+  -- Admitted but never sent: the place is given back as if it had never been taken.
+  if redis.call('ZREM', holders, member) == 1 then
+    redis.call('PUBLISH', ARGV[11], 'released')
+  end
+  return {1, 0}
+end
+
+if op == 'abandon' then
+  -- Given up on after its send: the server may still count it until the hold ends, so it
+  -- holds its place as if answered then.
+  local answered = now + tonumber(ARGV[10])
+  if algorithm == 'window' then
+    if redis.call('ZSCORE', holders, member) then
+      local held = answered + period + margin
+      redis.call('ZADD', holders, int(held), member)
+      extend(holders, math.ceil((held - now) / 1000) + 1000)
+    end
+  elseif redis.call('ZREM', holders, member) == 1 then
+    -- Pushed now from the end of the hold: as safe as counting it in flight until then.
+    local tat = tonumber(redis.call('GET', tat_key) or '0')
+    tat = math.max(tat, answered + margin) + interval
+    redis.call('SET', tat_key, int(tat), 'PX', tat_ms(tat))
+  end
+  redis.call('PUBLISH', ARGV[11], 'released')
+  return {1, 0}
+end
+
 if op == 'release' then
   local block = tonumber(ARGV[10])
   if block > 0 then
@@ -42,12 +85,12 @@ if op == 'release' then
   if algorithm == 'window' then
     if redis.call('ZSCORE', holders, member) then
       redis.call('ZADD', holders, int(now + period + margin), member)
-      redis.call('PEXPIRE', holders, idle_ms)
+      extend(holders, idle_ms)
     end
   elseif redis.call('ZREM', holders, member) == 1 then
     local tat = tonumber(redis.call('GET', tat_key) or '0')
     tat = math.max(tat, now + margin) + interval
-    redis.call('SET', tat_key, int(tat), 'PX', idle_ms)
+    redis.call('SET', tat_key, int(tat), 'PX', tat_ms(tat))
   end
   redis.call('PUBLISH', ARGV[11], 'released')
   return {1, 0}
@@ -67,7 +110,7 @@ if algorithm == 'window' then
       hold = now + lease + period + margin
     end
     redis.call('ZADD', holders, int(hold), member)
-    redis.call('PEXPIRE', holders, idle_ms)
+    extend(holders, idle_ms)
     return {1, 0}
   end
   -- The (n - count + 1)-th place to free up is ours. One held by a request in flight frees
@@ -94,7 +137,7 @@ end
 local admit_at = tat - slack * interval
 if admit_at <= now then
   redis.call('ZADD', holders, int(now + lease), member)
-  redis.call('PEXPIRE', holders, idle_ms)
+  extend(holders, idle_ms)
   return {1, 0}
 end
 return {0, admit_at - now}

@@ -143,19 +143,32 @@ impl RedisStore {
         self.run(key, op, member, rate, Duration::ZERO)
     }
 
-    /// Gives back the place `member` holds at `key`, closing the limit for `block` if a
-    /// server asked so, in the background (for a request abandoned by its caller). A place
-    /// not given back expires with its lease.
-    pub(crate) fn release(&self, key: &str, member: &str, rate: &Rate, block: Duration) {
-        self.spawn(self.release_op(key, member, rate, block));
-    }
-
-    /// The same, as an operation to await.
+    /// Gives back the place `member` holds at `key` for a request answered now, closing the
+    /// limit for `block` if the server asked so.
     pub(crate) fn release_op(&self, key: &str, member: &str, rate: &Rate, block: Duration) -> Op {
         self.run(key, "release", member, rate, block)
     }
 
-    fn run(&self, key: &str, op: &'static str, member: &str, rate: &Rate, block: Duration) -> Op {
+    /// The place `member` holds at `key` is for a request given up on after its send: it is
+    /// held as in flight for `hold`, then as answered then.
+    pub(crate) fn abandon_op(&self, key: &str, member: &str, rate: &Rate, hold: Duration) -> Op {
+        self.run(key, "abandon", member, rate, hold)
+    }
+
+    /// The same, in the background (for a request dropped by its caller). A place whose
+    /// change never reaches the store expires with its lease.
+    pub(crate) fn abandon(&self, key: &str, member: &str, rate: &Rate, hold: Duration) {
+        self.spawn(self.abandon_op(key, member, rate, hold));
+    }
+
+    /// Gives back entirely, in the background, the place `member` took at `key` for a request
+    /// that was never sent.
+    pub(crate) fn cancel(&self, key: &str, member: &str, rate: &Rate) {
+        self.spawn(self.run(key, "cancel", member, rate, Duration::ZERO));
+    }
+
+    /// Runs the rate script; `span` is the release's block or the abandon's hold.
+    fn run(&self, key: &str, op: &'static str, member: &str, rate: &Rate, span: Duration) -> Op {
         let keys = vec![
             format!("{key}:held"),
             format!("{key}:tat"),
@@ -172,7 +185,7 @@ impl RedisStore {
             rate.burst.max(1).to_string(),
             micros(self.inner.lease),
             member.into(),
-            micros(block),
+            micros(span),
             self.inner.channel.clone(),
         ];
         self.invoke(&self.inner.script, keys, args)
@@ -244,7 +257,7 @@ impl RedisStore {
     }
 
     /// Runs `op` in the background, after the ones made before it.
-    fn spawn(&self, op: Op) {
+    pub(crate) fn spawn(&self, op: Op) {
         if self.inner.background.try_send(op).is_err() {
             tracing::debug!(
                 "too many changes wait for the store: this one is dropped, and its lease covers it"

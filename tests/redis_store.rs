@@ -365,6 +365,8 @@ async fn a_place_being_given_back_when_the_caller_gives_up_is_still_given_back()
     let store = RedisStore::builder(url)
         .prefix(unique_prefix("release"))
         .in_flight_lease(Duration::from_secs(20))
+        // A loaded machine must not turn the polls below into store timeouts.
+        .timeout(Duration::from_secs(5))
         .fail_mode(FailMode::Closed)
         .build()
         .unwrap();
@@ -486,6 +488,12 @@ async fn a_request_given_up_on_holds_its_place_in_the_store() {
 
 // ===== server mode: a fleet of axum servers enforcing one quota per client key =====
 
+fn ratelimit_remaining(headers: &HeaderMap) -> u32 {
+    let field = headers["ratelimit"].to_str().unwrap();
+    let r = field.split(';').find_map(|p| p.strip_prefix("r=")).unwrap();
+    r.parse().unwrap()
+}
+
 async fn limited_server(url: &str, prefix: &str, quota: Quota, fail_mode: FailMode) -> SocketAddr {
     let store = RedisStore::builder(url)
         .prefix(prefix)
@@ -539,7 +547,12 @@ async fn a_fleet_of_axum_servers_enforces_one_quota_per_key() {
         for i in 0..30 {
             let response = send_keyed(&client, fleet[i % 3], key).await;
             match response.status() {
-                StatusCode::OK => passed += 1,
+                StatusCode::OK => {
+                    passed += 1;
+                    // The fleet's count, not one server's, on every response.
+                    assert_eq!(ratelimit_remaining(response.headers()), 10 - passed);
+                    assert!(response.headers().contains_key("ratelimit-policy"));
+                }
                 StatusCode::TOO_MANY_REQUESTS => refused.push(retry_after(response.headers())),
                 other => panic!("unexpected {other}"),
             }
@@ -551,6 +564,100 @@ async fn a_fleet_of_axum_servers_enforces_one_quota_per_key() {
             "{refused:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_paced_by_the_store_states_what_remains() {
+    let (url, _server) = shared_redis();
+    let prefix = unique_prefix("servers-paced");
+    let quota = Quota::new(10, Duration::from_secs(60)).with_burst(3);
+    let fleet = [
+        limited_server(&url, &prefix, quota, FailMode::Closed).await,
+        limited_server(&url, &prefix, quota, FailMode::Closed).await,
+    ];
+    let client = http_client();
+    let mut remaining = Vec::new();
+    for i in 0..4 {
+        let response = send_keyed(&client, fleet[i % 2], "key-paced").await;
+        if response.status() == StatusCode::OK {
+            remaining.push(ratelimit_remaining(response.headers()));
+        } else {
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        }
+    }
+    assert_eq!(remaining, [2, 1, 0], "a burst of 3 across the fleet");
+}
+
+/// A server-mode request waiting for the store's verdict holds a clone of its own: the
+/// caller's service, driven ready through a `ConcurrencyLimit(1)`, gives its permit back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_mode_waiting_for_the_store_holds_no_readied_service() {
+    let (url, _server) = shared_redis();
+    let layer = RateLimitByRoute::builder()
+        .route("GET /limited", Quota::per_minute(10))
+        .reject()
+        .key_header(http::HeaderName::from_static("x-api-key"))
+        .store(store(&url, &unique_prefix("server-ready")))
+        .build()
+        .unwrap();
+    let inner = tower::service_fn(|_: Request<Empty<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let mut service = ServiceBuilder::new()
+        .layer(layer)
+        .concurrency_limit(1)
+        .service(inner);
+    for _ in 0..3 {
+        let request = Request::get("http://api.test/limited")
+            .header("x-api-key", "k")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        service.ready().await.unwrap();
+        // The caller keeps its service while it awaits the response.
+        let response = tokio::time::timeout(Duration::from_secs(5), service.call(request))
+            .await
+            .expect("the request waiting for the store is stuck behind the caller's permit")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
+
+/// Admitted by the store while the service below is busy: the request waits for it to get
+/// ready, and is sent then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_mode_admitted_by_the_store_waits_for_a_busy_service() {
+    let (url, _server) = shared_redis();
+    let layer = RateLimitByRoute::builder()
+        .route("GET /limited", Quota::per_minute(10))
+        .reject()
+        .key_header(http::HeaderName::from_static("x-api-key"))
+        .store(store(&url, &unique_prefix("server-busy")))
+        .build()
+        .unwrap();
+    let slow = tower::service_fn(|_: Request<Empty<Bytes>>| async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .concurrency_limit(1)
+        .service(slow);
+    let calls: FuturesUnordered<_> = (0..4)
+        .map(|_| {
+            let request = Request::get("http://api.test/limited")
+                .header("x-api-key", "k")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            service.clone().oneshot(request)
+        })
+        .collect();
+    let statuses: Vec<_> = tokio::time::timeout(Duration::from_secs(5), calls.collect::<Vec<_>>())
+        .await
+        .expect("requests admitted by the store never sent")
+        .into_iter()
+        .map(|response| response.unwrap().status())
+        .collect();
+    assert_eq!(statuses, [StatusCode::OK; 4]);
 }
 
 // ===== Redis stopped and started mid-test =====

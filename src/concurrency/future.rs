@@ -97,7 +97,7 @@ impl<S, B> SharedSlot<S, B> {
         loop {
             if let Some(answer) = ready!(self.asking.poll_answer(cx)) {
                 let wait = match answer? {
-                    Decision::Admitted => return Poll::Ready(Ok(true)),
+                    Decision::Admitted | Decision::Counted { .. } => return Poll::Ready(Ok(true)),
                     Decision::Wait(wait) => wait,
                 };
                 let now = shared.clock.now();

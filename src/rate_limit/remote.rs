@@ -206,7 +206,7 @@ impl SharedTurn {
                         self.leave_queue();
                         return Poll::Ready(Outcome::Failed(error));
                     }
-                    Ok(Decision::Admitted) => {
+                    Ok(Decision::Admitted | Decision::Counted { .. }) => {
                         self.leave_queue();
                         return Poll::Ready(Outcome::Admitted(SharedPlace {
                             store: self.store.clone(),

@@ -25,7 +25,7 @@ use crate::headers;
 use crate::limiter::keyed::{KeyTable, Refusal, Verdict};
 use crate::quota::{Quota, Rate};
 use crate::route::request_path;
-use crate::store::{Decision, FailMode, Op};
+use crate::store::{Decision, FailMode, Op, StoreError};
 use crate::sync::lock;
 
 /// Shards of a keyed route: requests of different clients rarely contend for one lock.
@@ -130,6 +130,15 @@ impl KeyedRoute {
                     Refusal::TableFull => RejectReason::KeyTableFull,
                 },
             }),
+        }
+    }
+
+    /// The fields of a response admitted with `remaining` left, all counted gone after
+    /// `reset` (a shared store's count).
+    pub(crate) fn stamp(&self, remaining: u32, reset: Duration) -> Stamp {
+        Stamp {
+            policy: lock(&self.shards[0]).policy.clone(),
+            ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
         }
     }
 
@@ -245,6 +254,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
             layer: Reject(shared.clone()),
             route: index,
             local_key: key,
+            admitted: None,
         })
     }
 }
@@ -319,6 +329,8 @@ pub(crate) struct StoreHit<S, B, F> {
     route: usize,
     /// The client's key in this process's own limiter, for [`FailMode::Open`].
     local_key: u64,
+    /// Once admitted: the fields of its response, while the inner service gets ready.
+    admitted: Option<Option<Stamp>>,
 }
 
 impl<S, B, F> RejectFuture<S, B, F>
@@ -386,10 +398,36 @@ where
 {
     /// Waits for the store's verdict; once admitted, readies the inner service and sends.
     fn poll_verdict(&mut self, cx: &mut Context<'_>) -> Poll<Result<NextState<S, B, F>, S::Error>> {
-        if self.request.is_none() {
-            unreachable!("a store verdict polled after it was given");
+        if self.admitted.is_none() {
+            let decision = ready!(Pin::new(&mut self.op).poll(cx));
+            match self.verdict(decision) {
+                Ok(stamp) => self.admitted = Some(stamp),
+                Err(refused) => {
+                    let shared = &self.layer.0;
+                    let name = &shared.routes[self.route].name;
+                    return Poll::Ready(Ok(State::Rejected {
+                        response: Some(rejection(&shared.config, name, refused)),
+                    }));
+                }
+            }
         }
-        let decision = ready!(Pin::new(&mut self.op).poll(cx));
+        // Admitted: only now is the inner service driven ready.
+        if let Err(error) = ready!(self.inner.poll_ready(cx)) {
+            self.request = None;
+            return Poll::Ready(Err(error));
+        }
+        let Some(request) = self.request.take() else {
+            unreachable!("a store verdict polled after it was given");
+        };
+        Poll::Ready(Ok(State::Inner {
+            future: self.inner.call(request),
+            stamp: self.admitted.take().flatten(),
+        }))
+    }
+
+    /// What the store's answer means for this request: the fields of its response, or why
+    /// it is refused.
+    fn verdict(&self, decision: Result<Decision, StoreError>) -> Result<Option<Stamp>, Refused> {
         let shared = &self.layer.0;
         let route = &shared.routes[self.route];
         let config = &shared.config;
@@ -398,8 +436,11 @@ where
             quota: route.quota(),
             reason,
         };
-        let verdict = match decision {
-            Ok(Decision::Admitted) => Ok(None),
+        match decision {
+            Ok(Decision::Counted { remaining, reset }) if config.headers => {
+                Ok(Some(route.stamp(remaining, reset)))
+            }
+            Ok(Decision::Admitted | Decision::Counted { .. }) => Ok(None),
             // Nothing is in flight in server mode; should it ever be, a period is safe.
             Ok(Decision::Wait(wait)) => Err(refused(
                 wait.unwrap_or(route.quota().period()),
@@ -418,25 +459,6 @@ where
                     route.hit(self.local_key, shared.clock.now(), config.headers)
                 }
             },
-        };
-        match verdict {
-            Err(refused) => Poll::Ready(Ok(State::Rejected {
-                response: Some(rejection(config, &route.name, refused)),
-            })),
-            Ok(stamp) => {
-                // Admitted: only now is the inner service driven ready.
-                if let Err(error) = ready!(self.inner.poll_ready(cx)) {
-                    self.request = None;
-                    return Poll::Ready(Err(error));
-                }
-                let Some(request) = self.request.take() else {
-                    unreachable!("checked above");
-                };
-                Poll::Ready(Ok(State::Inner {
-                    future: self.inner.call(request),
-                    stamp,
-                }))
-            }
         }
     }
 }

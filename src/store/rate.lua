@@ -9,7 +9,8 @@
 --          microseconds), member, span (release: how long a 429 closes the route, 0 for none;
 --          abandon: how long the request is held as in flight), channel
 --
--- Returns {admitted (1 or 0), wait in microseconds (-1: until a response)}.
+-- Returns {admitted (1 or 0), wait in microseconds (-1: until a response)}; an admitted `hit`
+-- returns {1, reset in microseconds, remaining}, for the response's `RateLimit` field.
 --
 -- The semantics are the in-memory limiter's (see `limiter`): a client's request holds its
 -- place from its send until `period + margin` after its response (sliding window), or is
@@ -111,6 +112,14 @@ if algorithm == 'window' then
     end
     redis.call('ZADD', holders, int(hold), member)
     extend(holders, idle_ms)
+    if op == 'hit' then
+      -- What remains, and when: everything counted is gone, or (none left) a place frees.
+      local remaining, reset = count - n - 1, period
+      if remaining == 0 then
+        reset = tonumber(redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')[2]) - now
+      end
+      return {1, int(reset), remaining}
+    end
     return {1, 0}
   end
   -- The (n - count + 1)-th place to free up is ours. One held by a request in flight frees
@@ -124,8 +133,14 @@ if op == 'hit' then
   local base = math.max(tat, now)
   local admit_at = base - (burst - 1) * interval
   if admit_at <= now then
-    redis.call('SET', tat_key, int(base + interval), 'PX', idle_ms)
-    return {1, 0}
+    tat = base + interval
+    redis.call('SET', tat_key, int(tat), 'PX', idle_ms)
+    local remaining = math.max(0, math.floor((now + burst * interval - tat) / interval))
+    local reset = tat - now
+    if remaining == 0 then
+      reset = tat - (burst - 1) * interval - now
+    end
+    return {1, int(reset), remaining}
   end
   return {0, admit_at - now}
 end

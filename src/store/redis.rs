@@ -201,7 +201,7 @@ impl RedisStore {
             invocation.key(keys).arg(args);
             let reply = tokio::time::timeout(
                 timeout,
-                invocation.invoke_async::<(i64, i64)>(&mut connection),
+                invocation.invoke_async::<Vec<i64>>(&mut connection),
             )
             .await;
             decision(reply, timeout)
@@ -279,16 +279,26 @@ fn micros(d: Duration) -> String {
 
 /// What a script's reply (or its absence) means.
 fn decision(
-    reply: Result<redis::RedisResult<(i64, i64)>, tokio::time::error::Elapsed>,
+    reply: Result<redis::RedisResult<Vec<i64>>, tokio::time::error::Elapsed>,
     timeout: Duration,
 ) -> Result<Decision, StoreError> {
-    match reply {
-        Err(_) => Err(StoreError::Timeout(timeout)),
-        Ok(Err(error)) => Err(StoreError::Unavailable(error.to_string())),
-        Ok(Ok((1, _))) => Ok(Decision::Admitted),
-        Ok(Ok((_, wait))) => Ok(Decision::Wait(
+    let reply = match reply {
+        Err(_) => return Err(StoreError::Timeout(timeout)),
+        Ok(Err(error)) => return Err(StoreError::Unavailable(error.to_string())),
+        Ok(Ok(reply)) => reply,
+    };
+    match reply[..] {
+        [1, reset, remaining] => Ok(Decision::Counted {
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            reset: Duration::from_micros(u64::try_from(reset).unwrap_or(0)),
+        }),
+        [1, _] => Ok(Decision::Admitted),
+        [_, wait] => Ok(Decision::Wait(
             u64::try_from(wait).ok().map(Duration::from_micros),
         )),
+        _ => Err(StoreError::Unavailable(format!(
+            "unexpected reply from the store's script: {reply:?}"
+        ))),
     }
 }
 

@@ -179,18 +179,26 @@ impl Answered {
 /// A status request's fast path in server mode, keyed on `x-api-key`.
 pub(crate) fn server_rows() -> Vec<Row> {
     let mut rows = vec![sent("inner service alone", inner(), keyed_request)];
-    let limits = RateLimitByRoute::builder()
-        .route("POST /v2/generate", huge(false))
-        .route("GET /v2/generate/{id}", huge(false))
-        .route("GET /v2/generations", huge(false))
-        .default_quota(huge(false))
-        .reject()
-        .key_header(API_KEY)
-        .build()
-        .unwrap();
+    let limits = |fields: bool| {
+        RateLimitByRoute::builder()
+            .route("POST /v2/generate", huge(false))
+            .route("GET /v2/generate/{id}", huge(false))
+            .route("GET /v2/generations", huge(false))
+            .default_quota(huge(false))
+            .reject()
+            .key_header(API_KEY)
+            .rate_limit_headers(fields)
+            .build()
+            .unwrap()
+    };
     rows.push(sent(
         "RateLimitByRoute reject, per x-api-key",
-        limits.layer(inner()),
+        limits(true).layer(inner()),
+        keyed_request,
+    ));
+    rows.push(sent(
+        "RateLimitByRoute reject, per x-api-key, no rate-limit fields",
+        limits(false).layer(inner()),
         keyed_request,
     ));
     let router = matchit_table();

@@ -280,10 +280,7 @@ fn field_value(write: impl Fn(&mut dyn fmt::Write) -> fmt::Result) -> HeaderValu
 /// `RateLimit-Policy: "<name>";q=<count>;w=<window seconds>`.
 pub(crate) fn policy_value(name: &str, count: u32, period: Duration) -> HeaderValue {
     let window = retry_after_secs(period);
-    field_value(|out| {
-        write_policy_name(out, name)?;
-        write!(out, ";q={count};w={window}")
-    })
+    named_field(name, [(";q=", u64::from(count)), (";w=", window)])
 }
 
 /// `RateLimit: "<name>";r=<remaining>;t=<seconds>`: with none remaining, `t` is the wait
@@ -297,10 +294,57 @@ pub(crate) fn ratelimit_value(name: &str, remaining: u32, reset: Duration) -> He
             .as_secs()
             .saturating_add(u64::from(reset.subsec_nanos() > 0))
     };
+    named_field(name, [(";r=", u64::from(remaining)), (";t=", reset)])
+}
+
+/// `"<name>"` and two parameters. Written byte by byte when the name needs no escaping (every
+/// response of server mode carries one), through `fmt` otherwise.
+fn named_field(name: &str, params: [(&str, u64); 2]) -> HeaderValue {
+    let plain = |b: &u8| (b' '..=b'~').contains(b) && *b != b'"' && *b != b'\\';
+    let mut out = StackText {
+        bytes: [0; 192],
+        len: 0,
+    };
+    if name.as_bytes().iter().all(plain) && name.len() < 100 {
+        out.push(b"\"");
+        out.push(name.as_bytes());
+        out.push(b"\"");
+        for (key, value) in params {
+            out.push(key.as_bytes());
+            out.push_number(value);
+        }
+        if let Ok(value) = HeaderValue::from_bytes(&out.bytes[..out.len]) {
+            return value;
+        }
+    }
+    let [(k1, v1), (k2, v2)] = params;
     field_value(|out| {
         write_policy_name(out, name)?;
-        write!(out, ";r={remaining};t={reset}")
+        write!(out, "{k1}{v1}{k2}{v2}")
     })
+}
+
+impl StackText {
+    /// Appends `bytes`; the caller keeps the total within the buffer.
+    fn push(&mut self, bytes: &[u8]) {
+        self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// Appends `n` in decimal (at most 20 digits).
+    fn push_number(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[start..]);
+    }
 }
 
 #[cfg(test)]

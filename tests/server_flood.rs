@@ -62,7 +62,13 @@ fn retry_after(response: &Response<()>) -> Duration {
 
 #[tokio::test(start_paused = true)]
 async fn after_a_burst_of_70_000_fresh_keys_a_newcomer_is_admitted_at_once() {
-    for quota in [Quota::per_minute(600), Quota::per_hour(100)] {
+    // One request a key, or two: at a quota of 20, each of those has used more than a
+    // sixteenth of it.
+    for (quota, per_key) in [
+        (Quota::per_minute(600), 1),
+        (Quota::per_hour(100), 1),
+        (Quota::per_hour(20), 2),
+    ] {
         let mut server = make_server(quota, None);
         // A client at its quota before the burst.
         for _ in 0..quota.count() {
@@ -70,14 +76,16 @@ async fn after_a_burst_of_70_000_fresh_keys_a_newcomer_is_admitted_at_once() {
         }
         let mut refused = 0;
         for i in 0..70_000 {
-            if send(&mut server, &format!("flood-{i}")).status() != StatusCode::OK {
-                refused += 1;
+            for _ in 0..per_key {
+                if send(&mut server, &format!("flood-{i}")).status() != StatusCode::OK {
+                    refused += 1;
+                }
             }
         }
         // Within the same second: the newcomer gets in, the heavy client does not.
         let newcomer = send(&mut server, "newcomer");
         println!(
-            "{quota}: {refused} of 70,000 flood requests refused; newcomer {}",
+            "{quota}: {refused} flood requests refused of 70,000 keys x {per_key}; newcomer {}",
             newcomer.status()
         );
         assert_eq!(newcomer.status(), StatusCode::OK);
@@ -89,21 +97,22 @@ async fn after_a_burst_of_70_000_fresh_keys_a_newcomer_is_admitted_at_once() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn under_a_sustained_flood_of_fresh_keys_newcomers_are_admitted() {
-    let quota = Quota::per_hour(100);
+/// Ten minutes of a flood of fresh keys at 1,000 requests a second, `per_key` requests each,
+/// and one legitimate newcomer a second, which comes back for nine more requests, one a
+/// second. Returns the share of newcomers admitted.
+async fn sustained_flood(quota: Quota, per_key: u32) -> f64 {
     let mut server = make_server(quota, None);
-    for _ in 0..100 {
+    for _ in 0..quota.count() {
         send(&mut server, "heavy");
     }
     let mut newcomers = 0;
     let mut admitted = 0;
     let mut follow_ups = 0;
-    // Ten minutes at 1,000 fresh keys a second (the table is full after 66 s), and one
-    // legitimate newcomer a second, which comes back for nine more requests, one a second.
     for second in 0..600u32 {
-        for i in 0..1_000 {
-            send(&mut server, &format!("flood-{second}-{i}"));
+        for i in 0..1_000 / per_key {
+            for _ in 0..per_key {
+                send(&mut server, &format!("flood-{second}-{i}"));
+            }
         }
         newcomers += 1;
         if send(&mut server, &format!("user-{second}")).status() == StatusCode::OK {
@@ -116,17 +125,33 @@ async fn under_a_sustained_flood_of_fresh_keys_newcomers_are_admitted() {
         }
         assert_eq!(
             send(&mut server, "heavy").status(),
-            StatusCode::TOO_MANY_REQUESTS
+            StatusCode::TOO_MANY_REQUESTS,
+            "the flood let a client at its quota through"
         );
         advance(Duration::from_secs(1)).await;
     }
     let share = f64::from(admitted) / f64::from(newcomers);
     println!(
-        "{admitted} of {newcomers} newcomers admitted ({:.1}%), {follow_ups} follow-ups admitted",
+        "{quota}, {per_key} per key: {admitted} of {newcomers} newcomers admitted ({:.1}%), \
+         {follow_ups} follow-ups admitted",
         share * 100.0
     );
-    assert!(share >= 0.99);
     assert_eq!(follow_ups, (0..600u32).map(|s| s.min(9)).sum::<u32>());
+    share
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_a_sustained_flood_of_fresh_keys_newcomers_are_admitted() {
+    // One request a key: the table is full after 66 s.
+    assert!(sustained_flood(Quota::per_hour(100), 1).await >= 0.99);
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_a_flood_of_keys_each_just_too_busy_to_forget_lightly_newcomers_are_admitted() {
+    // Two requests a key at a quota of 20 an hour, four at 60: each flooding key has used more
+    // than a sixteenth of its quota, and the table is full after two or four minutes.
+    assert!(sustained_flood(Quota::per_hour(20), 2).await >= 0.99);
+    assert!(sustained_flood(Quota::per_hour(60), 4).await >= 0.99);
 }
 
 #[tokio::test(start_paused = true)]

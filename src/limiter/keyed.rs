@@ -26,26 +26,28 @@
 //! # A table of bounded size
 //!
 //! Each [`KeyTable`] holds at most `capacity` clients. A new client arriving at a full table
-//! takes the place of the least-used of 16 clients sampled at random, if that one is
-//! *forgettable*: it has nothing counted, or (for a limit of at least 2) at most
-//! `max(1, limit / 16)` requests counted, `limit` being the quota's count or the burst. A
-//! forgotten client's count goes to a fixed-size shadow table, under a 32-bit fingerprint of
-//! its key in one of two cells, and is restored from there, rounded up, if it comes back while
-//! the count still matters. So:
+//! takes the place of the least-used of 16 clients sampled at random, unless that one is *at
+//! its quota* (its next request would be refused). A forgotten client's count goes to a
+//! fixed-size shadow table, under a 32-bit fingerprint of its key in one of two cells, and is
+//! restored from there, rounded up, if it comes back while the count still matters. When both
+//! cells are taken, the shadow keeps the heavier of the two counts (more requests, then later
+//! to clear) and loses the lighter. So:
 //!
-//! - a client with more than `max(1, limit / 16)` requests counted, one at its quota above
-//!   all, is never forgotten, so a flood of fresh keys cannot free it;
-//! - a newcomer is admitted as soon as it arrives while the table holds forgettable clients,
-//!   which a flood of fresh keys (one request each) always provides, and it starts with
-//!   nothing counted: it never inherits another client's count;
+//! - a client at its quota is never forgotten, and its count is never lost from the shadow
+//!   while it matters (nothing is heavier), so no flood of fresh keys can let it through;
+//! - a newcomer is admitted as soon as it arrives while any tracked client is below its quota,
+//!   whatever the flood sends per key, and it starts with nothing counted unless the shadow
+//!   remembers it: it never inherits another client's count;
 //! - a forgotten client that comes back is restored unless both its shadow cells were taken
-//!   meanwhile by clients forgotten with at least as many requests counted: the shadow keeps
-//!   the heaviest. Only then does it start afresh, having had at most `max(1, limit / 16)`
-//!   requests counted (under a flood of one-request keys, at most one);
-//! - when no tracked client is forgettable (a table full of clients that have each used more
-//!   than a sixteenth of their quota, or of quota-1 limits), the newcomer is refused with the
-//!   time the first tracked client becomes forgettable, found by a full scan at most once per
-//!   such time.
+//!   meanwhile by clients forgotten with at least as many requests counted. Only then does it
+//!   start afresh, and it can exceed its quota in that window by what it had counted when it
+//!   was forgotten (less than its quota, and usually far less: the least-used client goes
+//!   first). A flood that fills the table and the shadow with clients that each sent `u`
+//!   requests makes this happen to the clients that had counted at most `u`; one that sends a
+//!   request per key, to clients that had counted at most one;
+//! - when every tracked client is at its quota (a table full of quota-1 limits, say), the
+//!   newcomer is refused with the time the first of them drops below it, found by a full scan
+//!   at most once per such time, and it is admitted if it comes back then.
 
 use indexmap::IndexMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -308,18 +310,14 @@ impl KeyState {
     }
 }
 
-/// The most requests a client may have counted and still be forgotten.
+/// The requests a client may have counted and still be forgotten: fewer than its quota.
 fn forgettable_below(rate: &Rate) -> u32 {
     let limit = if rate.is_gcra() {
         rate.burst
     } else {
         rate.count
     };
-    if limit < 2 {
-        0
-    } else {
-        (limit / BUCKETS as u32).max(1)
-    }
+    limit.saturating_sub(1)
 }
 
 /// A key's fingerprint in the shadow table: bits its cells are not chosen by.
@@ -370,9 +368,10 @@ pub(crate) struct KeyTable {
     /// No tracked client becomes forgettable before this time (from the last full scan).
     forgettable_at: Nanos,
     random: u64,
-    /// Keys whose forgotten count was dropped from the shadow, in order (tests).
+    /// Keys whose forgotten count was dropped from the shadow, and that count, in order
+    /// (tests).
     #[cfg(test)]
-    lost: Vec<u64>,
+    lost: Vec<(u64, u32)>,
 }
 
 impl KeyTable {
@@ -409,8 +408,9 @@ impl KeyTable {
         let mut state = self.restore(key, rate, now);
         let verdict = state.hit(rate, now);
         // A new client may become forgettable before any tracked one.
-        let below = forgettable_below(rate);
-        self.forgettable_at = self.forgettable_at.min(state.time_to(rate, below, now));
+        self.forgettable_at =
+            self.forgettable_at
+                .min(state.time_to(rate, forgettable_below(rate), now));
         let len = self.keys.len();
         if len == self.keys.capacity() {
             // Grown by hand, never past the table's size: the map's own growth would reserve
@@ -440,7 +440,8 @@ impl KeyTable {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    /// Forgets one forgettable client, or says when one will be.
+    /// Forgets the least-used of a few clients sampled at random, unless it is at its quota;
+    /// failing that, scans them all. Or says when one will be forgettable.
     fn make_room(&mut self, rate: &Rate, now: Nanos) -> Result<(), Nanos> {
         let below = forgettable_below(rate);
         let len = self.keys.len() as u64;
@@ -545,9 +546,9 @@ impl KeyTable {
                 if self.shadow[c].until > now
                     && self.shadow[c].fingerprint != ghost.fingerprint =>
             {
-                self.lost.push(self.shadow[c].key)
+                self.lost.push((self.shadow[c].key, self.shadow[c].used))
             }
-            None => self.lost.push(key),
+            None => self.lost.push((key, used)),
             _ => {}
         }
         if let Some(cell) = cell {
@@ -570,12 +571,11 @@ impl KeyTable {
         KeyState::new(rate, now)
     }
 
+    /// A key's two cells, from bits of it that choose neither its shard (the lowest four) nor
+    /// its fingerprint (the highest 32, for tables of up to 65,536 cells).
     fn cells(&self, key: u64) -> [usize; 2] {
         let mask = self.shadow.len() as u64 - 1;
-        [
-            (key & mask) as usize,
-            (key.rotate_right(21) & mask) as usize,
-        ]
+        [((key >> 4) & mask) as usize, ((key >> 20) & mask) as usize]
     }
 }
 

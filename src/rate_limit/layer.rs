@@ -470,11 +470,12 @@ impl<F> Builder<RejectConfig<F>> {
         self
     }
 
-    /// The most client keys tracked at once, per route (default 65,536; about 140 bytes each,
-    /// whatever the quota). A new client arriving at a full table takes the place of a
-    /// little-used one, whose count is kept in a fixed-size shadow table for when it comes
-    /// back: a flood of fresh keys neither grows memory nor locks newcomers out, and never
-    /// frees a client that has used more than a sixteenth of its quota. See the
+    /// The most client keys tracked at once, per route (default 65,536; 175 to 183 bytes each,
+    /// whatever the quota). The table is cut into 16 shards, so the number is rounded up to a
+    /// multiple of 16 (`max_keys(1)` tracks 16). A new client arriving at a full table takes
+    /// the place of a little-used one, whose count is kept in a fixed-size shadow table for
+    /// when it comes back: a flood of fresh keys neither grows memory nor locks newcomers out,
+    /// and never frees a client at its quota. See the
     /// [module docs](super#deploying-server-mode).
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.config.max_keys = max_keys;

@@ -102,24 +102,25 @@
 //! the `axum` feature the layer reads the path the client sent (`OriginalUri`), so patterns
 //! are always written in full. Without the feature, put the layer on the outermost router.
 //!
-//! **Memory.** Each client's limit takes a fixed 88 bytes whatever the quota (about 150 to
-//! 200 bytes per tracked client with the table around it), so `per_hour(10_000)` costs what
+//! **Memory.** Each client's limit takes a fixed 88 bytes whatever the quota (175 to 183
+//! bytes per tracked client with the table and shadow around it, measured in
+//! `tests/alloc.rs`), so `per_hour(10_000)` costs what
 //! `per_minute(60)` does. A sliding window is kept as 16 buckets: it never admits more than
 //! the count in any window of the period, never refuses a client pacing itself at 90 % of its
 //! quota, and after a burst may admit up to a sixteenth of the period later than an exact log
 //! would (`Retry-After: 64` for a minute's quota used at once). A route tracks at most
-//! [`Builder::max_keys`] clients (65,536 by default: about 10 MiB).
+//! [`Builder::max_keys`] clients (65,536 by default: about 12 MiB).
 //!
-//! **Floods.** A flood of fresh keys (one request each) cannot grow memory, lock newcomers
-//! out, or free a client from its quota: a new client at a full table takes the place of the
-//! least-used of 16 sampled clients, and only a client with at most `max(1, count / 16)`
-//! requests counted (`burst / 16` for a paced quota) is ever forgotten. Its count goes to a
+//! **Floods.** A flood of fresh keys cannot grow memory, lock newcomers out, or free a client
+//! at its quota, whatever it sends per key: a new client at a full table takes the place of
+//! the least-used of 16 sampled clients, unless that one is at its quota. Its count goes to a
 //! fixed-size shadow table and is restored if it comes back while the count still matters;
-//! only if the shadow had to drop it for heavier ones does it start afresh, having had at
-//! most that many requests counted. A table full of clients that have each used more than a
-//! sixteenth of their quota (or of quota-1 limits, whose every client is at its quota)
-//! refuses a newcomer with `Retry-After` at the time the first tracked client can be
-//! forgotten, and admits it then.
+//! the shadow drops a count only for a heavier one, so a client at its quota is never lost. A
+//! client below its quota whose count was dropped starts afresh, and can exceed its quota in
+//! that window by what it had counted (less than the quota; a flood of `u` requests per key
+//! does this only to clients that had counted at most `u`). A table whose every client is at
+//! its quota (quota-1 limits, say) refuses a newcomer with `Retry-After` at the time the first
+//! of them drops below it, and admits it then.
 //!
 //! [`Quota`]: crate::Quota
 

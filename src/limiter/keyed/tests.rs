@@ -117,6 +117,33 @@ fn a_flood_of_fresh_keys_never_frees_a_client_at_its_quota() {
 }
 
 #[test]
+fn a_flood_of_keys_one_short_of_their_quota_admits_newcomers_and_frees_no_client_at_its_quota() {
+    let rate = rate(Quota::per_hour(20));
+    let mut table = KeyTable::new(500);
+    let client = 0xc1_1e47;
+    for i in 0..20 {
+        assert!(passes(table.hit(client, &rate, i * MS)));
+    }
+    let mut now = SEC;
+    for key in 1..=20_000u64 {
+        let key = RandomState::new().hash_one(key);
+        // Nineteen requests each: as heavy as a client can be and still be forgotten.
+        for _ in 0..19 {
+            now += MS / 10;
+            assert!(
+                passes(table.hit(key, &rate, now)),
+                "flood key {key} refused"
+            );
+        }
+        assert!(table.len() <= 500);
+        assert!(!passes(table.hit(client, &rate, now)));
+    }
+    // Every count the shadow lost was below the quota.
+    assert!(!table.lost.is_empty());
+    assert!(table.lost.iter().all(|&(_, used)| used < 20));
+}
+
+#[test]
 fn quota_one_limits_refuse_newcomers_until_a_tracked_client_is_done() {
     let rate = rate(Quota::per_minute(1));
     let mut table = KeyTable::new(10);
@@ -223,9 +250,11 @@ proptest! {
             prop_assert!(table.len() <= capacity);
         }
         for (key, times) in &admitted {
-            // Each count the shadow dropped was at most `below` requests.
-            let lost = table.lost.iter().filter(|&&k| k == *key).count();
-            assert_windows(times, count + (lost * below) as u32, period);
+            // A client exceeds its quota by no more than the counts the shadow dropped, each
+            // of them below its quota.
+            let lost: u32 = table.lost.iter().filter(|&&(k, _)| k == *key).map(|&(_, used)| used).sum();
+            prop_assert!(table.lost.iter().all(|&(_, used)| used <= below as u32));
+            assert_windows(times, count + lost, period);
         }
     }
 }

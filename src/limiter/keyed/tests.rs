@@ -258,3 +258,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_shadow_uses_all_its_cells_for_the_keys_of_one_shard() {
+    let mut table = KeyTable::new(64);
+    table.shadow = vec![Shadow::default(); 64].into_boxed_slice();
+    // The keys of one shard share their lowest four bits.
+    let keys = (0..4_096u64).map(|i| RandomState::new().hash_one(i) & !0xf);
+    let mut first = std::collections::HashSet::new();
+    let mut second = std::collections::HashSet::new();
+    for key in keys {
+        let [a, b] = table.cells(key);
+        first.insert(a);
+        second.insert(b);
+    }
+    assert_eq!((first.len(), second.len()), (64, 64));
+}

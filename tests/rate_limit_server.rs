@@ -219,6 +219,70 @@ async fn keys_by_peer_ip_and_by_closure() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_ipv6_client_is_one_quota_per_network_not_per_address() {
+    let from = |ip: &str| {
+        let mut r = req("/", None);
+        r.extensions_mut()
+            .insert(SocketAddr::new(ip.parse().unwrap(), 443));
+        r
+    };
+    let limits = RateLimitByRoute::builder()
+        .default_quota(Quota::per_minute(1))
+        .reject()
+        .key_peer_ip()
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(ok_service());
+    assert_eq!(send(&mut svc, from("2001:db8:1:2::1")).await.status(), 200);
+    // A host rotating through its /64 gets no fresh quota.
+    for host in ["2001:db8:1:2::2", "2001:db8:1:2:ffff:1:2:3"] {
+        assert_eq!(send(&mut svc, from(host)).await.status(), 429, "{host}");
+    }
+    // Another /64 is another client; IPv4, mapped or not, is keyed in full.
+    assert_eq!(send(&mut svc, from("2001:db8:1:3::1")).await.status(), 200);
+    assert_eq!(send(&mut svc, from("192.0.2.1")).await.status(), 200);
+    assert_eq!(send(&mut svc, from("::ffff:192.0.2.1")).await.status(), 429);
+    assert_eq!(send(&mut svc, from("192.0.2.2")).await.status(), 200);
+
+    // A /48 per customer, or the full address.
+    let per_48 = RateLimitByRoute::builder()
+        .default_quota(Quota::per_minute(1))
+        .reject()
+        .key_peer_ip()
+        .ipv6_prefix(48)
+        .build()
+        .unwrap();
+    let mut svc = per_48.layer(ok_service());
+    assert_eq!(send(&mut svc, from("2001:db8:1:2::1")).await.status(), 200);
+    assert_eq!(send(&mut svc, from("2001:db8:1:9::1")).await.status(), 429);
+    let full = RateLimitByRoute::builder()
+        .default_quota(Quota::per_minute(1))
+        .reject()
+        .key_peer_ip()
+        .ipv6_prefix(128)
+        .build()
+        .unwrap();
+    let mut svc = full.layer(ok_service());
+    assert_eq!(send(&mut svc, from("2001:db8:1:2::1")).await.status(), 200);
+    assert_eq!(send(&mut svc, from("2001:db8:1:2::2")).await.status(), 200);
+
+    let error = RateLimitByRoute::builder()
+        .default_quota(Quota::per_minute(1))
+        .reject()
+        .key_peer_ip()
+        .ipv6_prefix(129)
+        .build()
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        ConfigError::InvalidSetting {
+            name: "ipv6_prefix",
+            ..
+        }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_flood_of_new_keys_neither_grows_the_table_nor_locks_newcomers_out() {
     let limits = RateLimitByRoute::builder()
         .default_quota(Quota::per_minute(10))

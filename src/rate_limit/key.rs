@@ -168,37 +168,48 @@ impl TrustedProxies {
 
     /// The client's address, given the connection's peer: the peer itself unless it is a
     /// trusted proxy; else the first address from the right of the forwarded list that is
-    /// not a trusted proxy. `None` when a trusted proxy's entry cannot be parsed.
+    /// not a trusted proxy. The list is read from the right and only as far as that address,
+    /// so nothing a client writes on the left (bytes that are not text, an element without
+    /// `for=`, an unclosed quote) changes the answer. `None` when an entry the walk reaches
+    /// cannot be read.
     fn client(&self, peer: IpAddr, headers: &HeaderMap) -> Option<IpAddr> {
         if !self.trusts(peer) {
             return Some(peer);
         }
-        let mut hops = Vec::new();
-        match self.header {
+        let entries: Box<dyn Iterator<Item = &[u8]>> = match self.header {
             ForwardedHeader::XRealIp => {
                 let mut values = headers.get_all("x-real-ip").iter();
                 return match (values.next(), values.next()) {
                     (None, _) => Some(peer),
-                    (Some(value), None) => parse_node(value.to_str().ok()?.trim()),
+                    (Some(value), None) => parse_node(value.to_str().ok()?),
                     (Some(_), Some(_)) => None,
                 };
             }
-            ForwardedHeader::XForwardedFor => {
-                for value in headers.get_all("x-forwarded-for") {
-                    hops.extend(value.to_str().ok()?.split(',').map(str::trim));
-                }
-            }
-            ForwardedHeader::Forwarded => {
-                for value in headers.get_all(http::header::FORWARDED) {
-                    for element in split_outside_quotes(value.to_str().ok()?, ',') {
-                        hops.push(forwarded_for(element)?);
-                    }
-                }
-            }
-        }
+            ForwardedHeader::XForwardedFor => Box::new(
+                headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .rev()
+                    .flat_map(|line| line.as_bytes().rsplit(|&b| b == b',')),
+            ),
+            ForwardedHeader::Forwarded => Box::new(
+                headers
+                    .get_all(http::header::FORWARDED)
+                    .iter()
+                    .rev()
+                    .flat_map(|line| rsplit_outside_quotes(line.as_bytes(), b',')),
+            ),
+        };
         let mut client = peer;
-        for hop in hops.into_iter().rev() {
-            client = parse_node(hop)?;
+        for entry in entries {
+            let entry = std::str::from_utf8(entry.trim_ascii()).ok()?;
+            if entry.is_empty() {
+                continue;
+            }
+            client = match self.header {
+                ForwardedHeader::Forwarded => parse_node(forwarded_for(entry)?)?,
+                _ => parse_node(entry)?,
+            };
             if !self.trusts(client) {
                 break;
             }
@@ -207,10 +218,53 @@ impl TrustedProxies {
     }
 }
 
+/// Splits on `separator` outside double-quoted strings, from the right: the proxies' entries
+/// on the right are read as they were written, whatever a client put on the left.
+fn rsplit_outside_quotes(text: &[u8], separator: u8) -> impl Iterator<Item = &[u8]> {
+    let mut end = Some(text.len());
+    let mut at = text.len();
+    let mut in_string = false;
+    std::iter::from_fn(move || {
+        let part_end = end?;
+        while at > 0 {
+            at -= 1;
+            match text[at] {
+                b'"' if !escaped(text, at) => in_string = !in_string,
+                c if c == separator && !in_string => {
+                    end = Some(at);
+                    return Some(&text[at + 1..part_end]);
+                }
+                _ => {}
+            }
+        }
+        end = None;
+        Some(&text[..part_end])
+    })
+}
+
+/// Whether the byte at `at` follows an odd number of backslashes.
+fn escaped(text: &[u8], at: usize) -> bool {
+    let backslashes = text[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+    backslashes % 2 == 1
+}
+
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The client an address stands for: an IPv4 address (or an IPv4-mapped IPv6 one) itself,
+/// an IPv6 address its network of `ipv6_prefix` bits.
+fn network(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u32::from(ipv6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & mask))
+        }
         v4 => v4,
     }
 }
@@ -308,8 +362,13 @@ impl ClientKey {
     }
 
     /// The key's hash, keyed with `hasher`'s random keys so that clients cannot choose keys
-    /// that collide.
-    pub(crate) fn extract<B>(&self, request: &Request<B>, hasher: &KeyHashing) -> Extracted {
+    /// that collide. IPv6 addresses count by their first `ipv6_prefix` bits.
+    pub(crate) fn extract<B>(
+        &self,
+        request: &Request<B>,
+        hasher: &KeyHashing,
+        ipv6_prefix: u8,
+    ) -> Extracted {
         let key = match self {
             Self::Global => return Extracted::Key(ANONYMOUS),
             Self::Header(name) => request
@@ -317,13 +376,13 @@ impl ClientKey {
                 .get(name)
                 .map(|value| hasher.hash_one(value.as_bytes())),
             Self::PeerIp => match peer_ip(request.extensions()) {
-                Some(ip) => Some(hasher.hash_one(canonical(ip))),
+                Some(ip) => Some(hasher.hash_one(network(ip, ipv6_prefix))),
                 None => return Extracted::NoPeer,
             },
             Self::Forwarded(proxies) => match peer_ip(request.extensions()) {
                 Some(peer) => proxies
                     .client(canonical(peer), request.headers())
-                    .map(|ip| hasher.hash_one(ip)),
+                    .map(|ip| hasher.hash_one(network(ip, ipv6_prefix))),
                 None => return Extracted::NoPeer,
             },
             Self::Fn(f) => f(&RequestHead::of(request), hasher),
@@ -347,6 +406,7 @@ fn peer_ip(extensions: &Extensions) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -410,6 +470,42 @@ mod tests {
         );
         let obfuscated = headers(&[("forwarded", "for=_hidden")]);
         assert_eq!(fwd.client(ip("10.0.0.2"), &obfuscated), None);
+    }
+
+    #[test]
+    fn what_a_client_writes_left_of_the_proxies_cannot_hide_its_address() {
+        let value = |bytes: &[u8]| HeaderValue::from_bytes(bytes).unwrap();
+        let xff = TrustedProxies::new(ForwardedHeader::XForwardedFor, ["10.0.0.0/8"]).unwrap();
+        let mut forged = HeaderMap::new();
+        // Bytes that are not text, and a line of the client's own before the proxy's.
+        forged.append("x-forwarded-for", value(b"\xff\xfe, nonsense"));
+        forged.append("x-forwarded-for", value(b"\xc3(, 203.0.113.9, 10.1.1.1"));
+        assert_eq!(xff.client(ip("10.0.0.2"), &forged), Some(ip("203.0.113.9")));
+
+        let fwd = TrustedProxies::new(ForwardedHeader::Forwarded, ["10.0.0.0/8"]).unwrap();
+        for line in [
+            // An element without `for=`, an unclosed quote, bytes that are not text.
+            &b"proto=https, for=203.0.113.9"[..],
+            b"for=\"evil, for=203.0.113.9",
+            b"for=\xff\xfe;by=x, for=203.0.113.9;proto=http, for=10.1.1.1",
+            b"for=\"[2001:db8::1]\\\", for=203.0.113.9",
+        ] {
+            let mut forged = HeaderMap::new();
+            forged.append(http::header::FORWARDED, value(line));
+            assert_eq!(
+                fwd.client(ip("10.0.0.2"), &forged),
+                Some(ip("203.0.113.9")),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        // What the walk reaches must still be readable.
+        let mut hidden = HeaderMap::new();
+        hidden.append(
+            http::header::FORWARDED,
+            value(b"for=203.0.113.9, proto=https"),
+        );
+        assert_eq!(fwd.client(ip("10.0.0.2"), &hidden), None);
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct RejectConfig<F = EmptyBody> {
     pub(crate) on_missing: Option<MissingKey>,
     pub(crate) headers: bool,
     max_keys: usize,
+    /// IPv6 clients are told apart by this many leading bits of their address.
+    pub(crate) ipv6_prefix: u8,
     pub(crate) body: F,
     pub(crate) hasher: KeyHashing,
     pub(crate) store: Option<Remote>,
@@ -115,6 +117,7 @@ impl<F> fmt::Debug for RejectConfig<F> {
             .field("on_missing", &self.on_missing)
             .field("headers", &self.headers)
             .field("max_keys", &self.max_keys)
+            .field("ipv6_prefix", &self.ipv6_prefix)
             .finish()
     }
 }
@@ -356,6 +359,7 @@ impl Builder<WaitConfig> {
                 on_missing: None,
                 headers: true,
                 max_keys: 65_536,
+                ipv6_prefix: 64,
                 body: EmptyBody,
                 hasher: KeyHashing::Random(RandomState::new()),
                 store: self.config.store,
@@ -408,8 +412,24 @@ impl<F> Builder<RejectConfig<F>> {
     ///
     /// Behind a reverse proxy every request comes from the proxy's address: use
     /// [`key_forwarded_ip`](Self::key_forwarded_ip) there.
+    ///
+    /// An IPv6 client is keyed by its `/64` network, not its address: a host is usually
+    /// given a whole `/64` and can take a fresh address from it for every request, so one
+    /// quota per address would be no quota at all. [`ipv6_prefix`](Self::ipv6_prefix) sets
+    /// another length.
     pub fn key_peer_ip(mut self) -> Self {
         self.config.key = ClientKey::PeerIp;
+        self
+    }
+
+    /// How many leading bits of an IPv6 client address tell clients apart, for
+    /// [`key_peer_ip`](Self::key_peer_ip) and [`key_forwarded_ip`](Self::key_forwarded_ip)
+    /// (default 64: one quota per `/64` network, the block a single host or home is usually
+    /// given). Use 56 or 48 where providers hand out larger blocks to one customer, 128 to
+    /// key by the full address. More than 128 is a [`ConfigError`] from `build`. IPv4
+    /// addresses (and IPv4-mapped IPv6 ones) are always keyed in full.
+    pub fn ipv6_prefix(mut self, bits: u8) -> Self {
+        self.config.ipv6_prefix = bits;
         self
     }
 
@@ -422,8 +442,10 @@ impl<F> Builder<RejectConfig<F>> {
     /// address in `header`: for the lists (`Forwarded`, `X-Forwarded-For`, all their field
     /// lines in order), the first address from the right that is not a trusted proxy, since
     /// everything left of it was written by the client; without the field, by the proxy's
-    /// own address. An entry that is not an address (`unknown`, `_hidden`) follows the
-    /// [`MissingKey`] policy. Name the field your proxy writes: one it passes through
+    /// own address. The list is read only as far as that address, so what a client wrote
+    /// left of it (garbage included) changes nothing; an entry the walk reaches that is not an
+    /// address (`unknown`, `_hidden`) follows the [`MissingKey`] policy. IPv6 addresses count
+    /// by network, as in [`key_peer_ip`](Self::key_peer_ip). Name the field your proxy writes: one it passes through
     /// untouched is the client's to forge.
     pub fn key_forwarded_ip<I>(mut self, header: ForwardedHeader, trusted_proxies: I) -> Self
     where
@@ -495,6 +517,7 @@ impl<F> Builder<RejectConfig<F>> {
                 on_missing: self.config.on_missing,
                 headers: self.config.headers,
                 max_keys: self.config.max_keys,
+                ipv6_prefix: self.config.ipv6_prefix,
                 body: response,
                 hasher: self.config.hasher,
                 store: self.config.store,
@@ -524,6 +547,12 @@ impl<F> Builder<RejectConfig<F>> {
             return Err(ConfigError::InvalidSetting {
                 name: "max_keys",
                 reason: "at least one key must be tracked",
+            });
+        }
+        if self.config.ipv6_prefix > 128 {
+            return Err(ConfigError::InvalidSetting {
+                name: "ipv6_prefix",
+                reason: "an IPv6 address has 128 bits",
             });
         }
         // The server counts its own requests: there is no round trip to cover.

@@ -86,13 +86,17 @@
 //! (the default), a `400`, or no limit. A layer keyed by address that the server gives no
 //! peer address (axum served without `into_make_service_with_connect_info::<SocketAddr>()`,
 //! or this crate built without the `axum` feature) answers `500` and logs a warning, instead
-//! of quietly counting every client against one quota.
+//! of quietly counting every client against one quota. An IPv6 client is one quota per `/64`
+//! network, since a host can take a fresh address from its `/64` for every request
+//! ([`Builder::ipv6_prefix`] sets another length). A header key is only as good as its
+//! check: a key the server never issued is a fresh quota the client made up.
 //!
 //! **Proxies.** Behind a load balancer every peer is the balancer. [`Builder::key_forwarded_ip`]
 //! reads the client's address from the field your proxy writes (`Forwarded`,
 //! `X-Forwarded-For` or `X-Real-IP`), only when the request comes from one of the trusted
-//! proxy addresses or ranges you list, and walks the list from the right: the client writes
-//! what it likes on the left, and a forged entry buys no fresh quota.
+//! proxy addresses or ranges you list, and walks the list from the right, only as far as the
+//! first address that is not a proxy: the client writes what it likes on the left, and
+//! neither a forged entry nor garbage there buys a fresh quota or hides its address.
 //!
 //! **Routing.** Patterns match as axum routes: a `HEAD` request counts under the `GET` route
 //! of its path, and paths are matched as sent, byte for byte (axum does not decode

@@ -184,7 +184,10 @@ where
         };
         let config = &shared.config;
         let route = &shared.routes[index];
-        let key = match config.key.extract(&request, &config.hasher) {
+        let key = match config
+            .key
+            .extract(&request, &config.hasher, config.ipv6_prefix)
+        {
             Extracted::Key(key) => key,
             Extracted::Missing => match config.on_missing.unwrap_or_default() {
                 MissingKey::Shared => ANONYMOUS,
@@ -241,7 +244,10 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
             unreachable!("called with a store");
         };
         let route = &shared.routes[index];
-        let stable = match config.key.extract(&request, &KeyHashing::Stable) {
+        let stable = match config
+            .key
+            .extract(&request, &KeyHashing::Stable, config.ipv6_prefix)
+        {
             Extracted::Key(key) => key,
             Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
         };

@@ -138,6 +138,27 @@ fn changing_algorithm_errs_on_the_safe_side() {
 }
 
 #[test]
+fn a_window_filled_by_a_change_of_algorithm_takes_no_memory_per_place() {
+    // Four billion places filled at once: one run, not four billion response times (32 GiB).
+    let gcra = rate(Quota::per_second(10).with_burst(1), 0);
+    let huge = rate(Quota::per_hour(u32::MAX), 0);
+    let mut l = Limiter::new(&gcra);
+    l.try_hit(&gcra, 0).unwrap();
+    l.change_rate(&gcra, &huge, 0);
+    assert_eq!(l.try_hit(&huge, 0), Err(Wait::Until(3_600 * SEC)));
+    assert_eq!(l.remaining(&huge, SEC), 0);
+    // Answers after the run queue behind it, and the run frees at once when its time comes.
+    let small = rate(Quota::per_second(2), 0);
+    let mut l = Limiter::new(&gcra);
+    l.try_hit(&gcra, 0).unwrap();
+    l.change_rate(&gcra, &small, 0);
+    assert_eq!(l.try_hit(&small, 500 * MS), Err(Wait::Until(SEC)));
+    l.try_hit(&small, SEC).unwrap();
+    l.try_hit(&small, SEC + MS).unwrap();
+    assert_eq!(l.try_hit(&small, SEC + 2 * MS), Err(Wait::Until(2 * SEC)));
+}
+
+#[test]
 fn a_new_gcra_rate_applies_at_once() {
     let fast = rate(Quota::per_second(10).with_burst(1), 0);
     let slow = rate(Quota::per_second(1).with_burst(1), 0);

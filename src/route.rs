@@ -62,12 +62,21 @@ pub(crate) fn request_path<B>(request: &Request<B>) -> &str {
 
 /// Maps a request's method and path to the index of the route it falls under.
 ///
-/// Routes for the request's own method are tried first (for `HEAD`, then the `GET` routes),
-/// then `*` routes, then the default.
+/// As axum routes: the path first (the most specific pattern wins, static over parameter
+/// over wildcard, whatever the methods), then among that path's routes the request's own
+/// method, for `HEAD` the `GET` route, then `*`. A path whose routes all name other methods
+/// falls back to the routes of the request's method (then `*`) that match less specifically,
+/// then to the default.
 /// Lookup walks the path once (matchit's radix tree) and allocates nothing for patterns with
 /// up to three parameters.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RouteTable {
+    /// Every path, to the routes written for it.
+    paths: matchit::Router<usize>,
+    /// The routes of each path in `paths`: their method (`None` for `*`) and index.
+    on_path: Vec<Vec<(Option<Method>, usize)>>,
+    /// Each path's text as written, to find its routes when it comes again.
+    path_texts: Vec<String>,
     by_method: Vec<(Method, matchit::Router<usize>)>,
     any_method: matchit::Router<usize>,
     /// Whether `any_method` holds a route (an empty one is not searched).
@@ -114,7 +123,28 @@ impl RouteTable {
                     pattern: pattern_text.to_owned(),
                     reason: other.to_string(),
                 },
-            })
+            })?;
+        self.insert_path(&pattern.path, pattern.method.clone(), index);
+        Ok(())
+    }
+
+    /// Files a route under its path. A path that clashes with another's in the one tree of
+    /// all paths (a parameter named otherwise at the same place) is left to the per-method
+    /// trees alone.
+    fn insert_path(&mut self, path: &str, method: Option<Method>, index: usize) {
+        let next = self.on_path.len();
+        match self.paths.insert(path, next) {
+            Ok(()) => {
+                self.on_path.push(vec![(method, index)]);
+                self.path_texts.push(path.to_owned());
+            }
+            Err(matchit::InsertError::Conflict { with }) if with == path => {
+                if let Some(at) = self.path_texts.iter().position(|p| *p == with) {
+                    self.on_path[at].push((method, index));
+                }
+            }
+            Err(_) => {}
+        }
     }
 
     pub(crate) fn set_default(&mut self, index: usize) {
@@ -138,6 +168,28 @@ impl RouteTable {
         }
     }
 
+    /// The route of `path` for `method` in the tree of all paths: its own, for `HEAD` the
+    /// `GET` one, else the `*` one.
+    #[inline]
+    fn by_path<'r, 'p>(
+        &'r self,
+        method: &Method,
+        path: &'p str,
+    ) -> Option<(usize, matchit::Match<'r, 'p, &'r usize>)> {
+        let found = self.paths.at(path).ok()?;
+        let routes = &self.on_path[*found.value];
+        let with = |wanted: Option<&Method>| {
+            routes
+                .iter()
+                .find(|(m, _)| m.as_ref() == wanted)
+                .map(|&(_, index)| index)
+        };
+        let index = with(Some(method))
+            .or_else(|| (method == Method::HEAD).then(|| with(Some(&Method::GET)))?)
+            .or_else(|| with(None))?;
+        Some((index, found))
+    }
+
     /// The route a request falls under and the value of the pattern's first parameter, if it
     /// has one (the default route has none).
     pub(crate) fn lookup_param<'p>(
@@ -146,17 +198,19 @@ impl RouteTable {
         path: &'p str,
     ) -> Option<(usize, Option<&'p str>)> {
         let path = if path.is_empty() { "/" } else { path };
-        let first = |found: matchit::Match<'_, 'p, &usize>| {
-            (*found.value, found.params.iter().next().map(|(_, v)| v))
-        };
+        let first =
+            |found: &matchit::Match<'_, 'p, &usize>| found.params.iter().next().map(|(_, v)| v);
+        if let Some((index, found)) = self.by_path(method, path) {
+            return Some((index, first(&found)));
+        }
         if let Some(found) = self.by_method(method, path) {
-            return Some(first(found));
+            return Some((*found.value, first(&found)));
         }
         if !self.has_any_method {
             return self.default.map(|d| (d, None));
         }
         match self.any_method.at(path) {
-            Ok(found) => Some(first(found)),
+            Ok(found) => Some((*found.value, first(&found))),
             Err(_) => self.default.map(|d| (d, None)),
         }
     }
@@ -165,6 +219,9 @@ impl RouteTable {
     /// default.
     pub(crate) fn lookup(&self, method: &Method, path: &str) -> Option<usize> {
         let path = if path.is_empty() { "/" } else { path };
+        if let Some((index, _)) = self.by_path(method, path) {
+            return Some(index);
+        }
         if let Some(found) = self.by_method(method, path) {
             return Some(*found.value);
         }
@@ -191,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn matches_method_then_any_then_default() {
+    fn matches_path_then_method_then_any_then_default() {
         let mut t = table(&[
             "POST /v2/generate",
             "GET /v2/generate/{id}",
@@ -202,13 +259,49 @@ mod tests {
         assert_eq!(t.lookup(&Method::POST, "/v2/generate"), Some(0));
         assert_eq!(t.lookup(&Method::GET, "/v2/generate/abc"), Some(1));
         assert_eq!(t.lookup(&Method::DELETE, "/v2/generations"), Some(2));
-        // A method route wins over a `*` route for its method.
-        assert_eq!(t.lookup(&Method::GET, "/v2/generations"), Some(3));
+        // The more specific path wins, as in axum: `* /v2/generations` over `GET /v2/{*rest}`.
+        assert_eq!(t.lookup(&Method::GET, "/v2/generations"), Some(2));
+        assert_eq!(t.lookup(&Method::GET, "/v2/other"), Some(3));
         assert_eq!(t.lookup(&Method::GET, "/other"), None);
         t.set_default(9);
         assert_eq!(t.lookup(&Method::GET, "/other"), Some(9));
         assert_eq!(t.lookup(&Method::POST, "/v2/generate/abc"), Some(9));
         assert_eq!(t.lookup(&Method::GET, ""), Some(9));
+    }
+
+    #[test]
+    fn the_most_specific_path_wins_whatever_the_methods_as_in_axum() {
+        let t = table(&[
+            "GET /x/{id}",
+            "* /x/special",
+            "POST /x/{id}/cancel",
+            "GET /files/{*path}",
+            "* /files/readme",
+            "DELETE /y/static",
+            "* /y/{id}",
+        ])
+        .unwrap();
+        // axum picks the path `/x/special` first, then its method router: the `*` route.
+        assert_eq!(t.lookup(&Method::GET, "/x/special"), Some(1));
+        assert_eq!(t.lookup(&Method::HEAD, "/x/special"), Some(1));
+        assert_eq!(t.lookup(&Method::GET, "/x/other"), Some(0));
+        assert_eq!(t.lookup(&Method::HEAD, "/x/other"), Some(0));
+        assert_eq!(t.lookup(&Method::GET, "/files/readme"), Some(4));
+        assert_eq!(t.lookup(&Method::GET, "/files/a/b"), Some(3));
+        assert_eq!(
+            t.lookup_param(&Method::POST, "/x/7/cancel"),
+            Some((2, Some("7")))
+        );
+        // A path whose routes name other methods falls back to less specific ones.
+        assert_eq!(t.lookup(&Method::GET, "/y/static"), Some(6));
+        assert_eq!(t.lookup(&Method::DELETE, "/y/static"), Some(5));
+        // Parameters named otherwise on another method still match, through its own tree.
+        let t = table(&["GET /g/{id}", "DELETE /g/{generation}"]).unwrap();
+        assert_eq!(
+            t.lookup_param(&Method::DELETE, "/g/9"),
+            Some((1, Some("9")))
+        );
+        assert_eq!(t.lookup_param(&Method::GET, "/g/9"), Some((0, Some("9"))));
     }
 
     #[test]

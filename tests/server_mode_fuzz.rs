@@ -37,6 +37,10 @@ fn app(counts: Counts) -> Router {
         .route("/v2/generate", post(handler("POST /v2/generate")))
         .route("/v2/generate/{id}", get(handler("GET /v2/generate/{id}")))
         .route(
+            "/v2/generate/special",
+            routing::any(handler("* /v2/generate/special")),
+        )
+        .route(
             "/v2/files/{*path}",
             routing::any(handler("* /v2/files/{*path}")),
         )
@@ -78,6 +82,7 @@ fn path() -> impl Strategy<Value = String> {
         "/v2/generate",
         "/v2/generate/gen_1",
         "/v2/generate/gen_2",
+        "/v2/generate/special",
         "/v2/assets/a1",
         "/v2/files/a/b.mp4",
         "/v2/files/x",
@@ -121,6 +126,8 @@ fn limits(max_keys: usize) -> RateLimitByRoute<tower_quota::rate_limit::Reject> 
     RateLimitByRoute::builder()
         .route("POST /v2/generate", quota)
         .route("GET /v2/generate/{id}", quota)
+        // axum routes `GET /v2/generate/special` here, path first: so must the layer.
+        .route("* /v2/generate/special", quota)
         .route("GET /v2/assets/{id}", quota)
         .route("* /v2/files/{*path}", quota)
         .reject()

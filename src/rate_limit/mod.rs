@@ -98,22 +98,27 @@
 //! first address that is not a proxy: the client writes what it likes on the left, and
 //! neither a forged entry nor garbage there buys a fresh quota or hides its address.
 //!
-//! **Routing.** Patterns match as axum routes: a `HEAD` request counts under the `GET` route
-//! of its path, and paths are matched as sent, byte for byte (axum does not decode
-//! percent-escapes, fold case, merge slashes or drop a trailing slash before routing, and
-//! neither does the layer): no form of a request that reaches a handler escapes its route's
-//! quota. Inside `Router::nest` and `nest_service` axum strips the prefix from the URI; with
-//! the `axum` feature the layer reads the path the client sent (`OriginalUri`), so patterns
-//! are always written in full. Without the feature, put the layer on the outermost router.
+//! **Routing.** Patterns match as axum routes: the most specific path first (static over
+//! parameter over wildcard, whatever the methods), then the method, and a `HEAD` request
+//! counts under the `GET` route of its path. Paths are matched as sent, byte for byte (axum
+//! does not decode percent-escapes, fold case, merge slashes or drop a trailing slash before
+//! routing, and neither does the layer): no form of a request that reaches a handler escapes
+//! its route's quota. Inside `Router::nest` and `nest_service` axum strips the prefix from
+//! the URI; with the `axum` feature the layer reads the path the client sent (`OriginalUri`),
+//! so patterns are always written in full. Without the feature, put the layer on the
+//! outermost router. A service that reads the path its own way (tower-http's `ServeDir`
+//! decodes escapes, drops `./` and merges `//`) serves many spellings of one file: limit it
+//! with a wildcard over its whole mount (`GET /static/{*path}`), not a pattern per file.
 //!
 //! **Memory.** Each client's limit takes a fixed 88 bytes whatever the quota (175 to 183
 //! bytes per tracked client with the table and shadow around it, measured in
-//! `tests/alloc.rs`), so `per_hour(10_000)` costs what
-//! `per_minute(60)` does. A sliding window is kept as 16 buckets: it never admits more than
-//! the count in any window of the period, never refuses a client pacing itself at 90 % of its
-//! quota, and after a burst may admit up to a sixteenth of the period later than an exact log
-//! would (`Retry-After: 64` for a minute's quota used at once). A route tracks at most
-//! [`Builder::max_keys`] clients (65,536 by default: about 12 MiB).
+//! `tests/alloc.rs`), so `per_hour(10_000)` costs what `per_minute(60)` does. A sliding
+//! window is kept as 16 buckets: it never admits more than the count in any window of the
+//! period, never refuses a client pacing itself at 90 % of its quota, and after a burst may
+//! admit up to a sixteenth of the period later than an exact log would (`Retry-After: 64`
+//! for a minute's quota used at once, while `RateLimit-Policy` states the quota itself,
+//! `w=60`). A route tracks at most [`Builder::max_keys`] clients (65,536 by default: about
+//! 12 MiB).
 //!
 //! **Floods.** A flood of fresh keys cannot grow memory, lock newcomers out, or free a client
 //! at its quota, whatever it sends per key: a new client at a full table takes the place of

@@ -113,9 +113,26 @@ fn release_token(shared: &Shared, token: Option<Token>) {
 impl Drop for HoldGuard {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
+            if self.token.is_some() {
+                unknown_token(&shared, self.token.take());
+                return;
+            }
             let now = shared.clock.now();
             shared.counts().unknown(now);
         }
+    }
+}
+
+/// The outcome of a create that held a slot in the shared store, as `token`, will never be
+/// read. The store holds it for the whole fleet, until a reconcile in any process accounts for
+/// it or its lease runs out; this process lets its own count of it go, since no reconcile
+/// elsewhere could ever give that back.
+#[cold]
+#[inline(never)]
+fn unknown_token(shared: &Shared, token: Option<Token>) {
+    if let (Some(store), Some(token)) = (&shared.store, token) {
+        shared.counts().release(Release::Shared);
+        store.slot_unknown(&token, shared.lease());
     }
 }
 
@@ -220,7 +237,11 @@ impl Observer {
                         field = &*config.id_field,
                         "no job id in a successful create's response: its slot stays held until a reconcile or the maximum job life"
                     );
-                    shared.counts().unknown(now);
+                    if self.token.is_some() {
+                        unknown_token(shared, self.token.take());
+                    } else {
+                        shared.counts().unknown(now);
+                    }
                     return;
                 };
                 let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));

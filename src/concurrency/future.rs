@@ -60,30 +60,56 @@ struct SharedSlot<S, B> {
     inner: S,
     request: Request<B>,
     store: Remote,
-    member: Token,
     asking: Asking,
     deadline: Option<Nanos>,
+    unsent: Unsent,
+}
+
+/// What a create that was not sent holds: its slot here and, maybe, its member in the shared
+/// store (an acquire may have reached Redis even when its answer did not come back). Dropped
+/// before the create is sent (the caller gave up, the wait ran out, the store failed), it
+/// leaves no trace: nothing was sent, so nothing can be unknown.
+struct Unsent {
+    hold: Option<HoldGuard>,
+    member: Option<Token>,
+    store: Remote,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(hold) = self.hold.take() {
+            hold.release(Release::Failed);
+        }
+        if let Some(member) = self.member.take() {
+            self.store.slot_release(&member);
+        }
+    }
 }
 
 impl<S, B> SharedSlot<S, B> {
     fn new(
         inner: S,
         request: Request<B>,
-        shared: &Shared,
+        hold: HoldGuard,
         store: Remote,
         deadline: Option<Nanos>,
     ) -> Self {
         let member: Token = Box::new(format!("c:{}", store.member()));
-        let limit = shared.slots().limit();
-        let lease = shared.lease();
+        let (limit, lease) = hold
+            .shared()
+            .map_or((0, Default::default()), |s| (s.slots().limit(), s.lease()));
         let asking = Asking::new(&store, || store.slot_acquire(limit, lease, &member));
         Self {
             inner,
             request,
-            store,
-            member,
+            store: store.clone(),
             asking,
             deadline,
+            unsent: Unsent {
+                hold: Some(hold),
+                member: Some(member),
+                store,
+            },
         }
     }
 
@@ -108,7 +134,10 @@ impl<S, B> SharedSlot<S, B> {
                 self.asking
                     .again_by(&self.store, shared.clock.instant(now), wait, deadline);
             }
-            let (store, member) = (&self.store, &self.member);
+            let Some(member) = &self.unsent.member else {
+                return Poll::Ready(Ok(false));
+            };
+            let store = &self.store;
             let limit = shared.slots().limit();
             let lease = shared.lease();
             ready!(self
@@ -185,9 +214,9 @@ where
         let deadline = shared.wait_deadline();
         Self {
             state: State::Shared,
-            role: Role::Create(Some(hold)),
+            role: Role::Create(None),
             aside: Some(Box::new(Aside::Shared(SharedSlot::new(
-                inner, request, shared, store, deadline,
+                inner, request, hold, store, deadline,
             )))),
         }
     }
@@ -261,11 +290,8 @@ where
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
-                    let Role::Create(Some(hold)) = this.role else {
-                        this.state.set(State::Failed { error: None });
-                        continue;
-                    };
-                    let Some(shared) = hold.shared().cloned() else {
+                    let Some(shared) = slot.unsent.hold.as_ref().and_then(|h| h.shared()).cloned()
+                    else {
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
@@ -277,12 +303,18 @@ where
                         mut inner,
                         request,
                         store,
-                        member,
+                        mut unsent,
                         ..
                     } = slot;
                     let refused: BoxError = match outcome {
                         Ok(true) => {
+                            let (Some(mut hold), Some(member)) =
+                                (unsent.hold.take(), unsent.member.take())
+                            else {
+                                continue;
+                            };
                             hold.set_token(member);
+                            *this.role = Role::Create(Some(hold));
                             this.state.set(State::Called {
                                 future: inner.call(request),
                             });
@@ -290,6 +322,9 @@ where
                         }
                         Err(error) if store.fail_mode() == FailMode::Open => {
                             tracing::warn!(%error, "the shared slot store failed: this create counts against this process's plan only");
+                            // Sent on the slot held here; the member an acquire may have left
+                            // in the store goes back as `unsent` is dropped.
+                            *this.role = Role::Create(unsent.hold.take());
                             this.state.set(State::Called {
                                 future: inner.call(request),
                             });
@@ -302,10 +337,9 @@ where
                         }
                         Err(error) => error.into(),
                     };
-                    // Nothing was sent: the slot taken here goes back.
-                    if let Role::Create(Some(hold)) = std::mem::replace(this.role, Role::Other) {
-                        hold.release(Release::Failed);
-                    }
+                    // Nothing was sent: the slot taken here, and any member in the store, go
+                    // back as `unsent` is dropped.
+                    drop(unsent);
                     this.state.set(State::Failed { error: None });
                     return Poll::Ready(Err(refused));
                 }
@@ -330,16 +364,19 @@ where
                     let Queued {
                         mut inner, request, ..
                     } = queued;
-                    *this.role = Role::Create(Some(HoldGuard::new(shared.clone())));
+                    let hold = HoldGuard::new(shared.clone());
                     match shared.store.clone() {
                         Some(store) => {
-                            let slot = SharedSlot::new(inner, request, &shared, store, deadline);
+                            let slot = SharedSlot::new(inner, request, hold, store, deadline);
                             *this.aside = Some(Box::new(Aside::Shared(slot)));
                             this.state.set(State::Shared);
                         }
-                        None => this.state.set(State::Called {
-                            future: inner.call(request),
-                        }),
+                        None => {
+                            *this.role = Role::Create(Some(hold));
+                            this.state.set(State::Called {
+                                future: inner.call(request),
+                            });
+                        }
                     }
                     continue;
                 }

@@ -110,7 +110,7 @@ impl SlotsGuard<'_> {
         let lease = self.shared.lease();
         for effect in effects {
             match effect {
-                Effect::Finished(id) => store.job_done(&id),
+                Effect::Finished(id) => store.job_done(&id, lease),
                 Effect::Active(id) => store.job_active(&id, lease),
             }
         }
@@ -236,11 +236,15 @@ impl ConcurrencyLimitByPlan {
     ///
     /// With a shared store, the job's slot is given back for every process: whichever
     /// process created it lets it go too. The result then only says whether this process held
-    /// it.
+    /// it. A completion that arrives before the creating process has read the job's id (a
+    /// webhook faster than the create's answer) is not lost: the fleet remembers finished
+    /// ids for the maximum job life (the latest 4,096), and the create's slot is given back
+    /// as soon as its id is known.
     pub fn complete(&self, id: &str) -> bool {
         let held = self.shared.finish(id, Release::Finished);
         if let (false, Some(store)) = (held, &self.shared.store) {
-            store.job_done(id);
+            // Held elsewhere, or not bound anywhere yet: the fleet remembers it as done.
+            store.job_done(id, self.shared.lease());
         }
         held
     }
@@ -275,10 +279,10 @@ impl ConcurrencyLimitByPlan {
             .slots()
             .reconcile(ids.iter().map(AsRef::as_ref), as_of, now);
         if let Some(store) = &self.shared.store {
-            // Jobs other processes hold, gone from the list, are given back too.
-            let age = Duration::from_nanos(now.saturating_sub(as_of));
+            // Jobs other processes hold, gone from the list, are given back too; their creates
+            // still in flight are left alone (no list can show them yet).
             let active = ids.iter().map(|id| id.as_ref().to_owned()).collect();
-            store.jobs_reconcile(active, age, self.shared.lease());
+            store.jobs_reconcile(active, as_of, self.shared.clock, self.shared.lease());
         }
         self.shared.notify();
     }

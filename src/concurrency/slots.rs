@@ -38,6 +38,9 @@ pub(crate) enum Release {
     Answered,
     /// Another process sharing the store gave the job back (a webhook, a status it saw).
     Elsewhere,
+    /// A create whose outcome is unknown, held for the whole fleet by the shared store (which
+    /// a reconcile in any process can account for) rather than by this process.
+    Shared,
 }
 
 /// A change of the held jobs that a shared store must hear of (recorded only when one mirrors

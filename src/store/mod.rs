@@ -168,11 +168,20 @@ impl Remote {
 
     pub(crate) fn slot_release(&self, _: &str) {}
 
-    pub(crate) fn job_done(&self, _: &str) {}
+    pub(crate) fn slot_unknown(&self, _: &str, _: Duration) {}
+
+    pub(crate) fn job_done(&self, _: &str, _: Duration) {}
 
     pub(crate) fn job_active(&self, _: &str, _: Duration) {}
 
-    pub(crate) fn jobs_reconcile(&self, _: Vec<String>, _: Duration, _: Duration) {}
+    pub(crate) fn jobs_reconcile(
+        &self,
+        _: Vec<String>,
+        _: crate::clock::Nanos,
+        _: crate::clock::Clock,
+        _: Duration,
+    ) {
+    }
 }
 
 /// Questions to a shared store, asked again until one is answered with a place. Between

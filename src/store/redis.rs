@@ -62,6 +62,11 @@ struct Inner {
     worker: JoinHandle<()>,
 }
 
+/// How many finished job ids the fleet remembers (each for at most the maximum job life), so
+/// that a job completed before its create was bound, or shown active by a stale list, does not
+/// take a slot again.
+const REMEMBERED_DONE: usize = 4096;
+
 /// How many background changes may wait for Redis; past it (Redis away for long) they are
 /// dropped, and the leases give the slots back.
 const BACKGROUND: usize = 4096;
@@ -223,7 +228,9 @@ impl RedisStore {
         ])
     }
 
-    /// The create held as `token` made job `id`.
+    /// The create held as `token` made job `id`. If the job is already over somewhere in the
+    /// fleet (completed before this bind arrived), the slot is given back instead and the
+    /// creator hears of it as of a job done elsewhere.
     pub(crate) fn slot_bind(&self, token: &str, id: &str, lease: Duration) {
         self.spawn(self.run_slots(vec!["bind".into(), token.into(), id.into(), micros(lease)]));
     }
@@ -233,10 +240,22 @@ impl RedisStore {
         self.spawn(self.run_slots(vec!["remove".into(), token.into(), "released".into()]));
     }
 
-    /// Job `id` is over, wherever it was created.
-    pub(crate) fn job_done(&self, id: &str) {
+    /// The outcome of the create held as `token` will never be read: from now on a reconcile
+    /// may account for it (a create still in flight is never reconciled away).
+    pub(crate) fn slot_unknown(&self, token: &str, lease: Duration) {
+        self.spawn(self.run_slots(vec!["unknown".into(), token.into(), micros(lease)]));
+    }
+
+    /// Job `id` is over, wherever it was created. The fleet remembers it for `lease`, so a
+    /// bind or a stale list that comes later does not take a slot for it again.
+    pub(crate) fn job_done(&self, id: &str, lease: Duration) {
         let message = format!("done:{id}");
-        self.spawn(self.run_slots(vec!["remove".into(), format!("j:{id}"), message]));
+        self.spawn(self.run_slots(vec![
+            "remove".into(),
+            format!("j:{id}"),
+            message,
+            micros(lease),
+        ]));
     }
 
     /// Job `id` was seen active: it holds a slot, whoever created it.
@@ -244,11 +263,28 @@ impl RedisStore {
         self.spawn(self.run_slots(vec!["active".into(), id.into(), micros(lease)]));
     }
 
-    /// `active` is every job the server counts, as listed `age` ago.
-    pub(crate) fn jobs_reconcile(&self, active: Vec<String>, age: Duration, lease: Duration) {
-        let mut args = vec!["reconcile".into(), micros(age), micros(lease)];
-        args.extend(active);
-        self.spawn(self.run_slots(args));
+    /// `active` is every job the server counts, as listed at `as_of` on `clock`.
+    ///
+    /// Redis judges which holds are older than the list on its own clock, from the list's
+    /// age. The age is taken when the change is sent (not when it is queued), and the store's
+    /// timeout is added to it, since the script runs within the timeout of its send or
+    /// not at all as far as this process knows: a hold taken just after the list was requested
+    /// is kept, never freed early.
+    pub(crate) fn jobs_reconcile(
+        &self,
+        active: Vec<String>,
+        as_of: crate::clock::Nanos,
+        clock: crate::clock::Clock,
+        lease: Duration,
+    ) {
+        let store = self.clone();
+        self.spawn(SyncFuture::new(Box::pin(async move {
+            let age = Duration::from_nanos(clock.now().saturating_sub(as_of));
+            let age = age.saturating_add(store.inner.timeout);
+            let mut args = vec!["reconcile".into(), micros(age), micros(lease)];
+            args.extend(active);
+            store.run_slots(args).await
+        })));
     }
 
     /// Ids of jobs another process gave back.
@@ -267,8 +303,10 @@ impl RedisStore {
 
     fn run_slots(&self, mut args: Vec<String>) -> Op {
         args.insert(1, self.inner.channel.clone());
-        let key = format!("{}:held", self.key("slots"));
-        self.invoke(&self.inner.slots_script, vec![key], args)
+        args.insert(2, REMEMBERED_DONE.to_string());
+        let slots = self.key("slots");
+        let keys = vec![format!("{slots}:held"), format!("{slots}:done")];
+        self.invoke(&self.inner.slots_script, keys, args)
     }
 }
 

@@ -1,33 +1,59 @@
 -- A plan's job slots in Redis, on Redis's own clock.
 --
 -- KEYS[1]  sorted set of slots held: member -> lease expiry (microseconds). Members are
---          'c:<token>' (a create sent, its job id not known yet) and 'j:<job id>'.
--- ARGV[1]  op, ARGV[2] channel, then by op:
+--          'c:<token>' (a create sent, its outcome not known yet), 'u:<token>' (a create whose
+--          outcome will never be read: the server may have made a job) and 'j:<job id>'.
+-- KEYS[2]  sorted set of the jobs known to be over: id -> when it is forgotten. Bounded in
+--          time (the lease) and count (ARGV[3]), so that a job completed before its create
+--          was bound, or listed active by a stale list, never takes a slot again.
+-- ARGV[1]  op, ARGV[2] channel, ARGV[3] how many finished ids are remembered, then by op:
 --   acquire   limit, lease, member          -> {1, 0} taken, or {0, wait until a lease ends}
 --   bind      token member, job id, lease   (the create made this job)
+--   unknown   token member, lease           (the create's outcome will never be read)
 --   remove    member, message               (published if the member held a slot)
 --   active    job id, lease                 (a job seen active: holds a slot if not yet)
---   reconcile age, lease, active ids...     (every job the server counts, as listed `age`
---                                            ago: older holds not in it are gone)
+--   reconcile age, lease, active ids...     (every job the server counts, as listed at the
+--                                            latest `age` ago: older jobs and unknown
+--                                            outcomes not in it are gone; creates in flight
+--                                            cannot be in a list, and are never touched)
 -- Every slot given back publishes a message on the channel: 'released', or 'done:<id>' for a
 -- job, so that the process holding it locally lets it go too.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local held, op, channel = KEYS[1], ARGV[1], ARGV[2]
+local held, done, op, channel = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local remembered = tonumber(ARGV[3])
 
 local function int(x)
   return string.format('%.0f', x)
 end
 
 local function keep(lease)
-  redis.call('PEXPIRE', held, math.ceil(lease / 1000) + 1000)
+  local ttl = math.ceil(lease / 1000) + 1000
+  redis.call('PEXPIRE', held, ttl)
+  if redis.call('EXISTS', done) == 1 then
+    redis.call('PEXPIRE', done, ttl)
+  end
+end
+
+local function is_done(id)
+  return redis.call('ZSCORE', done, id) ~= false
+end
+
+-- Job `id` is over: remembered for `lease`, the oldest forgotten past the bound.
+local function remember_done(id, lease)
+  redis.call('ZADD', done, int(now + lease), id)
+  local extra = redis.call('ZCARD', done) - remembered
+  if extra > 0 then
+    redis.call('ZREMRANGEBYRANK', done, 0, extra - 1)
+  end
 end
 
 redis.call('ZREMRANGEBYSCORE', held, '-inf', int(now))
+redis.call('ZREMRANGEBYSCORE', done, '-inf', int(now))
 
 if op == 'acquire' then
-  local limit, lease, member = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+  local limit, lease, member = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
   if redis.call('ZCARD', held) < limit then
     redis.call('ZADD', held, int(now + lease), member)
     keep(lease)
@@ -36,40 +62,67 @@ if op == 'acquire' then
   local first = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
   return {0, math.max(tonumber(first[2]) - now, 1)}
 elseif op == 'bind' then
-  local token, job, lease = ARGV[3], 'j:' .. ARGV[4], tonumber(ARGV[5])
+  local token, id, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
   redis.call('ZREM', held, token)
-  if redis.call('ZADD', held, 'NX', int(now + lease), job) == 0 then
+  if is_done(id) then
+    -- Completed before its create was bound (a webhook faster than the create's answer):
+    -- the slot is free, and the creator lets go of the job it just bound.
+    redis.call('PUBLISH', channel, 'done:' .. id)
+  elseif redis.call('ZADD', held, 'NX', int(now + lease), 'j:' .. id) == 0 then
     redis.call('PUBLISH', channel, 'released')
   end
   keep(lease)
+elseif op == 'unknown' then
+  local token, lease = ARGV[4], tonumber(ARGV[5])
+  if redis.call('ZREM', held, token) == 1 then
+    redis.call('ZADD', held, int(now + lease), 'u:' .. string.sub(token, 3))
+    keep(lease)
+  end
 elseif op == 'remove' then
-  if redis.call('ZREM', held, ARGV[3]) == 1 then
-    redis.call('PUBLISH', channel, ARGV[4])
+  local member = ARGV[4]
+  local removed = redis.call('ZREM', held, member) == 1
+  if string.sub(member, 1, 2) == 'j:' then
+    local lease = tonumber(ARGV[6])
+    remember_done(string.sub(member, 3), lease)
+    keep(lease)
+  end
+  if removed then
+    redis.call('PUBLISH', channel, ARGV[5])
   end
 elseif op == 'active' then
-  local lease = tonumber(ARGV[4])
-  redis.call('ZADD', held, 'NX', int(now + lease), 'j:' .. ARGV[3])
-  keep(lease)
+  local id, lease = ARGV[4], tonumber(ARGV[5])
+  if is_done(id) then
+    -- A stale sighting: whoever took it locally lets it go.
+    redis.call('PUBLISH', channel, 'done:' .. id)
+  else
+    redis.call('ZADD', held, 'NX', int(now + lease), 'j:' .. id)
+    keep(lease)
+  end
 elseif op == 'reconcile' then
-  local as_of, lease = now - tonumber(ARGV[3]), tonumber(ARGV[4])
+  local as_of, lease = now - tonumber(ARGV[4]), tonumber(ARGV[5])
   local active = {}
-  for i = 5, #ARGV do
-    active['j:' .. ARGV[i]] = true
+  for i = 6, #ARGV do
+    active[ARGV[i]] = true
   end
   local holds = redis.call('ZRANGE', held, 0, -1, 'WITHSCORES')
   for i = 1, #holds, 2 do
     local member, taken = holds[i], tonumber(holds[i + 1]) - lease
-    if taken < as_of and not active[member] then
+    local kind, name = string.sub(member, 1, 2), string.sub(member, 3)
+    if taken < as_of and kind == 'j:' and not active[name] then
       redis.call('ZREM', held, member)
-      if string.sub(member, 1, 2) == 'j:' then
-        redis.call('PUBLISH', channel, 'done:' .. string.sub(member, 3))
-      else
-        redis.call('PUBLISH', channel, 'released')
-      end
+      remember_done(name, lease)
+      redis.call('PUBLISH', channel, 'done:' .. name)
+    elseif taken < as_of and kind == 'u:' then
+      redis.call('ZREM', held, member)
+      redis.call('PUBLISH', channel, 'released')
     end
   end
-  for member in pairs(active) do
-    redis.call('ZADD', held, 'NX', int(now + lease), member)
+  for id in pairs(active) do
+    if is_done(id) then
+      redis.call('PUBLISH', channel, 'done:' .. id)
+    else
+      redis.call('ZADD', held, 'NX', int(now + lease), 'j:' .. id)
+    end
   end
   keep(lease)
 end

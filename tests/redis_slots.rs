@@ -650,11 +650,17 @@ async fn a_create_dropped_while_it_waits_for_its_redis_slot_leaves_no_trace() {
     let service = ServiceBuilder::new()
         .layer(waiter.clone())
         .service(client.clone());
-    let waited =
-        tokio::time::timeout(Duration::from_millis(100), service.oneshot(gated_request(&create_url)))
-            .await;
+    let waited = tokio::time::timeout(
+        Duration::from_millis(100),
+        service.oneshot(gated_request(&create_url)),
+    )
+    .await;
     assert!(waited.is_err(), "it waited");
-    assert_eq!(waiter.in_use(), 0, "nothing was sent: no unknown outcome here");
+    assert_eq!(
+        waiter.in_use(),
+        0,
+        "nothing was sent: no unknown outcome here"
+    );
     assert_eq!(api.arrived(), 1);
     holder.complete(&job);
     eventually_held(&url, &prefix, <[String]>::is_empty).await;
@@ -741,4 +747,189 @@ async fn a_stale_list_cannot_take_back_the_slot_of_a_completed_job() {
     eventually(|| reconciler.in_use() == 0).await;
     assert!(held_in_redis(&url, &prefix).await.is_empty());
     assert_eq!(creator.in_use(), 0);
+}
+
+/// A small deterministic generator, so that a failing run can be repeated from its seed.
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// The active job ids, as the API lists them.
+async fn list_active(client: &HttpClient, api: &MockServer) -> Vec<String> {
+    let request =
+        http::Request::get(api.url("/v2/generations?status=PENDING,PROCESSING&limit=100"))
+            .header("x-api-key", sync_mock::DEFAULT_KEY)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let jobs: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    jobs.iter()
+        .map(|job| job["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_creators_webhooks_and_reconciles_never_exceeds_the_plan() {
+    const CREATORS: usize = 4;
+    const RUN: Duration = Duration::from_secs(3);
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("fleet");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    // Jobs of milliseconds, and no rate limit to speak of: only the plan binds.
+    let api = Arc::new(
+        MockServer::start(
+            Config::default()
+                .api_key(sync_mock::DEFAULT_KEY, 3)
+                .job_durations(Duration::from_millis(5), Duration::from_millis(15))
+                .limit(
+                    sync_mock::Endpoint::Create,
+                    sync_mock::Limit::per_second(100_000),
+                )
+                .other_limits(sync_mock::Limit::per_second(100_000)),
+        )
+        .await
+        .unwrap(),
+    );
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+
+    // The webhook process completes every job it hears of; it never creates.
+    let webhook = store_plan(&url, &prefix, Plan::Creator);
+    let hooks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/webhooks/sync", hooks.local_addr().unwrap());
+    async fn on_hook(State(plan): State<ConcurrencyLimitByPlan>, body: Bytes) -> StatusCode {
+        let generation: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        plan.complete(generation["id"].as_str().unwrap());
+        StatusCode::NO_CONTENT
+    }
+    let app = Router::new()
+        .route("/webhooks/sync", post(on_hook))
+        .with_state(webhook.clone());
+    tokio::spawn(async move { axum::serve(hooks, app).await.unwrap() });
+
+    // The reconciling process lists the active jobs every 20 ms.
+    let reconciler = store_plan(&url, &prefix, Plan::Creator);
+    let (stop, stopped) = watch::channel(false);
+    let reconciling = {
+        let (client, api, plan, mut stopped) = (
+            client.clone(),
+            api.clone(),
+            reconciler.clone(),
+            stopped.clone(),
+        );
+        tokio::spawn(async move {
+            while !*stopped.borrow() {
+                let listed_at = tokio::time::Instant::now();
+                let active = list_active(&client, &api).await;
+                plan.reconcile_as_of(active, listed_at);
+                let _ = tokio::time::timeout(Duration::from_millis(20), stopped.changed()).await;
+            }
+        })
+    };
+
+    // The creating processes create as fast as their slots allow, and give up on one create
+    // in four at a random moment: while it waits, while it is sent, or while it is answered.
+    let creators: Vec<ConcurrencyLimitByPlan> = (0..CREATORS)
+        .map(|_| store_plan(&url, &prefix, Plan::Creator))
+        .collect();
+    let creating: Vec<_> = creators
+        .iter()
+        .enumerate()
+        .map(|(index, plan)| {
+            let (plan, client, api, hook_url, stopped) = (
+                plan.clone(),
+                client.clone(),
+                api.clone(),
+                hook_url.clone(),
+                stopped.clone(),
+            );
+            let mut dice = Dice(seed.wrapping_mul(index as u64 + 1) | 1);
+            tokio::spawn(async move {
+                let (mut made, mut dropped, mut refused) = (0, 0, 0);
+                while !*stopped.borrow() {
+                    let service = ServiceBuilder::new()
+                        .layer(plan.clone())
+                        .service(client.clone());
+                    let request = create_request(&api, Some(&hook_url));
+                    let send = async {
+                        let response = service.oneshot(request).await?;
+                        response.into_body().collect().await?;
+                        Ok::<_, BoxError>(())
+                    };
+                    if dice.below(4) == 0 {
+                        let after = Duration::from_micros(dice.below(5_000));
+                        if tokio::time::timeout(after, send).await.is_err() {
+                            dropped += 1;
+                        }
+                    } else {
+                        match send.await {
+                            Ok(()) => made += 1,
+                            Err(_) => refused += 1, // waited past max_wait: sent nothing
+                        }
+                    }
+                }
+                (made, dropped, refused)
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(RUN).await;
+    stop.send(true).unwrap();
+    let mut totals = (0, 0, 0);
+    for creating in creating {
+        let (made, dropped, refused) = creating.await.unwrap();
+        totals = (totals.0 + made, totals.1 + dropped, totals.2 + refused);
+    }
+    reconciling.await.unwrap();
+
+    let stats = api.stats();
+    println!(
+        "{} jobs made by the server; creates read {}, dropped {}, refused {}",
+        stats.created, totals.0, totals.1, totals.2
+    );
+    assert!(
+        stats.created >= 30,
+        "the fleet made progress: {}",
+        stats.created
+    );
+    assert_eq!(
+        stats.concurrency_limited, 0,
+        "the server refused creates over the plan (seed {seed})"
+    );
+    assert!(
+        stats.max_active_by_key[sync_mock::DEFAULT_KEY] <= 3,
+        "the server saw {} active jobs on a plan of 3 (seed {seed})",
+        stats.max_active_by_key[sync_mock::DEFAULT_KEY]
+    );
+
+    // Every job ends; then no slot is stuck anywhere, once a list says nothing is active.
+    let started = Instant::now();
+    while api.stats().active > 0 {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eventually(|| {
+        reconciler.reconcile(Vec::<String>::new());
+        creators
+            .iter()
+            .chain([&webhook, &reconciler])
+            .all(|p| p.in_use() == 0)
+    })
+    .await;
+    eventually_held(&url, &prefix, <[String]>::is_empty).await;
 }

@@ -490,6 +490,14 @@ impl Builder {
     /// its [`FailMode`](crate::store::FailMode) decides: creates go on under this process's
     /// own plan count, or fail with a [`StoreError`](crate::store::StoreError).
     ///
+    /// A reconcile in any process frees only jobs and unknown outcomes older than its list,
+    /// never a create still in flight elsewhere; a create dropped while it waits for its
+    /// slot in the store leaves nothing there; finished ids are remembered by the fleet (for
+    /// the maximum job life, the latest 4,096), so a completion that arrives before the
+    /// creator read the job's id, or a stale list, never holds a slot for a finished job; and
+    /// a create whose outcome is unknown is held in the store, where any process's reconcile
+    /// accounts for it.
+    ///
     /// Build the layer inside a Tokio runtime: it listens for jobs given back elsewhere.
     #[cfg(feature = "redis")]
     pub fn store(mut self, store: crate::store::RedisStore) -> Self {

@@ -80,7 +80,7 @@ impl Script {
         Request<Full<Bytes>>,
         Response = Response<Full<Bytes>>,
         Error = BoxError,
-        Future = impl Send,
+        Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
     > + Clone
            + Send {
         let script = self.clone();
@@ -631,4 +631,54 @@ proptest::proptest! {
         proptest::prop_assert_eq!(back.trailers.is_some(), with_trailers);
         proptest::prop_assert_eq!(back.classified, vec![chunks.concat()]);
     }
+}
+
+/// A request sleeping in backoff holds nothing below: not the `ConcurrencyLimit(1)` permit nor
+/// the `Buffer(1)` slot its first attempt was sent with. The caller keeps its service, and a
+/// second request through it is answered while the first sleeps; the first's retry then
+/// readies a clone of its own.
+#[tokio::test(start_paused = true)]
+async fn a_request_sleeping_in_backoff_holds_no_readiness_below() {
+    async fn check<S>(below: &str, script: &Script, mut svc: S)
+    where
+        S: tower::Service<Request<Full<Bytes>>, Error = BoxError> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Response: Send + 'static,
+    {
+        let start = Instant::now();
+        let first = svc.ready().await.unwrap().call(request(Method::GET));
+        let first = tokio::spawn(first);
+        // The first is refused at once, then sleeps 1 s.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(script.seen().len(), 1, "{below}");
+        let second = tokio::time::timeout(Duration::from_millis(500), async {
+            svc.ready().await?.call(request(Method::GET)).await
+        })
+        .await;
+        assert!(
+            matches!(second, Ok(Ok(_))),
+            "{below}: the second request waited on the first's sleep"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "{below}");
+        first.await.unwrap().unwrap();
+        assert_eq!(
+            script.times(),
+            [0.0, 0.1, 1.0],
+            "{below}: the first, the second, the first's retry"
+        );
+    }
+
+    let script = Script::new([refuse()]);
+    let svc = ServiceBuilder::new()
+        .layer(exact())
+        .concurrency_limit(1)
+        .service(script.service());
+    check("ConcurrencyLimit(1)", &script, svc).await;
+
+    let script = Script::new([refuse()]);
+    let svc = ServiceBuilder::new()
+        .layer(exact())
+        .buffer(1)
+        .service(script.service());
+    check("Buffer(1)", &script, svc).await;
 }

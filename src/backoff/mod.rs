@@ -65,6 +65,17 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Readiness
+//!
+//! `poll_ready` forwards to the inner service: a ready [`Backoff429Service`] is one whose
+//! inner service is ready for a request's first attempt, which is sent with it. A request
+//! that waits (reading a refusal, sleeping in backoff) holds no service driven ready: its
+//! response future keeps a clone of the inner service of its own, and the readiness the
+//! caller reserved (a slot of tower's `Buffer`, a permit of its `ConcurrencyLimit`) went with
+//! the first attempt. When its wait ends the request drives its clone ready, and calls it at
+//! once. So a request sleeping in backoff never stops the others that share the service
+//! below.
 
 mod body;
 mod budget;

@@ -682,3 +682,172 @@ async fn a_request_sleeping_in_backoff_holds_no_readiness_below() {
         .service(script.service());
     check("Buffer(1)", &script, svc).await;
 }
+
+/// The crate's own errors, as the layers below (or a `Backoff429` below) return them.
+fn own_errors() -> Vec<BoxError> {
+    use tower_quota::concurrency::ConcurrencyError;
+    use tower_quota::rate_limit::RateLimitError;
+    use tower_quota::store::StoreError;
+    let invalid = ConfigError::InvalidSetting {
+        name: "base_delay",
+        reason: "must be above zero",
+    };
+    vec![
+        RateLimitError::WaitTooLong {
+            route: "default".into(),
+            wait: Duration::from_secs(60),
+            max_wait: Duration::from_secs(1),
+        }
+        .into(),
+        RateLimitError::QueueFull {
+            route: "POST /v2/generate".into(),
+            max_queue: 1,
+        }
+        .into(),
+        ConcurrencyError::QueueFull { max_queue: 1 }.into(),
+        ConcurrencyError::WaitTooLong {
+            max_wait: Duration::from_secs(1),
+            in_use: 3,
+        }
+        .into(),
+        ConcurrencyError::NoSlots.into(),
+        StoreError::Timeout(Duration::from_millis(50)).into(),
+        StoreError::Unavailable("connection refused".into()).into(),
+        invalid.clone().into(),
+        BackoffError::Config(invalid).into(),
+        BackoffError::Exhausted {
+            attempts: 6,
+            waited: Duration::from_secs(31),
+            status: StatusCode::TOO_MANY_REQUESTS,
+        }
+        .into(),
+    ]
+}
+
+/// Another library's error around ours, with ours as its `source()`.
+#[derive(Debug)]
+struct Wrapped(BoxError);
+
+impl std::fmt::Display for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "wrapped: {}", self.0)
+    }
+}
+
+impl std::error::Error for Wrapped {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// An inner service that fails every call with the error `make` gives, counting its calls.
+fn failing(
+    calls: Arc<Mutex<u32>>,
+    make: impl Fn() -> BoxError + Clone + Send + 'static,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+> + Clone
+       + Send {
+    tower::service_fn(move |_: Request<Full<Bytes>>| {
+        *calls.lock().unwrap() += 1;
+        let error = make();
+        async move { Err::<Response<Full<Bytes>>, _>(error) }
+    })
+}
+
+/// The crate's errors say a request was not sent, or was given up on on purpose: even with
+/// `retry_transient` they go back to the caller at once, as they are, whether they come
+/// directly, inside another error (found through `source()`), or through a `Buffer`.
+#[tokio::test(start_paused = true)]
+async fn the_crates_own_errors_are_never_retried() {
+    let count = own_errors().len();
+    for n in 0..count {
+        let expected = own_errors().swap_remove(n).to_string();
+        for how in ["directly", "wrapped", "through a Buffer"] {
+            let calls = Arc::new(Mutex::new(0));
+            let make = move || own_errors().swap_remove(n);
+            let backoff = exact().retry_transient();
+            let start = Instant::now();
+            let error = match how {
+                "directly" => ServiceBuilder::new()
+                    .layer(backoff)
+                    .service(failing(calls.clone(), make))
+                    .oneshot(request(Method::GET))
+                    .await
+                    .unwrap_err(),
+                "wrapped" => ServiceBuilder::new()
+                    .layer(backoff)
+                    .service(failing(calls.clone(), move || {
+                        Box::new(Wrapped(make())) as BoxError
+                    }))
+                    .oneshot(request(Method::GET))
+                    .await
+                    .unwrap_err(),
+                _ => ServiceBuilder::new()
+                    .layer(backoff)
+                    .buffer(4)
+                    .service(failing(calls.clone(), make))
+                    .oneshot(request(Method::GET))
+                    .await
+                    .unwrap_err(),
+            };
+            assert_eq!(*calls.lock().unwrap(), 1, "{expected} {how}: retried");
+            assert_eq!(start.elapsed(), Duration::ZERO, "{expected} {how}: waited");
+            assert!(error.to_string().ends_with(&expected), "{how}: {error}");
+        }
+    }
+
+    // A transient failure of another kind is still retried.
+    let calls = Arc::new(Mutex::new(0));
+    let error = ServiceBuilder::new()
+        .layer(exact().retry_transient().max_retries(2))
+        .service(failing(calls.clone(), || "connection reset".into()))
+        .oneshot(request(Method::GET))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (*calls.lock().unwrap(), error.to_string()),
+        (3, "connection reset".into())
+    );
+}
+
+/// A `Buffer` whose service failed to get ready fails its requests with tower's
+/// `ServiceError`, the cause as its `source()`: one of ours there is not retried either.
+#[tokio::test(start_paused = true)]
+async fn an_own_error_inside_a_buffers_error_is_not_retried() {
+    #[derive(Clone)]
+    struct NeverReady;
+    impl tower::Service<Request<Full<Bytes>>> for NeverReady {
+        type Response = Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Err(tower_quota::store::StoreError::Timeout(
+                Duration::from_millis(50),
+            )
+            .into()))
+        }
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+    let start = Instant::now();
+    let error = ServiceBuilder::new()
+        .layer(exact().retry_transient())
+        .buffer(4)
+        .service(NeverReady)
+        .oneshot(request(Method::GET))
+        .await
+        .unwrap_err();
+    assert!(
+        error.is::<tower::buffer::error::ServiceError>(),
+        "{error:?}"
+    );
+    assert_eq!(start.elapsed(), Duration::ZERO, "retried after a wait");
+}

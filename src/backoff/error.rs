@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::concurrency::ConcurrencyError;
 use crate::error::ConfigError;
+use crate::rate_limit::RateLimitError;
+use crate::store::StoreError;
 
 /// A request through [`Backoff429`](super::Backoff429) failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,4 +52,27 @@ pub struct Retried {
     pub attempts: u32,
     /// Time spent waiting between them.
     pub waited: Duration,
+}
+
+/// Whether `error`, or an error in its `source()` chain (as tower's `Buffer` wraps the errors
+/// of its service), is one of this crate's: a request a layer below gave back unsent, a
+/// failed shared store, a setting, a `Backoff429` below that gave up. Those are never retried.
+pub(crate) fn is_own(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    // A bound, for a chain that would loop.
+    for _ in 0..64 {
+        let Some(error) = next else {
+            return false;
+        };
+        if error.is::<RateLimitError>()
+            || error.is::<ConcurrencyError>()
+            || error.is::<StoreError>()
+            || error.is::<ConfigError>()
+            || error.is::<BackoffError>()
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }

@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::body::BackoffBody;
-use super::error::{BackoffError, Retried};
+use super::error::{is_own, BackoffError, Retried};
 use super::layer::{Config, LimitKind, MIN_WAIT};
 use crate::headers;
 use crate::BoxError;
@@ -282,7 +282,7 @@ where
         }
         Err(error) => {
             let error = error.into();
-            let wait = (retry.config.transient && retry.replayable)
+            let wait = (retry.config.transient && retry.replayable && !is_own(&*error))
                 .then(|| retry.decide(LimitKind::Transient, None))
                 .flatten();
             match wait {

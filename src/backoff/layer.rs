@@ -381,6 +381,14 @@ impl Backoff429 {
     /// (`GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`, `TRACE`), or requests carrying an
     /// `Idempotency-Key` (the caller's, or one this layer adds, see
     /// [`idempotency_keys`](Self::idempotency_keys)).
+    ///
+    /// This crate's own errors are never retried, whatever wraps them (tower's `Buffer` does;
+    /// the `source()` chain is searched): a request a layer below gave back unsent
+    /// ([`RateLimitError`](crate::rate_limit::RateLimitError),
+    /// [`ConcurrencyError`](crate::concurrency::ConcurrencyError)), a failed shared store
+    /// ([`StoreError`](crate::store::StoreError)), a [`ConfigError`], or a
+    /// [`BackoffError`](super::BackoffError) of a `Backoff429` below. Each says the request
+    /// should not simply be sent again now.
     pub fn retry_transient(self) -> Self {
         self.with(|c| c.transient = true)
     }

@@ -22,7 +22,9 @@
 //! - **Transient failures** (502, 503, 504, connection errors) are retried only when asked
 //!   ([`Backoff429::retry_transient`]), and a request that may have been processed only when
 //!   replaying it is safe: an idempotent method, or an `Idempotency-Key` (the caller's, or one
-//!   the layer adds once per logical request and sends on every retry of it).
+//!   the layer adds once per logical request and sends on every retry of it). This crate's
+//!   own errors (a request a layer below gave back unsent, a failed store, a setting) are
+//!   never retried, even inside another error such as the one tower's `Buffer` wraps.
 //! - **Every retry goes through the layers below**: put this layer above
 //!   [`ConcurrencyLimitByPlan`](crate::ConcurrencyLimitByPlan) and
 //!   [`RateLimitByRoute`](crate::RateLimitByRoute), and a retry queues for its slot and its

@@ -851,3 +851,151 @@ async fn an_own_error_inside_a_buffers_error_is_not_retried() {
     );
     assert_eq!(start.elapsed(), Duration::ZERO, "retried after a wait");
 }
+
+/// A body that gives `frames`, then never ends.
+type Stalling = StreamBody<
+    futures::stream::Chain<
+        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>,
+        futures::stream::Pending<Result<Frame<Bytes>, BoxError>>,
+    >,
+>;
+
+fn stalling(frames: Vec<&'static str>) -> Stalling {
+    use futures::StreamExt as _;
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = frames
+        .into_iter()
+        .map(|data| Ok(Frame::data(Bytes::from_static(data.as_bytes()))))
+        .collect();
+    StreamBody::new(futures::stream::iter(frames).chain(futures::stream::pending()))
+}
+
+/// Runs `call` to its end, or fails the test after an hour of (paused-clock) time.
+async fn within_an_hour<T>(call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(3600), call)
+        .await
+        .expect("still running after an hour")
+}
+
+/// The deadline bounds the first attempt too: an answer that comes late, or never, ends the
+/// call at the deadline with a typed error (no response to hand back).
+#[tokio::test(start_paused = true)]
+async fn a_slow_answer_is_cut_at_the_deadline() {
+    for late in [Some(Duration::from_secs(10)), None] {
+        let inner = tower::service_fn(move |_: Request<Full<Bytes>>| async move {
+            match late {
+                Some(late) => tokio::time::sleep(late).await,
+                None => std::future::pending().await,
+            }
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"late"))))
+        });
+        let svc = ServiceBuilder::new()
+            .layer(exact().deadline(Duration::from_secs(2)))
+            .service(inner);
+        let start = Instant::now();
+        let error = within_an_hour(svc.oneshot(request(Method::GET)))
+            .await
+            .unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(2), "{late:?}");
+        assert_eq!(
+            error.downcast_ref::<BackoffError>(),
+            Some(&BackoffError::DeadlineExceeded {
+                deadline: Duration::from_secs(2),
+                attempts: 1
+            }),
+            "{late:?}"
+        );
+    }
+}
+
+/// A refusal whose body never ends is not read past the deadline.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_whose_body_never_ends_is_cut_at_the_deadline() {
+    let inner = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        let mut response = Response::new(stalling(vec![r#"{"errorCode":"#]));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        Ok::<_, BoxError>(response)
+    });
+    let svc = ServiceBuilder::new()
+        .layer(exact().deadline(Duration::from_secs(2)))
+        .service(inner);
+    let start = Instant::now();
+    let error = within_an_hour(svc.oneshot(request(Method::GET)))
+        .await
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(
+        error.downcast_ref::<BackoffError>(),
+        Some(&BackoffError::DeadlineExceeded {
+            deadline: Duration::from_secs(2),
+            attempts: 1
+        })
+    );
+}
+
+/// A retry sent before the deadline is cut when the deadline passes with it in flight; so is
+/// one still waiting for the service below to be ready.
+#[tokio::test(start_paused = true)]
+async fn a_retry_in_flight_past_the_deadline_is_cut() {
+    let calls = Arc::new(Mutex::new(0u32));
+    let counted = calls.clone();
+    let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let n = {
+            let mut calls = counted.lock().unwrap();
+            *calls += 1;
+            *calls
+        };
+        async move {
+            let status = if n == 1 {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                StatusCode::OK
+            };
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = status;
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(exact().deadline(Duration::from_secs(3)))
+        .service(inner);
+    let start = Instant::now();
+    let error = within_an_hour(svc.oneshot(request(Method::GET)))
+        .await
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(*calls.lock().unwrap(), 2, "the retry was sent at 1 s");
+    assert_eq!(
+        error.downcast_ref::<BackoffError>(),
+        Some(&BackoffError::DeadlineExceeded {
+            deadline: Duration::from_secs(3),
+            attempts: 2
+        })
+    );
+
+    // Below a ConcurrencyLimit(1) that another request holds for 10 s: the retry is due at
+    // 1 s but never gets the permit; it ends at the deadline, having sent one attempt.
+    let script = Script::new([refuse()]);
+    let svc = ServiceBuilder::new()
+        .layer(exact().deadline(Duration::from_secs(3)))
+        .concurrency_limit(1)
+        .service(script.service());
+    let start = Instant::now();
+    let call = tokio::spawn(svc.clone().oneshot(request(Method::GET)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut holder = svc.clone();
+    let holder = tokio::spawn(async move {
+        let _permit = holder.ready().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
+    let error = within_an_hour(call).await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(
+        error.downcast_ref::<BackoffError>(),
+        Some(&BackoffError::DeadlineExceeded {
+            deadline: Duration::from_secs(3),
+            attempts: 1
+        })
+    );
+    holder.abort();
+}

@@ -23,6 +23,16 @@ pub enum BackoffError {
         /// The last response's status.
         status: StatusCode,
     },
+    /// The request's [`deadline`](super::Backoff429::deadline) passed while an attempt was in
+    /// flight, a refusal's body was being read, or a retry was waiting for the service below
+    /// to be ready: there was no answer to hand back. (When the deadline only stops a further
+    /// wait, the last refusal is handed back instead, or [`Exhausted`](Self::Exhausted).)
+    DeadlineExceeded {
+        /// The deadline that was configured.
+        deadline: Duration,
+        /// Requests sent, the one cut included.
+        attempts: u32,
+    },
     /// The layer's settings are invalid (see [`Backoff429::validate`](super::Backoff429::validate)).
     Config(ConfigError),
 }
@@ -37,6 +47,10 @@ impl fmt::Display for BackoffError {
             } => write!(
                 f,
                 "still {status} after {attempts} attempts and {waited:?} of waiting"
+            ),
+            Self::DeadlineExceeded { deadline, attempts } => write!(
+                f,
+                "no answer within the deadline of {deadline:?} ({attempts} attempts sent)"
             ),
             Self::Config(error) => write!(f, "backoff not applied: {error}"),
         }

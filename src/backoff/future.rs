@@ -54,10 +54,47 @@ struct Retry<S, B> {
     /// Whether a request that may have been processed can be sent again.
     replayable: bool,
     retries: u32,
-    /// When the request was made, if a deadline applies.
-    started: Option<Instant>,
+    deadline: Deadline,
     /// The waits so far; made at the first retry, so the path of every request stays small.
     waits: Option<Box<Waits>>,
+}
+
+/// When a request's deadline falls, if one applies; its timer is made only once the request
+/// has had to wait for something (an answer that comes at once never needs one).
+enum Deadline {
+    Never,
+    At(Instant),
+    Armed(Pin<Box<Sleep>>),
+}
+
+impl Deadline {
+    /// `after` from now; a deadline too far to be an instant is none.
+    #[inline]
+    fn new(after: Option<Duration>) -> Self {
+        match after.and_then(|after| Instant::now().checked_add(after)) {
+            Some(at) => Self::At(at),
+            None => Self::Never,
+        }
+    }
+
+    fn at(&self) -> Option<Instant> {
+        match self {
+            Self::Never => None,
+            Self::At(at) => Some(*at),
+            Self::Armed(timer) => Some(timer.deadline()),
+        }
+    }
+
+    /// Whether it has passed; if not, the task is woken when it does.
+    fn passed(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Self::At(at) = *self {
+            *self = Self::Armed(Box::pin(tokio::time::sleep_until(at)));
+        }
+        match self {
+            Self::Armed(timer) => timer.as_mut().poll(cx).is_ready(),
+            _ => false,
+        }
+    }
 }
 
 /// The waits of a request that has been retried.
@@ -105,7 +142,7 @@ where
                 config: config.clone(),
                 replayable,
                 retries: 0,
-                started: config.deadline.map(|_| Instant::now()),
+                deadline: Deadline::new(config.deadline),
                 waits: None,
             }),
         }
@@ -159,12 +196,12 @@ impl<S, B> Retry<S, B> {
             .wait(retry, last_wait, config.unit())
             .max(hint.unwrap_or_default())
             .max(MIN_WAIT);
-        if let (Some(deadline), Some(started)) = (config.deadline, self.started) {
-            if started.elapsed() + wait > deadline {
+        if let Some(at) = self.deadline.at() {
+            if wait >= at.saturating_duration_since(Instant::now()) {
                 tracing::debug!(
                     ?wait,
-                    ?deadline,
-                    "the wait would end past the deadline: giving up"
+                    deadline = ?config.deadline,
+                    "the wait would end at or past the deadline: giving up"
                 );
                 return None;
             }
@@ -233,19 +270,53 @@ where
         if let (StateProj::Called { future }, Some(retry)) =
             (this.state.as_mut().project(), this.retry.as_mut())
         {
-            match ready!(future.poll(cx)) {
-                Ok(response) if !retry.refused(response.status()) => {
+            match future.poll(cx) {
+                Poll::Ready(Ok(response)) if !retry.refused(response.status()) => {
                     return Poll::Ready(Ok(retry.finish(response)));
                 }
-                answer => {
+                Poll::Ready(answer) => {
                     if let Some(done) = on_answer(this.state.as_mut(), retry, answer) {
                         return Poll::Ready(done);
                     }
                 }
+                Poll::Pending if matches!(retry.deadline, Deadline::Never) => {
+                    return Poll::Pending;
+                }
+                Poll::Pending => return poll_deadline(this.state, retry, cx),
             }
         }
         poll_slow(this.state, this.retry, cx)
     }
+}
+
+/// For a request with a deadline that is waiting for something: ends it with
+/// [`BackoffError::DeadlineExceeded`] once the deadline has passed, dropping what it waited
+/// on (an attempt in flight, a refusal's body, a retry's readiness).
+#[inline(never)]
+fn poll_deadline<S, B, ResBody>(
+    mut state: Pin<&mut State<S::Future, ResBody>>,
+    retry: &mut Retry<S, B>,
+    cx: &mut Context<'_>,
+) -> Poll<Output<ResBody>>
+where
+    S: Service<Request<B>>,
+    ResBody: Body,
+{
+    if !retry.deadline.passed(cx) {
+        return Poll::Pending;
+    }
+    let in_flight = matches!(
+        state.as_mut().project(),
+        StateProj::Called { .. } | StateProj::Reading { .. }
+    );
+    let attempts = retry.retries + u32::from(in_flight);
+    tracing::debug!(attempts, deadline = ?retry.config.deadline, "deadline passed: giving up");
+    state.set(State::Failed { error: None });
+    Poll::Ready(Err(BackoffError::DeadlineExceeded {
+        deadline: retry.config.deadline.unwrap_or_default(),
+        attempts,
+    }
+    .into()))
 }
 
 /// What to do with an answer that is a refusal or an error: read it (`None`: the state moved
@@ -316,9 +387,29 @@ fn copy_data(data: &impl Buf, read: &mut BytesMut) {
     }
 }
 
-/// Everything but the first answer: reading refusals, waiting, sending again.
+/// Everything but the first answer: reading refusals, waiting, sending again, all within
+/// the deadline.
 #[inline(never)]
 fn poll_slow<S, B, ResBody>(
+    mut state: Pin<&mut State<S::Future, ResBody>>,
+    retry: &mut Option<Retry<S, B>>,
+    cx: &mut Context<'_>,
+) -> Poll<Output<ResBody>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Clone,
+    ResBody: Body,
+    ResBody::Error: Into<BoxError>,
+{
+    match (poll_states(state.as_mut(), retry, cx), retry) {
+        (Poll::Pending, Some(retry)) => poll_deadline(state, retry, cx),
+        (poll, _) => poll,
+    }
+}
+
+/// The states after the first answer.
+fn poll_states<S, B, ResBody>(
     mut state: Pin<&mut State<S::Future, ResBody>>,
     retry: &mut Option<Retry<S, B>>,
     cx: &mut Context<'_>,

@@ -354,8 +354,17 @@ impl Backoff429 {
         self.with(|c| c.concurrency = Some(schedule))
     }
 
-    /// The most time one request may spend, retries and waits included. A wait that would
-    /// end past it is not slept: the last response goes back at once.
+    /// The most time one request may spend, counted from its call: the first attempt, the
+    /// reading of each refusal's body, every wait and every retry.
+    ///
+    /// A wait that would end at or past it is not slept: the last refusal goes back at once
+    /// (or [`BackoffError::Exhausted`](super::BackoffError::Exhausted) with
+    /// [`error_on_exhaustion`](Self::error_on_exhaustion)), as when retries run out. If the
+    /// deadline passes with nothing to hand back (an attempt in flight, a refusal's body
+    /// being read, a retry waiting for the service below to be ready), what was under way is
+    /// dropped and the call ends with
+    /// [`BackoffError::DeadlineExceeded`](super::BackoffError::DeadlineExceeded). The
+    /// caller's reading of the final response's body is not bounded by it.
     pub fn deadline(self, deadline: Duration) -> Self {
         self.with(|c| c.deadline = Some(deadline))
     }

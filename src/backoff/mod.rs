@@ -29,6 +29,10 @@
 //!   [`ConcurrencyLimitByPlan`](crate::ConcurrencyLimitByPlan) and
 //!   [`RateLimitByRoute`](crate::RateLimitByRoute), and a retry queues for its slot and its
 //!   token like any request.
+//! - **A deadline bounds the whole call** ([`Backoff429::deadline`]): the first attempt,
+//!   reading refusals, waits and retries in flight. A wait that would end past it is not
+//!   slept (the last refusal goes back at once); if it passes while an attempt or a read is
+//!   under way, the call ends then with [`BackoffError::DeadlineExceeded`].
 //!
 //! When retries run out the caller gets the last response (a [`Retried`] in its extensions
 //! says how many attempts and how much waiting it took), or, with

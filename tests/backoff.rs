@@ -475,6 +475,7 @@ async fn invalid_settings_are_typed_errors() {
         Backoff429::new().max_delay(Duration::from_millis(10)),
         Backoff429::new().deadline(Duration::ZERO),
         Backoff429::new().concurrency_schedule(Schedule::new().factor(-1.0)),
+        Backoff429::new().max_body(64 << 20),
     ] {
         let expected = backoff.validate().unwrap_err();
         assert!(matches!(expected, ConfigError::InvalidSetting { .. }));
@@ -998,4 +999,170 @@ async fn a_retry_in_flight_past_the_deadline_is_cut() {
         })
     );
     holder.abort();
+}
+
+/// A refusal with `body` through `backoff` (with no retry left): the response handed back,
+/// and what the classifier saw.
+async fn refusal_read<B>(
+    body: B,
+    backoff: Backoff429,
+) -> (Response<tower_quota::backoff::BackoffBody<B>>, Vec<Vec<u8>>)
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let body = Arc::new(Mutex::new(Some(body)));
+    let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let mut response = Response::new(body.lock().unwrap().take().unwrap());
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        async move { Ok::<_, BoxError>(response) }
+    });
+    let classified = Arc::new(Mutex::new(Vec::new()));
+    let seen = classified.clone();
+    let backoff = backoff.max_retries(0).classify(move |_, body| {
+        seen.lock().unwrap().push(body.to_vec());
+        tower_quota::backoff::LimitKind::Rate
+    });
+    let response = within_an_hour(
+        ServiceBuilder::new()
+            .layer(backoff)
+            .service(inner)
+            .oneshot(request(Method::GET)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let classified = classified.lock().unwrap().clone();
+    (response, classified)
+}
+
+/// A body of empty frames that ends only after 100,000 of them, counting those polled.
+struct EmptyFrames(Arc<std::sync::atomic::AtomicUsize>);
+
+impl http_body::Body for EmptyFrames {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::task::Poll::Ready((n < 100_000).then(|| Ok(Frame::data(Bytes::new()))))
+    }
+}
+
+/// A refusal's body of endless empty frames is read for at most `max_read_frames` frames
+/// (1,024 by default) before the layer decides; the caller gets them and the rest.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_of_endless_empty_frames_is_read_for_max_read_frames() {
+    for (backoff, limit) in [(exact(), 1024), (exact().max_read_frames(10), 10)] {
+        let polled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (response, classified) = refusal_read(EmptyFrames(polled.clone()), backoff).await;
+        assert_eq!(
+            polled.load(std::sync::atomic::Ordering::SeqCst),
+            limit,
+            "frames read before deciding"
+        );
+        assert_eq!(classified, [Vec::<u8>::new()]);
+        let mut body = response.into_body();
+        for _ in 0..limit + 5 {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "");
+        }
+    }
+}
+
+/// A refusal's body that stalls is read for at most `max_read_time` (10 s by default); the
+/// layer decides on what it read, and the caller gets that and the rest.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_refusal_body_is_read_for_max_read_time() {
+    for (backoff, limit) in [
+        (exact(), Duration::from_secs(10)),
+        (
+            exact().max_read_time(Duration::from_secs(3)),
+            Duration::from_secs(3),
+        ),
+    ] {
+        let start = Instant::now();
+        let (response, classified) =
+            refusal_read(stalling(vec![r#"{"errorCode":"#, r#""x"}"#]), backoff).await;
+        assert_eq!(start.elapsed(), limit);
+        assert_eq!(classified, [br#"{"errorCode":"x"}"#.to_vec()]);
+        let mut body = response.into_body();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            r#"{"errorCode":"#
+        );
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            r#""x"}"#
+        );
+        let rest = tokio::time::timeout(Duration::from_secs(60), body.frame()).await;
+        assert!(rest.is_err(), "the rest is the server's, stalled as it is");
+    }
+
+    // A concurrency refusal that stalls is known from what was read: retried on its own
+    // schedule.
+    let calls = Arc::new(Mutex::new(0u32));
+    let counted = calls.clone();
+    let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let n = {
+            let mut calls = counted.lock().unwrap();
+            *calls += 1;
+            *calls
+        };
+        async move {
+            let mut response = Response::new(if n == 1 {
+                stalling(vec![r#"{"errorCode":"concurrency_limit_reached"}"#])
+            } else {
+                stalling(vec![])
+            });
+            if n == 1 {
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            }
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let backoff = exact()
+        .max_read_time(Duration::from_secs(2))
+        .concurrency_schedule(
+            Schedule::new()
+                .base_delay(Duration::from_secs(15))
+                .jitter(Jitter::None),
+        );
+    let start = Instant::now();
+    let response = within_an_hour(
+        ServiceBuilder::new()
+            .layer(backoff)
+            .service(inner)
+            .oneshot(request(Method::GET)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), Duration::from_secs(2 + 15));
+}
+
+/// The classifier sees at most `max_body` bytes of a refusal (64 KiB by default), however
+/// the body is cut into frames; the caller gets the whole body.
+#[tokio::test(start_paused = true)]
+async fn the_classifier_sees_at_most_max_body_bytes() {
+    let big = Bytes::from(vec![b'x'; 200_000]);
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(big.clone()))];
+    let body = StreamBody::new(futures::stream::iter(frames));
+    let (response, classified) = refusal_read(body, exact()).await;
+    assert_eq!(classified.len(), 1);
+    assert_eq!(classified[0].len(), 64 * 1024);
+    let whole = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, big);
+
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = (0..5)
+        .map(|n| Ok(Frame::data(Bytes::from(format!("frame {n}...")))))
+        .collect();
+    let body = StreamBody::new(futures::stream::iter(frames));
+    let (response, classified) = refusal_read(body, exact().max_body(16)).await;
+    assert_eq!(classified, [b"frame 0...frame ".to_vec()]);
+    let whole = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, "frame 0...frame 1...frame 2...frame 3...frame 4...");
 }

@@ -35,15 +35,21 @@ pin_project! {
     }
 }
 
-/// A refusal being read.
-struct Reading<ResBody: Body> {
-    parts: Option<Parts>,
-    body: Option<Pin<Box<ResBody>>>,
-    /// The frames read, handed on as they came.
-    frames: VecDeque<Frame<ResBody::Data>>,
-    /// A copy of their data, for the classifier.
-    read: BytesMut,
-    kind: Option<LimitKind>,
+pin_project! {
+    /// A refusal being read.
+    #[project = ReadingProj]
+    struct Reading<ResBody: Body> {
+        parts: Option<Parts>,
+        body: Option<Pin<Box<ResBody>>>,
+        // The frames read, handed on as they came.
+        frames: VecDeque<Frame<ResBody::Data>>,
+        // A copy of the start of their data, for the classifier.
+        read: BytesMut,
+        kind: Option<LimitKind>,
+        // Ends the read at `max_read_time`.
+        #[pin]
+        timer: Sleep,
+    }
 }
 
 /// What a request needs to be sent again.
@@ -110,7 +116,7 @@ pin_project! {
         Called { #[pin] future: F },
         // Reading a refusal's body to tell which limit it is about (boxed: only refusals
         // come here, and it keeps the future small).
-        Reading { reading: Box<Reading<ResBody>> },
+        Reading { reading: Pin<Box<Reading<ResBody>>> },
         // Boxed: only a retry needs it, and it keeps the future small.
         Sleeping { sleep: Pin<Box<Sleep>> },
         Ready,
@@ -341,12 +347,13 @@ where
             let kind = (status != StatusCode::TOO_MANY_REQUESTS).then_some(LimitKind::Transient);
             let (parts, body) = response.into_parts();
             state.set(State::Reading {
-                reading: Box::new(Reading {
+                reading: Box::pin(Reading {
                     parts: Some(parts),
                     body: Some(Box::pin(body)),
                     frames: VecDeque::new(),
                     read: BytesMut::new(),
                     kind,
+                    timer: tokio::time::sleep(retry.config.max_read_time),
                 }),
             });
             None
@@ -369,16 +376,19 @@ where
     }
 }
 
-/// Copies `data` to the end of `read`, leaving it whole to be handed on as it came.
-fn copy_data(data: &impl Buf, read: &mut BytesMut) {
+/// Copies `data` to the end of `read`, up to `max` bytes in all, leaving it whole to be
+/// handed on as it came.
+fn copy_data(data: &impl Buf, read: &mut BytesMut, max: usize) {
     let mut slices = [IoSlice::new(&[]); 16];
     let n = data.chunks_vectored(&mut slices);
     let mut copied = 0;
     for slice in &slices[..n] {
+        let room = max.saturating_sub(read.len());
+        let slice = &slice[..slice.len().min(room)];
         read.extend_from_slice(slice);
         copied += slice.len();
     }
-    if copied < data.remaining() {
+    if copied < data.remaining() && read.len() < max {
         tracing::debug!(
             copied,
             remaining = data.remaining(),
@@ -439,27 +449,36 @@ where
                 }
             }
             StateProj::Reading { reading } => {
-                let Reading {
+                let ReadingProj {
                     parts,
                     body,
                     frames,
                     read,
                     kind,
-                } = &mut **reading;
-                let max = retry.config.max_body;
+                    mut timer,
+                } = reading.as_mut().project();
+                let config = &retry.config;
                 let mut ended = false;
                 if let Some(stream) = body.as_mut() {
-                    while read.len() < max {
-                        match ready!(stream.as_mut().poll_frame(cx)) {
-                            Some(Ok(frame)) => {
+                    while read.len() < config.max_body && frames.len() < config.max_read_frames {
+                        match stream.as_mut().poll_frame(cx) {
+                            Poll::Ready(Some(Ok(frame))) => {
                                 if let Some(data) = frame.data_ref() {
-                                    copy_data(data, read);
+                                    copy_data(data, read, config.max_body);
                                 }
                                 frames.push_back(frame);
                             }
-                            Some(Err(error)) => return Poll::Ready(Err(error.into())),
-                            None => {
+                            Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error.into())),
+                            Poll::Ready(None) => {
                                 ended = true;
+                                break;
+                            }
+                            Poll::Pending => {
+                                ready!(timer.as_mut().poll(cx));
+                                tracing::debug!(
+                                    max_read_time = ?config.max_read_time,
+                                    "a refusal's body stalled: deciding on what was read"
+                                );
                                 break;
                             }
                         }

@@ -162,6 +162,9 @@ impl Schedule {
     }
 }
 
+/// The most `max_body` may be.
+const MAX_BODY: usize = 16 << 20;
+
 /// No wait is shorter than this: a zero wait would be a tight loop.
 pub(crate) const MIN_WAIT: Duration = Duration::from_millis(1);
 
@@ -189,6 +192,8 @@ pub(crate) struct Config {
     pub(crate) idempotency_header: Option<HeaderName>,
     pub(crate) error_on_exhaustion: bool,
     pub(crate) max_body: usize,
+    pub(crate) max_read_frames: usize,
+    pub(crate) max_read_time: Duration,
     random: Random,
 }
 
@@ -228,6 +233,9 @@ impl fmt::Debug for Config {
             .field("deadline", &self.deadline)
             .field("idempotency_header", &self.idempotency_header)
             .field("error_on_exhaustion", &self.error_on_exhaustion)
+            .field("max_body", &self.max_body)
+            .field("max_read_frames", &self.max_read_frames)
+            .field("max_read_time", &self.max_read_time)
             .finish_non_exhaustive()
     }
 }
@@ -259,6 +267,12 @@ impl Config {
             return Err(ConfigError::InvalidSetting {
                 name: "deadline",
                 reason: "must be above zero",
+            });
+        }
+        if self.max_body > MAX_BODY {
+            return Err(ConfigError::InvalidSetting {
+                name: "max_body",
+                reason: "must be at most 16 MiB: each refusal being read holds a copy",
             });
         }
         Ok(())
@@ -307,6 +321,8 @@ impl Backoff429 {
                 idempotency_header: None,
                 error_on_exhaustion: false,
                 max_body: 64 * 1024,
+                max_read_frames: 1024,
+                max_read_time: Duration::from_secs(10),
                 random: Random::new(),
             }),
         }
@@ -377,7 +393,8 @@ impl Backoff429 {
     }
 
     /// Tells a rate-limit 429 from a concurrency one. The closure gets the response head and
-    /// up to 64 KiB of its body. Default: Sync's JSON `errorCode`.
+    /// the start of its body, as much as was read (see [`max_body`](Self::max_body)).
+    /// Default: Sync's JSON `errorCode`.
     pub fn classify<F>(self, classify: F) -> Self
     where
         F: Fn(&Parts, &[u8]) -> LimitKind + Send + Sync + 'static,
@@ -413,6 +430,27 @@ impl Backoff429 {
     /// the last 429.
     pub fn error_on_exhaustion(self) -> Self {
         self.with(|c| c.error_on_exhaustion = true)
+    }
+
+    /// The most bytes of a refusal's body read to classify it (default 64 KiB, at most
+    /// 16 MiB; 0 reads none). The classifier sees at most this many; the caller gets the
+    /// whole body whatever is read.
+    pub fn max_body(self, bytes: usize) -> Self {
+        self.with(|c| c.max_body = bytes)
+    }
+
+    /// The most frames of a refusal's body read to classify it (default 1,024; 0 reads
+    /// none), so a body of endless empty frames cannot hold the request in a loop.
+    pub fn max_read_frames(self, frames: usize) -> Self {
+        self.with(|c| c.max_read_frames = frames)
+    }
+
+    /// The longest a refusal's body is read to classify it (default 10 s), so a body that
+    /// stalls is not waited on forever. When it is up, reading stops and the layer decides on
+    /// what it read; a refusal handed back carries what was read and the rest, as it comes.
+    /// A [`deadline`](Self::deadline) that passes first ends the call instead.
+    pub fn max_read_time(self, time: Duration) -> Self {
+        self.with(|c| c.max_read_time = time)
     }
 
     /// Whether the settings make sense.

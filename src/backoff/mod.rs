@@ -15,7 +15,10 @@
 //! - **Which limit**: a classifier reads the refusal's JSON `errorCode` (Sync's
 //!   `rate_limit_exceeded` / `concurrency_limit_reached`), or a closure of yours; each kind
 //!   can have its own [`Schedule`]. The body read to classify is not lost: the response the
-//!   caller finally gets carries all of it.
+//!   caller finally gets carries all of it. The read is bounded in bytes
+//!   ([`Backoff429::max_body`], 64 KiB), in frames ([`Backoff429::max_read_frames`], 1,024)
+//!   and in time ([`Backoff429::max_read_time`], 10 s): at a bound the layer stops reading
+//!   and decides on what it has, so a body that stalls or never ends holds no request.
 //! - **A retry budget** ([`RetryBudget`], tower's `TpsBudget` settings at a fraction of its
 //!   cost per request; any [`Budget`](tower::retry::budget::Budget) can replace it): in a
 //!   storm, retries stay a bounded share of traffic.

@@ -1166,3 +1166,111 @@ async fn the_classifier_sees_at_most_max_body_bytes() {
     let whole = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(whole, "frame 0...frame 1...frame 2...frame 3...frame 4...");
 }
+
+/// Durations for the property test below: small, large, huge, the edges.
+fn any_duration() -> impl proptest::strategy::Strategy<Value = Duration> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(Duration::ZERO),
+        Just(Duration::MAX),
+        (0u64..10_000_000).prop_map(Duration::from_nanos),
+        (0u64..100_000).prop_map(Duration::from_secs),
+        (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+    ]
+}
+
+fn any_jitter() -> impl proptest::strategy::Strategy<Value = Jitter> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(Jitter::None),
+        Just(Jitter::Full),
+        Just(Jitter::Equal),
+        Just(Jitter::Decorrelated),
+    ]
+}
+
+const YEAR: Duration = Duration::from_secs(365 * 86400);
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Whatever a valid layer's settings and whatever the server asks, nothing panics, no
+    /// wait exceeds `max_delay` (beyond the timer's millisecond) or undercuts what the
+    /// server asked, and the call ends within its deadline. The paused clock sleeps any
+    /// wait at once, but cannot reach the far future quickly: either the deadline or
+    /// `max_delay` is at most a year here (each alone is tested up to `Duration::MAX`).
+    #[test]
+    fn no_valid_setting_panics_or_waits_past_its_bounds(
+        base in any_duration(),
+        extra in any_duration(),
+        factor in proptest::prop_oneof![
+            proptest::strategy::Just(1.0),
+            1.0..4.0f64,
+            1.0..f64::MAX,
+            proptest::strategy::Just(f64::MAX)
+        ],
+        jitter in any_jitter(),
+        retries in 0u32..6,
+        deadline in proptest::option::of(any_duration()),
+        bounded_deadline in proptest::bool::ANY,
+        asked in proptest::option::of((proptest::bool::ANY, proptest::num::u64::ANY)),
+    ) {
+        let mut cap = base.saturating_add(extra);
+        let deadline = if bounded_deadline {
+            Some(deadline.unwrap_or(YEAR).min(YEAR))
+        } else {
+            cap = cap.min(YEAR);
+            deadline
+        };
+        let mut backoff = Backoff429::new()
+            .base_delay(base)
+            .max_delay(cap)
+            .factor(factor)
+            .jitter(jitter)
+            .max_retries(retries)
+            .budget(TpsBudget::new(Duration::from_secs(10), 1000, 1.0));
+        if let Some(deadline) = deadline {
+            backoff = backoff.deadline(deadline);
+        }
+        proptest::prop_assume!(backoff.validate().is_ok());
+        let (answer, hint) = match asked {
+            Some((true, secs)) => (
+                refuse_with("retry-after", secs.to_string()),
+                Some(Duration::from_secs(secs)),
+            ),
+            Some((false, ms)) => (
+                refuse_with("retry-after-ms", ms.to_string()),
+                Some(Duration::from_millis(ms)),
+            ),
+            None => (refuse(), None),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let script = Script::always(answer);
+        let (result, elapsed) = runtime.block_on(async {
+            let start = Instant::now();
+            let result = send(backoff, &script, request(Method::GET)).await;
+            (result, start.elapsed())
+        });
+        let (status, _, _) = result.unwrap();
+        proptest::prop_assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        let seen = script.seen();
+        proptest::prop_assert!(seen.len() <= retries as usize + 1);
+        // The timer rounds a wait up to its next millisecond.
+        let at_most = cap.saturating_add(Duration::from_millis(1));
+        for pair in seen.windows(2) {
+            let wait = pair[1].at - pair[0].at;
+            proptest::prop_assert!(wait <= at_most, "waited {wait:?}, max_delay {cap:?}");
+            proptest::prop_assert!(wait >= Duration::from_millis(1), "waited {wait:?}");
+            if let Some(hint) = hint {
+                proptest::prop_assert!(wait >= hint, "waited {wait:?}, asked {hint:?}");
+            }
+        }
+        if let Some(deadline) = deadline {
+            proptest::prop_assert!(elapsed <= deadline, "{elapsed:?} past the deadline {deadline:?}");
+        }
+    }
+}

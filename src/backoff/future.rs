@@ -18,7 +18,7 @@ use tower_service::Service;
 
 use super::body::BackoffBody;
 use super::error::{is_own, BackoffError, Retried};
-use super::layer::{Config, LimitKind, MIN_WAIT};
+use super::layer::{Config, GiveUp, LimitKind};
 use crate::headers;
 use crate::BoxError;
 
@@ -186,24 +186,23 @@ impl<S, B> Retry<S, B> {
     fn decide(&mut self, kind: LimitKind, hint: Option<Duration>) -> Option<Duration> {
         let config = &self.config;
         let schedule = config.schedule(kind);
-        if self.retries >= schedule.max_retries {
-            tracing::debug!(retries = self.retries, reason = %kind, "no retries left");
-            return None;
-        }
-        if let Some(asked) = hint {
-            if asked > schedule.cap {
-                tracing::debug!(?asked, max_delay = ?schedule.cap, "the server asks for a longer wait than the schedule's maximum: giving up");
+        let retry = self.retries.saturating_add(1);
+        let last_wait = self.waits.as_ref().map_or(Duration::ZERO, |w| w.last);
+        let left = self
+            .deadline
+            .at()
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        let wait = match schedule.next_wait(retry, last_wait, config.unit(), hint, left) {
+            Ok(wait) => wait,
+            Err(GiveUp::NoRetriesLeft) => {
+                tracing::debug!(retries = self.retries, reason = %kind, "no retries left");
                 return None;
             }
-        }
-        let retry = self.retries + 1;
-        let last_wait = self.waits.as_ref().map_or(Duration::ZERO, |w| w.last);
-        let wait = schedule
-            .wait(retry, last_wait, config.unit())
-            .max(hint.unwrap_or_default())
-            .max(MIN_WAIT);
-        if let Some(at) = self.deadline.at() {
-            if wait >= at.saturating_duration_since(Instant::now()) {
+            Err(GiveUp::ServerAsksTooLong) => {
+                tracing::debug!(asked = ?hint, max_delay = ?schedule.cap, "the server asks for a longer wait than the schedule's maximum: giving up");
+                return None;
+            }
+            Err(GiveUp::PastDeadline(wait)) => {
                 tracing::debug!(
                     ?wait,
                     deadline = ?config.deadline,
@@ -211,14 +210,14 @@ impl<S, B> Retry<S, B> {
                 );
                 return None;
             }
-        }
+        };
         if !config.budget.withdraw() {
             tracing::debug!("retry budget spent: giving up");
             return None;
         }
         self.retries = retry;
         let waits = self.waits.get_or_insert_with(Box::default);
-        waits.total += wait;
+        waits.total = waits.total.saturating_add(wait);
         waits.last = wait;
         tracing::info!(attempt = retry + 1, ?wait, reason = %kind, "retrying after a refusal");
         Some(wait)

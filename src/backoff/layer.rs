@@ -93,7 +93,7 @@ impl Schedule {
         self
     }
 
-    /// The first retry's nominal delay (above zero).
+    /// The first retry's nominal delay (at least a millisecond).
     pub fn base_delay(mut self, delay: Duration) -> Self {
         self.base = delay;
         self
@@ -119,10 +119,10 @@ impl Schedule {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |name, reason| Err(ConfigError::InvalidSetting { name, reason });
-        if self.base.is_zero() {
+        if self.base < MIN_WAIT {
             return invalid(
                 "base_delay",
-                "must be above zero: a zero wait is a tight loop",
+                "must be at least a millisecond: a shorter wait is a tight loop",
             );
         }
         if !self.factor.is_finite() || self.factor < 1.0 {
@@ -134,28 +134,31 @@ impl Schedule {
         Ok(())
     }
 
-    /// The nominal delay before retry number `retry` (1-based).
+    /// The nominal delay before retry number `retry` (1-based): at most `max_delay`,
+    /// however large the numbers.
     pub(crate) fn nominal(&self, retry: u32) -> Duration {
         let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
         let secs = self.base.as_secs_f64() * self.factor.powi(exponent);
-        if !secs.is_finite() || secs >= self.cap.as_secs_f64() {
-            self.cap
-        } else {
-            Duration::from_secs_f64(secs)
-        }
+        Duration::try_from_secs_f64(secs).map_or(self.cap, |nominal| nominal.min(self.cap))
     }
 
     /// The wait before retry number `retry`, after `previous` (the last wait), with `unit` a
-    /// random number in `[0, 1)`. Never zero.
+    /// random number in `[0, 1)`: at least [`MIN_WAIT`], at most `max_delay` (which a valid
+    /// schedule keeps at least that).
     pub(crate) fn wait(&self, retry: u32, previous: Duration, unit: f64) -> Duration {
         let nominal = self.nominal(retry);
         let wait = match self.jitter {
             Jitter::None => nominal,
-            Jitter::Full => nominal.mul_f64(1.0 - unit),
-            Jitter::Equal => nominal / 2 + (nominal / 2).mul_f64(1.0 - unit),
+            Jitter::Full => share(nominal, 1.0 - unit),
+            Jitter::Equal => {
+                let half = nominal / 2;
+                half + share(nominal - half, 1.0 - unit)
+            }
             Jitter::Decorrelated => {
                 let high = previous.max(self.base).saturating_mul(3).min(self.cap);
-                (self.base + (high.saturating_sub(self.base)).mul_f64(unit)).min(self.cap)
+                self.base
+                    .saturating_add(share(high.saturating_sub(self.base), unit))
+                    .min(self.cap)
             }
         };
         wait.max(MIN_WAIT)
@@ -164,6 +167,57 @@ impl Schedule {
 
 /// The most `max_body` may be.
 const MAX_BODY: usize = 16 << 20;
+
+/// `fraction` (in `[0, 1]`) of `whole`: never more than `whole`, whatever the rounding of
+/// floating point (near `Duration::MAX` a product can round past it).
+fn share(whole: Duration, fraction: f64) -> Duration {
+    Duration::try_from_secs_f64(whole.as_secs_f64() * fraction)
+        .map_or(whole, |part| part.min(whole))
+}
+
+/// Why a refusal is not retried, as a [`Schedule`] decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// The schedule's retries are spent.
+    NoRetriesLeft,
+    /// The server asks for a longer wait than the schedule's `max_delay`.
+    ServerAsksTooLong,
+    /// The wait (given) would end at or past the deadline.
+    PastDeadline(Duration),
+}
+
+impl Schedule {
+    /// The wait before retry number `retry` (1-based), after `previous` (the last wait),
+    /// with `unit` a random number in `[0, 1)`, for a refusal whose server asked for `hint`,
+    /// with `left` of the request's deadline.
+    ///
+    /// A wait is at least [`MIN_WAIT`] and at least what the server asked; a server asking
+    /// for more than `max_delay` is not waited on at all, so no wait exceeds `max_delay`; and
+    /// no wait reaches the deadline.
+    pub(crate) fn next_wait(
+        &self,
+        retry: u32,
+        previous: Duration,
+        unit: f64,
+        hint: Option<Duration>,
+        left: Option<Duration>,
+    ) -> Result<Duration, GiveUp> {
+        if retry > self.max_retries {
+            return Err(GiveUp::NoRetriesLeft);
+        }
+        if hint.is_some_and(|asked| asked > self.cap) {
+            return Err(GiveUp::ServerAsksTooLong);
+        }
+        let wait = self
+            .wait(retry, previous, unit)
+            .max(hint.unwrap_or_default())
+            .max(MIN_WAIT);
+        match left {
+            Some(left) if wait >= left => Err(GiveUp::PastDeadline(wait)),
+            _ => Ok(wait),
+        }
+    }
+}
 
 /// No wait is shorter than this: a zero wait would be a tight loop.
 pub(crate) const MIN_WAIT: Duration = Duration::from_millis(1);
@@ -290,9 +344,11 @@ impl Config {
 /// assert!(backoff.validate().is_ok());
 /// ```
 ///
-/// The setters take any value; one that makes no sense (a zero base delay, a factor below 1)
-/// is a [`ConfigError`] from [`Backoff429::validate`], and a layer used without validating
-/// fails each request with that error rather than misbehave. See the [module docs](super).
+/// The setters take any value; one that makes no sense (a base delay under a millisecond, a
+/// factor below 1) is a [`ConfigError`] from [`Backoff429::validate`], and a layer used
+/// without validating fails each request with that error rather than misbehave. No valid
+/// setting panics: delays saturate, and no wait exceeds `max_delay`. See the
+/// [module docs](super).
 #[derive(Clone, Debug)]
 pub struct Backoff429 {
     pub(crate) config: Arc<Config>,
@@ -339,7 +395,7 @@ impl Backoff429 {
         self.with(|c| c.rate.max_retries = n)
     }
 
-    /// The first retry's nominal delay (default 1 s).
+    /// The first retry's nominal delay (default 1 s, at least a millisecond).
     pub fn base_delay(self, delay: Duration) -> Self {
         self.with(|c| c.rate.base = delay)
     }

@@ -92,6 +92,8 @@ mod error;
 mod future;
 mod layer;
 mod service;
+#[cfg(test)]
+mod tests;
 
 pub use body::BackoffBody;
 pub use budget::RetryBudget;

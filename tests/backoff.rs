@@ -80,7 +80,7 @@ impl Script {
         Request<Full<Bytes>>,
         Response = Response<Full<Bytes>>,
         Error = BoxError,
-        Future = impl Send,
+        Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
     > + Clone
            + Send {
         let script = self.clone();
@@ -475,6 +475,7 @@ async fn invalid_settings_are_typed_errors() {
         Backoff429::new().max_delay(Duration::from_millis(10)),
         Backoff429::new().deadline(Duration::ZERO),
         Backoff429::new().concurrency_schedule(Schedule::new().factor(-1.0)),
+        Backoff429::new().max_body(64 << 20),
     ] {
         let expected = backoff.validate().unwrap_err();
         assert!(matches!(expected, ConfigError::InvalidSetting { .. }));
@@ -630,5 +631,646 @@ proptest::proptest! {
         proptest::prop_assert_eq!(data, chunks.clone());
         proptest::prop_assert_eq!(back.trailers.is_some(), with_trailers);
         proptest::prop_assert_eq!(back.classified, vec![chunks.concat()]);
+    }
+}
+
+/// A request sleeping in backoff holds nothing below: not the `ConcurrencyLimit(1)` permit nor
+/// the `Buffer(1)` slot its first attempt was sent with. The caller keeps its service, and a
+/// second request through it is answered while the first sleeps; the first's retry then
+/// readies a clone of its own.
+#[tokio::test(start_paused = true)]
+async fn a_request_sleeping_in_backoff_holds_no_readiness_below() {
+    async fn check<S>(below: &str, script: &Script, mut svc: S)
+    where
+        S: tower::Service<Request<Full<Bytes>>, Error = BoxError> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Response: Send + 'static,
+    {
+        let start = Instant::now();
+        let first = svc.ready().await.unwrap().call(request(Method::GET));
+        let first = tokio::spawn(first);
+        // The first is refused at once, then sleeps 1 s.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(script.seen().len(), 1, "{below}");
+        let second = tokio::time::timeout(Duration::from_millis(500), async {
+            svc.ready().await?.call(request(Method::GET)).await
+        })
+        .await;
+        assert!(
+            matches!(second, Ok(Ok(_))),
+            "{below}: the second request waited on the first's sleep"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "{below}");
+        first.await.unwrap().unwrap();
+        assert_eq!(
+            script.times(),
+            [0.0, 0.1, 1.0],
+            "{below}: the first, the second, the first's retry"
+        );
+    }
+
+    let script = Script::new([refuse()]);
+    let svc = ServiceBuilder::new()
+        .layer(exact())
+        .concurrency_limit(1)
+        .service(script.service());
+    check("ConcurrencyLimit(1)", &script, svc).await;
+
+    let script = Script::new([refuse()]);
+    let svc = ServiceBuilder::new()
+        .layer(exact())
+        .buffer(1)
+        .service(script.service());
+    check("Buffer(1)", &script, svc).await;
+}
+
+/// The crate's own errors, as the layers below (or a `Backoff429` below) return them.
+fn own_errors() -> Vec<BoxError> {
+    use tower_quota::concurrency::ConcurrencyError;
+    use tower_quota::rate_limit::RateLimitError;
+    use tower_quota::store::StoreError;
+    let invalid = ConfigError::InvalidSetting {
+        name: "base_delay",
+        reason: "must be above zero",
+    };
+    vec![
+        RateLimitError::WaitTooLong {
+            route: "default".into(),
+            wait: Duration::from_secs(60),
+            max_wait: Duration::from_secs(1),
+        }
+        .into(),
+        RateLimitError::QueueFull {
+            route: "POST /v2/generate".into(),
+            max_queue: 1,
+        }
+        .into(),
+        ConcurrencyError::QueueFull { max_queue: 1 }.into(),
+        ConcurrencyError::WaitTooLong {
+            max_wait: Duration::from_secs(1),
+            in_use: 3,
+        }
+        .into(),
+        ConcurrencyError::NoSlots.into(),
+        StoreError::Timeout(Duration::from_millis(50)).into(),
+        StoreError::Unavailable("connection refused".into()).into(),
+        invalid.clone().into(),
+        BackoffError::Config(invalid).into(),
+        BackoffError::Exhausted {
+            attempts: 6,
+            waited: Duration::from_secs(31),
+            status: StatusCode::TOO_MANY_REQUESTS,
+        }
+        .into(),
+    ]
+}
+
+/// Another library's error around ours, with ours as its `source()`.
+#[derive(Debug)]
+struct Wrapped(BoxError);
+
+impl std::fmt::Display for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "wrapped: {}", self.0)
+    }
+}
+
+impl std::error::Error for Wrapped {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// An inner service that fails every call with the error `make` gives, counting its calls.
+fn failing(
+    calls: Arc<Mutex<u32>>,
+    make: impl Fn() -> BoxError + Clone + Send + 'static,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+> + Clone
+       + Send {
+    tower::service_fn(move |_: Request<Full<Bytes>>| {
+        *calls.lock().unwrap() += 1;
+        let error = make();
+        async move { Err::<Response<Full<Bytes>>, _>(error) }
+    })
+}
+
+/// The crate's errors say a request was not sent, or was given up on on purpose: even with
+/// `retry_transient` they go back to the caller at once, as they are, whether they come
+/// directly, inside another error (found through `source()`), or through a `Buffer`.
+#[tokio::test(start_paused = true)]
+async fn the_crates_own_errors_are_never_retried() {
+    let count = own_errors().len();
+    for n in 0..count {
+        let expected = own_errors().swap_remove(n).to_string();
+        for how in ["directly", "wrapped", "through a Buffer"] {
+            let calls = Arc::new(Mutex::new(0));
+            let make = move || own_errors().swap_remove(n);
+            let backoff = exact().retry_transient();
+            let start = Instant::now();
+            let error = match how {
+                "directly" => ServiceBuilder::new()
+                    .layer(backoff)
+                    .service(failing(calls.clone(), make))
+                    .oneshot(request(Method::GET))
+                    .await
+                    .unwrap_err(),
+                "wrapped" => ServiceBuilder::new()
+                    .layer(backoff)
+                    .service(failing(calls.clone(), move || {
+                        Box::new(Wrapped(make())) as BoxError
+                    }))
+                    .oneshot(request(Method::GET))
+                    .await
+                    .unwrap_err(),
+                _ => ServiceBuilder::new()
+                    .layer(backoff)
+                    .buffer(4)
+                    .service(failing(calls.clone(), make))
+                    .oneshot(request(Method::GET))
+                    .await
+                    .unwrap_err(),
+            };
+            assert_eq!(*calls.lock().unwrap(), 1, "{expected} {how}: retried");
+            assert_eq!(start.elapsed(), Duration::ZERO, "{expected} {how}: waited");
+            assert!(error.to_string().ends_with(&expected), "{how}: {error}");
+        }
+    }
+
+    // A transient failure of another kind is still retried.
+    let calls = Arc::new(Mutex::new(0));
+    let error = ServiceBuilder::new()
+        .layer(exact().retry_transient().max_retries(2))
+        .service(failing(calls.clone(), || "connection reset".into()))
+        .oneshot(request(Method::GET))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (*calls.lock().unwrap(), error.to_string()),
+        (3, "connection reset".into())
+    );
+}
+
+/// A `Buffer` whose service failed to get ready fails its requests with tower's
+/// `ServiceError`, the cause as its `source()`: one of ours there is not retried either.
+#[tokio::test(start_paused = true)]
+async fn an_own_error_inside_a_buffers_error_is_not_retried() {
+    #[derive(Clone)]
+    struct NeverReady;
+    impl tower::Service<Request<Full<Bytes>>> for NeverReady {
+        type Response = Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Err(tower_quota::store::StoreError::Timeout(
+                Duration::from_millis(50),
+            )
+            .into()))
+        }
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+    let start = Instant::now();
+    let error = ServiceBuilder::new()
+        .layer(exact().retry_transient())
+        .buffer(4)
+        .service(NeverReady)
+        .oneshot(request(Method::GET))
+        .await
+        .unwrap_err();
+    assert!(
+        error.is::<tower::buffer::error::ServiceError>(),
+        "{error:?}"
+    );
+    assert_eq!(start.elapsed(), Duration::ZERO, "retried after a wait");
+}
+
+/// A body that gives `frames`, then never ends.
+type Stalling = StreamBody<
+    futures::stream::Chain<
+        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>,
+        futures::stream::Pending<Result<Frame<Bytes>, BoxError>>,
+    >,
+>;
+
+fn stalling(frames: Vec<&'static str>) -> Stalling {
+    use futures::StreamExt as _;
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = frames
+        .into_iter()
+        .map(|data| Ok(Frame::data(Bytes::from_static(data.as_bytes()))))
+        .collect();
+    StreamBody::new(futures::stream::iter(frames).chain(futures::stream::pending()))
+}
+
+/// Runs `call` to its end, or fails the test after an hour of (paused-clock) time.
+async fn within_an_hour<T>(call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(3600), call)
+        .await
+        .expect("still running after an hour")
+}
+
+/// The deadline bounds the first attempt too: an answer that comes late, or never, ends the
+/// call at the deadline with a typed error (no response to hand back).
+#[tokio::test(start_paused = true)]
+async fn a_slow_answer_is_cut_at_the_deadline() {
+    for late in [Some(Duration::from_secs(10)), None] {
+        let inner = tower::service_fn(move |_: Request<Full<Bytes>>| async move {
+            match late {
+                Some(late) => tokio::time::sleep(late).await,
+                None => std::future::pending().await,
+            }
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"late"))))
+        });
+        let svc = ServiceBuilder::new()
+            .layer(exact().deadline(Duration::from_secs(2)))
+            .service(inner);
+        let start = Instant::now();
+        let error = within_an_hour(svc.oneshot(request(Method::GET)))
+            .await
+            .unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(2), "{late:?}");
+        assert_eq!(
+            error.downcast_ref::<BackoffError>(),
+            Some(&BackoffError::DeadlineExceeded {
+                deadline: Duration::from_secs(2),
+                attempts: 1
+            }),
+            "{late:?}"
+        );
+    }
+}
+
+/// A refusal whose body never ends is not read past the deadline.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_whose_body_never_ends_is_cut_at_the_deadline() {
+    let inner = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        let mut response = Response::new(stalling(vec![r#"{"errorCode":"#]));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        Ok::<_, BoxError>(response)
+    });
+    let svc = ServiceBuilder::new()
+        .layer(exact().deadline(Duration::from_secs(2)))
+        .service(inner);
+    let start = Instant::now();
+    let error = within_an_hour(svc.oneshot(request(Method::GET)))
+        .await
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(
+        error.downcast_ref::<BackoffError>(),
+        Some(&BackoffError::DeadlineExceeded {
+            deadline: Duration::from_secs(2),
+            attempts: 1
+        })
+    );
+}
+
+/// A retry sent before the deadline is cut when the deadline passes with it in flight; so is
+/// one still waiting for the service below to be ready.
+#[tokio::test(start_paused = true)]
+async fn a_retry_in_flight_past_the_deadline_is_cut() {
+    let calls = Arc::new(Mutex::new(0u32));
+    let counted = calls.clone();
+    let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let n = {
+            let mut calls = counted.lock().unwrap();
+            *calls += 1;
+            *calls
+        };
+        async move {
+            let status = if n == 1 {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                StatusCode::OK
+            };
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = status;
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(exact().deadline(Duration::from_secs(3)))
+        .service(inner);
+    let start = Instant::now();
+    let error = within_an_hour(svc.oneshot(request(Method::GET)))
+        .await
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(*calls.lock().unwrap(), 2, "the retry was sent at 1 s");
+    assert_eq!(
+        error.downcast_ref::<BackoffError>(),
+        Some(&BackoffError::DeadlineExceeded {
+            deadline: Duration::from_secs(3),
+            attempts: 2
+        })
+    );
+
+    // Below a ConcurrencyLimit(1) that another request holds for 10 s: the retry is due at
+    // 1 s but never gets the permit; it ends at the deadline, having sent one attempt.
+    let script = Script::new([refuse()]);
+    let svc = ServiceBuilder::new()
+        .layer(exact().deadline(Duration::from_secs(3)))
+        .concurrency_limit(1)
+        .service(script.service());
+    let start = Instant::now();
+    let call = tokio::spawn(svc.clone().oneshot(request(Method::GET)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut holder = svc.clone();
+    let holder = tokio::spawn(async move {
+        let _permit = holder.ready().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
+    let error = within_an_hour(call).await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(
+        error.downcast_ref::<BackoffError>(),
+        Some(&BackoffError::DeadlineExceeded {
+            deadline: Duration::from_secs(3),
+            attempts: 1
+        })
+    );
+    holder.abort();
+}
+
+/// A refusal with `body` through `backoff` (with no retry left): the response handed back,
+/// and what the classifier saw.
+async fn refusal_read<B>(
+    body: B,
+    backoff: Backoff429,
+) -> (Response<tower_quota::backoff::BackoffBody<B>>, Vec<Vec<u8>>)
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let body = Arc::new(Mutex::new(Some(body)));
+    let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let mut response = Response::new(body.lock().unwrap().take().unwrap());
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        async move { Ok::<_, BoxError>(response) }
+    });
+    let classified = Arc::new(Mutex::new(Vec::new()));
+    let seen = classified.clone();
+    let backoff = backoff.max_retries(0).classify(move |_, body| {
+        seen.lock().unwrap().push(body.to_vec());
+        tower_quota::backoff::LimitKind::Rate
+    });
+    let response = within_an_hour(
+        ServiceBuilder::new()
+            .layer(backoff)
+            .service(inner)
+            .oneshot(request(Method::GET)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let classified = classified.lock().unwrap().clone();
+    (response, classified)
+}
+
+/// A body of empty frames that ends only after 100,000 of them, counting those polled.
+struct EmptyFrames(Arc<std::sync::atomic::AtomicUsize>);
+
+impl http_body::Body for EmptyFrames {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::task::Poll::Ready((n < 100_000).then(|| Ok(Frame::data(Bytes::new()))))
+    }
+}
+
+/// A refusal's body of endless empty frames is read for at most `max_read_frames` frames
+/// (1,024 by default) before the layer decides; the caller gets them and the rest.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_of_endless_empty_frames_is_read_for_max_read_frames() {
+    for (backoff, limit) in [(exact(), 1024), (exact().max_read_frames(10), 10)] {
+        let polled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (response, classified) = refusal_read(EmptyFrames(polled.clone()), backoff).await;
+        assert_eq!(
+            polled.load(std::sync::atomic::Ordering::SeqCst),
+            limit,
+            "frames read before deciding"
+        );
+        assert_eq!(classified, [Vec::<u8>::new()]);
+        let mut body = response.into_body();
+        for _ in 0..limit + 5 {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "");
+        }
+    }
+}
+
+/// A refusal's body that stalls is read for at most `max_read_time` (10 s by default); the
+/// layer decides on what it read, and the caller gets that and the rest.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_refusal_body_is_read_for_max_read_time() {
+    for (backoff, limit) in [
+        (exact(), Duration::from_secs(10)),
+        (
+            exact().max_read_time(Duration::from_secs(3)),
+            Duration::from_secs(3),
+        ),
+    ] {
+        let start = Instant::now();
+        let (response, classified) =
+            refusal_read(stalling(vec![r#"{"errorCode":"#, r#""x"}"#]), backoff).await;
+        assert_eq!(start.elapsed(), limit);
+        assert_eq!(classified, [br#"{"errorCode":"x"}"#.to_vec()]);
+        let mut body = response.into_body();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            r#"{"errorCode":"#
+        );
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            r#""x"}"#
+        );
+        let rest = tokio::time::timeout(Duration::from_secs(60), body.frame()).await;
+        assert!(rest.is_err(), "the rest is the server's, stalled as it is");
+    }
+
+    // A concurrency refusal that stalls is known from what was read: retried on its own
+    // schedule.
+    let calls = Arc::new(Mutex::new(0u32));
+    let counted = calls.clone();
+    let inner = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let n = {
+            let mut calls = counted.lock().unwrap();
+            *calls += 1;
+            *calls
+        };
+        async move {
+            let mut response = Response::new(if n == 1 {
+                stalling(vec![r#"{"errorCode":"concurrency_limit_reached"}"#])
+            } else {
+                stalling(vec![])
+            });
+            if n == 1 {
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            }
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let backoff = exact()
+        .max_read_time(Duration::from_secs(2))
+        .concurrency_schedule(
+            Schedule::new()
+                .base_delay(Duration::from_secs(15))
+                .jitter(Jitter::None),
+        );
+    let start = Instant::now();
+    let response = within_an_hour(
+        ServiceBuilder::new()
+            .layer(backoff)
+            .service(inner)
+            .oneshot(request(Method::GET)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), Duration::from_secs(2 + 15));
+}
+
+/// The classifier sees at most `max_body` bytes of a refusal (64 KiB by default), however
+/// the body is cut into frames; the caller gets the whole body.
+#[tokio::test(start_paused = true)]
+async fn the_classifier_sees_at_most_max_body_bytes() {
+    let big = Bytes::from(vec![b'x'; 200_000]);
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(big.clone()))];
+    let body = StreamBody::new(futures::stream::iter(frames));
+    let (response, classified) = refusal_read(body, exact()).await;
+    assert_eq!(classified.len(), 1);
+    assert_eq!(classified[0].len(), 64 * 1024);
+    let whole = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, big);
+
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = (0..5)
+        .map(|n| Ok(Frame::data(Bytes::from(format!("frame {n}...")))))
+        .collect();
+    let body = StreamBody::new(futures::stream::iter(frames));
+    let (response, classified) = refusal_read(body, exact().max_body(16)).await;
+    assert_eq!(classified, [b"frame 0...frame ".to_vec()]);
+    let whole = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, "frame 0...frame 1...frame 2...frame 3...frame 4...");
+}
+
+/// Durations for the property test below: small, large, huge, the edges.
+fn any_duration() -> impl proptest::strategy::Strategy<Value = Duration> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(Duration::ZERO),
+        Just(Duration::MAX),
+        (0u64..10_000_000).prop_map(Duration::from_nanos),
+        (0u64..100_000).prop_map(Duration::from_secs),
+        (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+    ]
+}
+
+fn any_jitter() -> impl proptest::strategy::Strategy<Value = Jitter> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(Jitter::None),
+        Just(Jitter::Full),
+        Just(Jitter::Equal),
+        Just(Jitter::Decorrelated),
+    ]
+}
+
+const YEAR: Duration = Duration::from_secs(365 * 86400);
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Whatever a valid layer's settings and whatever the server asks, nothing panics, no
+    /// wait exceeds `max_delay` (beyond the timer's millisecond) or undercuts what the
+    /// server asked, and the call ends within its deadline. The paused clock sleeps any
+    /// wait at once, but cannot reach the far future quickly: either the deadline or
+    /// `max_delay` is at most a year here (each alone is tested up to `Duration::MAX`).
+    #[test]
+    fn no_valid_setting_panics_or_waits_past_its_bounds(
+        base in any_duration(),
+        extra in any_duration(),
+        factor in proptest::prop_oneof![
+            proptest::strategy::Just(1.0),
+            1.0..4.0f64,
+            1.0..f64::MAX,
+            proptest::strategy::Just(f64::MAX)
+        ],
+        jitter in any_jitter(),
+        retries in 0u32..6,
+        deadline in proptest::option::of(any_duration()),
+        bounded_deadline in proptest::bool::ANY,
+        asked in proptest::option::of((proptest::bool::ANY, proptest::num::u64::ANY)),
+    ) {
+        let mut cap = base.saturating_add(extra);
+        let deadline = if bounded_deadline {
+            Some(deadline.unwrap_or(YEAR).min(YEAR))
+        } else {
+            cap = cap.min(YEAR);
+            deadline
+        };
+        let mut backoff = Backoff429::new()
+            .base_delay(base)
+            .max_delay(cap)
+            .factor(factor)
+            .jitter(jitter)
+            .max_retries(retries)
+            .budget(TpsBudget::new(Duration::from_secs(10), 1000, 1.0));
+        if let Some(deadline) = deadline {
+            backoff = backoff.deadline(deadline);
+        }
+        proptest::prop_assume!(backoff.validate().is_ok());
+        let (answer, hint) = match asked {
+            Some((true, secs)) => (
+                refuse_with("retry-after", secs.to_string()),
+                Some(Duration::from_secs(secs)),
+            ),
+            Some((false, ms)) => (
+                refuse_with("retry-after-ms", ms.to_string()),
+                Some(Duration::from_millis(ms)),
+            ),
+            None => (refuse(), None),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let script = Script::always(answer);
+        let (result, elapsed) = runtime.block_on(async {
+            let start = Instant::now();
+            let result = send(backoff, &script, request(Method::GET)).await;
+            (result, start.elapsed())
+        });
+        let (status, _, _) = result.unwrap();
+        proptest::prop_assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        let seen = script.seen();
+        proptest::prop_assert!(seen.len() <= retries as usize + 1);
+        // The timer rounds a wait up to its next millisecond.
+        let at_most = cap.saturating_add(Duration::from_millis(1));
+        for pair in seen.windows(2) {
+            let wait = pair[1].at - pair[0].at;
+            proptest::prop_assert!(wait <= at_most, "waited {wait:?}, max_delay {cap:?}");
+            proptest::prop_assert!(wait >= Duration::from_millis(1), "waited {wait:?}");
+            if let Some(hint) = hint {
+                proptest::prop_assert!(wait >= hint, "waited {wait:?}, asked {hint:?}");
+            }
+        }
+        if let Some(deadline) = deadline {
+            proptest::prop_assert!(elapsed <= deadline, "{elapsed:?} past the deadline {deadline:?}");
+        }
     }
 }

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::concurrency::ConcurrencyError;
 use crate::error::ConfigError;
+use crate::rate_limit::RateLimitError;
+use crate::store::StoreError;
 
 /// A request through [`Backoff429`](super::Backoff429) failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +22,16 @@ pub enum BackoffError {
         waited: Duration,
         /// The last response's status.
         status: StatusCode,
+    },
+    /// The request's [`deadline`](super::Backoff429::deadline) passed while an attempt was in
+    /// flight, a refusal's body was being read, or a retry was waiting for the service below
+    /// to be ready: there was no answer to hand back. (When the deadline only stops a further
+    /// wait, the last refusal is handed back instead, or [`Exhausted`](Self::Exhausted).)
+    DeadlineExceeded {
+        /// The deadline that was configured.
+        deadline: Duration,
+        /// Requests sent, the one cut included.
+        attempts: u32,
     },
     /// The layer's settings are invalid (see [`Backoff429::validate`](super::Backoff429::validate)).
     Config(ConfigError),
@@ -35,6 +48,10 @@ impl fmt::Display for BackoffError {
                 f,
                 "still {status} after {attempts} attempts and {waited:?} of waiting"
             ),
+            Self::DeadlineExceeded { deadline, attempts } => write!(
+                f,
+                "no answer within the deadline of {deadline:?} ({attempts} attempts sent)"
+            ),
             Self::Config(error) => write!(f, "backoff not applied: {error}"),
         }
     }
@@ -49,4 +66,27 @@ pub struct Retried {
     pub attempts: u32,
     /// Time spent waiting between them.
     pub waited: Duration,
+}
+
+/// Whether `error`, or an error in its `source()` chain (as tower's `Buffer` wraps the errors
+/// of its service), is one of this crate's: a request a layer below gave back unsent, a
+/// failed shared store, a setting, a `Backoff429` below that gave up. Those are never retried.
+pub(crate) fn is_own(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    // A bound, for a chain that would loop.
+    for _ in 0..64 {
+        let Some(error) = next else {
+            return false;
+        };
+        if error.is::<RateLimitError>()
+            || error.is::<ConcurrencyError>()
+            || error.is::<StoreError>()
+            || error.is::<ConfigError>()
+            || error.is::<BackoffError>()
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }

@@ -17,8 +17,8 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::body::BackoffBody;
-use super::error::{BackoffError, Retried};
-use super::layer::{Config, LimitKind, MIN_WAIT};
+use super::error::{is_own, BackoffError, Retried};
+use super::layer::{Config, GiveUp, LimitKind};
 use crate::headers;
 use crate::BoxError;
 
@@ -35,15 +35,21 @@ pin_project! {
     }
 }
 
-/// A refusal being read.
-struct Reading<ResBody: Body> {
-    parts: Option<Parts>,
-    body: Option<Pin<Box<ResBody>>>,
-    /// The frames read, handed on as they came.
-    frames: VecDeque<Frame<ResBody::Data>>,
-    /// A copy of their data, for the classifier.
-    read: BytesMut,
-    kind: Option<LimitKind>,
+pin_project! {
+    /// A refusal being read.
+    #[project = ReadingProj]
+    struct Reading<ResBody: Body> {
+        parts: Option<Parts>,
+        body: Option<Pin<Box<ResBody>>>,
+        // The frames read, handed on as they came.
+        frames: VecDeque<Frame<ResBody::Data>>,
+        // A copy of the start of their data, for the classifier.
+        read: BytesMut,
+        kind: Option<LimitKind>,
+        // Ends the read at `max_read_time`.
+        #[pin]
+        timer: Sleep,
+    }
 }
 
 /// What a request needs to be sent again.
@@ -54,10 +60,47 @@ struct Retry<S, B> {
     /// Whether a request that may have been processed can be sent again.
     replayable: bool,
     retries: u32,
-    /// When the request was made, if a deadline applies.
-    started: Option<Instant>,
+    deadline: Deadline,
     /// The waits so far; made at the first retry, so the path of every request stays small.
     waits: Option<Box<Waits>>,
+}
+
+/// When a request's deadline falls, if one applies; its timer is made only once the request
+/// has had to wait for something (an answer that comes at once never needs one).
+enum Deadline {
+    Never,
+    At(Instant),
+    Armed(Pin<Box<Sleep>>),
+}
+
+impl Deadline {
+    /// `after` from now; a deadline too far to be an instant is none.
+    #[inline]
+    fn new(after: Option<Duration>) -> Self {
+        match after.and_then(|after| Instant::now().checked_add(after)) {
+            Some(at) => Self::At(at),
+            None => Self::Never,
+        }
+    }
+
+    fn at(&self) -> Option<Instant> {
+        match self {
+            Self::Never => None,
+            Self::At(at) => Some(*at),
+            Self::Armed(timer) => Some(timer.deadline()),
+        }
+    }
+
+    /// Whether it has passed; if not, the task is woken when it does.
+    fn passed(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Self::At(at) = *self {
+            *self = Self::Armed(Box::pin(tokio::time::sleep_until(at)));
+        }
+        match self {
+            Self::Armed(timer) => timer.as_mut().poll(cx).is_ready(),
+            _ => false,
+        }
+    }
 }
 
 /// The waits of a request that has been retried.
@@ -73,7 +116,7 @@ pin_project! {
         Called { #[pin] future: F },
         // Reading a refusal's body to tell which limit it is about (boxed: only refusals
         // come here, and it keeps the future small).
-        Reading { reading: Box<Reading<ResBody>> },
+        Reading { reading: Pin<Box<Reading<ResBody>>> },
         // Boxed: only a retry needs it, and it keeps the future small.
         Sleeping { sleep: Pin<Box<Sleep>> },
         Ready,
@@ -105,7 +148,7 @@ where
                 config: config.clone(),
                 replayable,
                 retries: 0,
-                started: config.deadline.map(|_| Instant::now()),
+                deadline: Deadline::new(config.deadline),
                 waits: None,
             }),
         }
@@ -143,39 +186,38 @@ impl<S, B> Retry<S, B> {
     fn decide(&mut self, kind: LimitKind, hint: Option<Duration>) -> Option<Duration> {
         let config = &self.config;
         let schedule = config.schedule(kind);
-        if self.retries >= schedule.max_retries {
-            tracing::debug!(retries = self.retries, reason = %kind, "no retries left");
-            return None;
-        }
-        if let Some(asked) = hint {
-            if asked > schedule.cap {
-                tracing::debug!(?asked, max_delay = ?schedule.cap, "the server asks for a longer wait than the schedule's maximum: giving up");
+        let retry = self.retries.saturating_add(1);
+        let last_wait = self.waits.as_ref().map_or(Duration::ZERO, |w| w.last);
+        let left = self
+            .deadline
+            .at()
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        let wait = match schedule.next_wait(retry, last_wait, config.unit(), hint, left) {
+            Ok(wait) => wait,
+            Err(GiveUp::NoRetriesLeft) => {
+                tracing::debug!(retries = self.retries, reason = %kind, "no retries left");
                 return None;
             }
-        }
-        let retry = self.retries + 1;
-        let last_wait = self.waits.as_ref().map_or(Duration::ZERO, |w| w.last);
-        let wait = schedule
-            .wait(retry, last_wait, config.unit())
-            .max(hint.unwrap_or_default())
-            .max(MIN_WAIT);
-        if let (Some(deadline), Some(started)) = (config.deadline, self.started) {
-            if started.elapsed() + wait > deadline {
+            Err(GiveUp::ServerAsksTooLong) => {
+                tracing::debug!(asked = ?hint, max_delay = ?schedule.cap, "the server asks for a longer wait than the schedule's maximum: giving up");
+                return None;
+            }
+            Err(GiveUp::PastDeadline(wait)) => {
                 tracing::debug!(
                     ?wait,
-                    ?deadline,
-                    "the wait would end past the deadline: giving up"
+                    deadline = ?config.deadline,
+                    "the wait would end at or past the deadline: giving up"
                 );
                 return None;
             }
-        }
+        };
         if !config.budget.withdraw() {
             tracing::debug!("retry budget spent: giving up");
             return None;
         }
         self.retries = retry;
         let waits = self.waits.get_or_insert_with(Box::default);
-        waits.total += wait;
+        waits.total = waits.total.saturating_add(wait);
         waits.last = wait;
         tracing::info!(attempt = retry + 1, ?wait, reason = %kind, "retrying after a refusal");
         Some(wait)
@@ -233,19 +275,53 @@ where
         if let (StateProj::Called { future }, Some(retry)) =
             (this.state.as_mut().project(), this.retry.as_mut())
         {
-            match ready!(future.poll(cx)) {
-                Ok(response) if !retry.refused(response.status()) => {
+            match future.poll(cx) {
+                Poll::Ready(Ok(response)) if !retry.refused(response.status()) => {
                     return Poll::Ready(Ok(retry.finish(response)));
                 }
-                answer => {
+                Poll::Ready(answer) => {
                     if let Some(done) = on_answer(this.state.as_mut(), retry, answer) {
                         return Poll::Ready(done);
                     }
                 }
+                Poll::Pending if matches!(retry.deadline, Deadline::Never) => {
+                    return Poll::Pending;
+                }
+                Poll::Pending => return poll_deadline(this.state, retry, cx),
             }
         }
         poll_slow(this.state, this.retry, cx)
     }
+}
+
+/// For a request with a deadline that is waiting for something: ends it with
+/// [`BackoffError::DeadlineExceeded`] once the deadline has passed, dropping what it waited
+/// on (an attempt in flight, a refusal's body, a retry's readiness).
+#[inline(never)]
+fn poll_deadline<S, B, ResBody>(
+    mut state: Pin<&mut State<S::Future, ResBody>>,
+    retry: &mut Retry<S, B>,
+    cx: &mut Context<'_>,
+) -> Poll<Output<ResBody>>
+where
+    S: Service<Request<B>>,
+    ResBody: Body,
+{
+    if !retry.deadline.passed(cx) {
+        return Poll::Pending;
+    }
+    let in_flight = matches!(
+        state.as_mut().project(),
+        StateProj::Called { .. } | StateProj::Reading { .. }
+    );
+    let attempts = retry.retries + u32::from(in_flight);
+    tracing::debug!(attempts, deadline = ?retry.config.deadline, "deadline passed: giving up");
+    state.set(State::Failed { error: None });
+    Poll::Ready(Err(BackoffError::DeadlineExceeded {
+        deadline: retry.config.deadline.unwrap_or_default(),
+        attempts,
+    }
+    .into()))
 }
 
 /// What to do with an answer that is a refusal or an error: read it (`None`: the state moved
@@ -270,19 +346,20 @@ where
             let kind = (status != StatusCode::TOO_MANY_REQUESTS).then_some(LimitKind::Transient);
             let (parts, body) = response.into_parts();
             state.set(State::Reading {
-                reading: Box::new(Reading {
+                reading: Box::pin(Reading {
                     parts: Some(parts),
                     body: Some(Box::pin(body)),
                     frames: VecDeque::new(),
                     read: BytesMut::new(),
                     kind,
+                    timer: tokio::time::sleep(retry.config.max_read_time),
                 }),
             });
             None
         }
         Err(error) => {
             let error = error.into();
-            let wait = (retry.config.transient && retry.replayable)
+            let wait = (retry.config.transient && retry.replayable && !is_own(&*error))
                 .then(|| retry.decide(LimitKind::Transient, None))
                 .flatten();
             match wait {
@@ -298,16 +375,19 @@ where
     }
 }
 
-/// Copies `data` to the end of `read`, leaving it whole to be handed on as it came.
-fn copy_data(data: &impl Buf, read: &mut BytesMut) {
+/// Copies `data` to the end of `read`, up to `max` bytes in all, leaving it whole to be
+/// handed on as it came.
+fn copy_data(data: &impl Buf, read: &mut BytesMut, max: usize) {
     let mut slices = [IoSlice::new(&[]); 16];
     let n = data.chunks_vectored(&mut slices);
     let mut copied = 0;
     for slice in &slices[..n] {
+        let room = max.saturating_sub(read.len());
+        let slice = &slice[..slice.len().min(room)];
         read.extend_from_slice(slice);
         copied += slice.len();
     }
-    if copied < data.remaining() {
+    if copied < data.remaining() && read.len() < max {
         tracing::debug!(
             copied,
             remaining = data.remaining(),
@@ -316,9 +396,29 @@ fn copy_data(data: &impl Buf, read: &mut BytesMut) {
     }
 }
 
-/// Everything but the first answer: reading refusals, waiting, sending again.
+/// Everything but the first answer: reading refusals, waiting, sending again, all within
+/// the deadline.
 #[inline(never)]
 fn poll_slow<S, B, ResBody>(
+    mut state: Pin<&mut State<S::Future, ResBody>>,
+    retry: &mut Option<Retry<S, B>>,
+    cx: &mut Context<'_>,
+) -> Poll<Output<ResBody>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Clone,
+    ResBody: Body,
+    ResBody::Error: Into<BoxError>,
+{
+    match (poll_states(state.as_mut(), retry, cx), retry) {
+        (Poll::Pending, Some(retry)) => poll_deadline(state, retry, cx),
+        (poll, _) => poll,
+    }
+}
+
+/// The states after the first answer.
+fn poll_states<S, B, ResBody>(
     mut state: Pin<&mut State<S::Future, ResBody>>,
     retry: &mut Option<Retry<S, B>>,
     cx: &mut Context<'_>,
@@ -348,27 +448,36 @@ where
                 }
             }
             StateProj::Reading { reading } => {
-                let Reading {
+                let ReadingProj {
                     parts,
                     body,
                     frames,
                     read,
                     kind,
-                } = &mut **reading;
-                let max = retry.config.max_body;
+                    mut timer,
+                } = reading.as_mut().project();
+                let config = &retry.config;
                 let mut ended = false;
                 if let Some(stream) = body.as_mut() {
-                    while read.len() < max {
-                        match ready!(stream.as_mut().poll_frame(cx)) {
-                            Some(Ok(frame)) => {
+                    while read.len() < config.max_body && frames.len() < config.max_read_frames {
+                        match stream.as_mut().poll_frame(cx) {
+                            Poll::Ready(Some(Ok(frame))) => {
                                 if let Some(data) = frame.data_ref() {
-                                    copy_data(data, read);
+                                    copy_data(data, read, config.max_body);
                                 }
                                 frames.push_back(frame);
                             }
-                            Some(Err(error)) => return Poll::Ready(Err(error.into())),
-                            None => {
+                            Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error.into())),
+                            Poll::Ready(None) => {
                                 ended = true;
+                                break;
+                            }
+                            Poll::Pending => {
+                                ready!(timer.as_mut().poll(cx));
+                                tracing::debug!(
+                                    max_read_time = ?config.max_read_time,
+                                    "a refusal's body stalled: deciding on what was read"
+                                );
                                 break;
                             }
                         }

@@ -93,7 +93,7 @@ impl Schedule {
         self
     }
 
-    /// The first retry's nominal delay (above zero).
+    /// The first retry's nominal delay (at least a millisecond).
     pub fn base_delay(mut self, delay: Duration) -> Self {
         self.base = delay;
         self
@@ -119,10 +119,10 @@ impl Schedule {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |name, reason| Err(ConfigError::InvalidSetting { name, reason });
-        if self.base.is_zero() {
+        if self.base < MIN_WAIT {
             return invalid(
                 "base_delay",
-                "must be above zero: a zero wait is a tight loop",
+                "must be at least a millisecond: a shorter wait is a tight loop",
             );
         }
         if !self.factor.is_finite() || self.factor < 1.0 {
@@ -134,31 +134,88 @@ impl Schedule {
         Ok(())
     }
 
-    /// The nominal delay before retry number `retry` (1-based).
+    /// The nominal delay before retry number `retry` (1-based): at most `max_delay`,
+    /// however large the numbers.
     pub(crate) fn nominal(&self, retry: u32) -> Duration {
         let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
         let secs = self.base.as_secs_f64() * self.factor.powi(exponent);
-        if !secs.is_finite() || secs >= self.cap.as_secs_f64() {
-            self.cap
-        } else {
-            Duration::from_secs_f64(secs)
-        }
+        Duration::try_from_secs_f64(secs).map_or(self.cap, |nominal| nominal.min(self.cap))
     }
 
     /// The wait before retry number `retry`, after `previous` (the last wait), with `unit` a
-    /// random number in `[0, 1)`. Never zero.
+    /// random number in `[0, 1)`: at least [`MIN_WAIT`], at most `max_delay` (which a valid
+    /// schedule keeps at least that).
     pub(crate) fn wait(&self, retry: u32, previous: Duration, unit: f64) -> Duration {
         let nominal = self.nominal(retry);
         let wait = match self.jitter {
             Jitter::None => nominal,
-            Jitter::Full => nominal.mul_f64(1.0 - unit),
-            Jitter::Equal => nominal / 2 + (nominal / 2).mul_f64(1.0 - unit),
+            Jitter::Full => share(nominal, 1.0 - unit),
+            Jitter::Equal => {
+                let half = nominal / 2;
+                half + share(nominal - half, 1.0 - unit)
+            }
             Jitter::Decorrelated => {
                 let high = previous.max(self.base).saturating_mul(3).min(self.cap);
-                (self.base + (high.saturating_sub(self.base)).mul_f64(unit)).min(self.cap)
+                self.base
+                    .saturating_add(share(high.saturating_sub(self.base), unit))
+                    .min(self.cap)
             }
         };
         wait.max(MIN_WAIT)
+    }
+}
+
+/// The most `max_body` may be.
+const MAX_BODY: usize = 16 << 20;
+
+/// `fraction` (in `[0, 1]`) of `whole`: never more than `whole`, whatever the rounding of
+/// floating point (near `Duration::MAX` a product can round past it).
+fn share(whole: Duration, fraction: f64) -> Duration {
+    Duration::try_from_secs_f64(whole.as_secs_f64() * fraction)
+        .map_or(whole, |part| part.min(whole))
+}
+
+/// Why a refusal is not retried, as a [`Schedule`] decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// The schedule's retries are spent.
+    NoRetriesLeft,
+    /// The server asks for a longer wait than the schedule's `max_delay`.
+    ServerAsksTooLong,
+    /// The wait (given) would end at or past the deadline.
+    PastDeadline(Duration),
+}
+
+impl Schedule {
+    /// The wait before retry number `retry` (1-based), after `previous` (the last wait),
+    /// with `unit` a random number in `[0, 1)`, for a refusal whose server asked for `hint`,
+    /// with `left` of the request's deadline.
+    ///
+    /// A wait is at least [`MIN_WAIT`] and at least what the server asked; a server asking
+    /// for more than `max_delay` is not waited on at all, so no wait exceeds `max_delay`; and
+    /// no wait reaches the deadline.
+    pub(crate) fn next_wait(
+        &self,
+        retry: u32,
+        previous: Duration,
+        unit: f64,
+        hint: Option<Duration>,
+        left: Option<Duration>,
+    ) -> Result<Duration, GiveUp> {
+        if retry > self.max_retries {
+            return Err(GiveUp::NoRetriesLeft);
+        }
+        if hint.is_some_and(|asked| asked > self.cap) {
+            return Err(GiveUp::ServerAsksTooLong);
+        }
+        let wait = self
+            .wait(retry, previous, unit)
+            .max(hint.unwrap_or_default())
+            .max(MIN_WAIT);
+        match left {
+            Some(left) if wait >= left => Err(GiveUp::PastDeadline(wait)),
+            _ => Ok(wait),
+        }
     }
 }
 
@@ -189,6 +246,8 @@ pub(crate) struct Config {
     pub(crate) idempotency_header: Option<HeaderName>,
     pub(crate) error_on_exhaustion: bool,
     pub(crate) max_body: usize,
+    pub(crate) max_read_frames: usize,
+    pub(crate) max_read_time: Duration,
     random: Random,
 }
 
@@ -228,6 +287,9 @@ impl fmt::Debug for Config {
             .field("deadline", &self.deadline)
             .field("idempotency_header", &self.idempotency_header)
             .field("error_on_exhaustion", &self.error_on_exhaustion)
+            .field("max_body", &self.max_body)
+            .field("max_read_frames", &self.max_read_frames)
+            .field("max_read_time", &self.max_read_time)
             .finish_non_exhaustive()
     }
 }
@@ -261,6 +323,12 @@ impl Config {
                 reason: "must be above zero",
             });
         }
+        if self.max_body > MAX_BODY {
+            return Err(ConfigError::InvalidSetting {
+                name: "max_body",
+                reason: "must be at most 16 MiB: each refusal being read holds a copy",
+            });
+        }
         Ok(())
     }
 }
@@ -276,9 +344,11 @@ impl Config {
 /// assert!(backoff.validate().is_ok());
 /// ```
 ///
-/// The setters take any value; one that makes no sense (a zero base delay, a factor below 1)
-/// is a [`ConfigError`] from [`Backoff429::validate`], and a layer used without validating
-/// fails each request with that error rather than misbehave. See the [module docs](super).
+/// The setters take any value; one that makes no sense (a base delay under a millisecond, a
+/// factor below 1) is a [`ConfigError`] from [`Backoff429::validate`], and a layer used
+/// without validating fails each request with that error rather than misbehave. No valid
+/// setting panics: delays saturate, and no wait exceeds `max_delay`. See the
+/// [module docs](super).
 #[derive(Clone, Debug)]
 pub struct Backoff429 {
     pub(crate) config: Arc<Config>,
@@ -307,6 +377,8 @@ impl Backoff429 {
                 idempotency_header: None,
                 error_on_exhaustion: false,
                 max_body: 64 * 1024,
+                max_read_frames: 1024,
+                max_read_time: Duration::from_secs(10),
                 random: Random::new(),
             }),
         }
@@ -323,7 +395,7 @@ impl Backoff429 {
         self.with(|c| c.rate.max_retries = n)
     }
 
-    /// The first retry's nominal delay (default 1 s).
+    /// The first retry's nominal delay (default 1 s, at least a millisecond).
     pub fn base_delay(self, delay: Duration) -> Self {
         self.with(|c| c.rate.base = delay)
     }
@@ -354,8 +426,17 @@ impl Backoff429 {
         self.with(|c| c.concurrency = Some(schedule))
     }
 
-    /// The most time one request may spend, retries and waits included. A wait that would
-    /// end past it is not slept: the last response goes back at once.
+    /// The most time one request may spend, counted from its call: the first attempt, the
+    /// reading of each refusal's body, every wait and every retry.
+    ///
+    /// A wait that would end at or past it is not slept: the last refusal goes back at once
+    /// (or [`BackoffError::Exhausted`](super::BackoffError::Exhausted) with
+    /// [`error_on_exhaustion`](Self::error_on_exhaustion)), as when retries run out. If the
+    /// deadline passes with nothing to hand back (an attempt in flight, a refusal's body
+    /// being read, a retry waiting for the service below to be ready), what was under way is
+    /// dropped and the call ends with
+    /// [`BackoffError::DeadlineExceeded`](super::BackoffError::DeadlineExceeded). The
+    /// caller's reading of the final response's body is not bounded by it.
     pub fn deadline(self, deadline: Duration) -> Self {
         self.with(|c| c.deadline = Some(deadline))
     }
@@ -368,7 +449,8 @@ impl Backoff429 {
     }
 
     /// Tells a rate-limit 429 from a concurrency one. The closure gets the response head and
-    /// up to 64 KiB of its body. Default: Sync's JSON `errorCode`.
+    /// the start of its body, as much as was read (see [`max_body`](Self::max_body)).
+    /// Default: Sync's JSON `errorCode`.
     pub fn classify<F>(self, classify: F) -> Self
     where
         F: Fn(&Parts, &[u8]) -> LimitKind + Send + Sync + 'static,
@@ -381,6 +463,14 @@ impl Backoff429 {
     /// (`GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`, `TRACE`), or requests carrying an
     /// `Idempotency-Key` (the caller's, or one this layer adds, see
     /// [`idempotency_keys`](Self::idempotency_keys)).
+    ///
+    /// This crate's own errors are never retried, whatever wraps them (tower's `Buffer` does;
+    /// the `source()` chain is searched): a request a layer below gave back unsent
+    /// ([`RateLimitError`](crate::rate_limit::RateLimitError),
+    /// [`ConcurrencyError`](crate::concurrency::ConcurrencyError)), a failed shared store
+    /// ([`StoreError`](crate::store::StoreError)), a [`ConfigError`], or a
+    /// [`BackoffError`](super::BackoffError) of a `Backoff429` below. Each says the request
+    /// should not simply be sent again now.
     pub fn retry_transient(self) -> Self {
         self.with(|c| c.transient = true)
     }
@@ -396,6 +486,27 @@ impl Backoff429 {
     /// the last 429.
     pub fn error_on_exhaustion(self) -> Self {
         self.with(|c| c.error_on_exhaustion = true)
+    }
+
+    /// The most bytes of a refusal's body read to classify it (default 64 KiB, at most
+    /// 16 MiB; 0 reads none). The classifier sees at most this many; the caller gets the
+    /// whole body whatever is read.
+    pub fn max_body(self, bytes: usize) -> Self {
+        self.with(|c| c.max_body = bytes)
+    }
+
+    /// The most frames of a refusal's body read to classify it (default 1,024; 0 reads
+    /// none), so a body of endless empty frames cannot hold the request in a loop.
+    pub fn max_read_frames(self, frames: usize) -> Self {
+        self.with(|c| c.max_read_frames = frames)
+    }
+
+    /// The longest a refusal's body is read to classify it (default 10 s), so a body that
+    /// stalls is not waited on forever. When it is up, reading stops and the layer decides on
+    /// what it read; a refusal handed back carries what was read and the rest, as it comes.
+    /// A [`deadline`](Self::deadline) that passes first ends the call instead.
+    pub fn max_read_time(self, time: Duration) -> Self {
+        self.with(|c| c.max_read_time = time)
     }
 
     /// Whether the settings make sense.

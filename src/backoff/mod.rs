@@ -15,18 +15,27 @@
 //! - **Which limit**: a classifier reads the refusal's JSON `errorCode` (Sync's
 //!   `rate_limit_exceeded` / `concurrency_limit_reached`), or a closure of yours; each kind
 //!   can have its own [`Schedule`]. The body read to classify is not lost: the response the
-//!   caller finally gets carries all of it.
+//!   caller finally gets carries all of it. The read is bounded in bytes
+//!   ([`Backoff429::max_body`], 64 KiB), in frames ([`Backoff429::max_read_frames`], 1,024)
+//!   and in time ([`Backoff429::max_read_time`], 10 s): at a bound the layer stops reading
+//!   and decides on what it has, so a body that stalls or never ends holds no request.
 //! - **A retry budget** ([`RetryBudget`], tower's `TpsBudget` settings at a fraction of its
 //!   cost per request; any [`Budget`](tower::retry::budget::Budget) can replace it): in a
 //!   storm, retries stay a bounded share of traffic.
 //! - **Transient failures** (502, 503, 504, connection errors) are retried only when asked
 //!   ([`Backoff429::retry_transient`]), and a request that may have been processed only when
 //!   replaying it is safe: an idempotent method, or an `Idempotency-Key` (the caller's, or one
-//!   the layer adds once per logical request and sends on every retry of it).
+//!   the layer adds once per logical request and sends on every retry of it). This crate's
+//!   own errors (a request a layer below gave back unsent, a failed store, a setting) are
+//!   never retried, even inside another error such as the one tower's `Buffer` wraps.
 //! - **Every retry goes through the layers below**: put this layer above
 //!   [`ConcurrencyLimitByPlan`](crate::ConcurrencyLimitByPlan) and
 //!   [`RateLimitByRoute`](crate::RateLimitByRoute), and a retry queues for its slot and its
 //!   token like any request.
+//! - **A deadline bounds the whole call** ([`Backoff429::deadline`]): the first attempt,
+//!   reading refusals, waits and retries in flight. A wait that would end past it is not
+//!   slept (the last refusal goes back at once); if it passes while an attempt or a read is
+//!   under way, the call ends then with [`BackoffError::DeadlineExceeded`].
 //!
 //! When retries run out the caller gets the last response (a [`Retried`] in its extensions
 //! says how many attempts and how much waiting it took), or, with
@@ -65,6 +74,17 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Readiness
+//!
+//! `poll_ready` forwards to the inner service: a ready [`Backoff429Service`] is one whose
+//! inner service is ready for a request's first attempt, which is sent with it. A request
+//! that waits (reading a refusal, sleeping in backoff) holds no service driven ready: its
+//! response future keeps a clone of the inner service of its own, and the readiness the
+//! caller reserved (a slot of tower's `Buffer`, a permit of its `ConcurrencyLimit`) went with
+//! the first attempt. When its wait ends the request drives its clone ready, and calls it at
+//! once. So a request sleeping in backoff never stops the others that share the service
+//! below.
 
 mod body;
 mod budget;
@@ -72,6 +92,8 @@ mod error;
 mod future;
 mod layer;
 mod service;
+#[cfg(test)]
+mod tests;
 
 pub use body::BackoffBody;
 pub use budget::RetryBudget;

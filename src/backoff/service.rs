@@ -18,6 +18,13 @@ use crate::BoxError;
 /// `String`, `Bytes`...): a streaming body does not compile here rather than silently never
 /// being retried. Buffer one first, for example with `http_body_util::BodyExt::collect` into a
 /// `Full<Bytes>`.
+///
+/// `poll_ready` forwards to the inner service and means what its readiness means: the
+/// request's first attempt is sent with the service the caller drove ready. A retry never
+/// uses that readiness: the response future keeps a clone of the inner service that is not
+/// driven ready while the request reads a refusal or sleeps in backoff, so it holds no slot
+/// of tower's `Buffer` and no permit of its `ConcurrencyLimit` meanwhile. When the wait ends
+/// it drives its clone ready and calls it at once (see [the module docs](super#readiness)).
 #[derive(Debug, Clone)]
 pub struct Backoff429Service<S> {
     inner: S,

@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
-use tokio_test::assert_pending;
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tokio_test::{assert_pending, assert_ready};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_quota::concurrency::{ConcurrencyError, Job, PlanBody};
 use tower_quota::{ConcurrencyLimitByPlan, ConfigError, Plan, ServiceBuilderExt};
 
@@ -105,16 +105,29 @@ impl Api {
 type Svc =
     tower::util::BoxCloneService<Request<Full<Bytes>>, Response<PlanBody<Full<Bytes>>>, BoxError>;
 
-fn stack(plan: &ConcurrencyLimitByPlan, api: &Api) -> Svc {
+/// The scripted API as a service.
+fn api_service(
+    api: &Api,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+> + Clone
+       + Send
+       + 'static {
     let api = api.clone();
-    let inner = tower::service_fn(move |request: Request<Full<Bytes>>| {
+    tower::service_fn(move |request: Request<Full<Bytes>>| {
         let answer = api.answer(&request);
         async move { answer }
-    });
+    })
+}
+
+fn stack(plan: &ConcurrencyLimitByPlan, api: &Api) -> Svc {
     tower::util::BoxCloneService::new(
         ServiceBuilder::new()
             .concurrency_limit_by_plan(plan.clone())
-            .service(inner),
+            .service(api_service(api)),
     )
 }
 
@@ -356,6 +369,154 @@ async fn cancellation_at_each_stage() {
     assert_eq!(job.id(), Some("job-4"));
     assert_eq!(plan.snapshot().unknown, 0);
     assert_eq!(plan.in_use(), 1);
+}
+
+// ===== readiness: a create waiting for a slot holds no service that was driven ready =====
+
+/// With `svc` over something that reserves capacity when driven ready (one place), a create
+/// waiting for a slot must not stop a status request through the same stack.
+async fn a_waiting_create_stops_no_other_request(plan: ConcurrencyLimitByPlan, api: Api, svc: Svc) {
+    send(&svc, create()).await.unwrap();
+    // The caller keeps its service after a call that waits, as a connection's handler does.
+    let mut caller = svc.clone();
+    caller.ready().await.unwrap();
+    let waiting = tokio::spawn(caller.call(create()));
+    settle().await;
+    assert_eq!(plan.queue_len(), 1);
+    let status = tokio::time::timeout(
+        Duration::from_secs(1),
+        send(&svc, get("/v2/generate/job-1")),
+    )
+    .await
+    .expect("a status request passes while a create waits for a slot")
+    .unwrap();
+    assert_eq!(status.0, StatusCode::OK);
+    api.set("job-1", "COMPLETED");
+    send(&svc, get("/v2/generate/job-1")).await.unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .expect("the waiting create readies its own service")
+        .unwrap()
+        .unwrap();
+    response.into_body().collect().await.unwrap();
+    assert_eq!(plan.jobs()[0].id, "job-2");
+    tokio::time::timeout(Duration::from_secs(1), caller.ready())
+        .await
+        .expect("the caller's service readies again")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_create_stops_no_other_request_over_a_concurrency_limit() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let below = tower::limit::ConcurrencyLimit::new(api_service(&api), 1);
+    let svc = tower::util::BoxCloneService::new(plan.layer(below));
+    a_waiting_create_stops_no_other_request(plan, api, svc).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_create_stops_no_other_request_over_a_buffer() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let below = tower::buffer::Buffer::new(api_service(&api), 1);
+    let svc = tower::util::BoxCloneService::new(plan.layer(below));
+    a_waiting_create_stops_no_other_request(plan, api, svc).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_dropped_while_readying_gives_its_slot_back() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let below = tower::limit::ConcurrencyLimit::new(api_service(&api), 1);
+    let svc = tower::util::BoxCloneService::new(plan.layer(below.clone()));
+    send(&svc, create()).await.unwrap();
+    let mut waiting = tokio_test::task::spawn(svc.clone().oneshot(create()));
+    assert_pending!(waiting.poll());
+    // Something else takes the only capacity below the layer while the create waits.
+    let mut other = below.clone();
+    let mut other_ready = tokio_test::task::spawn(std::future::poll_fn(|cx| other.poll_ready(cx)));
+    assert_ready!(other_ready.poll()).unwrap();
+    drop(other_ready);
+    plan.complete("job-1");
+    // Its turn: it holds the slot while it readies its own service...
+    assert!(waiting.is_woken());
+    assert_pending!(waiting.poll());
+    let snapshot = plan.snapshot();
+    assert_eq!(
+        (snapshot.in_use, snapshot.in_flight, snapshot.queued),
+        (1, 1, 0)
+    );
+    // ...and, dropped before it was sent, gives the slot back.
+    drop(waiting);
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (0, 0));
+    drop(other);
+    send(&svc, create()).await.unwrap();
+    assert_eq!(api.creates(), 2, "the dropped create was never sent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_error_returns_the_create_and_its_slot() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let (mut service, mut handle) =
+        tower_test::mock::spawn_layer::<Request<()>, Response<Full<Bytes>>, _>(plan.clone());
+    let post = || {
+        Request::post("http://api.test/v2/generate")
+            .body(())
+            .unwrap()
+    };
+    assert!(service.poll_ready().is_ready());
+    let first = service.call(post());
+    let (_, reply) = handle.next_request().await.unwrap();
+    reply.send_response(Response::new(Full::new(Bytes::from_static(
+        br#"{"id":"a"}"#,
+    ))));
+    first.await.unwrap().into_body().collect().await.unwrap();
+    assert!(service.poll_ready().is_ready());
+    let mut waiting = tokio_test::task::spawn(service.call(post()));
+    assert_pending!(waiting.poll());
+    handle.send_error("the connection pool is closed");
+    plan.complete("a");
+    let error = assert_ready!(waiting.poll()).unwrap_err();
+    assert_eq!(error.to_string(), "the connection pool is closed");
+    let snapshot = plan.snapshot();
+    assert_eq!(
+        (snapshot.in_use, snapshot.unknown),
+        (0, 0),
+        "nothing was sent"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_returned_at_once_leaves_its_service_ready_for_nothing() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .max_queue(0)
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let below = tower::limit::ConcurrencyLimit::new(api_service(&api), 1);
+    let mut svc = plan.layer(below.clone());
+    svc.ready().await.unwrap();
+    svc.call(create())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    svc.ready().await.unwrap();
+    let error = svc.call(create()).await.unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<ConcurrencyError>(),
+        Some(&ConcurrencyError::QueueFull { max_queue: 0 })
+    );
+    // Refused at once: what the caller's `poll_ready` reserved below is free again.
+    let mut other = below.clone();
+    tokio::time::timeout(Duration::from_secs(1), other.ready())
+        .await
+        .expect("the refused create's readiness is given back")
+        .unwrap();
 }
 
 #[tokio::test(start_paused = true)]

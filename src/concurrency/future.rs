@@ -40,7 +40,6 @@ pin_project! {
         #[pin]
         state: State<S::Future>,
         role: Role,
-        // Boxed: only a request that waits needs it.
         // Boxed: only a request that waits for a slot (here, or in a shared store) needs it.
         aside: Option<Box<Aside<S, B>>>,
     }
@@ -51,6 +50,8 @@ pin_project! {
 enum Aside<S, B> {
     /// Waiting for a slot here.
     Queued(Queued<S, B>),
+    /// Holding a slot here, driving its own service ready.
+    Readying(Readying<S, B>),
     /// Holding a slot here, asking the shared store for one.
     Shared(SharedSlot<S, B>),
 }
@@ -126,6 +127,33 @@ struct Queued<S, B> {
     deadline: Option<Nanos>,
 }
 
+/// A create whose turn has come, with the clone of the inner service it drives ready before
+/// it is sent.
+struct Readying<S, B> {
+    inner: S,
+    request: Request<B>,
+    slot: Unsent,
+}
+
+/// A slot taken for a create that is not sent yet: dropped (the service failed to get ready,
+/// or the future was dropped), it is given back, since the server saw nothing.
+struct Unsent(Option<Arc<Shared>>);
+
+impl Unsent {
+    /// The create is being sent: its slot is held as in flight.
+    fn sent(mut self) -> Option<HoldGuard> {
+        self.0.take().map(HoldGuard::new)
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.counts().release(Release::Unsent);
+        }
+    }
+}
+
 /// A place in the queue; dropping it while queued leaves the queue.
 struct Ticket {
     shared: Arc<Shared>,
@@ -148,6 +176,8 @@ pin_project! {
         Waiting { sleep: Pin<Box<Sleep>> },
         // Holding a slot here, asking the shared store for one.
         Shared,
+        // Holding a slot here, driving its own service ready.
+        Readying,
         Called { #[pin] future: F },
         Failed { error: Option<ConcurrencyError> },
     }
@@ -309,6 +339,31 @@ where
                     this.state.set(State::Failed { error: None });
                     return Poll::Ready(Err(refused));
                 }
+                StateProj::Readying => {
+                    let Some(Aside::Readying(readying)) = this.aside.as_deref_mut() else {
+                        this.state.set(State::Failed { error: None });
+                        continue;
+                    };
+                    if let Err(error) = ready!(readying.inner.poll_ready(cx)) {
+                        // Never sent: the slot goes back.
+                        *this.aside = None;
+                        this.state.set(State::Failed { error: None });
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    let Some(Aside::Readying(readying)) = this.aside.take().map(|a| *a) else {
+                        continue;
+                    };
+                    let Readying {
+                        mut inner,
+                        request,
+                        slot,
+                    } = readying;
+                    *this.role = Role::Create(slot.sent());
+                    this.state.set(State::Called {
+                        future: inner.call(request),
+                    });
+                    continue;
+                }
                 StateProj::Queued => {}
             }
             let Some(Aside::Queued(queued)) = this.aside.as_deref_mut() else {
@@ -327,19 +382,25 @@ where
                         continue;
                     };
                     let deadline = queued.deadline;
-                    let Queued {
-                        mut inner, request, ..
-                    } = queued;
-                    *this.role = Role::Create(Some(HoldGuard::new(shared.clone())));
+                    let Queued { inner, request, .. } = queued;
                     match shared.store.clone() {
                         Some(store) => {
+                            *this.role = Role::Create(Some(HoldGuard::new(shared.clone())));
                             let slot = SharedSlot::new(inner, request, &shared, store, deadline);
                             *this.aside = Some(Box::new(Aside::Shared(slot)));
                             this.state.set(State::Shared);
                         }
-                        None => this.state.set(State::Called {
-                            future: inner.call(request),
-                        }),
+                        None => {
+                            // Its own clone, not driven ready yet: readied now, holding the slot.
+                            let slot = Unsent(Some(shared));
+                            let readying = Readying {
+                                inner,
+                                request,
+                                slot,
+                            };
+                            *this.aside = Some(Box::new(Aside::Readying(readying)));
+                            this.state.set(State::Readying);
+                        }
                     }
                     continue;
                 }

@@ -30,6 +30,25 @@
 //!   shares the API key) take slots too.
 //! - A request dropped while **waiting** leaves the queue and wakes nobody wrongly.
 //!
+//! # Readiness
+//!
+//! `poll_ready` forwards to the inner service, and means what the inner service's does: it
+//! says nothing about slots. Whether a request needs a slot is only known from the request,
+//! so a create waits for one inside its response future, never in `poll_ready`.
+//!
+//! A create sent at once (and every other request) is sent with the service the caller drove
+//! ready. A create that waits for a slot holds no service driven ready: it keeps a clone of
+//! the inner service of its own, and the readiness the caller reserved (a slot of tower's
+//! `Buffer`, a permit of its `ConcurrencyLimit`) is given back at the call. When its turn
+//! comes it drives its clone ready, holding its slot meanwhile, then sends. So creates
+//! waiting for a slot never stop status polls, lists or other requests through the same
+//! stack, whatever reserves capacity below the layer. If the inner service fails to get
+//! ready, the create is returned with that error (the inner service's own, as a
+//! [`BoxError`](crate::BoxError)) and its slot is given back, since nothing was sent; the same
+//! when the future is dropped while it readies. A create refused at once
+//! ([`ConcurrencyError::QueueFull`], [`ConcurrencyError::NoSlots`]) gives the caller's
+//! readiness back too.
+//!
 //! [`ConcurrencyLimitByPlan::watch`] polls the held jobs' status itself, through the service
 //! below the layer. [`Builder::in_flight`] switches to counting requests in flight, for APIs
 //! whose concurrency means that: the slot is held until the response body ends or is dropped.

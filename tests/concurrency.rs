@@ -210,13 +210,49 @@ async fn a_definite_failure_gives_the_slot_back_at_once() {
     let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
     let api = Api::default();
     let svc = stack(&plan, &api);
-    for code in [429, 400, 500, 503] {
+    for code in [429, 400, 403, 404, 409, 422] {
         api.next(Next::Status(code));
         let (status, id, _) = send(&svc, create()).await.unwrap();
         assert_eq!(status.as_u16(), code);
         assert_eq!(id, None);
         assert_eq!(plan.in_use(), 0, "after a {code}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_answered_5xx_is_an_unknown_outcome_held_until_reconciled() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .max_job_life(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    for code in [500, 502, 503, 504, 599] {
+        api.next(Next::Status(code));
+        let (status, id, _) = send(&svc, create()).await.unwrap();
+        assert_eq!((status.as_u16(), id), (code, None));
+        let snapshot = plan.snapshot();
+        assert_eq!(
+            (snapshot.in_use, snapshot.unknown),
+            (1, 1),
+            "after a {code} the job may exist"
+        );
+        // The next create waits for the outcome to be known.
+        let waiting = spawn_create(&svc);
+        settle().await;
+        assert_eq!(plan.queue_len(), 1, "after a {code}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        plan.reconcile(Vec::<String>::new());
+        let (_, id, _) = waiting.await.unwrap().unwrap();
+        plan.complete(&id.unwrap());
+        assert_eq!(plan.in_use(), 0);
+    }
+    // Or its lease runs out.
+    api.next(Next::Status(502));
+    send(&svc, create()).await.unwrap();
+    let start = Instant::now();
+    send(&svc, create()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(600));
 }
 
 #[tokio::test(start_paused = true)]

@@ -471,8 +471,13 @@ fn respond_watched<ResBody, E: Into<BoxError>>(
                 let job = Job::default();
                 response.extensions_mut().insert(job.clone());
                 Observer::holding(hold, Observe::Create { job })
+            } else if status.is_server_error() {
+                // A gateway or server that failed may have created the job: dropped, the
+                // hold stays held as an unknown outcome.
+                drop(hold);
+                None
             } else {
-                // A definite failure (429 included): nothing was created.
+                // A definite failure (4xx, 429 included): nothing was created.
                 hold.release(Release::Failed);
                 None
             }

@@ -11,8 +11,8 @@
 //!
 //! - **Taken** before the create request is sent. Requests on other routes pass with no cost
 //!   beyond a route match.
-//! - **Given back at once** when the create gets a definite failure: any status that is not a
-//!   2xx (a 429 included), since nothing was created.
+//! - **Given back at once** when the create gets a definite failure: a 4xx (a 429 included),
+//!   since nothing was created.
 //! - On a 2xx, the job's **id** is read from the response JSON (field `id` by default) as the
 //!   caller reads the body: the body is not delayed and not a byte of it changes, and at most
 //!   [`Builder::max_prefix`] bytes of it are kept. The response carries a [`Job`] in its
@@ -23,10 +23,12 @@
 //!   terminal by default); [`ConcurrencyLimitByPlan::complete`] (from a webhook);
 //!   [`ConcurrencyLimitByPlan::reconcile`] with the list of active jobs says it is gone; or its
 //!   lease ([`Builder::max_job_life`], one hour by default) runs out, with a warning.
-//! - **Unknown outcomes**: a transport error after sending, a response future dropped after
-//!   sending, a body dropped before it showed the id, or a 2xx without an id. The server may
-//!   have created a job, so the slot stays held until a reconcile accounts for it or its lease
-//!   runs out. Jobs that a list shows active but this process does not hold (another process
+//! - **Unknown outcomes**: a 5xx (a 502, 503 or 504 from a gateway that timed out is the
+//!   usual one), a transport error after sending, a response future dropped after sending (a
+//!   timeout above the layer), a body dropped before it showed the id, or a 2xx without an id.
+//!   The server may have created a job, so the slot stays held, not freed: no id is known for
+//!   a status or [`ConcurrencyLimitByPlan::complete`] to name, so it is held until a
+//!   reconcile accounts for it or its lease runs out. Jobs that a list shows active but this process does not hold (another process
 //!   shares the API key) take slots too.
 //! - A request dropped while **waiting** leaves the queue and wakes nobody wrongly.
 //!

@@ -642,6 +642,40 @@ async fn in_flight_mode_holds_a_slot_until_the_body_ends_or_is_dropped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn in_flight_mode_frees_the_slot_at_once_on_a_transport_error() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .in_flight()
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    api.next(Next::TransportError);
+    let error = send(&svc, create()).await.unwrap_err();
+    assert!(error.to_string().contains("connection reset"));
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (0, 0));
+    send(&svc, create()).await.unwrap();
+    assert_eq!(api.creates(), 2, "the next create went at once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_mode_frees_the_slot_at_once_when_the_future_is_dropped() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .in_flight()
+        .build()
+        .unwrap();
+    let never = tower::service_fn(|_: Request<Full<Bytes>>| {
+        std::future::pending::<Result<Response<Full<Bytes>>, BoxError>>()
+    });
+    let mut in_flight = tokio_test::task::spawn(plan.layer(never).oneshot(create()));
+    assert_pending!(in_flight.poll());
+    assert_eq!(plan.snapshot().in_flight, 1);
+    drop(in_flight); // a timeout above the layer
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
 async fn plan_changes_at_run_time() {
     let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
     let api = Api::default();

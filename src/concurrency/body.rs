@@ -40,7 +40,8 @@ impl Job {
 }
 
 /// A slot taken for a job-creating request that has been sent. Dropped without an outcome,
-/// the slot stays held as an unknown outcome (the server may have created the job).
+/// the slot stays held as an unknown outcome (the server may have created the job); in
+/// in-flight mode it is given back, since the request is over.
 #[derive(Debug)]
 pub(crate) struct HoldGuard {
     shared: Option<Arc<Shared>>,
@@ -113,6 +114,14 @@ fn release_token(shared: &Shared, token: Option<Token>) {
 impl Drop for HoldGuard {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
+            if shared.config.in_flight {
+                // The slot is only for the request, which is over whatever the server did.
+                shared.counts().release(Release::Abandoned);
+                if self.token.is_some() {
+                    release_token(&shared, self.token.take());
+                }
+                return;
+            }
             let now = shared.clock.now();
             shared.counts().unknown(now);
         }

@@ -471,7 +471,8 @@ impl Builder {
     }
 
     /// In-flight mode, for APIs whose concurrency counts requests in flight: a slot is held
-    /// from the send until the response body ends or is dropped, not for a job's life.
+    /// from the send until the response body ends or is dropped, not for a job's life. A
+    /// transport error or a dropped response future gives it back at once too.
     pub fn in_flight(mut self) -> Self {
         self.in_flight = true;
         self

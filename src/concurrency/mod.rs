@@ -53,7 +53,9 @@
 //!
 //! [`ConcurrencyLimitByPlan::watch`] polls the held jobs' status itself, through the service
 //! below the layer. [`Builder::in_flight`] switches to counting requests in flight, for APIs
-//! whose concurrency means that: the slot is held until the response body ends or is dropped.
+//! whose concurrency means that: the slot is held until the response body ends or is dropped,
+//! and given back at once on a transport error or when the response future is dropped (the
+//! slot is only for the HTTP request, which is over then).
 //!
 //! ```
 //! use http::{Request, Response};

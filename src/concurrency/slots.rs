@@ -36,6 +36,8 @@ pub(crate) enum Release {
     Duplicate,
     /// In-flight mode: the response is over.
     Answered,
+    /// In-flight mode: the request was given up on (a transport error, a dropped future).
+    Abandoned,
     /// Never sent: its service failed to get ready, or its future was dropped first.
     Unsent,
     /// Another process sharing the store gave the job back (a webhook, a status it saw).

@@ -585,6 +585,52 @@ async fn the_body_passes_byte_for_byte_and_only_a_bounded_prefix_is_read() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_complete_before_the_create_body_showed_the_id_frees_the_slot_when_it_shows() {
+    type Chunks = futures::channel::mpsc::UnboundedReceiver<
+        Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+    >;
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let (body_tx, body_rx) = futures::channel::mpsc::unbounded();
+    let body_rx = Arc::new(Mutex::new(Some(body_rx)));
+    // A create answered at once whose body comes later.
+    let slow_body = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let rx: Option<Chunks> = body_rx.lock().unwrap().take();
+        async move {
+            let rx = rx.ok_or("one create only")?;
+            let response = Response::builder()
+                .status(201)
+                .body(http_body_util::StreamBody::new(rx))
+                .unwrap();
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let svc = plan.layer(slow_body);
+    let response = svc.oneshot(create()).await.unwrap();
+    let job = response.extensions().get::<Job>().cloned().unwrap();
+    assert_eq!(plan.snapshot().in_flight, 1);
+
+    // The webhook says the job ended before the body showed its id.
+    assert!(!plan.complete("gen_9"), "nothing held under that id yet");
+    assert_eq!(plan.in_use(), 1);
+
+    body_tx
+        .unbounded_send(Ok(http_body::Frame::data(Bytes::from_static(
+            br#"{"id":"gen_9","status":"PENDING"}"#,
+        ))))
+        .unwrap();
+    drop(body_tx);
+    response.into_body().collect().await.unwrap();
+    assert_eq!(job.id(), Some("gen_9"));
+    let snapshot = plan.snapshot();
+    assert_eq!(
+        (snapshot.in_use, snapshot.unknown),
+        (0, 0),
+        "freed as soon as the id showed"
+    );
+    assert!(!plan.complete("gen_9"));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_create_answered_terminal_holds_nothing() {
     let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
     let api = Api::default();

@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::layer::Shared;
-use super::slots::Release;
+use super::slots::{Bound, Release};
 use crate::json::{self, Fields};
 
 /// The job a create made, in the create response's extensions.
@@ -233,15 +233,16 @@ impl Observer {
                     return;
                 };
                 let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));
-                {
+                let completed = {
                     let mut slots = shared.slots();
-                    slots.bind(&id, now);
+                    let bound = slots.bind(&id, now);
                     if terminal {
                         slots.finish(&id, Release::Finished);
                     }
-                }
+                    bound == Bound::Completed
+                };
                 if let (Some(store), Some(token)) = (&shared.store, self.token.take()) {
-                    if terminal {
+                    if terminal || completed {
                         store.slot_release(&token);
                     } else {
                         store.slot_bind(&token, &id, shared.lease());

@@ -234,11 +234,20 @@ impl ConcurrencyLimitByPlan {
     /// Job `id` is over (for example, a webhook said so): its slot is given back. False when
     /// it held none.
     ///
+    /// A webhook can come before the create's response body has shown the job's id. So while
+    /// a create is in flight, an id that holds no slot is remembered (for the maximum job
+    /// life, and at most the last 4,096 such ids), and the create's slot is given back as
+    /// soon as its body shows that id. The result is false then: nothing was given back yet.
+    ///
     /// With a shared store, the job's slot is given back for every process: whichever
     /// process created it lets it go too. The result then only says whether this process held
     /// it.
     pub fn complete(&self, id: &str) -> bool {
         let held = self.shared.finish(id, Release::Finished);
+        if !held {
+            let now = self.shared.clock.now();
+            self.shared.slots().complete_early(id, now);
+        }
         if let (false, Some(store)) = (held, &self.shared.store) {
             store.job_done(id);
         }

@@ -20,7 +20,10 @@
 //! - The slot is then **held until the first of**: a response passing through the layer shows
 //!   the job in a terminal state (the status route `GET /v2/generate/{id}`, a 404 there, or
 //!   the list route `GET /v2/generations`; any status but `PENDING` and `PROCESSING` is
-//!   terminal by default); [`ConcurrencyLimitByPlan::complete`] (from a webhook);
+//!   terminal by default); [`ConcurrencyLimitByPlan::complete`] (from a webhook, even one
+//!   that comes before the create's body has shown the id: while a create is in flight such
+//!   an id is remembered, for the maximum job life and at most the last 4,096 of them, and
+//!   the slot is given back as soon as the body shows it);
 //!   [`ConcurrencyLimitByPlan::reconcile`] with the list of active jobs says it is gone; or its
 //!   lease ([`Builder::max_job_life`], one hour by default) runs out, with a warning.
 //! - **Unknown outcomes**: a 5xx (a 502, 503 or 504 from a gateway that timed out is the

@@ -84,7 +84,16 @@ impl Api {
                 Next::Body(body) => json(201, body),
             };
         }
-        if let Some(id) = path.strip_prefix("/v2/generate/") {
+        // The status route, also under a project (`/v2/projects/{project}/generations/{id}`)
+        // and as `/v2/jobs/{id}/status`.
+        let status_id = path
+            .strip_prefix("/v2/generate/")
+            .or_else(|| {
+                let rest = path.strip_prefix("/v2/projects/")?;
+                Some(rest.split_once("/generations/")?.1)
+            })
+            .or_else(|| path.strip_prefix("/v2/jobs/")?.strip_suffix("/status"));
+        if let Some(id) = status_id {
             return match self.jobs.lock().unwrap().get(id) {
                 Some(status) => json(200, format!(r#"{{"id":"{id}","status":"{status}"}}"#)),
                 None => json(404, "{}".into()),
@@ -821,6 +830,134 @@ async fn the_watch_polls_held_jobs_through_the_service_below() {
         5,
         "job-1 at 0, 5, 10 and 15 s; job-2 as soon as it is held, at 15 s"
     );
+}
+
+// ===== status routes with several parameters: the job id is the one named `id` =====
+
+#[tokio::test(start_paused = true)]
+async fn a_status_route_with_several_parameters_reads_the_job_from_its_id_parameter() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .status_route("GET /v2/projects/{project}/generations/{id}")
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    let waiting = spawn_create(&svc);
+    settle().await;
+    api.set("job-1", "COMPLETED");
+    send(&svc, get("/v2/projects/acme/generations/job-1"))
+        .await
+        .unwrap();
+    let (_, id, _) = tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .expect("the status response freed job-1's slot")
+        .unwrap()
+        .unwrap();
+    assert_eq!(id.as_deref(), Some("job-2"));
+    // A 404 there names the job by its id too.
+    api.jobs.lock().unwrap().remove("job-2");
+    send(&svc, get("/v2/projects/acme/generations/job-2"))
+        .await
+        .unwrap();
+    assert_eq!(plan.in_use(), 0);
+}
+
+#[test]
+fn a_status_route_without_the_id_parameter_is_a_config_error_naming_it() {
+    let pattern = "GET /v2/projects/{project}/generations/{generation}";
+    let error = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .status_route("GET /v2/generate/{id}")
+        .status_route(pattern)
+        .build()
+        .unwrap_err();
+    match &error {
+        ConfigError::InvalidRoute { pattern: named, .. } => assert_eq!(named, pattern),
+        other => panic!("{other:?}"),
+    }
+    assert!(error.to_string().contains("{id}"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_id_param_names_the_job_on_status_routes_and_for_the_watch() {
+    assert!(matches!(
+        ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+            .id_param("")
+            .build(),
+        Err(ConfigError::InvalidSetting {
+            name: "id_param",
+            ..
+        })
+    ));
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Creator)
+        .id_param("generation")
+        .status_route("GET /v2/projects/{project}/generations/{generation}")
+        .status_route("GET /v2/jobs/{generation}/status")
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    send(&svc, create()).await.unwrap();
+    api.set("job-1", "COMPLETED");
+    send(&svc, get("/v2/projects/acme/generations/job-1"))
+        .await
+        .unwrap();
+    assert_eq!(plan.jobs()[0].id, "job-2");
+
+    // The watch polls the route it can fill: the one whose only parameter is the id.
+    let polled = Arc::new(Mutex::new(Vec::new()));
+    let below = {
+        let (api, polled) = (api.clone(), polled.clone());
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            polled.lock().unwrap().push(request.uri().to_string());
+            let answer = api.answer(&request);
+            async move { answer }
+        })
+    };
+    api.set("job-2", "COMPLETED");
+    let watch = tokio::spawn(plan.watch(below, "http://api.test/").run());
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while plan.in_use() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the watch saw job-2 end");
+    watch.abort();
+    assert_eq!(
+        *polled.lock().unwrap(),
+        ["http://api.test/v2/jobs/job-2/status"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_watch_stops_at_once_when_no_status_route_has_the_id_as_its_only_parameter() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .status_route("GET /v2/projects/{project}/generations/{id}")
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    let polled = Arc::new(Mutex::new(0));
+    let below = {
+        let (api, polled) = (api.clone(), polled.clone());
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            *polled.lock().unwrap() += 1;
+            let answer = api.answer(&request);
+            async move { answer }
+        })
+    };
+    // It cannot know the project: it polls nothing rather than a wrong URI.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        plan.watch(below, "http://api.test").run(),
+    )
+    .await
+    .expect("the watch returns at once");
+    assert_eq!(*polled.lock().unwrap(), 0);
+    assert_eq!(plan.in_use(), 1);
 }
 
 #[test]

@@ -54,8 +54,15 @@
 //! ([`ConcurrencyError::QueueFull`], [`ConcurrencyError::NoSlots`]) gives the caller's
 //! readiness back too.
 //!
+//! A status route names the job by its parameter [`Builder::id_param`] (`id` by default),
+//! whatever other parameters it has: `GET /v2/projects/{project}/generations/{id}` reads the
+//! job from `{id}`. A status route without that parameter is a
+//! [`ConfigError`](crate::ConfigError) from [`Builder::build`], naming it.
+//!
 //! [`ConcurrencyLimitByPlan::watch`] polls the held jobs' status itself, through the service
-//! below the layer. [`Builder::in_flight`] switches to counting requests in flight, for APIs
+//! below the layer. It knows only each job's id, so it polls the first status route whose only
+//! parameter is the id; with none (each also needs, say, a `{project}`), it logs an error and
+//! returns at once rather than guess. [`Builder::in_flight`] switches to counting requests in flight, for APIs
 //! whose concurrency means that: the slot is held until the response body ends or is dropped,
 //! and given back at once on a transport error or when the response future is dropped (the
 //! slot is only for the HTTP request, which is over then).

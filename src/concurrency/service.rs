@@ -60,9 +60,11 @@ where
     #[inline]
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let shared = &self.shared;
-        let found = shared
-            .table
-            .lookup_param(request.method(), request.uri().path());
+        let found = shared.table.lookup_param(
+            request.method(),
+            request.uri().path(),
+            &shared.config.id_param,
+        );
         let role = match found {
             None => Role::Other,
             Some((index, param)) => match shared.kinds[index] {

@@ -49,6 +49,28 @@ impl Pattern {
     }
 }
 
+/// The parameters of a pattern's path, in order, as `(name, start, end)`: the name without
+/// a catch-all's `*`, and where `{name}` lies in the path. `{{` and `}}` are escaped braces.
+pub(crate) fn params(path: &str) -> Vec<(&str, usize, usize)> {
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(offset) = path[at..].find('{') {
+        let start = at + offset;
+        if path[start + 1..].starts_with('{') {
+            at = start + 2;
+            continue;
+        }
+        let Some(len) = path[start + 1..].find('}') else {
+            break;
+        };
+        let end = start + 1 + len + 1;
+        let name = &path[start + 1..end - 1];
+        found.push((name.strip_prefix('*').unwrap_or(name), start, end));
+        at = end;
+    }
+    found
+}
+
 /// The path a request is routed by: the one the client sent. Inside an axum router nested
 /// with `Router::nest` or `nest_service`, the request's URI has lost the prefix, and axum
 /// keeps the original in `OriginalUri` (read with feature `axum`).
@@ -190,27 +212,28 @@ impl RouteTable {
         Some((index, found))
     }
 
-    /// The route a request falls under and the value of the pattern's first parameter, if it
-    /// has one (the default route has none).
+    /// The route a request falls under and the value of the pattern's parameter named `name`,
+    /// if it has one (the default route has none). [`lookup`](Self::lookup) is the same
+    /// without the parameter.
     pub(crate) fn lookup_param<'p>(
         &self,
         method: &Method,
         path: &'p str,
+        name: &str,
     ) -> Option<(usize, Option<&'p str>)> {
         let path = if path.is_empty() { "/" } else { path };
-        let first =
-            |found: &matchit::Match<'_, 'p, &usize>| found.params.iter().next().map(|(_, v)| v);
+        let named = |found: &matchit::Match<'_, 'p, &usize>| found.params.get(name);
         if let Some((index, found)) = self.by_path(method, path) {
-            return Some((index, first(&found)));
+            return Some((index, named(&found)));
         }
         if let Some(found) = self.by_method(method, path) {
-            return Some((*found.value, first(&found)));
+            return Some((*found.value, named(&found)));
         }
         if !self.has_any_method {
             return self.default.map(|d| (d, None));
         }
         match self.any_method.at(path) {
-            Ok(found) => Some((*found.value, first(&found))),
+            Ok(found) => Some((*found.value, named(&found))),
             Err(_) => self.default.map(|d| (d, None)),
         }
     }
@@ -289,7 +312,7 @@ mod tests {
         assert_eq!(t.lookup(&Method::GET, "/files/readme"), Some(4));
         assert_eq!(t.lookup(&Method::GET, "/files/a/b"), Some(3));
         assert_eq!(
-            t.lookup_param(&Method::POST, "/x/7/cancel"),
+            t.lookup_param(&Method::POST, "/x/7/cancel", "id"),
             Some((2, Some("7")))
         );
         // A path whose routes name other methods falls back to less specific ones.
@@ -298,10 +321,42 @@ mod tests {
         // Parameters named otherwise on another method still match, through its own tree.
         let t = table(&["GET /g/{id}", "DELETE /g/{generation}"]).unwrap();
         assert_eq!(
-            t.lookup_param(&Method::DELETE, "/g/9"),
+            t.lookup_param(&Method::DELETE, "/g/9", "generation"),
             Some((1, Some("9")))
         );
-        assert_eq!(t.lookup_param(&Method::GET, "/g/9"), Some((0, Some("9"))));
+        assert_eq!(
+            t.lookup_param(&Method::GET, "/g/9", "id"),
+            Some((0, Some("9")))
+        );
+    }
+
+    #[test]
+    fn a_named_parameter_is_found_wherever_it_lies() {
+        let t = table(&[
+            "GET /v2/projects/{project}/generations/{id}",
+            "GET /v2/generate/{id}",
+        ])
+        .unwrap();
+        let path = "/v2/projects/acme/generations/gen_1";
+        assert_eq!(
+            t.lookup_param(&Method::GET, path, "id"),
+            Some((0, Some("gen_1")))
+        );
+        assert_eq!(
+            t.lookup_param(&Method::GET, path, "project"),
+            Some((0, Some("acme")))
+        );
+        assert_eq!(t.lookup_param(&Method::GET, path, "other"), Some((0, None)));
+        assert_eq!(
+            t.lookup_param(&Method::HEAD, "/v2/generate/g", "id"),
+            Some((1, Some("g")))
+        );
+        assert_eq!(
+            params("/a/{project}/b/{*rest}"),
+            [("project", 3, 12), ("rest", 15, 22)]
+        );
+        assert_eq!(params("/a/{{x}}/{id}"), [("id", 9, 13)]);
+        assert!(params("/a/b").is_empty());
     }
 
     #[test]

@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
-use tokio_test::assert_pending;
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tokio_test::{assert_pending, assert_ready};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_quota::concurrency::{ConcurrencyError, Job, PlanBody};
 use tower_quota::{ConcurrencyLimitByPlan, ConfigError, Plan, ServiceBuilderExt};
 
@@ -84,7 +84,16 @@ impl Api {
                 Next::Body(body) => json(201, body),
             };
         }
-        if let Some(id) = path.strip_prefix("/v2/generate/") {
+        // The status route, also under a project (`/v2/projects/{project}/generations/{id}`)
+        // and as `/v2/jobs/{id}/status`.
+        let status_id = path
+            .strip_prefix("/v2/generate/")
+            .or_else(|| {
+                let rest = path.strip_prefix("/v2/projects/")?;
+                Some(rest.split_once("/generations/")?.1)
+            })
+            .or_else(|| path.strip_prefix("/v2/jobs/")?.strip_suffix("/status"));
+        if let Some(id) = status_id {
             return match self.jobs.lock().unwrap().get(id) {
                 Some(status) => json(200, format!(r#"{{"id":"{id}","status":"{status}"}}"#)),
                 None => json(404, "{}".into()),
@@ -105,16 +114,29 @@ impl Api {
 type Svc =
     tower::util::BoxCloneService<Request<Full<Bytes>>, Response<PlanBody<Full<Bytes>>>, BoxError>;
 
-fn stack(plan: &ConcurrencyLimitByPlan, api: &Api) -> Svc {
+/// The scripted API as a service.
+fn api_service(
+    api: &Api,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+> + Clone
+       + Send
+       + 'static {
     let api = api.clone();
-    let inner = tower::service_fn(move |request: Request<Full<Bytes>>| {
+    tower::service_fn(move |request: Request<Full<Bytes>>| {
         let answer = api.answer(&request);
         async move { answer }
-    });
+    })
+}
+
+fn stack(plan: &ConcurrencyLimitByPlan, api: &Api) -> Svc {
     tower::util::BoxCloneService::new(
         ServiceBuilder::new()
             .concurrency_limit_by_plan(plan.clone())
-            .service(inner),
+            .service(api_service(api)),
     )
 }
 
@@ -197,13 +219,49 @@ async fn a_definite_failure_gives_the_slot_back_at_once() {
     let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
     let api = Api::default();
     let svc = stack(&plan, &api);
-    for code in [429, 400, 500, 503] {
+    for code in [429, 400, 403, 404, 409, 422] {
         api.next(Next::Status(code));
         let (status, id, _) = send(&svc, create()).await.unwrap();
         assert_eq!(status.as_u16(), code);
         assert_eq!(id, None);
         assert_eq!(plan.in_use(), 0, "after a {code}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_answered_5xx_is_an_unknown_outcome_held_until_reconciled() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .max_job_life(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    for code in [500, 502, 503, 504, 599] {
+        api.next(Next::Status(code));
+        let (status, id, _) = send(&svc, create()).await.unwrap();
+        assert_eq!((status.as_u16(), id), (code, None));
+        let snapshot = plan.snapshot();
+        assert_eq!(
+            (snapshot.in_use, snapshot.unknown),
+            (1, 1),
+            "after a {code} the job may exist"
+        );
+        // The next create waits for the outcome to be known.
+        let waiting = spawn_create(&svc);
+        settle().await;
+        assert_eq!(plan.queue_len(), 1, "after a {code}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        plan.reconcile(Vec::<String>::new());
+        let (_, id, _) = waiting.await.unwrap().unwrap();
+        plan.complete(&id.unwrap());
+        assert_eq!(plan.in_use(), 0);
+    }
+    // Or its lease runs out.
+    api.next(Next::Status(502));
+    send(&svc, create()).await.unwrap();
+    let start = Instant::now();
+    send(&svc, create()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(600));
 }
 
 #[tokio::test(start_paused = true)]
@@ -358,6 +416,154 @@ async fn cancellation_at_each_stage() {
     assert_eq!(plan.in_use(), 1);
 }
 
+// ===== readiness: a create waiting for a slot holds no service that was driven ready =====
+
+/// With `svc` over something that reserves capacity when driven ready (one place), a create
+/// waiting for a slot must not stop a status request through the same stack.
+async fn a_waiting_create_stops_no_other_request(plan: ConcurrencyLimitByPlan, api: Api, svc: Svc) {
+    send(&svc, create()).await.unwrap();
+    // The caller keeps its service after a call that waits, as a connection's handler does.
+    let mut caller = svc.clone();
+    caller.ready().await.unwrap();
+    let waiting = tokio::spawn(caller.call(create()));
+    settle().await;
+    assert_eq!(plan.queue_len(), 1);
+    let status = tokio::time::timeout(
+        Duration::from_secs(1),
+        send(&svc, get("/v2/generate/job-1")),
+    )
+    .await
+    .expect("a status request passes while a create waits for a slot")
+    .unwrap();
+    assert_eq!(status.0, StatusCode::OK);
+    api.set("job-1", "COMPLETED");
+    send(&svc, get("/v2/generate/job-1")).await.unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .expect("the waiting create readies its own service")
+        .unwrap()
+        .unwrap();
+    response.into_body().collect().await.unwrap();
+    assert_eq!(plan.jobs()[0].id, "job-2");
+    tokio::time::timeout(Duration::from_secs(1), caller.ready())
+        .await
+        .expect("the caller's service readies again")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_create_stops_no_other_request_over_a_concurrency_limit() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let below = tower::limit::ConcurrencyLimit::new(api_service(&api), 1);
+    let svc = tower::util::BoxCloneService::new(plan.layer(below));
+    a_waiting_create_stops_no_other_request(plan, api, svc).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_create_stops_no_other_request_over_a_buffer() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let below = tower::buffer::Buffer::new(api_service(&api), 1);
+    let svc = tower::util::BoxCloneService::new(plan.layer(below));
+    a_waiting_create_stops_no_other_request(plan, api, svc).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_dropped_while_readying_gives_its_slot_back() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let api = Api::default();
+    let below = tower::limit::ConcurrencyLimit::new(api_service(&api), 1);
+    let svc = tower::util::BoxCloneService::new(plan.layer(below.clone()));
+    send(&svc, create()).await.unwrap();
+    let mut waiting = tokio_test::task::spawn(svc.clone().oneshot(create()));
+    assert_pending!(waiting.poll());
+    // Something else takes the only capacity below the layer while the create waits.
+    let mut other = below.clone();
+    let mut other_ready = tokio_test::task::spawn(std::future::poll_fn(|cx| other.poll_ready(cx)));
+    assert_ready!(other_ready.poll()).unwrap();
+    drop(other_ready);
+    plan.complete("job-1");
+    // Its turn: it holds the slot while it readies its own service...
+    assert!(waiting.is_woken());
+    assert_pending!(waiting.poll());
+    let snapshot = plan.snapshot();
+    assert_eq!(
+        (snapshot.in_use, snapshot.in_flight, snapshot.queued),
+        (1, 1, 0)
+    );
+    // ...and, dropped before it was sent, gives the slot back.
+    drop(waiting);
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (0, 0));
+    drop(other);
+    send(&svc, create()).await.unwrap();
+    assert_eq!(api.creates(), 2, "the dropped create was never sent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_error_returns_the_create_and_its_slot() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let (mut service, mut handle) =
+        tower_test::mock::spawn_layer::<Request<()>, Response<Full<Bytes>>, _>(plan.clone());
+    let post = || {
+        Request::post("http://api.test/v2/generate")
+            .body(())
+            .unwrap()
+    };
+    assert!(service.poll_ready().is_ready());
+    let first = service.call(post());
+    let (_, reply) = handle.next_request().await.unwrap();
+    reply.send_response(Response::new(Full::new(Bytes::from_static(
+        br#"{"id":"a"}"#,
+    ))));
+    first.await.unwrap().into_body().collect().await.unwrap();
+    assert!(service.poll_ready().is_ready());
+    let mut waiting = tokio_test::task::spawn(service.call(post()));
+    assert_pending!(waiting.poll());
+    handle.send_error("the connection pool is closed");
+    plan.complete("a");
+    let error = assert_ready!(waiting.poll()).unwrap_err();
+    assert_eq!(error.to_string(), "the connection pool is closed");
+    let snapshot = plan.snapshot();
+    assert_eq!(
+        (snapshot.in_use, snapshot.unknown),
+        (0, 0),
+        "nothing was sent"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_returned_at_once_leaves_its_service_ready_for_nothing() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .max_queue(0)
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let below = tower::limit::ConcurrencyLimit::new(api_service(&api), 1);
+    let mut svc = plan.layer(below.clone());
+    svc.ready().await.unwrap();
+    svc.call(create())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    svc.ready().await.unwrap();
+    let error = svc.call(create()).await.unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<ConcurrencyError>(),
+        Some(&ConcurrencyError::QueueFull { max_queue: 0 })
+    );
+    // Refused at once: what the caller's `poll_ready` reserved below is free again.
+    let mut other = below.clone();
+    tokio::time::timeout(Duration::from_secs(1), other.ready())
+        .await
+        .expect("the refused create's readiness is given back")
+        .unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_body_passes_byte_for_byte_and_only_a_bounded_prefix_is_read() {
     let plan = ConcurrencyLimitByPlan::builder(Plan::Creator)
@@ -385,6 +591,52 @@ async fn the_body_passes_byte_for_byte_and_only_a_bounded_prefix_is_read() {
     let (status, id, _) = send(&svc, create()).await.unwrap();
     assert_eq!((status, id), (StatusCode::CREATED, None));
     assert_eq!(plan.snapshot().unknown, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_complete_before_the_create_body_showed_the_id_frees_the_slot_when_it_shows() {
+    type Chunks = futures::channel::mpsc::UnboundedReceiver<
+        Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+    >;
+    let plan = ConcurrencyLimitByPlan::new(Plan::Hobbyist);
+    let (body_tx, body_rx) = futures::channel::mpsc::unbounded();
+    let body_rx = Arc::new(Mutex::new(Some(body_rx)));
+    // A create answered at once whose body comes later.
+    let slow_body = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let rx: Option<Chunks> = body_rx.lock().unwrap().take();
+        async move {
+            let rx = rx.ok_or("one create only")?;
+            let response = Response::builder()
+                .status(201)
+                .body(http_body_util::StreamBody::new(rx))
+                .unwrap();
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let svc = plan.layer(slow_body);
+    let response = svc.oneshot(create()).await.unwrap();
+    let job = response.extensions().get::<Job>().cloned().unwrap();
+    assert_eq!(plan.snapshot().in_flight, 1);
+
+    // The webhook says the job ended before the body showed its id.
+    assert!(!plan.complete("gen_9"), "nothing held under that id yet");
+    assert_eq!(plan.in_use(), 1);
+
+    body_tx
+        .unbounded_send(Ok(http_body::Frame::data(Bytes::from_static(
+            br#"{"id":"gen_9","status":"PENDING"}"#,
+        ))))
+        .unwrap();
+    drop(body_tx);
+    response.into_body().collect().await.unwrap();
+    assert_eq!(job.id(), Some("gen_9"));
+    let snapshot = plan.snapshot();
+    assert_eq!(
+        (snapshot.in_use, snapshot.unknown),
+        (0, 0),
+        "freed as soon as the id showed"
+    );
+    assert!(!plan.complete("gen_9"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -442,6 +694,40 @@ async fn in_flight_mode_holds_a_slot_until_the_body_ends_or_is_dropped() {
     api.next(Next::Status(500));
     send(&svc, create()).await.unwrap();
     assert_eq!(plan.in_use(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_mode_frees_the_slot_at_once_on_a_transport_error() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .in_flight()
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    api.next(Next::TransportError);
+    let error = send(&svc, create()).await.unwrap_err();
+    assert!(error.to_string().contains("connection reset"));
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (0, 0));
+    send(&svc, create()).await.unwrap();
+    assert_eq!(api.creates(), 2, "the next create went at once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_mode_frees_the_slot_at_once_when_the_future_is_dropped() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .in_flight()
+        .build()
+        .unwrap();
+    let never = tower::service_fn(|_: Request<Full<Bytes>>| {
+        std::future::pending::<Result<Response<Full<Bytes>>, BoxError>>()
+    });
+    let mut in_flight = tokio_test::task::spawn(plan.layer(never).oneshot(create()));
+    assert_pending!(in_flight.poll());
+    assert_eq!(plan.snapshot().in_flight, 1);
+    drop(in_flight); // a timeout above the layer
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (0, 0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -544,6 +830,134 @@ async fn the_watch_polls_held_jobs_through_the_service_below() {
         5,
         "job-1 at 0, 5, 10 and 15 s; job-2 as soon as it is held, at 15 s"
     );
+}
+
+// ===== status routes with several parameters: the job id is the one named `id` =====
+
+#[tokio::test(start_paused = true)]
+async fn a_status_route_with_several_parameters_reads_the_job_from_its_id_parameter() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .status_route("GET /v2/projects/{project}/generations/{id}")
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    let waiting = spawn_create(&svc);
+    settle().await;
+    api.set("job-1", "COMPLETED");
+    send(&svc, get("/v2/projects/acme/generations/job-1"))
+        .await
+        .unwrap();
+    let (_, id, _) = tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .expect("the status response freed job-1's slot")
+        .unwrap()
+        .unwrap();
+    assert_eq!(id.as_deref(), Some("job-2"));
+    // A 404 there names the job by its id too.
+    api.jobs.lock().unwrap().remove("job-2");
+    send(&svc, get("/v2/projects/acme/generations/job-2"))
+        .await
+        .unwrap();
+    assert_eq!(plan.in_use(), 0);
+}
+
+#[test]
+fn a_status_route_without_the_id_parameter_is_a_config_error_naming_it() {
+    let pattern = "GET /v2/projects/{project}/generations/{generation}";
+    let error = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .status_route("GET /v2/generate/{id}")
+        .status_route(pattern)
+        .build()
+        .unwrap_err();
+    match &error {
+        ConfigError::InvalidRoute { pattern: named, .. } => assert_eq!(named, pattern),
+        other => panic!("{other:?}"),
+    }
+    assert!(error.to_string().contains("{id}"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_id_param_names_the_job_on_status_routes_and_for_the_watch() {
+    assert!(matches!(
+        ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+            .id_param("")
+            .build(),
+        Err(ConfigError::InvalidSetting {
+            name: "id_param",
+            ..
+        })
+    ));
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Creator)
+        .id_param("generation")
+        .status_route("GET /v2/projects/{project}/generations/{generation}")
+        .status_route("GET /v2/jobs/{generation}/status")
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    send(&svc, create()).await.unwrap();
+    api.set("job-1", "COMPLETED");
+    send(&svc, get("/v2/projects/acme/generations/job-1"))
+        .await
+        .unwrap();
+    assert_eq!(plan.jobs()[0].id, "job-2");
+
+    // The watch polls the route it can fill: the one whose only parameter is the id.
+    let polled = Arc::new(Mutex::new(Vec::new()));
+    let below = {
+        let (api, polled) = (api.clone(), polled.clone());
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            polled.lock().unwrap().push(request.uri().to_string());
+            let answer = api.answer(&request);
+            async move { answer }
+        })
+    };
+    api.set("job-2", "COMPLETED");
+    let watch = tokio::spawn(plan.watch(below, "http://api.test/").run());
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while plan.in_use() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the watch saw job-2 end");
+    watch.abort();
+    assert_eq!(
+        *polled.lock().unwrap(),
+        ["http://api.test/v2/jobs/job-2/status"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_watch_stops_at_once_when_no_status_route_has_the_id_as_its_only_parameter() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .status_route("GET /v2/projects/{project}/generations/{id}")
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    let polled = Arc::new(Mutex::new(0));
+    let below = {
+        let (api, polled) = (api.clone(), polled.clone());
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            *polled.lock().unwrap() += 1;
+            let answer = api.answer(&request);
+            async move { answer }
+        })
+    };
+    // It cannot know the project: it polls nothing rather than a wrong URI.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        plan.watch(below, "http://api.test").run(),
+    )
+    .await
+    .expect("the watch returns at once");
+    assert_eq!(*polled.lock().unwrap(), 0);
+    assert_eq!(plan.in_use(), 1);
 }
 
 #[test]

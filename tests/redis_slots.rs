@@ -24,7 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use sync_mock::{Config, MockServer};
 use tokio::sync::{watch, Notify};
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_quota::concurrency::{ConcurrencyError, Job};
 use tower_quota::store::{FailMode, RedisStore, StoreError};
 use tower_quota::{ConcurrencyLimitByPlan, Plan};
@@ -530,6 +530,7 @@ impl GatedApi {
         let addr = listener.local_addr().unwrap();
         let app = Router::new()
             .route("/v2/generate", post(create))
+            .route("/v2/other", axum::routing::get(|| async { "other" }))
             .with_state(self.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         format!("http://{addr}/v2/generate")
@@ -932,4 +933,67 @@ async fn a_fleet_of_creators_webhooks_and_reconciles_never_exceeds_the_plan() {
     })
     .await;
     eventually_held(&url, &prefix, <[String]>::is_empty).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_waiting_for_its_redis_slot_lets_other_requests_through_a_limit_below() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("readiness");
+    let api = GatedApi::default();
+    let create_url = api.start().await;
+    api.gate.add_permits(10);
+    let other_url = create_url.replace("/v2/generate", "/v2/other");
+    let holder = store_plan(&url, &prefix, Plan::Hobbyist);
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let job = create_gated(&holder, &client, &create_url).await;
+
+    // Another process, with one request at a time allowed below its plan layer (a Buffer
+    // behaves the same): the caller keeps its service, as a hyper or tonic stack does.
+    let store = RedisStore::builder(&url)
+        .prefix(&prefix)
+        .poll_interval(Duration::from_millis(50))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .max_job_life(Duration::from_secs(60))
+        .store(store)
+        .build()
+        .unwrap();
+    let mut service = ServiceBuilder::new()
+        .layer(plan.clone())
+        .concurrency_limit(1)
+        .service(client.clone());
+    let waiting = service
+        .ready()
+        .await
+        .unwrap()
+        .call(gated_request(&create_url));
+    let waiting = tokio::spawn(waiting);
+    // The create waits for the plan's one slot, held by the other process; this request needs
+    // no slot, and goes through meanwhile.
+    let other = http::Request::get(&other_url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(2), async {
+        service.ready().await.unwrap().call(other).await
+    })
+    .await
+    .expect("the waiting create held the only request allowed below")
+    .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert!(!waiting.is_finished());
+    assert_eq!(api.arrived(), 1);
+
+    // Its turn comes when the job ends elsewhere: it readies its own service, then is sent.
+    holder.complete(&job);
+    let created = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting create is sent once the slot is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(api.arrived(), 2);
 }

@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::layer::Shared;
-use super::slots::Release;
+use super::slots::{Bound, Release};
 use crate::json::{self, Fields};
 
 /// The job a create made, in the create response's extensions.
@@ -40,7 +40,8 @@ impl Job {
 }
 
 /// A slot taken for a job-creating request that has been sent. Dropped without an outcome,
-/// the slot stays held as an unknown outcome (the server may have created the job).
+/// the slot stays held as an unknown outcome (the server may have created the job); in
+/// in-flight mode it is given back, since the request is over.
 #[derive(Debug)]
 pub(crate) struct HoldGuard {
     shared: Option<Arc<Shared>>,
@@ -60,10 +61,6 @@ impl HoldGuard {
             shared: Some(shared),
             token: None,
         }
-    }
-
-    pub(crate) fn shared(&self) -> Option<&Arc<Shared>> {
-        self.shared.as_ref()
     }
 
     /// The slot is held in the shared store too, as `token`.
@@ -113,6 +110,14 @@ fn release_token(shared: &Shared, token: Option<Token>) {
 impl Drop for HoldGuard {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
+            if shared.config.in_flight {
+                // The slot is only for the request, which is over whatever the server did.
+                shared.counts().release(Release::Abandoned);
+                if self.token.is_some() {
+                    release_token(&shared, self.token.take());
+                }
+                return;
+            }
             if self.token.is_some() {
                 unknown_token(&shared, self.token.take());
                 return;
@@ -245,15 +250,16 @@ impl Observer {
                     return;
                 };
                 let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));
-                {
+                let completed = {
                     let mut slots = shared.slots();
-                    slots.bind(&id, now);
+                    let bound = slots.bind(&id, now);
                     if terminal {
                         slots.finish(&id, Release::Finished);
                     }
-                }
+                    bound == Bound::Completed
+                };
                 if let (Some(store), Some(token)) = (&shared.store, self.token.take()) {
-                    if terminal {
+                    if terminal || completed {
                         store.slot_release(&token);
                     } else {
                         store.slot_bind(&token, &id, shared.lease());

@@ -40,7 +40,6 @@ pin_project! {
         #[pin]
         state: State<S::Future>,
         role: Role,
-        // Boxed: only a request that waits needs it.
         // Boxed: only a request that waits for a slot (here, or in a shared store) needs it.
         aside: Option<Box<Aside<S, B>>>,
     }
@@ -51,6 +50,8 @@ pin_project! {
 enum Aside<S, B> {
     /// Waiting for a slot here.
     Queued(Queued<S, B>),
+    /// Holding a slot here, driving its own service ready.
+    Readying(Readying<S, B>),
     /// Holding a slot here, asking the shared store for one.
     Shared(SharedSlot<S, B>),
 }
@@ -62,53 +63,29 @@ struct SharedSlot<S, B> {
     store: Remote,
     asking: Asking,
     deadline: Option<Nanos>,
-    unsent: Unsent,
-}
-
-/// What a create that was not sent holds: its slot here and, maybe, its member in the shared
-/// store (an acquire may have reached Redis even when its answer did not come back). Dropped
-/// before the create is sent (the caller gave up, the wait ran out, the store failed), it
-/// leaves no trace: nothing was sent, so nothing can be unknown.
-struct Unsent {
-    hold: Option<HoldGuard>,
-    member: Option<Token>,
-    store: Remote,
-}
-
-impl Drop for Unsent {
-    fn drop(&mut self) {
-        if let Some(hold) = self.hold.take() {
-            hold.release(Release::Failed);
-        }
-        if let Some(member) = self.member.take() {
-            self.store.slot_release(&member);
-        }
-    }
+    slot: Unsent,
 }
 
 impl<S, B> SharedSlot<S, B> {
     fn new(
         inner: S,
         request: Request<B>,
-        hold: HoldGuard,
+        shared: &Arc<Shared>,
         store: Remote,
         deadline: Option<Nanos>,
     ) -> Self {
         let member: Token = Box::new(format!("c:{}", store.member()));
-        let (limit, lease) = hold
-            .shared()
-            .map_or((0, Default::default()), |s| (s.slots().limit(), s.lease()));
+        let (limit, lease) = (shared.slots().limit(), shared.lease());
         let asking = Asking::new(&store, || store.slot_acquire(limit, lease, &member));
         Self {
             inner,
             request,
-            store: store.clone(),
+            store,
             asking,
             deadline,
-            unsent: Unsent {
-                hold: Some(hold),
+            slot: Unsent {
+                shared: Some(shared.clone()),
                 member: Some(member),
-                store,
             },
         }
     }
@@ -134,7 +111,7 @@ impl<S, B> SharedSlot<S, B> {
                 self.asking
                     .again_by(&self.store, shared.clock.instant(now), wait, deadline);
             }
-            let Some(member) = &self.unsent.member else {
+            let Some(member) = &self.slot.member else {
                 return Poll::Ready(Ok(false));
             };
             let store = &self.store;
@@ -153,6 +130,63 @@ struct Queued<S, B> {
     request: Request<B>,
     ticket: Ticket,
     deadline: Option<Nanos>,
+}
+
+/// A create whose turn has come, with the clone of the inner service it drives ready before
+/// it is sent.
+struct Readying<S, B> {
+    inner: S,
+    request: Request<B>,
+    slot: Unsent,
+}
+
+/// A slot taken for a create that is not sent yet, and the member that holds it in the shared
+/// store, if one may (an acquire may have reached the store even when its answer did not come
+/// back). Dropped (the service failed to get ready, the wait ran out, the store failed, the
+/// future was dropped), both are given back: the server saw nothing, so nothing is unknown.
+struct Unsent {
+    shared: Option<Arc<Shared>>,
+    member: Option<Token>,
+}
+
+impl Unsent {
+    fn local(shared: Arc<Shared>) -> Self {
+        Self {
+            shared: Some(shared),
+            member: None,
+        }
+    }
+
+    /// The create is being sent: its slot is held as in flight (in the store too, if it
+    /// holds one there).
+    fn sent(mut self) -> Option<HoldGuard> {
+        let mut hold = HoldGuard::new(self.shared.take()?);
+        if let Some(member) = self.member.take() {
+            hold.set_token(member);
+        }
+        Some(hold)
+    }
+
+    /// The store failed and the create goes anyway, on this process's count (fail-open): the
+    /// member an acquire may have left in the store goes back.
+    fn without_store(&mut self) {
+        if let (Some(member), Some(shared)) = (self.member.take(), &self.shared) {
+            if let Some(store) = &shared.store {
+                store.slot_release(&member);
+            }
+        }
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.counts().release(Release::Unsent);
+            if let (Some(member), Some(store)) = (self.member.take(), &shared.store) {
+                store.slot_release(&member);
+            }
+        }
+    }
 }
 
 /// A place in the queue; dropping it while queued leaves the queue.
@@ -177,6 +211,8 @@ pin_project! {
         Waiting { sleep: Pin<Box<Sleep>> },
         // Holding a slot here, asking the shared store for one.
         Shared,
+        // Holding a slot here, driving its own service ready.
+        Readying,
         Called { #[pin] future: F },
         Failed { error: Option<ConcurrencyError> },
     }
@@ -202,21 +238,20 @@ where
         }
     }
 
-    /// A create holding a slot here (`hold`), to ask the shared `store` for one before it is
-    /// sent.
+    /// A create holding a slot here, to ask the shared `store` for one before it is sent
+    /// through `inner`, a clone of its own that it drives ready then.
     pub(crate) fn shared_slot(
         inner: S,
         request: Request<B>,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         store: Remote,
-        hold: HoldGuard,
     ) -> Self {
         let deadline = shared.wait_deadline();
         Self {
             state: State::Shared,
             role: Role::Create(None),
             aside: Some(Box::new(Aside::Shared(SharedSlot::new(
-                inner, request, hold, store, deadline,
+                inner, request, shared, store, deadline,
             )))),
         }
     }
@@ -290,8 +325,7 @@ where
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
-                    let Some(shared) = slot.unsent.hold.as_ref().and_then(|h| h.shared()).cloned()
-                    else {
+                    let Some(shared) = slot.slot.shared.clone() else {
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
@@ -300,34 +334,35 @@ where
                         continue;
                     };
                     let SharedSlot {
-                        mut inner,
+                        inner,
                         request,
                         store,
-                        mut unsent,
+                        mut slot,
                         ..
                     } = slot;
                     let refused: BoxError = match outcome {
                         Ok(true) => {
-                            let (Some(mut hold), Some(member)) =
-                                (unsent.hold.take(), unsent.member.take())
-                            else {
-                                continue;
+                            // Its own clone, not driven ready yet: readied now, holding the
+                            // slot here and in the store.
+                            let readying = Readying {
+                                inner,
+                                request,
+                                slot,
                             };
-                            hold.set_token(member);
-                            *this.role = Role::Create(Some(hold));
-                            this.state.set(State::Called {
-                                future: inner.call(request),
-                            });
+                            *this.aside = Some(Box::new(Aside::Readying(readying)));
+                            this.state.set(State::Readying);
                             continue;
                         }
                         Err(error) if store.fail_mode() == FailMode::Open => {
                             tracing::warn!(%error, "the shared slot store failed: this create counts against this process's plan only");
-                            // Sent on the slot held here; the member an acquire may have left
-                            // in the store goes back as `unsent` is dropped.
-                            *this.role = Role::Create(unsent.hold.take());
-                            this.state.set(State::Called {
-                                future: inner.call(request),
-                            });
+                            slot.without_store();
+                            let readying = Readying {
+                                inner,
+                                request,
+                                slot,
+                            };
+                            *this.aside = Some(Box::new(Aside::Readying(readying)));
+                            this.state.set(State::Readying);
                             continue;
                         }
                         Ok(false) => {
@@ -338,10 +373,35 @@ where
                         Err(error) => error.into(),
                     };
                     // Nothing was sent: the slot taken here, and any member in the store, go
-                    // back as `unsent` is dropped.
-                    drop(unsent);
+                    // back.
+                    drop(slot);
                     this.state.set(State::Failed { error: None });
                     return Poll::Ready(Err(refused));
+                }
+                StateProj::Readying => {
+                    let Some(Aside::Readying(readying)) = this.aside.as_deref_mut() else {
+                        this.state.set(State::Failed { error: None });
+                        continue;
+                    };
+                    if let Err(error) = ready!(readying.inner.poll_ready(cx)) {
+                        // Never sent: the slot goes back.
+                        *this.aside = None;
+                        this.state.set(State::Failed { error: None });
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    let Some(Aside::Readying(readying)) = this.aside.take().map(|a| *a) else {
+                        continue;
+                    };
+                    let Readying {
+                        mut inner,
+                        request,
+                        slot,
+                    } = readying;
+                    *this.role = Role::Create(slot.sent());
+                    this.state.set(State::Called {
+                        future: inner.call(request),
+                    });
+                    continue;
                 }
                 StateProj::Queued => {}
             }
@@ -361,21 +421,22 @@ where
                         continue;
                     };
                     let deadline = queued.deadline;
-                    let Queued {
-                        mut inner, request, ..
-                    } = queued;
-                    let hold = HoldGuard::new(shared.clone());
+                    let Queued { inner, request, .. } = queued;
                     match shared.store.clone() {
                         Some(store) => {
-                            let slot = SharedSlot::new(inner, request, hold, store, deadline);
+                            let slot = SharedSlot::new(inner, request, &shared, store, deadline);
                             *this.aside = Some(Box::new(Aside::Shared(slot)));
                             this.state.set(State::Shared);
                         }
                         None => {
-                            *this.role = Role::Create(Some(hold));
-                            this.state.set(State::Called {
-                                future: inner.call(request),
-                            });
+                            // Its own clone, not driven ready yet: readied now, holding the slot.
+                            let readying = Readying {
+                                inner,
+                                request,
+                                slot: Unsent::local(shared),
+                            };
+                            *this.aside = Some(Box::new(Aside::Readying(readying)));
+                            this.state.set(State::Readying);
                         }
                     }
                     continue;
@@ -447,8 +508,13 @@ fn respond_watched<ResBody, E: Into<BoxError>>(
                 let job = Job::default();
                 response.extensions_mut().insert(job.clone());
                 Observer::holding(hold, Observe::Create { job })
+            } else if status.is_server_error() {
+                // A gateway or server that failed may have created the job: dropped, the
+                // hold stays held as an unknown outcome.
+                drop(hold);
+                None
             } else {
-                // A definite failure (429 included): nothing was created.
+                // A definite failure (4xx, 429 included): nothing was created.
                 hold.release(Release::Failed);
                 None
             }

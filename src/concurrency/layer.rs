@@ -14,7 +14,7 @@ use super::slots::{Effect, Release, Slots};
 use super::watch::Watch;
 use crate::clock::{nanos, Clock};
 use crate::error::ConfigError;
-use crate::route::{Pattern, RouteTable};
+use crate::route::{self, Pattern, RouteTable};
 use crate::store::Remote;
 use crate::sync::lock;
 
@@ -23,7 +23,7 @@ use crate::sync::lock;
 pub(crate) enum RouteKind {
     /// Creates a job: needs a slot.
     Create,
-    /// Shows one job, whose id is the pattern's parameter.
+    /// Shows one job, whose id is the pattern's parameter named by [`Config::id_param`].
     Status,
     /// Shows a list of jobs.
     List,
@@ -31,6 +31,8 @@ pub(crate) enum RouteKind {
 
 #[derive(Debug)]
 pub(crate) struct Config {
+    /// The status routes' parameter that holds the job's id.
+    pub(crate) id_param: Box<str>,
     pub(crate) id_field: Box<str>,
     pub(crate) status_field: Box<str>,
     pub(crate) active: Box<[Box<str>]>,
@@ -54,8 +56,9 @@ impl Config {
 pub(crate) struct Shared {
     pub(crate) table: RouteTable,
     pub(crate) kinds: Box<[RouteKind]>,
-    /// The path of the first status route, for the watch (`/v2/generate/{id}`).
-    pub(crate) status_path: Option<String>,
+    /// The path of the first status route whose only parameter is the job id, split around
+    /// it, for the watch (`/v2/generate/` and ``); or why there is none.
+    pub(crate) watch_path: Result<(Box<str>, Box<str>), String>,
     pub(crate) config: Config,
     pub(crate) clock: Clock,
     pub(crate) slots: Mutex<Slots>,
@@ -234,6 +237,11 @@ impl ConcurrencyLimitByPlan {
     /// Job `id` is over (for example, a webhook said so): its slot is given back. False when
     /// it held none.
     ///
+    /// A webhook can come before the create's response body has shown the job's id. So while
+    /// a create is in flight, an id that holds no slot is remembered (for the maximum job
+    /// life, and at most the last 4,096 such ids), and the create's slot is given back as
+    /// soon as its body shows that id. The result is false then: nothing was given back yet.
+    ///
     /// With a shared store, the job's slot is given back for every process: whichever
     /// process created it lets it go too. The result then only says whether this process held
     /// it. A completion that arrives before the creating process has read the job's id (a
@@ -242,6 +250,10 @@ impl ConcurrencyLimitByPlan {
     /// as soon as its id is known.
     pub fn complete(&self, id: &str) -> bool {
         let held = self.shared.finish(id, Release::Finished);
+        if !held {
+            let now = self.shared.clock.now();
+            self.shared.slots().complete_early(id, now);
+        }
         if let (false, Some(store)) = (held, &self.shared.store) {
             // Held elsewhere, or not bound anywhere yet: the fleet remembers it as done.
             store.job_done(id, self.shared.lease());
@@ -345,6 +357,15 @@ impl ConcurrencyLimitByPlan {
     /// service *below* this layer, so that a rate limiter there paces the polls too) at
     /// `origin` (`"https://api.sync.so"`), and gives back the slot of each job it sees in a
     /// terminal state. Run it with `tokio::spawn(plan.watch(svc, origin).run())`.
+    ///
+    /// The watch knows only the job's id, so it polls the first status route whose only
+    /// parameter is the id ([`Builder::id_param`]): `GET /v2/generate/{id}`, or
+    /// `GET /v2/projects/acme/generations/{id}` with the project written out. With no such
+    /// route (every status route has another parameter, such as `{project}`, that the watch
+    /// could not fill), [`Watch::run`] logs an error naming the routes and returns at once;
+    /// the status routes still free slots from the responses the caller reads through the
+    /// layer. A job whose id cannot stand in a URI path (a space, non-ASCII, `/`, `?`, `%`)
+    /// is not polled, with a warning; the watch goes on with the others.
     pub fn watch<S>(&self, service: S, origin: impl Into<String>) -> Watch<S> {
         Watch::new(self.clone(), service, origin.into())
     }
@@ -366,6 +387,7 @@ pub struct Builder {
     job_routes: Option<Vec<String>>,
     status_routes: Option<Vec<String>>,
     list_routes: Option<Vec<String>>,
+    id_param: String,
     id_field: String,
     status_field: String,
     active: Vec<String>,
@@ -384,6 +406,7 @@ impl Builder {
             job_routes: None,
             status_routes: None,
             list_routes: None,
+            id_param: "id".into(),
             id_field: "id".into(),
             status_field: "status".into(),
             active: vec!["PENDING".into(), "PROCESSING".into()],
@@ -406,7 +429,10 @@ impl Builder {
     }
 
     /// A route whose responses show one job, named by the pattern's parameter
-    /// (`"GET /v2/generate/{id}"`, the default). The first call replaces the default.
+    /// [`id_param`](Self::id_param) (`"GET /v2/generate/{id}"`, the default), whatever other
+    /// parameters it has (`"GET /v2/projects/{project}/generations/{id}"`). The first call
+    /// replaces the default. A status route without that parameter makes
+    /// [`build`](Self::build) fail with a [`ConfigError::InvalidRoute`] naming it.
     pub fn status_route(mut self, pattern: impl Into<String>) -> Self {
         self.status_routes
             .get_or_insert_with(Vec::new)
@@ -420,6 +446,13 @@ impl Builder {
         self.list_routes
             .get_or_insert_with(Vec::new)
             .push(pattern.into());
+        self
+    }
+
+    /// The parameter of the status routes that holds the job's id (default `id`, as in
+    /// `GET /v2/generate/{id}`); the routes' other parameters are ignored.
+    pub fn id_param(mut self, name: impl Into<String>) -> Self {
+        self.id_param = name.into();
         self
     }
 
@@ -475,7 +508,8 @@ impl Builder {
     }
 
     /// In-flight mode, for APIs whose concurrency counts requests in flight: a slot is held
-    /// from the send until the response body ends or is dropped, not for a job's life.
+    /// from the send until the response body ends or is dropped, not for a job's life. A
+    /// transport error or a dropped response future gives it back at once too.
     pub fn in_flight(mut self) -> Self {
         self.in_flight = true;
         self
@@ -514,6 +548,12 @@ impl Builder {
                 reason: "must be above zero",
             });
         }
+        if self.id_param.is_empty() {
+            return Err(ConfigError::InvalidSetting {
+                name: "id_param",
+                reason: "the parameter name must not be empty",
+            });
+        }
         if self.id_field.is_empty() || self.status_field.is_empty() {
             return Err(ConfigError::InvalidSetting {
                 name: "id_field / status_field",
@@ -535,7 +575,8 @@ impl Builder {
         };
         let mut table = RouteTable::default();
         let mut kinds = Vec::new();
-        let mut status_path = None;
+        let mut watch_path = None;
+        let mut unwatchable = Vec::new();
         let groups = [
             (
                 RouteKind::Create,
@@ -554,13 +595,23 @@ impl Builder {
             for text in patterns {
                 let pattern = Pattern::parse(&text)?;
                 if kind == RouteKind::Status {
-                    if !pattern.path.contains('{') {
+                    let params = route::params(&pattern.path);
+                    let id_param = &*self.id_param;
+                    let Some(&(_, start, end)) = params.iter().find(|p| p.0 == id_param) else {
                         return Err(ConfigError::InvalidRoute {
                             pattern: text,
-                            reason: "a status route names the job id with a parameter, as in `/v2/generate/{id}`".into(),
+                            reason: format!(
+                                "a status route names the job id with the parameter `{{{id_param}}}` (Builder::id_param), as in `/v2/generate/{{{id_param}}}`"
+                            ),
                         });
+                    };
+                    if params.len() == 1 {
+                        let path = &pattern.path;
+                        watch_path
+                            .get_or_insert_with(|| (path[..start].into(), path[end..].into()));
+                    } else {
+                        unwatchable.push(text.clone());
                     }
-                    status_path.get_or_insert_with(|| pattern.path.clone());
                 }
                 table.insert(&text, &pattern, kinds.len())?;
                 kinds.push(kind);
@@ -575,8 +626,14 @@ impl Builder {
             shared: Arc::new(Shared {
                 table,
                 kinds: kinds.into(),
-                status_path,
+                watch_path: watch_path.ok_or_else(|| {
+                    format!(
+                        "no status route has the job id as its only parameter, which the watch could fill: {} also need(s) other parameters",
+                        unwatchable.join(", ")
+                    )
+                }),
                 config: Config {
+                    id_param: self.id_param.into(),
                     id_field: self.id_field.into(),
                     status_field: self.status_field.into(),
                     active: self.active.into_iter().map(Into::into).collect(),

@@ -11,8 +11,8 @@
 //!
 //! - **Taken** before the create request is sent. Requests on other routes pass with no cost
 //!   beyond a route match.
-//! - **Given back at once** when the create gets a definite failure: any status that is not a
-//!   2xx (a 429 included), since nothing was created.
+//! - **Given back at once** when the create gets a definite failure: a 4xx (a 429 included),
+//!   since nothing was created.
 //! - On a 2xx, the job's **id** is read from the response JSON (field `id` by default) as the
 //!   caller reads the body: the body is not delayed and not a byte of it changes, and at most
 //!   [`Builder::max_prefix`] bytes of it are kept. The response carries a [`Job`] in its
@@ -20,19 +20,52 @@
 //! - The slot is then **held until the first of**: a response passing through the layer shows
 //!   the job in a terminal state (the status route `GET /v2/generate/{id}`, a 404 there, or
 //!   the list route `GET /v2/generations`; any status but `PENDING` and `PROCESSING` is
-//!   terminal by default); [`ConcurrencyLimitByPlan::complete`] (from a webhook);
+//!   terminal by default); [`ConcurrencyLimitByPlan::complete`] (from a webhook, even one
+//!   that comes before the create's body has shown the id: while a create is in flight such
+//!   an id is remembered, for the maximum job life and at most the last 4,096 of them, and
+//!   the slot is given back as soon as the body shows it);
 //!   [`ConcurrencyLimitByPlan::reconcile`] with the list of active jobs says it is gone; or its
 //!   lease ([`Builder::max_job_life`], one hour by default) runs out, with a warning.
-//! - **Unknown outcomes**: a transport error after sending, a response future dropped after
-//!   sending, a body dropped before it showed the id, or a 2xx without an id. The server may
-//!   have created a job, so the slot stays held until a reconcile accounts for it or its lease
-//!   runs out. Jobs that a list shows active but this process does not hold (another process
+//! - **Unknown outcomes**: a 5xx (a 502, 503 or 504 from a gateway that timed out is the
+//!   usual one), a transport error after sending, a response future dropped after sending (a
+//!   timeout above the layer), a body dropped before it showed the id, or a 2xx without an id.
+//!   The server may have created a job, so the slot stays held, not freed: no id is known for
+//!   a status or [`ConcurrencyLimitByPlan::complete`] to name, so it is held until a
+//!   reconcile accounts for it or its lease runs out. Jobs that a list shows active but this process does not hold (another process
 //!   shares the API key) take slots too.
 //! - A request dropped while **waiting** leaves the queue and wakes nobody wrongly.
 //!
+//! # Readiness
+//!
+//! `poll_ready` forwards to the inner service, and means what the inner service's does: it
+//! says nothing about slots. Whether a request needs a slot is only known from the request,
+//! so a create waits for one inside its response future, never in `poll_ready`.
+//!
+//! A create sent at once (and every other request) is sent with the service the caller drove
+//! ready. A create that waits for a slot holds no service driven ready: it keeps a clone of
+//! the inner service of its own, and the readiness the caller reserved (a slot of tower's
+//! `Buffer`, a permit of its `ConcurrencyLimit`) is given back at the call. When its turn
+//! comes it drives its clone ready, holding its slot meanwhile, then sends. So creates
+//! waiting for a slot never stop status polls, lists or other requests through the same
+//! stack, whatever reserves capacity below the layer. If the inner service fails to get
+//! ready, the create is returned with that error (the inner service's own, as a
+//! [`BoxError`](crate::BoxError)) and its slot is given back, since nothing was sent; the same
+//! when the future is dropped while it readies. A create refused at once
+//! ([`ConcurrencyError::QueueFull`], [`ConcurrencyError::NoSlots`]) gives the caller's
+//! readiness back too.
+//!
+//! A status route names the job by its parameter [`Builder::id_param`] (`id` by default),
+//! whatever other parameters it has: `GET /v2/projects/{project}/generations/{id}` reads the
+//! job from `{id}`. A status route without that parameter is a
+//! [`ConfigError`](crate::ConfigError) from [`Builder::build`], naming it.
+//!
 //! [`ConcurrencyLimitByPlan::watch`] polls the held jobs' status itself, through the service
-//! below the layer. [`Builder::in_flight`] switches to counting requests in flight, for APIs
-//! whose concurrency means that: the slot is held until the response body ends or is dropped.
+//! below the layer. It knows only each job's id, so it polls the first status route whose only
+//! parameter is the id; with none (each also needs, say, a `{project}`), it logs an error and
+//! returns at once rather than guess. [`Builder::in_flight`] switches to counting requests in flight, for APIs
+//! whose concurrency means that: the slot is held until the response body ends or is dropped,
+//! and given back at once on a transport error or when the response future is dropped (the
+//! slot is only for the HTTP request, which is over then).
 //!
 //! ```
 //! use http::{Request, Response};

@@ -14,7 +14,9 @@ use crate::BoxError;
 /// The service made by a [`ConcurrencyLimitByPlan`](super::ConcurrencyLimitByPlan) layer.
 ///
 /// `poll_ready` forwards to the inner service: whether a request needs a slot is only known
-/// from the request, so waiting happens in the response future.
+/// from the request, so waiting happens in the response future. A create that waits for a
+/// slot does so with a clone of the inner service that it drives ready when its turn comes
+/// (see [the module docs](super#readiness)).
 #[derive(Debug, Clone)]
 pub struct ConcurrencyLimitByPlanService<S> {
     inner: S,
@@ -58,9 +60,11 @@ where
     #[inline]
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let shared = &self.shared;
-        let found = shared
-            .table
-            .lookup_param(request.method(), request.uri().path());
+        let found = shared.table.lookup_param(
+            request.method(),
+            request.uri().path(),
+            &shared.config.id_param,
+        );
         let role = match found {
             None => Role::Other,
             Some((index, param)) => match shared.kinds[index] {
@@ -86,54 +90,61 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         let shared = &self.shared;
         let mut slots = shared.slots();
         if slots.limit() == 0 {
+            drop(slots);
+            unready(&mut self.inner);
             return ResponseFuture::failed(ConcurrencyError::NoSlots);
         }
         if slots.try_take(|| shared.clock.now()) {
             drop(slots);
-            let hold = HoldGuard::new(shared.clone());
             if let Some(store) = &shared.store {
                 let store = store.clone();
-                return self.create_shared(request, store, hold);
+                return self.create_shared(request, store);
             }
+            let hold = HoldGuard::new(shared.clone());
             let future = self.inner.call(request);
             return ResponseFuture::called(future, Role::Create(Some(hold)));
         }
         if let Some(max_queue) = shared.config.max_queue {
             if slots.queue_len() >= max_queue {
+                drop(slots);
+                unready(&mut self.inner);
                 return ResponseFuture::failed(ConcurrencyError::QueueFull { max_queue });
             }
         }
         let ticket = slots.join();
         drop(slots);
         let shared = shared.clone();
-        ResponseFuture::queued(self.take_inner(), request, shared, ticket)
+        let inner = self.waiting_inner();
+        ResponseFuture::queued(inner, request, shared, ticket)
     }
 
-    /// A create holding a slot here asks the shared store for one. Out of line, so that the
-    /// in-memory path stays as small as it was.
+    /// A create holding a slot here asks the shared store for one, and then drives a clone
+    /// of its own ready (the caller's readiness is given back for the wait). Out of line, so
+    /// that the in-memory path stays as small as it was.
     #[inline(never)]
-    fn create_shared<B>(
-        &mut self,
-        request: Request<B>,
-        store: Remote,
-        hold: HoldGuard,
-    ) -> ResponseFuture<S, B>
+    fn create_shared<B>(&mut self, request: Request<B>, store: Remote) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {
-        let shared = self.shared.clone();
-        let inner = self.take_inner();
-        ResponseFuture::shared_slot(inner, request, &shared, store, hold)
+        let inner = self.waiting_inner();
+        ResponseFuture::shared_slot(inner, request, &self.shared, store)
     }
+}
 
-    /// The request waits (for a slot here or in the shared store) inside the future, which
-    /// needs a service to call then: takes the one driven to readiness and leaves a clone in
-    /// its place.
-    fn take_inner(&mut self) -> S
-    where
-        S: Clone,
-    {
-        let clone = self.inner.clone();
-        std::mem::replace(&mut self.inner, clone)
+impl<S: Clone> ConcurrencyLimitByPlanService<S> {
+    /// The service a create that waits for a slot will call: a clone of its own, not driven
+    /// ready, which it drives ready when its turn comes. The service the caller drove ready
+    /// gives back what that readiness reserved (a `Buffer` slot, a `ConcurrencyLimit`
+    /// permit) for the wait; the caller's next `poll_ready` reserves again.
+    fn waiting_inner(&mut self) -> S {
+        let waiting = self.inner.clone();
+        unready(&mut self.inner);
+        waiting
     }
+}
+
+/// Gives back what the caller's `poll_ready` reserved, for a call that sends nothing now:
+/// swaps the service for a clone, which has not been driven ready.
+fn unready<S: Clone>(inner: &mut S) {
+    *inner = inner.clone();
 }

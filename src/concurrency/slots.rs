@@ -36,6 +36,10 @@ pub(crate) enum Release {
     Duplicate,
     /// In-flight mode: the response is over.
     Answered,
+    /// In-flight mode: the request was given up on (a transport error, a dropped future).
+    Abandoned,
+    /// Never sent: its service failed to get ready, or its future was dropped first.
+    Unsent,
     /// Another process sharing the store gave the job back (a webhook, a status it saw).
     Elsewhere,
     /// A create whose outcome is unknown, held for the whole fleet by the shared store (which
@@ -71,6 +75,21 @@ struct Waiter {
 /// not take a slot for it again.
 const REMEMBERED: usize = 4096;
 
+/// How many ids completed before a create's response showed them are remembered (each for
+/// at most the lease): the oldest is forgotten past this.
+pub(crate) const EARLY_COMPLETES: usize = 4096;
+
+/// What became of a create's slot once its response showed the job's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bound {
+    /// The job holds the slot.
+    Held,
+    /// The job was already held under its id: the slot was given back.
+    Duplicate,
+    /// The job was completed before its id was known: the slot was given back.
+    Completed,
+}
+
 #[derive(Debug)]
 pub(crate) struct Slots {
     limit: usize,
@@ -86,6 +105,10 @@ pub(crate) struct Slots {
     /// Hashes of recently finished ids, oldest first, and the same as a set.
     finished: VecDeque<u64>,
     finished_set: HashSet<u64>,
+    /// Hashes of ids completed while no slot held them but a create was in flight, with when;
+    /// and the same in order, oldest first (entries given up on stay there until popped).
+    early: HashMap<u64, Nanos>,
+    early_order: VecDeque<(u64, Nanos)>,
     hasher: RandomState,
     /// Whether changes of the held jobs are recorded in `effects`, for a shared store.
     mirror: bool,
@@ -107,6 +130,8 @@ impl Slots {
             next_ticket: 0,
             finished: VecDeque::new(),
             finished_set: HashSet::new(),
+            early: HashMap::new(),
+            early_order: VecDeque::new(),
             hasher: RandomState::new(),
             mirror: false,
             effects: Vec::new(),
@@ -246,12 +271,17 @@ impl Slots {
     }
 
     /// A create in flight made job `id`.
-    pub(crate) fn bind(&mut self, id: &str, now: Nanos) {
+    pub(crate) fn bind(&mut self, id: &str, now: Nanos) -> Bound {
         debug_assert!(self.in_flight > 0, "bind without take");
         self.in_flight = self.in_flight.saturating_sub(1);
         if self.jobs.contains_key(id) || self.was_finished(id) {
             self.released(Release::Duplicate);
-            return;
+            return Bound::Duplicate;
+        }
+        if !self.early.is_empty() && self.completed_early(id, now) {
+            self.remember_finished(self.hasher.hash_one(id));
+            self.released(Release::Finished);
+            return Bound::Completed;
         }
         self.jobs.insert(
             id.into(),
@@ -260,6 +290,59 @@ impl Slots {
                 ours: true,
             },
         );
+        Bound::Held
+    }
+
+    /// Job `id`, which holds no slot, was completed (a webhook came before the create's
+    /// response showed the id). While a create is in flight its id may be `id`: remembered
+    /// for the lease (and among the last [`EARLY_COMPLETES`] such ids), so that the slot is
+    /// given back once it shows up. False when nothing was remembered.
+    pub(crate) fn complete_early(&mut self, id: &str, now: Nanos) -> bool {
+        if self.in_flight == 0 {
+            return false;
+        }
+        self.forget_early(now);
+        let hash = self.hasher.hash_one(id);
+        self.early.insert(hash, now);
+        self.early_order.push_back((hash, now));
+        while self.early_order.len() > EARLY_COMPLETES {
+            self.pop_early();
+        }
+        true
+    }
+
+    /// Whether `id` was completed early, within the lease; forgets it either way.
+    fn completed_early(&mut self, id: &str, now: Nanos) -> bool {
+        let lease = self.lease;
+        let at = self.early.remove(&self.hasher.hash_one(id));
+        self.forget_early(now);
+        at.is_some_and(|at| at.saturating_add(lease) > now)
+    }
+
+    /// Forgets early completes older than the lease.
+    fn forget_early(&mut self, now: Nanos) {
+        let lease = self.lease;
+        while self
+            .early_order
+            .front()
+            .is_some_and(|&(_, at)| at.saturating_add(lease) <= now)
+        {
+            self.pop_early();
+        }
+    }
+
+    fn pop_early(&mut self) {
+        if let Some((hash, at)) = self.early_order.pop_front() {
+            if self.early.get(&hash) == Some(&at) {
+                self.early.remove(&hash);
+            }
+        }
+    }
+
+    /// Ids completed early and still remembered (tests).
+    #[cfg(test)]
+    pub(crate) fn early_len(&self) -> usize {
+        self.early.len()
     }
 
     fn was_finished(&self, id: &str) -> bool {
@@ -274,7 +357,12 @@ impl Slots {
         if self.mirror && why != Release::Elsewhere {
             self.effects.push(Effect::Finished(id.into()));
         }
-        let hash = self.hasher.hash_one(id);
+        self.remember_finished(self.hasher.hash_one(id));
+        self.released(why);
+        true
+    }
+
+    fn remember_finished(&mut self, hash: u64) {
         if self.finished_set.insert(hash) {
             self.finished.push_back(hash);
             if self.finished.len() > REMEMBERED {
@@ -283,8 +371,6 @@ impl Slots {
                 }
             }
         }
-        self.released(why);
-        true
     }
 
     /// Job `id` was seen active: if nobody holds a slot for it (another process created it),

@@ -63,9 +63,12 @@ impl<S> Watch<S> {
         ResBody: Body,
     {
         let shared = self.plan.shared.clone();
-        let Some(path) = shared.status_path.clone() else {
-            tracing::warn!("the plan has no status route to watch jobs with");
-            return;
+        let (before, after) = match &shared.watch_path {
+            Ok(path) => path.clone(),
+            Err(why) => {
+                tracing::error!("the watch cannot poll jobs and stops: {why}");
+                return;
+            }
         };
         let query = match self.long_poll {
             Some(timeout) => format!("?wait=true&timeout={}", timeout.as_secs().max(1)),
@@ -97,7 +100,7 @@ impl<S> Watch<S> {
                     next_due = Some(next_due.map_or(due, |d| d.min(due)));
                     continue;
                 }
-                let uri = format!("{}{}{query}", self.origin, with_id(&path, &id));
+                let uri = format!("{}{before}{id}{after}{query}", self.origin);
                 let request = match Request::get(&uri).body(B::default()) {
                     Ok(request) => request,
                     Err(error) => {
@@ -160,16 +163,6 @@ struct Running<'a>(&'a AtomicUsize);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The status path with the job's id in place of the pattern's parameter.
-fn with_id(pattern: &str, id: &str) -> String {
-    match (pattern.find('{'), pattern.find('}')) {
-        (Some(start), Some(end)) if start < end => {
-            format!("{}{id}{}", &pattern[..start], &pattern[end + 1..])
-        }
-        _ => pattern.to_owned(),
     }
 }
 

@@ -304,3 +304,41 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_job_completed_before_its_id_was_known_gives_its_slot_back_when_it_shows() {
+    let mut slots = Slots::new(10, LEASE);
+    assert!(
+        !slots.complete_early("x", 0),
+        "no create in flight: nothing to wait for"
+    );
+    assert!(slots.try_take(|| 0));
+    assert!(slots.complete_early("a", 0));
+    assert_eq!(slots.bind("a", SEC), Bound::Completed);
+    assert_eq!(slots.in_use(), 0);
+    slots.seen_active("a", SEC);
+    assert_eq!(slots.in_use(), 0, "a stale list does not take it back");
+    assert_eq!(slots.log, [Release::Finished]);
+
+    // Remembered for the lease only.
+    slots.try_take(|| SEC);
+    assert!(slots.complete_early("b", SEC));
+    assert_eq!(slots.bind("b", SEC + LEASE), Bound::Held);
+    assert_eq!(slots.early_len(), 0);
+
+    // And only the last EARLY_COMPLETES ids.
+    let now = 2 * SEC;
+    slots.try_take(|| now);
+    for i in 0..=EARLY_COMPLETES {
+        slots.complete_early(&i.to_string(), now);
+    }
+    assert_eq!(slots.early_len(), EARLY_COMPLETES);
+    assert_eq!(
+        slots.bind("0", now),
+        Bound::Held,
+        "the oldest was forgotten"
+    );
+    slots.try_take(|| now);
+    assert_eq!(slots.bind("1", now), Bound::Completed);
+    assert_eq!(slots.in_use(), 2, "b and 0");
+}

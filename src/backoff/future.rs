@@ -103,6 +103,9 @@ impl Deadline {
     }
 }
 
+/// The resolution of tokio's timer.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// The waits of a request that has been retried.
 #[derive(Default)]
 struct Waits {
@@ -188,10 +191,12 @@ impl<S, B> Retry<S, B> {
         let schedule = config.schedule(kind);
         let retry = self.retries.saturating_add(1);
         let last_wait = self.waits.as_ref().map_or(Duration::ZERO, |w| w.last);
-        let left = self
-            .deadline
-            .at()
-            .map(|at| at.saturating_duration_since(Instant::now()));
+        // tokio's timer fires up to a millisecond late (it rounds a deadline up to its next
+        // tick): a wait must end that much before the deadline for its retry to be sent by it.
+        let left = self.deadline.at().map(|at| {
+            at.saturating_duration_since(Instant::now())
+                .saturating_sub(TIMER_TICK)
+        });
         let wait = match schedule.next_wait(retry, last_wait, config.unit(), hint, left) {
             Ok(wait) => wait,
             Err(GiveUp::NoRetriesLeft) => {

@@ -224,13 +224,13 @@ impl<S, B> Retry<S, B> {
         let waits = self.waits.get_or_insert_with(Box::default);
         waits.total = waits.total.saturating_add(wait);
         waits.last = wait;
-        tracing::info!(attempt = retry + 1, ?wait, reason = %kind, "retrying after a refusal");
+        tracing::info!(attempt = retry.saturating_add(1), ?wait, reason = %kind, "retrying after a refusal");
         Some(wait)
     }
 
     fn retried(&self) -> Option<Retried> {
         self.waits.as_ref().map(|waits| Retried {
-            attempts: self.retries + 1,
+            attempts: self.retries.saturating_add(1),
             waited: waits.total,
         })
     }
@@ -319,7 +319,7 @@ where
         state.as_mut().project(),
         StateProj::Called { .. } | StateProj::Reading { .. }
     );
-    let attempts = retry.retries + u32::from(in_flight);
+    let attempts = retry.retries.saturating_add(u32::from(in_flight));
     tracing::debug!(attempts, deadline = ?retry.config.deadline, "deadline passed: giving up");
     state.set(State::Failed { error: None });
     Poll::Ready(Err(BackoffError::DeadlineExceeded {
@@ -502,7 +502,7 @@ where
                 let status = parts.status;
                 if retry.config.error_on_exhaustion {
                     return Poll::Ready(Err(BackoffError::Exhausted {
-                        attempts: retry.retries + 1,
+                        attempts: retry.retries.saturating_add(1),
                         waited: retry.waits.as_ref().map_or(Duration::ZERO, |w| w.total),
                         status,
                     }

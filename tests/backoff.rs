@@ -1215,12 +1215,15 @@ proptest::proptest! {
         bounded_deadline in proptest::bool::ANY,
         asked in proptest::option::of((proptest::bool::ANY, proptest::num::u64::ANY)),
     ) {
-        let mut cap = base.saturating_add(extra);
-        let deadline = if bounded_deadline {
-            Some(deadline.unwrap_or(YEAR).min(YEAR))
+        // A base delay under a millisecond and a zero deadline are invalid: no case is spent
+        // on those.
+        let base = base.max(Duration::from_millis(1));
+        let deadline = deadline.map(|deadline| deadline.max(Duration::from_nanos(1)));
+        let (base, cap, deadline) = if bounded_deadline {
+            (base, base.saturating_add(extra), Some(deadline.unwrap_or(YEAR).min(YEAR)))
         } else {
-            cap = cap.min(YEAR);
-            deadline
+            let base = base.min(YEAR);
+            (base, base.saturating_add(extra).min(YEAR), deadline)
         };
         let mut backoff = Backoff429::new()
             .base_delay(base)
@@ -1228,7 +1231,12 @@ proptest::proptest! {
             .factor(factor)
             .jitter(jitter)
             .max_retries(retries)
-            .budget(TpsBudget::new(Duration::from_secs(10), 1000, 1.0));
+            // Not tower's TpsBudget: after a wait of months its withdraw counts through
+            // every second of them.
+            .budget(
+                tower_quota::backoff::RetryBudget::new(Duration::from_secs(10), 1000, 1.0)
+                    .unwrap(),
+            );
         if let Some(deadline) = deadline {
             backoff = backoff.deadline(deadline);
         }
@@ -1273,4 +1281,25 @@ proptest::proptest! {
             proptest::prop_assert!(elapsed <= deadline, "{elapsed:?} past the deadline {deadline:?}");
         }
     }
+}
+
+/// tokio's timer fires on whole milliseconds, up to one late: a wait that ends within a
+/// millisecond of the deadline could send its retry past it, so it is not slept.
+#[tokio::test(start_paused = true)]
+async fn no_retry_is_sent_past_the_deadline_by_a_late_timer() {
+    let script = Script::always(refuse());
+    let deadline = Duration::from_micros(4_300);
+    let backoff = exact()
+        .base_delay(Duration::from_micros(1_500))
+        .factor(1.4)
+        .deadline(deadline);
+    let start = Instant::now();
+    let (status, _, retried) = send(backoff, &script, request(Method::GET)).await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // The first wait (1.5 ms) ends on the timer's tick at 2 ms; the second (2.1 ms) would end
+    // at 4.1 ms, on the tick at 5 ms: past the deadline.
+    let sent: Vec<Duration> = script.seen().iter().map(|s| s.at - start).collect();
+    assert!(sent.iter().all(|&at| at < deadline), "{sent:?}");
+    assert_eq!(retried.unwrap().attempts, 2);
+    assert!(start.elapsed() <= deadline, "{:?}", start.elapsed());
 }

@@ -103,6 +103,9 @@ impl Deadline {
     }
 }
 
+/// The resolution of tokio's timer.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// The waits of a request that has been retried.
 #[derive(Default)]
 struct Waits {
@@ -188,10 +191,12 @@ impl<S, B> Retry<S, B> {
         let schedule = config.schedule(kind);
         let retry = self.retries.saturating_add(1);
         let last_wait = self.waits.as_ref().map_or(Duration::ZERO, |w| w.last);
-        let left = self
-            .deadline
-            .at()
-            .map(|at| at.saturating_duration_since(Instant::now()));
+        // tokio's timer fires up to a millisecond late (it rounds a deadline up to its next
+        // tick): a wait must end that much before the deadline for its retry to be sent by it.
+        let left = self.deadline.at().map(|at| {
+            at.saturating_duration_since(Instant::now())
+                .saturating_sub(TIMER_TICK)
+        });
         let wait = match schedule.next_wait(retry, last_wait, config.unit(), hint, left) {
             Ok(wait) => wait,
             Err(GiveUp::NoRetriesLeft) => {
@@ -219,13 +224,13 @@ impl<S, B> Retry<S, B> {
         let waits = self.waits.get_or_insert_with(Box::default);
         waits.total = waits.total.saturating_add(wait);
         waits.last = wait;
-        tracing::info!(attempt = retry + 1, ?wait, reason = %kind, "retrying after a refusal");
+        tracing::info!(attempt = retry.saturating_add(1), ?wait, reason = %kind, "retrying after a refusal");
         Some(wait)
     }
 
     fn retried(&self) -> Option<Retried> {
         self.waits.as_ref().map(|waits| Retried {
-            attempts: self.retries + 1,
+            attempts: self.retries.saturating_add(1),
             waited: waits.total,
         })
     }
@@ -314,7 +319,7 @@ where
         state.as_mut().project(),
         StateProj::Called { .. } | StateProj::Reading { .. }
     );
-    let attempts = retry.retries + u32::from(in_flight);
+    let attempts = retry.retries.saturating_add(u32::from(in_flight));
     tracing::debug!(attempts, deadline = ?retry.config.deadline, "deadline passed: giving up");
     state.set(State::Failed { error: None });
     Poll::Ready(Err(BackoffError::DeadlineExceeded {
@@ -497,7 +502,7 @@ where
                 let status = parts.status;
                 if retry.config.error_on_exhaustion {
                     return Poll::Ready(Err(BackoffError::Exhausted {
-                        attempts: retry.retries + 1,
+                        attempts: retry.retries.saturating_add(1),
                         waited: retry.waits.as_ref().map_or(Duration::ZERO, |w| w.total),
                         status,
                     }

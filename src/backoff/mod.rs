@@ -10,8 +10,10 @@
 //!   `max_delay`, or than the request's deadline leaves, gets its 429 handed back to the caller
 //!   at once instead of a pointless sleep. Garbage values fall back to the schedule, with a
 //!   tracing event.
-//! - **Never a tight loop**: no wait is shorter than a millisecond, and the default jitter
-//!   ([`Jitter::Equal`]) keeps every wait between half and all of the nominal delay.
+//! - **Never a tight loop, never a panic**: no wait is shorter than a millisecond or longer
+//!   than `max_delay`, and the default jitter ([`Jitter::Equal`]) keeps every wait between
+//!   half and all of the nominal delay. Delays saturate: no valid setting panics, however
+//!   large.
 //! - **Which limit**: a classifier reads the refusal's JSON `errorCode` (Sync's
 //!   `rate_limit_exceeded` / `concurrency_limit_reached`), or a closure of yours; each kind
 //!   can have its own [`Schedule`]. The body read to classify is not lost: the response the
@@ -33,9 +35,10 @@
 //!   [`RateLimitByRoute`](crate::RateLimitByRoute), and a retry queues for its slot and its
 //!   token like any request.
 //! - **A deadline bounds the whole call** ([`Backoff429::deadline`]): the first attempt,
-//!   reading refusals, waits and retries in flight. A wait that would end past it is not
-//!   slept (the last refusal goes back at once); if it passes while an attempt or a read is
-//!   under way, the call ends then with [`BackoffError::DeadlineExceeded`].
+//!   reading refusals, waits and retries in flight. A wait that would end at or past it is
+//!   not slept (the last refusal goes back at once); if it passes while an attempt or a read
+//!   is under way, or while a retry waits for the service below to be ready, the call ends
+//!   then with [`BackoffError::DeadlineExceeded`].
 //!
 //! When retries run out the caller gets the last response (a [`Retried`] in its extensions
 //! says how many attempts and how much waiting it took), or, with

@@ -62,8 +62,11 @@ fn args() -> Result<Args, String> {
                 args.scale = value
                     .parse()
                     .ok()
-                    .filter(|&s| s > 0)
-                    .ok_or_else(|| format!("--scale {value}: not a positive whole number"))?;
+                    .filter(|&s| (1..=1000).contains(&s))
+                    .ok_or_else(|| {
+                        // Backoff429 waits at least a millisecond: 1 s scaled by 1,000 at most.
+                        format!("--scale {value}: not a whole number from 1 to 1000")
+                    })?;
             }
             "--algorithm" => {
                 args.algorithm = match value.split_once(':') {

@@ -919,7 +919,8 @@ async fn a_custom_id_param_names_the_job_on_status_routes_and_for_the_watch() {
     let watch = tokio::spawn(plan.watch(below, "http://api.test/").run());
     tokio::time::timeout(Duration::from_secs(1), async {
         while plan.in_use() > 0 {
-            tokio::task::yield_now().await;
+            // Paused clock: lets the timeout fire if it never happens.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
@@ -958,6 +959,49 @@ async fn the_watch_stops_at_once_when_no_status_route_has_the_id_as_its_only_par
     .expect("the watch returns at once");
     assert_eq!(*polled.lock().unwrap(), 0);
     assert_eq!(plan.in_use(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_watch_skips_a_job_id_that_cannot_stand_in_a_uri_and_goes_on() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Growth);
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    // Another process's jobs, from a list, with ids no status URI can hold as they are.
+    let odd = ["bad id", "jöb", "a/../b", "q?x", ""];
+    plan.reconcile(odd);
+    send(&svc, create()).await.unwrap();
+    assert_eq!(plan.in_use(), 6);
+    api.set("job-1", "COMPLETED");
+    let polled = Arc::new(Mutex::new(Vec::new()));
+    let below = {
+        let (api, polled) = (api.clone(), polled.clone());
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            polled.lock().unwrap().push(request.uri().to_string());
+            let answer = api.answer(&request);
+            async move { answer }
+        })
+    };
+    let watch = tokio::spawn(
+        plan.watch(below, "http://api.test")
+            .interval(Duration::from_secs(5))
+            .run(),
+    );
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while plan.jobs().iter().any(|j| j.id == "job-1") {
+            // Paused clock: lets the timeout fire if it never happens.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the watch polled job-1 despite the odd ids");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(!watch.is_finished(), "the watch goes on");
+    watch.abort();
+    assert_eq!(
+        *polled.lock().unwrap(),
+        ["http://api.test/v2/generate/job-1"]
+    );
+    assert_eq!(plan.in_use(), 5, "the odd ids stay held until a reconcile");
 }
 
 #[test]

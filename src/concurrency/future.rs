@@ -496,7 +496,7 @@ fn respond_watched<ResBody, E: Into<BoxError>>(
     result: Result<Response<ResBody>, E>,
 ) -> Result<Response<PlanBody<ResBody>>, BoxError> {
     // On an error the request was sent and its outcome is unknown: the hold, dropped with the
-    // role, stays held as such.
+    // role, stays held as such (in in-flight mode it is given back).
     let mut response = result.map_err(Into::into)?;
     let status = response.status();
     let observer = match std::mem::replace(role, Role::Other) {

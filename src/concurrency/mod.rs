@@ -62,7 +62,9 @@
 //! [`ConcurrencyLimitByPlan::watch`] polls the held jobs' status itself, through the service
 //! below the layer. It knows only each job's id, so it polls the first status route whose only
 //! parameter is the id; with none (each also needs, say, a `{project}`), it logs an error and
-//! returns at once rather than guess. [`Builder::in_flight`] switches to counting requests in flight, for APIs
+//! returns at once rather than guess. A job whose id cannot stand in a URI path as it is (a
+//! space, non-ASCII, `/`, `?`, `%`: ids come from servers and lists) is not polled, with a
+//! warning, and the watch goes on with the others. [`Builder::in_flight`] switches to counting requests in flight, for APIs
 //! whose concurrency means that: the slot is held until the response body ends or is dropped,
 //! and given back at once on a transport error or when the response future is dropped (the
 //! slot is only for the HTTP request, which is over then).

@@ -4,8 +4,8 @@
 //!
 //! - **in flight**: the job-creating request was sent and its answer is not in yet (its
 //!   future, and then its response body, hold it);
-//! - **unknown**: the request was sent but its outcome will never be read (a transport error,
-//!   a dropped future, a body without an id). The server may have created a job, so the slot
+//! - **unknown**: the request was sent but its outcome will never be read (a 5xx, a transport
+//!   error, a dropped future, a body without an id). The server may have created a job, so the slot
 //!   stays held until a reconcile accounts for it or its lease runs out;
 //! - **job**: the server created a job with a known id; held until the job is seen in a
 //!   terminal state, completed, reconciled away or its lease runs out.

@@ -79,6 +79,8 @@ impl<S> Watch<S> {
         let _running = Running(&shared.watches);
         let mut polling: HashSet<Box<str>> = HashSet::new();
         let mut started: HashMap<Box<str>, Nanos> = HashMap::new();
+        // Ids the watch cannot poll, warned of once.
+        let mut skipped: HashSet<Box<str>> = HashSet::new();
         let mut calls = FuturesUnordered::new();
         loop {
             let changed = shared.changed.notified();
@@ -88,9 +90,15 @@ impl<S> Watch<S> {
             let now = shared.clock.now();
             let held: Vec<Box<str>> = shared.slots().jobs().map(|(id, _)| id.into()).collect();
             started.retain(|id, _| held.contains(id));
+            skipped.retain(|id| held.contains(id));
             let mut next_due: Option<Nanos> = None;
             for id in held {
-                if polling.contains(&id) {
+                if polling.contains(&id) || skipped.contains(&id) {
+                    continue;
+                }
+                if !fits_a_path(&id) {
+                    tracing::warn!(job = %id.escape_debug(), "a held job's id cannot stand in a status URI: the watch does not poll it (its slot comes back with a status read through the layer, complete, a reconcile or its lease)");
+                    skipped.insert(id);
                     continue;
                 }
                 let due = started
@@ -104,8 +112,9 @@ impl<S> Watch<S> {
                 let request = match Request::get(&uri).body(B::default()) {
                     Ok(request) => request,
                     Err(error) => {
-                        tracing::error!(%uri, %error, "cannot build a status request; the watch stops");
-                        return;
+                        tracing::warn!(uri = %uri.escape_debug(), %error, "cannot build a status request: the watch does not poll this job");
+                        skipped.insert(id);
+                        continue;
                     }
                 };
                 started.insert(id.clone(), now);
@@ -164,6 +173,15 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Whether `id` can stand in a URI path as one segment as it is: RFC 3986's `pchar` without
+/// `%` (so no space, no non-ASCII, no `/`, `?` or `#` that would change the URI's meaning).
+fn fits_a_path(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b))
 }
 
 /// Reads a body to its end (or its first error), dropping the data.

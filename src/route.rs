@@ -3,7 +3,11 @@
 //! Requests match as axum routes them, so that no form of a request that reaches a handler
 //! escapes its route's quota: a `HEAD` request falls under the `GET` route of its path when
 //! no `HEAD` route matches (axum serves `HEAD` with the `GET` handler), and paths are matched
-//! as sent, byte for byte (axum does not decode, fold case or merge slashes before routing).
+//! as sent, byte for byte (axum does not decode or fold case before routing), but for runs of
+//! `/`, read as one (axum's nesting strips its prefix segment by segment, so a doubled slash
+//! after the prefix still reaches a nested handler).
+
+use std::borrow::Cow;
 
 use http::{Method, Request};
 
@@ -74,12 +78,31 @@ pub(crate) fn params(path: &str) -> Vec<(&str, usize, usize)> {
 /// The path a request is routed by: the one the client sent. Inside an axum router nested
 /// with `Router::nest` or `nest_service`, the request's URI has lost the prefix, and axum
 /// keeps the original in `OriginalUri` (read with feature `axum`).
-pub(crate) fn request_path<B>(request: &Request<B>) -> &str {
+///
+/// Runs of `/` are read as one: axum's nesting strips its prefix segment by segment, so
+/// `/svc//v2/generate` reaches the handler nested at `/v2/generate` under `/svc`, and must
+/// count as `/svc/v2/generate`. Where a run of slashes reaches no handler, counting it under
+/// the route it spells costs only the client that sent it.
+pub(crate) fn request_path<B>(request: &Request<B>) -> Cow<'_, str> {
     #[cfg(feature = "axum")]
     if let Some(original) = request.extensions().get::<axum::extract::OriginalUri>() {
-        return original.0.path();
+        return single_slashes(original.0.path());
     }
-    request.uri().path()
+    single_slashes(request.uri().path())
+}
+
+/// `path` with every run of `/` made one.
+fn single_slashes(path: &str) -> Cow<'_, str> {
+    if !path.contains("//") {
+        return Cow::Borrowed(path);
+    }
+    let mut single = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && single.ends_with('/')) {
+            single.push(c);
+        }
+    }
+    Cow::Owned(single)
 }
 
 /// Maps a request's method and path to the index of the route it falls under.

@@ -894,3 +894,63 @@ fn a_store_needs_a_runtime() {
         .unwrap_err();
     assert!(error.to_string().contains("runtime"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_during_its_acquire_leaves_no_place_held() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("acquire-drops");
+    let limits = RateLimitByRoute::builder()
+        .route("GET /x", Quota::per_minute(2))
+        .store(store(&url, &prefix))
+        .build()
+        .unwrap();
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let below = tower::service_fn(move |_: Request<Empty<Bytes>>| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok::<_, BoxError>(Response::new(Empty::<Bytes>::new())) }
+    });
+    let service = limits.layer(below);
+    // Requests dropped at moments spread over the Redis round trip, by the caller's
+    // timeout: most before their acquire is answered, a few after it (and then sent, and
+    // given up on, which holds a place as it should).
+    for n in 0..300u64 {
+        let call = tokio::spawn(
+            service.clone().oneshot(
+                Request::get("http://api.test/x")
+                    .body(Empty::new())
+                    .unwrap(),
+            ),
+        );
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_micros(n % 150) {
+            std::hint::spin_loop();
+        }
+        call.abort();
+        let _ = call.await;
+    }
+    // Once the gives-back queued by the drops have run, only requests that were sent hold a
+    // place in Redis.
+    let redis = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let held_key = format!("{{{prefix}:rate:GET /x}}:held");
+    let started = Instant::now();
+    loop {
+        let held: usize = redis::cmd("ZCARD")
+            .arg(&held_key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+        if held <= sent {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{held} places held in Redis for {sent} requests sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

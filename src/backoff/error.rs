@@ -69,7 +69,7 @@ pub struct Retried {
 }
 
 /// Whether `error`, or an error in its `source()` chain (as tower's `Buffer` wraps the errors
-/// of its service), is one of this crate's: a request a layer below gave back unsent, a
+/// of its service) or inside an `io::Error`, is one of this crate's: a request a layer below gave back unsent, a
 /// failed shared store, a setting, a `Backoff429` below that gave up. Those are never retried.
 pub(crate) fn is_own(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
@@ -86,7 +86,15 @@ pub(crate) fn is_own(error: &(dyn std::error::Error + 'static)) -> bool {
         {
             return true;
         }
-        next = error.source();
+        // `io::Error::source()` skips the error it wraps (it gives that error's source), so
+        // an error made with `io::Error::other(own)` is looked into through `get_ref`.
+        next = match error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
     }
     false
 }

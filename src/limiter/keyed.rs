@@ -26,28 +26,29 @@
 //! # A table of bounded size
 //!
 //! Each [`KeyTable`] holds at most `capacity` clients. A new client arriving at a full table
-//! takes the place of the least-used of 16 clients sampled at random, unless that one is *at
-//! its quota* (its next request would be refused). A forgotten client's count goes to a
-//! fixed-size shadow table, under a 32-bit fingerprint of its key in one of two cells, and is
-//! restored from there, rounded up, if it comes back while the count still matters. When both
-//! cells are taken, the shadow keeps the heavier of the two counts (more requests, then later
-//! to clear) and loses the lighter. So:
+//! takes the place of the least-used of 16 clients sampled at random if that one is below its
+//! quota (its next request would pass); else of the least-used of all, found by a full scan
+//! at most once per time a client can have dropped below its quota; else (every client is at
+//! its quota) of the sampled client whose count clears first. A forgotten client's count goes
+//! to a fixed-size shadow table, under a 32-bit fingerprint of its key in one of two cells,
+//! and is restored from there, rounded up, if it comes back while the count still matters.
+//! When both cells are taken, the shadow keeps the heavier of the two counts (more requests,
+//! then later to clear) and loses the lighter. So:
 //!
-//! - a client at its quota is never forgotten, and its count is never lost from the shadow
-//!   while it matters (nothing is heavier), so no flood of fresh keys can let it through;
-//! - a newcomer is admitted as soon as it arrives while any tracked client is below its quota,
-//!   whatever the flood sends per key, and it starts with nothing counted unless the shadow
-//!   remembers it: it never inherits another client's count;
+//! - a newcomer is always admitted, whatever the flood sends per key, and it starts with
+//!   nothing counted unless the shadow remembers it: it never inherits another client's count;
+//! - while any tracked client is below its quota, no client at its quota is forgotten, and its
+//!   count is never lost from the shadow for a lighter one, so no flood of fresh keys that
+//!   leaves a client below its quota can let a client at its quota through;
 //! - a forgotten client that comes back is restored unless both its shadow cells were taken
 //!   meanwhile by clients forgotten with at least as many requests counted. Only then does it
 //!   start afresh, and it can exceed its quota in that window by what it had counted when it
-//!   was forgotten (less than its quota, and usually far less: the least-used client goes
+//!   was forgotten (at most its quota, and usually far less: the least-used client goes
 //!   first). A flood that fills the table and the shadow with clients that each sent `u`
 //!   requests makes this happen to the clients that had counted at most `u`; one that sends a
-//!   request per key, to clients that had counted at most one;
-//! - when every tracked client is at its quota (a table full of quota-1 limits, say), the
-//!   newcomer is refused with the time the first of them drops below it, found by a full scan
-//!   at most once per such time, and it is admitted if it comes back then.
+//!   request per key, to clients that had counted at most one; only a flood that sends every
+//!   fresh key its whole quota (quota-1 limits make that one request a key) reaches clients
+//!   at their quota. Refusing newcomers instead would hand such a flood every new client.
 
 use indexmap::IndexMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -62,15 +63,6 @@ const RING: usize = BUCKETS as usize + 1;
 /// Clients sampled to find one to forget.
 const SAMPLES: usize = 16;
 
-/// Why a request was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// The client's quota is used up.
-    Quota,
-    /// The client is new and every tracked client is too active to forget.
-    TableFull,
-}
-
 /// What the limiter said about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -78,7 +70,7 @@ pub(crate) enum Verdict {
     Pass { remaining: u32, reset: Nanos },
     /// Refused: the client is admitted if it comes back at `until` (and sends nothing
     /// meanwhile).
-    Refuse { until: Nanos, why: Refusal },
+    Refuse { until: Nanos },
 }
 
 /// A sliding window of 16 buckets (see the module docs).
@@ -237,7 +229,6 @@ impl KeyState {
                 } else {
                     Verdict::Refuse {
                         until: b.time_to(rate.count - 1, w).max(now),
-                        why: Refusal::Quota,
                     }
                 }
             }
@@ -247,10 +238,7 @@ impl KeyState {
                 let base = (*tat).max(now);
                 let admit_at = base.saturating_sub(tolerance);
                 if admit_at > now {
-                    return Verdict::Refuse {
-                        until: admit_at,
-                        why: Refusal::Quota,
-                    };
+                    return Verdict::Refuse { until: admit_at };
                 }
                 *tat = base.saturating_add(interval);
                 let room = now.saturating_add(tolerance).saturating_sub(*tat);
@@ -398,12 +386,7 @@ impl KeyTable {
             return state.hit(rate, now);
         }
         if self.keys.len() >= self.capacity {
-            if let Err(until) = self.make_room(rate, now) {
-                return Verdict::Refuse {
-                    until,
-                    why: Refusal::TableFull,
-                };
-            }
+            self.make_room(rate, now);
         }
         let mut state = self.restore(key, rate, now);
         let verdict = state.hit(rate, now);
@@ -440,39 +423,61 @@ impl KeyTable {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    /// Forgets the least-used of a few clients sampled at random, unless it is at its quota;
-    /// failing that, scans them all. Or says when one will be forgettable.
-    fn make_room(&mut self, rate: &Rate, now: Nanos) -> Result<(), Nanos> {
+    /// Forgets one client to make room for a new one: the least-used of a few sampled at
+    /// random if it is below its quota; failing that, the least-used of them all (a full scan,
+    /// at most once per time a client can have dropped below its quota); failing that (every
+    /// client is at its quota), the sampled client whose count clears first.
+    fn make_room(&mut self, rate: &Rate, now: Nanos) {
         let below = forgettable_below(rate);
         let len = self.keys.len() as u64;
-        let mut best: Option<(usize, u32)> = None;
-        for _ in 0..SAMPLES.min(self.keys.len()) {
+        let mut least: Option<(usize, u32)> = None;
+        let mut sampled = [0usize; SAMPLES];
+        let samples = SAMPLES.min(self.keys.len());
+        for slot in sampled.iter_mut().take(samples) {
             let index = (self.next_random() % len) as usize;
+            *slot = index;
             let used = match self.keys.get_index_mut(index) {
                 Some((_, state)) => state.used(rate, now),
                 None => continue,
             };
-            if best.is_none_or(|(_, least)| used < least) {
-                best = Some((index, used));
+            if least.is_none_or(|(_, fewest)| used < fewest) {
+                least = Some((index, used));
                 if used == 0 {
                     break;
                 }
             }
         }
-        if let Some((index, used)) = best.filter(|&(_, used)| used <= below) {
+        if let Some((index, used)) = least.filter(|&(_, used)| used <= below) {
             self.forget(index, used, rate, now);
-            return Ok(());
+            return;
         }
-        if now < self.forgettable_at {
-            return Err(self.forgettable_at);
+        if now >= self.forgettable_at && self.scan(below, rate, now) {
+            return;
         }
-        self.scan(below, rate, now)
+        // Every client is at its quota (quota-1 limits, or a flood that sends each fresh key
+        // its whole quota): refusing the newcomer would lock every newcomer out until one
+        // drops below, so the sampled client that clears first goes to the shadow, which
+        // keeps its count for its return.
+        let soonest = sampled[..samples]
+            .iter()
+            .filter_map(|&index| {
+                let (_, state) = self.keys.get_index(index)?;
+                Some((state.clear_at(rate, now), index))
+            })
+            .min();
+        if let Some((_, index)) = soonest {
+            let used = self
+                .keys
+                .get_index_mut(index)
+                .map_or(0, |(_, state)| state.used(rate, now));
+            self.forget(index, used, rate, now);
+        }
     }
 
-    /// Looks at every client: forgets the least-used if it is forgettable, and notes when the
-    /// next one will be.
+    /// Looks at every client: forgets the least-used if it is below its quota (true), and
+    /// notes when the next one will be.
     #[cold]
-    fn scan(&mut self, below: u32, rate: &Rate, now: Nanos) -> Result<(), Nanos> {
+    fn scan(&mut self, below: u32, rate: &Rate, now: Nanos) -> bool {
         let mut least: Option<(usize, u32)> = None;
         let mut first = Nanos::MAX;
         let mut second = Nanos::MAX;
@@ -495,15 +500,15 @@ impl KeyTable {
                 // than one is forgettable: `second` is then `now` too).
                 self.forgettable_at = second;
                 self.forget(index, used, rate, now);
-                Ok(())
+                true
             }
             None => {
                 self.forgettable_at = first;
                 tracing::debug!(
                     tracked = self.keys.len(),
-                    "key table full of active clients: a new client waits"
+                    "key table full of clients at their quota: the one that clears first is shadowed"
                 );
-                Err(first)
+                false
             }
         }
     }

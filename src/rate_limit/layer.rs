@@ -148,9 +148,6 @@ pub struct Rejection {
 pub enum RejectReason {
     /// The client's quota for the route is used up: `429`, with `Retry-After`.
     Quota,
-    /// The client is new, and every client the route tracks has used too much of its quota
-    /// to be forgotten: `429`, with `Retry-After` at the time one can be.
-    KeyTableFull,
     /// The shared store is away and fails closed: `429`, `Retry-After: 1`.
     StoreUnavailable,
     /// The request carries no client key and the layer refuses such requests

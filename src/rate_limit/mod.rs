@@ -101,9 +101,11 @@
 //! **Routing.** Patterns match as axum routes: the most specific path first (static over
 //! parameter over wildcard, whatever the methods), then the method, and a `HEAD` request
 //! counts under the `GET` route of its path. Paths are matched as sent, byte for byte (axum
-//! does not decode percent-escapes, fold case, merge slashes or drop a trailing slash before
-//! routing, and neither does the layer): no form of a request that reaches a handler escapes
-//! its route's quota. Inside `Router::nest` and `nest_service` axum strips the prefix from
+//! does not decode percent-escapes, fold case or drop a trailing slash before routing, and
+//! neither does the layer), but for runs of `/`, read as one: axum's nesting strips its
+//! prefix segment by segment, so `/svc//v2/generate` reaches the handler nested at
+//! `/v2/generate`, and counts as `/svc/v2/generate`. No form of a request that reaches a
+//! handler escapes its route's quota. Inside `Router::nest` and `nest_service` axum strips the prefix from
 //! the URI; with the `axum` feature the layer reads the path the client sent (`OriginalUri`),
 //! so patterns are always written in full. Without the feature, put the layer on the
 //! outermost router. A service that reads the path its own way (tower-http's `ServeDir`
@@ -120,16 +122,21 @@
 //! `w=60`). A route tracks at most [`Builder::max_keys`] clients (65,536 by default: about
 //! 12 MiB).
 //!
-//! **Floods.** A flood of fresh keys cannot grow memory, lock newcomers out, or free a client
-//! at its quota, whatever it sends per key: a new client at a full table takes the place of
-//! the least-used of 16 sampled clients, unless that one is at its quota. Its count goes to a
-//! fixed-size shadow table and is restored if it comes back while the count still matters;
-//! the shadow drops a count only for a heavier one, so a client at its quota is never lost. A
-//! client below its quota whose count was dropped starts afresh, and can exceed its quota in
-//! that window by what it had counted (less than the quota; a flood of `u` requests per key
-//! does this only to clients that had counted at most `u`). A table whose every client is at
-//! its quota (quota-1 limits, say) refuses a newcomer with `Retry-After` at the time the first
-//! of them drops below it, and admits it then.
+//! **Floods.** A flood of fresh keys can neither grow memory nor lock newcomers out,
+//! whatever it sends per key. A new client at a full table takes the place of the least-used
+//! of 16 sampled clients if that one is below its quota, else of the least-used client of all
+//! (a full scan, at most once per time one can have dropped below), else, when every tracked
+//! client is at its quota (quota-1 limits, or a flood that sends each fresh key its whole
+//! quota), of the sampled client whose count clears first. A forgotten client's count goes to
+//! a fixed-size shadow table and is restored if it comes back while the count still matters;
+//! the shadow drops a count only for a heavier one. The price, with bounded memory against an
+//! unbounded supply of keys: a client whose count the shadow dropped starts afresh, and can
+//! exceed its quota in that window by what it had counted (at most its quota). While any
+//! tracked client is below its quota, only such clients are forgotten, so a client at its
+//! quota is never let through; a flood of `u` requests per key costs this only to clients
+//! that had counted at most `u`, and one that keeps every tracked client at its quota (which
+//! costs it the whole quota of every fresh key it uses) also to clients at their quota, once
+//! both their shadow cells are taken by heavier counts.
 //!
 //! [`Quota`]: crate::Quota
 

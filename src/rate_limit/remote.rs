@@ -255,7 +255,13 @@ impl SharedTurn {
 }
 
 impl Drop for SharedTurn {
+    /// A turn that ends without a place (the request was dropped, refused, or the store
+    /// failed) may still have one in the store: an acquire whose answer was never read, or
+    /// came too late, took it. It is given back as never taken; nothing was sent.
     fn drop(&mut self) {
         self.leave_queue();
+        if !self.member.is_empty() {
+            self.store.cancel(&self.key, &self.member, &self.rate);
+        }
     }
 }

@@ -22,7 +22,7 @@ use super::layer::{Reject, RejectConfig, RejectReason, RejectResponse, Rejection
 use super::service::RateLimitByRouteService;
 use crate::clock::Nanos;
 use crate::headers;
-use crate::limiter::keyed::{KeyTable, Refusal, Verdict};
+use crate::limiter::keyed::{KeyTable, Verdict};
 use crate::quota::{Quota, Rate};
 use crate::route::request_path;
 use crate::store::{Decision, FailMode, Op, StoreError};
@@ -122,13 +122,10 @@ impl KeyedRoute {
                 }))
             }
             Verdict::Pass { .. } => Ok(None),
-            Verdict::Refuse { until, why } => Err(Refused {
+            Verdict::Refuse { until } => Err(Refused {
                 wait: Duration::from_nanos(until.saturating_sub(now)),
                 quota: rate.quota,
-                reason: match why {
-                    Refusal::Quota => RejectReason::Quota,
-                    Refusal::TableFull => RejectReason::KeyTableFull,
-                },
+                reason: RejectReason::Quota,
             }),
         }
     }
@@ -178,7 +175,7 @@ where
         let shared = &self.mode.0;
         let Some(index) = shared
             .table
-            .lookup(request.method(), request_path(&request))
+            .lookup(request.method(), &request_path(&request))
         else {
             return RejectFuture::inner(self.inner.call(request), None);
         };

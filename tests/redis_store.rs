@@ -402,9 +402,11 @@ async fn a_place_being_given_back_when_the_caller_gives_up_is_still_given_back()
     let mut first = tokio_test::task::spawn(service.call(request()));
     assert!(first.poll().is_pending(), "asking the store");
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = first.poll();
     assert!(
-        first.poll().is_pending(),
-        "sent, answered, giving its place back"
+        second.is_pending(),
+        "sent, answered, giving its place back: {:?}",
+        second.map(|r| r.map(|_| ()))
     );
     // The caller gives up on the answer while the place is given back: the change still
     // reaches the store, and the place frees a period after the response, not with its lease.
@@ -576,7 +578,8 @@ async fn a_fleet_of_axum_servers_enforces_one_quota_per_key() {
         assert_eq!(passed, 10, "{key}: one quota across the fleet");
         assert_eq!(refused.len(), 20);
         assert!(
-            refused.iter().all(|&s| (1..=30).contains(&s)),
+            // A sliding window of 16 buckets frees up to a sixteenth of the period late.
+            refused.iter().all(|&s| (1..=32).contains(&s)),
             "{refused:?}"
         );
     }
@@ -952,5 +955,47 @@ async fn a_request_dropped_during_its_acquire_leaves_no_place_held() {
             "{held} places held in Redis for {sent} requests sent"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_fleets_client_takes_a_few_bytes_of_redis_at_any_quota() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let redis = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let client = http_client();
+    for (name, quota) in [
+        ("minute", Quota::per_minute(600)),
+        ("hour", Quota::per_hour(10_000)),
+    ] {
+        let prefix = unique_prefix(name);
+        let api = limited_server(&url, &prefix, quota, FailMode::Closed).await;
+        let mut passed = 0;
+        for _ in 0..700 {
+            passed += u32::from(send_keyed(&client, api, "heavy").await.status() == StatusCode::OK);
+        }
+        assert_eq!(passed, quota.count().min(700), "{name}");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{prefix}*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let mut bytes = 0;
+        for key in &keys {
+            let used: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            bytes += used.unwrap_or(0);
+        }
+        println!(
+            "{name}: {passed} of 700 admitted, {} keys, {bytes} bytes in Redis",
+            keys.len()
+        );
+        assert!(bytes <= 512, "{name}: {bytes} bytes in {keys:?}");
     }
 }

@@ -4,6 +4,8 @@
 --          (sliding window: every request holding a place; GCRA: requests in flight)
 -- KEYS[2]  GCRA's theoretical arrival time (microseconds)
 -- KEYS[3]  set while the route is closed by a server's 429
+-- KEYS[4]  a server's sliding window for one client: requests per bucket of a sixteenth of
+--          the period (a hash: bucket index -> count), a few bytes at any quota
 -- ARGV     op ('acquire' | 'hit' | 'release' | 'abandon' | 'cancel'), algorithm ('window' |
 --          'gcra'), count, period, margin, interval, burst, in-flight lease (all times in
 --          microseconds), member, span (release: how long a 429 closes the route, 0 for none;
@@ -102,6 +104,49 @@ if blocked > 0 then
   return {0, blocked * 1000}
 end
 redis.call('ZREMRANGEBYSCORE', holders, '-inf', int(now))
+
+if op == 'hit' and algorithm == 'window' then
+  -- A server's client: counts in 16 buckets of a sixteenth of the period, as in memory (see
+  -- `limiter::keyed`), so a client costs the same few bytes at any quota. A request counts
+  -- for its bucket and the 16 after it; it is admitted while fewer than `count` are counted.
+  local buckets = KEYS[4]
+  local w = math.ceil(period / 16)
+  local index = math.floor(now / w)
+  local counted, total, stale = {}, 0, {}
+  local raw = redis.call('HGETALL', buckets)
+  for i = 1, #raw, 2 do
+    local b, n = tonumber(raw[i]), tonumber(raw[i + 1])
+    if b < index - 16 then
+      stale[#stale + 1] = raw[i]
+    else
+      counted[#counted + 1] = {b, n}
+      total = total + n
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', buckets, unpack(stale))
+  end
+  table.sort(counted, function(x, y) return x[1] < y[1] end)
+  if total < count then
+    redis.call('HINCRBY', buckets, int(index), 1)
+    redis.call('PEXPIRE', buckets, math.ceil(17 * w / 1000) + 1000)
+    -- What remains, and when: everything counted is gone, or (none left) a place frees.
+    local remaining, reset = count - total - 1, (index + 17) * w - now
+    if remaining == 0 and counted[1] then
+      reset = (counted[1][1] + 17) * w - now
+    end
+    return {1, int(reset), remaining}
+  end
+  -- Refused: admitted once the oldest buckets free enough.
+  local freed = 0
+  for _, bucket in ipairs(counted) do
+    freed = freed + bucket[2]
+    if total - freed < count then
+      return {0, math.max((bucket[1] + 17) * w - now, 1)}
+    end
+  end
+  return {0, 1}
+end
 
 if algorithm == 'window' then
   local n = redis.call('ZCARD', holders)

@@ -24,8 +24,9 @@ use crate::quota::Rate;
 /// connections.
 ///
 /// - Rates run as atomic Lua scripts on Redis's own clock (`TIME`), so the processes' clocks do
-///   not matter: a sliding window is a sorted set of the places held, GCRA a stored
-///   theoretical arrival time. Keys are `{prefix:…}` (one Redis Cluster slot per limit) and
+///   not matter: a client's sliding window is a sorted set of the places held (exact, as in
+///   memory), a server's per-client window 16 bucket counts (a few bytes at any quota, as in
+///   memory), GCRA a stored theoretical arrival time. Keys are `{prefix:…}` (one Redis Cluster slot per limit) and
 ///   expire once idle.
 /// - A request waiting for its turn sleeps until the time the script names, and is woken
 ///   early by a release anywhere in the fleet (pub/sub, resubscribed after a reconnect), with
@@ -178,6 +179,7 @@ impl RedisStore {
             format!("{key}:held"),
             format!("{key}:tat"),
             format!("{key}:closed"),
+            format!("{key}:buckets"),
         ];
         let nanos = |n: u64| micros(Duration::from_nanos(n));
         let args = vec![

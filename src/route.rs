@@ -46,6 +46,12 @@ impl Pattern {
         if !path.starts_with('/') {
             return Err(invalid("the path must start with `/`"));
         }
+        if path.contains("//") {
+            // Requests are matched with runs of `/` read as one, so this would match nothing.
+            return Err(invalid(
+                "an empty segment (`//`) never matches: requests are matched with runs of `/` read as one",
+            ));
+        }
         Ok(Self {
             method,
             path: path.to_owned(),
@@ -92,7 +98,7 @@ pub(crate) fn request_path<B>(request: &Request<B>) -> Cow<'_, str> {
 }
 
 /// `path` with every run of `/` made one.
-fn single_slashes(path: &str) -> Cow<'_, str> {
+pub(crate) fn single_slashes(path: &str) -> Cow<'_, str> {
     if !path.contains("//") {
         return Cow::Borrowed(path);
     }
@@ -393,6 +399,8 @@ mod tests {
             "GET /a /b",
             "GET /{id",
             "GET /{*rest}/x",
+            "GET /v2//generate",
+            "GET //v2/generate",
             "",
         ] {
             match table(&[bad]) {

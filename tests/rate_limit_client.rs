@@ -991,3 +991,30 @@ async fn a_queue_of_zero_never_waits() {
     assert_eq!(times(&log), [secs(0.0), secs(0.0)]);
     assert_eq!(start.elapsed(), Duration::ZERO);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_doubled_slash_is_counted_under_the_route_a_server_may_take_it_for() {
+    // Before: `/v2//generate` matched no route and went at once, uncounted.
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, ok);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_second(1))
+        .safety_margin(Duration::ZERO)
+        .build()
+        .unwrap();
+    let requests = vec![
+        req(Method::POST, "/v2/generate"),
+        req(Method::POST, "/v2//generate"),
+        req(Method::POST, "//v2/generate"),
+    ];
+    run_all(limits.layer(api), requests).await;
+    assert_eq!(times(&log), [0.0, 1.0, 2.0].map(secs).to_vec());
+}
+
+#[test]
+fn a_pattern_with_an_empty_segment_is_a_config_error() {
+    let built = RateLimitByRoute::builder()
+        .route("POST /v2//generate", Quota::per_second(1))
+        .build();
+    assert!(matches!(built, Err(ConfigError::InvalidRoute { .. })));
+}

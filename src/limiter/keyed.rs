@@ -27,30 +27,37 @@
 //!
 //! Each [`KeyTable`] holds at most `capacity` clients. A new client arriving at a full table
 //! takes the place of the least-used of 16 clients sampled at random if that one is below its
-//! quota (its next request would pass); else of the least-used of all, found by a full scan
-//! at most once per time a client can have dropped below its quota; else (every client is at
-//! its quota) of the sampled client whose count clears first. A forgotten client's count goes
-//! to a fixed-size shadow table, under a 32-bit fingerprint of its key in one of two cells,
-//! and is restored from there, rounded up, if it comes back while the count still matters.
-//! When both cells are taken, the shadow keeps the heavier of the two counts (more requests,
-//! then later to clear) and loses the lighter. So:
+//! quota (its next request would pass); else of a client known to be below its quota: the
+//! last full scan keeps the `capacity / 16` clients that drop below soonest as candidates,
+//! newcomers join them, and a new scan runs only once a client outside them may have dropped
+//! below (so a flood costs a few clients looked at per fresh key, never a scan per key); else
+//! (every client is at its quota) of the sampled client whose count clears first.
+//!
+//! A forgotten client goes to a fixed-size shadow table, as many slots as the table holds
+//! clients (rounded up to a power of two), under a 32-bit fingerprint of its key in any slot
+//! of two buckets of four: its requests counted, when one of them stops counting and when the
+//! last does. It is restored from there, rounded up, if it comes back while the count still
+//! matters, and a client told to come back at a time is admitted then, forgotten meanwhile or
+//! not; it keeps its slot while that count matters, so that forgotten again it finds it
+//! there. When all eight slots hold counts that still matter, the shadow keeps the heavier: a
+//! count is dropped only for one of more requests, never for an equal one. So:
 //!
 //! - a newcomer is always admitted, whatever the flood sends per key, and it starts with
 //!   nothing counted unless the shadow remembers it: it never inherits another client's count;
-//! - while any tracked client is below its quota, no client at its quota is forgotten, and its
-//!   count is never lost from the shadow for a lighter one, so no flood of fresh keys that
-//!   leaves a client below its quota can let a client at its quota through;
-//! - a forgotten client that comes back is restored unless both its shadow cells were taken
-//!   meanwhile by clients forgotten with at least as many requests counted. Only then does it
-//!   start afresh, and it can exceed its quota in that window by what it had counted when it
-//!   was forgotten (at most its quota, and usually far less: the least-used client goes
-//!   first). A flood that fills the table and the shadow with clients that each sent `u`
-//!   requests makes this happen to the clients that had counted at most `u`; one that sends a
-//!   request per key, to clients that had counted at most one; only a flood that sends every
-//!   fresh key its whole quota (quota-1 limits make that one request a key) reaches clients
-//!   at their quota. Refusing newcomers instead would hand such a flood every new client.
+//! - while any tracked client is below its quota, no client at its quota is forgotten, and a
+//!   forgotten client's count is never dropped for a lighter or equal one, so no flood of
+//!   fresh keys that leaves a client below its quota can let a client at its quota through;
+//! - a forgotten client that comes back is restored unless it found all eight of its slots
+//!   taken by heavier counts, or by at least as heavy ones when it was forgotten. Only then
+//!   does it start afresh, and it can exceed its quota in that window by what it had counted
+//!   (at most its quota, and usually far less: the least-used client goes first). For a
+//!   client at its quota, that takes a flood that sends each fresh key its whole quota (quota-1
+//!   limits make that one request a key) and fills the shadow, about as many such keys as the
+//!   table holds, with counts still live, before the flood sampled the client to forget it.
+//!   Refusing newcomers instead would hand such a flood every new client.
 
 use indexmap::IndexMap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use crate::clock::Nanos;
@@ -257,8 +264,7 @@ impl KeyState {
 
     /// Adapts the state to a new rate, keeping what it has counted (in requests).
     fn change_rate(&mut self, old: &Rate, new: &Rate, now: Nanos) {
-        let used = self.used(old, now);
-        let clear_at = self.clear_at(old, now);
+        let was = self.summary(old, now);
         match (&mut *self, new.is_gcra()) {
             (Self::Window(b), false) if width(old) == width(new) => {
                 // Same buckets: the new count applies to them as they are.
@@ -269,33 +275,60 @@ impl KeyState {
                 *tat = now.saturating_add(scale(*tat - now, new.interval, old.interval));
             }
             (Self::Gcra { .. }, true) => {}
-            _ => *self = Self::restored(new, used, clear_at, now),
+            _ => *self = Self::restored(new, was, now),
         }
     }
 
-    /// A client known to have `used` requests counted until `until`, counted no less and no
-    /// shorter.
-    fn restored(rate: &Rate, used: u32, until: Nanos, now: Nanos) -> Self {
+    /// What the client has counted now, when one of them stops counting (the time a refusal
+    /// names) and when all of them have: all a forgotten client is remembered by.
+    fn summary(&mut self, rate: &Rate, now: Nanos) -> Summary {
+        let used = self.used(rate, now);
+        Summary {
+            used,
+            sooner: self.time_to(rate, used.saturating_sub(1), now),
+            until: self.clear_at(rate, now),
+        }
+    }
+
+    /// A client known to have counted what `was` says, counted no less and no shorter: one
+    /// request until `was.sooner`, the others until `was.until`. A client told to come back at
+    /// `sooner` is admitted then, whether it was forgotten meanwhile or not.
+    fn restored(rate: &Rate, was: Summary, now: Nanos) -> Self {
         if rate.is_gcra() {
-            let level = now.saturating_add(rate.interval.saturating_mul(u64::from(used)));
+            let level = now.saturating_add(rate.interval.saturating_mul(u64::from(was.used)));
             return Self::Gcra {
-                tat: until.max(level),
+                tat: was.until.max(level),
             };
         }
         let w = width(rate);
         let now_index = now / w;
         let mut buckets = Buckets::new(now_index);
-        if used > 0 && until > now {
-            // The bucket whose count lasts until `until` or just after, and not in the future.
-            let index = until
+        // The bucket whose count lasts until `at` or just after, and not in the future.
+        let bucket = |at: Nanos| {
+            let index = at
                 .div_ceil(w)
                 .saturating_sub(RING as u64)
                 .clamp(now_index.saturating_sub(BUCKETS), now_index);
-            buckets.counts[(index % RING as u64) as usize] = used;
-            buckets.total = used;
+            (index % RING as u64) as usize
+        };
+        if was.used > 0 && was.until > now {
+            buckets.counts[bucket(was.until)] = was.used - 1;
+            buckets.total = was.used - 1;
+            if was.sooner > now {
+                buckets.counts[bucket(was.sooner.min(was.until))] += 1;
+                buckets.total += 1;
+            }
         }
         Self::Window(buckets)
     }
+}
+
+/// A client's count, in three numbers (see [`KeyState::summary`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Summary {
+    used: u32,
+    sooner: Nanos,
+    until: Nanos,
 }
 
 /// The requests a client may have counted and still be forgotten: fewer than its quota.
@@ -333,14 +366,17 @@ impl Hasher for KeyHasher {
     }
 }
 
-/// What the shadow table remembers of one forgotten client.
+/// Slots per shadow bucket: a forgotten client goes to any slot of its two buckets.
+const SLOTS: usize = 4;
+
+/// What the shadow table remembers of one forgotten client (its [`Summary`]).
 #[derive(Debug, Clone, Copy, Default)]
 struct Shadow {
     /// The client's key, in 32 bits.
     fingerprint: u32,
-    /// Requests it had counted.
     used: u32,
-    /// When they stop counting; the cell is empty from then on.
+    sooner: Nanos,
+    /// The slot is free from then on.
     until: Nanos,
     #[cfg(test)]
     key: u64,
@@ -351,15 +387,21 @@ struct Shadow {
 pub(crate) struct KeyTable {
     keys: IndexMap<u64, KeyState, BuildHasherDefault<KeyHasher>>,
     capacity: usize,
-    /// Forgotten clients, in one of two cells per key; made when the table first forgets one.
+    /// Forgotten clients, in buckets of [`SLOTS`]; made when the table first forgets one.
     shadow: Box<[Shadow]>,
-    /// No tracked client becomes forgettable before this time (from the last full scan).
+    /// Clients that may be below their quota from the time beside them, the soonest at the
+    /// back: those the last full scan found soonest, then the newcomers since.
+    candidates: VecDeque<(Nanos, u64)>,
+    /// No tracked client but the candidates drops below its quota before this time.
     forgettable_at: Nanos,
     random: u64,
     /// Keys whose forgotten count was dropped from the shadow, and that count, in order
     /// (tests).
     #[cfg(test)]
     lost: Vec<(u64, u32)>,
+    /// Clients looked at by full scans (tests).
+    #[cfg(test)]
+    scanned: usize,
 }
 
 impl KeyTable {
@@ -369,10 +411,13 @@ impl KeyTable {
             keys: IndexMap::default(),
             capacity: capacity.max(1),
             shadow: Box::default(),
+            candidates: VecDeque::new(),
             forgettable_at: 0,
             random: seed | 1,
             #[cfg(test)]
             lost: Vec::new(),
+            #[cfg(test)]
+            scanned: 0,
         }
     }
 
@@ -390,10 +435,9 @@ impl KeyTable {
         }
         let mut state = self.restore(key, rate, now);
         let verdict = state.hit(rate, now);
-        // A new client may become forgettable before any tracked one.
-        self.forgettable_at =
-            self.forgettable_at
-                .min(state.time_to(rate, forgettable_below(rate), now));
+        // A new client may drop below its quota before any tracked one.
+        let at = state.time_to(rate, forgettable_below(rate), now);
+        self.note(at, key, now);
         let len = self.keys.len();
         if len == self.keys.capacity() {
             // Grown by hand, never past the table's size: the map's own growth would reserve
@@ -410,7 +454,32 @@ impl KeyTable {
         for state in self.keys.values_mut() {
             state.change_rate(old, new, now);
         }
+        self.candidates.clear();
         self.forgettable_at = 0;
+    }
+
+    /// Notes that client `key` is below its quota from `at` on.
+    fn note(&mut self, at: Nanos, key: u64, now: Nanos) {
+        if at >= self.forgettable_at {
+            return;
+        }
+        if at > now {
+            self.forgettable_at = at;
+            return;
+        }
+        if self.candidates.len() >= self.candidate_room() {
+            // The candidate of the latest time goes, and the bound with it.
+            if let Some((at, _)) = self.candidates.pop_front() {
+                self.forgettable_at = self.forgettable_at.min(at);
+            }
+        }
+        self.candidates.push_back((now, key));
+    }
+
+    /// How many candidates a scan keeps: enough that a scan's cost, spread over the newcomers
+    /// that use them, is a few clients looked at per newcomer.
+    fn candidate_room(&self) -> usize {
+        (self.capacity / SAMPLES).max(SAMPLES).min(self.capacity)
     }
 
     fn next_random(&mut self) -> u64 {
@@ -424,9 +493,10 @@ impl KeyTable {
     }
 
     /// Forgets one client to make room for a new one: the least-used of a few sampled at
-    /// random if it is below its quota; failing that, the least-used of them all (a full scan,
-    /// at most once per time a client can have dropped below its quota); failing that (every
-    /// client is at its quota), the sampled client whose count clears first.
+    /// random if it is below its quota; failing that, a candidate below its quota (from the
+    /// last full scan, or a newcomer since), scanning again if a client outside them may have
+    /// dropped below; failing that (every client is at its quota), the sampled client whose
+    /// count clears first.
     fn make_room(&mut self, rate: &Rate, now: Nanos) {
         let below = forgettable_below(rate);
         let len = self.keys.len() as u64;
@@ -451,8 +521,18 @@ impl KeyTable {
             self.forget(index, used, rate, now);
             return;
         }
-        if now >= self.forgettable_at && self.scan(below, rate, now) {
+        if self.forget_candidate(below, rate, now) {
             return;
+        }
+        if now >= self.forgettable_at {
+            self.scan(below, rate, now);
+            if self.forget_candidate(below, rate, now) {
+                return;
+            }
+            tracing::debug!(
+                tracked = self.keys.len(),
+                "key table full of clients at their quota: the one that clears first is shadowed"
+            );
         }
         // Every client is at its quota (quota-1 limits, or a flood that sends each fresh key
         // its whole quota): refusing the newcomer would lock every newcomer out until one
@@ -474,90 +554,109 @@ impl KeyTable {
         }
     }
 
-    /// Looks at every client: forgets the least-used if it is below its quota (true), and
-    /// notes when the next one will be.
-    #[cold]
-    fn scan(&mut self, below: u32, rate: &Rate, now: Nanos) -> bool {
-        let mut least: Option<(usize, u32)> = None;
-        let mut first = Nanos::MAX;
-        let mut second = Nanos::MAX;
-        for (index, (_, state)) in self.keys.iter_mut().enumerate() {
+    /// Forgets the soonest candidate that is below its quota now, if any.
+    fn forget_candidate(&mut self, below: u32, rate: &Rate, now: Nanos) -> bool {
+        while let Some(&(at, key)) = self.candidates.back() {
+            if at > now {
+                // The candidates are in order of time, but for newcomers, noted at `now`.
+                return false;
+            }
+            self.candidates.pop_back();
+            let Some((index, _, state)) = self.keys.get_full_mut(&key) else {
+                continue;
+            };
             let used = state.used(rate, now);
-            if used <= below && least.is_none_or(|(_, u)| used < u) {
-                least = Some((index, used));
-            }
-            let at = state.time_to(rate, below, now);
-            if at < first {
-                second = first;
-                first = at;
-            } else if at < second {
-                second = at;
-            }
-        }
-        match least {
-            Some((index, used)) => {
-                // The next forgettable one is at `second` at the earliest (or now, if more
-                // than one is forgettable: `second` is then `now` too).
-                self.forgettable_at = second;
+            if used <= below {
                 self.forget(index, used, rate, now);
-                true
+                return true;
             }
-            None => {
-                self.forgettable_at = first;
-                tracing::debug!(
-                    tracked = self.keys.len(),
-                    "key table full of clients at their quota: the one that clears first is shadowed"
-                );
-                false
+            // It has counted more since it was noted.
+            let at = state.time_to(rate, below, now);
+            self.forgettable_at = self.forgettable_at.min(at);
+        }
+        false
+    }
+
+    /// Looks at every client and keeps as candidates those that drop below their quota
+    /// soonest (the least-used first among those already below); the others do so no sooner
+    /// than `forgettable_at`. Runs only when a client outside the candidates may have dropped
+    /// below its quota, so its cost is spread over the candidates it finds.
+    #[cold]
+    fn scan(&mut self, below: u32, rate: &Rate, now: Nanos) {
+        let room = self.candidate_room();
+        let mut soonest = BinaryHeap::with_capacity(room + 1);
+        let mut next = Nanos::MAX;
+        for (&key, state) in self.keys.iter_mut() {
+            let used = state.used(rate, now);
+            soonest.push((state.time_to(rate, below, now), used, key));
+            if soonest.len() > room {
+                if let Some((at, _, _)) = soonest.pop() {
+                    next = next.min(at);
+                }
             }
         }
+        #[cfg(test)]
+        {
+            self.scanned += self.keys.len();
+        }
+        self.forgettable_at = next;
+        self.candidates.clear();
+        let sorted = soonest.into_sorted_vec();
+        self.candidates
+            .extend(sorted.into_iter().rev().map(|(at, _, key)| (at, key)));
     }
 
     fn forget(&mut self, index: usize, used: u32, rate: &Rate, now: Nanos) {
-        let Some((key, state)) = self.keys.swap_remove_index(index) else {
+        let Some((key, mut state)) = self.keys.swap_remove_index(index) else {
             return;
         };
         if used == 0 {
             return;
         }
-        let until = state.clear_at(rate, now);
+        let was = state.summary(rate, now);
         if self.shadow.is_empty() {
-            let cells = self.capacity.next_power_of_two().max(64);
-            self.shadow = vec![Shadow::default(); cells].into_boxed_slice();
+            let slots = self.capacity.next_power_of_two().max(64);
+            self.shadow = vec![Shadow::default(); slots].into_boxed_slice();
         }
         let ghost = Shadow {
             fingerprint: fingerprint(key),
-            used,
-            until,
+            used: was.used,
+            sooner: was.sooner,
+            until: was.until,
             #[cfg(test)]
             key,
         };
-        // Its own cell, else an empty one, else the lighter of the two if it is lighter still.
-        let [a, b] = self.cells(key);
-        let cell = [a, b]
-            .into_iter()
-            .find(|&c| {
-                self.shadow[c].until > now && self.shadow[c].fingerprint == ghost.fingerprint
-            })
-            .or_else(|| [a, b].into_iter().find(|&c| self.shadow[c].until <= now))
-            .or_else(|| {
-                let lighter = |c: usize| (self.shadow[c].used, self.shadow[c].until);
-                let c = if lighter(a) <= lighter(b) { a } else { b };
-                (lighter(c) <= (used, until)).then_some(c)
-            });
-        #[cfg(test)]
-        match cell {
-            Some(c)
-                if self.shadow[c].until > now
-                    && self.shadow[c].fingerprint != ghost.fingerprint =>
-            {
-                self.lost.push((self.shadow[c].key, self.shadow[c].used))
+        // Its own slot, else a free one, else the lightest if it counted fewer requests: a
+        // count is never dropped for one that is not heavier.
+        let mut own = None;
+        let mut free = None;
+        let mut lightest: Option<usize> = None;
+        for slot in self.slots(key) {
+            let cell = &self.shadow[slot];
+            if cell.until <= now {
+                free = free.or(Some(slot));
+            } else if cell.fingerprint == ghost.fingerprint {
+                own = Some(slot);
+                break;
+            } else if lightest.is_none_or(|l| {
+                (cell.used, cell.until) < (self.shadow[l].used, self.shadow[l].until)
+            }) {
+                lightest = Some(slot);
             }
-            None => self.lost.push((key, used)),
+        }
+        let slot = own
+            .or(free)
+            .or(lightest.filter(|&l| self.shadow[l].used < ghost.used));
+        #[cfg(test)]
+        match slot {
+            Some(s) if s != own.unwrap_or(usize::MAX) && self.shadow[s].until > now => {
+                self.lost.push((self.shadow[s].key, self.shadow[s].used))
+            }
+            None => self.lost.push((key, ghost.used)),
             _ => {}
         }
-        if let Some(cell) = cell {
-            self.shadow[cell] = ghost;
+        if let Some(slot) = slot {
+            self.shadow[slot] = ghost;
         }
     }
 
@@ -565,22 +664,34 @@ impl KeyTable {
     fn restore(&mut self, key: u64, rate: &Rate, now: Nanos) -> KeyState {
         if !self.shadow.is_empty() {
             let fingerprint = fingerprint(key);
-            for cell in self.cells(key) {
-                let ghost = self.shadow[cell];
+            for slot in self.slots(key) {
+                let ghost = self.shadow[slot];
                 if ghost.until > now && ghost.fingerprint == fingerprint {
-                    self.shadow[cell] = Shadow::default();
-                    return KeyState::restored(rate, ghost.used, ghost.until, now);
+                    // The slot stays its own while its count matters: forgotten again, it
+                    // finds it there, whatever filled the shadow meanwhile.
+                    let was = Summary {
+                        used: ghost.used,
+                        sooner: ghost.sooner,
+                        until: ghost.until,
+                    };
+                    return KeyState::restored(rate, was, now);
                 }
             }
         }
         KeyState::new(rate, now)
     }
 
-    /// A key's two cells, from bits of it that choose neither its shard (the lowest four) nor
-    /// its fingerprint (the highest 32, for tables of up to 65,536 cells).
-    fn cells(&self, key: u64) -> [usize; 2] {
-        let mask = self.shadow.len() as u64 - 1;
+    /// A key's two buckets, from bits of it that choose neither its shard (the lowest four)
+    /// nor its fingerprint (the highest 32, for shadows of up to 65,536 buckets).
+    fn buckets(&self, key: u64) -> [usize; 2] {
+        let mask = (self.shadow.len() / SLOTS) as u64 - 1;
         [((key >> 4) & mask) as usize, ((key >> 20) & mask) as usize]
+    }
+
+    /// The slots of a key's two buckets.
+    fn slots(&self, key: u64) -> [usize; 2 * SLOTS] {
+        let [a, b] = self.buckets(key);
+        std::array::from_fn(|i| if i < SLOTS { a * SLOTS + i } else { b * SLOTS + i - SLOTS })
     }
 }
 

@@ -284,12 +284,22 @@ proptest! {
         let below = forgettable_below(&rate) as usize;
         let mut table = KeyTable::new(capacity);
         let mut admitted: std::collections::HashMap<u64, Vec<Nanos>> = Default::default();
+        let mut told: std::collections::HashMap<u64, Nanos> = Default::default();
         let mut now = 0;
         for (client, gap) in requests {
             now += gap * MS / 10;
             let key = (client % clients).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            if passes(table.hit(key, &rate, now)) {
-                admitted.entry(key).or_default().push(now);
+            match table.hit(key, &rate, now) {
+                Verdict::Pass { .. } => {
+                    admitted.entry(key).or_default().push(now);
+                    told.remove(&key);
+                }
+                Verdict::Refuse { until } => {
+                    // A client that comes back when told is admitted, forgotten meanwhile or
+                    // not.
+                    prop_assert!(told.get(&key).is_none_or(|&at| now < at));
+                    told.insert(key, until);
+                }
             }
             prop_assert!(table.len() <= capacity);
         }
@@ -304,17 +314,100 @@ proptest! {
 }
 
 #[test]
-fn the_shadow_uses_all_its_cells_for_the_keys_of_one_shard() {
-    let mut table = KeyTable::new(64);
-    table.shadow = vec![Shadow::default(); 64].into_boxed_slice();
+fn the_shadow_uses_all_its_buckets_for_the_keys_of_one_shard() {
+    let mut table = KeyTable::new(256);
+    table.shadow = vec![Shadow::default(); 256].into_boxed_slice();
     // The keys of one shard share their lowest four bits.
     let keys = (0..4_096u64).map(|i| RandomState::new().hash_one(i) & !0xf);
     let mut first = std::collections::HashSet::new();
     let mut second = std::collections::HashSet::new();
     for key in keys {
-        let [a, b] = table.cells(key);
+        let [a, b] = table.buckets(key);
         first.insert(a);
         second.insert(b);
     }
     assert_eq!((first.len(), second.len()), (64, 64));
+}
+
+#[test]
+fn a_full_quota_flood_never_lets_through_a_client_it_displaced() {
+    // Before: the shadow dropped a count for any as heavy that cleared later, though its other
+    // cell was free, and a client at its quota went through in five trials of five.
+    for trial in 0..5u64 {
+        let rate = rate(Quota::per_hour(5));
+        let mut table = KeyTable::new(1_000);
+        let victim = RandomState::new().hash_one(("victim", trial));
+        for i in 0..5 {
+            assert!(passes(table.hit(victim, &rate, i * MS)));
+        }
+        let mut now = SEC;
+        let mut told = None;
+        for n in 1..=16_000u64 {
+            let key = RandomState::new().hash_one((trial, n));
+            for _ in 0..5 {
+                now += MS / 10;
+                assert!(passes(table.hit(key, &rate, now)), "flood key refused");
+            }
+            // The victim tries again now and then, and is refused each time with the same
+            // truthful time.
+            if n % 500 == 0 {
+                let Verdict::Refuse { until } = table.hit(victim, &rate, now) else {
+                    panic!("trial {trial}: the victim went through after {n} flood keys");
+                };
+                assert_eq!(*told.get_or_insert(until), until);
+            }
+        }
+        let until = told.expect("refused");
+        assert!(!passes(table.hit(victim, &rate, until - 1)));
+        assert!(passes(table.hit(victim, &rate, until)));
+        assert!(table.lost.iter().all(|&(k, _)| k != victim));
+    }
+}
+
+#[test]
+fn a_client_told_when_to_come_back_is_admitted_then_though_forgotten_meanwhile() {
+    // Before: the shadow kept one time per client, the last request's, and a client told to
+    // come back in 2,025 s was refused again then, for 1,800 s more.
+    let rate = rate(Quota::per_hour(4));
+    let mut table = KeyTable::new(1);
+    let client = 1 << 40;
+    for quarter in 0..4 {
+        assert!(passes(table.hit(client, &rate, quarter * 900 * SEC)));
+    }
+    let Verdict::Refuse { until } = table.hit(client, &rate, 3_000 * SEC) else {
+        panic!("over the quota");
+    };
+    // A newcomer takes the only place: the client goes to the shadow.
+    assert!(passes(table.hit(2 << 40, &rate, 3_001 * SEC)));
+    assert!(!passes(table.hit(client, &rate, until - 1)));
+    assert!(passes(table.hit(client, &rate, until)));
+    // Restored, it still counts the other three until they clear, and no fewer.
+    assert!(!passes(table.hit(client, &rate, until)));
+}
+
+#[test]
+fn a_flood_costs_a_few_clients_looked_at_per_fresh_key() {
+    // Before: a newcomer below its quota made the next one scan the whole table, so a flood
+    // that sent each fresh key its whole quota scanned the table once per key.
+    for (quota, keys) in [(Quota::per_hour(5), 40_000u64), (Quota::per_minute(5), 40_000)] {
+        let rate = rate(quota);
+        let capacity = 4_096;
+        let mut table = KeyTable::new(capacity);
+        let mut now = 0;
+        for n in 0..keys {
+            let key = RandomState::new().hash_one(n);
+            for _ in 0..5 {
+                // Ten minutes of flood in all.
+                now += 3 * MS;
+                assert!(passes(table.hit(key, &rate, now)), "flood key refused");
+            }
+        }
+        let newcomers = keys as usize - capacity;
+        eprintln!("{quota:?}: {} clients looked at for {newcomers} newcomers", table.scanned);
+        assert!(
+            table.scanned <= capacity + 32 * newcomers,
+            "{quota:?}: {} clients looked at for {newcomers} newcomers",
+            table.scanned
+        );
+    }
 }

@@ -691,7 +691,13 @@ impl KeyTable {
     /// The slots of a key's two buckets.
     fn slots(&self, key: u64) -> [usize; 2 * SLOTS] {
         let [a, b] = self.buckets(key);
-        std::array::from_fn(|i| if i < SLOTS { a * SLOTS + i } else { b * SLOTS + i - SLOTS })
+        std::array::from_fn(|i| {
+            if i < SLOTS {
+                a * SLOTS + i
+            } else {
+                b * SLOTS + i - SLOTS
+            }
+        })
     }
 }
 

@@ -389,7 +389,10 @@ fn a_client_told_when_to_come_back_is_admitted_then_though_forgotten_meanwhile()
 fn a_flood_costs_a_few_clients_looked_at_per_fresh_key() {
     // Before: a newcomer below its quota made the next one scan the whole table, so a flood
     // that sent each fresh key its whole quota scanned the table once per key.
-    for (quota, keys) in [(Quota::per_hour(5), 40_000u64), (Quota::per_minute(5), 40_000)] {
+    for (quota, keys) in [
+        (Quota::per_hour(5), 40_000u64),
+        (Quota::per_minute(5), 40_000),
+    ] {
         let rate = rate(quota);
         let capacity = 4_096;
         let mut table = KeyTable::new(capacity);
@@ -403,7 +406,10 @@ fn a_flood_costs_a_few_clients_looked_at_per_fresh_key() {
             }
         }
         let newcomers = keys as usize - capacity;
-        eprintln!("{quota:?}: {} clients looked at for {newcomers} newcomers", table.scanned);
+        eprintln!(
+            "{quota:?}: {} clients looked at for {newcomers} newcomers",
+            table.scanned
+        );
         assert!(
             table.scanned <= capacity + 32 * newcomers,
             "{quota:?}: {} clients looked at for {newcomers} newcomers",

@@ -997,3 +997,96 @@ async fn a_create_waiting_for_its_redis_slot_lets_other_requests_through_a_limit
     assert_eq!(created.status(), StatusCode::CREATED);
     assert_eq!(api.arrived(), 2);
 }
+
+fn plan_with_life(url: &str, prefix: &str, life: Duration) -> ConcurrencyLimitByPlan {
+    let store = RedisStore::builder(url)
+        .prefix(prefix)
+        .timeout(Duration::from_millis(50))
+        .poll_interval(Duration::from_millis(50))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    ConcurrencyLimitByPlan::builder(Plan::Creator)
+        .max_job_life(life)
+        .store(store)
+        .build()
+        .unwrap()
+}
+
+async fn redis_query<T: redis::FromRedisValue>(url: &str, command: &mut redis::Cmd) -> T {
+    let redis = redis::Client::open(url).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    command.query_async(&mut connection).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_with_different_job_lives_share_one_plan() {
+    // Before: the held set's expiry was set to the lease of whoever wrote last, so a process
+    // with a one-minute job life cut a one-hour job's slot to a minute; and a reconcile judged
+    // a hold's age by its own lease, so a process with a one-hour life freed a job bound by a
+    // one-minute process after the list was requested.
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("lives");
+    let api = GatedApi::default();
+    let create_url = api.start().await;
+    api.gate.add_permits(10);
+    let long = plan_with_life(&url, &prefix, Duration::from_secs(3_600));
+    let short = plan_with_life(&url, &prefix, Duration::from_secs(60));
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let held_key = format!("{{{prefix}:slots}}:held");
+
+    let first = create_gated(&long, &client, &create_url).await;
+    eventually_held(&url, &prefix, |held| held.len() == 1).await;
+    // A list requested now, before the short-lived process creates its job.
+    let listed_at = tokio::time::Instant::now();
+    let second = create_gated(&short, &client, &create_url).await;
+    eventually_held(&url, &prefix, |held| held.len() == 2).await;
+    let ttl: i64 = redis_query(&url, redis::cmd("PTTL").arg(&held_key)).await;
+    assert!(ttl > 3_000_000, "the held set expires in {ttl} ms");
+
+    // The list shows the first job only: the second, bound after it, is left alone.
+    long.reconcile_as_of([first.as_str()], listed_at);
+    // The store runs a process's changes in order: once this one is done, so is the reconcile.
+    long.complete("marker");
+    let done_key = format!("{{{prefix}:slots}}:done");
+    let started = Instant::now();
+    loop {
+        let marker: Option<f64> =
+            redis_query(&url, redis::cmd("ZSCORE").arg(&done_key).arg("marker")).await;
+        if marker.is_some() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut held = held_in_redis(&url, &prefix).await;
+    held.sort();
+    let mut expected = vec![format!("j:{first}"), format!("j:{second}")];
+    expected.sort();
+    assert_eq!(held, expected);
+    assert_eq!(short.in_use(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_life_of_any_length_keeps_the_slots_working_and_expiring() {
+    // Before: a lease of 10^20 microseconds or more was written `1e+20` to PEXPIRE, which
+    // failed every call after the slot was added, leaving it without an expiry for ever.
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("forever");
+    let api = GatedApi::default();
+    let create_url = api.start().await;
+    api.gate.add_permits(10);
+    let plan = plan_with_life(&url, &prefix, Duration::MAX);
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let job = create_gated(&plan, &client, &create_url).await;
+    eventually_held(&url, &prefix, |held| held == [format!("j:{job}")]).await;
+    let held_key = format!("{{{prefix}:slots}}:held");
+    let ttl: i64 = redis_query(&url, redis::cmd("PTTL").arg(&held_key)).await;
+    assert!(ttl > 0, "the held set has no expiry: {ttl}");
+    assert!(plan.complete(&job));
+    eventually_held(&url, &prefix, <[String]>::is_empty).await;
+}

@@ -999,3 +999,60 @@ async fn a_server_fleets_client_takes_a_few_bytes_of_redis_at_any_quota() {
         assert!(bytes <= 512, "{name}: {bytes} bytes in {keys:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_any_length_keeps_the_store_working() {
+    // Before: a lease of 10^20 microseconds or more was written `1e+20` to PEXPIRE, and every
+    // acquire failed (here, closed) after adding its place without an expiry.
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let arrivals = Arrivals::default();
+    let api = logging_api(arrivals.clone()).await;
+    let store = RedisStore::builder(url)
+        .prefix(unique_prefix("lease-max"))
+        .in_flight_lease(Duration::MAX)
+        .timeout(Duration::from_secs(5))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let limits = RateLimitByRoute::builder()
+        .route("GET /work", Quota::per_minute(5))
+        .store(store)
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new().layer(limits).service(http_client());
+    for _ in 0..3 {
+        assert_eq!(send(&service, api).await.unwrap(), StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_fleets_paced_client_expires_once_its_bucket_is_empty() {
+    // Before: a server-mode GCRA key was kept for the in-flight lease (two minutes by
+    // default) on top of its bucket, though a server holds nothing in flight.
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("gcra-ttl");
+    let quota = Quota::per_second(10).with_burst(5);
+    let api = limited_server(&url, &prefix, quota, FailMode::Closed).await;
+    let client = http_client();
+    assert_eq!(
+        send_keyed(&client, api, "paced").await.status(),
+        StatusCode::OK
+    );
+    let keys: Vec<String> = redis_query(&url, redis::cmd("KEYS").arg(format!("{{{prefix}*"))).await;
+    assert!(!keys.is_empty());
+    for key in keys {
+        let ttl: i64 = redis_query(&url, redis::cmd("PTTL").arg(&key)).await;
+        // An empty bucket a tenth of a second away, and a second of slack.
+        assert!((0..=1_200).contains(&ttl), "{key} expires in {ttl} ms");
+    }
+}
+
+async fn redis_query<T: redis::FromRedisValue>(url: &str, command: &mut redis::Cmd) -> T {
+    let redis = redis::Client::open(url).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    command.query_async(&mut connection).await.unwrap()
+}

@@ -179,7 +179,8 @@ if op == 'hit' then
   local admit_at = base - (burst - 1) * interval
   if admit_at <= now then
     tat = base + interval
-    redis.call('SET', tat_key, int(tat), 'PX', idle_ms)
+    -- A server's client holds nothing in flight: kept until its TAT lies in the past.
+    redis.call('SET', tat_key, int(tat), 'PX', int(math.ceil((tat - now) / 1000) + 1000))
     local remaining = math.max(0, math.floor((now + burst * interval - tat) / interval))
     local reset = tat - now
     if remaining == 0 then

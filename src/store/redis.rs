@@ -307,14 +307,22 @@ impl RedisStore {
         args.insert(1, self.inner.channel.clone());
         args.insert(2, REMEMBERED_DONE.to_string());
         let slots = self.key("slots");
-        let keys = vec![format!("{slots}:held"), format!("{slots}:done")];
+        let keys = vec![
+            format!("{slots}:held"),
+            format!("{slots}:done"),
+            format!("{slots}:since"),
+        ];
         self.invoke(&self.inner.slots_script, keys, args)
     }
 }
 
+/// The longest time a script is given: 2^52 microseconds (about 142 years, forever for a lease
+/// or a hold), so that its numbers stay exact in Lua and its expiries are valid.
+const MAX_MICROS: u128 = 1 << 52;
+
 /// Whole microseconds, rounded up (a wait or a hold is never shortened), as a script takes them.
 fn micros(d: Duration) -> String {
-    d.as_nanos().div_ceil(1_000).to_string()
+    d.as_nanos().div_ceil(1_000).min(MAX_MICROS).to_string()
 }
 
 /// What a script's reply (or its absence) means.

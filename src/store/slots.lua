@@ -6,6 +6,8 @@
 -- KEYS[2]  sorted set of the jobs known to be over: id -> when it is forgotten. Bounded in
 --          time (the lease) and count (ARGV[3]), so that a job completed before its create
 --          was bound, or listed active by a stale list, never takes a slot again.
+-- KEYS[3]  hash of when each slot held was taken (microseconds): what a reconcile judges a
+--          hold's age by, whatever lease the process that took it uses.
 -- ARGV[1]  op, ARGV[2] channel, ARGV[3] how many finished ids are remembered, then by op:
 --   acquire   limit, lease, member          -> {1, 0} taken, or {0, wait until a lease ends}
 --   bind      token member, job id, lease   (the create made this job)
@@ -21,19 +23,38 @@
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local held, done, op, channel = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local held, done, since, op, channel = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2]
 local remembered = tonumber(ARGV[3])
 
 local function int(x)
   return string.format('%.0f', x)
 end
 
+-- Keeps the keys at least a lease longer, never shortening what a process with a longer
+-- lease asked for.
 local function keep(lease)
   local ttl = math.ceil(lease / 1000) + 1000
-  redis.call('PEXPIRE', held, ttl)
-  if redis.call('EXISTS', done) == 1 then
-    redis.call('PEXPIRE', done, ttl)
+  for _, key in ipairs({held, done, since}) do
+    local left = redis.call('PTTL', key)
+    if left ~= -2 and left < ttl then
+      redis.call('PEXPIRE', key, int(ttl))
+    end
   end
+end
+
+-- `member` holds a slot, taken now, until `lease` from now (if it holds none yet).
+local function hold(member, lease)
+  if redis.call('ZADD', held, 'NX', int(now + lease), member) == 1 then
+    redis.call('HSET', since, member, int(now))
+    return true
+  end
+  return false
+end
+
+-- `member` gives its slot back.
+local function unhold(member)
+  redis.call('HDEL', since, member)
+  return redis.call('ZREM', held, member) == 1
 end
 
 local function is_done(id)
@@ -49,13 +70,15 @@ local function remember_done(id, lease)
   end
 end
 
-redis.call('ZREMRANGEBYSCORE', held, '-inf', int(now))
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', held, '-inf', int(now))) do
+  unhold(member)
+end
 redis.call('ZREMRANGEBYSCORE', done, '-inf', int(now))
 
 if op == 'acquire' then
   local limit, lease, member = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
   if redis.call('ZCARD', held) < limit then
-    redis.call('ZADD', held, int(now + lease), member)
+    hold(member, lease)
     keep(lease)
     return {1, 0}
   end
@@ -63,24 +86,24 @@ if op == 'acquire' then
   return {0, math.max(tonumber(first[2]) - now, 1)}
 elseif op == 'bind' then
   local token, id, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
-  redis.call('ZREM', held, token)
+  unhold(token)
   if is_done(id) then
     -- Completed before its create was bound (a webhook faster than the create's answer):
     -- the slot is free, and the creator lets go of the job it just bound.
     redis.call('PUBLISH', channel, 'done:' .. id)
-  elseif redis.call('ZADD', held, 'NX', int(now + lease), 'j:' .. id) == 0 then
+  elseif not hold('j:' .. id, lease) then
     redis.call('PUBLISH', channel, 'released')
   end
   keep(lease)
 elseif op == 'unknown' then
   local token, lease = ARGV[4], tonumber(ARGV[5])
-  if redis.call('ZREM', held, token) == 1 then
-    redis.call('ZADD', held, int(now + lease), 'u:' .. string.sub(token, 3))
+  if unhold(token) then
+    hold('u:' .. string.sub(token, 3), lease)
     keep(lease)
   end
 elseif op == 'remove' then
   local member = ARGV[4]
-  local removed = redis.call('ZREM', held, member) == 1
+  local removed = unhold(member)
   if string.sub(member, 1, 2) == 'j:' then
     local lease = tonumber(ARGV[6])
     remember_done(string.sub(member, 3), lease)
@@ -95,7 +118,7 @@ elseif op == 'active' then
     -- A stale sighting: whoever took it locally lets it go.
     redis.call('PUBLISH', channel, 'done:' .. id)
   else
-    redis.call('ZADD', held, 'NX', int(now + lease), 'j:' .. id)
+    hold('j:' .. id, lease)
     keep(lease)
   end
 elseif op == 'reconcile' then
@@ -106,14 +129,15 @@ elseif op == 'reconcile' then
   end
   local holds = redis.call('ZRANGE', held, 0, -1, 'WITHSCORES')
   for i = 1, #holds, 2 do
-    local member, taken = holds[i], tonumber(holds[i + 1]) - lease
+    local member = holds[i]
+    local taken = tonumber(redis.call('HGET', since, member) or holds[i + 1])
     local kind, name = string.sub(member, 1, 2), string.sub(member, 3)
     if taken < as_of and kind == 'j:' and not active[name] then
-      redis.call('ZREM', held, member)
+      unhold(member)
       remember_done(name, lease)
       redis.call('PUBLISH', channel, 'done:' .. name)
     elseif taken < as_of and kind == 'u:' then
-      redis.call('ZREM', held, member)
+      unhold(member)
       redis.call('PUBLISH', channel, 'released')
     end
   end
@@ -121,7 +145,7 @@ elseif op == 'reconcile' then
     if is_done(id) then
       redis.call('PUBLISH', channel, 'done:' .. id)
     else
-      redis.call('ZADD', held, 'NX', int(now + lease), 'j:' .. id)
+      hold('j:' .. id, lease)
     end
   end
   keep(lease)

@@ -3,11 +3,10 @@
 //! Requests match as axum routes them, so that no form of a request that reaches a handler
 //! escapes its route's quota: a `HEAD` request falls under the `GET` route of its path when
 //! no `HEAD` route matches (axum serves `HEAD` with the `GET` handler), and paths are matched
-//! as sent, byte for byte (axum does not decode or fold case before routing), but for runs of
-//! `/`, read as one (axum's nesting strips its prefix segment by segment, so a doubled slash
-//! after the prefix still reaches a nested handler).
-
-use std::borrow::Cow;
+//! as sent, byte for byte (axum does not decode or fold case before routing, and sends
+//! `/jobs//cancel` to `/jobs/{id}/cancel` with an empty `id`); a path that matches nothing
+//! so is matched again with runs of `/` read as one (axum's nesting strips its prefix segment
+//! by segment, so a doubled slash after the prefix still reaches a nested handler).
 
 use http::{Method, Request};
 
@@ -84,31 +83,23 @@ pub(crate) fn params(path: &str) -> Vec<(&str, usize, usize)> {
 /// The path a request is routed by: the one the client sent. Inside an axum router nested
 /// with `Router::nest` or `nest_service`, the request's URI has lost the prefix, and axum
 /// keeps the original in `OriginalUri` (read with feature `axum`).
-///
-/// Runs of `/` are read as one: axum's nesting strips its prefix segment by segment, so
-/// `/svc//v2/generate` reaches the handler nested at `/v2/generate` under `/svc`, and must
-/// count as `/svc/v2/generate`. Where a run of slashes reaches no handler, counting it under
-/// the route it spells costs only the client that sent it.
-pub(crate) fn request_path<B>(request: &Request<B>) -> Cow<'_, str> {
+pub(crate) fn request_path<B>(request: &Request<B>) -> &str {
     #[cfg(feature = "axum")]
     if let Some(original) = request.extensions().get::<axum::extract::OriginalUri>() {
-        return single_slashes(original.0.path());
+        return original.0.path();
     }
-    single_slashes(request.uri().path())
+    request.uri().path()
 }
 
 /// `path` with every run of `/` made one.
-pub(crate) fn single_slashes(path: &str) -> Cow<'_, str> {
-    if !path.contains("//") {
-        return Cow::Borrowed(path);
-    }
+fn single_slashes(path: &str) -> String {
     let mut single = String::with_capacity(path.len());
     for c in path.chars() {
         if !(c == '/' && single.ends_with('/')) {
             single.push(c);
         }
     }
-    Cow::Owned(single)
+    single
 }
 
 /// Maps a request's method and path to the index of the route it falls under.
@@ -268,9 +259,26 @@ impl RouteTable {
     }
 
     /// The route a request falls under, or `None` when it matches nothing and there is no
-    /// default.
+    /// default. The path is matched as sent, as axum's router matches it (`/jobs//cancel`
+    /// reaches a `/jobs/{id}/cancel` handler with an empty `id`); failing that, with runs of
+    /// `/` read as one, as axum's nesting strips its prefix (`/svc//v2/generate` reaches the
+    /// handler nested at `/v2/generate`).
     pub(crate) fn lookup(&self, method: &Method, path: &str) -> Option<usize> {
         let path = if path.is_empty() { "/" } else { path };
+        if let Some(index) = self.matched(method, path) {
+            return Some(index);
+        }
+        if path.contains("//") {
+            if let Some(index) = self.matched(method, &single_slashes(path)) {
+                return Some(index);
+            }
+        }
+        self.default
+    }
+
+    /// The route a pattern gives `path`, the default aside.
+    #[inline]
+    fn matched(&self, method: &Method, path: &str) -> Option<usize> {
         if let Some((index, _)) = self.by_path(method, path) {
             return Some(index);
         }
@@ -278,12 +286,9 @@ impl RouteTable {
             return Some(*found.value);
         }
         if !self.has_any_method {
-            return self.default;
+            return None;
         }
-        match self.any_method.at(path) {
-            Ok(found) => Some(*found.value),
-            Err(_) => self.default,
-        }
+        self.any_method.at(path).ok().map(|found| *found.value)
     }
 }
 
@@ -386,6 +391,22 @@ mod tests {
         );
         assert_eq!(params("/a/{{x}}/{id}"), [("id", 9, 13)]);
         assert!(params("/a/b").is_empty());
+    }
+
+    #[test]
+    fn paths_match_as_sent_then_with_single_slashes() {
+        let t = table(&[
+            "POST /v2/jobs/{id}/cancel",
+            "POST /v2/jobs/{id}",
+            "POST /svc/v2/generate",
+        ])
+        .unwrap();
+        // As axum's router: an empty segment is an empty parameter.
+        assert_eq!(t.lookup(&Method::POST, "/v2/jobs//cancel"), Some(0));
+        // As axum's nesting: a path that matches nothing as sent, with runs of `/` as one.
+        assert_eq!(t.lookup(&Method::POST, "/svc//v2/generate"), Some(2));
+        assert_eq!(t.lookup(&Method::POST, "//svc/v2//generate"), Some(2));
+        assert_eq!(t.lookup(&Method::POST, "/svc/v2/other"), None);
     }
 
     #[test]

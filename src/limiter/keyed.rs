@@ -275,6 +275,13 @@ impl KeyState {
                 *tat = now.saturating_add(scale(*tat - now, new.interval, old.interval));
             }
             (Self::Gcra { .. }, true) => {}
+            // What was used becomes the bucket's level, draining at the new interval.
+            (Self::Window(_), true) => {
+                let level = new.interval.saturating_mul(u64::from(was.used));
+                *self = Self::Gcra {
+                    tat: now.saturating_add(level),
+                };
+            }
             _ => *self = Self::restored(new, was, now),
         }
     }
@@ -295,10 +302,8 @@ impl KeyState {
     /// `sooner` is admitted then, whether it was forgotten meanwhile or not.
     fn restored(rate: &Rate, was: Summary, now: Nanos) -> Self {
         if rate.is_gcra() {
-            let level = now.saturating_add(rate.interval.saturating_mul(u64::from(was.used)));
-            return Self::Gcra {
-                tat: was.until.max(level),
-            };
+            // A TAT is all GCRA keeps: the bucket drains as if it had never been forgotten.
+            return Self::Gcra { tat: was.until };
         }
         let w = width(rate);
         let now_index = now / w;
@@ -453,6 +458,20 @@ impl KeyTable {
     pub(crate) fn change_rate(&mut self, old: &Rate, new: &Rate, now: Nanos) {
         for state in self.keys.values_mut() {
             state.change_rate(old, new, now);
+        }
+        // The forgotten ones too, so that each comes back as it would have been.
+        for ghost in self.shadow.iter_mut().filter(|ghost| ghost.until > now) {
+            let was = Summary {
+                used: ghost.used,
+                sooner: ghost.sooner,
+                until: ghost.until,
+            };
+            let mut state = KeyState::restored(old, was, now);
+            state.change_rate(old, new, now);
+            let now_was = state.summary(new, now);
+            ghost.used = now_was.used;
+            ghost.sooner = now_was.sooner;
+            ghost.until = now_was.until;
         }
         self.candidates.clear();
         self.forgettable_at = 0;

@@ -102,9 +102,11 @@
 //! parameter over wildcard, whatever the methods), then the method, and a `HEAD` request
 //! counts under the `GET` route of its path. Paths are matched as sent, byte for byte (axum
 //! does not decode percent-escapes, fold case or drop a trailing slash before routing, and
-//! neither does the layer), but for runs of `/`, read as one: axum's nesting strips its
-//! prefix segment by segment, so `/svc//v2/generate` reaches the handler nested at
-//! `/v2/generate`, and counts as `/svc/v2/generate`. No form of a request that reaches a
+//! neither does the layer; `/v2/jobs//cancel` reaches `/v2/jobs/{id}/cancel` with an empty
+//! `id`); a path that matches no pattern so matches again with runs of `/` read as one:
+//! axum's nesting strips its prefix segment by segment, so `/svc//v2/generate` reaches the
+//! handler nested at `/v2/generate`, and counts as `/svc/v2/generate`. A pattern with `//`
+//! in it would match nothing, and is a [`ConfigError`](crate::ConfigError). No form of a request that reaches a
 //! handler escapes its route's quota. Inside `Router::nest` and `nest_service` axum strips the prefix from
 //! the URI; with the `axum` feature the layer reads the path the client sent (`OriginalUri`),
 //! so patterns are always written in full. Without the feature, put the layer on the

@@ -175,7 +175,7 @@ where
         let shared = &self.mode.0;
         let Some(index) = shared
             .table
-            .lookup(request.method(), &request_path(&request))
+            .lookup(request.method(), request_path(&request))
         else {
             return RejectFuture::inner(self.inner.call(request), None);
         };

@@ -8,7 +8,6 @@ use super::future::ResponseFuture;
 use super::layer::Wait;
 use super::remote::SharedTurn;
 use super::state::{lock, Permit, Ticket};
-use crate::route::single_slashes;
 use crate::store::Remote;
 use crate::BoxError;
 
@@ -60,10 +59,7 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let shared = &self.mode.0;
-        // Runs of `/` read as one, as in server mode: `/v2//generate` is counted as the
-        // `/v2/generate` a server may well take it for.
-        let path = single_slashes(request.uri().path());
-        let Some(route) = shared.table.lookup(request.method(), &path) else {
+        let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {
             return ResponseFuture::called(self.inner.call(request), None);
         };
         if let Some(store) = &shared.config.store {

@@ -417,3 +417,58 @@ fn a_flood_costs_a_few_clients_looked_at_per_fresh_key() {
         );
     }
 }
+
+#[test]
+fn a_paced_client_told_when_to_come_back_is_admitted_then_though_forgotten_meanwhile() {
+    // Before: a paced client was restored at the level it had when forgotten, counted from
+    // its return, and refused again at the time it was told, with the same Retry-After.
+    let rate = rate(Quota::per_hour(4).with_burst(4));
+    let mut table = KeyTable::new(1);
+    let client = 1 << 40;
+    for _ in 0..4 {
+        assert!(passes(table.hit(client, &rate, 0)));
+    }
+    let Verdict::Refuse { until } = table.hit(client, &rate, SEC) else {
+        panic!("over the burst");
+    };
+    assert!(passes(table.hit(2 << 40, &rate, 2 * SEC)));
+    assert!(!passes(table.hit(client, &rate, until - 1)));
+    assert!(passes(table.hit(client, &rate, until)));
+    assert!(!passes(table.hit(client, &rate, until)));
+}
+
+#[test]
+fn a_quota_changed_to_gcra_keeps_what_each_client_used() {
+    // Before: a change from a sliding window to GCRA set each client's TAT to the time its
+    // window cleared, so a client that had sent one request under per_hour(100) was refused
+    // for an hour under per_second(10).
+    let old = rate(Quota::per_hour(100));
+    let new = rate(Quota::per_second(10).with_burst(10));
+    let mut table = KeyTable::new(2);
+    let (light, heavy, forgotten) = (1 << 40, 2 << 40, 3 << 40);
+    for _ in 0..20 {
+        assert!(passes(table.hit(forgotten, &old, 0)));
+    }
+    for _ in 0..100 {
+        assert!(passes(table.hit(heavy, &old, 0)));
+    }
+    assert!(passes(table.hit(light, &old, 0)));
+    // The table holds two: `forgotten`, the less used, waits in the shadow.
+    assert!(table.keys.contains_key(&light) && table.keys.contains_key(&heavy));
+    table.change_rate(&old, &new, SEC);
+    // One used: nine more now.
+    for _ in 0..9 {
+        assert!(passes(table.hit(light, &new, SEC)));
+    }
+    assert!(!passes(table.hit(light, &new, SEC)));
+    // A hundred used: the bucket's level, drained at a tenth of a second a request.
+    let Verdict::Refuse { until } = table.hit(heavy, &new, SEC) else {
+        panic!("a hundred used");
+    };
+    assert_eq!(until, SEC + 91 * SEC / 10);
+    // Twenty used, forgotten meanwhile: the same, from the shadow.
+    let Verdict::Refuse { until } = table.hit(forgotten, &new, SEC) else {
+        panic!("twenty used");
+    };
+    assert_eq!(until, SEC + 11 * SEC / 10);
+}

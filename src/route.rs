@@ -46,9 +46,10 @@ impl Pattern {
             return Err(invalid("the path must start with `/`"));
         }
         if path.contains("//") {
-            // Requests are matched with runs of `/` read as one, so this would match nothing.
+            // Most likely a prefix ending in `/` joined to a path starting with one; a request
+            // with `//` in its path falls under the pattern with single `/`s anyway.
             return Err(invalid(
-                "an empty segment (`//`) never matches: requests are matched with runs of `/` read as one",
+                "an empty segment (`//`): write single `/`s; a request with `//` in its path falls under the pattern with single ones",
             ));
         }
         Ok(Self {

@@ -486,6 +486,7 @@ impl KeyTable {
             self.forgettable_at = at;
             return;
         }
+        self.reserve_candidates();
         if self.candidates.len() >= self.candidate_room() {
             // The candidate of the latest time goes, and the bound with it.
             if let Some((at, _)) = self.candidates.pop_front() {
@@ -493,6 +494,14 @@ impl KeyTable {
             }
         }
         self.candidates.push_back((now, key));
+    }
+
+    /// Makes room for all the candidates at once, so that the table's memory does not move
+    /// once it is full.
+    fn reserve_candidates(&mut self) {
+        if self.candidates.capacity() == 0 {
+            self.candidates.reserve_exact(self.candidate_room());
+        }
     }
 
     /// How many candidates a scan keeps: enough that a scan's cost, spread over the newcomers
@@ -619,6 +628,7 @@ impl KeyTable {
             self.scanned += self.keys.len();
         }
         self.forgettable_at = next;
+        self.reserve_candidates();
         self.candidates.clear();
         let sorted = soonest.into_sorted_vec();
         self.candidates

@@ -106,7 +106,8 @@
 //! `id`); a path that matches no pattern so matches again with runs of `/` read as one:
 //! axum's nesting strips its prefix segment by segment, so `/svc//v2/generate` reaches the
 //! handler nested at `/v2/generate`, and counts as `/svc/v2/generate`. A pattern with `//`
-//! in it would match nothing, and is a [`ConfigError`](crate::ConfigError). No form of a request that reaches a
+//! in it is a [`ConfigError`](crate::ConfigError): write single `/`s, under which requests
+//! with `//` fall anyway. No form of a request that reaches a
 //! handler escapes its route's quota. Inside `Router::nest` and `nest_service` axum strips the prefix from
 //! the URI; with the `axum` feature the layer reads the path the client sent (`OriginalUri`),
 //! so patterns are always written in full. Without the feature, put the layer on the

@@ -5,6 +5,9 @@
 //! that this noisy machine does not disturb: see [`harness::count`] and
 //! `benches/instructions.sh`.
 
+// criterion's macros make public functions that cannot carry docs.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, Criterion};
 
 mod backoff;

@@ -33,14 +33,6 @@
 //!
 //! All timing runs on [`tokio::time`], so every behaviour can be tested on a paused clock.
 
-#![forbid(unsafe_code)]
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    unreachable_pub,
-    rust_2018_idioms
-)]
-
 pub mod backoff;
 mod builder;
 mod clock;

@@ -1,6 +1,9 @@
 //! Allocation on the fast path, and memory under a flood of keys, counted by a global
 //! allocator. Counts are per thread: each test runs its runtime on its own thread.
 
+// Counting allocations takes a global allocator, which is unsafe to implement.
+#![allow(unsafe_code)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::convert::Infallible;

@@ -162,13 +162,13 @@ async fn the_429_response_is_pluggable() {
 
 /// Just enough JSON reading for the assertion above, without a dependency for it.
 mod serde_json_lite {
-    pub struct Value(String);
-    pub fn parse(text: &str) -> Value {
+    pub(super) struct Value(String);
+    pub(super) fn parse(text: &str) -> Value {
         assert!(text.starts_with('{') && text.ends_with('}'), "{text}");
         Value(text.to_owned())
     }
     impl Value {
-        pub fn get(&self, key: &str) -> Option<&str> {
+        pub(super) fn get(&self, key: &str) -> Option<&str> {
             let needle = format!("\"{key}\":\"");
             let start = self.0.find(&needle)? + needle.len();
             let end = self.0[start..].find('"')? + start;

@@ -33,14 +33,6 @@
 //! page; newest first), `GET /v2/generations/count`, and, outside the API and its limits,
 //! `GET /_mock/stats` with the counters as JSON.
 
-#![forbid(unsafe_code)]
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
-
 mod api;
 mod config;
 mod limits;

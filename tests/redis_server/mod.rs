@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     port: u16,
     child: Option<Child>,
 }
@@ -16,7 +16,7 @@ pub struct RedisServer {
 /// Whether `redis-server` can be run here. Where it cannot, the test calling this is skipped,
 /// and says so on the terminal (past the test harness's capture); with
 /// `TOWER_QUOTA_REQUIRE_REDIS` set (CI sets it) the test fails instead.
-pub fn redis_available() -> bool {
+pub(crate) fn redis_available() -> bool {
     let installed = Command::new("redis-server")
         .arg("--version")
         .stdout(Stdio::null())
@@ -42,7 +42,7 @@ pub fn redis_available() -> bool {
 
 impl RedisServer {
     /// A server of the test's own, or `None` (the test is skipped) without `redis-server`.
-    pub fn start() -> Option<Self> {
+    pub(crate) fn start() -> Option<Self> {
         if !redis_available() {
             return None;
         }
@@ -56,12 +56,12 @@ impl RedisServer {
         Some(server)
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
     /// Starts (again) on the same port, with no data, and waits until it accepts connections.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
@@ -79,7 +79,7 @@ impl RedisServer {
         }
     }
 
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -95,7 +95,7 @@ impl Drop for RedisServer {
 
 /// The shared server CI starts, or one of the test's own; `None` (the test is skipped)
 /// without either.
-pub fn shared_redis() -> Option<(String, Option<RedisServer>)> {
+pub(crate) fn shared_redis() -> Option<(String, Option<RedisServer>)> {
     match std::env::var("TOWER_QUOTA_REDIS_URL") {
         Ok(url) => Some((url, None)),
         Err(_) => {
@@ -106,7 +106,7 @@ pub fn shared_redis() -> Option<(String, Option<RedisServer>)> {
 }
 
 /// A prefix no other test (or earlier run) uses.
-pub fn unique_prefix(test: &str) -> String {
+pub(crate) fn unique_prefix(test: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -230,14 +230,15 @@ async fn run(args: &Args, naive: bool, bar: ProgressBar) -> Result<Outcome, BoxE
             .default_quota(quota(600))
             .build()?;
         let plan = ConcurrencyLimitByPlan::new(args.plan);
-        let backoff = Backoff429::new()
+        let backoff = Backoff429::builder()
             .base_delay(Duration::from_secs(1) / scale)
             .max_delay(minute)
             .concurrency_schedule(
                 Schedule::new()
                     .base_delay(Duration::from_secs(5) / scale)
                     .max_delay(minute),
-            );
+            )
+            .build()?;
         let svc = ServiceBuilder::new()
             .layer(backoff)
             .layer(plan)

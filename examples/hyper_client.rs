@@ -46,8 +46,9 @@ async fn main() -> Result<(), BoxError> {
             .long_poll(Duration::from_secs(10))
             .run(),
     );
-    let backoff = Backoff429::new().base_delay(Duration::from_secs(1) / SCALE);
-    backoff.validate()?;
+    let backoff = Backoff429::builder()
+        .base_delay(Duration::from_secs(1) / SCALE)
+        .build()?;
     let svc = ServiceBuilder::new()
         .layer(backoff)
         .layer(plan.clone())

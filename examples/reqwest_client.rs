@@ -48,7 +48,11 @@ async fn main() -> Result<(), BoxError> {
         .build()?;
     let plan = ConcurrencyLimitByPlan::new(Plan::Creator);
     let svc = ServiceBuilder::new()
-        .layer(Backoff429::new().base_delay(Duration::from_secs(1) / SCALE))
+        .layer(
+            Backoff429::builder()
+                .base_delay(Duration::from_secs(1) / SCALE)
+                .build()?,
+        )
         .layer(plan.clone())
         .layer(limits)
         .service(reqwest_service(reqwest::Client::new()));

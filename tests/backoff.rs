@@ -468,6 +468,11 @@ async fn exhaustion_can_be_a_typed_error() {
 
 #[tokio::test(start_paused = true)]
 async fn invalid_settings_are_typed_errors() {
+    assert!(Backoff429::builder()
+        .max_retries(3)
+        .base_delay(Duration::from_millis(100))
+        .build()
+        .is_ok());
     for backoff in [
         Backoff429::new().base_delay(Duration::ZERO),
         Backoff429::new().factor(0.5),
@@ -479,6 +484,8 @@ async fn invalid_settings_are_typed_errors() {
     ] {
         let expected = backoff.validate().unwrap_err();
         assert!(matches!(expected, ConfigError::InvalidSetting { .. }));
+        // Built as every layer is built, the error comes at once.
+        assert_eq!(backoff.clone().build().unwrap_err(), expected);
         let script = Script::default();
         let error = send(backoff, &script, request(Method::GET))
             .await

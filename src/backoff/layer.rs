@@ -338,15 +338,21 @@ impl Config {
 /// ```
 /// use std::time::Duration;
 /// use tower_quota::Backoff429;
-/// let backoff = Backoff429::new()          // base 1 s, factor 2, 5 retries: 1, 2, 4, 8, 16 s
+/// # fn main() -> Result<(), tower_quota::ConfigError> {
+/// let backoff = Backoff429::builder()      // base 1 s, factor 2, 5 retries: 1, 2, 4, 8, 16 s
 ///     .max_retries(5)
-///     .base_delay(Duration::from_secs(1));
-/// assert!(backoff.validate().is_ok());
+///     .base_delay(Duration::from_secs(1))
+///     .build()?;
+/// # let _ = backoff;
+/// # Ok(())
+/// # }
 /// ```
 ///
 /// The setters take any value; one that makes no sense (a base delay under a millisecond, a
-/// factor below 1) is a [`ConfigError`] from [`Backoff429::validate`], and a layer used
-/// without validating fails each request with that error rather than misbehave. No valid
+/// factor below 1) is a [`ConfigError`] from [`Backoff429::build`] (as every layer of this
+/// crate is built) or [`Backoff429::validate`]. A layer used without either logs the error
+/// once, at `error` level, when it wraps a service, and fails each request with it rather
+/// than misbehave. No valid
 /// setting panics: delays saturate, and no wait exceeds `max_delay`. See the
 /// [module docs](super).
 #[derive(Clone, Debug)]
@@ -382,6 +388,20 @@ impl Backoff429 {
                 random: Random::new(),
             }),
         }
+    }
+
+    /// The same defaults as [`new`](Self::new), to be checked at the end, as every layer of
+    /// this crate is built: `Backoff429::builder().max_retries(3).build()?`. The layer is its
+    /// own builder, so every setter below works in both forms.
+    pub fn builder() -> Self {
+        Self::new()
+    }
+
+    /// The layer, once its settings are checked: a [`ConfigError`] names the first that
+    /// makes no sense (see [`validate`](Self::validate)).
+    pub fn build(self) -> Result<Self, ConfigError> {
+        self.validate()?;
+        Ok(self)
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {

@@ -213,11 +213,15 @@ impl ConcurrencyLimitByPlan {
     /// `GET /v2/generate/{id}`, list route `GET /v2/generations`, id field `id`, status field
     /// `status`, active statuses `PENDING` and `PROCESSING`, a maximum job life of one hour.
     ///
-    /// `Enterprise(0)` allows no job: every job-creating request fails at once with
+    /// `Enterprise(0)` allows no job: it is logged once, at `error` level, and every
+    /// job-creating request fails at once with
     /// [`ConcurrencyError::NoSlots`](super::ConcurrencyError::NoSlots). Use
     /// [`ConcurrencyLimitByPlan::builder`] (or [`with_limit`](Self::with_limit)) to get that as
     /// a [`ConfigError`] instead.
     pub fn new(plan: Plan) -> Self {
+        if let Err(error) = plan.checked_limit() {
+            tracing::error!(%error, %plan, "ConcurrencyLimitByPlan allows no job: its job requests will fail");
+        }
         match Builder::new(plan).assemble() {
             Ok(layer) => layer,
             Err(error) => unreachable!("the default routes are valid: {error}"),

@@ -23,11 +23,11 @@ pub struct RetryBudget {
     reserve: f64,
     percent: f64,
     deposits: AtomicU64,
-    window: Mutex<Window>,
+    window: Mutex<BudgetWindow>,
 }
 
 #[derive(Debug)]
-struct Window {
+struct BudgetWindow {
     started: Option<Instant>,
     previous_deposits: u64,
     retries: u64,
@@ -59,7 +59,7 @@ impl RetryBudget {
             reserve: min_per_sec * ttl.as_secs_f64(),
             percent: retry_percent,
             deposits: AtomicU64::new(0),
-            window: Mutex::new(Window {
+            window: Mutex::new(BudgetWindow {
                 started: None,
                 previous_deposits: 0,
                 retries: 0,

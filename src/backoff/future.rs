@@ -18,7 +18,7 @@ use tower_service::Service;
 
 use super::body::BackoffBody;
 use super::error::{is_own, BackoffError, Retried};
-use super::layer::{Config, GiveUp, LimitKind};
+use super::layer::{BackoffConfig, GiveUp, LimitKind};
 use crate::headers;
 use crate::BoxError;
 
@@ -56,7 +56,7 @@ pin_project! {
 struct Retry<S, B> {
     service: S,
     template: Request<B>,
-    config: Arc<Config>,
+    config: Arc<BackoffConfig>,
     /// Whether a request that may have been processed can be sent again.
     replayable: bool,
     retries: u32,
@@ -137,7 +137,7 @@ where
         future: S::Future,
         template: Request<B>,
         service: &S,
-        config: &Arc<Config>,
+        config: &Arc<BackoffConfig>,
         replayable: bool,
     ) -> Self
     where
@@ -246,7 +246,10 @@ impl<S, B> Retry<S, B> {
 
     /// The response the caller gets.
     #[inline]
-    fn finish<ResBody: Body>(&self, response: Response<ResBody>) -> Response<BackoffBody<ResBody>> {
+    fn hand_back<ResBody: Body>(
+        &self,
+        response: Response<ResBody>,
+    ) -> Response<BackoffBody<ResBody>> {
         let mut response = response.map(BackoffBody::new);
         self.record(&mut response);
         response
@@ -282,7 +285,7 @@ where
         {
             match future.poll(cx) {
                 Poll::Ready(Ok(response)) if !retry.refused(response.status()) => {
-                    return Poll::Ready(Ok(retry.finish(response)));
+                    return Poll::Ready(Ok(retry.hand_back(response)));
                 }
                 Poll::Ready(answer) => {
                     if let Some(done) = on_answer(this.state.as_mut(), retry, answer) {
@@ -346,7 +349,7 @@ where
         Ok(response) => {
             let status = response.status();
             if !retry.refused(status) {
-                return Some(Ok(retry.finish(response)));
+                return Some(Ok(retry.hand_back(response)));
             }
             let kind = (status != StatusCode::TOO_MANY_REQUESTS).then_some(LimitKind::Transient);
             let (parts, body) = response.into_parts();

@@ -236,7 +236,7 @@ fn sync_error_code(_: &Parts, body: &[u8]) -> LimitKind {
 }
 
 #[derive(Clone)]
-pub(crate) struct Config {
+pub(crate) struct BackoffConfig {
     pub(crate) rate: Schedule,
     pub(crate) concurrency: Option<Schedule>,
     pub(crate) transient: bool,
@@ -278,9 +278,9 @@ impl Clone for Random {
     }
 }
 
-impl fmt::Debug for Config {
+impl fmt::Debug for BackoffConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
+        f.debug_struct("BackoffConfig")
             .field("rate", &self.rate)
             .field("concurrency", &self.concurrency)
             .field("transient", &self.transient)
@@ -294,7 +294,7 @@ impl fmt::Debug for Config {
     }
 }
 
-impl Config {
+impl BackoffConfig {
     pub(crate) fn schedule(&self, kind: LimitKind) -> &Schedule {
         match kind {
             LimitKind::Concurrency => self.concurrency.as_ref().unwrap_or(&self.rate),
@@ -357,7 +357,7 @@ impl Config {
 /// [module docs](super).
 #[derive(Clone, Debug)]
 pub struct Backoff429 {
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: Arc<BackoffConfig>,
 }
 
 impl Default for Backoff429 {
@@ -373,7 +373,7 @@ impl Backoff429 {
     /// failures not retried.
     pub fn new() -> Self {
         Self {
-            config: Arc::new(Config {
+            config: Arc::new(BackoffConfig {
                 rate: Schedule::default(),
                 concurrency: None,
                 transient: false,
@@ -404,7 +404,7 @@ impl Backoff429 {
         Ok(self)
     }
 
-    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+    fn with(mut self, change: impl FnOnce(&mut BackoffConfig)) -> Self {
         // A clone sharing the settings gets its own copy first.
         change(Arc::make_mut(&mut self.config));
         self

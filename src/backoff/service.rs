@@ -8,7 +8,7 @@ use tower_service::Service;
 use super::body::BackoffBody;
 use super::error::BackoffError;
 use super::future::ResponseFuture;
-use super::layer::Config;
+use super::layer::BackoffConfig;
 use crate::error::ConfigError;
 use crate::BoxError;
 
@@ -28,12 +28,12 @@ use crate::BoxError;
 #[derive(Debug, Clone)]
 pub struct Backoff429Service<S> {
     inner: S,
-    config: Arc<Config>,
+    config: Arc<BackoffConfig>,
     invalid: Option<ConfigError>,
 }
 
 impl<S> Backoff429Service<S> {
-    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+    pub(crate) fn new(inner: S, config: Arc<BackoffConfig>) -> Self {
         let invalid = config.validate().err();
         if let Some(error) = &invalid {
             tracing::error!(%error, "Backoff429 has an invalid setting: its requests will fail");

@@ -9,8 +9,8 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::layer::Shared;
-use super::slots::{Bound, Release};
+use super::layer::PlanState;
+use super::slots::{Bound, ReleaseReason};
 use crate::json::{self, Fields};
 
 /// The job a create made, in the create response's extensions.
@@ -44,19 +44,19 @@ impl Job {
 /// in-flight mode it is given back, since the request is over.
 #[derive(Debug)]
 pub(crate) struct HoldGuard {
-    shared: Option<Arc<Shared>>,
+    shared: Option<Arc<PlanState>>,
     /// The slot's name in the shared store, once the store gave one.
-    token: Option<Token>,
+    token: Option<StoreMember>,
 }
 
 /// A slot's name in the shared store. Boxed twice to be one word: holds live on the path
 /// of every create, store or not.
-pub(crate) type Token = Box<String>;
+pub(crate) type StoreMember = Box<String>;
 
 impl HoldGuard {
     /// Owns a slot the caller has just taken.
     #[inline]
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<PlanState>) -> Self {
         Self {
             shared: Some(shared),
             token: None,
@@ -64,12 +64,12 @@ impl HoldGuard {
     }
 
     /// The slot is held in the shared store too, as `token`.
-    pub(crate) fn set_token(&mut self, token: Token) {
+    pub(crate) fn set_token(&mut self, token: StoreMember) {
         self.token = Some(token);
     }
 
     #[inline]
-    pub(crate) fn release(mut self, why: Release) {
+    pub(crate) fn release(mut self, why: ReleaseReason) {
         if let Some(shared) = self.shared.take() {
             shared.counts().release(why);
             if self.token.is_some() {
@@ -85,14 +85,14 @@ impl HoldGuard {
     /// Hands the slot on to the response body, which gives it back when it ends or is
     /// dropped (in-flight mode).
     #[inline]
-    pub(crate) fn answered(mut self) -> Option<Answered> {
+    pub(crate) fn answered(mut self) -> Option<InFlightSlot> {
         let token = self.token.take();
-        self.shared.take().map(|shared| Answered(shared, token))
+        self.shared.take().map(|shared| InFlightSlot(shared, token))
     }
 
     /// Hands the slot on (to an [`Observer`], which settles it).
     #[inline]
-    fn into_shared(mut self) -> Option<(Arc<Shared>, Option<Token>)> {
+    fn into_parts(mut self) -> Option<(Arc<PlanState>, Option<StoreMember>)> {
         let token = self.token.take();
         self.shared.take().map(|shared| (shared, token))
     }
@@ -101,7 +101,7 @@ impl HoldGuard {
 /// Gives back the slot a create held in the shared store, if any.
 #[cold]
 #[inline(never)]
-fn release_token(shared: &Shared, token: Option<Token>) {
+fn release_token(shared: &PlanState, token: Option<StoreMember>) {
     if let (Some(store), Some(token)) = (&shared.store, token) {
         store.slot_release(&token);
     }
@@ -112,7 +112,7 @@ impl Drop for HoldGuard {
         if let Some(shared) = self.shared.take() {
             if shared.config.in_flight {
                 // The slot is only for the request, which is over whatever the server did.
-                shared.counts().release(Release::Abandoned);
+                shared.counts().release(ReleaseReason::Abandoned);
                 if self.token.is_some() {
                     release_token(&shared, self.token.take());
                 }
@@ -134,20 +134,20 @@ impl Drop for HoldGuard {
 /// elsewhere could ever give that back.
 #[cold]
 #[inline(never)]
-fn unknown_token(shared: &Shared, token: Option<Token>) {
+fn unknown_token(shared: &PlanState, token: Option<StoreMember>) {
     if let (Some(store), Some(token)) = (&shared.store, token) {
-        shared.counts().release(Release::Shared);
+        shared.counts().release(ReleaseReason::Store);
         store.slot_unknown(&token, shared.lease());
     }
 }
 
 /// In-flight mode: a slot given back when the response body ends or is dropped.
 #[derive(Debug)]
-pub(crate) struct Answered(Arc<Shared>, Option<Token>);
+pub(crate) struct InFlightSlot(Arc<PlanState>, Option<StoreMember>);
 
-impl Drop for Answered {
+impl Drop for InFlightSlot {
     fn drop(&mut self) {
-        self.0.counts().release(Release::Answered);
+        self.0.counts().release(ReleaseReason::Answered);
         if self.1.is_some() {
             release_token(&self.0, self.1.take());
         }
@@ -169,15 +169,15 @@ pub(crate) enum Observe {
 /// prefix is full, or when the body is dropped.
 #[derive(Debug)]
 pub(crate) struct Observer {
-    shared: Arc<Shared>,
+    shared: Arc<PlanState>,
     what: Option<Observe>,
     prefix: Vec<u8>,
     /// The name in the shared store of the slot this create holds, if any.
-    token: Option<Token>,
+    token: Option<StoreMember>,
 }
 
 impl Observer {
-    pub(crate) fn new(shared: Arc<Shared>, what: Observe) -> Self {
+    pub(crate) fn new(shared: Arc<PlanState>, what: Observe) -> Self {
         Self {
             shared,
             what: Some(what),
@@ -188,7 +188,7 @@ impl Observer {
 
     /// An observer that settles the slot `hold` owns.
     pub(crate) fn holding(hold: HoldGuard, what: Observe) -> Option<Self> {
-        hold.into_shared().map(|(shared, token)| {
+        hold.into_parts().map(|(shared, token)| {
             let mut observer = Self::new(shared, what);
             observer.token = token;
             observer
@@ -212,12 +212,12 @@ impl Observer {
         self.prefix
             .extend_from_slice(&chunk[..chunk.len().min(room)]);
         if last || self.prefix.len() == max {
-            self.finish();
+            self.read_prefix();
         }
     }
 
     /// Reads the prefix (the whole body, or as much as was kept or received).
-    fn finish(&mut self) {
+    fn read_prefix(&mut self) {
         let what = self.what.take();
         let prefix = std::mem::take(&mut self.prefix);
         self.settle(what, &prefix);
@@ -254,7 +254,7 @@ impl Observer {
                     let mut slots = shared.slots();
                     let bound = slots.bind(&id, now);
                     if terminal {
-                        slots.finish(&id, Release::Finished);
+                        slots.end_job(&id, ReleaseReason::Finished);
                     }
                     bound == Bound::Completed
                 };
@@ -271,7 +271,7 @@ impl Observer {
             Observe::Status { id } => {
                 let seen = json::object(body, fields);
                 if seen.status.is_some_and(|s| config.is_terminal(&s)) {
-                    shared.finish(&id, Release::Finished);
+                    shared.end_job(&id, ReleaseReason::Finished);
                 }
             }
             Observe::List => {
@@ -282,7 +282,7 @@ impl Observer {
                         continue;
                     };
                     if config.is_terminal(&status) {
-                        slots.finish(&id, Release::Finished);
+                        slots.end_job(&id, ReleaseReason::Finished);
                     } else {
                         slots.seen_active(&id, now);
                     }
@@ -297,7 +297,7 @@ impl Observer {
 impl Drop for Observer {
     fn drop(&mut self) {
         // A body dropped before its end: read what came.
-        self.finish();
+        self.read_prefix();
     }
 }
 
@@ -308,20 +308,20 @@ pin_project! {
     pub struct PlanBody<B> {
         #[pin]
         inner: B,
-        watch: Watch,
+        watch: BodyDuty,
     }
 }
 
 /// What a response body does besides passing through: one word, so that a body nobody
 /// watches costs its inner body's size and a pointer.
 #[derive(Debug)]
-enum Watch {
+enum BodyDuty {
     /// Nothing.
     None,
     /// Reads the body for what it shows.
     Observer(Box<Observer>),
     /// Gives a slot back when the body ends or is dropped (in-flight mode).
-    Answered { _slot: Answered },
+    Answered { _slot: InFlightSlot },
 }
 
 impl<B> PlanBody<B> {
@@ -329,7 +329,7 @@ impl<B> PlanBody<B> {
     pub(crate) fn plain(inner: B) -> Self {
         Self {
             inner,
-            watch: Watch::None,
+            watch: BodyDuty::None,
         }
     }
 
@@ -337,18 +337,18 @@ impl<B> PlanBody<B> {
         Self {
             inner,
             watch: match observer {
-                Some(observer) => Watch::Observer(Box::new(observer)),
-                None => Watch::None,
+                Some(observer) => BodyDuty::Observer(Box::new(observer)),
+                None => BodyDuty::None,
             },
         }
     }
 
-    pub(crate) fn in_flight(inner: B, answered: Option<Answered>) -> Self {
+    pub(crate) fn in_flight(inner: B, answered: Option<InFlightSlot>) -> Self {
         Self {
             inner,
             watch: match answered {
-                Some(answered) => Watch::Answered { _slot: answered },
-                None => Watch::None,
+                Some(answered) => BodyDuty::Answered { _slot: answered },
+                None => BodyDuty::None,
             },
         }
     }
@@ -369,24 +369,24 @@ impl<B: Body> Body for PlanBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        if let Watch::None = this.watch {
+        if let BodyDuty::None = this.watch {
             return this.inner.poll_frame(cx);
         }
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         match this.watch {
-            Watch::None => {}
-            Watch::Observer(observer) => match &frame {
+            BodyDuty::None => {}
+            BodyDuty::Observer(observer) => match &frame {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         // Bytes and most bodies' data are one contiguous chunk.
                         observer.feed(data.chunk(), this.inner.is_end_stream());
                     }
                 }
-                Some(Err(_)) | None => observer.finish(),
+                Some(Err(_)) | None => observer.read_prefix(),
             },
-            Watch::Answered { .. } => {
+            BodyDuty::Answered { .. } => {
                 if frame.is_none() || this.inner.is_end_stream() {
-                    *this.watch = Watch::None;
+                    *this.watch = BodyDuty::None;
                 }
             }
         }

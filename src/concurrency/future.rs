@@ -10,12 +10,12 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::body::{HoldGuard, Job, Observe, Observer, PlanBody, Token};
+use super::body::{HoldGuard, Job, Observe, Observer, PlanBody, StoreMember};
 use super::error::ConcurrencyError;
-use super::layer::Shared;
-use super::slots::Release;
+use super::layer::PlanState;
+use super::slots::ReleaseReason;
 use crate::clock::Nanos;
-use crate::store::{Asking, Decision, FailMode, Remote, StoreError};
+use crate::store::{Decision, FailMode, StoreError, StoreHandle, StorePoll};
 use crate::BoxError;
 
 /// What the request is to the plan, decided when it is called.
@@ -26,9 +26,9 @@ pub(crate) enum Role {
     /// Creates a job, holding a slot (once it has one).
     Create(Option<HoldGuard>),
     /// Shows job `id`, which holds a slot.
-    Status(Arc<Shared>, Box<str>),
+    Status(Arc<PlanState>, Box<str>),
     /// Lists jobs.
-    List(Arc<Shared>),
+    List(Arc<PlanState>),
 }
 
 pin_project! {
@@ -41,42 +41,42 @@ pin_project! {
         state: State<S::Future>,
         role: Role,
         // Boxed: only a request that waits for a slot (here, or in a shared store) needs it.
-        aside: Option<Box<Aside<S, B>>>,
+        aside: Option<Box<DeferredCreate<S, B>>>,
     }
 }
 
 /// What a create that is not sent at once keeps aside.
 #[allow(clippy::large_enum_variant)] // boxed as a whole, and made once per request
-enum Aside<S, B> {
+enum DeferredCreate<S, B> {
     /// Waiting for a slot here.
-    Queued(Queued<S, B>),
+    Queued(QueuedCreate<S, B>),
     /// Holding a slot here, driving its own service ready.
     Readying(Readying<S, B>),
     /// Holding a slot here, asking the shared store for one.
-    Shared(SharedSlot<S, B>),
+    Store(StoreSlot<S, B>),
 }
 
 /// A create holding a slot here, asking the shared store for one across processes.
-struct SharedSlot<S, B> {
+struct StoreSlot<S, B> {
     inner: S,
     request: Request<B>,
-    store: Remote,
-    asking: Asking,
+    store: StoreHandle,
+    asking: StorePoll,
     deadline: Option<Nanos>,
     slot: Unsent,
 }
 
-impl<S, B> SharedSlot<S, B> {
+impl<S, B> StoreSlot<S, B> {
     fn new(
         inner: S,
         request: Request<B>,
-        shared: &Arc<Shared>,
-        store: Remote,
+        shared: &Arc<PlanState>,
+        store: StoreHandle,
         deadline: Option<Nanos>,
     ) -> Self {
-        let member: Token = Box::new(format!("c:{}", store.member()));
+        let member: StoreMember = Box::new(format!("c:{}", store.member()));
         let (limit, lease) = (shared.slots().limit(), shared.lease());
-        let asking = Asking::new(&store, || store.slot_acquire(limit, lease, &member));
+        let asking = StorePoll::new(&store, || store.slot_acquire(limit, lease, &member));
         Self {
             inner,
             request,
@@ -94,7 +94,7 @@ impl<S, B> SharedSlot<S, B> {
     /// store fails.
     fn poll_slot(
         &mut self,
-        shared: &Shared,
+        shared: &PlanState,
         cx: &mut Context<'_>,
     ) -> Poll<Result<bool, StoreError>> {
         loop {
@@ -125,10 +125,10 @@ impl<S, B> SharedSlot<S, B> {
 }
 
 /// A request waiting for a slot, with the service that will send it.
-struct Queued<S, B> {
+struct QueuedCreate<S, B> {
     inner: S,
     request: Request<B>,
-    ticket: Ticket,
+    ticket: SlotTicket,
     deadline: Option<Nanos>,
 }
 
@@ -145,12 +145,12 @@ struct Readying<S, B> {
 /// back). Dropped (the service failed to get ready, the wait ran out, the store failed, the
 /// future was dropped), both are given back: the server saw nothing, so nothing is unknown.
 struct Unsent {
-    shared: Option<Arc<Shared>>,
-    member: Option<Token>,
+    shared: Option<Arc<PlanState>>,
+    member: Option<StoreMember>,
 }
 
 impl Unsent {
-    fn local(shared: Arc<Shared>) -> Self {
+    fn local(shared: Arc<PlanState>) -> Self {
         Self {
             shared: Some(shared),
             member: None,
@@ -181,7 +181,7 @@ impl Unsent {
 impl Drop for Unsent {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            shared.counts().release(Release::Unsent);
+            shared.counts().release(ReleaseReason::Unsent);
             if let (Some(member), Some(store)) = (self.member.take(), &shared.store) {
                 store.slot_release(&member);
             }
@@ -190,13 +190,13 @@ impl Drop for Unsent {
 }
 
 /// A place in the queue; dropping it while queued leaves the queue.
-struct Ticket {
-    shared: Arc<Shared>,
+struct SlotTicket {
+    shared: Arc<PlanState>,
     id: u64,
     queued: bool,
 }
 
-impl Drop for Ticket {
+impl Drop for SlotTicket {
     fn drop(&mut self) {
         if self.queued {
             self.shared.slots().leave(self.id);
@@ -210,7 +210,7 @@ pin_project! {
         Queued,
         Waiting { sleep: Pin<Box<Sleep>> },
         // Holding a slot here, asking the shared store for one.
-        Shared,
+        Store,
         // Holding a slot here, driving its own service ready.
         Readying,
         Called { #[pin] future: F },
@@ -240,30 +240,35 @@ where
 
     /// A create holding a slot here, to ask the shared `store` for one before it is sent
     /// through `inner`, a clone of its own that it drives ready then.
-    pub(crate) fn shared_slot(
+    pub(crate) fn store_slot(
         inner: S,
         request: Request<B>,
-        shared: &Arc<Shared>,
-        store: Remote,
+        shared: &Arc<PlanState>,
+        store: StoreHandle,
     ) -> Self {
         let deadline = shared.wait_deadline();
         Self {
-            state: State::Shared,
+            state: State::Store,
             role: Role::Create(None),
-            aside: Some(Box::new(Aside::Shared(SharedSlot::new(
+            aside: Some(Box::new(DeferredCreate::Store(StoreSlot::new(
                 inner, request, shared, store, deadline,
             )))),
         }
     }
 
-    pub(crate) fn queued(inner: S, request: Request<B>, shared: Arc<Shared>, ticket: u64) -> Self {
+    pub(crate) fn queued(
+        inner: S,
+        request: Request<B>,
+        shared: Arc<PlanState>,
+        ticket: u64,
+    ) -> Self {
         let deadline = shared.wait_deadline();
         Self {
             state: State::Queued,
-            aside: Some(Box::new(Aside::Queued(Queued {
+            aside: Some(Box::new(DeferredCreate::Queued(QueuedCreate {
                 inner,
                 request,
-                ticket: Ticket {
+                ticket: SlotTicket {
                     shared,
                     id: ticket,
                     queued: true,
@@ -320,8 +325,8 @@ where
                     // Woken by the queue or the timer: look again either way.
                     let _ = sleep.as_mut().poll(cx);
                 }
-                StateProj::Shared => {
-                    let Some(Aside::Shared(slot)) = this.aside.as_deref_mut() else {
+                StateProj::Store => {
+                    let Some(DeferredCreate::Store(slot)) = this.aside.as_deref_mut() else {
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
@@ -330,10 +335,10 @@ where
                         continue;
                     };
                     let outcome = ready!(slot.poll_slot(&shared, cx));
-                    let Some(Aside::Shared(slot)) = this.aside.take().map(|a| *a) else {
+                    let Some(DeferredCreate::Store(slot)) = this.aside.take().map(|a| *a) else {
                         continue;
                     };
-                    let SharedSlot {
+                    let StoreSlot {
                         inner,
                         request,
                         store,
@@ -349,7 +354,7 @@ where
                                 request,
                                 slot,
                             };
-                            *this.aside = Some(Box::new(Aside::Readying(readying)));
+                            *this.aside = Some(Box::new(DeferredCreate::Readying(readying)));
                             this.state.set(State::Readying);
                             continue;
                         }
@@ -361,7 +366,7 @@ where
                                 request,
                                 slot,
                             };
-                            *this.aside = Some(Box::new(Aside::Readying(readying)));
+                            *this.aside = Some(Box::new(DeferredCreate::Readying(readying)));
                             this.state.set(State::Readying);
                             continue;
                         }
@@ -379,7 +384,7 @@ where
                     return Poll::Ready(Err(refused));
                 }
                 StateProj::Readying => {
-                    let Some(Aside::Readying(readying)) = this.aside.as_deref_mut() else {
+                    let Some(DeferredCreate::Readying(readying)) = this.aside.as_deref_mut() else {
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
@@ -389,7 +394,8 @@ where
                         this.state.set(State::Failed { error: None });
                         return Poll::Ready(Err(error.into()));
                     }
-                    let Some(Aside::Readying(readying)) = this.aside.take().map(|a| *a) else {
+                    let Some(DeferredCreate::Readying(readying)) = this.aside.take().map(|a| *a)
+                    else {
                         continue;
                     };
                     let Readying {
@@ -405,7 +411,7 @@ where
                 }
                 StateProj::Queued => {}
             }
-            let Some(Aside::Queued(queued)) = this.aside.as_deref_mut() else {
+            let Some(DeferredCreate::Queued(queued)) = this.aside.as_deref_mut() else {
                 // Not reachable: a waiting future always has its request.
                 this.state.set(State::Failed { error: None });
                 continue;
@@ -417,16 +423,16 @@ where
             let next_expiry = match turn {
                 Ok(()) => {
                     queued.ticket.queued = false;
-                    let Some(Aside::Queued(queued)) = this.aside.take().map(|a| *a) else {
+                    let Some(DeferredCreate::Queued(queued)) = this.aside.take().map(|a| *a) else {
                         continue;
                     };
                     let deadline = queued.deadline;
-                    let Queued { inner, request, .. } = queued;
+                    let QueuedCreate { inner, request, .. } = queued;
                     match shared.store.clone() {
                         Some(store) => {
-                            let slot = SharedSlot::new(inner, request, &shared, store, deadline);
-                            *this.aside = Some(Box::new(Aside::Shared(slot)));
-                            this.state.set(State::Shared);
+                            let slot = StoreSlot::new(inner, request, &shared, store, deadline);
+                            *this.aside = Some(Box::new(DeferredCreate::Store(slot)));
+                            this.state.set(State::Store);
                         }
                         None => {
                             // Its own clone, not driven ready yet: readied now, holding the slot.
@@ -435,7 +441,7 @@ where
                                 request,
                                 slot: Unsent::local(shared),
                             };
-                            *this.aside = Some(Box::new(Aside::Readying(readying)));
+                            *this.aside = Some(Box::new(DeferredCreate::Readying(readying)));
                             this.state.set(State::Readying);
                         }
                     }
@@ -515,12 +521,12 @@ fn respond_watched<ResBody, E: Into<BoxError>>(
                 None
             } else {
                 // A definite failure (4xx, 429 included): nothing was created.
-                hold.release(Release::Failed);
+                hold.release(ReleaseReason::Failed);
                 None
             }
         }
         Role::Status(shared, id) if status == StatusCode::NOT_FOUND => {
-            shared.finish(&id, Release::Finished);
+            shared.end_job(&id, ReleaseReason::Finished);
             None
         }
         Role::Status(shared, id) if status.is_success() => {

@@ -10,12 +10,12 @@ use tower_layer::Layer;
 
 use super::plan::Plan;
 use super::service::ConcurrencyLimitByPlanService;
-use super::slots::{Effect, Release, Slots};
+use super::slots::{Effect, ReleaseReason, Slots};
 use super::watch::Watch;
 use crate::clock::{nanos, Clock};
 use crate::error::ConfigError;
 use crate::route::{self, Pattern, RouteTable};
-use crate::store::Remote;
+use crate::store::StoreHandle;
 use crate::sync::lock;
 
 /// What a route's requests mean to the plan.
@@ -23,14 +23,14 @@ use crate::sync::lock;
 pub(crate) enum RouteKind {
     /// Creates a job: needs a slot.
     Create,
-    /// Shows one job, whose id is the pattern's parameter named by [`Config::id_param`].
+    /// Shows one job, whose id is the pattern's parameter named by [`PlanConfig::id_param`].
     Status,
     /// Shows a list of jobs.
     List,
 }
 
 #[derive(Debug)]
-pub(crate) struct Config {
+pub(crate) struct PlanConfig {
     /// The status routes' parameter that holds the job's id.
     pub(crate) id_param: Box<str>,
     pub(crate) id_field: Box<str>,
@@ -44,7 +44,7 @@ pub(crate) struct Config {
     pub(crate) max_job_life: Duration,
 }
 
-impl Config {
+impl PlanConfig {
     /// Whether a job in `status` no longer holds a slot.
     pub(crate) fn is_terminal(&self, status: &str) -> bool {
         !self.active.iter().any(|a| **a == *status)
@@ -53,13 +53,13 @@ impl Config {
 
 /// What every clone of the layer shares.
 #[derive(Debug)]
-pub(crate) struct Shared {
+pub(crate) struct PlanState {
     pub(crate) table: RouteTable,
     pub(crate) kinds: Box<[RouteKind]>,
     /// The path of the first status route whose only parameter is the job id, split around
     /// it, for the watch (`/v2/generate/` and ``); or why there is none.
     pub(crate) watch_path: Result<(Box<str>, Box<str>), String>,
-    pub(crate) config: Config,
+    pub(crate) config: PlanConfig,
     pub(crate) clock: Clock,
     pub(crate) slots: Mutex<Slots>,
     pub(crate) plan: Mutex<Plan>,
@@ -67,14 +67,14 @@ pub(crate) struct Shared {
     pub(crate) changed: Notify,
     pub(crate) watches: AtomicUsize,
     /// The store the slots are shared through with other processes, if any.
-    pub(crate) store: Option<Remote>,
+    pub(crate) store: Option<StoreHandle>,
 }
 
 /// The slots, locked. Changes of the held jobs go to the shared store, if any, when it is
 /// let go.
 pub(crate) struct SlotsGuard<'a> {
     slots: MutexGuard<'a, Slots>,
-    shared: &'a Shared,
+    shared: &'a PlanState,
 }
 
 impl Deref for SlotsGuard<'_> {
@@ -120,7 +120,7 @@ impl SlotsGuard<'_> {
     }
 }
 
-impl Shared {
+impl PlanState {
     /// The slots, locked.
     #[inline]
     pub(crate) fn slots(&self) -> SlotsGuard<'_> {
@@ -137,8 +137,8 @@ impl Shared {
         lock(&self.slots)
     }
 
-    pub(crate) fn finish(&self, id: &str, why: Release) -> bool {
-        let finished = self.slots().finish(id, why);
+    pub(crate) fn end_job(&self, id: &str, why: ReleaseReason) -> bool {
+        let finished = self.slots().end_job(id, why);
         if finished {
             self.notify();
         }
@@ -176,7 +176,7 @@ impl Shared {
 /// slots.
 #[derive(Debug, Clone)]
 pub struct ConcurrencyLimitByPlan {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<PlanState>,
 }
 
 /// A job held by this layer, from [`ConcurrencyLimitByPlan::jobs`].
@@ -253,7 +253,7 @@ impl ConcurrencyLimitByPlan {
     /// ids for the maximum job life (the latest 4,096), and the create's slot is given back
     /// as soon as its id is known.
     pub fn complete(&self, id: &str) -> bool {
-        let held = self.shared.finish(id, Release::Finished);
+        let held = self.shared.end_job(id, ReleaseReason::Finished);
         if !held {
             let now = self.shared.clock.now();
             self.shared.slots().complete_early(id, now);
@@ -400,7 +400,7 @@ pub struct Builder {
     max_queue: Option<usize>,
     max_wait: Option<Duration>,
     in_flight: bool,
-    store: Option<Remote>,
+    store: Option<StoreHandle>,
 }
 
 impl Builder {
@@ -627,7 +627,7 @@ impl Builder {
             slots.mirror();
         }
         let layer = ConcurrencyLimitByPlan {
-            shared: Arc::new(Shared {
+            shared: Arc::new(PlanState {
                 table,
                 kinds: kinds.into(),
                 watch_path: watch_path.ok_or_else(|| {
@@ -636,7 +636,7 @@ impl Builder {
                         unwatchable.join(", ")
                     )
                 }),
-                config: Config {
+                config: PlanConfig {
                     id_param: self.id_param.into(),
                     id_field: self.id_field.into(),
                     status_field: self.status_field.into(),
@@ -665,7 +665,7 @@ impl Builder {
 
 /// Lets go, in this process, of the jobs another process gave back.
 #[cfg(feature = "redis")]
-fn listen(shared: &Arc<Shared>, store: &crate::store::RedisStore) -> Result<(), ConfigError> {
+fn listen(shared: &Arc<PlanState>, store: &crate::store::RedisStore) -> Result<(), ConfigError> {
     use tokio::sync::broadcast::error::RecvError;
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return Err(ConfigError::InvalidSetting {
@@ -682,7 +682,7 @@ fn listen(shared: &Arc<Shared>, store: &crate::store::RedisStore) -> Result<(), 
                     let Some(shared) = shared.upgrade() else {
                         return;
                     };
-                    shared.finish(&id, Release::Elsewhere);
+                    shared.end_job(&id, ReleaseReason::Elsewhere);
                 }
                 Err(RecvError::Lagged(missed)) => tracing::warn!(
                     missed,

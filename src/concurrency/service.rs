@@ -7,8 +7,8 @@ use tower_service::Service;
 use super::body::{HoldGuard, PlanBody};
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
-use super::layer::{RouteKind, Shared};
-use crate::store::Remote;
+use super::layer::{PlanState, RouteKind};
+use crate::store::StoreHandle;
 use crate::BoxError;
 
 /// The service made by a [`ConcurrencyLimitByPlan`](super::ConcurrencyLimitByPlan) layer.
@@ -20,11 +20,11 @@ use crate::BoxError;
 #[derive(Debug, Clone)]
 pub struct ConcurrencyLimitByPlanService<S> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<PlanState>,
 }
 
 impl<S> ConcurrencyLimitByPlanService<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(inner: S, shared: Arc<PlanState>) -> Self {
         Self { inner, shared }
     }
 
@@ -98,7 +98,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             drop(slots);
             if let Some(store) = &shared.store {
                 let store = store.clone();
-                return self.create_shared(request, store);
+                return self.create_store(request, store);
             }
             let hold = HoldGuard::new(shared.clone());
             let future = self.inner.call(request);
@@ -122,12 +122,12 @@ impl<S> ConcurrencyLimitByPlanService<S> {
     /// of its own ready (the caller's readiness is given back for the wait). Out of line, so
     /// that the in-memory path stays as small as it was.
     #[inline(never)]
-    fn create_shared<B>(&mut self, request: Request<B>, store: Remote) -> ResponseFuture<S, B>
+    fn create_store<B>(&mut self, request: Request<B>, store: StoreHandle) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {
         let inner = self.waiting_inner();
-        ResponseFuture::shared_slot(inner, request, &self.shared, store)
+        ResponseFuture::store_slot(inner, request, &self.shared, store)
     }
 }
 

@@ -23,7 +23,7 @@ use crate::clock::Nanos;
 
 /// Why a slot was given back, for tracing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Release {
+pub(crate) enum ReleaseReason {
     /// The create failed: nothing was created.
     Failed,
     /// The job was seen in a terminal state, or completed by the caller.
@@ -44,7 +44,7 @@ pub(crate) enum Release {
     Elsewhere,
     /// A create whose outcome is unknown, held for the whole fleet by the shared store (which
     /// a reconcile in any process can account for) rather than by this process.
-    Shared,
+    Store,
 }
 
 /// A change of the held jobs that a shared store must hear of (recorded only when one mirrors
@@ -59,14 +59,14 @@ pub(crate) enum Effect {
 
 /// A held job.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Job {
+pub(crate) struct JobHold {
     pub(crate) since: Nanos,
     /// Whether this process created it (false: seen active in a list).
     pub(crate) ours: bool,
 }
 
 #[derive(Debug)]
-struct Waiter {
+struct SlotWaiter {
     ticket: u64,
     waker: Option<Waker>,
 }
@@ -99,8 +99,8 @@ pub(crate) struct Slots {
     in_flight: usize,
     /// When each create with an unknown outcome was found to be one, oldest first.
     unknown: VecDeque<Nanos>,
-    jobs: HashMap<Box<str>, Job>,
-    waiters: VecDeque<Waiter>,
+    jobs: HashMap<Box<str>, JobHold>,
+    waiters: VecDeque<SlotWaiter>,
     next_ticket: u64,
     /// Hashes of recently finished ids, oldest first, and the same as a set.
     finished: VecDeque<u64>,
@@ -115,7 +115,7 @@ pub(crate) struct Slots {
     pub(crate) effects: Vec<Effect>,
     /// Every release, in order (tests).
     #[cfg(test)]
-    pub(crate) log: Vec<Release>,
+    pub(crate) log: Vec<ReleaseReason>,
 }
 
 impl Slots {
@@ -157,7 +157,7 @@ impl Slots {
         self.waiters.len()
     }
 
-    pub(crate) fn jobs(&self) -> impl Iterator<Item = (&str, &Job)> {
+    pub(crate) fn jobs(&self) -> impl Iterator<Item = (&str, &JobHold)> {
         self.jobs.iter().map(|(id, job)| (&**id, job))
     }
 
@@ -194,7 +194,7 @@ impl Slots {
     pub(crate) fn join(&mut self) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.waiters.push_back(Waiter {
+        self.waiters.push_back(SlotWaiter {
             ticket,
             waker: None,
         });
@@ -247,7 +247,7 @@ impl Slots {
         }
     }
 
-    fn released(&mut self, why: Release) {
+    fn released(&mut self, why: ReleaseReason) {
         tracing::trace!(?why, "job slot released");
         #[cfg(test)]
         self.log.push(why);
@@ -255,7 +255,7 @@ impl Slots {
     }
 
     /// A create in flight is over without a job: it failed, or (in-flight mode) was answered.
-    pub(crate) fn release(&mut self, why: Release) {
+    pub(crate) fn release(&mut self, why: ReleaseReason) {
         debug_assert!(self.in_flight > 0, "release without take");
         self.in_flight = self.in_flight.saturating_sub(1);
         self.released(why);
@@ -275,17 +275,17 @@ impl Slots {
         debug_assert!(self.in_flight > 0, "bind without take");
         self.in_flight = self.in_flight.saturating_sub(1);
         if self.jobs.contains_key(id) || self.was_finished(id) {
-            self.released(Release::Duplicate);
+            self.released(ReleaseReason::Duplicate);
             return Bound::Duplicate;
         }
         if !self.early.is_empty() && self.completed_early(id, now) {
             self.remember_finished(self.hasher.hash_one(id));
-            self.released(Release::Finished);
+            self.released(ReleaseReason::Finished);
             return Bound::Completed;
         }
         self.jobs.insert(
             id.into(),
-            Job {
+            JobHold {
                 since: now,
                 ours: true,
             },
@@ -350,11 +350,11 @@ impl Slots {
     }
 
     /// Job `id` is over. False when it held no slot.
-    pub(crate) fn finish(&mut self, id: &str, why: Release) -> bool {
+    pub(crate) fn end_job(&mut self, id: &str, why: ReleaseReason) -> bool {
         if self.jobs.remove(id).is_none() {
             return false;
         }
-        if self.mirror && why != Release::Elsewhere {
+        if self.mirror && why != ReleaseReason::Elsewhere {
             self.effects.push(Effect::Finished(id.into()));
         }
         self.remember_finished(self.hasher.hash_one(id));
@@ -381,7 +381,7 @@ impl Slots {
         }
         self.jobs.insert(
             id.into(),
-            Job {
+            JobHold {
                 since: now,
                 ours: false,
             },
@@ -409,11 +409,11 @@ impl Slots {
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
-            self.finish(&id, Release::Reconciled);
+            self.end_job(&id, ReleaseReason::Reconciled);
         }
         while self.unknown.front().is_some_and(|&since| since < as_of) {
             self.unknown.pop_front();
-            self.released(Release::Reconciled);
+            self.released(ReleaseReason::Reconciled);
         }
         for id in active {
             self.seen_active(id, now);
@@ -433,13 +433,13 @@ impl Slots {
                 .collect();
             for id in old {
                 tracing::warn!(job = %id, "job slot lease expired: no terminal status seen within the maximum job life");
-                self.finish(&id, Release::Expired);
+                self.end_job(&id, ReleaseReason::Expired);
             }
         }
         while self.unknown.front().is_some_and(|&since| expired(since)) {
             tracing::warn!("job slot of a create with an unknown outcome expired");
             self.unknown.pop_front();
-            self.released(Release::Expired);
+            self.released(ReleaseReason::Expired);
         }
         let oldest_job = self.jobs.values().map(|j| j.since).min();
         [oldest_job, self.unknown.front().copied()]

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::body::{Observe, Observer, PlanBody};
 use super::layer::ConcurrencyLimitByPlan;
-use super::slots::Release;
+use super::slots::ReleaseReason;
 use crate::clock::{nanos, Nanos};
 use crate::BoxError;
 
@@ -128,7 +128,7 @@ impl<S> Watch<S> {
                     };
                     match answer {
                         Ok(response) if response.status() == StatusCode::NOT_FOUND => {
-                            shared.finish(&id, Release::Finished);
+                            shared.end_job(&id, ReleaseReason::Finished);
                         }
                         Ok(response) if response.status().is_success() => {
                             let observer = Observer::new(

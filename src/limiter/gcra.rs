@@ -1,6 +1,6 @@
 //! GCRA: requests paced one emission interval apart, with bursts of up to `burst`.
 
-use super::{Pending, Wait};
+use super::{NotYet, Pending};
 use crate::clock::Nanos;
 use crate::quota::Rate;
 
@@ -41,7 +41,7 @@ impl Gcra {
         rate: &Rate,
         now: Nanos,
         pending: &Pending<'_>,
-    ) -> Result<(), Wait> {
+    ) -> Result<(), NotYet> {
         let slack = i64::from(rate.burst) - 1 - pending.count() as i64;
         // Admit when max(TAT, now) + pending × interval <= now + (burst - 1) × interval.
         let admit_at = offset(self.tat, -slack, rate.interval);
@@ -51,11 +51,11 @@ impl Gcra {
         if slack < 0 {
             // More requests hold a place than the burst allows: only `-slack` answers can help.
             return match pending.answer(slack.unsigned_abs() - 1) {
-                Some(at) => Err(Wait::Until(at)),
-                None => Err(Wait::Response),
+                Some(at) => Err(NotYet::Until(at)),
+                None => Err(NotYet::Response),
             };
         }
-        Err(Wait::Until(admit_at))
+        Err(NotYet::Until(admit_at))
     }
 
     /// A lower bound on when a request could go once the requests in flight are answered.

@@ -39,7 +39,7 @@ use crate::quota::Rate;
 
 /// Why a request cannot be admitted now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Wait {
+pub(crate) enum NotYet {
     /// Not before this time (a lower bound: a waiter re-checks then).
     Until(Nanos),
     /// Not before a request in flight is answered.
@@ -120,7 +120,7 @@ impl Limiter {
 
     /// Admits one request now, or says how long it must wait. On success the request is in
     /// flight until [`Limiter::release`].
-    pub(crate) fn try_acquire(&mut self, rate: &Rate, now: Nanos) -> Result<(), Wait> {
+    pub(crate) fn try_acquire(&mut self, rate: &Rate, now: Nanos) -> Result<(), NotYet> {
         self.check(rate, now, 0)?;
         self.in_flight += 1;
         if let Some(cap) = &mut self.cap {
@@ -130,13 +130,13 @@ impl Limiter {
     }
 
     /// Whether a request could be admitted now, without admitting it.
-    pub(crate) fn probe(&mut self, rate: &Rate, now: Nanos) -> Result<(), Wait> {
+    pub(crate) fn probe(&mut self, rate: &Rate, now: Nanos) -> Result<(), NotYet> {
         self.check(rate, now, 0)
     }
 
     /// Whether a request, behind `ahead` others that will be admitted first, could go now;
     /// if not, a lower bound of when.
-    fn check(&mut self, rate: &Rate, now: Nanos, ahead: u32) -> Result<(), Wait> {
+    fn check(&mut self, rate: &Rate, now: Nanos, ahead: u32) -> Result<(), NotYet> {
         self.settle(rate, now);
         if let Some(cap) = self.cap {
             if now >= cap.reset_at {
@@ -160,9 +160,9 @@ impl Limiter {
         };
         match algorithm {
             Ok(()) if earliest <= now => Ok(()),
-            Ok(()) => Err(Wait::Until(earliest)),
-            Err(Wait::Until(at)) => Err(Wait::Until(at.max(earliest))),
-            Err(Wait::Response) => Err(Wait::Response),
+            Ok(()) => Err(NotYet::Until(earliest)),
+            Err(NotYet::Until(at)) => Err(NotYet::Until(at.max(earliest))),
+            Err(NotYet::Response) => Err(NotYet::Response),
         }
     }
 
@@ -170,8 +170,8 @@ impl Limiter {
     pub(crate) fn estimate(&mut self, rate: &Rate, now: Nanos, ahead: u32) -> Nanos {
         match self.check(rate, now, ahead) {
             Ok(()) => now,
-            Err(Wait::Until(at)) => at,
-            Err(Wait::Response) => {
+            Err(NotYet::Until(at)) => at,
+            Err(NotYet::Response) => {
                 let after_response = match &self.algorithm {
                     Algorithm::Window(w) => w.after_response(rate, now),
                     Algorithm::Gcra(g) => g.after_response(rate, now, self.in_flight, ahead),
@@ -243,7 +243,7 @@ impl Limiter {
 
     /// Admits and answers one request at `now` in one step, as a server does (tests).
     #[cfg(test)]
-    pub(crate) fn try_hit(&mut self, rate: &Rate, now: Nanos) -> Result<(), Wait> {
+    pub(crate) fn try_hit(&mut self, rate: &Rate, now: Nanos) -> Result<(), NotYet> {
         self.try_acquire(rate, now)?;
         self.release(rate, now);
         Ok(())

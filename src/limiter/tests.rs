@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::{Limiter, Wait};
+use super::{Limiter, NotYet};
 use crate::quota::{Quota, Rate};
 
 const MS: u64 = 1_000_000;
@@ -22,11 +22,11 @@ fn window_admits_a_burst_then_waits_for_the_first_place_to_free() {
         l.try_acquire(&rate, 0).unwrap();
     }
     // All three in flight: only a response can free a place.
-    assert_eq!(l.try_acquire(&rate, 0), Err(Wait::Response));
+    assert_eq!(l.try_acquire(&rate, 0), Err(NotYet::Response));
     l.release(&rate, 2 * SEC);
     assert_eq!(
         l.try_acquire(&rate, 2 * SEC),
-        Err(Wait::Until(62 * SEC + 10 * MS))
+        Err(NotYet::Until(62 * SEC + 10 * MS))
     );
     l.release(&rate, 3 * SEC);
     l.release(&rate, 3 * SEC);
@@ -35,7 +35,7 @@ fn window_admits_a_burst_then_waits_for_the_first_place_to_free() {
     l.try_acquire(&rate, 62 * SEC + 10 * MS).unwrap();
     assert_eq!(
         l.try_acquire(&rate, 62 * SEC + 10 * MS),
-        Err(Wait::Until(63 * SEC + 10 * MS))
+        Err(NotYet::Until(63 * SEC + 10 * MS))
     );
 }
 
@@ -59,12 +59,12 @@ fn gcra_with_burst_one_paces_evenly() {
     for i in 0..5 {
         match l.try_hit(&rate, now) {
             Ok(()) => {}
-            Err(Wait::Until(at)) => {
+            Err(NotYet::Until(at)) => {
                 assert_eq!(at, i * 100 * MS);
                 now = at;
                 l.try_hit(&rate, now).unwrap();
             }
-            Err(Wait::Response) => panic!("nothing in flight"),
+            Err(NotYet::Response) => panic!("nothing in flight"),
         }
     }
     assert_eq!(now, 400 * MS);
@@ -77,7 +77,7 @@ fn gcra_allows_its_burst_then_one_per_interval() {
     for _ in 0..3 {
         l.try_hit(&rate, 0).unwrap();
     }
-    assert_eq!(l.try_hit(&rate, 0), Err(Wait::Until(100 * MS)));
+    assert_eq!(l.try_hit(&rate, 0), Err(NotYet::Until(100 * MS)));
     assert_eq!(l.remaining(&rate, 100 * MS), 1);
     assert_eq!(l.remaining(&rate, 300 * MS), 3);
     assert!(l.is_idle(&rate, 300 * MS));
@@ -89,10 +89,10 @@ fn gcra_in_flight_requests_hold_their_place() {
     let mut l = Limiter::new(&rate);
     l.try_acquire(&rate, 0).unwrap();
     l.try_acquire(&rate, 0).unwrap();
-    assert_eq!(l.try_acquire(&rate, 0), Err(Wait::Response));
+    assert_eq!(l.try_acquire(&rate, 0), Err(NotYet::Response));
     // The first is answered late: the schedule runs from its response.
     l.release(&rate, 90 * MS);
-    assert_eq!(l.try_acquire(&rate, 90 * MS), Err(Wait::Until(190 * MS)));
+    assert_eq!(l.try_acquire(&rate, 90 * MS), Err(NotYet::Until(190 * MS)));
 }
 
 #[test]
@@ -100,9 +100,9 @@ fn a_server_429_blocks_and_headers_only_tighten() {
     let rate = rate(Quota::per_minute(100), 0);
     let mut l = Limiter::new(&rate);
     l.block_until(5 * SEC);
-    assert_eq!(l.try_acquire(&rate, SEC), Err(Wait::Until(5 * SEC)));
+    assert_eq!(l.try_acquire(&rate, SEC), Err(NotYet::Until(5 * SEC)));
     l.block_until(2 * SEC); // never loosens
-    assert_eq!(l.try_acquire(&rate, 3 * SEC), Err(Wait::Until(5 * SEC)));
+    assert_eq!(l.try_acquire(&rate, 3 * SEC), Err(NotYet::Until(5 * SEC)));
     l.try_acquire(&rate, 5 * SEC).unwrap();
     // The server says 3 left until 10 s; one request of ours is in flight and may not be in
     // its count yet, so 2 remain.
@@ -110,12 +110,12 @@ fn a_server_429_blocks_and_headers_only_tighten() {
     assert_eq!(l.remaining(&rate, 5 * SEC), 2);
     l.try_acquire(&rate, 5 * SEC).unwrap();
     l.try_acquire(&rate, 5 * SEC).unwrap();
-    assert_eq!(l.try_acquire(&rate, 5 * SEC), Err(Wait::Until(10 * SEC)));
+    assert_eq!(l.try_acquire(&rate, 5 * SEC), Err(NotYet::Until(10 * SEC)));
     // A looser report for the same window (an older response, late) changes nothing.
     l.cap(50, 10 * SEC + 200 * MS, 6 * SEC);
     assert_eq!(
         l.try_acquire(&rate, 6 * SEC),
-        Err(Wait::Until(10 * SEC + 200 * MS))
+        Err(NotYet::Until(10 * SEC + 200 * MS))
     );
     l.try_acquire(&rate, 10 * SEC + 200 * MS).unwrap();
     // A report for a new window replaces the bound; the local quota still holds.
@@ -134,7 +134,7 @@ fn changing_algorithm_errs_on_the_safe_side() {
     l.change_rate(&window, &gcra, 0);
     assert!(l.try_hit(&gcra, 0).is_err());
     l.change_rate(&gcra, &window, 0);
-    assert_eq!(l.try_hit(&window, 0), Err(Wait::Until(SEC)));
+    assert_eq!(l.try_hit(&window, 0), Err(NotYet::Until(SEC)));
 }
 
 #[test]
@@ -145,17 +145,17 @@ fn a_window_filled_by_a_change_of_algorithm_takes_no_memory_per_place() {
     let mut l = Limiter::new(&gcra);
     l.try_hit(&gcra, 0).unwrap();
     l.change_rate(&gcra, &huge, 0);
-    assert_eq!(l.try_hit(&huge, 0), Err(Wait::Until(3_600 * SEC)));
+    assert_eq!(l.try_hit(&huge, 0), Err(NotYet::Until(3_600 * SEC)));
     assert_eq!(l.remaining(&huge, SEC), 0);
     // Answers after the run queue behind it, and the run frees at once when its time comes.
     let small = rate(Quota::per_second(2), 0);
     let mut l = Limiter::new(&gcra);
     l.try_hit(&gcra, 0).unwrap();
     l.change_rate(&gcra, &small, 0);
-    assert_eq!(l.try_hit(&small, 500 * MS), Err(Wait::Until(SEC)));
+    assert_eq!(l.try_hit(&small, 500 * MS), Err(NotYet::Until(SEC)));
     l.try_hit(&small, SEC).unwrap();
     l.try_hit(&small, SEC + MS).unwrap();
-    assert_eq!(l.try_hit(&small, SEC + 2 * MS), Err(Wait::Until(2 * SEC)));
+    assert_eq!(l.try_hit(&small, SEC + 2 * MS), Err(NotYet::Until(2 * SEC)));
 }
 
 #[test]
@@ -166,11 +166,11 @@ fn a_new_gcra_rate_applies_at_once() {
     l.try_hit(&fast, 0).unwrap();
     // The schedule was 100 ms ahead of now: one request's worth, which is a second now.
     l.change_rate(&fast, &slow, 0);
-    assert_eq!(l.try_hit(&slow, 100 * MS), Err(Wait::Until(SEC)));
+    assert_eq!(l.try_hit(&slow, 100 * MS), Err(NotYet::Until(SEC)));
     l.try_hit(&slow, SEC).unwrap();
     // Raised again, the level in requests is kept: one request ahead is 100 ms ahead.
     l.change_rate(&slow, &fast, 1500 * MS);
-    assert_eq!(l.try_hit(&fast, 1500 * MS), Err(Wait::Until(1550 * MS)));
+    assert_eq!(l.try_hit(&fast, 1500 * MS), Err(NotYet::Until(1550 * MS)));
     // An idle schedule stays idle; huge values saturate instead of overflowing.
     let mut idle = Limiter::new(&fast);
     idle.change_rate(&fast, &slow, 5 * SEC);
@@ -182,7 +182,7 @@ fn a_new_gcra_rate_applies_at_once() {
     let mut l = Limiter::new(&fast);
     l.try_hit(&fast, 0).unwrap();
     l.change_rate(&fast, &glacial, 0);
-    assert!(matches!(l.try_hit(&glacial, 0), Err(Wait::Until(at)) if at >= glacial.interval));
+    assert!(matches!(l.try_hit(&glacial, 0), Err(NotYet::Until(at)) if at >= glacial.interval));
 }
 
 #[test]
@@ -191,7 +191,7 @@ fn a_cancelled_place_is_given_back_as_if_never_taken() {
     let mut l = Limiter::new(&window);
     l.try_acquire(&window, 0).unwrap();
     l.try_acquire(&window, 0).unwrap();
-    assert_eq!(l.try_acquire(&window, 0), Err(Wait::Response));
+    assert_eq!(l.try_acquire(&window, 0), Err(NotYet::Response));
     l.cancel();
     // No answer is counted: the place is free at once, and for good.
     assert_eq!(l.remaining(&window, 0), 1);
@@ -204,7 +204,7 @@ fn a_cancelled_place_is_given_back_as_if_never_taken() {
     l.cancel();
     // The schedule did not move.
     l.try_hit(&gcra, 0).unwrap();
-    assert_eq!(l.try_hit(&gcra, 0), Err(Wait::Until(100 * MS)));
+    assert_eq!(l.try_hit(&gcra, 0), Err(NotYet::Until(100 * MS)));
 
     // A server's bound gets its place back too.
     let mut l = Limiter::new(&window);
@@ -260,12 +260,12 @@ fn simulate(
                         }
                     }
                 }
-                Err(Wait::Until(at)) => {
+                Err(NotYet::Until(at)) => {
                     assert!(at > now, "a wait must lie in the future");
                     wake = Some(at);
                     break;
                 }
-                Err(Wait::Response) => {
+                Err(NotYet::Response) => {
                     assert!(
                         !in_flight.is_empty(),
                         "waiting for a response none will send"

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use super::{Pending, Wait};
+use super::{NotYet, Pending};
 use crate::clock::Nanos;
 use crate::quota::Rate;
 
@@ -68,7 +68,7 @@ impl Window {
         rate: &Rate,
         now: Nanos,
         pending: &Pending<'_>,
-    ) -> Result<(), Wait> {
+    ) -> Result<(), NotYet> {
         self.expire(rate, now);
         let holding = pending.count() + self.held();
         if holding < u64::from(rate.count) {
@@ -78,11 +78,11 @@ impl Window {
         // then the pending ones at their answers.
         let needed = holding + 1 - u64::from(rate.count);
         if let Some(at) = self.answered_at(needed - 1) {
-            return Err(Wait::Until(held_until(rate, at)));
+            return Err(NotYet::Until(held_until(rate, at)));
         }
         match pending.answer(needed - 1 - self.held()) {
-            Some(at) => Err(Wait::Until(held_until(rate, at))),
-            None => Err(Wait::Response),
+            Some(at) => Err(NotYet::Until(held_until(rate, at))),
+            None => Err(NotYet::Response),
         }
     }
 

@@ -10,8 +10,8 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::error::RateLimitError;
-use super::remote::{Outcome, Release, SharedPlace, SharedTurn};
-use super::state::{lock, Permit, Ticket, Turn};
+use super::remote::{Outcome, StorePlace, StoreRelease, StoreTurn};
+use super::state::{lock, Permit, Turn, TurnTicket};
 use crate::clock::{nanos, Nanos};
 use crate::store::FailMode;
 use crate::BoxError;
@@ -27,40 +27,40 @@ pin_project! {
         state: State<S::Future, Result<S::Response, S::Error>>,
         // Boxed: only a request that waits (or asks a shared store) needs it, and it keeps the
         // future small.
-        aside: Option<Box<Aside<S, B>>>,
+        aside: Option<Box<DeferredRequest<S, B>>>,
         permit: Option<Permit>,
     }
 }
 
 /// What a request that is not sent at once keeps aside.
-struct Aside<S, B> {
+struct DeferredRequest<S, B> {
     /// Its own clone of the inner service, driven ready only once its turn has come, and the
     /// request; until it is sent.
     call: Option<(S, Request<B>)>,
-    turn: TurnIn,
+    turn: TurnSource,
 }
 
 /// Where a request that is not sent at once gets its turn.
-#[allow(clippy::large_enum_variant)] // boxed with the rest of `Aside`, once per request
-enum TurnIn {
+#[allow(clippy::large_enum_variant)] // boxed with the rest of `DeferredRequest`, once per request
+enum TurnSource {
     /// The route's queue in this process.
-    Queue(Queued),
+    Queue(QueuedTurn),
     /// The shared store, where it then holds its place.
-    Store(SharedTurn),
+    Store(StoreTurn),
     /// Its place is taken in this process: the future's permit holds it.
     Taken,
 }
 
 /// A request waiting in its route's queue.
-struct Queued {
-    ticket: Ticket,
+struct QueuedTurn {
+    ticket: TurnTicket,
     max_wait: Option<Duration>,
     /// When the maximum wait runs out, if there is one.
     deadline: Option<Nanos>,
 }
 
-impl Queued {
-    fn new(ticket: Ticket, max_wait: Option<Duration>) -> Self {
+impl QueuedTurn {
+    fn new(ticket: TurnTicket, max_wait: Option<Duration>) -> Self {
         Self {
             deadline: max_wait.map(|max| ticket.since.saturating_add(nanos(max))),
             ticket,
@@ -69,10 +69,10 @@ impl Queued {
     }
 }
 
-fn queued<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<&mut Queued> {
+fn queued<S, B>(aside: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<&mut QueuedTurn> {
     match aside.as_deref_mut() {
-        Some(Aside {
-            turn: TurnIn::Queue(queued),
+        Some(DeferredRequest {
+            turn: TurnSource::Queue(queued),
             ..
         }) => Some(queued),
         _ => None,
@@ -80,10 +80,10 @@ fn queued<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<&mut Queued> {
 }
 
 /// The place a sent request holds in the shared store, taken to be given back.
-fn store_place<S, B>(aside: &mut Option<Box<Aside<S, B>>>) -> Option<SharedPlace> {
+fn store_place<S, B>(aside: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<StorePlace> {
     match aside.as_deref_mut() {
-        Some(Aside {
-            turn: TurnIn::Store(turn),
+        Some(DeferredRequest {
+            turn: TurnSource::Store(turn),
             ..
         }) => turn.place.take(),
         _ => None,
@@ -99,14 +99,14 @@ pin_project! {
         // made once per waiting request and reset in place).
         Waiting { sleep: Pin<Box<Sleep>> },
         // Asking the shared store for its turn.
-        Shared,
+        Store,
         // Its turn has come: holding its place while it drives its own service ready.
         Readying,
         // Sent.
         Called { #[pin] future: F },
         // Answered; giving its place in the shared store back before answering (boxed: only
         // a layer with a shared store comes here).
-        Releasing { release: Release, answer: Option<Box<A>> },
+        Releasing { release: StoreRelease, answer: Option<Box<A>> },
         // Given back unsent.
         Failed { error: Option<RateLimitError> },
     }
@@ -124,12 +124,12 @@ where
         }
     }
 
-    pub(crate) fn shared(inner: S, request: Request<B>, turn: SharedTurn) -> Self {
+    pub(crate) fn from_store(inner: S, request: Request<B>, turn: StoreTurn) -> Self {
         Self {
-            state: State::Shared,
-            aside: Some(Box::new(Aside {
+            state: State::Store,
+            aside: Some(Box::new(DeferredRequest {
                 call: Some((inner, request)),
-                turn: TurnIn::Store(turn),
+                turn: TurnSource::Store(turn),
             })),
             permit: None,
         }
@@ -138,14 +138,14 @@ where
     pub(crate) fn queued(
         inner: S,
         request: Request<B>,
-        ticket: Ticket,
+        ticket: TurnTicket,
         max_wait: Option<Duration>,
     ) -> Self {
         Self {
             state: State::Queued,
-            aside: Some(Box::new(Aside {
+            aside: Some(Box::new(DeferredRequest {
                 call: Some((inner, request)),
-                turn: TurnIn::Queue(Queued::new(ticket, max_wait)),
+                turn: TurnSource::Queue(QueuedTurn::new(ticket, max_wait)),
             })),
             permit: None,
         }
@@ -195,7 +195,7 @@ where
 #[inline]
 fn settle<ResBody, E>(permit: Permit, result: &Result<Response<ResBody>, E>) {
     match result {
-        Ok(response) => permit.finish(response),
+        Ok(response) => permit.answered(response),
         // The server may have counted it: the drop gives the place back as abandoned.
         Err(_) => drop(permit),
     }
@@ -225,7 +225,7 @@ where
                     if let Some(permit) = this.permit.take() {
                         settle(permit, &result);
                     } else if let Some(place) = store_place(this.aside) {
-                        let release = place.finish(result.as_ref().ok());
+                        let release = place.release(result.as_ref().ok());
                         *this.aside = None;
                         this.state.set(State::Releasing {
                             release,
@@ -267,7 +267,7 @@ where
                     let Some((mut inner, request)) = aside.call.take() else {
                         return invalid();
                     };
-                    if let TurnIn::Store(turn) = &mut aside.turn {
+                    if let TurnSource::Store(turn) = &mut aside.turn {
                         if let Some(place) = turn.place.as_mut() {
                             place.sent();
                         }
@@ -275,16 +275,16 @@ where
                         permit.sent();
                     }
                     let future = inner.call(request);
-                    if !matches!(aside.turn, TurnIn::Store(_)) {
+                    if !matches!(aside.turn, TurnSource::Store(_)) {
                         *this.aside = None;
                     }
                     this.state.set(State::Called { future });
                 }
-                StateProj::Shared => {
+                StateProj::Store => {
                     let Some(aside) = this.aside.as_deref_mut() else {
                         return invalid();
                     };
-                    let TurnIn::Store(turn) = &mut aside.turn else {
+                    let TurnSource::Store(turn) = &mut aside.turn else {
                         return invalid();
                     };
                     match ready!(turn.poll_turn(cx)) {
@@ -311,7 +311,7 @@ where
                             if let Some(permit) = Permit::try_acquire(&handle, &mut state, route) {
                                 drop(state);
                                 *this.permit = Some(permit.unsent());
-                                aside.turn = TurnIn::Taken;
+                                aside.turn = TurnSource::Taken;
                                 this.state.set(State::Readying);
                             } else if let Some(max_queue) = state.queue_full(max_queue) {
                                 drop(state);
@@ -325,9 +325,9 @@ where
                                 .into()));
                             } else {
                                 let now = state.now(&handle.clock);
-                                let ticket = Ticket::join(&handle, &mut state, route, now);
+                                let ticket = TurnTicket::join(&handle, &mut state, route, now);
                                 drop(state);
-                                aside.turn = TurnIn::Queue(Queued::new(ticket, max_wait));
+                                aside.turn = TurnSource::Queue(QueuedTurn::new(ticket, max_wait));
                                 this.state.set(State::Queued);
                             }
                         }
@@ -354,7 +354,7 @@ where
                             *this.permit = Some(permit);
                             if let Some(aside) = this.aside.as_deref_mut() {
                                 // Out of the queue: the ticket has nothing left to do.
-                                aside.turn = TurnIn::Taken;
+                                aside.turn = TurnSource::Taken;
                             }
                             this.state.set(State::Readying);
                         }

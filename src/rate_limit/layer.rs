@@ -10,13 +10,13 @@ use tower_layer::Layer;
 use super::key::{ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies};
 use super::server::KeyedRoute;
 use super::service::RateLimitByRouteService;
-use super::state::{lock, ClientHandle, ClientRoute, ClientState, Learn, Shared};
+use super::state::{lock, ClientHandle, ClientRoute, ClientState, LayerState, Learn};
 use crate::clock::Clock;
 use crate::error::ConfigError;
-use crate::limiter::Wait as Admission;
+use crate::limiter::NotYet;
 use crate::quota::{Quota, Rate};
 use crate::route::{Pattern, RouteTable};
-use crate::store::Remote;
+use crate::store::StoreHandle;
 
 /// The name the default quota goes by in errors, snapshots and headers.
 pub(crate) const DEFAULT_ROUTE: &str = "default";
@@ -66,7 +66,7 @@ impl fmt::Debug for Wait {
 ///
 /// `F` builds the 429 response's body: [`EmptyBody`] by default, or a closure given to
 /// [`Builder::reject_with`].
-pub struct Reject<F = EmptyBody>(pub(crate) Arc<Shared<KeyedRoute, RejectConfig<F>>>);
+pub struct Reject<F = EmptyBody>(pub(crate) Arc<LayerState<KeyedRoute, RejectConfig<F>>>);
 
 impl<F> Clone for Reject<F> {
     fn clone(&self) -> Self {
@@ -90,7 +90,7 @@ pub struct WaitConfig {
     pub(crate) max_queue: Option<usize>,
     pub(crate) abandoned_hold: Duration,
     learn: Learn,
-    pub(crate) store: Option<Remote>,
+    pub(crate) store: Option<StoreHandle>,
 }
 
 /// Server-mode settings, as held by a [`Builder`].
@@ -105,7 +105,7 @@ pub struct RejectConfig<F = EmptyBody> {
     pub(crate) ipv6_prefix: u8,
     pub(crate) body: F,
     pub(crate) hasher: KeyHashing,
-    pub(crate) store: Option<Remote>,
+    pub(crate) store: Option<StoreHandle>,
     /// Whether the missing peer address was warned about.
     pub(crate) warned_no_peer: AtomicBool,
 }
@@ -378,7 +378,7 @@ impl Builder<WaitConfig> {
             })
             .collect();
         Ok(RateLimitByRoute {
-            mode: Wait(Arc::new(Arc::new(Shared {
+            mode: Wait(Arc::new(Arc::new(LayerState {
                 table,
                 routes,
                 clock: Clock::new(),
@@ -560,7 +560,7 @@ impl<F> Builder<RejectConfig<F>> {
             .map(|(name, rate)| KeyedRoute::new(name, rate, max_keys))
             .collect();
         Ok(RateLimitByRoute {
-            mode: Reject(Arc::new(Shared {
+            mode: Reject(Arc::new(LayerState {
                 table,
                 routes,
                 clock: Clock::new(),
@@ -647,8 +647,8 @@ impl RateLimitByRoute<Wait> {
                 let rate = state.rate;
                 let next = match state.limiter.probe(&rate, now) {
                     Ok(()) => NextAdmission::Now,
-                    Err(Admission::Until(at)) => NextAdmission::In(Duration::from_nanos(at - now)),
-                    Err(Admission::Response) => NextAdmission::AfterResponse,
+                    Err(NotYet::Until(at)) => NextAdmission::In(Duration::from_nanos(at - now)),
+                    Err(NotYet::Response) => NextAdmission::AfterResponse,
                 };
                 RouteSnapshot {
                     route: route.name.clone(),

@@ -12,15 +12,15 @@ use super::error::RateLimitError;
 use super::state::{lock, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::quota::Rate;
-use crate::store::{Asking, Decision, Op, Remote, StoreError};
+use crate::store::{Decision, StoreCall, StoreError, StoreHandle, StorePoll};
 
 /// A place held in the shared store. Dropped after its request was sent (an abandoned
 /// request), it is held as in flight for the abandoned hold, then as answered, as after a
 /// transport error; dropped before (the request was dropped, or its service failed to get
 /// ready), it is given back entirely.
 #[derive(Debug)]
-pub(crate) struct SharedPlace {
-    store: Remote,
+pub(crate) struct StorePlace {
+    store: StoreHandle,
     key: String,
     member: String,
     rate: Rate,
@@ -31,7 +31,7 @@ pub(crate) struct SharedPlace {
     released: bool,
 }
 
-impl SharedPlace {
+impl StorePlace {
     /// The request is being sent.
     pub(crate) fn sent(&mut self) {
         self.sent = true;
@@ -42,7 +42,7 @@ impl SharedPlace {
     /// returned operation before it answers its caller: a release left to run in the
     /// background could be lost with its runtime, and the place would stay taken for the
     /// whole fleet until its lease ran out.
-    pub(crate) fn finish<B>(mut self, response: Option<&Response<B>>) -> Release {
+    pub(crate) fn release<B>(mut self, response: Option<&Response<B>>) -> StoreRelease {
         self.released = true;
         let op = match response {
             Some(response) => self.release_op(response),
@@ -50,13 +50,13 @@ impl SharedPlace {
                 .store
                 .abandon_op(&self.key, &self.member, &self.rate, self.hold),
         };
-        Release {
+        StoreRelease {
             op: Some(op),
             store: self.store.clone(),
         }
     }
 
-    fn release_op<B>(&self, response: &Response<B>) -> Op {
+    fn release_op<B>(&self, response: &Response<B>) -> StoreCall {
         let mut block = Duration::ZERO;
         if self.learn.enabled && response.status() == StatusCode::TOO_MANY_REQUESTS {
             let wait = self
@@ -72,12 +72,12 @@ impl SharedPlace {
 
 /// A place being given back in the shared store. Dropped before it is done (the caller gave
 /// up on the answer meanwhile), it finishes in the background rather than be lost.
-pub(crate) struct Release {
-    op: Option<Op>,
-    store: Remote,
+pub(crate) struct StoreRelease {
+    op: Option<StoreCall>,
+    store: StoreHandle,
 }
 
-impl Future for Release {
+impl Future for StoreRelease {
     type Output = Result<Decision, StoreError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -91,7 +91,7 @@ impl Future for Release {
     }
 }
 
-impl Drop for Release {
+impl Drop for StoreRelease {
     fn drop(&mut self) {
         if let Some(op) = self.op.take() {
             self.store.spawn(op);
@@ -99,7 +99,7 @@ impl Drop for Release {
     }
 }
 
-impl Drop for SharedPlace {
+impl Drop for StorePlace {
     fn drop(&mut self) {
         if self.released {
             return;
@@ -114,43 +114,43 @@ impl Drop for SharedPlace {
 }
 
 /// A request asking the shared store for its turn.
-pub(crate) struct SharedTurn {
+pub(crate) struct StoreTurn {
     /// The place, once the store gave one.
-    pub(crate) place: Option<SharedPlace>,
+    pub(crate) place: Option<StorePlace>,
     pub(crate) handle: ClientHandle,
     pub(crate) route: usize,
     pub(crate) max_wait: Option<Duration>,
-    store: Remote,
+    store: StoreHandle,
     key: String,
     member: String,
     rate: Rate,
     learn: Learn,
     since: Nanos,
-    asking: Asking,
+    asking: StorePoll,
     /// Counted among the route's waiters (once the store has said it must wait).
     queued: bool,
 }
 
 /// How a turn in the shared store ended.
 pub(crate) enum Outcome {
-    Admitted(SharedPlace),
+    Admitted(StorePlace),
     /// Returned unsent: it would wait too long, or too many already wait.
     Refused(RateLimitError),
     Failed(StoreError),
 }
 
-impl SharedTurn {
+impl StoreTurn {
     pub(crate) fn new(
         handle: ClientHandle,
         route: usize,
-        store: Remote,
+        store: StoreHandle,
         rate: Rate,
         learn: Learn,
         max_wait: Option<Duration>,
     ) -> Self {
         let key = store.key(&format!("rate:{}", handle.routes[route].name));
         let member = store.member();
-        let asking = Asking::new(&store, || store.acquire(&key, &member, &rate, false));
+        let asking = StorePoll::new(&store, || store.acquire(&key, &member, &rate, false));
         let since = handle.clock.now();
         Self {
             place: None,
@@ -192,7 +192,7 @@ impl SharedTurn {
         }
     }
 
-    pub(crate) fn store(&self) -> &Remote {
+    pub(crate) fn store(&self) -> &StoreHandle {
         &self.store
     }
 
@@ -208,7 +208,7 @@ impl SharedTurn {
                     }
                     Ok(Decision::Admitted | Decision::Counted { .. }) => {
                         self.leave_queue();
-                        return Poll::Ready(Outcome::Admitted(SharedPlace {
+                        return Poll::Ready(Outcome::Admitted(StorePlace {
                             store: self.store.clone(),
                             key: std::mem::take(&mut self.key),
                             member: std::mem::take(&mut self.member),
@@ -254,7 +254,7 @@ impl SharedTurn {
     }
 }
 
-impl Drop for SharedTurn {
+impl Drop for StoreTurn {
     /// A turn that ends without a place (the request was dropped, refused, or the store
     /// failed) may still have one in the store: an acquire whose answer was never read, or
     /// came too late, took it. It is given back as never taken; nothing was sent.

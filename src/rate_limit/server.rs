@@ -25,7 +25,7 @@ use crate::headers;
 use crate::limiter::keyed::{KeyTable, Verdict};
 use crate::quota::{Quota, Rate};
 use crate::route::request_path;
-use crate::store::{Decision, FailMode, Op, StoreError};
+use crate::store::{Decision, FailMode, StoreCall, StoreError};
 use crate::sync::lock;
 
 /// Shards of a keyed route: requests of different clients rarely contend for one lock.
@@ -327,7 +327,7 @@ pub(crate) struct StoreHit<S, B, F> {
     /// A clone of the inner service, readied once the request may go.
     inner: S,
     request: Option<Request<B>>,
-    op: Op,
+    op: StoreCall,
     layer: Reject<F>,
     route: usize,
     /// The client's key in this process's own limiter, for [`FailMode::Open`].

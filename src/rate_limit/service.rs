@@ -6,9 +6,9 @@ use tower_service::Service;
 use super::error::RateLimitError;
 use super::future::ResponseFuture;
 use super::layer::Wait;
-use super::remote::SharedTurn;
-use super::state::{lock, Permit, Ticket};
-use crate::store::Remote;
+use super::remote::StoreTurn;
+use super::state::{lock, Permit, TurnTicket};
+use crate::store::StoreHandle;
 use crate::BoxError;
 
 /// The service made by a [`RateLimitByRoute`](super::RateLimitByRoute) layer.
@@ -64,7 +64,7 @@ where
         };
         if let Some(store) = &shared.config.store {
             let store = store.clone();
-            return self.call_shared(route, store, request);
+            return self.call_store(route, store, request);
         }
         let mut state = lock(&shared.routes[route].state);
         if let Some(permit) = Permit::try_acquire(shared, &mut state, route) {
@@ -96,7 +96,7 @@ where
                 );
             }
         }
-        let ticket = Ticket::join(shared, &mut state, route, now);
+        let ticket = TurnTicket::join(shared, &mut state, route, now);
         drop(state);
         ResponseFuture::queued(self.waiting_inner(), request, ticket, max_wait)
     }
@@ -106,10 +106,10 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
     /// A request under a quota kept in a shared store: it asks the store for its turn.
     /// Out of line, so that the in-memory path stays as small as it was.
     #[inline(never)]
-    fn call_shared<B>(
+    fn call_store<B>(
         &mut self,
         route: usize,
-        store: Remote,
+        store: StoreHandle,
         request: Request<B>,
     ) -> ResponseFuture<S, B>
     where
@@ -119,8 +119,8 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
         let rate = lock(&handle.routes[route].state).rate;
         let (learn, max_wait) = (handle.routes[route].learn, handle.config.max_wait);
         let inner = self.waiting_inner();
-        let turn = SharedTurn::new(handle, route, store, rate, learn, max_wait);
-        ResponseFuture::shared(inner, request, turn)
+        let turn = StoreTurn::new(handle, route, store, rate, learn, max_wait);
+        ResponseFuture::from_store(inner, request, turn)
     }
 }
 

@@ -9,7 +9,7 @@ use http::{Response, StatusCode};
 
 use crate::clock::{nanos, Clock, Nanos};
 use crate::headers;
-use crate::limiter::{Limiter, Wait};
+use crate::limiter::{Limiter, NotYet};
 use crate::quota::Rate;
 use crate::route::RouteTable;
 
@@ -18,7 +18,7 @@ pub(crate) use crate::sync::lock;
 /// What every clone of a layer shares: the routes, their state, the clock and the mode's
 /// settings.
 #[derive(Debug)]
-pub(crate) struct Shared<R, C> {
+pub(crate) struct LayerState<R, C> {
     pub(crate) table: RouteTable,
     pub(crate) routes: Box<[R]>,
     pub(crate) clock: Clock,
@@ -77,7 +77,7 @@ pub(crate) struct ClientState {
     pub(crate) limiter: Limiter,
     /// Requests waiting for their turn, first come first served. Tickets only grow, so the
     /// queue is sorted by ticket.
-    pub(crate) waiters: VecDeque<Waiter>,
+    pub(crate) waiters: VecDeque<TurnWaiter>,
     /// Requests of this process waiting for their turn in a shared store.
     pub(crate) store_waiters: usize,
     next_ticket: u64,
@@ -88,7 +88,7 @@ pub(crate) struct ClientState {
 }
 
 #[derive(Debug)]
-pub(crate) struct Waiter {
+pub(crate) struct TurnWaiter {
     ticket: u64,
     waker: Option<Waker>,
 }
@@ -143,7 +143,7 @@ impl ClientState {
     }
 }
 
-pub(crate) type ClientShared = Shared<ClientRoute, super::layer::WaitConfig>;
+pub(crate) type ClientShared = LayerState<ClientRoute, super::layer::WaitConfig>;
 
 /// What a client-mode service and its requests hold: one `Arc` per service around the shared
 /// state, so that requests of different services (different connections, different tasks)
@@ -152,7 +152,7 @@ pub(crate) type ClientHandle = Arc<Arc<ClientShared>>;
 
 /// A place in a route's queue. Dropping it while still queued leaves the queue.
 #[derive(Debug)]
-pub(crate) struct Ticket {
+pub(crate) struct TurnTicket {
     shared: ClientHandle,
     route: usize,
     id: u64,
@@ -170,7 +170,7 @@ pub(crate) enum Turn {
     Wait(Option<Nanos>),
 }
 
-impl Ticket {
+impl TurnTicket {
     /// Joins the back of a route's queue (whose lock the caller holds).
     pub(crate) fn join(
         shared: &ClientHandle,
@@ -180,7 +180,7 @@ impl Ticket {
     ) -> Self {
         let id = state.next_ticket;
         state.next_ticket += 1;
-        state.waiters.push_back(Waiter {
+        state.waiters.push_back(TurnWaiter {
             ticket: id,
             waker: None,
         });
@@ -222,8 +222,8 @@ impl Ticket {
                         stage: Stage::Unsent,
                     });
                 }
-                Err(Wait::Until(at)) => wait = Some(at),
-                Err(Wait::Response) => {}
+                Err(NotYet::Until(at)) => wait = Some(at),
+                Err(NotYet::Response) => {}
             }
         }
         if let Some(i) = state.position(self.id) {
@@ -247,7 +247,7 @@ impl Ticket {
     }
 }
 
-impl Drop for Ticket {
+impl Drop for TurnTicket {
     fn drop(&mut self) {
         if !self.queued {
             return;
@@ -321,7 +321,7 @@ impl Permit {
     }
 
     /// The response is back: give the place back and learn what the server says.
-    pub(crate) fn finish<B>(mut self, response: &Response<B>) {
+    pub(crate) fn answered<B>(mut self, response: &Response<B>) {
         let route = &self.shared.routes[self.route];
         let answered = self.shared.clock.now();
         let mut guard = lock(&route.state);

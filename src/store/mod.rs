@@ -98,25 +98,26 @@ pub(crate) enum Decision {
 /// A store operation in progress: owns everything it needs, so it outlives the call that
 /// made it. `Sync` (it is only ever polled through `&mut`), so that the layers' futures stay
 /// `Send + Sync` as they are without a store.
-pub(crate) type Op = SyncFuture<Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>>;
+pub(crate) type StoreCall =
+    SyncFuture<Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>>;
 
 /// The store a layer shares with other processes, if any.
 #[cfg(feature = "redis")]
-pub(crate) type Remote = RedisStore;
+pub(crate) type StoreHandle = RedisStore;
 
 /// Without the `redis` feature there is no shared store: this type is never made, and the
 /// code paths that take one never run. Its methods only keep those paths compiling.
 #[cfg(not(feature = "redis"))]
 #[derive(Debug, Clone)]
 #[allow(dead_code)]
-pub(crate) struct Remote {
+pub(crate) struct StoreHandle {
     never: (),
 }
 
 #[cfg(not(feature = "redis"))]
 #[allow(dead_code, clippy::unused_self)]
-impl Remote {
-    fn none(&self) -> Op {
+impl StoreHandle {
+    fn none(&self) -> StoreCall {
         SyncFuture::new(Box::pin(std::future::ready(Err(StoreError::Unavailable(
             "built without the `redis` feature".into(),
         )))))
@@ -142,15 +143,27 @@ impl Remote {
         Duration::from_secs(1)
     }
 
-    pub(crate) fn acquire(&self, _: &str, _: &str, _: &crate::quota::Rate, _: bool) -> Op {
+    pub(crate) fn acquire(&self, _: &str, _: &str, _: &crate::quota::Rate, _: bool) -> StoreCall {
         self.none()
     }
 
-    pub(crate) fn release_op(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) -> Op {
+    pub(crate) fn release_op(
+        &self,
+        _: &str,
+        _: &str,
+        _: &crate::quota::Rate,
+        _: Duration,
+    ) -> StoreCall {
         self.none()
     }
 
-    pub(crate) fn abandon_op(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) -> Op {
+    pub(crate) fn abandon_op(
+        &self,
+        _: &str,
+        _: &str,
+        _: &crate::quota::Rate,
+        _: Duration,
+    ) -> StoreCall {
         self.none()
     }
 
@@ -158,9 +171,9 @@ impl Remote {
 
     pub(crate) fn cancel(&self, _: &str, _: &str, _: &crate::quota::Rate) {}
 
-    pub(crate) fn spawn(&self, _: Op) {}
+    pub(crate) fn spawn(&self, _: StoreCall) {}
 
-    pub(crate) fn slot_acquire(&self, _: usize, _: Duration, _: &str) -> Op {
+    pub(crate) fn slot_acquire(&self, _: usize, _: Duration, _: &str) -> StoreCall {
         self.none()
     }
 
@@ -188,16 +201,16 @@ impl Remote {
 /// questions it sleeps until the time the store named, a release anywhere, or the poll
 /// interval, whichever comes first: no tight loop, and a lost release message costs at most
 /// one poll interval.
-pub(crate) struct Asking {
-    op: Option<Op>,
+pub(crate) struct StorePoll {
+    op: Option<StoreCall>,
     released: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Asking {
+impl StorePoll {
     /// Listens for releases, then asks the first question (so that a release while it is
     /// asked is not missed).
-    pub(crate) fn new(store: &Remote, ask: impl FnOnce() -> Op) -> Self {
+    pub(crate) fn new(store: &StoreHandle, ask: impl FnOnce() -> StoreCall) -> Self {
         let released = Box::pin(store.released());
         Self {
             op: Some(ask()),
@@ -223,7 +236,7 @@ impl Asking {
     /// poll interval, or `deadline`.
     pub(crate) fn again_by(
         &mut self,
-        store: &Remote,
+        store: &StoreHandle,
         now: tokio::time::Instant,
         wait: Option<Duration>,
         deadline: Option<tokio::time::Instant>,
@@ -241,9 +254,9 @@ impl Asking {
     /// Ready when it is time to ask again: `ask` is then in flight.
     pub(crate) fn poll_again(
         &mut self,
-        store: &Remote,
+        store: &StoreHandle,
         cx: &mut std::task::Context<'_>,
-        ask: impl FnOnce() -> Op,
+        ask: impl FnOnce() -> StoreCall,
     ) -> std::task::Poll<()> {
         let released = self.released.as_mut().poll(cx).is_ready();
         let slept = self

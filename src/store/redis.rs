@@ -12,7 +12,7 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use super::{Decision, FailMode, Op, StoreError};
+use super::{Decision, FailMode, StoreCall, StoreError};
 use crate::error::ConfigError;
 use crate::quota::Rate;
 
@@ -58,7 +58,7 @@ struct Inner {
     done: broadcast::Sender<Arc<str>>,
     /// Changes that nobody awaits (slots given back, jobs bound or done), run one after
     /// another in the order they were made, so that a job's end never overtakes its start.
-    background: mpsc::Sender<Op>,
+    background: mpsc::Sender<StoreCall>,
     subscriber: JoinHandle<()>,
     worker: JoinHandle<()>,
 }
@@ -144,20 +144,32 @@ impl RedisStore {
 
     /// Takes a place for one request at `key` (`hit`: counted and answered at once, as a
     /// server does).
-    pub(crate) fn acquire(&self, key: &str, member: &str, rate: &Rate, hit: bool) -> Op {
+    pub(crate) fn acquire(&self, key: &str, member: &str, rate: &Rate, hit: bool) -> StoreCall {
         let op = if hit { "hit" } else { "acquire" };
         self.run(key, op, member, rate, Duration::ZERO)
     }
 
     /// Gives back the place `member` holds at `key` for a request answered now, closing the
     /// limit for `block` if the server asked so.
-    pub(crate) fn release_op(&self, key: &str, member: &str, rate: &Rate, block: Duration) -> Op {
+    pub(crate) fn release_op(
+        &self,
+        key: &str,
+        member: &str,
+        rate: &Rate,
+        block: Duration,
+    ) -> StoreCall {
         self.run(key, "release", member, rate, block)
     }
 
     /// The place `member` holds at `key` is for a request given up on after its send: it is
     /// held as in flight for `hold`, then as answered then.
-    pub(crate) fn abandon_op(&self, key: &str, member: &str, rate: &Rate, hold: Duration) -> Op {
+    pub(crate) fn abandon_op(
+        &self,
+        key: &str,
+        member: &str,
+        rate: &Rate,
+        hold: Duration,
+    ) -> StoreCall {
         self.run(key, "abandon", member, rate, hold)
     }
 
@@ -174,7 +186,14 @@ impl RedisStore {
     }
 
     /// Runs the rate script; `span` is the release's block or the abandon's hold.
-    fn run(&self, key: &str, op: &'static str, member: &str, rate: &Rate, span: Duration) -> Op {
+    fn run(
+        &self,
+        key: &str,
+        op: &'static str,
+        member: &str,
+        rate: &Rate,
+        span: Duration,
+    ) -> StoreCall {
         let keys = vec![
             format!("{key}:held"),
             format!("{key}:tat"),
@@ -199,7 +218,7 @@ impl RedisStore {
     }
 
     /// Runs `script` on `keys` and `args`, within the store's timeout.
-    fn invoke(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Op {
+    fn invoke(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> StoreCall {
         let script = script.clone();
         let mut connection = self.inner.connection.clone();
         let timeout = self.inner.timeout;
@@ -221,7 +240,7 @@ impl RedisStore {
 impl RedisStore {
     /// Takes one of `limit` job slots for a create about to be sent, held as `member` for at
     /// most `lease`.
-    pub(crate) fn slot_acquire(&self, limit: usize, lease: Duration, member: &str) -> Op {
+    pub(crate) fn slot_acquire(&self, limit: usize, lease: Duration, member: &str) -> StoreCall {
         self.run_slots(vec![
             "acquire".into(),
             limit.to_string(),
@@ -295,7 +314,7 @@ impl RedisStore {
     }
 
     /// Runs `op` in the background, after the ones made before it.
-    pub(crate) fn spawn(&self, op: Op) {
+    pub(crate) fn spawn(&self, op: StoreCall) {
         if self.inner.background.try_send(op).is_err() {
             tracing::debug!(
                 "too many changes wait for the store: this one is dropped, and its lease covers it"
@@ -303,7 +322,7 @@ impl RedisStore {
         }
     }
 
-    fn run_slots(&self, mut args: Vec<String>) -> Op {
+    fn run_slots(&self, mut args: Vec<String>) -> StoreCall {
         args.insert(1, self.inner.channel.clone());
         args.insert(2, REMEMBERED_DONE.to_string());
         let slots = self.key("slots");
@@ -466,7 +485,7 @@ impl RedisStoreBuilder {
         .map_err(unusable)?;
         let channel = format!("{{{}}}:released", self.prefix);
         let subscriber = runtime.spawn(subscribe(subscriber, channel.clone(), self.poll));
-        let (background, mut queue) = mpsc::channel::<Op>(BACKGROUND);
+        let (background, mut queue) = mpsc::channel::<StoreCall>(BACKGROUND);
         let worker = runtime.spawn(async move {
             while let Some(op) = queue.recv().await {
                 if let Err(error) = op.await {

@@ -27,13 +27,13 @@ fn a_free_slot_is_taken_at_once_and_the_plan_plus_one_th_waits() {
 fn every_release_path_frees_the_slot_once() {
     let mut slots = Slots::new(10, LEASE);
     assert!(slots.try_take(|| 0));
-    slots.release(Release::Failed);
+    slots.release(ReleaseReason::Failed);
     assert_eq!(slots.in_use(), 0);
 
     slots.try_take(|| 0);
     slots.bind("a", 0);
-    assert!(slots.finish("a", Release::Finished));
-    assert!(!slots.finish("a", Release::Finished));
+    assert!(slots.end_job("a", ReleaseReason::Finished));
+    assert!(!slots.end_job("a", ReleaseReason::Finished));
 
     slots.try_take(|| 0);
     slots.bind("b", 0);
@@ -54,12 +54,12 @@ fn every_release_path_frees_the_slot_once() {
     assert_eq!(
         slots.log,
         [
-            Release::Failed,
-            Release::Finished,
-            Release::Reconciled,
-            Release::Reconciled,
-            Release::Expired,
-            Release::Expired
+            ReleaseReason::Failed,
+            ReleaseReason::Finished,
+            ReleaseReason::Reconciled,
+            ReleaseReason::Reconciled,
+            ReleaseReason::Expired,
+            ReleaseReason::Expired
         ]
     );
 }
@@ -84,7 +84,7 @@ fn a_job_listed_first_is_held_once_when_its_create_is_answered() {
     slots.bind("a", 0);
     assert_eq!(slots.in_use(), 1);
     // A stale list showing a finished job does not take it back.
-    slots.finish("a", Release::Finished);
+    slots.end_job("a", ReleaseReason::Finished);
     slots.seen_active("a", SEC);
     assert_eq!(slots.in_use(), 0);
 }
@@ -114,12 +114,12 @@ fn more_slots_admit_waiters_in_order_fewer_wait_for_jobs_to_end() {
     assert!(slots.poll_take(t2, 0, waker()).is_ok());
     assert_eq!(slots.in_use(), 3);
     slots.set_limit(1);
-    slots.finish("first", Release::Finished);
+    slots.end_job("first", ReleaseReason::Finished);
     assert!(!slots.try_take(|| 0), "2 held, plan of 1");
 }
 
 #[derive(Debug, Clone)]
-enum Op {
+enum Step {
     Join,
     Poll(usize),
     Leave(usize),
@@ -133,19 +133,19 @@ enum Op {
     SetLimit(usize),
 }
 
-fn op() -> impl Strategy<Value = Op> {
+fn op() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => Just(Op::Join),
-        4 => any::<usize>().prop_map(Op::Poll),
-        1 => any::<usize>().prop_map(Op::Leave),
-        1 => Just(Op::Fail),
-        1 => Just(Op::Unknown),
-        3 => (0u8..12).prop_map(Op::Bind),
-        2 => (0u8..12).prop_map(Op::Finish),
-        1 => (12u8..16).prop_map(Op::SeenActive),
-        1 => proptest::collection::vec(0u8..16, 0..6).prop_map(Op::Reconcile),
-        1 => (0u32..400).prop_map(Op::Advance),
-        1 => (1usize..5).prop_map(Op::SetLimit),
+        3 => Just(Step::Join),
+        4 => any::<usize>().prop_map(Step::Poll),
+        1 => any::<usize>().prop_map(Step::Leave),
+        1 => Just(Step::Fail),
+        1 => Just(Step::Unknown),
+        3 => (0u8..12).prop_map(Step::Bind),
+        2 => (0u8..12).prop_map(Step::Finish),
+        1 => (12u8..16).prop_map(Step::SeenActive),
+        1 => proptest::collection::vec(0u8..16, 0..6).prop_map(Step::Reconcile),
+        1 => (0u32..400).prop_map(Step::Advance),
+        1 => (1usize..5).prop_map(Step::SetLimit),
     ]
 }
 
@@ -163,7 +163,7 @@ impl Model {
         self.in_flight + self.unknown.len() + self.jobs.len()
     }
 
-    fn finish(&mut self, id: &str) -> bool {
+    fn end_job(&mut self, id: &str) -> bool {
         let held = self.jobs.remove(id).is_some();
         if held {
             self.finished.insert(id.to_owned());
@@ -198,10 +198,10 @@ proptest! {
         let mut limit = limit;
         for op in ops {
             match op {
-                Op::Join => {
+                Step::Join => {
                     waiting.insert(slots.join());
                 }
-                Op::Poll(i) => {
+                Step::Poll(i) => {
                     let tickets: Vec<u64> = waiting.iter().copied().collect();
                     if !tickets.is_empty() {
                         let ticket = tickets[i % tickets.len()];
@@ -217,7 +217,7 @@ proptest! {
                         }
                     }
                 }
-                Op::Leave(i) => {
+                Step::Leave(i) => {
                     let tickets: Vec<u64> = waiting.iter().copied().collect();
                     if !tickets.is_empty() {
                         let ticket = tickets[i % tickets.len()];
@@ -225,32 +225,32 @@ proptest! {
                         waiting.remove(&ticket);
                     }
                 }
-                Op::Fail if model.in_flight > 0 => {
-                    slots.release(Release::Failed);
+                Step::Fail if model.in_flight > 0 => {
+                    slots.release(ReleaseReason::Failed);
                     model.in_flight -= 1;
                 }
-                Op::Unknown if model.in_flight > 0 => {
+                Step::Unknown if model.in_flight > 0 => {
                     slots.unknown(now);
                     model.in_flight -= 1;
                     model.unknown.push(now);
                 }
-                Op::Bind(job) if model.in_flight > 0 => {
+                Step::Bind(job) if model.in_flight > 0 => {
                     let id = job.to_string();
                     slots.bind(&id, now);
                     model.in_flight -= 1;
                     model.seen_active(&id, now);
                 }
-                Op::Fail | Op::Unknown | Op::Bind(_) => {}
-                Op::Finish(job) => {
+                Step::Fail | Step::Unknown | Step::Bind(_) => {}
+                Step::Finish(job) => {
                     let id = job.to_string();
-                    prop_assert_eq!(slots.finish(&id, Release::Finished), model.finish(&id));
+                    prop_assert_eq!(slots.end_job(&id, ReleaseReason::Finished), model.end_job(&id));
                 }
-                Op::SeenActive(job) => {
+                Step::SeenActive(job) => {
                     let id = job.to_string();
                     slots.seen_active(&id, now);
                     model.seen_active(&id, now);
                 }
-                Op::Reconcile(active) => {
+                Step::Reconcile(active) => {
                     let ids: Vec<String> = active.iter().map(u8::to_string).collect();
                     slots.reconcile(ids.iter().map(String::as_str), now, now);
                     let gone: Vec<String> = model
@@ -260,14 +260,14 @@ proptest! {
                         .map(|(id, _)| id.clone())
                         .collect();
                     for id in gone {
-                        model.finish(&id);
+                        model.end_job(&id);
                     }
                     model.unknown.retain(|&since| since >= now);
                     for id in &ids {
                         model.seen_active(id, now);
                     }
                 }
-                Op::Advance(secs) => {
+                Step::Advance(secs) => {
                     now += Nanos::from(secs) * SEC;
                     slots.expire(now);
                     let expired: Vec<String> = model
@@ -277,11 +277,11 @@ proptest! {
                         .map(|(id, _)| id.clone())
                         .collect();
                     for id in expired {
-                        model.finish(&id);
+                        model.end_job(&id);
                     }
                     model.unknown.retain(|&since| since + LEASE > now);
                 }
-                Op::SetLimit(n) => {
+                Step::SetLimit(n) => {
                     limit = n;
                     slots.set_limit(n);
                 }
@@ -291,7 +291,7 @@ proptest! {
 
         // Everything ends: the creates in flight fail, the jobs and unknown outcomes go.
         for _ in 0..model.in_flight {
-            slots.release(Release::Failed);
+            slots.release(ReleaseReason::Failed);
         }
         now += LEASE;
         slots.reconcile(std::iter::empty(), now, now);
@@ -300,7 +300,7 @@ proptest! {
         for ticket in waiting.iter().copied().collect::<Vec<_>>() {
             let taken = slots.poll_take(ticket, now, waker());
             prop_assert!(taken.is_ok(), "waiter {} starved", ticket);
-            slots.release(Release::Failed);
+            slots.release(ReleaseReason::Failed);
         }
     }
 }
@@ -318,7 +318,7 @@ fn a_job_completed_before_its_id_was_known_gives_its_slot_back_when_it_shows() {
     assert_eq!(slots.in_use(), 0);
     slots.seen_active("a", SEC);
     assert_eq!(slots.in_use(), 0, "a stale list does not take it back");
-    assert_eq!(slots.log, [Release::Finished]);
+    assert_eq!(slots.log, [ReleaseReason::Finished]);
 
     // Remembered for the lease only.
     slots.try_take(|| SEC);

@@ -17,8 +17,10 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::body::BackoffBody;
+use super::classify::LimitKind;
 use super::error::{is_own, BackoffError, Retried};
-use super::layer::{BackoffConfig, GiveUp, LimitKind};
+use super::layer::BackoffConfig;
+use super::schedule::GiveUp;
 use crate::headers;
 use crate::BoxError;
 

@@ -91,16 +91,21 @@
 
 mod body;
 mod budget;
+mod classify;
 mod error;
 mod future;
 mod layer;
+mod random;
+mod schedule;
 mod service;
 #[cfg(test)]
 mod tests;
 
 pub use body::BackoffBody;
 pub use budget::RetryBudget;
+pub use classify::LimitKind;
 pub use error::{BackoffError, Retried};
 pub use future::ResponseFuture;
-pub use layer::{Backoff429, Jitter, LimitKind, Schedule};
+pub use layer::Backoff429;
+pub use schedule::{Jitter, Schedule};
 pub use service::Backoff429Service;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::layer::{GiveUp, MIN_WAIT};
+use super::schedule::{GiveUp, MIN_WAIT};
 use super::{Backoff429, Jitter, Schedule};
 
 /// Durations from nothing to `Duration::MAX`, the edges often.

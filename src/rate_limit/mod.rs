@@ -143,21 +143,24 @@
 //!
 //! [`Quota`]: crate::Quota
 
+mod builder;
 mod error;
 mod future;
+mod handle;
 mod key;
 mod layer;
+mod reject;
 mod remote;
 mod server;
 mod service;
 mod state;
 
+pub use builder::{Builder, RejectConfig, WaitConfig};
 pub use error::RateLimitError;
 pub use future::ResponseFuture;
+pub use handle::{KeyedRouteSnapshot, NextAdmission, RouteSnapshot};
 pub use key::{ForwardedHeader, MissingKey, RequestHead};
-pub use layer::{
-    Builder, EmptyBody, KeyedRouteSnapshot, NextAdmission, RateLimitByRoute, Reject, RejectConfig,
-    RejectReason, RejectResponse, Rejection, RouteSnapshot, Wait, WaitConfig,
-};
+pub use layer::{RateLimitByRoute, Reject, Wait};
+pub use reject::{EmptyBody, RejectReason, RejectResponse, Rejection};
 pub use server::RejectFuture;
 pub use service::RateLimitByRouteService;

@@ -17,8 +17,10 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::builder::RejectConfig;
 use super::key::{Extracted, KeyHashing, MissingKey, ANONYMOUS};
-use super::layer::{Reject, RejectConfig, RejectReason, RejectResponse, Rejection};
+use super::layer::Reject;
+use super::reject::{RejectReason, RejectResponse, Rejection};
 use super::service::RateLimitByRouteService;
 use crate::clock::Nanos;
 use crate::headers;

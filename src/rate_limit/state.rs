@@ -143,7 +143,7 @@ impl ClientState {
     }
 }
 
-pub(crate) type ClientShared = LayerState<ClientRoute, super::layer::WaitConfig>;
+pub(crate) type ClientShared = LayerState<ClientRoute, super::builder::WaitConfig>;
 
 /// What a client-mode service and its requests hold: one `Arc` per service around the shared
 /// state, so that requests of different services (different connections, different tasks)

@@ -1,0 +1,450 @@
+//! [`Builder`]: the routes, their quotas and each mode's settings, checked when built.
+
+use std::fmt;
+use std::hash::{Hash, RandomState};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::key::{ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies};
+use super::server::KeyedRoute;
+use super::state::{ClientRoute, ClientState, LayerState, Learn};
+use crate::clock::Clock;
+use crate::error::ConfigError;
+use crate::quota::{Quota, Rate};
+use crate::route::{Pattern, RouteTable};
+use crate::store::StoreHandle;
+
+use super::layer::{RateLimitByRoute, Reject, Wait, DEFAULT_ROUTE};
+use super::reject::EmptyBody;
+
+/// Client-mode settings, as held by a [`Builder`].
+#[derive(Debug, Clone)]
+pub struct WaitConfig {
+    pub(crate) max_wait: Option<Duration>,
+    pub(crate) max_queue: Option<usize>,
+    pub(crate) abandoned_hold: Duration,
+    learn: Learn,
+    pub(crate) store: Option<StoreHandle>,
+}
+
+/// Server-mode settings, as held by a [`Builder`].
+pub struct RejectConfig<F = EmptyBody> {
+    pub(crate) key: ClientKey,
+    /// A key setting that could not be used, reported by `build`.
+    key_error: Option<ConfigError>,
+    pub(crate) on_missing: Option<MissingKey>,
+    pub(crate) headers: bool,
+    max_keys: usize,
+    /// IPv6 clients are told apart by this many leading bits of their address.
+    pub(crate) ipv6_prefix: u8,
+    pub(crate) body: F,
+    pub(crate) hasher: KeyHashing,
+    pub(crate) store: Option<StoreHandle>,
+    /// Whether the missing peer address was warned about.
+    pub(crate) warned_no_peer: AtomicBool,
+}
+
+impl<F> fmt::Debug for RejectConfig<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectConfig")
+            .field("key", &self.key)
+            .field("on_missing", &self.on_missing)
+            .field("headers", &self.headers)
+            .field("max_keys", &self.max_keys)
+            .field("ipv6_prefix", &self.ipv6_prefix)
+            .finish()
+    }
+}
+
+/// Builds a [`RateLimitByRoute`]. Made by [`RateLimitByRoute::builder`].
+#[derive(Debug)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder<C = WaitConfig> {
+    routes: Vec<(String, Quota)>,
+    default: Option<Quota>,
+    margin: Option<Duration>,
+    config: C,
+}
+
+impl RateLimitByRoute<Wait> {
+    /// Starts a client-mode builder with no routes and no default quota.
+    pub fn builder() -> Builder<WaitConfig> {
+        Builder {
+            routes: Vec::new(),
+            default: None,
+            margin: None,
+            config: WaitConfig {
+                max_wait: None,
+                max_queue: None,
+                abandoned_hold: Duration::from_secs(60),
+                learn: Learn {
+                    enabled: true,
+                    backoff: Duration::from_secs(1),
+                },
+                store: None,
+            },
+        }
+    }
+}
+
+impl<C> Builder<C> {
+    /// Gives the requests matching `pattern` their own quota.
+    ///
+    /// A pattern is a method (or `*` for any method), one space, and a path in which `{name}`
+    /// matches one segment and a final `{*name}` the rest: `"POST /v2/generate"`,
+    /// `"GET /v2/generate/{id}"`, `"* /v2/assets/{*rest}"`. Routes for the request's own
+    /// method are tried before `*` routes. Malformed or colliding patterns are reported by
+    /// [`build`](Builder::build), naming the pattern.
+    pub fn route(mut self, pattern: impl Into<String>, quota: Quota) -> Self {
+        self.routes.push((pattern.into(), quota));
+        self
+    }
+
+    /// The quota shared by every request that matches no route. Without one, such requests
+    /// pass unlimited.
+    pub fn default_quota(mut self, quota: Quota) -> Self {
+        self.default = Some(quota);
+        self
+    }
+
+    /// How much longer than its period a request holds its place after its response, to cover
+    /// late timers and a server's clock granularity.
+    ///
+    /// Default: 1% of the time a request holds its place for (the window of a sliding window,
+    /// the emission interval of a paced quota), at most 50 ms. Server mode counts requests
+    /// itself and uses no margin.
+    pub fn safety_margin(mut self, margin: Duration) -> Self {
+        self.margin = Some(margin);
+        self
+    }
+
+    fn compile(
+        &self,
+        margin: Option<Duration>,
+    ) -> Result<(RouteTable, Vec<NamedRate>), ConfigError> {
+        let mut table = RouteTable::default();
+        let mut routes = Vec::with_capacity(self.routes.len() + 1);
+        for (index, (text, quota)) in self.routes.iter().enumerate() {
+            let pattern = Pattern::parse(text)?;
+            check_quota(text, quota)?;
+            table.insert(text, &pattern, index)?;
+            routes.push((Arc::from(text.as_str()), Rate::new(*quota, margin)));
+        }
+        if let Some(quota) = &self.default {
+            check_quota(DEFAULT_ROUTE, quota)?;
+            table.set_default(routes.len());
+            routes.push((Arc::from(DEFAULT_ROUTE), Rate::new(*quota, margin)));
+        }
+        Ok((table, routes))
+    }
+}
+
+/// A route's name (its pattern, or `"default"`) and compiled quota.
+type NamedRate = (Arc<str>, Rate);
+
+pub(super) fn check_quota(route: &str, quota: &Quota) -> Result<(), ConfigError> {
+    quota
+        .validate()
+        .map_err(|reason| ConfigError::InvalidQuota {
+            route: route.to_owned(),
+            reason,
+        })
+}
+
+impl Builder<WaitConfig> {
+    /// The longest a request may wait for its turn. A request that would wait longer is
+    /// returned at once with [`RateLimitError::WaitTooLong`](super::RateLimitError), saying how
+    /// long it would have waited; one whose wait turns out longer than estimated is returned
+    /// when the maximum runs out. Default: no maximum.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.config.max_wait = Some(max_wait);
+        self
+    }
+
+    /// The most requests that may wait for their turn on one route at once (in this process,
+    /// with or without a store). A request that would have to wait while that many already
+    /// do is returned at once with
+    /// [`RateLimitError::QueueFull`](super::RateLimitError::QueueFull), unsent; `0` returns
+    /// every request that would have to wait. Default: no maximum, so the queue grows with
+    /// the requests the program makes (each waiting request holds its own request and a
+    /// clone of the inner service).
+    pub fn max_queue(mut self, max_queue: usize) -> Self {
+        self.config.max_queue = Some(max_queue);
+        self
+    }
+
+    /// How long a request given up on after it was sent (its response future dropped, or a
+    /// transport error) keeps holding its place as if still in flight; after that it counts
+    /// as answered then, and holds its place for the quota's period (or emission interval)
+    /// from then, as an answered request does. Default: 60 s.
+    ///
+    /// The server may count such a request late: a stalled or queueing server still has it
+    /// after the client has given up. A server that counts an abandoned request no later than
+    /// `abandoned_hold` after the client gave up on it never sees more than the quota; one
+    /// that counts it later may. A longer hold covers slower servers, at the price of places
+    /// held longer after each timeout or transport error. `Duration::ZERO` counts an abandoned
+    /// request as answered at once.
+    pub fn abandoned_hold(mut self, hold: Duration) -> Self {
+        self.config.abandoned_hold = hold;
+        self
+    }
+
+    /// Whether responses passing back teach the limiter (default: yes). A 429 closes its route
+    /// to every caller until its `Retry-After`; `RateLimit`, `RateLimit-Remaining`/`-Reset` and
+    /// `X-RateLimit-Remaining`/`-Reset` fields can lower what is left until their reset. Either
+    /// can only tighten the local limit, never loosen it.
+    pub fn learn_from_responses(mut self, enabled: bool) -> Self {
+        self.config.learn.enabled = enabled;
+        self
+    }
+
+    /// How long a 429 that carries no usable `Retry-After` closes its route. Default: 1 s.
+    pub fn learn_backoff(mut self, backoff: Duration) -> Self {
+        self.config.learn.backoff = backoff;
+        self
+    }
+
+    /// Keeps the quotas in a store shared with other processes (feature `redis`), so that
+    /// every process's requests count against one quota per route: the fleet never sends
+    /// more than a route's quota together. Requests then wait across processes (a release
+    /// anywhere wakes them) and the store's [`FailMode`](crate::store::FailMode) says what
+    /// happens while it is away.
+    ///
+    /// With a store, a 429 passing back closes the route for the whole fleet until its
+    /// `Retry-After`; `RateLimit` / `X-RateLimit-*` fields are not learnt from.
+    #[cfg(feature = "redis")]
+    pub fn store(mut self, store: crate::store::RedisStore) -> Self {
+        self.config.store = Some(store);
+        self
+    }
+
+    /// Switches to server mode: requests over quota are answered at once with a 429 and a
+    /// `Retry-After` in whole seconds (rounded up, never 0), plus the IETF draft
+    /// `RateLimit-Policy` and `RateLimit` fields.
+    pub fn reject(self) -> Builder<RejectConfig<EmptyBody>> {
+        Builder {
+            routes: self.routes,
+            default: self.default,
+            margin: self.margin,
+            config: RejectConfig {
+                key: ClientKey::Global,
+                key_error: None,
+                on_missing: None,
+                headers: true,
+                max_keys: 65_536,
+                ipv6_prefix: 64,
+                body: EmptyBody,
+                hasher: KeyHashing::Random(RandomState::new()),
+                store: self.config.store,
+                warned_no_peer: AtomicBool::new(false),
+            },
+        }
+    }
+
+    /// Builds the layer, or says which part of the configuration is unusable.
+    pub fn build(self) -> Result<RateLimitByRoute<Wait>, ConfigError> {
+        let (table, routes) = self.compile(self.margin)?;
+        let learn = self.config.learn;
+        let routes = routes
+            .into_iter()
+            .map(|(name, rate)| ClientRoute {
+                name,
+                learn,
+                state: Mutex::new(ClientState::new(rate)),
+            })
+            .collect();
+        Ok(RateLimitByRoute {
+            mode: Wait(Arc::new(Arc::new(LayerState {
+                table,
+                routes,
+                clock: Clock::new(),
+                config: self.config,
+            }))),
+        })
+    }
+}
+
+impl<F> Builder<RejectConfig<F>> {
+    /// Counts quotas per value of this request header field, such as `x-api-key`. Requests
+    /// without it follow the [`MissingKey`] policy (by default they share one anonymous
+    /// quota). Keys are kept only as keyed hashes.
+    pub fn key_header(mut self, name: HeaderName) -> Self {
+        self.config.key = ClientKey::Header(name);
+        self
+    }
+
+    /// Counts quotas per peer IP address, read from the request's extensions: a
+    /// `std::net::SocketAddr` or `IpAddr`, or (feature `axum`) axum's
+    /// `ConnectInfo<SocketAddr>`, which `into_make_service_with_connect_info` inserts.
+    ///
+    /// A request without any of these is answered `500 Internal Server Error`, with a warning
+    /// logged once: the server is not giving the layer the address (axum served without
+    /// `into_make_service_with_connect_info`, or the crate built without the `axum`
+    /// feature), and counting every client against one shared quota would be a silent
+    /// outage. [`on_missing_key`](Self::on_missing_key) chooses otherwise explicitly.
+    ///
+    /// Behind a reverse proxy every request comes from the proxy's address: use
+    /// [`key_forwarded_ip`](Self::key_forwarded_ip) there.
+    ///
+    /// An IPv6 client is keyed by its `/64` network, not its address: a host is usually
+    /// given a whole `/64` and can take a fresh address from it for every request, so one
+    /// quota per address would be no quota at all. [`ipv6_prefix`](Self::ipv6_prefix) sets
+    /// another length.
+    pub fn key_peer_ip(mut self) -> Self {
+        self.config.key = ClientKey::PeerIp;
+        self
+    }
+
+    /// How many leading bits of an IPv6 client address tell clients apart, for
+    /// [`key_peer_ip`](Self::key_peer_ip) and [`key_forwarded_ip`](Self::key_forwarded_ip)
+    /// (default 64: one quota per `/64` network, the block a single host or home is usually
+    /// given). Use 56 or 48 where providers hand out larger blocks to one customer, 128 to
+    /// key by the full address. More than 128 is a [`ConfigError`] from `build`. IPv4
+    /// addresses (and IPv4-mapped IPv6 ones) are always keyed in full.
+    pub fn ipv6_prefix(mut self, bits: u8) -> Self {
+        self.config.ipv6_prefix = bits;
+        self
+    }
+
+    /// Counts quotas per client IP address as forwarded by trusted reverse proxies.
+    ///
+    /// `trusted_proxies` are addresses (`"10.0.0.7"`) or ranges (`"10.0.0.0/8"`,
+    /// `"fd00::/8"`); a malformed one is a [`ConfigError`] from `build`. A request whose
+    /// peer (read as [`key_peer_ip`](Self::key_peer_ip) does) is not one of them is keyed by
+    /// the peer, whatever its header fields say. One from a trusted proxy is keyed by the
+    /// address in `header`: for the lists (`Forwarded`, `X-Forwarded-For`, all their field
+    /// lines in order), the first address from the right that is not a trusted proxy, since
+    /// everything left of it was written by the client; without the field, by the proxy's
+    /// own address. The list is read only as far as that address, so what a client wrote
+    /// left of it (garbage included) changes nothing; an entry the walk reaches that is not an
+    /// address (`unknown`, `_hidden`) follows the [`MissingKey`] policy. IPv6 addresses count
+    /// by network, as in [`key_peer_ip`](Self::key_peer_ip). Name the field your proxy writes: one it passes through
+    /// untouched is the client's to forge.
+    pub fn key_forwarded_ip<I>(mut self, header: ForwardedHeader, trusted_proxies: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        match TrustedProxies::new(header, trusted_proxies) {
+            Ok(proxies) => {
+                self.config.key = ClientKey::Forwarded(Arc::new(proxies));
+                self.config.key_error = None;
+            }
+            Err(error) => self.config.key_error = Some(error),
+        }
+        self
+    }
+
+    /// What a request without a client key gets (default: [`MissingKey::Shared`], one
+    /// anonymous quota per route; for layers keyed by address, a missing peer address is
+    /// answered 500 unless a policy is set here).
+    pub fn on_missing_key(mut self, policy: MissingKey) -> Self {
+        self.config.on_missing = Some(policy);
+        self
+    }
+
+    /// Counts quotas per key that a closure reads from the request's head; `None` follows the
+    /// [`MissingKey`] policy (by default one anonymous quota).
+    pub fn key_fn<K, G>(mut self, key: G) -> Self
+    where
+        G: Fn(&RequestHead<'_>) -> Option<K> + Send + Sync + 'static,
+        K: Hash,
+    {
+        self.config.key = ClientKey::from_fn(key);
+        self
+    }
+
+    /// Whether the responses of limited routes carry the IETF draft `RateLimit-Policy` and
+    /// `RateLimit` fields (default: yes): every response, so that a client can pace itself
+    /// before it is refused, as the draft intends. A passing response gets
+    /// `RateLimit: "<route>";r=<requests left>;t=<seconds until all it counted is gone>`, a
+    /// 429 `r=0` and `t` the wait. Costs one small allocation per response (the field's
+    /// value).
+    pub fn rate_limit_headers(mut self, enabled: bool) -> Self {
+        self.config.headers = enabled;
+        self
+    }
+
+    /// The most client keys tracked at once, per route (default 65,536; 175 to 183 bytes each,
+    /// whatever the quota). The table is cut into 16 shards, so the number is rounded up to a
+    /// multiple of 16 (`max_keys(1)` tracks 16). A new client arriving at a full table takes
+    /// the place of a little-used one, whose count is kept in a fixed-size shadow table for
+    /// when it comes back: a flood of fresh keys neither grows memory nor locks newcomers out,
+    /// and never frees a client at its quota. See the
+    /// [module docs](super#deploying-server-mode).
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.config.max_keys = max_keys;
+        self
+    }
+
+    /// Builds each 429 response with this closure (its status and rate-limit fields are set
+    /// afterwards), for example Sync's JSON error body.
+    pub fn reject_with<G>(self, response: G) -> Builder<RejectConfig<G>> {
+        Builder {
+            routes: self.routes,
+            default: self.default,
+            margin: self.margin,
+            config: RejectConfig {
+                key: self.config.key,
+                key_error: self.config.key_error,
+                on_missing: self.config.on_missing,
+                headers: self.config.headers,
+                max_keys: self.config.max_keys,
+                ipv6_prefix: self.config.ipv6_prefix,
+                body: response,
+                hasher: self.config.hasher,
+                store: self.config.store,
+                warned_no_peer: self.config.warned_no_peer,
+            },
+        }
+    }
+
+    /// Keeps every client's quotas in a store shared with other servers (feature `redis`),
+    /// so that a fleet of servers enforces one quota per client key. Client keys are hashed
+    /// the same way in every process (SipHash with fixed keys; the same Rust release across
+    /// the fleet keeps it stable). While the store is away, its
+    /// [`FailMode`](crate::store::FailMode) says whether each server falls back to its own
+    /// count or refuses with a 429.
+    #[cfg(feature = "redis")]
+    pub fn store(mut self, store: crate::store::RedisStore) -> Self {
+        self.config.store = Some(store);
+        self
+    }
+
+    /// Builds the layer, or says which part of the configuration is unusable.
+    pub fn build(mut self) -> Result<RateLimitByRoute<Reject<F>>, ConfigError> {
+        if let Some(error) = self.config.key_error.take() {
+            return Err(error);
+        }
+        if self.config.max_keys == 0 {
+            return Err(ConfigError::InvalidSetting {
+                name: "max_keys",
+                reason: "at least one key must be tracked",
+            });
+        }
+        if self.config.ipv6_prefix > 128 {
+            return Err(ConfigError::InvalidSetting {
+                name: "ipv6_prefix",
+                reason: "an IPv6 address has 128 bits",
+            });
+        }
+        // The server counts its own requests: there is no round trip to cover.
+        let (table, routes) = self.compile(Some(self.margin.unwrap_or(Duration::ZERO)))?;
+        let max_keys = self.config.max_keys;
+        let routes = routes
+            .into_iter()
+            .map(|(name, rate)| KeyedRoute::new(name, rate, max_keys))
+            .collect();
+        Ok(RateLimitByRoute {
+            mode: Reject(Arc::new(LayerState {
+                table,
+                routes,
+                clock: Clock::new(),
+                config: self.config,
+            })),
+        })
+    }
+}

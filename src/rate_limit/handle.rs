@@ -1,0 +1,147 @@
+//! The layer as a handle: snapshots of each route's state, and quotas changed at run time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::state::lock;
+use crate::error::ConfigError;
+use crate::limiter::NotYet;
+use crate::quota::{Quota, Rate};
+
+use super::builder::check_quota;
+use super::layer::{RateLimitByRoute, Reject, Wait};
+
+/// When a client-mode route can next admit a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextAdmission {
+    /// Now.
+    Now,
+    /// After this long (at the earliest).
+    In(Duration),
+    /// Once a request in flight is answered (the wait then starts from the response).
+    AfterResponse,
+}
+
+/// A client-mode route's state at one moment.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RouteSnapshot {
+    /// The route's pattern, or `"default"`.
+    pub route: Arc<str>,
+    /// Its quota.
+    pub quota: Quota,
+    /// Requests that could be sent now without waiting.
+    pub remaining: u32,
+    /// When the next request could go.
+    pub next: NextAdmission,
+    /// Requests holding a place with no answer yet: sent (or admitted and readying their
+    /// service), and the abandoned ones still held.
+    pub in_flight: u32,
+    /// Requests given up on after they were sent, held as in flight until their hold ends
+    /// (see [`Builder::abandoned_hold`](super::Builder::abandoned_hold)).
+    pub abandoned: u32,
+    /// Requests of this process waiting for their turn (in the route's queue, or in a shared
+    /// store).
+    pub waiters: usize,
+}
+
+/// A server-mode route's state at one moment.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct KeyedRouteSnapshot {
+    /// The route's pattern, or `"default"`.
+    pub route: Arc<str>,
+    /// Its quota, per client key.
+    pub quota: Quota,
+    /// Client keys tracked now.
+    pub tracked_keys: usize,
+}
+
+fn find<R>(
+    routes: &[R],
+    name: impl Fn(&R) -> &str,
+    pattern: &str,
+    quota: &Quota,
+) -> Result<usize, ConfigError> {
+    check_quota(pattern, quota)?;
+    routes
+        .iter()
+        .position(|r| name(r) == pattern)
+        .ok_or_else(|| ConfigError::UnknownRoute {
+            pattern: pattern.to_owned(),
+        })
+}
+
+impl RateLimitByRoute<Wait> {
+    /// Each route's state now, in the order the routes were given, the default last.
+    pub fn snapshot(&self) -> Vec<RouteSnapshot> {
+        let shared = &self.mode.0;
+        shared
+            .routes
+            .iter()
+            .map(|route| {
+                let mut guard = lock(&route.state);
+                let state = &mut *guard;
+                let now = state.now(&shared.clock);
+                let rate = state.rate;
+                let next = match state.limiter.probe(&rate, now) {
+                    Ok(()) => NextAdmission::Now,
+                    Err(NotYet::Until(at)) => NextAdmission::In(Duration::from_nanos(at - now)),
+                    Err(NotYet::Response) => NextAdmission::AfterResponse,
+                };
+                RouteSnapshot {
+                    route: route.name.clone(),
+                    quota: rate.quota,
+                    remaining: state.limiter.remaining(&rate, now),
+                    next,
+                    in_flight: state.limiter.in_flight(),
+                    abandoned: state.limiter.abandoned(),
+                    waiters: state.waiting(),
+                }
+            })
+            .collect()
+    }
+
+    /// Replaces the quota of the route given by `pattern` (as written to the builder, or
+    /// `"default"`), keeping what it has counted so far. Waiting requests re-check at once.
+    pub fn set_quota(&self, pattern: &str, quota: Quota) -> Result<(), ConfigError> {
+        let shared = &self.mode.0;
+        let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
+        let route = &shared.routes[index];
+        let mut guard = lock(&route.state);
+        let state = &mut *guard;
+        let now = state.now(&shared.clock);
+        let margin = Some(Duration::from_nanos(state.rate.margin));
+        let rate = Rate::new(quota, margin);
+        state.limiter.change_rate(&state.rate, &rate, now);
+        state.rate = rate;
+        state.wake_head();
+        Ok(())
+    }
+}
+
+impl<F> RateLimitByRoute<Reject<F>> {
+    /// Each route's state now, in the order the routes were given, the default last.
+    pub fn snapshot(&self) -> Vec<KeyedRouteSnapshot> {
+        self.mode
+            .0
+            .routes
+            .iter()
+            .map(|route| KeyedRouteSnapshot {
+                route: route.name.clone(),
+                quota: route.quota(),
+                tracked_keys: route.tracked_keys(),
+            })
+            .collect()
+    }
+
+    /// Replaces the quota of the route given by `pattern` (as written to the builder, or
+    /// `"default"`), keeping what each client has used so far.
+    pub fn set_quota(&self, pattern: &str, quota: Quota) -> Result<(), ConfigError> {
+        let shared = &self.mode.0;
+        let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
+        let rate = Rate::new(quota, Some(Duration::ZERO));
+        shared.routes[index].set_rate(rate, shared.clock.now());
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! What a server's 429 says: the reason a request was refused, and the body built for it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Response;
+
+use crate::quota::Quota;
+
+/// The default 429 body: `ResBody::default()`, empty for the usual body types.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmptyBody;
+
+/// Why server mode refused a request, handed to the closure that builds the response.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Rejection {
+    /// The route's pattern, or `"default"`.
+    pub route: Arc<str>,
+    /// The route's quota.
+    pub quota: Quota,
+    /// How long the client must wait before the request would be admitted (zero when the
+    /// refusal is not about time: [`RejectReason::MissingKey`],
+    /// [`RejectReason::NoPeerAddress`]).
+    pub retry_after: Duration,
+    /// Why the request was refused.
+    pub reason: RejectReason,
+}
+
+/// Why server mode refused a request; the status it is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The client's quota for the route is used up: `429`, with `Retry-After`.
+    Quota,
+    /// The shared store is away and fails closed: `429`, `Retry-After: 1`.
+    StoreUnavailable,
+    /// The request carries no client key and the layer refuses such requests
+    /// ([`MissingKey::Refuse`](super::MissingKey::Refuse)): `400 Bad Request`.
+    MissingKey,
+    /// The layer keys clients by address and the server supplied none (a configuration
+    /// error, logged as a warning): `500 Internal Server Error`.
+    NoPeerAddress,
+}
+
+/// Builds the response server mode sends for a refused request. Status and rate-limit header
+/// fields are set on it afterwards.
+pub trait RejectResponse<B> {
+    /// The response for this rejection.
+    fn response(&self, rejection: &Rejection) -> Response<B>;
+}
+
+impl<B: Default> RejectResponse<B> for EmptyBody {
+    fn response(&self, _: &Rejection) -> Response<B> {
+        Response::new(B::default())
+    }
+}
+
+impl<B, F> RejectResponse<B> for F
+where
+    F: Fn(&Rejection) -> Response<B>,
+{
+    fn response(&self, rejection: &Rejection) -> Response<B> {
+        self(rejection)
+    }
+}

@@ -9,8 +9,8 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::layer::PlanState;
 use super::slots::{Bound, ReleaseReason};
+use super::state::PlanState;
 use crate::json::{self, Fields};
 
 /// The job a create made, in the create response's extensions.

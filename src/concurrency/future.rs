@@ -12,8 +12,8 @@ use tower_service::Service;
 
 use super::body::{HoldGuard, Job, Observe, Observer, PlanBody, StoreMember};
 use super::error::ConcurrencyError;
-use super::layer::PlanState;
 use super::slots::ReleaseReason;
+use super::state::PlanState;
 use crate::clock::Nanos;
 use crate::store::{Decision, FailMode, StoreError, StoreHandle, StorePoll};
 use crate::BoxError;

@@ -101,19 +101,23 @@
 //! ```
 
 mod body;
+mod builder;
 mod error;
 mod future;
-
 mod layer;
 mod plan;
 mod service;
 mod slots;
+mod state;
+#[cfg(feature = "redis")]
+mod store;
 mod watch;
 
 pub use body::{Job, PlanBody};
+pub use builder::Builder;
 pub use error::ConcurrencyError;
 pub use future::ResponseFuture;
-pub use layer::{Builder, ConcurrencyLimitByPlan, HeldJob, PlanSnapshot};
+pub use layer::{ConcurrencyLimitByPlan, HeldJob, PlanSnapshot};
 pub use plan::{ParsePlanError, Plan};
 pub use service::ConcurrencyLimitByPlanService;
 pub use watch::Watch;

@@ -7,7 +7,7 @@ use tower_service::Service;
 use super::body::{HoldGuard, PlanBody};
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
-use super::layer::{PlanState, RouteKind};
+use super::state::{PlanState, RouteKind};
 use crate::store::StoreHandle;
 use crate::BoxError;
 

@@ -1,0 +1,299 @@
+//! [`Builder`]: a plan's routes, JSON fields, queue bounds and job life, checked when built.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::plan::Plan;
+use super::slots::Slots;
+use crate::clock::{nanos, Clock};
+use crate::error::ConfigError;
+use crate::route::{self, Pattern, RouteTable};
+use crate::store::StoreHandle;
+
+use super::layer::ConcurrencyLimitByPlan;
+use super::state::{PlanConfig, PlanState, RouteKind};
+#[cfg(feature = "redis")]
+use super::store::listen;
+
+/// Builds a [`ConcurrencyLimitByPlan`]; from [`ConcurrencyLimitByPlan::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `.build()`"]
+pub struct Builder {
+    plan: Plan,
+    job_routes: Option<Vec<String>>,
+    status_routes: Option<Vec<String>>,
+    list_routes: Option<Vec<String>>,
+    id_param: String,
+    id_field: String,
+    status_field: String,
+    active: Vec<String>,
+    max_job_life: Duration,
+    max_prefix: usize,
+    max_queue: Option<usize>,
+    max_wait: Option<Duration>,
+    in_flight: bool,
+    store: Option<StoreHandle>,
+}
+
+impl Builder {
+    pub(super) fn new(plan: Plan) -> Self {
+        Self {
+            plan,
+            job_routes: None,
+            status_routes: None,
+            list_routes: None,
+            id_param: "id".into(),
+            id_field: "id".into(),
+            status_field: "status".into(),
+            active: vec!["PENDING".into(), "PROCESSING".into()],
+            max_job_life: Duration::from_secs(3600),
+            max_prefix: 64 * 1024,
+            max_queue: None,
+            max_wait: None,
+            in_flight: false,
+            store: None,
+        }
+    }
+
+    /// A route whose requests create a job and need a slot, as `"METHOD /path"`. The first call
+    /// replaces the default (`POST /v2/generate`); later calls add routes.
+    pub fn job_route(mut self, pattern: impl Into<String>) -> Self {
+        self.job_routes
+            .get_or_insert_with(Vec::new)
+            .push(pattern.into());
+        self
+    }
+
+    /// A route whose responses show one job, named by the pattern's parameter
+    /// [`id_param`](Self::id_param) (`"GET /v2/generate/{id}"`, the default), whatever other
+    /// parameters it has (`"GET /v2/projects/{project}/generations/{id}"`). The first call
+    /// replaces the default. A status route without that parameter makes
+    /// [`build`](Self::build) fail with a [`ConfigError::InvalidRoute`] naming it.
+    pub fn status_route(mut self, pattern: impl Into<String>) -> Self {
+        self.status_routes
+            .get_or_insert_with(Vec::new)
+            .push(pattern.into());
+        self
+    }
+
+    /// A route whose responses are a JSON array of jobs (`"GET /v2/generations"`, the
+    /// default). The first call replaces the default.
+    pub fn list_route(mut self, pattern: impl Into<String>) -> Self {
+        self.list_routes
+            .get_or_insert_with(Vec::new)
+            .push(pattern.into());
+        self
+    }
+
+    /// The parameter of the status routes that holds the job's id (default `id`, as in
+    /// `GET /v2/generate/{id}`); the routes' other parameters are ignored.
+    pub fn id_param(mut self, name: impl Into<String>) -> Self {
+        self.id_param = name.into();
+        self
+    }
+
+    /// The JSON field holding a job's id (default `id`).
+    pub fn id_field(mut self, name: impl Into<String>) -> Self {
+        self.id_field = name.into();
+        self
+    }
+
+    /// The JSON field holding a job's status (default `status`).
+    pub fn status_field(mut self, name: impl Into<String>) -> Self {
+        self.status_field = name.into();
+        self
+    }
+
+    /// The statuses in which a job holds a slot (default `PENDING`, `PROCESSING`); any other
+    /// is terminal.
+    pub fn active_statuses<I>(mut self, statuses: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.active = statuses.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The longest a job (or a create with an unknown outcome) may hold a slot without being
+    /// seen to end (default one hour). Past it the slot is given back with a warning.
+    pub fn max_job_life(mut self, life: Duration) -> Self {
+        self.max_job_life = life;
+        self
+    }
+
+    /// How many bytes of a response body are read to find a job's id and status (default
+    /// 64 KiB). The body passes to the caller unchanged and undelayed either way.
+    pub fn max_prefix(mut self, bytes: usize) -> Self {
+        self.max_prefix = bytes;
+        self
+    }
+
+    /// At most this many requests wait for a slot; one more fails at once with
+    /// [`ConcurrencyError::QueueFull`](super::ConcurrencyError::QueueFull).
+    pub fn max_queue(mut self, len: usize) -> Self {
+        self.max_queue = Some(len);
+        self
+    }
+
+    /// A request that waited this long for a slot fails with
+    /// [`ConcurrencyError::WaitTooLong`](super::ConcurrencyError::WaitTooLong).
+    pub fn max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = Some(wait);
+        self
+    }
+
+    /// In-flight mode, for APIs whose concurrency counts requests in flight: a slot is held
+    /// from the send until the response body ends or is dropped, not for a job's life. A
+    /// transport error or a dropped response future gives it back at once too.
+    pub fn in_flight(mut self) -> Self {
+        self.in_flight = true;
+        self
+    }
+
+    /// Shares the plan's slots with other processes through a store (feature `redis`): jobs
+    /// created by every process sharing it count against one plan. A create takes a slot
+    /// here (in this process's fair queue) and then in the store, waiting across processes
+    /// for one; `complete(id)` and `reconcile` work from any process, and a job given back
+    /// anywhere is let go everywhere. Each held job has a lease in the store of the maximum
+    /// job life, so the slots of a process that dies come back. While the store is away,
+    /// its [`FailMode`](crate::store::FailMode) decides: creates go on under this process's
+    /// own plan count, or fail with a [`StoreError`](crate::store::StoreError).
+    ///
+    /// A reconcile in any process frees only jobs and unknown outcomes older than its list,
+    /// never a create still in flight elsewhere; a create dropped while it waits for its
+    /// slot in the store leaves nothing there; finished ids are remembered by the fleet (for
+    /// the maximum job life, the latest 4,096), so a completion that arrives before the
+    /// creator read the job's id, or a stale list, never holds a slot for a finished job; and
+    /// a create whose outcome is unknown is held in the store, where any process's reconcile
+    /// accounts for it.
+    ///
+    /// Build the layer inside a Tokio runtime: it listens for jobs given back elsewhere.
+    #[cfg(feature = "redis")]
+    pub fn store(mut self, store: crate::store::RedisStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Builds the layer, or says what is wrong.
+    pub fn build(self) -> Result<ConcurrencyLimitByPlan, ConfigError> {
+        self.plan.checked_limit()?;
+        if self.max_job_life.is_zero() {
+            return Err(ConfigError::InvalidSetting {
+                name: "max_job_life",
+                reason: "must be above zero",
+            });
+        }
+        if self.id_param.is_empty() {
+            return Err(ConfigError::InvalidSetting {
+                name: "id_param",
+                reason: "the parameter name must not be empty",
+            });
+        }
+        if self.id_field.is_empty() || self.status_field.is_empty() {
+            return Err(ConfigError::InvalidSetting {
+                name: "id_field / status_field",
+                reason: "field names must not be empty",
+            });
+        }
+        if self.active.is_empty() {
+            return Err(ConfigError::InvalidSetting {
+                name: "active_statuses",
+                reason: "at least one status must hold a slot",
+            });
+        }
+        self.assemble()
+    }
+
+    pub(super) fn assemble(self) -> Result<ConcurrencyLimitByPlan, ConfigError> {
+        let defaults = |routes: Option<Vec<String>>, default: &str| {
+            routes.unwrap_or_else(|| vec![default.to_owned()])
+        };
+        let mut table = RouteTable::default();
+        let mut kinds = Vec::new();
+        let mut watch_path = None;
+        let mut unwatchable = Vec::new();
+        let groups = [
+            (
+                RouteKind::Create,
+                defaults(self.job_routes, "POST /v2/generate"),
+            ),
+            (
+                RouteKind::Status,
+                defaults(self.status_routes, "GET /v2/generate/{id}"),
+            ),
+            (
+                RouteKind::List,
+                defaults(self.list_routes, "GET /v2/generations"),
+            ),
+        ];
+        for (kind, patterns) in groups {
+            for text in patterns {
+                let pattern = Pattern::parse(&text)?;
+                if kind == RouteKind::Status {
+                    let params = route::params(&pattern.path);
+                    let id_param = &*self.id_param;
+                    let Some(&(_, start, end)) = params.iter().find(|p| p.0 == id_param) else {
+                        return Err(ConfigError::InvalidRoute {
+                            pattern: text,
+                            reason: format!(
+                                "a status route names the job id with the parameter `{{{id_param}}}` (Builder::id_param), as in `/v2/generate/{{{id_param}}}`"
+                            ),
+                        });
+                    };
+                    if params.len() == 1 {
+                        let path = &pattern.path;
+                        watch_path
+                            .get_or_insert_with(|| (path[..start].into(), path[end..].into()));
+                    } else {
+                        unwatchable.push(text.clone());
+                    }
+                }
+                table.insert(&text, &pattern, kinds.len())?;
+                kinds.push(kind);
+            }
+        }
+        let limit = self.plan.limit();
+        let mut slots = Slots::new(limit, nanos(self.max_job_life));
+        if self.store.is_some() {
+            slots.mirror();
+        }
+        let layer = ConcurrencyLimitByPlan {
+            shared: Arc::new(PlanState {
+                table,
+                kinds: kinds.into(),
+                watch_path: watch_path.ok_or_else(|| {
+                    format!(
+                        "no status route has the job id as its only parameter, which the watch could fill: {} also need(s) other parameters",
+                        unwatchable.join(", ")
+                    )
+                }),
+                config: PlanConfig {
+                    id_param: self.id_param.into(),
+                    id_field: self.id_field.into(),
+                    status_field: self.status_field.into(),
+                    active: self.active.into_iter().map(Into::into).collect(),
+                    max_prefix: self.max_prefix,
+                    max_queue: self.max_queue,
+                    max_wait: self.max_wait,
+                    in_flight: self.in_flight,
+                    max_job_life: self.max_job_life,
+                },
+                clock: Clock::new(),
+                slots: Mutex::new(slots),
+                plan: Mutex::new(self.plan),
+                changed: Notify::new(),
+                watches: AtomicUsize::new(0),
+                store: self.store,
+            }),
+        };
+        #[cfg(feature = "redis")]
+        if let Some(store) = &layer.shared.store {
+            listen(&layer.shared, store)?;
+        }
+        Ok(layer)
+    }
+}

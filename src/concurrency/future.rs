@@ -10,8 +10,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::body::{HoldGuard, Job, Observe, Observer, PlanBody, StoreMember};
+use super::body::{Job, PlanBody};
 use super::error::ConcurrencyError;
+use super::hold::{HoldGuard, StoreMember};
+use super::observe::{Observe, Observer};
 use super::slots::ReleaseReason;
 use super::state::PlanState;
 use crate::clock::Nanos;

@@ -4,9 +4,10 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::body::{HoldGuard, PlanBody};
+use super::body::PlanBody;
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
+use super::hold::HoldGuard;
 use super::state::{PlanState, RouteKind};
 use crate::store::StoreHandle;
 use crate::BoxError;

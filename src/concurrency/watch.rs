@@ -10,8 +10,9 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
-use super::body::{Observe, Observer, PlanBody};
+use super::body::PlanBody;
 use super::layer::ConcurrencyLimitByPlan;
+use super::observe::{Observe, Observer};
 use super::slots::ReleaseReason;
 use crate::clock::{nanos, Nanos};
 use crate::BoxError;

@@ -1,0 +1,122 @@
+//! Ownership of a create's slot once its request is sent: held for the job, given back, or
+//! left as an unknown outcome, here and in a shared store.
+
+use std::sync::Arc;
+
+use super::slots::ReleaseReason;
+use super::state::PlanState;
+
+/// A slot taken for a job-creating request that has been sent. Dropped without an outcome,
+/// the slot stays held as an unknown outcome (the server may have created the job); in
+/// in-flight mode it is given back, since the request is over.
+#[derive(Debug)]
+pub(crate) struct HoldGuard {
+    shared: Option<Arc<PlanState>>,
+    /// The slot's name in the shared store, once the store gave one.
+    token: Option<StoreMember>,
+}
+
+/// A slot's name in the shared store. Boxed twice to be one word: holds live on the path
+/// of every create, store or not.
+pub(crate) type StoreMember = Box<String>;
+
+impl HoldGuard {
+    /// Owns a slot the caller has just taken.
+    #[inline]
+    pub(crate) fn new(shared: Arc<PlanState>) -> Self {
+        Self {
+            shared: Some(shared),
+            token: None,
+        }
+    }
+
+    /// The slot is held in the shared store too, as `token`.
+    pub(crate) fn set_token(&mut self, token: StoreMember) {
+        self.token = Some(token);
+    }
+
+    #[inline]
+    pub(crate) fn release(mut self, why: ReleaseReason) {
+        if let Some(shared) = self.shared.take() {
+            shared.counts().release(why);
+            if self.token.is_some() {
+                release_token(&shared, self.token.take());
+            }
+        }
+    }
+
+    pub(crate) fn in_flight_mode(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.config.in_flight)
+    }
+
+    /// Hands the slot on to the response body, which gives it back when it ends or is
+    /// dropped (in-flight mode).
+    #[inline]
+    pub(crate) fn answered(mut self) -> Option<InFlightSlot> {
+        let token = self.token.take();
+        self.shared.take().map(|shared| InFlightSlot(shared, token))
+    }
+
+    /// Hands the slot on (to an [`Observer`], which settles it).
+    #[inline]
+    pub(super) fn into_parts(mut self) -> Option<(Arc<PlanState>, Option<StoreMember>)> {
+        let token = self.token.take();
+        self.shared.take().map(|shared| (shared, token))
+    }
+}
+
+/// Gives back the slot a create held in the shared store, if any.
+#[cold]
+#[inline(never)]
+fn release_token(shared: &PlanState, token: Option<StoreMember>) {
+    if let (Some(store), Some(token)) = (&shared.store, token) {
+        store.slot_release(&token);
+    }
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            if shared.config.in_flight {
+                // The slot is only for the request, which is over whatever the server did.
+                shared.counts().release(ReleaseReason::Abandoned);
+                if self.token.is_some() {
+                    release_token(&shared, self.token.take());
+                }
+                return;
+            }
+            if self.token.is_some() {
+                unknown_token(&shared, self.token.take());
+                return;
+            }
+            let now = shared.clock.now();
+            shared.counts().unknown(now);
+        }
+    }
+}
+
+/// The outcome of a create that held a slot in the shared store, as `token`, will never be
+/// read. The store holds it for the whole fleet, until a reconcile in any process accounts for
+/// it or its lease runs out; this process lets its own count of it go, since no reconcile
+/// elsewhere could ever give that back.
+#[cold]
+#[inline(never)]
+pub(super) fn unknown_token(shared: &PlanState, token: Option<StoreMember>) {
+    if let (Some(store), Some(token)) = (&shared.store, token) {
+        shared.counts().release(ReleaseReason::Store);
+        store.slot_unknown(&token, shared.lease());
+    }
+}
+
+/// In-flight mode: a slot given back when the response body ends or is dropped.
+#[derive(Debug)]
+pub(crate) struct InFlightSlot(Arc<PlanState>, Option<StoreMember>);
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        self.0.counts().release(ReleaseReason::Answered);
+        if self.1.is_some() {
+            release_token(&self.0, self.1.take());
+        }
+    }
+}

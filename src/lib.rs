@@ -33,6 +33,27 @@
 //!
 //! All timing runs on [`tokio::time`], so every behaviour can be tested on a paused clock.
 
+/// `get_ref`, `get_mut` and `into_inner`, written once for the layers' services, each of
+/// which wraps its inner service `S` in a field `inner`.
+macro_rules! inner_service_accessors {
+    () => {
+        /// The inner service.
+        pub fn get_ref(&self) -> &S {
+            &self.inner
+        }
+
+        /// The inner service, mutably.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.inner
+        }
+
+        /// Consumes the service, returning the inner one.
+        pub fn into_inner(self) -> S {
+            self.inner
+        }
+    };
+}
+
 pub mod backoff;
 mod builder;
 mod clock;

@@ -234,8 +234,8 @@ impl RouteTable {
     }
 
     /// The route a request falls under and the value of the pattern's parameter named `name`,
-    /// if it has one (the default route has none). [`lookup`](Self::lookup) is the same
-    /// without the parameter.
+    /// if it has one (the default route has none). The path is matched as sent only: a status
+    /// route reads its job id from the path's own bytes.
     pub(crate) fn lookup_param<'p>(
         &self,
         method: &Method,
@@ -243,20 +243,8 @@ impl RouteTable {
         name: &str,
     ) -> Option<(usize, Option<&'p str>)> {
         let path = if path.is_empty() { "/" } else { path };
-        let named = |found: &matchit::Match<'_, 'p, &usize>| found.params.get(name);
-        if let Some((index, found)) = self.by_path(method, path) {
-            return Some((index, named(&found)));
-        }
-        if let Some(found) = self.by_method(method, path) {
-            return Some((*found.value, named(&found)));
-        }
-        if !self.has_any_method {
-            return self.default.map(|d| (d, None));
-        }
-        match self.any_method.at(path) {
-            Ok(found) => Some((*found.value, named(&found))),
-            Err(_) => self.default.map(|d| (d, None)),
-        }
+        self.matched(method, path, |found| found.params.get(name))
+            .or_else(|| self.default.map(|d| (d, None)))
     }
 
     /// The route a request falls under, or `None` when it matches nothing and there is no
@@ -266,30 +254,37 @@ impl RouteTable {
     /// handler nested at `/v2/generate`).
     pub(crate) fn lookup(&self, method: &Method, path: &str) -> Option<usize> {
         let path = if path.is_empty() { "/" } else { path };
-        if let Some(index) = self.matched(method, path) {
+        if let Some((index, ())) = self.matched(method, path, |_| ()) {
             return Some(index);
         }
         if path.contains("//") {
-            if let Some(index) = self.matched(method, &single_slashes(path)) {
+            if let Some((index, ())) = self.matched(method, &single_slashes(path), |_| ()) {
                 return Some(index);
             }
         }
         self.default
     }
 
-    /// The route a pattern gives `path`, the default aside.
+    /// The route a pattern gives `path` (the default aside), and what `read` takes from the
+    /// match: the one walk of the route trees that both lookups share.
     #[inline]
-    fn matched(&self, method: &Method, path: &str) -> Option<usize> {
-        if let Some((index, _)) = self.by_path(method, path) {
-            return Some(index);
+    fn matched<'r, 'p, T>(
+        &'r self,
+        method: &Method,
+        path: &'p str,
+        read: impl Fn(&matchit::Match<'r, 'p, &'r usize>) -> T,
+    ) -> Option<(usize, T)> {
+        if let Some((index, found)) = self.by_path(method, path) {
+            return Some((index, read(&found)));
         }
         if let Some(found) = self.by_method(method, path) {
-            return Some(*found.value);
+            return Some((*found.value, read(&found)));
         }
         if !self.has_any_method {
             return None;
         }
-        self.any_method.at(path).ok().map(|found| *found.value)
+        let found = self.any_method.at(path).ok()?;
+        Some((*found.value, read(&found)))
     }
 }
 

@@ -62,6 +62,7 @@ mod error;
 pub mod headers;
 mod json;
 mod limiter;
+mod queue;
 mod quota;
 pub mod rate_limit;
 mod route;

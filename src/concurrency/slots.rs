@@ -20,6 +20,7 @@ use std::hash::BuildHasher;
 use std::task::Waker;
 
 use crate::clock::Nanos;
+use crate::queue::WaitQueue;
 
 /// Why a slot was given back, for tracing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,12 +66,6 @@ pub(crate) struct JobHold {
     pub(crate) ours: bool,
 }
 
-#[derive(Debug)]
-struct SlotWaiter {
-    ticket: u64,
-    waker: Option<Waker>,
-}
-
 /// How many finished job ids are remembered, so that a stale list showing one as active does
 /// not take a slot for it again.
 const REMEMBERED: usize = 4096;
@@ -100,8 +95,7 @@ pub(crate) struct Slots {
     /// When each create with an unknown outcome was found to be one, oldest first.
     unknown: VecDeque<Nanos>,
     jobs: HashMap<Box<str>, JobHold>,
-    waiters: VecDeque<SlotWaiter>,
-    next_ticket: u64,
+    waiters: WaitQueue,
     /// Hashes of recently finished ids, oldest first, and the same as a set.
     finished: VecDeque<u64>,
     finished_set: HashSet<u64>,
@@ -126,8 +120,7 @@ impl Slots {
             in_flight: 0,
             unknown: VecDeque::new(),
             jobs: HashMap::new(),
-            waiters: VecDeque::new(),
-            next_ticket: 0,
+            waiters: WaitQueue::default(),
             finished: VecDeque::new(),
             finished_set: HashSet::new(),
             early: HashMap::new(),
@@ -192,13 +185,7 @@ impl Slots {
 
     /// Joins the back of the queue.
     pub(crate) fn join(&mut self) -> u64 {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        self.waiters.push_back(SlotWaiter {
-            ticket,
-            waker: None,
-        });
-        ticket
+        self.waiters.join()
     }
 
     /// Takes a slot for `ticket` if it is at the head of the queue and a slot is free;
@@ -211,29 +198,20 @@ impl Slots {
         waker: &Waker,
     ) -> Result<(), Option<Nanos>> {
         let next_expiry = self.expire(now);
-        if self.waiters.front().is_some_and(|w| w.ticket == ticket) && self.free() {
-            self.waiters.pop_front();
+        if self.waiters.is_head(ticket) && self.free() {
+            self.waiters.pop_head();
             self.in_flight += 1;
             self.wake_head();
             return Ok(());
         }
-        if let Ok(i) = self.waiters.binary_search_by_key(&ticket, |w| w.ticket) {
-            let slot = &mut self.waiters[i].waker;
-            match slot {
-                Some(w) if w.will_wake(waker) => {}
-                _ => *slot = Some(waker.clone()),
-            }
-        }
+        self.waiters.register(ticket, waker);
         Err(next_expiry)
     }
 
     /// Leaves the queue without a slot (a dropped or timed-out request).
     pub(crate) fn leave(&mut self, ticket: u64) {
-        if let Ok(i) = self.waiters.binary_search_by_key(&ticket, |w| w.ticket) {
-            self.waiters.remove(i);
-            if i == 0 {
-                self.wake_head();
-            }
+        if self.waiters.leave(ticket) {
+            self.wake_head();
         }
     }
 
@@ -242,9 +220,7 @@ impl Slots {
         if !self.free() {
             return;
         }
-        if let Some(waker) = self.waiters.front_mut().and_then(|w| w.waker.take()) {
-            waker.wake();
-        }
+        self.waiters.wake_head();
     }
 
     fn released(&mut self, why: ReleaseReason) {

@@ -1,8 +1,7 @@
 //! The shared state behind every clone of a [`RateLimitByRoute`](super::RateLimitByRoute).
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Waker};
+use std::task::Context;
 use std::time::{Duration, SystemTime};
 
 use http::{Response, StatusCode};
@@ -10,6 +9,7 @@ use http::{Response, StatusCode};
 use crate::clock::{nanos, Clock, Nanos};
 use crate::headers;
 use crate::limiter::{Limiter, NotYet};
+use crate::queue::WaitQueue;
 use crate::quota::Rate;
 use crate::route::RouteTable;
 
@@ -75,22 +75,14 @@ pub(crate) struct ClientRoute {
 pub(crate) struct ClientState {
     pub(crate) rate: Rate,
     pub(crate) limiter: Limiter,
-    /// Requests waiting for their turn, first come first served. Tickets only grow, so the
-    /// queue is sorted by ticket.
-    pub(crate) waiters: VecDeque<TurnWaiter>,
+    /// Requests waiting for their turn, first come first served.
+    pub(crate) waiters: WaitQueue,
     /// Requests of this process waiting for their turn in a shared store.
     pub(crate) store_waiters: usize,
-    next_ticket: u64,
     /// The latest time recorded under this lock. Time only moves forward, and admission only
     /// gets easier as it does, so a request that the limiter admits at this time may go
     /// without reading the clock again.
     last_seen: Nanos,
-}
-
-#[derive(Debug)]
-pub(crate) struct TurnWaiter {
-    ticket: u64,
-    waker: Option<Waker>,
 }
 
 impl ClientState {
@@ -98,9 +90,8 @@ impl ClientState {
         Self {
             limiter: Limiter::new(&rate),
             rate,
-            waiters: VecDeque::new(),
+            waiters: WaitQueue::default(),
             store_waiters: 0,
-            next_ticket: 0,
             last_seen: 0,
         }
     }
@@ -131,15 +122,7 @@ impl ClientState {
 
     /// Wakes the request at the head of the queue, whose turn may have come.
     pub(crate) fn wake_head(&mut self) {
-        if let Some(waker) = self.waiters.front_mut().and_then(|w| w.waker.take()) {
-            waker.wake();
-        }
-    }
-
-    fn position(&self, ticket: u64) -> Option<usize> {
-        self.waiters
-            .binary_search_by_key(&ticket, |w| w.ticket)
-            .ok()
+        self.waiters.wake_head();
     }
 }
 
@@ -178,12 +161,7 @@ impl TurnTicket {
         route: usize,
         now: Nanos,
     ) -> Self {
-        let id = state.next_ticket;
-        state.next_ticket += 1;
-        state.waiters.push_back(TurnWaiter {
-            ticket: id,
-            waker: None,
-        });
+        let id = state.waiters.join();
         Self {
             shared: shared.clone(),
             route,
@@ -210,10 +188,10 @@ impl TurnTicket {
         let state = &mut *guard;
         let now = state.now(&self.shared.clock);
         let mut wait = None;
-        if state.waiters.front().is_some_and(|w| w.ticket == self.id) {
+        if state.waiters.is_head(self.id) {
             match state.limiter.try_acquire(&state.rate, now) {
                 Ok(()) => {
-                    state.waiters.pop_front();
+                    state.waiters.pop_head();
                     state.wake_head();
                     self.queued = false;
                     return Turn::Admitted(Permit {
@@ -226,13 +204,7 @@ impl TurnTicket {
                 Err(NotYet::Response) => {}
             }
         }
-        if let Some(i) = state.position(self.id) {
-            let slot = &mut state.waiters[i].waker;
-            match slot {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                _ => *slot = Some(cx.waker().clone()),
-            }
-        }
+        state.waiters.register(self.id, cx.waker());
         Turn::Wait(wait)
     }
 
@@ -242,7 +214,7 @@ impl TurnTicket {
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.now(&self.shared.clock);
-        let ahead = state.position(self.id).unwrap_or(0) as u32;
+        let ahead = state.waiters.position(self.id).unwrap_or(0) as u32;
         state.limiter.estimate(&state.rate, now, ahead)
     }
 }
@@ -253,12 +225,9 @@ impl Drop for TurnTicket {
             return;
         }
         let mut state = lock(&self.shared.routes[self.route].state);
-        if let Some(i) = state.position(self.id) {
-            state.waiters.remove(i);
-            if i == 0 {
-                // The head left: the next request may be able to go now.
-                state.wake_head();
-            }
+        if state.waiters.leave(self.id) {
+            // The head left: the next request may be able to go now.
+            state.wake_head();
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Why a job-creating request was given back unsent.
 
 use std::fmt;
+
+use super::state::PlanState;
 use std::time::Duration;
 
 /// A job-creating request was given back to its caller without being sent.
@@ -21,6 +23,17 @@ pub enum ConcurrencyError {
     },
     /// The plan allows no job at all (`Enterprise(0)`).
     NoSlots,
+}
+
+impl ConcurrencyError {
+    /// A create that waited its plan's `max_wait` for a slot, as the plan stands now: the one
+    /// place this error is made, wherever the create waited.
+    pub(crate) fn wait_too_long(plan: &PlanState) -> Self {
+        Self::WaitTooLong {
+            max_wait: plan.config.max_wait.unwrap_or_default(),
+            in_use: plan.slots().in_use(),
+        }
+    }
 }
 
 impl fmt::Display for ConcurrencyError {

@@ -372,11 +372,7 @@ where
                             this.state.set(State::Readying);
                             continue;
                         }
-                        Ok(false) => {
-                            let in_use = shared.slots().in_use();
-                            let max_wait = shared.config.max_wait.unwrap_or_default();
-                            ConcurrencyError::WaitTooLong { max_wait, in_use }.into()
-                        }
+                        Ok(false) => ConcurrencyError::wait_too_long(&shared).into(),
                         Err(error) => error.into(),
                     };
                     // Nothing was sent: the slot taken here, and any member in the store, go
@@ -453,10 +449,8 @@ where
             };
             if queue_deadline.is_some_and(|d| d <= now) {
                 *this.aside = None; // leaves the queue
-                let in_use = shared.slots().in_use();
-                let max_wait = shared.config.max_wait.unwrap_or_default();
                 this.state.set(State::Failed {
-                    error: Some(ConcurrencyError::WaitTooLong { max_wait, in_use }),
+                    error: Some(ConcurrencyError::wait_too_long(&shared)),
                 });
                 continue;
             }

@@ -2,6 +2,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::Nanos;
+
 /// A request the client-mode [`RateLimitByRoute`](super::RateLimitByRoute) gave back to its
 /// caller without sending it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,23 @@ pub enum RateLimitError {
         /// The most requests the route's queue holds.
         max_queue: usize,
     },
+}
+
+impl RateLimitError {
+    /// A request made at `since` whose turn comes at `turn` at the earliest, past its
+    /// `max_wait`: the one place this error is made, wherever the request waits.
+    pub(crate) fn wait_too_long(
+        route: Arc<str>,
+        since: Nanos,
+        turn: Nanos,
+        max_wait: Duration,
+    ) -> Self {
+        Self::WaitTooLong {
+            route,
+            wait: Duration::from_nanos(turn.saturating_sub(since)),
+            max_wait,
+        }
+    }
 }
 
 impl fmt::Display for RateLimitError {

@@ -1,6 +1,5 @@
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -149,14 +148,6 @@ where
             })),
             permit: None,
         }
-    }
-
-    pub(crate) fn too_long(route: Arc<str>, wait: Duration, max_wait: Duration) -> Self {
-        Self::refused(RateLimitError::WaitTooLong {
-            route,
-            wait,
-            max_wait,
-        })
     }
 
     /// Returned at once, unsent.
@@ -364,18 +355,16 @@ where
                             let deadline = queued.deadline;
                             if let (Some(deadline), Some(max_wait)) = (deadline, queued.max_wait) {
                                 if now >= deadline {
-                                    let wait =
-                                        queued.ticket.estimate().max(now) - queued.ticket.since;
-                                    let route = queued.ticket.route_name().clone();
+                                    let error = RateLimitError::wait_too_long(
+                                        queued.ticket.route_name().clone(),
+                                        queued.ticket.since,
+                                        queued.ticket.estimate().max(now),
+                                        max_wait,
+                                    );
                                     // Leave the queue before answering.
                                     *this.aside = None;
                                     this.state.set(State::Failed { error: None });
-                                    return Poll::Ready(Err(RateLimitError::WaitTooLong {
-                                        route,
-                                        wait: Duration::from_nanos(wait),
-                                        max_wait,
-                                    }
-                                    .into()));
+                                    return Poll::Ready(Err(error.into()));
                                 }
                             }
                             let wake = match (turn, deadline) {

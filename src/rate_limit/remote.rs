@@ -235,11 +235,12 @@ impl StoreTurn {
                     if known_late || now >= deadline {
                         let until = turn.unwrap_or(now).max(now);
                         self.leave_queue();
-                        return Poll::Ready(Outcome::Refused(RateLimitError::WaitTooLong {
-                            route: self.handle.routes[self.route].name.clone(),
-                            wait: Duration::from_nanos(until - self.since),
+                        return Poll::Ready(Outcome::Refused(RateLimitError::wait_too_long(
+                            self.handle.routes[self.route].name.clone(),
+                            self.since,
+                            until,
                             max_wait,
-                        }));
+                        )));
                     }
                 }
                 let deadline = deadline.map(|at| clock.instant(at));

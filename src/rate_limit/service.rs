@@ -69,18 +69,14 @@ where
         if let Some(max_wait) = max_wait {
             let ahead = state.waiters.len() as u32;
             let rate = state.rate;
-            let wait = state
-                .limiter
-                .estimate(&rate, now, ahead)
-                .saturating_sub(now);
-            if wait > crate::clock::nanos(max_wait) {
+            let turn = state.limiter.estimate(&rate, now, ahead);
+            if turn.saturating_sub(now) > crate::clock::nanos(max_wait) {
                 drop(state);
                 unready(&mut self.inner);
-                return ResponseFuture::too_long(
-                    shared.routes[route].name.clone(),
-                    std::time::Duration::from_nanos(wait),
-                    max_wait,
-                );
+                let route = shared.routes[route].name.clone();
+                return ResponseFuture::refused(RateLimitError::wait_too_long(
+                    route, now, turn, max_wait,
+                ));
             }
         }
         let ticket = TurnTicket::join(shared, &mut state, route, now);

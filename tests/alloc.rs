@@ -7,14 +7,17 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::convert::Infallible;
-use std::future::{ready, Future};
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::future::ready;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use tower::{service_fn, Layer, Service};
 use tower_quota::{Quota, RateLimitByRoute};
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::now;
 
 struct Counting;
 
@@ -52,14 +55,6 @@ fn request(method: Method, uri: &'static str) -> Request<()> {
     *request.method_mut() = method;
     *request.uri_mut() = Uri::from_static(uri);
     request
-}
-
-/// Polls a future that must be ready at once.
-fn now<F: Future>(future: F) -> F::Output {
-    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("the fast path must not wait"),
-    }
 }
 
 #[tokio::test(start_paused = true)]

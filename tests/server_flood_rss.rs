@@ -2,27 +2,23 @@
 //! read before and after (Linux). Alone in its test binary, so that nothing else moves it.
 
 use std::convert::Infallible;
-use std::future::{ready, Future};
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::future::ready;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Request, Response};
 use tower::{service_fn, Layer, Service};
 use tower_quota::{Quota, RateLimitByRoute};
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::now;
+
 /// Resident memory in bytes, from `/proc/self/statm`.
 fn rss() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
-}
-
-fn now<F: Future>(future: F) -> F::Output {
-    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("server mode must answer at once"),
-    }
 }
 
 #[tokio::test(start_paused = true)]

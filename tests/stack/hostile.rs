@@ -4,8 +4,6 @@
 
 #![cfg(all(feature = "axum", feature = "redis"))]
 
-mod redis_server;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +21,7 @@ use tokio::time::advance;
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_quota::{Backoff429, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
 
-use redis_server::{shared_redis, unique_prefix};
+use crate::common::redis::{shared_redis, unique_prefix};
 
 // ===== helpers =====
 

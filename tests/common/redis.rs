@@ -1,8 +1,6 @@
 //! A `redis-server` of a test's own, on a free port of 127.0.0.1, that the test can stop and
 //! start again; or the shared one `TOWER_QUOTA_REDIS_URL` names (CI starts it).
 
-#![allow(dead_code)] // each test file uses its part
-
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

@@ -2,13 +2,12 @@
 //! meanwhile; `set_quota` at run time; paths with empty segments, against axum's own routing.
 
 use std::convert::Infallible;
-use std::future::{ready, Future};
-use std::pin::pin;
+use std::future::ready;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::common::{now, retry_after};
 use axum::routing::post;
 use axum::Router;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -28,14 +27,6 @@ fn request(key: &str) -> Request<()> {
         .headers_mut()
         .insert(KEY, HeaderValue::from_str(key).unwrap());
     request
-}
-
-/// Server mode answers at once: polls its future one time.
-fn now<F: Future>(future: F) -> F::Output {
-    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("server mode must answer at once"),
-    }
 }
 
 type App = fn(Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>>;
@@ -59,11 +50,6 @@ fn server(limits: &RateLimitByRoute<Reject>) -> Server {
 
 fn send(server: &mut Server, key: &str) -> Response<()> {
     now(server.call(request(key))).unwrap()
-}
-
-fn retry_after(response: &Response<()>) -> Duration {
-    let secs = response.headers()["retry-after"].to_str().unwrap();
-    Duration::from_secs(secs.parse().unwrap())
 }
 
 // ===== (3) a refused client that comes back when told =====

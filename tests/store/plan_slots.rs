@@ -7,8 +7,6 @@
 
 #![cfg(feature = "redis")]
 
-mod redis_server;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +27,8 @@ use tower_quota::concurrency::{ConcurrencyError, Job};
 use tower_quota::store::{FailMode, RedisStore, StoreError};
 use tower_quota::{ConcurrencyLimitByPlan, Plan};
 
-use redis_server::{shared_redis, unique_prefix, RedisServer};
+use crate::common::redis::{shared_redis, unique_prefix, RedisServer};
+use crate::common::redis_query;
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -1011,12 +1010,6 @@ fn plan_with_life(url: &str, prefix: &str, life: Duration) -> ConcurrencyLimitBy
         .store(store)
         .build()
         .unwrap()
-}
-
-async fn redis_query<T: redis::FromRedisValue>(url: &str, command: &mut redis::Cmd) -> T {
-    let redis = redis::Client::open(url).unwrap();
-    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
-    command.query_async(&mut connection).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

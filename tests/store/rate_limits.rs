@@ -8,8 +8,6 @@
 
 #![cfg(feature = "redis")]
 
-mod redis_server;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +26,8 @@ use tower_quota::rate_limit::RateLimitError;
 use tower_quota::store::{FailMode, RedisStore, StoreError};
 use tower_quota::{Quota, RateLimitByRoute};
 
-use redis_server::{shared_redis, unique_prefix, RedisServer};
+use crate::common::redis::{shared_redis, unique_prefix, RedisServer};
+use crate::common::{redis_query, serve};
 
 // ===== an API that logs when requests arrive =====
 
@@ -41,13 +40,6 @@ impl Arrivals {
         arrivals.sort();
         arrivals
     }
-}
-
-async fn serve(router: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    addr
 }
 
 async fn logging_api(arrivals: Arrivals) -> SocketAddr {
@@ -1049,10 +1041,4 @@ async fn a_server_fleets_paced_client_expires_once_its_bucket_is_empty() {
         // An empty bucket a tenth of a second away, and a second of slack.
         assert!((0..=1_200).contains(&ttl), "{key} expires in {ttl} ms");
     }
-}
-
-async fn redis_query<T: redis::FromRedisValue>(url: &str, command: &mut redis::Cmd) -> T {
-    let redis = redis::Client::open(url).unwrap();
-    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
-    command.query_async(&mut connection).await.unwrap()
 }

@@ -3,11 +3,10 @@
 //! On tokio's paused clock, through the layer, at the default `max_keys` (65,536 per route).
 
 use std::convert::Infallible;
-use std::future::{ready, Future};
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::future::ready;
 use std::time::Duration;
 
+use crate::common::{now, retry_after};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use tokio::time::advance;
 use tower::{service_fn, Layer, Service};
@@ -24,14 +23,6 @@ fn request(key: &str) -> Request<()> {
         .headers_mut()
         .insert(KEY, HeaderValue::from_str(key).unwrap());
     request
-}
-
-/// Server mode answers at once: polls its future one time.
-fn now<F: Future>(future: F) -> F::Output {
-    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("server mode must answer at once"),
-    }
 }
 
 /// The application behind the layer: answers at once.
@@ -53,11 +44,6 @@ fn make_server(quota: Quota, max_keys: Option<usize>) -> Server {
 
 fn send(server: &mut Server, key: &str) -> Response<()> {
     now(server.call(request(key))).unwrap()
-}
-
-fn retry_after(response: &Response<()>) -> Duration {
-    let secs = response.headers()["retry-after"].to_str().unwrap();
-    Duration::from_secs(secs.parse().unwrap())
 }
 
 #[tokio::test(start_paused = true)]

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::common::serve;
 use axum::routing::{get, post};
 use axum::Router;
 use http::HeaderName;
@@ -20,13 +21,6 @@ use tower_quota::{Quota, RateLimitByRoute};
 
 /// The body every handler answers with, so that a response from a handler is known as such.
 const HANDLED: &str = "handled";
-
-async fn serve(app: Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 async fn serve_with_peer(app: Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,10 @@
+//! The three layers together: against the local Sync API, end to end, and as an outsider
+//! would try them.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod against_mock;
+mod e2e;
+mod hostile;
+mod integration;

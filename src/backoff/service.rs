@@ -1,3 +1,5 @@
+//! [`Backoff429Service`]: where each request's retries are set up.
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 

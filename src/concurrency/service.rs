@@ -1,3 +1,6 @@
+//! [`ConcurrencyLimitByPlanService`]: where a request is told what it is to the plan (a
+//! create, a status, a list, or none of these) and sent, queued or refused.
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 

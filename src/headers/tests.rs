@@ -1,3 +1,5 @@
+//! Rate-limit headers as real servers send them, and garbage.
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};

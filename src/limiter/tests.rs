@@ -1,3 +1,5 @@
+//! The limiter's algorithms against their guarantees: property tests and fixed cases.
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;

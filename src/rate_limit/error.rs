@@ -1,3 +1,5 @@
+//! What client mode returns instead of sending a request: [`RateLimitError`].
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,3 +1,6 @@
+//! The response future of client mode: a request sent at once, or one waiting for its turn
+//! (in the route's queue or in a shared store) and then readying its own service.
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};

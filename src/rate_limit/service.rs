@@ -1,3 +1,6 @@
+//! [`RateLimitByRouteService`] in client mode: where a request is admitted at once, refused
+//! at once, or queued for its turn.
+
 use std::task::{Context, Poll};
 
 use http::{Request, Response};

@@ -1,3 +1,5 @@
+//! A plan's slots against a model of them, and fixed cases.
+
 use std::collections::{BTreeSet, HashSet};
 use std::task::Waker;
 

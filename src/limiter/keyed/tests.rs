@@ -1,3 +1,5 @@
+//! Server mode's key table against its guarantees: quotas, floods, forgetting, memory.
+
 use std::time::Duration;
 
 use proptest::prelude::*;

@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use super::key::{ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies};
-use super::server::KeyedRoute;
-use super::state::{ClientRoute, ClientState, LayerState, Learn};
+use super::client::state::{ClientRoute, ClientState, Learn};
+use super::layer::LayerState;
+use super::server::key::{
+    ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies,
+};
+use super::server::service::KeyedRoute;
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::quota::{Quota, Rate};

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::state::lock;
+use super::client::state::lock;
 use crate::error::ConfigError;
 use crate::limiter::NotYet;
 use crate::quota::{Quota, Rate};

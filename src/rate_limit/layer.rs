@@ -5,15 +5,28 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::server::KeyedRoute;
+use crate::clock::Clock;
+use crate::route::RouteTable;
+
+use super::client::state::ClientHandle;
+use super::server::service::KeyedRoute;
 use super::service::RateLimitByRouteService;
-use super::state::{ClientHandle, LayerState};
 
 use super::builder::RejectConfig;
 use super::reject::EmptyBody;
 
 /// The name the default quota goes by in errors, snapshots and headers.
 pub(crate) const DEFAULT_ROUTE: &str = "default";
+
+/// What every clone of a layer shares: the routes, their state, the clock and the mode's
+/// settings.
+#[derive(Debug)]
+pub(crate) struct LayerState<R, C> {
+    pub(crate) table: RouteTable,
+    pub(crate) routes: Box<[R]>,
+    pub(crate) clock: Clock,
+    pub(crate) config: C,
+}
 
 /// Per-route rate limits, as a [`Layer`] and the handle to their shared state.
 ///

@@ -144,23 +144,20 @@
 //! [`Quota`]: crate::Quota
 
 mod builder;
+mod client;
 mod error;
-mod future;
 mod handle;
-mod key;
 mod layer;
 mod reject;
-mod remote;
 mod server;
 mod service;
-mod state;
 
 pub use builder::{Builder, RejectConfig, WaitConfig};
+pub use client::future::ResponseFuture;
 pub use error::RateLimitError;
-pub use future::ResponseFuture;
 pub use handle::{KeyedRouteSnapshot, NextAdmission, RouteSnapshot};
-pub use key::{ForwardedHeader, MissingKey, RequestHead};
 pub use layer::{RateLimitByRoute, Reject, Wait};
 pub use reject::{EmptyBody, RejectReason, RejectResponse, Rejection};
-pub use server::RejectFuture;
+pub use server::key::{ForwardedHeader, MissingKey, RequestHead};
+pub use server::service::RejectFuture;
 pub use service::RateLimitByRouteService;

@@ -11,10 +11,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::error::RateLimitError;
-use super::remote::{Outcome, StorePlace, StoreRelease, StoreTurn};
 use super::state::{lock, Permit, Turn, TurnTicket};
+use super::store::{Outcome, StorePlace, StoreRelease, StoreTurn};
 use crate::clock::{nanos, Nanos};
+use crate::rate_limit::error::RateLimitError;
 use crate::store::FailMode;
 use crate::BoxError;
 

@@ -1,4 +1,5 @@
-//! The shared state behind every clone of a [`RateLimitByRoute`](super::RateLimitByRoute).
+//! Client mode's state: each route's limiter and queue, the tickets of the requests waiting
+//! in it, and the permits of the requests holding a place.
 
 use std::sync::{Arc, Mutex};
 use std::task::Context;
@@ -11,21 +12,9 @@ use crate::headers;
 use crate::limiter::{Limiter, NotYet};
 use crate::queue::WaitQueue;
 use crate::quota::Rate;
-use crate::route::RouteTable;
+use crate::rate_limit::layer::LayerState;
 
 pub(crate) use crate::sync::lock;
-
-/// What every clone of a layer shares: the routes, their state, the clock and the mode's
-/// settings.
-#[derive(Debug)]
-pub(crate) struct LayerState<R, C> {
-    pub(crate) table: RouteTable,
-    pub(crate) routes: Box<[R]>,
-    pub(crate) clock: Clock,
-    pub(crate) config: C,
-}
-
-// ===== client mode =====
 
 /// How a client learns from the responses passing back through it.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +115,7 @@ impl ClientState {
     }
 }
 
-pub(crate) type ClientShared = LayerState<ClientRoute, super::builder::WaitConfig>;
+pub(crate) type ClientShared = LayerState<ClientRoute, crate::rate_limit::builder::WaitConfig>;
 
 /// What a client-mode service and its requests hold: one `Arc` per service around the shared
 /// state, so that requests of different services (different connections, different tasks)

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use http::{Response, StatusCode};
 
-use super::error::RateLimitError;
 use super::state::{lock, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::quota::Rate;
+use crate::rate_limit::error::RateLimitError;
 use crate::store::{Decision, StoreCall, StoreError, StoreHandle, StorePoll};
 
 /// A place held in the shared store. Dropped after its request was sent (an abandoned

@@ -58,11 +58,11 @@ impl<'a> RequestHead<'a> {
 
 /// What server mode does with a request from which no client key can be read (no key
 /// header, a closure answering `None`, a forwarded address it cannot parse). Set with
-/// [`Builder::on_missing_key`](super::Builder::on_missing_key).
+/// [`Builder::on_missing_key`](crate::rate_limit::Builder::on_missing_key).
 ///
 /// A server that supplies no peer address at all to a layer keyed by address
-/// ([`key_peer_ip`](super::Builder::key_peer_ip),
-/// [`key_forwarded_ip`](super::Builder::key_forwarded_ip)) is misconfigured: unless a policy
+/// ([`key_peer_ip`](crate::rate_limit::Builder::key_peer_ip),
+/// [`key_forwarded_ip`](crate::rate_limit::Builder::key_forwarded_ip)) is misconfigured: unless a policy
 /// was set explicitly, such requests are answered `500 Internal Server Error` with a warning
 /// in the log, never counted against one shared quota in silence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,14 +72,14 @@ pub enum MissingKey {
     #[default]
     Shared,
     /// Such requests are answered `400 Bad Request` (the layer's response builder sees
-    /// [`RejectReason::MissingKey`](super::RejectReason::MissingKey)).
+    /// [`RejectReason::MissingKey`](crate::rate_limit::RejectReason::MissingKey)).
     Refuse,
     /// Such requests pass uncounted.
     Pass,
 }
 
 /// Which header field a trusted proxy puts the client's address in, for
-/// [`Builder::key_forwarded_ip`](super::Builder::key_forwarded_ip). Name the one your proxy
+/// [`Builder::key_forwarded_ip`](crate::rate_limit::Builder::key_forwarded_ip). Name the one your proxy
 /// writes: a field it passes through untouched is the client's to forge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -1,0 +1,7 @@
+//! Client mode: a request waits for its route's turn, in this process or in a shared store,
+//! and holds its place until its response.
+
+pub(crate) mod future;
+mod service;
+pub(crate) mod state;
+pub(crate) mod store;

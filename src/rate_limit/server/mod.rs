@@ -1,0 +1,5 @@
+//! Server mode: each client's requests are counted under its key, and a request over its
+//! quota is answered 429 at once.
+
+pub(crate) mod key;
+pub(crate) mod service;

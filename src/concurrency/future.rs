@@ -43,11 +43,11 @@ pin_project! {
         state: State<S::Future>,
         role: Role,
         // Boxed: only a request that waits for a slot (here, or in a shared store) needs it.
-        aside: Option<Box<DeferredCreate<S, B>>>,
+        deferred: Option<Box<DeferredCreate<S, B>>>,
     }
 }
 
-/// What a create that is not sent at once keeps aside.
+/// What a create that is not sent at once keeps until it is.
 #[allow(clippy::large_enum_variant)] // boxed as a whole, and made once per request
 enum DeferredCreate<S, B> {
     /// Waiting for a slot here.
@@ -228,7 +228,7 @@ where
         Self {
             state: State::Called { future },
             role,
-            aside: None,
+            deferred: None,
         }
     }
 
@@ -236,7 +236,7 @@ where
         Self {
             state: State::Failed { error: Some(error) },
             role: Role::Other,
-            aside: None,
+            deferred: None,
         }
     }
 
@@ -252,7 +252,7 @@ where
         Self {
             state: State::Store,
             role: Role::Create(None),
-            aside: Some(Box::new(DeferredCreate::Store(StoreSlot::new(
+            deferred: Some(Box::new(DeferredCreate::Store(StoreSlot::new(
                 inner, request, shared, store, deadline,
             )))),
         }
@@ -267,7 +267,7 @@ where
         let deadline = shared.wait_deadline();
         Self {
             state: State::Queued,
-            aside: Some(Box::new(DeferredCreate::Queued(QueuedCreate {
+            deferred: Some(Box::new(DeferredCreate::Queued(QueuedCreate {
                 inner,
                 request,
                 ticket: SlotTicket {
@@ -328,7 +328,7 @@ where
                     let _ = sleep.as_mut().poll(cx);
                 }
                 StateProj::Store => {
-                    let Some(DeferredCreate::Store(slot)) = this.aside.as_deref_mut() else {
+                    let Some(DeferredCreate::Store(slot)) = this.deferred.as_deref_mut() else {
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
@@ -337,7 +337,7 @@ where
                         continue;
                     };
                     let outcome = ready!(slot.poll_slot(&shared, cx));
-                    let Some(DeferredCreate::Store(slot)) = this.aside.take().map(|a| *a) else {
+                    let Some(DeferredCreate::Store(slot)) = this.deferred.take().map(|a| *a) else {
                         continue;
                     };
                     let StoreSlot {
@@ -356,7 +356,7 @@ where
                                 request,
                                 slot,
                             };
-                            *this.aside = Some(Box::new(DeferredCreate::Readying(readying)));
+                            *this.deferred = Some(Box::new(DeferredCreate::Readying(readying)));
                             this.state.set(State::Readying);
                             continue;
                         }
@@ -368,7 +368,7 @@ where
                                 request,
                                 slot,
                             };
-                            *this.aside = Some(Box::new(DeferredCreate::Readying(readying)));
+                            *this.deferred = Some(Box::new(DeferredCreate::Readying(readying)));
                             this.state.set(State::Readying);
                             continue;
                         }
@@ -382,17 +382,18 @@ where
                     return Poll::Ready(Err(refused));
                 }
                 StateProj::Readying => {
-                    let Some(DeferredCreate::Readying(readying)) = this.aside.as_deref_mut() else {
+                    let Some(DeferredCreate::Readying(readying)) = this.deferred.as_deref_mut()
+                    else {
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
                     if let Err(error) = ready!(readying.inner.poll_ready(cx)) {
                         // Never sent: the slot goes back.
-                        *this.aside = None;
+                        *this.deferred = None;
                         this.state.set(State::Failed { error: None });
                         return Poll::Ready(Err(error.into()));
                     }
-                    let Some(DeferredCreate::Readying(readying)) = this.aside.take().map(|a| *a)
+                    let Some(DeferredCreate::Readying(readying)) = this.deferred.take().map(|a| *a)
                     else {
                         continue;
                     };
@@ -409,7 +410,7 @@ where
                 }
                 StateProj::Queued => {}
             }
-            let Some(DeferredCreate::Queued(queued)) = this.aside.as_deref_mut() else {
+            let Some(DeferredCreate::Queued(queued)) = this.deferred.as_deref_mut() else {
                 // Not reachable: a waiting future always has its request.
                 this.state.set(State::Failed { error: None });
                 continue;
@@ -421,7 +422,8 @@ where
             let next_expiry = match turn {
                 Ok(()) => {
                     queued.ticket.queued = false;
-                    let Some(DeferredCreate::Queued(queued)) = this.aside.take().map(|a| *a) else {
+                    let Some(DeferredCreate::Queued(queued)) = this.deferred.take().map(|a| *a)
+                    else {
                         continue;
                     };
                     let deadline = queued.deadline;
@@ -429,7 +431,7 @@ where
                     match shared.store.clone() {
                         Some(store) => {
                             let slot = StoreSlot::new(inner, request, &shared, store, deadline);
-                            *this.aside = Some(Box::new(DeferredCreate::Store(slot)));
+                            *this.deferred = Some(Box::new(DeferredCreate::Store(slot)));
                             this.state.set(State::Store);
                         }
                         None => {
@@ -439,7 +441,7 @@ where
                                 request,
                                 slot: Unsent::local(shared),
                             };
-                            *this.aside = Some(Box::new(DeferredCreate::Readying(readying)));
+                            *this.deferred = Some(Box::new(DeferredCreate::Readying(readying)));
                             this.state.set(State::Readying);
                         }
                     }
@@ -448,7 +450,7 @@ where
                 Err(next_expiry) => next_expiry,
             };
             if queue_deadline.is_some_and(|d| d <= now) {
-                *this.aside = None; // leaves the queue
+                *this.deferred = None; // leaves the queue
                 this.state.set(State::Failed {
                     error: Some(ConcurrencyError::wait_too_long(&shared)),
                 });

@@ -29,12 +29,13 @@ pin_project! {
         state: State<S::Future, Result<S::Response, S::Error>>,
         // Boxed: only a request that waits (or asks a shared store) needs it, and it keeps the
         // future small.
-        aside: Option<Box<DeferredRequest<S, B>>>,
+        deferred: Option<Box<DeferredRequest<S, B>>>,
         permit: Option<Permit>,
     }
 }
 
-/// What a request that is not sent at once keeps aside.
+/// What a request that is not sent at once keeps until it is: its call, and where its turn
+/// comes from.
 struct DeferredRequest<S, B> {
     /// Its own clone of the inner service, driven ready only once its turn has come, and the
     /// request; until it is sent.
@@ -71,8 +72,8 @@ impl QueuedTurn {
     }
 }
 
-fn queued<S, B>(aside: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<&mut QueuedTurn> {
-    match aside.as_deref_mut() {
+fn queued<S, B>(deferred: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<&mut QueuedTurn> {
+    match deferred.as_deref_mut() {
         Some(DeferredRequest {
             turn: TurnSource::Queue(queued),
             ..
@@ -82,8 +83,8 @@ fn queued<S, B>(aside: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<&mut Q
 }
 
 /// The place a sent request holds in the shared store, taken to be given back.
-fn store_place<S, B>(aside: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<StorePlace> {
-    match aside.as_deref_mut() {
+fn store_place<S, B>(deferred: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<StorePlace> {
+    match deferred.as_deref_mut() {
         Some(DeferredRequest {
             turn: TurnSource::Store(turn),
             ..
@@ -121,7 +122,7 @@ where
     pub(crate) fn called(future: S::Future, permit: Option<Permit>) -> Self {
         Self {
             state: State::Called { future },
-            aside: None,
+            deferred: None,
             permit,
         }
     }
@@ -129,7 +130,7 @@ where
     pub(crate) fn from_store(inner: S, request: Request<B>, turn: StoreTurn) -> Self {
         Self {
             state: State::Store,
-            aside: Some(Box::new(DeferredRequest {
+            deferred: Some(Box::new(DeferredRequest {
                 call: Some((inner, request)),
                 turn: TurnSource::Store(turn),
             })),
@@ -145,7 +146,7 @@ where
     ) -> Self {
         Self {
             state: State::Queued,
-            aside: Some(Box::new(DeferredRequest {
+            deferred: Some(Box::new(DeferredRequest {
                 call: Some((inner, request)),
                 turn: TurnSource::Queue(QueuedTurn::new(ticket, max_wait)),
             })),
@@ -157,7 +158,7 @@ where
     pub(crate) fn refused(error: RateLimitError) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
-            aside: None,
+            deferred: None,
             permit: None,
         }
     }
@@ -218,9 +219,9 @@ where
                     let result = ready!(future.poll(cx));
                     if let Some(permit) = this.permit.take() {
                         settle(permit, &result);
-                    } else if let Some(place) = store_place(this.aside) {
+                    } else if let Some(place) = store_place(this.deferred) {
                         let release = place.release(result.as_ref().ok());
-                        *this.aside = None;
+                        *this.deferred = None;
                         this.state.set(State::Releasing {
                             release,
                             answer: Some(Box::new(result)),
@@ -245,23 +246,23 @@ where
                     }));
                 }
                 StateProj::Readying => {
-                    let Some(aside) = this.aside.as_deref_mut() else {
+                    let Some(deferred) = this.deferred.as_deref_mut() else {
                         return invalid();
                     };
-                    let Some((inner, _)) = aside.call.as_mut() else {
+                    let Some((inner, _)) = deferred.call.as_mut() else {
                         return invalid();
                     };
                     if let Err(error) = ready!(inner.poll_ready(cx)) {
                         // Never sent: its place is given back entirely.
                         *this.permit = None;
-                        *this.aside = None;
+                        *this.deferred = None;
                         this.state.set(State::Failed { error: None });
                         return Poll::Ready(Err(error.into()));
                     }
-                    let Some((mut inner, request)) = aside.call.take() else {
+                    let Some((mut inner, request)) = deferred.call.take() else {
                         return invalid();
                     };
-                    if let TurnSource::Store(turn) = &mut aside.turn {
+                    if let TurnSource::Store(turn) = &mut deferred.turn {
                         if let Some(place) = turn.place.as_mut() {
                             place.sent();
                         }
@@ -269,16 +270,16 @@ where
                         permit.sent();
                     }
                     let future = inner.call(request);
-                    if !matches!(aside.turn, TurnSource::Store(_)) {
-                        *this.aside = None;
+                    if !matches!(deferred.turn, TurnSource::Store(_)) {
+                        *this.deferred = None;
                     }
                     this.state.set(State::Called { future });
                 }
                 StateProj::Store => {
-                    let Some(aside) = this.aside.as_deref_mut() else {
+                    let Some(deferred) = this.deferred.as_deref_mut() else {
                         return invalid();
                     };
-                    let TurnSource::Store(turn) = &mut aside.turn else {
+                    let TurnSource::Store(turn) = &mut deferred.turn else {
                         return invalid();
                     };
                     match ready!(turn.poll_turn(cx)) {
@@ -287,13 +288,13 @@ where
                             this.state.set(State::Readying);
                         }
                         Outcome::Refused(error) => {
-                            *this.aside = None;
+                            *this.deferred = None;
                             this.state.set(State::Failed { error: None });
                             return Poll::Ready(Err(error.into()));
                         }
                         Outcome::Failed(error) => {
                             if turn.store().fail_mode() == FailMode::Closed {
-                                *this.aside = None;
+                                *this.deferred = None;
                                 this.state.set(State::Failed { error: None });
                                 return Poll::Ready(Err(error.into()));
                             }
@@ -305,12 +306,12 @@ where
                             if let Some(permit) = Permit::try_acquire(&handle, &mut state, route) {
                                 drop(state);
                                 *this.permit = Some(permit.unsent());
-                                aside.turn = TurnSource::Taken;
+                                deferred.turn = TurnSource::Taken;
                                 this.state.set(State::Readying);
                             } else if let Some(max_queue) = state.queue_full(max_queue) {
                                 drop(state);
                                 let route = handle.routes[route].name.clone();
-                                *this.aside = None;
+                                *this.deferred = None;
                                 this.state.set(State::Failed { error: None });
                                 return Poll::Ready(Err(RateLimitError::QueueFull {
                                     route,
@@ -321,14 +322,15 @@ where
                                 let now = state.now(&handle.clock);
                                 let ticket = TurnTicket::join(&handle, &mut state, route, now);
                                 drop(state);
-                                aside.turn = TurnSource::Queue(QueuedTurn::new(ticket, max_wait));
+                                deferred.turn =
+                                    TurnSource::Queue(QueuedTurn::new(ticket, max_wait));
                                 this.state.set(State::Queued);
                             }
                         }
                     }
                 }
                 StateProj::Queued => {
-                    let Some(queued) = queued(this.aside) else {
+                    let Some(queued) = queued(this.deferred) else {
                         return invalid();
                     };
                     let deadline = queued
@@ -340,15 +342,15 @@ where
                     });
                 }
                 StateProj::Waiting { sleep } => {
-                    let Some(queued) = queued(this.aside) else {
+                    let Some(queued) = queued(this.deferred) else {
                         return invalid();
                     };
                     match queued.ticket.poll_turn(cx) {
                         Turn::Admitted(permit) => {
                             *this.permit = Some(permit);
-                            if let Some(aside) = this.aside.as_deref_mut() {
+                            if let Some(deferred) = this.deferred.as_deref_mut() {
                                 // Out of the queue: the ticket has nothing left to do.
-                                aside.turn = TurnSource::Taken;
+                                deferred.turn = TurnSource::Taken;
                             }
                             this.state.set(State::Readying);
                         }
@@ -365,7 +367,7 @@ where
                                         max_wait,
                                     );
                                     // Leave the queue before answering.
-                                    *this.aside = None;
+                                    *this.deferred = None;
                                     this.state.set(State::Failed { error: None });
                                     return Poll::Ready(Err(error.into()));
                                 }
@@ -399,7 +401,7 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("aside", &self.aside.is_some())
+            .field("deferred", &self.deferred.is_some())
             .field("permit", &self.permit.is_some())
             .finish()
     }

@@ -62,12 +62,12 @@ mod error;
 pub mod headers;
 mod json;
 mod limiter;
+mod lock;
 mod queue;
 mod quota;
 pub mod rate_limit;
 mod route;
 pub mod store;
-mod sync;
 
 pub use backoff::Backoff429;
 pub use builder::ServiceBuilderExt;

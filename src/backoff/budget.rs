@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tower::retry::budget::Budget;
 
 use crate::error::ConfigError;
-use crate::sync::lock;
+use crate::lock::lock;
 
 /// A retry budget: over the last `ttl` (counted in two windows of `ttl`, so up to twice that),
 /// retries may be at most `min_per_sec × ttl` plus `retry_percent` of the requests.

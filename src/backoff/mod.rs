@@ -33,7 +33,7 @@
 //! - **Every retry goes through the layers below**: put this layer above
 //!   [`ConcurrencyLimitByPlan`](crate::ConcurrencyLimitByPlan) and
 //!   [`RateLimitByRoute`](crate::RateLimitByRoute), and a retry queues for its slot and its
-//!   token like any request.
+//!   turn like any request.
 //! - **A deadline bounds the whole call** ([`Backoff429::deadline`]): the first attempt,
 //!   reading refusals, waits and retries in flight. A wait that would end at or past it is
 //!   not slept (the last refusal goes back at once); if it passes while an attempt or a read

@@ -1,5 +1,6 @@
-//! Response bodies that pass through unchanged while a bounded prefix of them is read for a
-//! job's id and status.
+//! [`PlanBody`]: a response body that passes through unchanged while it carries what the plan
+//! needs of it (an in-flight slot to give back at its end, or an observer reading its prefix),
+//! and [`Job`], the created job's id as the body shows it.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -45,7 +46,7 @@ pin_project! {
     pub struct PlanBody<B> {
         #[pin]
         inner: B,
-        watch: BodyDuty,
+        duty: BodyDuty,
     }
 }
 
@@ -58,7 +59,7 @@ enum BodyDuty {
     /// Reads the body for what it shows.
     Observer(Box<Observer>),
     /// Gives a slot back when the body ends or is dropped (in-flight mode).
-    Answered { _slot: InFlightSlot },
+    InFlight { _slot: InFlightSlot },
 }
 
 impl<B> PlanBody<B> {
@@ -66,14 +67,14 @@ impl<B> PlanBody<B> {
     pub(crate) fn plain(inner: B) -> Self {
         Self {
             inner,
-            watch: BodyDuty::None,
+            duty: BodyDuty::None,
         }
     }
 
     pub(crate) fn new(inner: B, observer: Option<Observer>) -> Self {
         Self {
             inner,
-            watch: match observer {
+            duty: match observer {
                 Some(observer) => BodyDuty::Observer(Box::new(observer)),
                 None => BodyDuty::None,
             },
@@ -83,8 +84,8 @@ impl<B> PlanBody<B> {
     pub(crate) fn in_flight(inner: B, answered: Option<InFlightSlot>) -> Self {
         Self {
             inner,
-            watch: match answered {
-                Some(answered) => BodyDuty::Answered { _slot: answered },
+            duty: match answered {
+                Some(answered) => BodyDuty::InFlight { _slot: answered },
                 None => BodyDuty::None,
             },
         }
@@ -106,11 +107,11 @@ impl<B: Body> Body for PlanBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        if let BodyDuty::None = this.watch {
+        if let BodyDuty::None = this.duty {
             return this.inner.poll_frame(cx);
         }
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
-        match this.watch {
+        match this.duty {
             BodyDuty::None => {}
             BodyDuty::Observer(observer) => match &frame {
                 Some(Ok(frame)) => {
@@ -121,9 +122,9 @@ impl<B: Body> Body for PlanBody<B> {
                 }
                 Some(Err(_)) | None => observer.read_prefix(),
             },
-            BodyDuty::Answered { .. } => {
+            BodyDuty::InFlight { .. } => {
                 if frame.is_none() || this.inner.is_end_stream() {
-                    *this.watch = BodyDuty::None;
+                    *this.duty = BodyDuty::None;
                 }
             }
         }

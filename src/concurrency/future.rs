@@ -63,7 +63,7 @@ struct StoreSlot<S, B> {
     inner: S,
     request: Request<B>,
     store: StoreHandle,
-    asking: StorePoll,
+    poll: StorePoll,
     deadline: Option<Nanos>,
     slot: Unsent,
 }
@@ -78,12 +78,12 @@ impl<S, B> StoreSlot<S, B> {
     ) -> Self {
         let member: StoreMember = Box::new(format!("c:{}", store.member()));
         let (limit, lease) = (shared.slots().limit(), shared.lease());
-        let asking = StorePoll::new(&store, || store.slot_acquire(limit, lease, &member));
+        let poll = StorePoll::new(&store, || store.slot_acquire(limit, lease, &member));
         Self {
             inner,
             request,
             store,
-            asking,
+            poll,
             deadline,
             slot: Unsent {
                 shared: Some(shared.clone()),
@@ -100,7 +100,7 @@ impl<S, B> StoreSlot<S, B> {
         cx: &mut Context<'_>,
     ) -> Poll<Result<bool, StoreError>> {
         loop {
-            if let Some(answer) = ready!(self.asking.poll_answer(cx)) {
+            if let Some(answer) = ready!(self.poll.poll_answer(cx)) {
                 let wait = match answer? {
                     Decision::Admitted | Decision::Counted { .. } => return Poll::Ready(Ok(true)),
                     Decision::Wait(wait) => wait,
@@ -110,7 +110,7 @@ impl<S, B> StoreSlot<S, B> {
                     return Poll::Ready(Ok(false));
                 }
                 let deadline = self.deadline.map(|at| shared.clock.instant(at));
-                self.asking
+                self.poll
                     .again_by(&self.store, shared.clock.instant(now), wait, deadline);
             }
             let Some(member) = &self.slot.member else {
@@ -120,7 +120,7 @@ impl<S, B> StoreSlot<S, B> {
             let limit = shared.slots().limit();
             let lease = shared.lease();
             ready!(self
-                .asking
+                .poll
                 .poll_again(store, cx, || store.slot_acquire(limit, lease, member)));
         }
     }
@@ -164,7 +164,7 @@ impl Unsent {
     fn sent(mut self) -> Option<HoldGuard> {
         let mut hold = HoldGuard::new(self.shared.take()?);
         if let Some(member) = self.member.take() {
-            hold.set_token(member);
+            hold.set_member(member);
         }
         Some(hold)
     }
@@ -507,7 +507,9 @@ fn respond_watched<ResBody, E: Into<BoxError>>(
         Role::Other | Role::Create(None) => None,
         Role::Create(Some(hold)) => {
             if hold.in_flight_mode() {
-                return Ok(response.map(|body| PlanBody::in_flight(body, hold.answered())));
+                return Ok(
+                    response.map(|body| PlanBody::in_flight(body, hold.into_in_flight_slot()))
+                );
             } else if status.is_success() {
                 let job = Job::default();
                 response.extensions_mut().insert(job.clone());

@@ -13,7 +13,7 @@ use super::state::PlanState;
 pub(crate) struct HoldGuard {
     shared: Option<Arc<PlanState>>,
     /// The slot's name in the shared store, once the store gave one.
-    token: Option<StoreMember>,
+    member: Option<StoreMember>,
 }
 
 /// A slot's name in the shared store. Boxed twice to be one word: holds live on the path
@@ -26,21 +26,21 @@ impl HoldGuard {
     pub(crate) fn new(shared: Arc<PlanState>) -> Self {
         Self {
             shared: Some(shared),
-            token: None,
+            member: None,
         }
     }
 
-    /// The slot is held in the shared store too, as `token`.
-    pub(crate) fn set_token(&mut self, token: StoreMember) {
-        self.token = Some(token);
+    /// The slot is held in the shared store too, as `member`.
+    pub(crate) fn set_member(&mut self, member: StoreMember) {
+        self.member = Some(member);
     }
 
     #[inline]
     pub(crate) fn release(mut self, why: ReleaseReason) {
         if let Some(shared) = self.shared.take() {
             shared.counts().release(why);
-            if self.token.is_some() {
-                release_token(&shared, self.token.take());
+            if self.member.is_some() {
+                release_in_store(&shared, self.member.take());
             }
         }
     }
@@ -52,25 +52,27 @@ impl HoldGuard {
     /// Hands the slot on to the response body, which gives it back when it ends or is
     /// dropped (in-flight mode).
     #[inline]
-    pub(crate) fn answered(mut self) -> Option<InFlightSlot> {
-        let token = self.token.take();
-        self.shared.take().map(|shared| InFlightSlot(shared, token))
+    pub(crate) fn into_in_flight_slot(mut self) -> Option<InFlightSlot> {
+        let member = self.member.take();
+        self.shared
+            .take()
+            .map(|shared| InFlightSlot(shared, member))
     }
 
-    /// Hands the slot on (to an [`Observer`], which settles it).
+    /// Hands the slot on (to an [`Observer`](super::observe::Observer), which settles it).
     #[inline]
     pub(super) fn into_parts(mut self) -> Option<(Arc<PlanState>, Option<StoreMember>)> {
-        let token = self.token.take();
-        self.shared.take().map(|shared| (shared, token))
+        let member = self.member.take();
+        self.shared.take().map(|shared| (shared, member))
     }
 }
 
 /// Gives back the slot a create held in the shared store, if any.
 #[cold]
 #[inline(never)]
-fn release_token(shared: &PlanState, token: Option<StoreMember>) {
-    if let (Some(store), Some(token)) = (&shared.store, token) {
-        store.slot_release(&token);
+fn release_in_store(shared: &PlanState, member: Option<StoreMember>) {
+    if let (Some(store), Some(member)) = (&shared.store, member) {
+        store.slot_release(&member);
     }
 }
 
@@ -80,13 +82,13 @@ impl Drop for HoldGuard {
             if shared.config.in_flight {
                 // The slot is only for the request, which is over whatever the server did.
                 shared.counts().release(ReleaseReason::Abandoned);
-                if self.token.is_some() {
-                    release_token(&shared, self.token.take());
+                if self.member.is_some() {
+                    release_in_store(&shared, self.member.take());
                 }
                 return;
             }
-            if self.token.is_some() {
-                unknown_token(&shared, self.token.take());
+            if self.member.is_some() {
+                unknown_in_store(&shared, self.member.take());
                 return;
             }
             let now = shared.clock.now();
@@ -95,16 +97,16 @@ impl Drop for HoldGuard {
     }
 }
 
-/// The outcome of a create that held a slot in the shared store, as `token`, will never be
+/// The outcome of a create that held a slot in the shared store, as `member`, will never be
 /// read. The store holds it for the whole fleet, until a reconcile in any process accounts for
 /// it or its lease runs out; this process lets its own count of it go, since no reconcile
 /// elsewhere could ever give that back.
 #[cold]
 #[inline(never)]
-pub(super) fn unknown_token(shared: &PlanState, token: Option<StoreMember>) {
-    if let (Some(store), Some(token)) = (&shared.store, token) {
+pub(super) fn unknown_in_store(shared: &PlanState, member: Option<StoreMember>) {
+    if let (Some(store), Some(member)) = (&shared.store, member) {
         shared.counts().release(ReleaseReason::Store);
-        store.slot_unknown(&token, shared.lease());
+        store.slot_unknown(&member, shared.lease());
     }
 }
 
@@ -116,7 +118,7 @@ impl Drop for InFlightSlot {
     fn drop(&mut self) {
         self.0.counts().release(ReleaseReason::Answered);
         if self.1.is_some() {
-            release_token(&self.0, self.1.take());
+            release_in_store(&self.0, self.1.take());
         }
     }
 }

@@ -11,7 +11,7 @@ use super::slots::ReleaseReason;
 use super::watch::Watch;
 use crate::clock::nanos;
 use crate::error::ConfigError;
-use crate::sync::lock;
+use crate::lock::lock;
 
 use super::builder::Builder;
 use super::state::PlanState;
@@ -50,7 +50,7 @@ pub struct PlanSnapshot {
     pub plan: Plan,
     /// Slots held, by jobs, creates in flight and creates with an unknown outcome.
     pub in_use: usize,
-    /// Creates sent and not yet answered.
+    /// Creates taken, sent or about to be, and not yet answered.
     pub in_flight: usize,
     /// Creates whose outcome will never be read (held until a reconcile or the lease).
     pub unknown: usize,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::body::Job;
-use super::hold::{unknown_token, HoldGuard, StoreMember};
+use super::hold::{unknown_in_store, HoldGuard, StoreMember};
 use super::slots::{Bound, ReleaseReason};
 use super::state::PlanState;
 use crate::json::{self, Fields};
@@ -27,7 +27,7 @@ pub(crate) struct Observer {
     what: Option<Observe>,
     prefix: Vec<u8>,
     /// The name in the shared store of the slot this create holds, if any.
-    token: Option<StoreMember>,
+    member: Option<StoreMember>,
 }
 
 impl Observer {
@@ -36,15 +36,15 @@ impl Observer {
             shared,
             what: Some(what),
             prefix: Vec::new(),
-            token: None,
+            member: None,
         }
     }
 
     /// An observer that settles the slot `hold` owns.
     pub(crate) fn holding(hold: HoldGuard, what: Observe) -> Option<Self> {
-        hold.into_parts().map(|(shared, token)| {
+        hold.into_parts().map(|(shared, member)| {
             let mut observer = Self::new(shared, what);
-            observer.token = token;
+            observer.member = member;
             observer
         })
     }
@@ -96,8 +96,8 @@ impl Observer {
                         field = &*config.id_field,
                         "no job id in a successful create's response: its slot stays held until a reconcile or the maximum job life"
                     );
-                    if self.token.is_some() {
-                        unknown_token(shared, self.token.take());
+                    if self.member.is_some() {
+                        unknown_in_store(shared, self.member.take());
                     } else {
                         shared.counts().unknown(now);
                     }
@@ -112,11 +112,11 @@ impl Observer {
                     }
                     bound == Bound::Completed
                 };
-                if let (Some(store), Some(token)) = (&shared.store, self.token.take()) {
+                if let (Some(store), Some(member)) = (&shared.store, self.member.take()) {
                     if terminal || completed {
-                        store.slot_release(&token);
+                        store.slot_release(&member);
                     } else {
-                        store.slot_bind(&token, &id, shared.lease());
+                        store.slot_bind(&member, &id, shared.lease());
                     }
                 }
                 let _ = job.id.set(id.into());

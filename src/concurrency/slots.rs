@@ -2,8 +2,8 @@
 //!
 //! A slot is held by a *hold*, which lives in one of three states:
 //!
-//! - **in flight**: the job-creating request was sent and its answer is not in yet (its
-//!   future, and then its response body, hold it);
+//! - **in flight**: taken for a job-creating request, sent or about to be, whose answer is
+//!   not in yet;
 //! - **unknown**: the request was sent but its outcome will never be read (a 5xx, a transport
 //!   error, a dropped future, a body without an id). The server may have created a job, so the slot
 //!   stays held until a reconcile accounts for it or its lease runs out;
@@ -11,7 +11,9 @@
 //!   terminal state, completed, reconciled away or its lease runs out.
 //!
 //! Jobs this process did not create (seen active in a list) hold slots too. Creates in flight
-//! are only counted: the guard that owns one (`HoldGuard`) gives it back exactly once. The
+//! are only counted, and each is owned by one guard at a time, which gives it back exactly
+//! once: `Unsent` while the service is readied or the store asked, `HoldGuard` once sent,
+//! then the response body's `InFlightSlot` (in-flight mode) or `Observer` (job life). The
 //! tests and the property test in `tests.rs` check the counts.
 
 use std::collections::hash_map::RandomState;
@@ -90,7 +92,7 @@ pub(crate) struct Slots {
     limit: usize,
     /// The maximum life of a hold that nobody will release (a job, or an unknown outcome).
     lease: Nanos,
-    /// Creates sent and not answered (their futures hold them).
+    /// Creates taken, sent or about to be, and not answered (their guards hold them).
     in_flight: usize,
     /// When each create with an unknown outcome was found to be one, oldest first.
     unknown: VecDeque<Nanos>,

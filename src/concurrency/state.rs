@@ -11,9 +11,9 @@ use tokio::sync::Notify;
 use super::plan::Plan;
 use super::slots::{Effect, ReleaseReason, Slots};
 use crate::clock::{nanos, Clock};
+use crate::lock::lock;
 use crate::route::RouteTable;
 use crate::store::StoreHandle;
-use crate::sync::lock;
 
 /// What a route's requests mean to the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

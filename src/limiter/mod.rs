@@ -25,8 +25,8 @@
 //! of the holds wait in a queue of their own, soonest first, and are settled before anything
 //! else happens at or after them, so answers are still recorded in time order.
 //!
-//! In server mode the limiter *is* the server: a request is admitted and answered at once,
-//! with no margin, which gives the exact textbook behaviour.
+//! This is client mode's limiter. Server mode counts each client in constant memory instead,
+//! in [`keyed`].
 
 mod gcra;
 pub(crate) mod keyed;

@@ -159,7 +159,7 @@ pub(super) fn check_quota(route: &str, quota: &Quota) -> Result<(), ConfigError>
 
 impl Builder<WaitConfig> {
     /// The longest a request may wait for its turn. A request that would wait longer is
-    /// returned at once with [`RateLimitError::WaitTooLong`](super::RateLimitError), saying how
+    /// returned at once with [`RateLimitError::WaitTooLong`](super::RateLimitError::WaitTooLong), saying how
     /// long it would have waited; one whose wait turns out longer than estimated is returned
     /// when the maximum runs out. Default: no maximum.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
@@ -371,12 +371,12 @@ impl<F> Builder<RejectConfig<F>> {
         self
     }
 
-    /// The most client keys tracked at once, per route (default 65,536; 175 to 183 bytes each,
-    /// whatever the quota). The table is cut into 16 shards, so the number is rounded up to a
+    /// The most client keys tracked at once, per route (default 65,536; 146 bytes each in a
+    /// full table, whatever the quota). The table is cut into 16 shards, so the number is rounded up to a
     /// multiple of 16 (`max_keys(1)` tracks 16). A new client arriving at a full table takes
     /// the place of a little-used one, whose count is kept in a fixed-size shadow table for
     /// when it comes back: a flood of fresh keys neither grows memory nor locks newcomers out,
-    /// and never frees a client at its quota. See the
+    /// and lets a client at its quota through only in the case the module docs name. See the
     /// [module docs](super#deploying-server-mode).
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.config.max_keys = max_keys;

@@ -1,4 +1,5 @@
-//! [`RateLimitByRoute`]: the layer, its two modes, and the services it makes.
+//! [`RateLimitByRoute`]: the layer, its two modes, and the state every clone shares
+//! (`LayerState`).
 
 use std::fmt;
 use std::sync::Arc;

@@ -115,9 +115,9 @@
 //! decodes escapes, drops `./` and merges `//`) serves many spellings of one file: limit it
 //! with a wildcard over its whole mount (`GET /static/{*path}`), not a pattern per file.
 //!
-//! **Memory.** Each client's limit takes a fixed 88 bytes whatever the quota (175 to 183
-//! bytes per tracked client with the table and shadow around it, measured in
-//! `tests/alloc.rs`), so `per_hour(10_000)` costs what `per_minute(60)` does. A sliding
+//! **Memory.** Each client's limit takes a fixed 88 bytes whatever the quota (146 bytes per
+//! tracked client in a full table, with the shadow of forgotten clients and the scan's
+//! candidates around it, measured in `tests/alloc.rs`), so `per_hour(10_000)` costs what `per_minute(60)` does. A sliding
 //! window is kept as 16 buckets: it never admits more than the count in any window of the
 //! period, never refuses a client pacing itself at 90 % of its quota, and after a burst may
 //! admit up to a sixteenth of the period later than an exact log would (`Retry-After: 64`
@@ -127,19 +127,21 @@
 //!
 //! **Floods.** A flood of fresh keys can neither grow memory nor lock newcomers out,
 //! whatever it sends per key. A new client at a full table takes the place of the least-used
-//! of 16 sampled clients if that one is below its quota, else of the least-used client of all
-//! (a full scan, at most once per time one can have dropped below), else, when every tracked
-//! client is at its quota (quota-1 limits, or a flood that sends each fresh key its whole
-//! quota), of the sampled client whose count clears first. A forgotten client's count goes to
-//! a fixed-size shadow table and is restored if it comes back while the count still matters;
-//! the shadow drops a count only for a heavier one. The price, with bounded memory against an
+//! of 16 sampled clients if that one is below its quota, else of a client known to be below
+//! it (a full scan keeps the sixteenth of the table that drops below soonest as candidates,
+//! and runs again only once a client outside them may have), else, when every tracked client
+//! is at its quota (quota-1 limits, or a flood that sends each fresh key its whole quota), of
+//! the sampled client whose count clears first. A forgotten client's count goes to a
+//! fixed-size shadow table (any of eight slots in two buckets) and is restored if it comes
+//! back while the count still matters, so a client told to come back at a time is admitted
+//! then; the shadow drops a count only for a heavier one, never for an equal one. The price, with bounded memory against an
 //! unbounded supply of keys: a client whose count the shadow dropped starts afresh, and can
 //! exceed its quota in that window by what it had counted (at most its quota). While any
 //! tracked client is below its quota, only such clients are forgotten, so a client at its
 //! quota is never let through; a flood of `u` requests per key costs this only to clients
 //! that had counted at most `u`, and one that keeps every tracked client at its quota (which
 //! costs it the whole quota of every fresh key it uses) also to clients at their quota, once
-//! both their shadow cells are taken by heavier counts.
+//! all eight of their shadow slots hold counts at least as heavy when they are forgotten.
 //!
 //! [`Quota`]: crate::Quota
 

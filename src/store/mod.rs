@@ -147,7 +147,7 @@ impl StoreHandle {
         self.none()
     }
 
-    pub(crate) fn release_op(
+    pub(crate) fn release_call(
         &self,
         _: &str,
         _: &str,
@@ -157,7 +157,7 @@ impl StoreHandle {
         self.none()
     }
 
-    pub(crate) fn abandon_op(
+    pub(crate) fn abandon_call(
         &self,
         _: &str,
         _: &str,
@@ -202,7 +202,7 @@ impl StoreHandle {
 /// interval, whichever comes first: no tight loop, and a lost release message costs at most
 /// one poll interval.
 pub(crate) struct StorePoll {
-    op: Option<StoreCall>,
+    call: Option<StoreCall>,
     released: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -213,7 +213,7 @@ impl StorePoll {
     pub(crate) fn new(store: &StoreHandle, ask: impl FnOnce() -> StoreCall) -> Self {
         let released = Box::pin(store.released());
         Self {
-            op: Some(ask()),
+            call: Some(ask()),
             released,
             sleep: None,
         }
@@ -224,11 +224,11 @@ impl StorePoll {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Decision, StoreError>>> {
-        let Some(op) = self.op.as_mut() else {
+        let Some(call) = self.call.as_mut() else {
             return std::task::Poll::Ready(None);
         };
-        let answer = std::task::ready!(Pin::new(op).poll(cx));
-        self.op = None;
+        let answer = std::task::ready!(Pin::new(call).poll(cx));
+        self.call = None;
         std::task::Poll::Ready(Some(answer))
     }
 
@@ -269,7 +269,7 @@ impl StorePoll {
         if released {
             self.released = Box::pin(store.released());
         }
-        self.op = Some(ask());
+        self.call = Some(ask());
         std::task::Poll::Ready(())
     }
 }

@@ -25,7 +25,7 @@ use crate::quota::Rate;
 ///
 /// - Rates run as atomic Lua scripts on Redis's own clock (`TIME`), so the processes' clocks do
 ///   not matter: a client's sliding window is a sorted set of the places held (exact, as in
-///   memory), a server's per-client window 16 bucket counts (a few bytes at any quota, as in
+///   memory), a server's per-client window up to 17 bucket counts (a few bytes at any quota, as in
 ///   memory), GCRA a stored theoretical arrival time. Keys are `{prefix:…}` (one Redis Cluster slot per limit) and
 ///   expire once idle.
 /// - A request waiting for its turn sleeps until the time the script names, and is woken
@@ -151,7 +151,7 @@ impl RedisStore {
 
     /// Gives back the place `member` holds at `key` for a request answered now, closing the
     /// limit for `block` if the server asked so.
-    pub(crate) fn release_op(
+    pub(crate) fn release_call(
         &self,
         key: &str,
         member: &str,
@@ -163,7 +163,7 @@ impl RedisStore {
 
     /// The place `member` holds at `key` is for a request given up on after its send: it is
     /// held as in flight for `hold`, then as answered then.
-    pub(crate) fn abandon_op(
+    pub(crate) fn abandon_call(
         &self,
         key: &str,
         member: &str,
@@ -176,7 +176,7 @@ impl RedisStore {
     /// The same, in the background (for a request dropped by its caller). A place whose
     /// change never reaches the store expires with its lease.
     pub(crate) fn abandon(&self, key: &str, member: &str, rate: &Rate, hold: Duration) {
-        self.spawn(self.abandon_op(key, member, rate, hold));
+        self.spawn(self.abandon_call(key, member, rate, hold));
     }
 
     /// Gives back entirely, in the background, the place `member` took at `key` for a request
@@ -249,22 +249,22 @@ impl RedisStore {
         ])
     }
 
-    /// The create held as `token` made job `id`. If the job is already over somewhere in the
+    /// The create held as `member` made job `id`. If the job is already over somewhere in the
     /// fleet (completed before this bind arrived), the slot is given back instead and the
     /// creator hears of it as of a job done elsewhere.
-    pub(crate) fn slot_bind(&self, token: &str, id: &str, lease: Duration) {
-        self.spawn(self.run_slots(vec!["bind".into(), token.into(), id.into(), micros(lease)]));
+    pub(crate) fn slot_bind(&self, member: &str, id: &str, lease: Duration) {
+        self.spawn(self.run_slots(vec!["bind".into(), member.into(), id.into(), micros(lease)]));
     }
 
-    /// The create held as `token` is over without a job.
-    pub(crate) fn slot_release(&self, token: &str) {
-        self.spawn(self.run_slots(vec!["remove".into(), token.into(), "released".into()]));
+    /// The create held as `member` is over without a job.
+    pub(crate) fn slot_release(&self, member: &str) {
+        self.spawn(self.run_slots(vec!["remove".into(), member.into(), "released".into()]));
     }
 
-    /// The outcome of the create held as `token` will never be read: from now on a reconcile
+    /// The outcome of the create held as `member` will never be read: from now on a reconcile
     /// may account for it (a create still in flight is never reconciled away).
-    pub(crate) fn slot_unknown(&self, token: &str, lease: Duration) {
-        self.spawn(self.run_slots(vec!["unknown".into(), token.into(), micros(lease)]));
+    pub(crate) fn slot_unknown(&self, member: &str, lease: Duration) {
+        self.spawn(self.run_slots(vec!["unknown".into(), member.into(), micros(lease)]));
     }
 
     /// Job `id` is over, wherever it was created. The fleet remembers it for `lease`, so a

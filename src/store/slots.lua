@@ -1,7 +1,7 @@
 -- A plan's job slots in Redis, on Redis's own clock.
 --
 -- KEYS[1]  sorted set of slots held: member -> lease expiry (microseconds). Members are
---          'c:<token>' (a create sent, its outcome not known yet), 'u:<token>' (a create whose
+--          'c:<n>' (a create sent, its outcome not known yet), 'u:<n>' (the same create, whose
 --          outcome will never be read: the server may have made a job) and 'j:<job id>'.
 -- KEYS[2]  sorted set of the jobs known to be over: id -> when it is forgotten. Bounded in
 --          time (the lease) and count (ARGV[3]), so that a job completed before its create
@@ -10,8 +10,8 @@
 --          hold's age by, whatever lease the process that took it uses.
 -- ARGV[1]  op, ARGV[2] channel, ARGV[3] how many finished ids are remembered, then by op:
 --   acquire   limit, lease, member          -> {1, 0} taken, or {0, wait until a lease ends}
---   bind      token member, job id, lease   (the create made this job)
---   unknown   token member, lease           (the create's outcome will never be read)
+--   bind      member, job id, lease         (the create made this job)
+--   unknown   member, lease                 (the create's outcome will never be read)
 --   remove    member, message               (published if the member held a slot)
 --   active    job id, lease                 (a job seen active: holds a slot if not yet)
 --   reconcile age, lease, active ids...     (every job the server counts, as listed at the

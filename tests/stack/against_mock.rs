@@ -1,5 +1,6 @@
-//! `RateLimitByRoute` against the local Sync API (`sync-mock`), whose limits are counted by
-//! its own code, under each of its server algorithms. On tokio's paused clock.
+//! The layers against the local Sync API (`sync-mock`), whose limits are counted by its own
+//! code: `RateLimitByRoute` under each of its server algorithms, and `ConcurrencyLimitByPlan`
+//! over a long run of jobs. On tokio's paused clock.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! [`RateLimitByRouteService`] in client mode: where a request is admitted at once, refused
-//! at once, or queued for its turn.
+//! at once, queued for its turn, or sent to ask a shared store for it.
 
 use std::task::{Context, Poll};
 

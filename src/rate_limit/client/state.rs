@@ -14,7 +14,7 @@ use crate::queue::WaitQueue;
 use crate::quota::Rate;
 use crate::rate_limit::layer::LayerState;
 
-pub(crate) use crate::sync::lock;
+pub(crate) use crate::lock::lock;
 
 /// How a client learns from the responses passing back through it.
 #[derive(Debug, Clone, Copy)]

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ use crate::store::{Decision, StoreCall, StoreError, StoreHandle, StorePoll};
 #[derive(Debug)]
 pub(crate) struct StorePlace {
     store: StoreHandle,
+    /// The route's name, for what is logged.
+    route: Arc<str>,
+    /// The route's key in the store.
     key: String,
     member: String,
     rate: Rate,
@@ -44,36 +48,36 @@ impl StorePlace {
     /// whole fleet until its lease ran out.
     pub(crate) fn release<B>(mut self, response: Option<&Response<B>>) -> StoreRelease {
         self.released = true;
-        let op = match response {
-            Some(response) => self.release_op(response),
+        let call = match response {
+            Some(response) => self.release_call(response),
             None => self
                 .store
-                .abandon_op(&self.key, &self.member, &self.rate, self.hold),
+                .abandon_call(&self.key, &self.member, &self.rate, self.hold),
         };
         StoreRelease {
-            op: Some(op),
+            call: Some(call),
             store: self.store.clone(),
         }
     }
 
-    fn release_op<B>(&self, response: &Response<B>) -> StoreCall {
+    fn release_call<B>(&self, response: &Response<B>) -> StoreCall {
         let mut block = Duration::ZERO;
         if self.learn.enabled && response.status() == StatusCode::TOO_MANY_REQUESTS {
             let wait = self
                 .learn
-                .refusal_wait(&self.key, response, std::time::SystemTime::now());
+                .refusal_wait(&self.route, response, std::time::SystemTime::now());
             // Closes the route for every process sharing the store.
             block = wait.min(Learn::cap(&self.rate));
         }
         self.store
-            .release_op(&self.key, &self.member, &self.rate, block)
+            .release_call(&self.key, &self.member, &self.rate, block)
     }
 }
 
 /// A place being given back in the shared store. Dropped before it is done (the caller gave
 /// up on the answer meanwhile), it finishes in the background rather than be lost.
 pub(crate) struct StoreRelease {
-    op: Option<StoreCall>,
+    call: Option<StoreCall>,
     store: StoreHandle,
 }
 
@@ -81,20 +85,20 @@ impl Future for StoreRelease {
     type Output = Result<Decision, StoreError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(op) = self.op.as_mut() else {
+        let Some(call) = self.call.as_mut() else {
             // Done already: nothing is left to give back.
             return Poll::Ready(Ok(Decision::Admitted));
         };
-        let done = std::task::ready!(Pin::new(op).poll(cx));
-        self.op = None;
+        let done = std::task::ready!(Pin::new(call).poll(cx));
+        self.call = None;
         Poll::Ready(done)
     }
 }
 
 impl Drop for StoreRelease {
     fn drop(&mut self) {
-        if let Some(op) = self.op.take() {
-            self.store.spawn(op);
+        if let Some(call) = self.call.take() {
+            self.store.spawn(call);
         }
     }
 }
@@ -126,7 +130,7 @@ pub(crate) struct StoreTurn {
     rate: Rate,
     learn: Learn,
     since: Nanos,
-    asking: StorePoll,
+    poll: StorePoll,
     /// Counted among the route's waiters (once the store has said it must wait).
     queued: bool,
 }
@@ -150,7 +154,7 @@ impl StoreTurn {
     ) -> Self {
         let key = store.key(&format!("rate:{}", handle.routes[route].name));
         let member = store.member();
-        let asking = StorePoll::new(&store, || store.acquire(&key, &member, &rate, false));
+        let poll = StorePoll::new(&store, || store.acquire(&key, &member, &rate, false));
         let since = handle.clock.now();
         Self {
             place: None,
@@ -163,7 +167,7 @@ impl StoreTurn {
             rate,
             learn,
             since,
-            asking,
+            poll,
             queued: false,
         }
     }
@@ -200,7 +204,7 @@ impl StoreTurn {
     /// release anywhere, or the poll interval, whichever comes first.
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         loop {
-            if let Some(answer) = std::task::ready!(self.asking.poll_answer(cx)) {
+            if let Some(answer) = std::task::ready!(self.poll.poll_answer(cx)) {
                 let wait = match answer {
                     Err(error) => {
                         self.leave_queue();
@@ -210,6 +214,7 @@ impl StoreTurn {
                         self.leave_queue();
                         return Poll::Ready(Outcome::Admitted(StorePlace {
                             store: self.store.clone(),
+                            route: self.handle.routes[self.route].name.clone(),
                             key: std::mem::take(&mut self.key),
                             member: std::mem::take(&mut self.member),
                             rate: self.rate,
@@ -244,12 +249,12 @@ impl StoreTurn {
                     }
                 }
                 let deadline = deadline.map(|at| clock.instant(at));
-                self.asking
+                self.poll
                     .again_by(&self.store, clock.instant(now), wait, deadline);
             }
             let (store, key, member, rate) = (&self.store, &self.key, &self.member, &self.rate);
             std::task::ready!(self
-                .asking
+                .poll
                 .poll_again(store, cx, || store.acquire(key, member, rate, false)));
         }
     }

@@ -21,6 +21,7 @@ use super::key::{Extracted, KeyHashing, MissingKey, ANONYMOUS};
 use crate::clock::Nanos;
 use crate::headers;
 use crate::limiter::keyed::{KeyTable, Verdict};
+use crate::lock::lock;
 use crate::quota::{Quota, Rate};
 use crate::rate_limit::builder::RejectConfig;
 use crate::rate_limit::layer::Reject;
@@ -28,7 +29,6 @@ use crate::rate_limit::reject::{RejectReason, RejectResponse, Rejection};
 use crate::rate_limit::service::RateLimitByRouteService;
 use crate::route::request_path;
 use crate::store::{Decision, FailMode, StoreCall, StoreError};
-use crate::sync::lock;
 
 /// Shards of a keyed route: requests of different clients rarely contend for one lock.
 pub(crate) const SHARDS: usize = 16;
@@ -251,11 +251,11 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
             Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
         };
         let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
-        let op = store.acquire(&name, &store.member(), &route.rate(), true);
+        let call = store.acquire(&name, &store.member(), &route.rate(), true);
         RejectFuture::store(StoreHit {
             inner,
             request: Some(request),
-            op,
+            call,
             layer: Reject(shared.clone()),
             route: index,
             local_key: key,
@@ -329,7 +329,7 @@ pub(crate) struct StoreHit<S, B, F> {
     /// A clone of the inner service, readied once the request may go.
     inner: S,
     request: Option<Request<B>>,
-    op: StoreCall,
+    call: StoreCall,
     layer: Reject<F>,
     route: usize,
     /// The client's key in this process's own limiter, for [`FailMode::Open`].
@@ -404,7 +404,7 @@ where
     /// Waits for the store's verdict; once admitted, readies the inner service and sends.
     fn poll_verdict(&mut self, cx: &mut Context<'_>) -> Poll<Result<NextState<S, B, F>, S::Error>> {
         if self.admitted.is_none() {
-            let decision = ready!(Pin::new(&mut self.op).poll(cx));
+            let decision = ready!(Pin::new(&mut self.call).poll(cx));
             match self.verdict(decision) {
                 Ok(stamp) => self.admitted = Some(stamp),
                 Err(refused) => {

@@ -66,6 +66,7 @@ mod lock;
 mod queue;
 mod quota;
 pub mod rate_limit;
+mod readiness;
 mod route;
 pub mod store;
 

@@ -12,6 +12,7 @@ use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
 use super::hold::HoldGuard;
 use super::state::{PlanState, RouteKind};
+use crate::readiness::{unready, waiting_clone};
 use crate::store::StoreHandle;
 use crate::BoxError;
 
@@ -105,7 +106,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         let ticket = slots.join();
         drop(slots);
         let shared = shared.clone();
-        let inner = self.waiting_inner();
+        let inner = waiting_clone(&mut self.inner);
         ResponseFuture::queued(inner, request, shared, ticket)
     }
 
@@ -117,25 +118,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
     where
         S: Service<Request<B>> + Clone,
     {
-        let inner = self.waiting_inner();
+        let inner = waiting_clone(&mut self.inner);
         ResponseFuture::store_slot(inner, request, &self.shared, store)
     }
-}
-
-impl<S: Clone> ConcurrencyLimitByPlanService<S> {
-    /// The service a create that waits for a slot will call: a clone of its own, not driven
-    /// ready, which it drives ready when its turn comes. The service the caller drove ready
-    /// gives back what that readiness reserved (a `Buffer` slot, a `ConcurrencyLimit`
-    /// permit) for the wait; the caller's next `poll_ready` reserves again.
-    fn waiting_inner(&mut self) -> S {
-        let waiting = self.inner.clone();
-        unready(&mut self.inner);
-        waiting
-    }
-}
-
-/// Gives back what the caller's `poll_ready` reserved, for a call that sends nothing now:
-/// swaps the service for a clone, which has not been driven ready.
-fn unready<S: Clone>(inner: &mut S) {
-    *inner = inner.clone();
 }

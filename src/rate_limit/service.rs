@@ -22,22 +22,3 @@ impl<S, M> RateLimitByRouteService<S, M> {
 
     inner_service_accessors!();
 }
-
-/// Gives back what the caller's `poll_ready` reserved, for a call that sends nothing now:
-/// swaps the service for a clone, which has not been driven ready.
-pub(super) fn unready<S: Clone>(inner: &mut S) {
-    *inner = inner.clone();
-}
-
-impl<S: Clone, M> RateLimitByRouteService<S, M> {
-    /// The service a request that waits (for its turn, or the store's verdict) will call: a
-    /// clone of its own, not driven ready, which it drives ready when its turn comes. The
-    /// service the caller drove ready gives back what that readiness reserved (a `Buffer`
-    /// slot, a `ConcurrencyLimit` permit) for the wait; the caller's next `poll_ready`
-    /// reserves again.
-    pub(super) fn waiting_inner(&mut self) -> S {
-        let waiting = self.inner.clone();
-        unready(&mut self.inner);
-        waiting
-    }
-}

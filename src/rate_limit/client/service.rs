@@ -11,7 +11,8 @@ use super::state::{lock, Permit, TurnTicket};
 use super::store::StoreTurn;
 use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::Wait;
-use crate::rate_limit::service::{unready, RateLimitByRouteService};
+use crate::rate_limit::service::RateLimitByRouteService;
+use crate::readiness::{unready, waiting_clone};
 use crate::store::StoreHandle;
 use crate::BoxError;
 
@@ -65,7 +66,7 @@ where
         }
         let ticket = TurnTicket::join(shared, &mut state, route, now);
         drop(state);
-        ResponseFuture::queued(self.waiting_inner(), request, ticket, max_wait)
+        ResponseFuture::queued(waiting_clone(&mut self.inner), request, ticket, max_wait)
     }
 }
 
@@ -85,7 +86,7 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
         let handle = self.mode.0.clone();
         let rate = lock(&handle.routes[route].state).rate;
         let (learn, max_wait) = (handle.routes[route].learn, handle.config.max_wait);
-        let inner = self.waiting_inner();
+        let inner = waiting_clone(&mut self.inner);
         let turn = StoreTurn::new(handle, route, store, rate, learn, max_wait);
         ResponseFuture::from_store(inner, request, turn)
     }

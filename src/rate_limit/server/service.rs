@@ -27,6 +27,7 @@ use crate::rate_limit::builder::RejectConfig;
 use crate::rate_limit::layer::Reject;
 use crate::rate_limit::reject::{RejectReason, RejectResponse, Rejection};
 use crate::rate_limit::service::RateLimitByRouteService;
+use crate::readiness::waiting_clone;
 use crate::route::request_path;
 use crate::store::{Decision, FailMode, StoreCall, StoreError};
 
@@ -236,7 +237,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
     where
         S: Service<Request<B>>,
     {
-        let inner = self.waiting_inner();
+        let inner = waiting_clone(&mut self.inner);
         let shared = &self.mode.0;
         let config = &shared.config;
         let Some(store) = &config.store else {

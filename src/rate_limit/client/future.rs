@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::state::{lock, Permit, Turn, TurnTicket};
+use super::state::{admit, Admission, Permit, Turn, TurnTicket};
 use super::store::{Outcome, StorePlace, StoreRelease, StoreTurn};
 use crate::clock::{nanos, Nanos};
 use crate::rate_limit::error::RateLimitError;
@@ -299,32 +299,23 @@ where
                                 return Poll::Ready(Err(error.into()));
                             }
                             tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
-                            let (handle, route) = (turn.handle.clone(), turn.route);
                             let max_wait = turn.max_wait;
-                            let max_queue = handle.config.max_queue;
-                            let mut state = lock(&handle.routes[route].state);
-                            if let Some(permit) = Permit::try_acquire(&handle, &mut state, route) {
-                                drop(state);
-                                *this.permit = Some(permit.unsent());
-                                deferred.turn = TurnSource::Taken;
-                                this.state.set(State::Readying);
-                            } else if let Some(max_queue) = state.queue_full(max_queue) {
-                                drop(state);
-                                let route = handle.routes[route].name.clone();
-                                *this.deferred = None;
-                                this.state.set(State::Failed { error: None });
-                                return Poll::Ready(Err(RateLimitError::QueueFull {
-                                    route,
-                                    max_queue,
+                            match admit(&turn.handle.clone(), turn.route, false) {
+                                Admission::Now(permit) => {
+                                    *this.permit = Some(permit.unsent());
+                                    deferred.turn = TurnSource::Taken;
+                                    this.state.set(State::Readying);
                                 }
-                                .into()));
-                            } else {
-                                let now = state.now(&handle.clock);
-                                let ticket = TurnTicket::join(&handle, &mut state, route, now);
-                                drop(state);
-                                deferred.turn =
-                                    TurnSource::Queue(QueuedTurn::new(ticket, max_wait));
-                                this.state.set(State::Queued);
+                                Admission::Queued(ticket) => {
+                                    deferred.turn =
+                                        TurnSource::Queue(QueuedTurn::new(ticket, max_wait));
+                                    this.state.set(State::Queued);
+                                }
+                                Admission::Refused(error) => {
+                                    *this.deferred = None;
+                                    this.state.set(State::Failed { error: None });
+                                    return Poll::Ready(Err(error.into()));
+                                }
                             }
                         }
                     }

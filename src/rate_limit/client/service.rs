@@ -7,9 +7,8 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use super::state::{lock, Permit, TurnTicket};
+use super::state::{admit, lock, Admission};
 use super::store::StoreTurn;
-use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::Wait;
 use crate::rate_limit::service::RateLimitByRouteService;
 use crate::readiness::{unready, waiting_clone};
@@ -38,35 +37,19 @@ where
             let store = store.clone();
             return self.call_store(route, store, request);
         }
-        let mut state = lock(&shared.routes[route].state);
-        if let Some(permit) = Permit::try_acquire(shared, &mut state, route) {
-            drop(state);
-            return ResponseFuture::called(self.inner.call(request), Some(permit));
-        }
-        if let Some(max_queue) = state.queue_full(shared.config.max_queue) {
-            drop(state);
-            let route = shared.routes[route].name.clone();
-            unready(&mut self.inner);
-            return ResponseFuture::refused(RateLimitError::QueueFull { route, max_queue });
-        }
-        let now = state.now(&shared.clock);
-        let max_wait = shared.config.max_wait;
-        if let Some(max_wait) = max_wait {
-            let ahead = state.waiters.len() as u32;
-            let rate = state.rate;
-            let turn = state.limiter.estimate(&rate, now, ahead);
-            if turn.saturating_sub(now) > crate::clock::nanos(max_wait) {
-                drop(state);
+        match admit(shared, route, true) {
+            Admission::Now(permit) => {
+                ResponseFuture::called(self.inner.call(request), Some(permit))
+            }
+            Admission::Queued(ticket) => {
+                let max_wait = shared.config.max_wait;
+                ResponseFuture::queued(waiting_clone(&mut self.inner), request, ticket, max_wait)
+            }
+            Admission::Refused(error) => {
                 unready(&mut self.inner);
-                let route = shared.routes[route].name.clone();
-                return ResponseFuture::refused(RateLimitError::wait_too_long(
-                    route, now, turn, max_wait,
-                ));
+                ResponseFuture::refused(error)
             }
         }
-        let ticket = TurnTicket::join(shared, &mut state, route, now);
-        drop(state);
-        ResponseFuture::queued(waiting_clone(&mut self.inner), request, ticket, max_wait)
     }
 }
 

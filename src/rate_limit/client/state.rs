@@ -12,6 +12,7 @@ use crate::headers;
 use crate::limiter::{Limiter, NotYet};
 use crate::queue::WaitQueue;
 use crate::quota::Rate;
+use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::LayerState;
 
 pub(crate) use crate::lock::lock;
@@ -242,6 +243,45 @@ enum Stage {
     Sent,
     /// Given back.
     Settled,
+}
+
+/// What a request gets from its route in this process.
+pub(crate) enum Admission {
+    /// A place now: the request is sent at once.
+    Now(Permit),
+    /// A place in the route's queue.
+    Queued(TurnTicket),
+    /// Returned at once, unsent: the queue is full, or its turn is known to come too late.
+    Refused(RateLimitError),
+}
+
+/// Admits a request to route `route` at once if nobody waits and the quota allows, else
+/// queues it, else refuses it: its queue is full, or (with `estimate_wait`) its turn is known
+/// to come past the maximum wait. The one decision of a new request and of one that falls
+/// back to this process's limit from a failed store.
+#[inline]
+pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) -> Admission {
+    let mut state = lock(&handle.routes[route].state);
+    if let Some(permit) = Permit::try_acquire(handle, &mut state, route) {
+        return Admission::Now(permit);
+    }
+    let name = || handle.routes[route].name.clone();
+    if let Some(max_queue) = state.queue_full(handle.config.max_queue) {
+        return Admission::Refused(RateLimitError::QueueFull {
+            route: name(),
+            max_queue,
+        });
+    }
+    let now = state.now(&handle.clock);
+    if let (true, Some(max_wait)) = (estimate_wait, handle.config.max_wait) {
+        let ahead = state.waiters.len() as u32;
+        let rate = state.rate;
+        let turn = state.limiter.estimate(&rate, now, ahead);
+        if turn.saturating_sub(now) > nanos(max_wait) {
+            return Admission::Refused(RateLimitError::wait_too_long(name(), now, turn, max_wait));
+        }
+    }
+    Admission::Queued(TurnTicket::join(handle, &mut state, route, now))
 }
 
 impl Permit {

@@ -13,7 +13,7 @@ use super::layer::LayerState;
 use super::server::key::{
     ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies,
 };
-use super::server::service::KeyedRoute;
+use super::server::state::KeyedRoute;
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::quota::{Quota, Rate};

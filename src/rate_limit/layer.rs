@@ -10,7 +10,7 @@ use crate::clock::Clock;
 use crate::route::RouteTable;
 
 use super::client::state::ClientHandle;
-use super::server::service::KeyedRoute;
+use super::server::state::KeyedRoute;
 use super::service::RateLimitByRouteService;
 
 use super::builder::RejectConfig;

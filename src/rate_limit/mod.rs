@@ -160,6 +160,6 @@ pub use error::RateLimitError;
 pub use handle::{KeyedRouteSnapshot, NextAdmission, RouteSnapshot};
 pub use layer::{RateLimitByRoute, Reject, Wait};
 pub use reject::{EmptyBody, RejectReason, RejectResponse, Rejection};
+pub use server::future::RejectFuture;
 pub use server::key::{ForwardedHeader, MissingKey, RequestHead};
-pub use server::service::RejectFuture;
 pub use service::RateLimitByRouteService;

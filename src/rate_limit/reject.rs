@@ -3,8 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Response;
+use http::{header, Response, StatusCode};
 
+use super::builder::RejectConfig;
+use super::server::state::Refused;
+use crate::headers;
 use crate::quota::Quota;
 
 /// The default 429 body: `ResBody::default()`, empty for the usual body types.
@@ -63,4 +66,43 @@ where
     fn response(&self, rejection: &Rejection) -> Response<B> {
         self(rejection)
     }
+}
+
+/// The response for a refused request: the configured response, with its status and header
+/// fields.
+pub(crate) fn rejection<B, F: RejectResponse<B>>(
+    config: &RejectConfig<F>,
+    route: &Arc<str>,
+    refused: Refused,
+) -> Response<B> {
+    let Refused {
+        wait,
+        quota,
+        reason,
+    } = refused;
+    let rejection = Rejection {
+        route: route.clone(),
+        quota,
+        retry_after: wait,
+        reason,
+    };
+    let mut response = config.body.response(&rejection);
+    let status = match reason {
+        RejectReason::MissingKey => StatusCode::BAD_REQUEST,
+        RejectReason::NoPeerAddress => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::TOO_MANY_REQUESTS,
+    };
+    *response.status_mut() = status;
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let fields = response.headers_mut();
+        fields.insert(header::RETRY_AFTER, headers::retry_after_value(wait));
+        if config.headers {
+            fields.insert(
+                headers::RATELIMIT_POLICY,
+                headers::policy_value(route, quota.count(), quota.period()),
+            );
+            fields.insert(headers::RATELIMIT, headers::ratelimit_value(route, 0, wait));
+        }
+    }
+    response
 }

@@ -1,0 +1,143 @@
+//! Server mode's state: each route's clients in [`KeyTable`]s of bounded size (16 shards, so
+//! that different clients rarely contend for one lock; see [`crate::limiter::keyed`] for what
+//! a flood of fresh keys can and cannot do), and what a refusal says.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{HeaderValue, Response};
+
+use crate::clock::Nanos;
+use crate::headers;
+use crate::limiter::keyed::{KeyTable, Verdict};
+use crate::lock::lock;
+use crate::quota::{Quota, Rate};
+use crate::rate_limit::reject::RejectReason;
+
+/// Shards of a keyed route: requests of different clients rarely contend for one lock.
+pub(crate) const SHARDS: usize = 16;
+
+/// One route in server mode: a limit per client key.
+#[derive(Debug)]
+pub(crate) struct KeyedRoute {
+    pub(crate) name: Arc<str>,
+    shards: Box<[Mutex<Shard>]>,
+}
+
+#[derive(Debug)]
+struct Shard {
+    rate: Rate,
+    /// The route's `RateLimit-Policy` field, made once.
+    policy: HeaderValue,
+    clients: KeyTable,
+}
+
+/// The rate-limit fields a passing response gets.
+#[derive(Debug)]
+pub(crate) struct Stamp {
+    policy: HeaderValue,
+    ratelimit: HeaderValue,
+}
+
+impl Stamp {
+    pub(super) fn apply<B>(self, response: &mut Response<B>) {
+        let fields = response.headers_mut();
+        // Appended: a layer below may state its own policy, and both hold.
+        fields.append(headers::RATELIMIT_POLICY, self.policy);
+        fields.append(headers::RATELIMIT, self.ratelimit);
+    }
+}
+
+/// A refusal of server mode.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refused {
+    pub(crate) wait: Duration,
+    pub(crate) quota: Quota,
+    pub(crate) reason: RejectReason,
+}
+
+fn policy(name: &str, quota: Quota) -> HeaderValue {
+    // Cloned once so that later clones share the bytes instead of copying them.
+    let value = headers::policy_value(name, quota.count(), quota.period());
+    value.clone()
+}
+
+impl KeyedRoute {
+    pub(crate) fn new(name: Arc<str>, rate: Rate, max_keys: usize) -> Self {
+        let capacity = max_keys.div_ceil(SHARDS).max(1);
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    rate,
+                    policy: policy(&name, rate.quota),
+                    clients: KeyTable::new(capacity),
+                })
+            })
+            .collect();
+        Self { name, shards }
+    }
+
+    fn shard(&self, key: u64) -> &Mutex<Shard> {
+        &self.shards[(key as usize) % SHARDS]
+    }
+
+    pub(crate) fn quota(&self) -> Quota {
+        lock(&self.shards[0]).rate.quota
+    }
+
+    pub(crate) fn rate(&self) -> Rate {
+        lock(&self.shards[0]).rate
+    }
+
+    /// Counts a request of client `key` at `now`; with `stamp`, the fields its response gets.
+    pub(crate) fn hit(&self, key: u64, now: Nanos, stamp: bool) -> Result<Option<Stamp>, Refused> {
+        let mut shard = lock(self.shard(key));
+        let Shard {
+            rate,
+            policy,
+            clients,
+        } = &mut *shard;
+        match clients.hit(key, rate, now) {
+            Verdict::Pass { remaining, reset } if stamp => {
+                let policy = policy.clone();
+                drop(shard);
+                let reset = Duration::from_nanos(reset.saturating_sub(now));
+                Ok(Some(Stamp {
+                    policy,
+                    ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
+                }))
+            }
+            Verdict::Pass { .. } => Ok(None),
+            Verdict::Refuse { until } => Err(Refused {
+                wait: Duration::from_nanos(until.saturating_sub(now)),
+                quota: rate.quota,
+                reason: RejectReason::Quota,
+            }),
+        }
+    }
+
+    /// The fields of a response admitted with `remaining` left, all counted gone after
+    /// `reset` (a shared store's count).
+    pub(crate) fn stamp(&self, remaining: u32, reset: Duration) -> Stamp {
+        Stamp {
+            policy: lock(&self.shards[0]).policy.clone(),
+            ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
+        }
+    }
+
+    pub(crate) fn tracked_keys(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).clients.len()).sum()
+    }
+
+    /// Replaces the quota, keeping what each client has counted.
+    pub(crate) fn set_rate(&self, rate: Rate, now: Nanos) {
+        let policy = policy(&self.name, rate.quota);
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let old = shard.rate;
+            shard.clients.change_rate(&old, &rate, now);
+            shard.rate = rate;
+            shard.policy = policy.clone();
+        }
+    }
+}

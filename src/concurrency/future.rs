@@ -12,10 +12,10 @@ use tower_service::Service;
 
 use super::body::{Job, PlanBody};
 use super::error::ConcurrencyError;
-use super::hold::{HoldGuard, StoreMember};
+use super::hold::{HoldGuard, StoreMember, Unsent};
 use super::observe::{Observe, Observer};
 use super::slots::ReleaseReason;
-use super::state::PlanState;
+use super::state::{PlanState, SlotTicket};
 use crate::clock::Nanos;
 use crate::store::{Decision, FailMode, StoreError, StoreHandle, StorePoll};
 use crate::BoxError;
@@ -140,70 +140,6 @@ struct Readying<S, B> {
     inner: S,
     request: Request<B>,
     slot: Unsent,
-}
-
-/// A slot taken for a create that is not sent yet, and the member that holds it in the shared
-/// store, if one may (an acquire may have reached the store even when its answer did not come
-/// back). Dropped (the service failed to get ready, the wait ran out, the store failed, the
-/// future was dropped), both are given back: the server saw nothing, so nothing is unknown.
-struct Unsent {
-    shared: Option<Arc<PlanState>>,
-    member: Option<StoreMember>,
-}
-
-impl Unsent {
-    fn local(shared: Arc<PlanState>) -> Self {
-        Self {
-            shared: Some(shared),
-            member: None,
-        }
-    }
-
-    /// The create is being sent: its slot is held as in flight (in the store too, if it
-    /// holds one there).
-    fn sent(mut self) -> Option<HoldGuard> {
-        let mut hold = HoldGuard::new(self.shared.take()?);
-        if let Some(member) = self.member.take() {
-            hold.set_member(member);
-        }
-        Some(hold)
-    }
-
-    /// The store failed and the create goes anyway, on this process's count (fail-open): the
-    /// member an acquire may have left in the store goes back.
-    fn without_store(&mut self) {
-        if let (Some(member), Some(shared)) = (self.member.take(), &self.shared) {
-            if let Some(store) = &shared.store {
-                store.slot_release(&member);
-            }
-        }
-    }
-}
-
-impl Drop for Unsent {
-    fn drop(&mut self) {
-        if let Some(shared) = self.shared.take() {
-            shared.counts().release(ReleaseReason::Unsent);
-            if let (Some(member), Some(store)) = (self.member.take(), &shared.store) {
-                store.slot_release(&member);
-            }
-        }
-    }
-}
-
-/// A place in the queue; dropping it while queued leaves the queue.
-struct SlotTicket {
-    shared: Arc<PlanState>,
-    id: u64,
-    queued: bool,
-}
-
-impl Drop for SlotTicket {
-    fn drop(&mut self) {
-        if self.queued {
-            self.shared.slots().leave(self.id);
-        }
-    }
 }
 
 pin_project! {

@@ -1,5 +1,5 @@
-//! Ownership of a create's slot once its request is sent: held for the job, given back, or
-//! left as an unknown outcome, here and in a shared store.
+//! Ownership of a create's slot from the moment it is taken: before the send (`Unsent`), then
+//! held for the job, given back, or left as an unknown outcome, here and in a shared store.
 
 use std::sync::Arc;
 
@@ -119,6 +119,55 @@ impl Drop for InFlightSlot {
         self.0.counts().release(ReleaseReason::Answered);
         if self.1.is_some() {
             release_in_store(&self.0, self.1.take());
+        }
+    }
+}
+
+/// A slot taken for a create that is not sent yet, and the member that holds it in the shared
+/// store, if one may (an acquire may have reached the store even when its answer did not come
+/// back). Dropped (the service failed to get ready, the wait ran out, the store failed, the
+/// future was dropped), both are given back: the server saw nothing, so nothing is unknown.
+pub(crate) struct Unsent {
+    pub(super) shared: Option<Arc<PlanState>>,
+    pub(super) member: Option<StoreMember>,
+}
+
+impl Unsent {
+    pub(crate) fn local(shared: Arc<PlanState>) -> Self {
+        Self {
+            shared: Some(shared),
+            member: None,
+        }
+    }
+
+    /// The create is being sent: its slot is held as in flight (in the store too, if it
+    /// holds one there).
+    pub(crate) fn sent(mut self) -> Option<HoldGuard> {
+        let mut hold = HoldGuard::new(self.shared.take()?);
+        if let Some(member) = self.member.take() {
+            hold.set_member(member);
+        }
+        Some(hold)
+    }
+
+    /// The store failed and the create goes anyway, on this process's count (fail-open): the
+    /// member an acquire may have left in the store goes back.
+    pub(crate) fn without_store(&mut self) {
+        if let (Some(member), Some(shared)) = (self.member.take(), &self.shared) {
+            if let Some(store) = &shared.store {
+                store.slot_release(&member);
+            }
+        }
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.counts().release(ReleaseReason::Unsent);
+            if let (Some(member), Some(store)) = (self.member.take(), &shared.store) {
+                store.slot_release(&member);
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -157,6 +157,21 @@ impl PlanState {
     pub(crate) fn notify(&self) {
         if self.watches.load(Ordering::Relaxed) > 0 {
             self.changed.notify_waiters();
+        }
+    }
+}
+
+/// A place in the queue; dropping it while queued leaves the queue.
+pub(crate) struct SlotTicket {
+    pub(crate) shared: Arc<PlanState>,
+    pub(crate) id: u64,
+    pub(crate) queued: bool,
+}
+
+impl Drop for SlotTicket {
+    fn drop(&mut self) {
+        if self.queued {
+            self.shared.slots().leave(self.id);
         }
     }
 }

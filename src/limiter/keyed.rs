@@ -374,7 +374,8 @@ impl Hasher for KeyHasher {
 /// Slots per shadow bucket: a forgotten client goes to any slot of its two buckets.
 const SLOTS: usize = 4;
 
-/// What the shadow table remembers of one forgotten client (its [`Summary`]).
+/// What the shadow table remembers of one forgotten client: its fingerprint and its
+/// [`Summary`], laid out flat so that a cell is 24 bytes.
 #[derive(Debug, Clone, Copy, Default)]
 struct Shadow {
     /// The client's key, in 32 bits.
@@ -407,6 +408,22 @@ pub(crate) struct KeyTable {
     /// Clients looked at by full scans (tests).
     #[cfg(test)]
     scanned: usize,
+}
+
+impl Shadow {
+    fn was(&self) -> Summary {
+        Summary {
+            used: self.used,
+            sooner: self.sooner,
+            until: self.until,
+        }
+    }
+
+    fn remember(&mut self, was: Summary) {
+        self.used = was.used;
+        self.sooner = was.sooner;
+        self.until = was.until;
+    }
 }
 
 impl KeyTable {
@@ -461,17 +478,9 @@ impl KeyTable {
         }
         // The forgotten ones too, so that each comes back as it would have been.
         for ghost in self.shadow.iter_mut().filter(|ghost| ghost.until > now) {
-            let was = Summary {
-                used: ghost.used,
-                sooner: ghost.sooner,
-                until: ghost.until,
-            };
-            let mut state = KeyState::restored(old, was, now);
+            let mut state = KeyState::restored(old, ghost.was(), now);
             state.change_rate(old, new, now);
-            let now_was = state.summary(new, now);
-            ghost.used = now_was.used;
-            ghost.sooner = now_was.sooner;
-            ghost.until = now_was.until;
+            ghost.remember(state.summary(new, now));
         }
         self.candidates.clear();
         self.forgettable_at = 0;
@@ -647,14 +656,13 @@ impl KeyTable {
             let slots = self.capacity.next_power_of_two().max(64);
             self.shadow = vec![Shadow::default(); slots].into_boxed_slice();
         }
-        let ghost = Shadow {
+        let mut ghost = Shadow {
             fingerprint: fingerprint(key),
-            used: was.used,
-            sooner: was.sooner,
-            until: was.until,
             #[cfg(test)]
             key,
+            ..Shadow::default()
         };
+        ghost.remember(was);
         // Its own slot, else a free one, else the lightest if it counted fewer requests: a
         // count is never dropped for one that is not heavier.
         let mut own = None;
@@ -698,12 +706,7 @@ impl KeyTable {
                 if ghost.until > now && ghost.fingerprint == fingerprint {
                     // The slot stays its own while its count matters: forgotten again, it
                     // finds it there, whatever filled the shadow meanwhile.
-                    let was = Summary {
-                        used: ghost.used,
-                        sooner: ghost.sooner,
-                        until: ghost.until,
-                    };
-                    return KeyState::restored(rate, was, now);
+                    return KeyState::restored(rate, ghost.was(), now);
                 }
             }
         }

@@ -5,6 +5,7 @@
 mod common;
 
 mod client;
+mod keyed;
 mod server;
 mod server_flood;
 mod server_fuzz;

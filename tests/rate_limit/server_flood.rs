@@ -2,32 +2,13 @@
 //!
 //! On tokio's paused clock, through the layer, at the default `max_keys` (65,536 per route).
 
-use std::convert::Infallible;
-use std::future::ready;
 use std::time::Duration;
 
-use crate::common::{now, retry_after};
-use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use crate::common::retry_after;
+use crate::keyed::{send, server, Server, KEY};
+use http::StatusCode;
 use tokio::time::advance;
-use tower::{service_fn, Layer, Service};
-use tower_quota::rate_limit::Reject;
 use tower_quota::{Quota, RateLimitByRoute};
-
-const KEY: HeaderName = HeaderName::from_static("x-api-key");
-
-fn request(key: &str) -> Request<()> {
-    let mut request = Request::post("http://api.test/v2/generate")
-        .body(())
-        .unwrap();
-    request
-        .headers_mut()
-        .insert(KEY, HeaderValue::from_str(key).unwrap());
-    request
-}
-
-/// The application behind the layer: answers at once.
-type App = fn(Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>>;
-type Server = tower_quota::rate_limit::RateLimitByRouteService<tower::util::ServiceFn<App>, Reject>;
 
 fn make_server(quota: Quota, max_keys: Option<usize>) -> Server {
     let mut builder = RateLimitByRoute::builder()
@@ -38,12 +19,7 @@ fn make_server(quota: Quota, max_keys: Option<usize>) -> Server {
     if let Some(max_keys) = max_keys {
         builder = builder.max_keys(max_keys);
     }
-    let inner: App = |_| ready(Ok(Response::new(())));
-    builder.build().unwrap().layer(service_fn(inner))
-}
-
-fn send(server: &mut Server, key: &str) -> Response<()> {
-    now(server.call(request(key))).unwrap()
+    server(&builder.build().unwrap())
 }
 
 #[tokio::test(start_paused = true)]

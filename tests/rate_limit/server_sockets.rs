@@ -7,72 +7,21 @@
 
 #![cfg(feature = "axum")]
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use crate::common::serve;
+use crate::common::{raw, serve, serve_with_peer, Answer};
 use axum::routing::{get, post};
 use axum::Router;
 use http::HeaderName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tower_quota::rate_limit::{ForwardedHeader, MissingKey, Rejection};
 use tower_quota::{Quota, RateLimitByRoute};
 
 /// The body every handler answers with, so that a response from a handler is known as such.
 const HANDLED: &str = "handled";
 
-async fn serve_with_peer(app: Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
-    addr
-}
-
-/// A response as read off the wire.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then_some(v.trim())
-        })
-    }
-
     fn handled(&self) -> bool {
         self.status == 200 && self.body == HANDLED
-    }
-}
-
-/// Sends `method target` with the given header lines on a fresh connection, as written.
-async fn raw(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut request = format!("{method} {target} HTTP/1.1\r\nhost: {addr}\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("content-length: 0\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).await.unwrap();
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Answer {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
     }
 }
 

@@ -8,29 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{now, retry_after};
+use crate::keyed::{send, server, KEY};
 use axum::routing::post;
 use axum::Router;
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use tokio::time::advance;
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_quota::rate_limit::Reject;
 use tower_quota::{Quota, RateLimitByRoute};
 
-const KEY: HeaderName = HeaderName::from_static("x-api-key");
 const ROUTE: &str = "POST /v2/generate";
-
-fn request(key: &str) -> Request<()> {
-    let mut request = Request::post("http://api.test/v2/generate")
-        .body(())
-        .unwrap();
-    request
-        .headers_mut()
-        .insert(KEY, HeaderValue::from_str(key).unwrap());
-    request
-}
-
-type App = fn(Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>>;
-type Server = tower_quota::rate_limit::RateLimitByRouteService<tower::util::ServiceFn<App>, Reject>;
 
 fn limits(quota: Quota, max_keys: usize) -> RateLimitByRoute<Reject> {
     RateLimitByRoute::builder()
@@ -41,15 +28,6 @@ fn limits(quota: Quota, max_keys: usize) -> RateLimitByRoute<Reject> {
         .max_keys(max_keys)
         .build()
         .unwrap()
-}
-
-fn server(limits: &RateLimitByRoute<Reject>) -> Server {
-    let inner: App = |_| ready(Ok(Response::new(())));
-    limits.layer(service_fn(inner))
-}
-
-fn send(server: &mut Server, key: &str) -> Response<()> {
-    now(server.call(request(key))).unwrap()
 }
 
 // ===== (3) a refused client that comes back when told =====

@@ -26,6 +26,9 @@ use crate::BoxError;
 
 pin_project! {
     /// The response future of [`Backoff429Service`](super::Backoff429Service).
+    ///
+    /// Like every response future of this crate, it panics if polled again after it returned
+    /// `Poll::Ready`.
     pub struct ResponseFuture<S, B, ResBody>
     where
         S: Service<Request<B>>,
@@ -33,6 +36,8 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, ResBody>,
+        // What every attempt needs, whatever the state (as in tower's `Retry`); `None` only
+        // for a future returned failed.
         retry: Option<Retry<S, B>>,
     }
 }
@@ -117,15 +122,21 @@ struct Waits {
 
 pin_project! {
     #[project = StateProj]
+    #[project_replace = StateReplace]
     enum State<F, ResBody: Body> {
+        // An attempt in flight.
         Called { #[pin] future: F },
         // Reading a refusal's body to tell which limit it is about (boxed: only refusals
         // come here, and it keeps the future small).
         Reading { reading: Pin<Box<Reading<ResBody>>> },
         // Boxed: only a retry needs it, and it keeps the future small.
         Sleeping { sleep: Pin<Box<Sleep>> },
-        Ready,
-        Failed { error: Option<BoxError> },
+        // Readying the service for the next attempt.
+        Readying,
+        // Returned unsent.
+        Failed { error: BoxError },
+        // Answered.
+        Done,
     }
 }
 
@@ -161,7 +172,7 @@ where
 
     pub(crate) fn failed(error: BoxError) -> Self {
         Self {
-            state: State::Failed { error: Some(error) },
+            state: State::Failed { error },
             retry: None,
         }
     }
@@ -287,10 +298,12 @@ where
         {
             match future.poll(cx) {
                 Poll::Ready(Ok(response)) if !retry.refused(response.status()) => {
+                    this.state.set(State::Done);
                     return Poll::Ready(Ok(retry.hand_back(response)));
                 }
                 Poll::Ready(answer) => {
                     if let Some(done) = on_answer(this.state.as_mut(), retry, answer) {
+                        this.state.set(State::Done);
                         return Poll::Ready(done);
                     }
                 }
@@ -300,7 +313,11 @@ where
                 Poll::Pending => return poll_deadline(this.state, retry, cx),
             }
         }
-        poll_slow(this.state, this.retry, cx)
+        let answer = poll_slow(this.state.as_mut(), this.retry, cx);
+        if answer.is_ready() {
+            this.state.set(State::Done);
+        }
+        answer
     }
 }
 
@@ -326,7 +343,7 @@ where
     );
     let attempts = retry.retries.saturating_add(u32::from(in_flight));
     tracing::debug!(attempts, deadline = ?retry.config.deadline, "deadline passed: giving up");
-    state.set(State::Failed { error: None });
+    state.set(State::Done);
     Poll::Ready(Err(BackoffError::DeadlineExceeded {
         deadline: retry.config.deadline.unwrap_or_default(),
         attempts,
@@ -441,14 +458,18 @@ where
     ResBody::Error: Into<BoxError>,
 {
     loop {
-        if let StateProj::Failed { error } = state.as_mut().project() {
-            let error = error
-                .take()
-                .unwrap_or_else(|| "polled after completion".into());
-            return Poll::Ready(Err(error));
+        match state.as_mut().project() {
+            StateProj::Failed { .. } => {
+                let StateReplace::Failed { error } = state.project_replace(State::Done) else {
+                    unreachable!()
+                };
+                return Poll::Ready(Err(error));
+            }
+            StateProj::Done => panic!("`Backoff429` `ResponseFuture` polled after completion"),
+            _ => {}
         }
         let Some(retry) = retry.as_mut() else {
-            return Poll::Ready(Err("polled after completion".into()));
+            unreachable!("only a future returned failed has no retry");
         };
         match state.as_mut().project() {
             StateProj::Called { future } => {
@@ -494,7 +515,7 @@ where
                     }
                 }
                 let Some(parts) = parts.take() else {
-                    return Poll::Ready(Err("polled after completion".into()));
+                    unreachable!("a refusal read after it was decided");
                 };
                 let kind = kind.unwrap_or_else(|| (retry.config.classifier)(&parts, read));
                 let hint = server_hint(&parts.headers);
@@ -521,18 +542,16 @@ where
             }
             StateProj::Sleeping { sleep } => {
                 ready!(sleep.as_mut().poll(cx));
-                state.set(State::Ready);
+                state.set(State::Readying);
             }
-            StateProj::Ready => {
+            StateProj::Readying => {
                 if let Err(error) = ready!(retry.service.poll_ready(cx)) {
                     return Poll::Ready(Err(error.into()));
                 }
                 let future = retry.service.call(retry.template.clone());
                 state.set(State::Called { future });
             }
-            StateProj::Failed { .. } => {
-                return Poll::Ready(Err("polled after completion".into()));
-            }
+            StateProj::Failed { .. } | StateProj::Done => unreachable!("handled above"),
         }
     }
 }

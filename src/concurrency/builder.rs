@@ -11,6 +11,7 @@ use super::slots::Slots;
 use crate::clock::{nanos, Clock};
 use crate::error::ConfigError;
 use crate::route::{self, Pattern, RouteTable};
+#[cfg(feature = "redis")]
 use crate::store::StoreHandle;
 
 use super::layer::ConcurrencyLimitByPlan;
@@ -35,6 +36,7 @@ pub struct Builder {
     max_queue: Option<usize>,
     max_wait: Option<Duration>,
     in_flight: bool,
+    #[cfg(feature = "redis")]
     store: Option<StoreHandle>,
 }
 
@@ -54,6 +56,7 @@ impl Builder {
             max_queue: None,
             max_wait: None,
             in_flight: false,
+            #[cfg(feature = "redis")]
             store: None,
         }
     }
@@ -257,7 +260,9 @@ impl Builder {
             }
         }
         let limit = self.plan.limit();
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
         let mut slots = Slots::new(limit, nanos(self.max_job_life));
+        #[cfg(feature = "redis")]
         if self.store.is_some() {
             slots.mirror();
         }
@@ -287,6 +292,7 @@ impl Builder {
                 plan: Mutex::new(self.plan),
                 changed: Notify::new(),
                 watches: AtomicUsize::new(0),
+                #[cfg(feature = "redis")]
                 store: self.store,
             }),
         };

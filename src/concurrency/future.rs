@@ -1,4 +1,6 @@
-//! The response future: waits for a slot, sends, and decides what the response means.
+//! The response future: waits for a slot, sends, and decides what the response means. A
+//! create that asks a shared store for its slot does so in the store's own type
+//! ([`StoreSlot`](super::store)).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,12 +14,11 @@ use tower_service::Service;
 
 use super::body::{Job, PlanBody};
 use super::error::ConcurrencyError;
-use super::hold::{HoldGuard, StoreMember, Unsent};
+use super::hold::{HoldGuard, Unsent};
 use super::observe::{Observe, Observer};
 use super::slots::ReleaseReason;
 use super::state::{PlanState, SlotTicket};
 use crate::clock::Nanos;
-use crate::store::{Decision, FailMode, StoreError, StoreHandle, StorePoll};
 use crate::BoxError;
 
 /// What the request is to the plan, decided when it is called.
@@ -33,126 +34,162 @@ pub(crate) enum Role {
     List(Arc<PlanState>),
 }
 
+/// The store path of a create, when the crate has one.
+#[cfg(feature = "redis")]
+type StorePath<S, B> = Box<super::store::StoreSlot<S, B>>;
+#[cfg(not(feature = "redis"))]
+type StorePath<S, B> = crate::store::NoStore<(S, B)>;
+
 pin_project! {
     /// The response future of [`ConcurrencyLimitByPlanService`](super::ConcurrencyLimitByPlanService).
+    ///
+    /// Like every response future of this crate, it panics if polled again after it returned
+    /// `Poll::Ready`.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future>,
-        role: Role,
-        // Boxed: only a request that waits for a slot (here, or in a shared store) needs it.
-        deferred: Option<Box<DeferredCreate<S, B>>>,
+        state: State<S::Future, Box<WaitingCreate<S, B>>, StorePath<S, B>>,
     }
-}
-
-/// What a create that is not sent at once keeps until it is.
-#[allow(clippy::large_enum_variant)] // boxed as a whole, and made once per request
-enum DeferredCreate<S, B> {
-    /// Waiting for a slot here.
-    Queued(QueuedCreate<S, B>),
-    /// Holding a slot here, driving its own service ready.
-    Readying(Readying<S, B>),
-    /// Holding a slot here, asking the shared store for one.
-    Store(StoreSlot<S, B>),
-}
-
-/// A create holding a slot here, asking the shared store for one across processes.
-struct StoreSlot<S, B> {
-    inner: S,
-    request: Request<B>,
-    store: StoreHandle,
-    poll: StorePoll,
-    deadline: Option<Nanos>,
-    slot: Unsent,
-}
-
-impl<S, B> StoreSlot<S, B> {
-    fn new(
-        inner: S,
-        request: Request<B>,
-        shared: &Arc<PlanState>,
-        store: StoreHandle,
-        deadline: Option<Nanos>,
-    ) -> Self {
-        let member: StoreMember = Box::new(format!("c:{}", store.member()));
-        let (limit, lease) = (shared.slots().limit(), shared.lease());
-        let poll = StorePoll::new(&store, || store.slot_acquire(limit, lease, &member));
-        Self {
-            inner,
-            request,
-            store,
-            poll,
-            deadline,
-            slot: Unsent {
-                shared: Some(shared.clone()),
-                member: Some(member),
-            },
-        }
-    }
-
-    /// Asks until the store gives a slot, the maximum wait runs out (`Ok(false)`), or the
-    /// store fails.
-    fn poll_slot(
-        &mut self,
-        shared: &PlanState,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<bool, StoreError>> {
-        loop {
-            if let Some(answer) = ready!(self.poll.poll_answer(cx)) {
-                let wait = match answer? {
-                    Decision::Admitted | Decision::Counted { .. } => return Poll::Ready(Ok(true)),
-                    Decision::Wait(wait) => wait,
-                };
-                let now = shared.clock.now();
-                if self.deadline.is_some_and(|d| d <= now) {
-                    return Poll::Ready(Ok(false));
-                }
-                let deadline = self.deadline.map(|at| shared.clock.instant(at));
-                self.poll
-                    .again_by(&self.store, shared.clock.instant(now), wait, deadline);
-            }
-            let Some(member) = &self.slot.member else {
-                return Poll::Ready(Ok(false));
-            };
-            let store = &self.store;
-            let limit = shared.slots().limit();
-            let lease = shared.lease();
-            ready!(self
-                .poll
-                .poll_again(store, cx, || store.slot_acquire(limit, lease, member)));
-        }
-    }
-}
-
-/// A request waiting for a slot, with the service that will send it.
-struct QueuedCreate<S, B> {
-    inner: S,
-    request: Request<B>,
-    ticket: SlotTicket,
-    deadline: Option<Nanos>,
-}
-
-/// A create whose turn has come, with the clone of the inner service it drives ready before
-/// it is sent.
-struct Readying<S, B> {
-    inner: S,
-    request: Request<B>,
-    slot: Unsent,
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
-        Queued,
-        Waiting { sleep: Pin<Box<Sleep>> },
-        // Holding a slot here, asking the shared store for one.
-        Store,
-        // Holding a slot here, driving its own service ready.
-        Readying,
-        Called { #[pin] future: F },
-        Failed { error: Option<ConcurrencyError> },
+    #[project_replace = StateReplace]
+    enum State<F, W, P> {
+        // Sent; what it is to the plan decides what its response means.
+        Called { #[pin] future: F, role: Role },
+        // A create waiting for a slot here, or readying its service once it holds one
+        // (boxed: only a create that waits needs it).
+        Waiting { waiting: W },
+        // A create holding a slot here, asking the shared store for one.
+        Store { store: P },
+        // Returned unsent.
+        Failed { error: ConcurrencyError },
+        // Answered.
+        Done,
+    }
+}
+
+/// A create that is not sent at once, with its own clone of the inner service, driven ready
+/// only once it holds a slot.
+pub(crate) struct WaitingCreate<S, B> {
+    inner: S,
+    request: Request<B>,
+    step: CreateStep,
+}
+
+enum CreateStep {
+    /// In the plan's queue.
+    Queued(QueuedCreate),
+    /// Holding a slot (and its place in the shared store, if any) while its service gets
+    /// ready.
+    Held(Unsent),
+}
+
+/// A create in the plan's queue.
+struct QueuedCreate {
+    ticket: SlotTicket,
+    /// When the maximum wait runs out, if there is one.
+    deadline: Option<Nanos>,
+    /// A timer for the next lease to expire or the maximum wait: made once the create must
+    /// sleep, then reset in place.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl QueuedCreate {
+    /// Ready once the queue gives this create a slot here, or its maximum wait runs out.
+    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConcurrencyError>> {
+        loop {
+            let shared = &self.ticket.shared;
+            let now = shared.clock.now();
+            let next_expiry = match shared.slots().poll_take(self.ticket.id, now, cx.waker()) {
+                Ok(()) => {
+                    self.ticket.queued = false;
+                    return Poll::Ready(Ok(()));
+                }
+                Err(next_expiry) => next_expiry,
+            };
+            if self.deadline.is_some_and(|d| d <= now) {
+                return Poll::Ready(Err(ConcurrencyError::wait_too_long(shared)));
+            }
+            let Some(at) = [next_expiry, self.deadline].into_iter().flatten().min() else {
+                // Woken by the queue when a slot frees.
+                return Poll::Pending;
+            };
+            let at = shared.clock.instant(at);
+            let sleep = match &mut self.sleep {
+                Some(sleep) => {
+                    sleep.as_mut().reset(at);
+                    sleep
+                }
+                None => self.sleep.insert(Box::pin(tokio::time::sleep_until(at))),
+            };
+            // Woken by the queue or the timer: look again either way.
+            ready!(sleep.as_mut().poll(cx));
+        }
+    }
+}
+
+/// What a waiting create is ready for.
+enum Readied {
+    /// To be sent.
+    Send,
+    /// To ask the shared store for a slot, holding its slot here, within `deadline`.
+    #[cfg(feature = "redis")]
+    AskStore(crate::store::StoreHandle, Option<Nanos>),
+}
+
+impl<S, B> WaitingCreate<S, B> {
+    /// A create holding `slot`, to be sent once its service is ready.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn holding(inner: S, request: Request<B>, slot: Unsent) -> Self {
+        Self {
+            inner,
+            request,
+            step: CreateStep::Held(slot),
+        }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<Readied, BoxError>>
+    where
+        S: Service<Request<B>>,
+        S::Error: Into<BoxError>,
+    {
+        loop {
+            match &mut self.step {
+                CreateStep::Queued(queued) => {
+                    ready!(queued.poll_slot(cx))?;
+                    let shared = queued.ticket.shared.clone();
+                    #[cfg(feature = "redis")]
+                    if let Some(store) = shared.store.clone() {
+                        return Poll::Ready(Ok(Readied::AskStore(store, queued.deadline)));
+                    }
+                    self.step = CreateStep::Held(Unsent::local(shared));
+                }
+                CreateStep::Held(_) => {
+                    ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
+                    return Poll::Ready(Ok(Readied::Send));
+                }
+            }
+        }
+    }
+
+    /// Sends the create, once [`poll_ready`](Self::poll_ready) said so.
+    fn send(self) -> (S::Future, Role)
+    where
+        S: Service<Request<B>>,
+    {
+        let Self {
+            mut inner,
+            request,
+            step,
+        } = self;
+        let CreateStep::Held(slot) = step else {
+            unreachable!("a create sent before it held a slot");
+        };
+        (inner.call(request), Role::Create(slot.sent()))
     }
 }
 
@@ -162,35 +199,31 @@ where
 {
     pub(crate) fn called(future: S::Future, role: Role) -> Self {
         Self {
-            state: State::Called { future },
-            role,
-            deferred: None,
+            state: State::Called { future, role },
         }
     }
 
     pub(crate) fn failed(error: ConcurrencyError) -> Self {
         Self {
-            state: State::Failed { error: Some(error) },
-            role: Role::Other,
-            deferred: None,
+            state: State::Failed { error },
         }
     }
 
     /// A create holding a slot here, to ask the shared `store` for one before it is sent
     /// through `inner`, a clone of its own that it drives ready then.
+    #[cfg(feature = "redis")]
     pub(crate) fn store_slot(
         inner: S,
         request: Request<B>,
         shared: &Arc<PlanState>,
-        store: StoreHandle,
+        store: crate::store::StoreHandle,
     ) -> Self {
         let deadline = shared.wait_deadline();
+        let slot = super::store::StoreSlot::new(inner, request, shared, store, deadline);
         Self {
-            state: State::Store,
-            role: Role::Create(None),
-            deferred: Some(Box::new(DeferredCreate::Store(StoreSlot::new(
-                inner, request, shared, store, deadline,
-            )))),
+            state: State::Store {
+                store: Box::new(slot),
+            },
         }
     }
 
@@ -201,19 +234,21 @@ where
         ticket: u64,
     ) -> Self {
         let deadline = shared.wait_deadline();
-        Self {
-            state: State::Queued,
-            deferred: Some(Box::new(DeferredCreate::Queued(QueuedCreate {
-                inner,
-                request,
+        let waiting = Box::new(WaitingCreate {
+            inner,
+            request,
+            step: CreateStep::Queued(QueuedCreate {
                 ticket: SlotTicket {
                     shared,
                     id: ticket,
                     queued: true,
                 },
                 deadline,
-            }))),
-            role: Role::Create(None),
+                sleep: None,
+            }),
+        });
+        Self {
+            state: State::Waiting { waiting },
         }
     }
 }
@@ -228,13 +263,34 @@ where
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The path of nearly every request, kept small: sent at once, answered.
-        let this = self.as_mut().project();
-        if let StateProj::Called { future } = this.state.project() {
-            let result = ready!(future.poll(cx));
-            return Poll::Ready(respond(this.role, result));
+        if let Some(answer) = poll_called(self.as_mut().project().state, cx) {
+            return answer;
         }
-        self.poll_queued(cx)
+        self.poll_slow(cx)
     }
+}
+
+/// The answer of a sent request, and what it means to the plan; `None` if the request is
+/// not sent yet.
+#[inline(always)]
+fn poll_called<F, W, P, ResBody, E>(
+    mut state: Pin<&mut State<F, W, P>>,
+    cx: &mut Context<'_>,
+) -> Option<Poll<Result<Response<PlanBody<ResBody>>, BoxError>>>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    E: Into<BoxError>,
+{
+    let StateProj::Called { future, role } = state.as_mut().project() else {
+        return None;
+    };
+    let result = match future.poll(cx) {
+        Poll::Ready(result) => result,
+        Poll::Pending => return Some(Poll::Pending),
+    };
+    let answer = respond(role, result);
+    state.set(State::Done);
+    Some(Poll::Ready(answer))
 }
 
 impl<S, B, ResBody> ResponseFuture<S, B>
@@ -242,171 +298,89 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
-    /// Waiting for a slot, then sending.
+    /// Waiting for a slot (here, then in the shared store), then sending.
     #[inline(never)]
-    fn poll_queued(
+    fn poll_slow(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Response<PlanBody<ResBody>>, BoxError>> {
-        let mut this = self.project();
+        let mut state = self.project().state;
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Called { future } => {
-                    let result = ready!(future.poll(cx));
-                    return Poll::Ready(respond(this.role, result));
+            if let Some(answer) = poll_called(state.as_mut(), cx) {
+                return answer;
+            }
+            match state.as_mut().project() {
+                StateProj::Called { .. } => unreachable!("answered above"),
+                StateProj::Waiting { waiting } => {
+                    let readied = match ready!(waiting.poll_ready(cx)) {
+                        Ok(readied) => readied,
+                        Err(error) => {
+                            // Never sent: leaves the queue, or gives its slot back, before it
+                            // answers.
+                            state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                    };
+                    let StateReplace::Waiting { waiting } =
+                        state.as_mut().project_replace(State::Done)
+                    else {
+                        unreachable!()
+                    };
+                    match readied {
+                        Readied::Send => {
+                            let (future, role) = waiting.send();
+                            state.set(State::Called { future, role });
+                        }
+                        #[cfg(feature = "redis")]
+                        Readied::AskStore(store, deadline) => {
+                            let WaitingCreate {
+                                inner,
+                                request,
+                                step: CreateStep::Queued(queued),
+                            } = *waiting
+                            else {
+                                unreachable!("only a queued create asks the store")
+                            };
+                            let shared = &queued.ticket.shared;
+                            let slot = super::store::StoreSlot::new(
+                                inner, request, shared, store, deadline,
+                            );
+                            state.set(State::Store {
+                                store: Box::new(slot),
+                            });
+                        }
+                    }
                 }
-                StateProj::Failed { error } => {
-                    let error = error.take().unwrap_or(ConcurrencyError::NoSlots);
+                StateProj::Store { store } => {
+                    #[cfg(feature = "redis")]
+                    {
+                        let asked = ready!(store.poll_slot(cx));
+                        let StateReplace::Store { store } =
+                            state.as_mut().project_replace(State::Done)
+                        else {
+                            unreachable!()
+                        };
+                        if let Err(error) = asked {
+                            // Nothing was sent: the slot taken here, and any member in the
+                            // store, go back before it answers.
+                            drop(store);
+                            return Poll::Ready(Err(error));
+                        }
+                        state.set(State::Waiting {
+                            waiting: Box::new(store.into_waiting()),
+                        });
+                    }
+                    #[cfg(not(feature = "redis"))]
+                    store.never()
+                }
+                StateProj::Failed { .. } => {
+                    let StateReplace::Failed { error } = state.project_replace(State::Done) else {
+                        unreachable!()
+                    };
                     return Poll::Ready(Err(error.into()));
                 }
-                StateProj::Waiting { sleep } => {
-                    // Woken by the queue or the timer: look again either way.
-                    let _ = sleep.as_mut().poll(cx);
-                }
-                StateProj::Store => {
-                    let Some(DeferredCreate::Store(slot)) = this.deferred.as_deref_mut() else {
-                        this.state.set(State::Failed { error: None });
-                        continue;
-                    };
-                    let Some(shared) = slot.slot.shared.clone() else {
-                        this.state.set(State::Failed { error: None });
-                        continue;
-                    };
-                    let outcome = ready!(slot.poll_slot(&shared, cx));
-                    let Some(DeferredCreate::Store(slot)) = this.deferred.take().map(|a| *a) else {
-                        continue;
-                    };
-                    let StoreSlot {
-                        inner,
-                        request,
-                        store,
-                        mut slot,
-                        ..
-                    } = slot;
-                    let refused: BoxError = match outcome {
-                        Ok(true) => {
-                            // Its own clone, not driven ready yet: readied now, holding the
-                            // slot here and in the store.
-                            let readying = Readying {
-                                inner,
-                                request,
-                                slot,
-                            };
-                            *this.deferred = Some(Box::new(DeferredCreate::Readying(readying)));
-                            this.state.set(State::Readying);
-                            continue;
-                        }
-                        Err(error) if store.fail_mode() == FailMode::Open => {
-                            tracing::warn!(%error, "the shared slot store failed: this create counts against this process's plan only");
-                            slot.without_store();
-                            let readying = Readying {
-                                inner,
-                                request,
-                                slot,
-                            };
-                            *this.deferred = Some(Box::new(DeferredCreate::Readying(readying)));
-                            this.state.set(State::Readying);
-                            continue;
-                        }
-                        Ok(false) => ConcurrencyError::wait_too_long(&shared).into(),
-                        Err(error) => error.into(),
-                    };
-                    // Nothing was sent: the slot taken here, and any member in the store, go
-                    // back.
-                    drop(slot);
-                    this.state.set(State::Failed { error: None });
-                    return Poll::Ready(Err(refused));
-                }
-                StateProj::Readying => {
-                    let Some(DeferredCreate::Readying(readying)) = this.deferred.as_deref_mut()
-                    else {
-                        this.state.set(State::Failed { error: None });
-                        continue;
-                    };
-                    if let Err(error) = ready!(readying.inner.poll_ready(cx)) {
-                        // Never sent: the slot goes back.
-                        *this.deferred = None;
-                        this.state.set(State::Failed { error: None });
-                        return Poll::Ready(Err(error.into()));
-                    }
-                    let Some(DeferredCreate::Readying(readying)) = this.deferred.take().map(|a| *a)
-                    else {
-                        continue;
-                    };
-                    let Readying {
-                        mut inner,
-                        request,
-                        slot,
-                    } = readying;
-                    *this.role = Role::Create(slot.sent());
-                    this.state.set(State::Called {
-                        future: inner.call(request),
-                    });
-                    continue;
-                }
-                StateProj::Queued => {}
-            }
-            let Some(DeferredCreate::Queued(queued)) = this.deferred.as_deref_mut() else {
-                // Not reachable: a waiting future always has its request.
-                this.state.set(State::Failed { error: None });
-                continue;
-            };
-            let shared = queued.ticket.shared.clone();
-            let now = shared.clock.now();
-            let turn = shared.slots().poll_take(queued.ticket.id, now, cx.waker());
-            let queue_deadline = queued.deadline;
-            let next_expiry = match turn {
-                Ok(()) => {
-                    queued.ticket.queued = false;
-                    let Some(DeferredCreate::Queued(queued)) = this.deferred.take().map(|a| *a)
-                    else {
-                        continue;
-                    };
-                    let deadline = queued.deadline;
-                    let QueuedCreate { inner, request, .. } = queued;
-                    match shared.store.clone() {
-                        Some(store) => {
-                            let slot = StoreSlot::new(inner, request, &shared, store, deadline);
-                            *this.deferred = Some(Box::new(DeferredCreate::Store(slot)));
-                            this.state.set(State::Store);
-                        }
-                        None => {
-                            // Its own clone, not driven ready yet: readied now, holding the slot.
-                            let readying = Readying {
-                                inner,
-                                request,
-                                slot: Unsent::local(shared),
-                            };
-                            *this.deferred = Some(Box::new(DeferredCreate::Readying(readying)));
-                            this.state.set(State::Readying);
-                        }
-                    }
-                    continue;
-                }
-                Err(next_expiry) => next_expiry,
-            };
-            if queue_deadline.is_some_and(|d| d <= now) {
-                *this.deferred = None; // leaves the queue
-                this.state.set(State::Failed {
-                    error: Some(ConcurrencyError::wait_too_long(&shared)),
-                });
-                continue;
-            }
-            let wake_at = [next_expiry, queue_deadline].into_iter().flatten().min();
-            let Some(at) = wake_at else {
-                this.state.set(State::Queued);
-                return Poll::Pending;
-            };
-            let deadline = shared.clock.instant(at);
-            match this.state.as_mut().project() {
-                StateProj::Waiting { sleep } => sleep.as_mut().reset(deadline),
-                _ => this.state.set(State::Waiting {
-                    sleep: Box::pin(tokio::time::sleep_until(deadline)),
-                }),
-            }
-            if let StateProj::Waiting { sleep } = this.state.as_mut().project() {
-                if sleep.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+                StateProj::Done => {
+                    panic!("plan `ResponseFuture` polled after completion")
                 }
             }
         }

@@ -39,6 +39,7 @@ impl HoldGuard {
     pub(crate) fn release(mut self, why: ReleaseReason) {
         if let Some(shared) = self.shared.take() {
             shared.counts().release(why);
+            #[cfg(feature = "redis")]
             if self.member.is_some() {
                 release_in_store(&shared, self.member.take());
             }
@@ -68,6 +69,7 @@ impl HoldGuard {
 }
 
 /// Gives back the slot a create held in the shared store, if any.
+#[cfg(feature = "redis")]
 #[cold]
 #[inline(never)]
 fn release_in_store(shared: &PlanState, member: Option<StoreMember>) {
@@ -82,11 +84,13 @@ impl Drop for HoldGuard {
             if shared.config.in_flight {
                 // The slot is only for the request, which is over whatever the server did.
                 shared.counts().release(ReleaseReason::Abandoned);
+                #[cfg(feature = "redis")]
                 if self.member.is_some() {
                     release_in_store(&shared, self.member.take());
                 }
                 return;
             }
+            #[cfg(feature = "redis")]
             if self.member.is_some() {
                 unknown_in_store(&shared, self.member.take());
                 return;
@@ -101,6 +105,7 @@ impl Drop for HoldGuard {
 /// read. The store holds it for the whole fleet, until a reconcile in any process accounts for
 /// it or its lease runs out; this process lets its own count of it go, since no reconcile
 /// elsewhere could ever give that back.
+#[cfg(feature = "redis")]
 #[cold]
 #[inline(never)]
 pub(super) fn unknown_in_store(shared: &PlanState, member: Option<StoreMember>) {
@@ -112,11 +117,15 @@ pub(super) fn unknown_in_store(shared: &PlanState, member: Option<StoreMember>) 
 
 /// In-flight mode: a slot given back when the response body ends or is dropped.
 #[derive(Debug)]
-pub(crate) struct InFlightSlot(Arc<PlanState>, Option<StoreMember>);
+pub(crate) struct InFlightSlot(
+    Arc<PlanState>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] Option<StoreMember>,
+);
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
         self.0.counts().release(ReleaseReason::Answered);
+        #[cfg(feature = "redis")]
         if self.1.is_some() {
             release_in_store(&self.0, self.1.take());
         }
@@ -150,6 +159,7 @@ impl Unsent {
         Some(hold)
     }
 
+    #[cfg(feature = "redis")]
     /// The store failed and the create goes anyway, on this process's count (fail-open): the
     /// member an acquire may have left in the store goes back.
     pub(crate) fn without_store(&mut self) {
@@ -165,6 +175,7 @@ impl Drop for Unsent {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
             shared.counts().release(ReleaseReason::Unsent);
+            #[cfg(feature = "redis")]
             if let (Some(member), Some(store)) = (self.member.take(), &shared.store) {
                 store.slot_release(&member);
             }

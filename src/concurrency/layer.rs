@@ -110,6 +110,7 @@ impl ConcurrencyLimitByPlan {
             let now = self.shared.clock.now();
             self.shared.slots().complete_early(id, now);
         }
+        #[cfg(feature = "redis")]
         if let (false, Some(store)) = (held, &self.shared.store) {
             // Held elsewhere, or not bound anywhere yet: the fleet remembers it as done.
             store.job_done(id, self.shared.lease());
@@ -146,6 +147,7 @@ impl ConcurrencyLimitByPlan {
         self.shared
             .slots()
             .reconcile(ids.iter().map(AsRef::as_ref), as_of, now);
+        #[cfg(feature = "redis")]
         if let Some(store) = &self.shared.store {
             // Jobs other processes hold, gone from the list, are given back too; their creates
             // still in flight are left alone (no list can show them yet).

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use super::body::Job;
-use super::hold::{unknown_in_store, HoldGuard, StoreMember};
+#[cfg(feature = "redis")]
+use super::hold::unknown_in_store;
+use super::hold::{HoldGuard, StoreMember};
 use super::slots::{Bound, ReleaseReason};
 use super::state::PlanState;
 use crate::json::{self, Fields};
@@ -96,14 +98,16 @@ impl Observer {
                         field = &*config.id_field,
                         "no job id in a successful create's response: its slot stays held until a reconcile or the maximum job life"
                     );
+                    #[cfg(feature = "redis")]
                     if self.member.is_some() {
                         unknown_in_store(shared, self.member.take());
-                    } else {
-                        shared.counts().unknown(now);
+                        return;
                     }
+                    shared.counts().unknown(now);
                     return;
                 };
                 let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));
+                #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
                 let completed = {
                     let mut slots = shared.slots();
                     let bound = slots.bind(&id, now);
@@ -112,6 +116,7 @@ impl Observer {
                     }
                     bound == Bound::Completed
                 };
+                #[cfg(feature = "redis")]
                 if let (Some(store), Some(member)) = (&shared.store, self.member.take()) {
                     if terminal || completed {
                         store.slot_release(&member);

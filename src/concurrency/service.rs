@@ -13,7 +13,6 @@ use super::future::{ResponseFuture, Role};
 use super::hold::HoldGuard;
 use super::state::{PlanState, RouteKind};
 use crate::readiness::{unready, waiting_clone};
-use crate::store::StoreHandle;
 use crate::BoxError;
 
 /// The service made by a [`ConcurrencyLimitByPlan`](super::ConcurrencyLimitByPlan) layer.
@@ -88,6 +87,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         }
         if slots.try_take(|| shared.clock.now()) {
             drop(slots);
+            #[cfg(feature = "redis")]
             if let Some(store) = &shared.store {
                 let store = store.clone();
                 return self.create_store(request, store);
@@ -113,8 +113,9 @@ impl<S> ConcurrencyLimitByPlanService<S> {
     /// A create holding a slot here asks the shared store for one, and then drives a clone
     /// of its own ready (the caller's readiness is given back for the wait). Out of line, so
     /// that the in-memory path stays as small as it was.
+    #[cfg(feature = "redis")]
     #[inline(never)]
-    fn create_store<B>(&mut self, request: Request<B>, store: StoreHandle) -> ResponseFuture<S, B>
+    fn create_store<B>(&mut self, request: Request<B>, store: crate::store::StoreHandle) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {

@@ -47,6 +47,7 @@ pub(crate) enum ReleaseReason {
     Elsewhere,
     /// A create whose outcome is unknown, held for the whole fleet by the shared store (which
     /// a reconcile in any process can account for) rather than by this process.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Store,
 }
 
@@ -140,6 +141,7 @@ impl Slots {
     }
 
     /// Records changes of the held jobs for a shared store from now on.
+    #[cfg(feature = "redis")]
     pub(crate) fn mirror(&mut self) {
         self.mirror = true;
     }

@@ -9,10 +9,13 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::plan::Plan;
-use super::slots::{Effect, ReleaseReason, Slots};
+#[cfg(feature = "redis")]
+use super::slots::Effect;
+use super::slots::{ReleaseReason, Slots};
 use crate::clock::{nanos, Clock};
 use crate::lock::lock;
 use crate::route::RouteTable;
+#[cfg(feature = "redis")]
 use crate::store::StoreHandle;
 
 /// What a route's requests mean to the plan.
@@ -37,7 +40,8 @@ pub(crate) struct PlanConfig {
     pub(crate) max_queue: Option<usize>,
     pub(crate) max_wait: Option<Duration>,
     pub(crate) in_flight: bool,
-    /// The most a held job's slot lives.
+    /// The most a held job's slot lives (a lease in the shared store).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) max_job_life: Duration,
 }
 
@@ -64,6 +68,7 @@ pub(crate) struct PlanState {
     pub(crate) changed: Notify,
     pub(crate) watches: AtomicUsize,
     /// The store the slots are shared through with other processes, if any.
+    #[cfg(feature = "redis")]
     pub(crate) store: Option<StoreHandle>,
 }
 
@@ -71,6 +76,7 @@ pub(crate) struct PlanState {
 /// let go.
 pub(crate) struct SlotsGuard<'a> {
     slots: MutexGuard<'a, Slots>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     shared: &'a PlanState,
 }
 
@@ -104,16 +110,18 @@ impl SlotsGuard<'_> {
     #[inline(never)]
     fn send_effects(&mut self) {
         let effects = std::mem::take(&mut self.slots.effects);
-        let Some(store) = &self.shared.store else {
-            return;
-        };
-        let lease = self.shared.lease();
-        for effect in effects {
-            match effect {
-                Effect::Finished(id) => store.job_done(&id, lease),
-                Effect::Active(id) => store.job_active(&id, lease),
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.shared.store {
+            let lease = self.shared.lease();
+            for effect in effects {
+                match effect {
+                    Effect::Finished(id) => store.job_done(&id, lease),
+                    Effect::Active(id) => store.job_active(&id, lease),
+                }
             }
         }
+        #[cfg(not(feature = "redis"))]
+        debug_assert!(effects.is_empty(), "no store to mirror the slots to");
     }
 }
 
@@ -148,7 +156,8 @@ impl PlanState {
         Some(self.clock.now().saturating_add(nanos(max_wait)))
     }
 
-    /// The most a held job's slot lives.
+    /// The most a held job's slot lives: its lease in the shared store.
+    #[cfg(feature = "redis")]
     pub(crate) fn lease(&self) -> Duration {
         self.config.max_job_life
     }

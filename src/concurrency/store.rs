@@ -1,13 +1,121 @@
-//! What a plan shares through a store beyond its slots: the jobs other processes gave back.
+//! A plan's slots shared through a store: a create that holds a slot here asks the store for
+//! one across processes ([`StoreSlot`]), and each process lets go of the jobs another process
+//! gave back ([`listen`]).
 
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
+use http::Request;
+
+use super::error::ConcurrencyError;
+use super::future::WaitingCreate;
+use super::hold::{StoreMember, Unsent};
 use super::slots::ReleaseReason;
 use super::state::PlanState;
+use crate::clock::Nanos;
 use crate::error::ConfigError;
+use crate::store::{Decision, FailMode, StoreError, StoreHandle, StorePoll};
+use crate::BoxError;
+
+/// A create holding a slot here, asking the shared store for one across processes.
+pub(crate) struct StoreSlot<S, B> {
+    inner: S,
+    request: Request<B>,
+    store: StoreHandle,
+    poll: StorePoll,
+    deadline: Option<Nanos>,
+    slot: Unsent,
+}
+
+impl<S, B> StoreSlot<S, B> {
+    pub(super) fn new(
+        inner: S,
+        request: Request<B>,
+        shared: &Arc<PlanState>,
+        store: StoreHandle,
+        deadline: Option<Nanos>,
+    ) -> Self {
+        let member: StoreMember = Box::new(format!("c:{}", store.member()));
+        let (limit, lease) = (shared.slots().limit(), shared.lease());
+        let poll = StorePoll::new(&store, || store.slot_acquire(limit, lease, &member));
+        Self {
+            inner,
+            request,
+            store,
+            poll,
+            deadline,
+            slot: Unsent {
+                shared: Some(shared.clone()),
+                member: Some(member),
+            },
+        }
+    }
+
+    /// Ready once the create may be sent: the store gave it a slot, or failed open (the create
+    /// then counts against this process's plan only). An error returns it unsent: its maximum
+    /// wait ran out, or the store failed closed.
+    pub(super) fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(shared) = self.slot.shared.clone() else {
+            unreachable!("an unsent slot always has its plan");
+        };
+        match ready!(self.poll_store(&shared, cx)) {
+            Ok(true) => Poll::Ready(Ok(())),
+            Ok(false) => Poll::Ready(Err(ConcurrencyError::wait_too_long(&shared).into())),
+            Err(error) if self.store.fail_mode() == FailMode::Open => {
+                tracing::warn!(%error, "the shared slot store failed: this create counts against this process's plan only");
+                self.slot.without_store();
+                Poll::Ready(Ok(()))
+            }
+            Err(error) => Poll::Ready(Err(error.into())),
+        }
+    }
+
+    /// The create, holding its slot, to be sent once its service is ready.
+    pub(super) fn into_waiting(self: Box<Self>) -> WaitingCreate<S, B> {
+        let Self {
+            inner,
+            request,
+            slot,
+            ..
+        } = *self;
+        WaitingCreate::holding(inner, request, slot)
+    }
+
+    /// Asks until the store gives a slot, the maximum wait runs out (`Ok(false)`), or the
+    /// store fails.
+    fn poll_store(
+        &mut self,
+        shared: &PlanState,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<bool, StoreError>> {
+        loop {
+            if let Some(answer) = ready!(self.poll.poll_answer(cx)) {
+                let wait = match answer? {
+                    Decision::Admitted | Decision::Counted { .. } => return Poll::Ready(Ok(true)),
+                    Decision::Wait(wait) => wait,
+                };
+                let now = shared.clock.now();
+                if self.deadline.is_some_and(|d| d <= now) {
+                    return Poll::Ready(Ok(false));
+                }
+                let deadline = self.deadline.map(|at| shared.clock.instant(at));
+                self.poll
+                    .again_by(&self.store, shared.clock.instant(now), wait, deadline);
+            }
+            let Some(member) = &self.slot.member else {
+                return Poll::Ready(Ok(false));
+            };
+            let store = &self.store;
+            let limit = shared.slots().limit();
+            let lease = shared.lease();
+            ready!(self
+                .poll
+                .poll_again(store, cx, || store.slot_acquire(limit, lease, member)));
+        }
+    }
+}
 
 /// Lets go, in this process, of the jobs another process gave back.
-#[cfg(feature = "redis")]
 pub(super) fn listen(
     shared: &Arc<PlanState>,
     store: &crate::store::RedisStore,

@@ -18,6 +18,7 @@ use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::quota::{Quota, Rate};
 use crate::route::{Pattern, RouteTable};
+#[cfg(feature = "redis")]
 use crate::store::StoreHandle;
 
 use super::layer::{RateLimitByRoute, Reject, Wait, DEFAULT_ROUTE};
@@ -30,6 +31,7 @@ pub struct WaitConfig {
     pub(crate) max_queue: Option<usize>,
     pub(crate) abandoned_hold: Duration,
     learn: Learn,
+    #[cfg(feature = "redis")]
     pub(crate) store: Option<StoreHandle>,
 }
 
@@ -45,6 +47,7 @@ pub struct RejectConfig<F = EmptyBody> {
     pub(crate) ipv6_prefix: u8,
     pub(crate) body: F,
     pub(crate) hasher: KeyHashing,
+    #[cfg(feature = "redis")]
     pub(crate) store: Option<StoreHandle>,
     /// Whether the missing peer address was warned about.
     pub(crate) warned_no_peer: AtomicBool,
@@ -87,6 +90,7 @@ impl RateLimitByRoute<Wait> {
                     enabled: true,
                     backoff: Duration::from_secs(1),
                 },
+                #[cfg(feature = "redis")]
                 store: None,
             },
         }
@@ -241,6 +245,7 @@ impl Builder<WaitConfig> {
                 ipv6_prefix: 64,
                 body: EmptyBody,
                 hasher: KeyHashing::Random(RandomState::new()),
+                #[cfg(feature = "redis")]
                 store: self.config.store,
                 warned_no_peer: AtomicBool::new(false),
             },
@@ -399,6 +404,7 @@ impl<F> Builder<RejectConfig<F>> {
                 ipv6_prefix: self.config.ipv6_prefix,
                 body: response,
                 hasher: self.config.hasher,
+                #[cfg(feature = "redis")]
                 store: self.config.store,
                 warned_no_peer: self.config.warned_no_peer,
             },

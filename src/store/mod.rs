@@ -28,10 +28,11 @@
 //! ```
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
+#[cfg(feature = "redis")]
+use std::{future::Future, pin::Pin};
 use std::time::Duration;
 
+#[cfg(feature = "redis")]
 use sync_wrapper::SyncFuture;
 
 #[cfg(feature = "redis")]
@@ -83,7 +84,7 @@ impl std::error::Error for StoreError {}
 
 /// What the store decided about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg(feature = "redis")]
 pub(crate) enum Decision {
     /// Admitted: it holds a place until released.
     Admitted,
@@ -98,6 +99,7 @@ pub(crate) enum Decision {
 /// A store operation in progress: owns everything it needs, so it outlives the call that
 /// made it. `Sync` (it is only ever polled through `&mut`), so that the layers' futures stay
 /// `Send + Sync` as they are without a store.
+#[cfg(feature = "redis")]
 pub(crate) type StoreCall =
     SyncFuture<Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>>;
 
@@ -105,98 +107,20 @@ pub(crate) type StoreCall =
 #[cfg(feature = "redis")]
 pub(crate) type StoreHandle = RedisStore;
 
-/// Without the `redis` feature there is no shared store: this type is never made, and the
-/// code paths that take one never run. Its methods only keep those paths compiling.
+/// Without the `redis` feature there is no shared store: where a future has a place for its
+/// store path, it holds this uninhabited type, and the code that would make one is not
+/// compiled.
 #[cfg(not(feature = "redis"))]
-#[derive(Debug, Clone)]
-#[allow(dead_code)]
-pub(crate) struct StoreHandle {
-    never: (),
-}
+pub(crate) struct NoStore<T>(std::convert::Infallible, std::marker::PhantomData<fn() -> T>);
 
 #[cfg(not(feature = "redis"))]
-#[allow(dead_code, clippy::unused_self)]
-impl StoreHandle {
-    fn none(&self) -> StoreCall {
-        SyncFuture::new(Box::pin(std::future::ready(Err(StoreError::Unavailable(
-            "built without the `redis` feature".into(),
-        )))))
-    }
-
-    pub(crate) fn fail_mode(&self) -> FailMode {
-        FailMode::Closed
-    }
-
-    pub(crate) fn key(&self, name: &str) -> String {
-        name.to_owned()
-    }
-
-    pub(crate) fn member(&self) -> String {
-        String::new()
-    }
-
-    pub(crate) fn released(&self) -> tokio::sync::futures::OwnedNotified {
-        std::sync::Arc::new(tokio::sync::Notify::new()).notified_owned()
-    }
-
-    pub(crate) fn poll_interval(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-
-    pub(crate) fn acquire(&self, _: &str, _: &str, _: &crate::quota::Rate, _: bool) -> StoreCall {
-        self.none()
-    }
-
-    pub(crate) fn release_call(
-        &self,
-        _: &str,
-        _: &str,
-        _: &crate::quota::Rate,
-        _: Duration,
-    ) -> StoreCall {
-        self.none()
-    }
-
-    pub(crate) fn abandon_call(
-        &self,
-        _: &str,
-        _: &str,
-        _: &crate::quota::Rate,
-        _: Duration,
-    ) -> StoreCall {
-        self.none()
-    }
-
-    pub(crate) fn abandon(&self, _: &str, _: &str, _: &crate::quota::Rate, _: Duration) {}
-
-    pub(crate) fn cancel(&self, _: &str, _: &str, _: &crate::quota::Rate) {}
-
-    pub(crate) fn spawn(&self, _: StoreCall) {}
-
-    pub(crate) fn slot_acquire(&self, _: usize, _: Duration, _: &str) -> StoreCall {
-        self.none()
-    }
-
-    pub(crate) fn slot_bind(&self, _: &str, _: &str, _: Duration) {}
-
-    pub(crate) fn slot_release(&self, _: &str) {}
-
-    pub(crate) fn slot_unknown(&self, _: &str, _: Duration) {}
-
-    pub(crate) fn job_done(&self, _: &str, _: Duration) {}
-
-    pub(crate) fn job_active(&self, _: &str, _: Duration) {}
-
-    pub(crate) fn jobs_reconcile(
-        &self,
-        _: Vec<String>,
-        _: crate::clock::Nanos,
-        _: crate::clock::Clock,
-        _: Duration,
-    ) {
+impl<T> NoStore<T> {
+    pub(crate) fn never(&self) -> ! {
+        match self.0 {}
     }
 }
 
+#[cfg(feature = "redis")]
 /// Questions to a shared store, asked again until one is answered with a place. Between
 /// questions it sleeps until the time the store named, a release anywhere, or the poll
 /// interval, whichever comes first: no tight loop, and a lost release message costs at most
@@ -207,6 +131,7 @@ pub(crate) struct StorePoll {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+#[cfg(feature = "redis")]
 impl StorePoll {
     /// Listens for releases, then asks the first question (so that a release while it is
     /// asked is not missed).

@@ -1,5 +1,7 @@
-//! The response future of client mode: a request sent at once, or one waiting for its turn
-//! (in the route's queue or in a shared store) and then readying its own service.
+//! The response future of client mode: a request sent at once, or one waiting for its turn in
+//! its route's queue and then readying its own service. A request whose turn comes from a
+//! shared store is driven by the store's own type ([`StoreRequest`](super::store)), which
+//! hands it back here only if the store fails open.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,47 +13,64 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::state::{admit, Admission, Permit, Turn, TurnTicket};
-use super::store::{Outcome, StorePlace, StoreRelease, StoreTurn};
+use super::state::{Permit, Turn, TurnTicket};
 use crate::clock::{nanos, Nanos};
 use crate::rate_limit::error::RateLimitError;
-use crate::store::FailMode;
 use crate::BoxError;
+
+/// The store path of a request, when the crate has one.
+#[cfg(feature = "redis")]
+type StorePath<S, B> = Pin<Box<super::store::StoreRequest<S, B>>>;
+#[cfg(not(feature = "redis"))]
+type StorePath<S, B> = crate::store::NoStore<(S, B)>;
 
 pin_project! {
     /// The response future of client mode: waits for the request's turn, sends it, and gives
     /// its place back (learning from the response) when the answer arrives.
+    ///
+    /// Like every response future of this crate, it panics if polled again after it returned
+    /// `Poll::Ready`.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future, Result<S::Response, S::Error>>,
-        // Boxed: only a request that waits (or asks a shared store) needs it, and it keeps the
-        // future small.
-        deferred: Option<Box<DeferredRequest<S, B>>>,
-        permit: Option<Permit>,
+        state: State<S::Future, Box<Waiting<S, B>>, StorePath<S, B>>,
     }
 }
 
-/// What a request that is not sent at once keeps until it is: its call, and where its turn
-/// comes from.
-struct DeferredRequest<S, B> {
-    /// Its own clone of the inner service, driven ready only once its turn has come, and the
-    /// request; until it is sent.
-    call: Option<(S, Request<B>)>,
-    turn: TurnSource,
+pin_project! {
+    #[project = StateProj]
+    #[project_replace = StateReplace]
+    enum State<F, W, P> {
+        // Sent, holding its place (none on a route without a quota).
+        Called { #[pin] future: F, permit: Option<Permit> },
+        // Waiting for its turn in the route's queue, or readying its service once it came
+        // (boxed: only a request that waits needs it).
+        Waiting { waiting: W },
+        // Its turn, its send and the return of its place go through the shared store.
+        Store { store: P },
+        // Returned unsent.
+        Refused { error: RateLimitError },
+        // Answered.
+        Done,
+    }
 }
 
-/// Where a request that is not sent at once gets its turn.
-#[allow(clippy::large_enum_variant)] // boxed with the rest of `DeferredRequest`, once per request
-enum TurnSource {
-    /// The route's queue in this process.
-    Queue(QueuedTurn),
-    /// The shared store, where it then holds its place.
-    Store(StoreTurn),
-    /// Its place is taken in this process: the future's permit holds it.
-    Taken,
+/// A request that is not sent at once, with its own clone of the inner service, driven ready
+/// only once its turn has come.
+pub(crate) struct Waiting<S, B> {
+    inner: S,
+    request: Request<B>,
+    turn: LocalTurn,
+}
+
+/// Where a waiting request stands in this process.
+enum LocalTurn {
+    /// In the route's queue.
+    Queued(QueuedTurn),
+    /// Its turn came: it holds its place while its service gets ready.
+    Held(Permit),
 }
 
 /// A request waiting in its route's queue.
@@ -60,6 +79,9 @@ struct QueuedTurn {
     max_wait: Option<Duration>,
     /// When the maximum wait runs out, if there is one.
     deadline: Option<Nanos>,
+    /// A timer for a known turn or the maximum wait: made once the request must sleep, then
+    /// reset in place.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl QueuedTurn {
@@ -68,50 +90,107 @@ impl QueuedTurn {
             deadline: max_wait.map(|max| ticket.since.saturating_add(nanos(max))),
             ticket,
             max_wait,
+            sleep: None,
+        }
+    }
+
+    /// Ready with a place once this request's turn comes, or with an error once its maximum
+    /// wait runs out first.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<Permit, RateLimitError>> {
+        loop {
+            let turn = match self.ticket.poll_turn(cx) {
+                Turn::Admitted(permit) => return Poll::Ready(Ok(permit)),
+                Turn::Wait(turn) => turn,
+            };
+            let clock = *self.ticket.clock();
+            let now = clock.now();
+            if let (Some(deadline), Some(max_wait)) = (self.deadline, self.max_wait) {
+                if now >= deadline {
+                    return Poll::Ready(Err(RateLimitError::wait_too_long(
+                        self.ticket.route_name().clone(),
+                        self.ticket.since,
+                        self.ticket.estimate().max(now),
+                        max_wait,
+                    )));
+                }
+            }
+            let wake = match (turn, self.deadline) {
+                (Some(turn), Some(deadline)) => Some(turn.min(deadline)),
+                (turn, deadline) => turn.or(deadline),
+            };
+            let Some(wake) = wake else {
+                // Woken by the queue when it moves.
+                return Poll::Pending;
+            };
+            let wake = clock.instant(wake);
+            let sleep = match &mut self.sleep {
+                Some(sleep) => {
+                    if sleep.deadline() != wake {
+                        sleep.as_mut().reset(wake);
+                    }
+                    sleep
+                }
+                None => self.sleep.insert(Box::pin(tokio::time::sleep_until(wake))),
+            };
+            ready!(sleep.as_mut().poll(cx));
         }
     }
 }
 
-fn queued<S, B>(deferred: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<&mut QueuedTurn> {
-    match deferred.as_deref_mut() {
-        Some(DeferredRequest {
-            turn: TurnSource::Queue(queued),
-            ..
-        }) => Some(queued),
-        _ => None,
+impl<S, B> Waiting<S, B> {
+    /// A request that falls back to its route in this process, from a store that failed
+    /// open (`Err`: returned unsent, refused by the route).
+    #[cfg(feature = "redis")]
+    pub(crate) fn local(
+        inner: S,
+        request: Request<B>,
+        admission: super::state::Admission,
+        max_wait: Option<Duration>,
+    ) -> Result<Self, RateLimitError> {
+        let turn = match admission {
+            super::state::Admission::Now(permit) => LocalTurn::Held(permit.unsent()),
+            super::state::Admission::Queued(ticket) => LocalTurn::Queued(QueuedTurn::new(ticket, max_wait)),
+            super::state::Admission::Refused(error) => return Err(error),
+        };
+        Ok(Self {
+            inner,
+            request,
+            turn,
+        })
     }
-}
 
-/// The place a sent request holds in the shared store, taken to be given back.
-fn store_place<S, B>(deferred: &mut Option<Box<DeferredRequest<S, B>>>) -> Option<StorePlace> {
-    match deferred.as_deref_mut() {
-        Some(DeferredRequest {
-            turn: TurnSource::Store(turn),
-            ..
-        }) => turn.place.take(),
-        _ => None,
+    /// Ready once the request holds its place and its service is ready to send it.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<Request<B>>,
+        S::Error: Into<BoxError>,
+    {
+        loop {
+            match &mut self.turn {
+                LocalTurn::Queued(queued) => {
+                    let permit = ready!(queued.poll_turn(cx))?;
+                    self.turn = LocalTurn::Held(permit);
+                }
+                LocalTurn::Held(_) => return self.inner.poll_ready(cx).map_err(Into::into),
+            }
+        }
     }
-}
 
-pin_project! {
-    #[project = StateProj]
-    enum State<F, A> {
-        // In the route's queue; the timer is not made yet.
-        Queued,
-        // In the route's queue, with a timer for a known turn or the maximum wait (boxed,
-        // made once per waiting request and reset in place).
-        Waiting { sleep: Pin<Box<Sleep>> },
-        // Asking the shared store for its turn.
-        Store,
-        // Its turn has come: holding its place while it drives its own service ready.
-        Readying,
-        // Sent.
-        Called { #[pin] future: F },
-        // Answered; giving its place in the shared store back before answering (boxed: only
-        // a layer with a shared store comes here).
-        Releasing { release: StoreRelease, answer: Option<Box<A>> },
-        // Given back unsent.
-        Failed { error: Option<RateLimitError> },
+    /// Sends the request, once [`poll_ready`](Self::poll_ready) said so.
+    fn send(self) -> (S::Future, Permit)
+    where
+        S: Service<Request<B>>,
+    {
+        let Self {
+            mut inner,
+            request,
+            turn,
+        } = self;
+        let LocalTurn::Held(mut permit) = turn else {
+            unreachable!("a request sent before its turn");
+        };
+        permit.sent();
+        (inner.call(request), permit)
     }
 }
 
@@ -121,20 +200,7 @@ where
 {
     pub(crate) fn called(future: S::Future, permit: Option<Permit>) -> Self {
         Self {
-            state: State::Called { future },
-            deferred: None,
-            permit,
-        }
-    }
-
-    pub(crate) fn from_store(inner: S, request: Request<B>, turn: StoreTurn) -> Self {
-        Self {
-            state: State::Store,
-            deferred: Some(Box::new(DeferredRequest {
-                call: Some((inner, request)),
-                turn: TurnSource::Store(turn),
-            })),
-            permit: None,
+            state: State::Called { future, permit },
         }
     }
 
@@ -144,22 +210,29 @@ where
         ticket: TurnTicket,
         max_wait: Option<Duration>,
     ) -> Self {
+        let waiting = Box::new(Waiting {
+            inner,
+            request,
+            turn: LocalTurn::Queued(QueuedTurn::new(ticket, max_wait)),
+        });
         Self {
-            state: State::Queued,
-            deferred: Some(Box::new(DeferredRequest {
-                call: Some((inner, request)),
-                turn: TurnSource::Queue(QueuedTurn::new(ticket, max_wait)),
-            })),
-            permit: None,
+            state: State::Waiting { waiting },
         }
     }
 
     /// Returned at once, unsent.
     pub(crate) fn refused(error: RateLimitError) -> Self {
         Self {
-            state: State::Failed { error: Some(error) },
-            deferred: None,
-            permit: None,
+            state: State::Refused { error },
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn from_store(store: super::store::StoreRequest<S, B>) -> Self {
+        Self {
+            state: State::Store {
+                store: Box::pin(store),
+            },
         }
     }
 }
@@ -174,30 +247,38 @@ where
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The path of nearly every request, kept small: sent at once, answered.
-        let this = self.as_mut().project();
-        if let (StateProj::Called { future }, Some(_)) = (this.state.project(), &this.permit) {
-            let result = ready!(future.poll(cx));
-            if let Some(permit) = this.permit.take() {
-                settle(permit, &result);
-            }
-            return Poll::Ready(result.map_err(Into::into));
+        if let Some(answer) = poll_called(self.as_mut().project().state, cx) {
+            return answer;
         }
         self.poll_slow(cx)
     }
 }
 
-/// Gives a place back once its request is answered, learning from the response.
-#[inline]
-fn settle<ResBody, E>(permit: Permit, result: &Result<Response<ResBody>, E>) {
-    match result {
-        Ok(response) => permit.answered(response),
+/// The answer of a sent request, its place given back (learning from the response); `None`
+/// if the request is not sent yet.
+#[inline(always)]
+fn poll_called<F, W, P, ResBody, E>(
+    mut state: Pin<&mut State<F, W, P>>,
+    cx: &mut Context<'_>,
+) -> Option<Poll<Result<Response<ResBody>, BoxError>>>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    E: Into<BoxError>,
+{
+    let StateProj::Called { future, permit } = state.as_mut().project() else {
+        return None;
+    };
+    let result = match future.poll(cx) {
+        Poll::Ready(result) => result,
+        Poll::Pending => return Some(Poll::Pending),
+    };
+    match (permit.take(), &result) {
+        (Some(permit), Ok(response)) => permit.answered(response),
         // The server may have counted it: the drop gives the place back as abandoned.
-        Err(_) => drop(permit),
+        (permit, _) => drop(permit),
     }
-}
-
-fn invalid<T>() -> Poll<Result<T, BoxError>> {
-    Poll::Ready(Err("rate limit future in an invalid state".into()))
+    state.set(State::Done);
+    Some(Poll::Ready(result.map_err(Into::into)))
 }
 
 impl<S, B, ResBody> ResponseFuture<S, B>
@@ -205,182 +286,66 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
-    /// Everything else: waiting for a turn, asking a shared store, readying the service,
-    /// giving a place back there.
+    /// Everything but the answer of a request sent at once.
     #[inline(never)]
     fn poll_slow(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Response<ResBody>, BoxError>> {
-        let mut this = self.project();
+        let mut state = self.project().state;
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Called { future } => {
-                    let result = ready!(future.poll(cx));
-                    if let Some(permit) = this.permit.take() {
-                        settle(permit, &result);
-                    } else if let Some(place) = store_place(this.deferred) {
-                        let release = place.release(result.as_ref().ok());
-                        *this.deferred = None;
-                        this.state.set(State::Releasing {
-                            release,
-                            answer: Some(Box::new(result)),
-                        });
-                        continue;
+            if let Some(answer) = poll_called(state.as_mut(), cx) {
+                return answer;
+            }
+            match state.as_mut().project() {
+                StateProj::Called { .. } => unreachable!("answered above"),
+                StateProj::Waiting { waiting } => {
+                    if let Err(error) = ready!(waiting.poll_ready(cx)) {
+                        // Never sent: leaves the queue, or gives its place back entirely,
+                        // before it answers.
+                        state.set(State::Done);
+                        return Poll::Ready(Err(error));
                     }
-                    return Poll::Ready(result.map_err(Into::into));
-                }
-                StateProj::Releasing { release, answer } => {
-                    if let Err(error) = ready!(Pin::new(release).poll(cx)) {
-                        tracing::debug!(%error, "a place could not be given back: it expires with its lease");
-                    }
-                    return Poll::Ready(match answer.take() {
-                        Some(answer) => (*answer).map_err(Into::into),
-                        None => Err("rate limit future polled after completion".into()),
+                    let StateReplace::Waiting { waiting } = state.as_mut().project_replace(State::Done)
+                    else {
+                        unreachable!()
+                    };
+                    let (future, permit) = waiting.send();
+                    state.set(State::Called {
+                        future,
+                        permit: Some(permit),
                     });
                 }
-                StateProj::Failed { error } => {
-                    return Poll::Ready(Err(match error.take() {
-                        Some(error) => error.into(),
-                        None => "rate limit future polled after completion".into(),
-                    }));
-                }
-                StateProj::Readying => {
-                    let Some(deferred) = this.deferred.as_deref_mut() else {
-                        return invalid();
-                    };
-                    let Some((inner, _)) = deferred.call.as_mut() else {
-                        return invalid();
-                    };
-                    if let Err(error) = ready!(inner.poll_ready(cx)) {
-                        // Never sent: its place is given back entirely.
-                        *this.permit = None;
-                        *this.deferred = None;
-                        this.state.set(State::Failed { error: None });
-                        return Poll::Ready(Err(error.into()));
-                    }
-                    let Some((mut inner, request)) = deferred.call.take() else {
-                        return invalid();
-                    };
-                    if let TurnSource::Store(turn) = &mut deferred.turn {
-                        if let Some(place) = turn.place.as_mut() {
-                            place.sent();
+                StateProj::Store { store } => {
+                    #[cfg(feature = "redis")]
+                    match ready!(store.as_mut().poll(cx)) {
+                        super::store::StoreNext::Answer(answer) => {
+                            state.set(State::Done);
+                            return Poll::Ready(answer);
                         }
-                    } else if let Some(permit) = this.permit.as_mut() {
-                        permit.sent();
-                    }
-                    let future = inner.call(request);
-                    if !matches!(deferred.turn, TurnSource::Store(_)) {
-                        *this.deferred = None;
-                    }
-                    this.state.set(State::Called { future });
-                }
-                StateProj::Store => {
-                    let Some(deferred) = this.deferred.as_deref_mut() else {
-                        return invalid();
-                    };
-                    let TurnSource::Store(turn) = &mut deferred.turn else {
-                        return invalid();
-                    };
-                    match ready!(turn.poll_turn(cx)) {
-                        Outcome::Admitted(place) => {
-                            turn.place = Some(place);
-                            this.state.set(State::Readying);
-                        }
-                        Outcome::Refused(error) => {
-                            *this.deferred = None;
-                            this.state.set(State::Failed { error: None });
-                            return Poll::Ready(Err(error.into()));
-                        }
-                        Outcome::Failed(error) => {
-                            if turn.store().fail_mode() == FailMode::Closed {
-                                *this.deferred = None;
-                                this.state.set(State::Failed { error: None });
-                                return Poll::Ready(Err(error.into()));
-                            }
-                            tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
-                            let max_wait = turn.max_wait;
-                            match admit(&turn.handle.clone(), turn.route, false) {
-                                Admission::Now(permit) => {
-                                    *this.permit = Some(permit.unsent());
-                                    deferred.turn = TurnSource::Taken;
-                                    this.state.set(State::Readying);
-                                }
-                                Admission::Queued(ticket) => {
-                                    deferred.turn =
-                                        TurnSource::Queue(QueuedTurn::new(ticket, max_wait));
-                                    this.state.set(State::Queued);
-                                }
-                                Admission::Refused(error) => {
-                                    *this.deferred = None;
-                                    this.state.set(State::Failed { error: None });
+                        super::store::StoreNext::Local(local) => {
+                            let waiting = match local {
+                                Ok(waiting) => waiting,
+                                Err(error) => {
+                                    state.set(State::Done);
                                     return Poll::Ready(Err(error.into()));
                                 }
-                            }
+                            };
+                            state.set(State::Waiting {
+                                waiting: Box::new(waiting),
+                            });
                         }
                     }
+                    #[cfg(not(feature = "redis"))]
+                    store.never()
                 }
-                StateProj::Queued => {
-                    let Some(queued) = queued(this.deferred) else {
-                        return invalid();
+                StateProj::Refused { .. } => {
+                    let StateReplace::Refused { error } = state.project_replace(State::Done) else {
+                        unreachable!()
                     };
-                    let deadline = queued
-                        .ticket
-                        .clock()
-                        .instant(queued.deadline.unwrap_or(u64::MAX));
-                    this.state.set(State::Waiting {
-                        sleep: Box::pin(tokio::time::sleep_until(deadline)),
-                    });
+                    return Poll::Ready(Err(error.into()));
                 }
-                StateProj::Waiting { sleep } => {
-                    let Some(queued) = queued(this.deferred) else {
-                        return invalid();
-                    };
-                    match queued.ticket.poll_turn(cx) {
-                        Turn::Admitted(permit) => {
-                            *this.permit = Some(permit);
-                            if let Some(deferred) = this.deferred.as_deref_mut() {
-                                // Out of the queue: the ticket has nothing left to do.
-                                deferred.turn = TurnSource::Taken;
-                            }
-                            this.state.set(State::Readying);
-                        }
-                        Turn::Wait(turn) => {
-                            let clock = *queued.ticket.clock();
-                            let now = clock.now();
-                            let deadline = queued.deadline;
-                            if let (Some(deadline), Some(max_wait)) = (deadline, queued.max_wait) {
-                                if now >= deadline {
-                                    let error = RateLimitError::wait_too_long(
-                                        queued.ticket.route_name().clone(),
-                                        queued.ticket.since,
-                                        queued.ticket.estimate().max(now),
-                                        max_wait,
-                                    );
-                                    // Leave the queue before answering.
-                                    *this.deferred = None;
-                                    this.state.set(State::Failed { error: None });
-                                    return Poll::Ready(Err(error.into()));
-                                }
-                            }
-                            let wake = match (turn, deadline) {
-                                (Some(turn), Some(deadline)) => Some(turn.min(deadline)),
-                                (turn, deadline) => turn.or(deadline),
-                            };
-                            let Some(wake) = wake else {
-                                // Woken by the queue when it moves.
-                                return Poll::Pending;
-                            };
-                            let wake = clock.instant(wake);
-                            if sleep.deadline() != wake {
-                                sleep.as_mut().reset(wake);
-                            }
-                            if sleep.as_mut().poll(cx).is_pending() {
-                                return Poll::Pending;
-                            }
-                        }
-                    }
-                }
+                StateProj::Done => panic!("client-mode `ResponseFuture` polled after completion"),
             }
         }
     }
@@ -391,9 +356,15 @@ where
     S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Waiting { .. } => "waiting",
+            State::Store { .. } => "store",
+            State::Refused { .. } => "refused",
+            State::Done => "done",
+        };
         f.debug_struct("ResponseFuture")
-            .field("deferred", &self.deferred.is_some())
-            .field("permit", &self.permit.is_some())
+            .field("state", &state)
             .finish()
     }
 }

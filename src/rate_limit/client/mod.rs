@@ -4,4 +4,5 @@
 pub(crate) mod future;
 mod service;
 pub(crate) mod state;
+#[cfg(feature = "redis")]
 pub(crate) mod store;

@@ -7,12 +7,10 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use super::state::{admit, lock, Admission};
-use super::store::StoreTurn;
+use super::state::{admit, Admission};
 use crate::rate_limit::layer::Wait;
 use crate::rate_limit::service::RateLimitByRouteService;
 use crate::readiness::{unready, waiting_clone};
-use crate::store::StoreHandle;
 use crate::BoxError;
 
 impl<S, B, ResBody> Service<Request<B>> for RateLimitByRouteService<S, Wait>
@@ -33,6 +31,7 @@ where
         let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {
             return ResponseFuture::called(self.inner.call(request), None);
         };
+        #[cfg(feature = "redis")]
         if let Some(store) = &shared.config.store {
             let store = store.clone();
             return self.call_store(route, store, request);
@@ -53,6 +52,7 @@ where
     }
 }
 
+#[cfg(feature = "redis")]
 impl<S: Clone> RateLimitByRouteService<S, Wait> {
     /// A request under a quota kept in a shared store: it asks the store for its turn.
     /// Out of line, so that the in-memory path stays as small as it was.
@@ -60,17 +60,17 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
     fn call_store<B>(
         &mut self,
         route: usize,
-        store: StoreHandle,
+        store: crate::store::StoreHandle,
         request: Request<B>,
     ) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
     {
         let handle = self.mode.0.clone();
-        let rate = lock(&handle.routes[route].state).rate;
+        let rate = crate::lock::lock(&handle.routes[route].state).rate;
         let (learn, max_wait) = (handle.routes[route].learn, handle.config.max_wait);
         let inner = waiting_clone(&mut self.inner);
-        let turn = StoreTurn::new(handle, route, store, rate, learn, max_wait);
-        ResponseFuture::from_store(inner, request, turn)
+        let turn = super::store::StoreTurn::new(handle, route, store, rate, learn, max_wait);
+        ResponseFuture::from_store(super::store::StoreRequest::new(inner, request, turn))
     }
 }

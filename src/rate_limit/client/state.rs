@@ -308,6 +308,7 @@ impl Permit {
     }
 
     /// The same place, for a request that still has its service to ready.
+    #[cfg(feature = "redis")]
     pub(crate) fn unsent(mut self) -> Self {
         self.stage = Stage::Unsent;
         self

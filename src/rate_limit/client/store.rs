@@ -1,19 +1,164 @@
 //! Client mode over a shared store: a request takes its place in the store, waiting across
-//! processes for its turn, and gives it back when its response arrives.
+//! processes for its turn, and gives it back when its response arrives. [`StoreRequest`] is
+//! the whole of that path; it hands a request back to this process's queue only when the
+//! store fails open.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower_service::Service;
 
-use super::state::{lock, ClientHandle, Learn};
+use super::future::Waiting;
+use super::state::{admit, lock, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::quota::Rate;
 use crate::rate_limit::error::RateLimitError;
-use crate::store::{Decision, StoreCall, StoreError, StoreHandle, StorePoll};
+use crate::store::{Decision, FailMode, StoreCall, StoreError, StoreHandle, StorePoll};
+use crate::BoxError;
+
+pin_project! {
+    /// A request whose turn comes from the shared store: it asks for its place, readies its
+    /// own service, sends, and gives the place back in the store before it answers. Boxed
+    /// once per request, so that the in-memory future does not carry it.
+    pub(crate) struct StoreRequest<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: StoreState<S, B, S::Future, Result<S::Response, S::Error>>,
+    }
+}
+
+pin_project! {
+    #[project = StoreProj]
+    #[project_replace = StoreReplace]
+    enum StoreState<S, B, F, A> {
+        // Asking the store for its turn.
+        Asking { turn: StoreTurn, inner: S, request: Request<B> },
+        // Holding its place in the store while its service gets ready.
+        Readying { place: StorePlace, inner: S, request: Request<B> },
+        // Sent.
+        Called { #[pin] future: F, place: StorePlace },
+        // Answered; giving its place back in the store before answering.
+        Releasing { release: StoreRelease, answer: A },
+        // Answered, or handed back.
+        Done,
+    }
+}
+
+/// Where a store request ends.
+pub(crate) enum StoreNext<S, B, R> {
+    /// Its answer.
+    Answer(Result<R, BoxError>),
+    /// The store failed open: the request falls back to its route in this process (`Err`:
+    /// refused there).
+    Local(Result<Waiting<S, B>, RateLimitError>),
+}
+
+impl<S, B> StoreRequest<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn new(inner: S, request: Request<B>, turn: StoreTurn) -> Self {
+        Self {
+            state: StoreState::Asking {
+                turn,
+                inner,
+                request,
+            },
+        }
+    }
+
+    pub(crate) fn poll<ResBody>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<StoreNext<S, B, Response<ResBody>>>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>>,
+        S::Error: Into<BoxError>,
+    {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StoreProj::Asking { turn, .. } => {
+                    let outcome = ready!(turn.poll_turn(cx));
+                    let StoreReplace::Asking {
+                        turn,
+                        inner,
+                        request,
+                    } = state.as_mut().project_replace(StoreState::Done)
+                    else {
+                        unreachable!()
+                    };
+                    match outcome {
+                        Outcome::Admitted(place) => state.set(StoreState::Readying {
+                            place,
+                            inner,
+                            request,
+                        }),
+                        Outcome::Refused(error) => {
+                            return Poll::Ready(StoreNext::Answer(Err(error.into())));
+                        }
+                        Outcome::Failed(error) if turn.store.fail_mode() == FailMode::Closed => {
+                            return Poll::Ready(StoreNext::Answer(Err(error.into())));
+                        }
+                        Outcome::Failed(error) => {
+                            tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
+                            let admission = admit(&turn.handle, turn.route, false);
+                            let local = Waiting::local(inner, request, admission, turn.max_wait);
+                            return Poll::Ready(StoreNext::Local(local));
+                        }
+                    }
+                }
+                StoreProj::Readying { inner, .. } => {
+                    if let Err(error) = ready!(inner.poll_ready(cx)) {
+                        // Never sent: its place is given back entirely.
+                        state.set(StoreState::Done);
+                        return Poll::Ready(StoreNext::Answer(Err(error.into())));
+                    }
+                    let StoreReplace::Readying {
+                        mut place,
+                        mut inner,
+                        request,
+                    } = state.as_mut().project_replace(StoreState::Done)
+                    else {
+                        unreachable!()
+                    };
+                    place.sent();
+                    let future = inner.call(request);
+                    state.set(StoreState::Called { future, place });
+                }
+                StoreProj::Called { future, .. } => {
+                    let answer = ready!(future.poll(cx));
+                    let StoreReplace::Called { place, .. } =
+                        state.as_mut().project_replace(StoreState::Done)
+                    else {
+                        unreachable!()
+                    };
+                    let release = place.release(answer.as_ref().ok());
+                    state.set(StoreState::Releasing { release, answer });
+                }
+                StoreProj::Releasing { release, .. } => {
+                    if let Err(error) = ready!(Pin::new(release).poll(cx)) {
+                        tracing::debug!(%error, "a place could not be given back: it expires with its lease");
+                    }
+                    let StoreReplace::Releasing { answer, .. } =
+                        state.as_mut().project_replace(StoreState::Done)
+                    else {
+                        unreachable!()
+                    };
+                    return Poll::Ready(StoreNext::Answer(answer.map_err(Into::into)));
+                }
+                StoreProj::Done => panic!("client-mode `ResponseFuture` polled after completion"),
+            }
+        }
+    }
+}
 
 /// A place held in the shared store. Dropped after its request was sent (an abandoned
 /// request), it is held as in flight for the abandoned hold, then as answered, as after a
@@ -89,7 +234,7 @@ impl Future for StoreRelease {
             // Done already: nothing is left to give back.
             return Poll::Ready(Ok(Decision::Admitted));
         };
-        let done = std::task::ready!(Pin::new(call).poll(cx));
+        let done = ready!(Pin::new(call).poll(cx));
         self.call = None;
         Poll::Ready(done)
     }
@@ -119,11 +264,9 @@ impl Drop for StorePlace {
 
 /// A request asking the shared store for its turn.
 pub(crate) struct StoreTurn {
-    /// The place, once the store gave one.
-    pub(crate) place: Option<StorePlace>,
-    pub(crate) handle: ClientHandle,
-    pub(crate) route: usize,
-    pub(crate) max_wait: Option<Duration>,
+    handle: ClientHandle,
+    route: usize,
+    max_wait: Option<Duration>,
     store: StoreHandle,
     key: String,
     member: String,
@@ -136,7 +279,7 @@ pub(crate) struct StoreTurn {
 }
 
 /// How a turn in the shared store ended.
-pub(crate) enum Outcome {
+enum Outcome {
     Admitted(StorePlace),
     /// Returned unsent: it would wait too long, or too many already wait.
     Refused(RateLimitError),
@@ -157,7 +300,6 @@ impl StoreTurn {
         let poll = StorePoll::new(&store, || store.acquire(&key, &member, &rate, false));
         let since = handle.clock.now();
         Self {
-            place: None,
             handle,
             route,
             max_wait,
@@ -196,15 +338,11 @@ impl StoreTurn {
         }
     }
 
-    pub(crate) fn store(&self) -> &StoreHandle {
-        &self.store
-    }
-
     /// Asks the store, and between questions sleeps until the turn the store named, a
     /// release anywhere, or the poll interval, whichever comes first.
-    pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         loop {
-            if let Some(answer) = std::task::ready!(self.poll.poll_answer(cx)) {
+            if let Some(answer) = ready!(self.poll.poll_answer(cx)) {
                 let wait = match answer {
                     Err(error) => {
                         self.leave_queue();
@@ -253,7 +391,7 @@ impl StoreTurn {
                     .again_by(&self.store, clock.instant(now), wait, deadline);
             }
             let (store, key, member, rate) = (&self.store, &self.key, &self.member, &self.rate);
-            std::task::ready!(self
+            ready!(self
                 .poll
                 .poll_again(store, cx, || store.acquire(key, member, rate, false)));
         }

@@ -101,6 +101,7 @@ pub(crate) enum KeyHashing {
     Random(RandomState),
     /// The same in every process (SipHash with zero keys), for keys kept in a shared store.
     /// Stable for processes built by the same Rust release.
+    #[cfg(feature = "redis")]
     Stable,
 }
 
@@ -110,6 +111,7 @@ impl BuildHasher for KeyHashing {
     fn build_hasher(&self) -> DefaultHasher {
         match self {
             Self::Random(state) => state.build_hasher(),
+            #[cfg(feature = "redis")]
             Self::Stable => DefaultHasher::new(),
         }
     }

@@ -5,3 +5,5 @@ pub(crate) mod future;
 pub(crate) mod key;
 pub(crate) mod service;
 pub(crate) mod state;
+#[cfg(feature = "redis")]
+mod store;

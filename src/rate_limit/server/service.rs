@@ -10,14 +10,13 @@ use std::time::Duration;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::{RejectFuture, StoreHit};
-use super::key::{Extracted, KeyHashing, MissingKey, ANONYMOUS};
+use super::future::RejectFuture;
+use super::key::{Extracted, MissingKey, ANONYMOUS};
 use super::state::{KeyedRoute, Refused};
 use crate::rate_limit::builder::RejectConfig;
 use crate::rate_limit::layer::Reject;
 use crate::rate_limit::reject::{rejection, RejectReason, RejectResponse};
 use crate::rate_limit::service::RateLimitByRouteService;
-use crate::readiness::waiting_clone;
 use crate::route::request_path;
 
 impl<S, B, ResBody, F> Service<Request<B>> for RateLimitByRouteService<S, Reject<F>>
@@ -73,6 +72,7 @@ where
                 }
             },
         };
+        #[cfg(feature = "redis")]
         if config.store.is_some() {
             return self.call_store(request, index, key);
         }
@@ -83,6 +83,7 @@ where
     }
 }
 
+#[cfg(feature = "redis")]
 impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
     /// A request whose verdict a shared store gives. It waits for the store with a clone of
     /// the inner service, readied once the verdict is in.
@@ -96,7 +97,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
     where
         S: Service<Request<B>>,
     {
-        let inner = waiting_clone(&mut self.inner);
+        let inner = crate::readiness::waiting_clone(&mut self.inner);
         let shared = &self.mode.0;
         let config = &shared.config;
         let Some(store) = &config.store else {
@@ -105,22 +106,16 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
         let route = &shared.routes[index];
         let stable = match config
             .key
-            .extract(&request, &KeyHashing::Stable, config.ipv6_prefix)
+            .extract(&request, &super::key::KeyHashing::Stable, config.ipv6_prefix)
         {
             Extracted::Key(key) => key,
             Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
         };
         let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
         let call = store.acquire(&name, &store.member(), &route.rate(), true);
-        RejectFuture::store(StoreHit {
-            inner,
-            request: Some(request),
-            call,
-            layer: Reject(shared.clone()),
-            route: index,
-            local_key: key,
-            admitted: None,
-        })
+        let layer = Reject(shared.clone());
+        let hit = super::store::StoreHit::new(inner, request, call, layer, index, key);
+        RejectFuture::store(hit)
     }
 }
 

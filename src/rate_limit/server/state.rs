@@ -85,6 +85,7 @@ impl KeyedRoute {
         lock(&self.shards[0]).rate.quota
     }
 
+    #[cfg(feature = "redis")]
     pub(crate) fn rate(&self) -> Rate {
         lock(&self.shards[0]).rate
     }
@@ -118,6 +119,7 @@ impl KeyedRoute {
 
     /// The fields of a response admitted with `remaining` left, all counted gone after
     /// `reset` (a shared store's count).
+    #[cfg(feature = "redis")]
     pub(crate) fn stamp(&self, remaining: u32, reset: Duration) -> Stamp {
         Stamp {
             policy: lock(&self.shards[0]).policy.clone(),

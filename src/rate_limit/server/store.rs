@@ -1,0 +1,149 @@
+//! Server mode over a shared store: a request's verdict comes from the store, counted for its
+//! client across the fleet, and only an admitted request readies the inner service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::future::State;
+use super::state::{Refused, Stamp};
+use crate::rate_limit::layer::Reject;
+use crate::rate_limit::reject::{rejection, RejectReason, RejectResponse};
+use crate::store::{Decision, FailMode, StoreCall, StoreError};
+
+/// A request whose verdict the shared store is deciding, with a clone of the inner service
+/// that is readied once the request may go.
+pub(crate) struct StoreHit<S, B, F> {
+    inner: S,
+    layer: Reject<F>,
+    route: usize,
+    /// The client's key in this process's own limiter, for [`FailMode::Open`].
+    local_key: u64,
+    step: Step<B>,
+}
+
+enum Step<B> {
+    /// The store is deciding.
+    Deciding { call: StoreCall, request: Request<B> },
+    /// Admitted, with the fields of its response, while the inner service gets ready.
+    Readying {
+        request: Request<B>,
+        stamp: Option<Stamp>,
+    },
+    /// Sent, or refused.
+    Decided,
+}
+
+/// What a request whose verdict the store gave becomes.
+type NextState<S, B, F> = State<
+    <S as Service<Request<B>>>::Future,
+    <S as Service<Request<B>>>::Response,
+    Box<StoreHit<S, B, F>>,
+>;
+
+impl<S, B, F> StoreHit<S, B, F> {
+    pub(super) fn new(
+        inner: S,
+        request: Request<B>,
+        call: StoreCall,
+        layer: Reject<F>,
+        route: usize,
+        local_key: u64,
+    ) -> Self {
+        Self {
+            inner,
+            layer,
+            route,
+            local_key,
+            step: Step::Deciding { call, request },
+        }
+    }
+}
+
+impl<S, B, F, ResBody> StoreHit<S, B, F>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    F: RejectResponse<ResBody>,
+{
+    /// Waits for the store's verdict; once admitted, readies the inner service and sends.
+    pub(super) fn poll_verdict(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<NextState<S, B, F>, S::Error>> {
+        loop {
+            match &mut self.step {
+                Step::Deciding { call, .. } => {
+                    let decision = ready!(Pin::new(call).poll(cx));
+                    let Step::Deciding { request, .. } =
+                        std::mem::replace(&mut self.step, Step::Decided)
+                    else {
+                        unreachable!()
+                    };
+                    match self.verdict(decision) {
+                        Ok(stamp) => self.step = Step::Readying { request, stamp },
+                        Err(refused) => {
+                            let shared = &self.layer.0;
+                            let name = &shared.routes[self.route].name;
+                            let response = rejection(&shared.config, name, refused);
+                            return Poll::Ready(Ok(State::Rejected { response }));
+                        }
+                    }
+                }
+                Step::Readying { .. } => {
+                    // Admitted: only now is the inner service driven ready.
+                    let ready = ready!(self.inner.poll_ready(cx));
+                    let Step::Readying { request, stamp } =
+                        std::mem::replace(&mut self.step, Step::Decided)
+                    else {
+                        unreachable!()
+                    };
+                    ready?;
+                    let future = self.inner.call(request);
+                    return Poll::Ready(Ok(State::Inner { future, stamp }));
+                }
+                Step::Decided => unreachable!("a store verdict polled after it was given"),
+            }
+        }
+    }
+
+    /// What the store's answer means for this request: the fields of its response, or why
+    /// it is refused.
+    fn verdict(&self, decision: Result<Decision, StoreError>) -> Result<Option<Stamp>, Refused> {
+        let shared = &self.layer.0;
+        let route = &shared.routes[self.route];
+        let config = &shared.config;
+        let refused = |wait: Duration, reason| Refused {
+            wait,
+            quota: route.quota(),
+            reason,
+        };
+        match decision {
+            Ok(Decision::Counted { remaining, reset }) if config.headers => {
+                Ok(Some(route.stamp(remaining, reset)))
+            }
+            Ok(Decision::Admitted | Decision::Counted { .. }) => Ok(None),
+            // Nothing is in flight in server mode; should it ever be, a period is safe.
+            Ok(Decision::Wait(wait)) => Err(refused(
+                wait.unwrap_or(route.quota().period()),
+                RejectReason::Quota,
+            )),
+            Err(error) => match config.store.as_ref().map(|s| s.fail_mode()) {
+                Some(FailMode::Closed) => {
+                    tracing::warn!(%error, "the shared quota store failed: refusing");
+                    Err(refused(
+                        Duration::from_secs(1),
+                        RejectReason::StoreUnavailable,
+                    ))
+                }
+                _ => {
+                    tracing::warn!(%error, "the shared quota store failed: counting against this server's own quota");
+                    route.hit(self.local_key, shared.clock.now(), config.headers)
+                }
+            },
+        }
+    }
+}

@@ -21,7 +21,9 @@ use super::state::{PlanState, SlotTicket};
 use crate::clock::Nanos;
 use crate::BoxError;
 
-/// What the request is to the plan, decided when it is called.
+/// What the request is to the plan, decided when it is called. Once answered it is marked so
+/// here, rather than by moving the whole state to `Done`: that would copy the state, inner
+/// future and all, on the path of every request.
 #[derive(Debug)]
 pub(crate) enum Role {
     /// Nothing: passes through.
@@ -32,6 +34,8 @@ pub(crate) enum Role {
     Status(Arc<PlanState>, Box<str>),
     /// Lists jobs.
     List(Arc<PlanState>),
+    /// Its answer has been returned.
+    Answered,
 }
 
 /// The store path of a create, when the crate has one.
@@ -263,34 +267,29 @@ where
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The path of nearly every request, kept small: sent at once, answered.
-        if let Some(answer) = poll_called(self.as_mut().project().state, cx) {
-            return answer;
+        if let StateProj::Called { future, role } = self.as_mut().project().state.project() {
+            return poll_answer(future, role, cx);
         }
         self.poll_slow(cx)
     }
 }
 
-/// The answer of a sent request, and what it means to the plan; `None` if the request is
-/// not sent yet.
+/// The answer of a sent request, and what it means to the plan.
 #[inline(always)]
-fn poll_called<F, W, P, ResBody, E>(
-    mut state: Pin<&mut State<F, W, P>>,
+fn poll_answer<F, ResBody, E>(
+    future: Pin<&mut F>,
+    role: &mut Role,
     cx: &mut Context<'_>,
-) -> Option<Poll<Result<Response<PlanBody<ResBody>>, BoxError>>>
+) -> Poll<Result<Response<PlanBody<ResBody>>, BoxError>>
 where
     F: Future<Output = Result<Response<ResBody>, E>>,
     E: Into<BoxError>,
 {
-    let StateProj::Called { future, role } = state.as_mut().project() else {
-        return None;
-    };
-    let result = match future.poll(cx) {
-        Poll::Ready(result) => result,
-        Poll::Pending => return Some(Poll::Pending),
-    };
-    let answer = respond(role, result);
-    state.set(State::Done);
-    Some(Poll::Ready(answer))
+    if let Role::Answered = role {
+        panic!("plan `ResponseFuture` polled after completion");
+    }
+    let result = ready!(future.poll(cx));
+    Poll::Ready(respond(role, result))
 }
 
 impl<S, B, ResBody> ResponseFuture<S, B>
@@ -306,11 +305,8 @@ where
     ) -> Poll<Result<Response<PlanBody<ResBody>>, BoxError>> {
         let mut state = self.project().state;
         loop {
-            if let Some(answer) = poll_called(state.as_mut(), cx) {
-                return answer;
-            }
             match state.as_mut().project() {
-                StateProj::Called { .. } => unreachable!("answered above"),
+                StateProj::Called { future, role } => return poll_answer(future, role, cx),
                 StateProj::Waiting { waiting } => {
                     let readied = match ready!(waiting.poll_ready(cx)) {
                         Ok(readied) => readied,
@@ -367,7 +363,7 @@ where
                             return Poll::Ready(Err(error));
                         }
                         state.set(State::Waiting {
-                            waiting: Box::new(store.into_waiting()),
+                            waiting: Box::new((*store).into_waiting()),
                         });
                     }
                     #[cfg(not(feature = "redis"))]
@@ -394,7 +390,9 @@ fn respond<ResBody, E: Into<BoxError>>(
     result: Result<Response<ResBody>, E>,
 ) -> Result<Response<PlanBody<ResBody>>, BoxError> {
     if let Role::Other = role {
-        // Nearly every request: nothing to watch.
+        // Nearly every request: nothing to watch. (`Other` owns nothing: forgetting it spares
+        // a call to its drop glue on this path.)
+        std::mem::forget(std::mem::replace(role, Role::Answered));
         return match result {
             Ok(response) => Ok(response.map(PlanBody::plain)),
             Err(error) => Err(error.into()),
@@ -409,12 +407,13 @@ fn respond_watched<ResBody, E: Into<BoxError>>(
     role: &mut Role,
     result: Result<Response<ResBody>, E>,
 ) -> Result<Response<PlanBody<ResBody>>, BoxError> {
+    let role = std::mem::replace(role, Role::Answered);
     // On an error the request was sent and its outcome is unknown: the hold, dropped with the
     // role, stays held as such (in in-flight mode it is given back).
     let mut response = result.map_err(Into::into)?;
     let status = response.status();
-    let observer = match std::mem::replace(role, Role::Other) {
-        Role::Other | Role::Create(None) => None,
+    let observer = match role {
+        Role::Other | Role::Create(None) | Role::Answered => None,
         Role::Create(Some(hold)) => {
             if hold.in_flight_mode() {
                 return Ok(

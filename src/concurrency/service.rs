@@ -115,7 +115,11 @@ impl<S> ConcurrencyLimitByPlanService<S> {
     /// that the in-memory path stays as small as it was.
     #[cfg(feature = "redis")]
     #[inline(never)]
-    fn create_store<B>(&mut self, request: Request<B>, store: crate::store::StoreHandle) -> ResponseFuture<S, B>
+    fn create_store<B>(
+        &mut self,
+        request: Request<B>,
+        store: crate::store::StoreHandle,
+    ) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {

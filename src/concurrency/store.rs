@@ -71,13 +71,13 @@ impl<S, B> StoreSlot<S, B> {
     }
 
     /// The create, holding its slot, to be sent once its service is ready.
-    pub(super) fn into_waiting(self: Box<Self>) -> WaitingCreate<S, B> {
+    pub(super) fn into_waiting(self) -> WaitingCreate<S, B> {
         let Self {
             inner,
             request,
             slot,
             ..
-        } = *self;
+        } = self;
         WaitingCreate::holding(inner, request, slot)
     }
 

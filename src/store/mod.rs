@@ -28,9 +28,9 @@
 //! ```
 
 use std::fmt;
+use std::time::Duration;
 #[cfg(feature = "redis")]
 use std::{future::Future, pin::Pin};
-use std::time::Duration;
 
 #[cfg(feature = "redis")]
 use sync_wrapper::SyncFuture;
@@ -111,7 +111,10 @@ pub(crate) type StoreHandle = RedisStore;
 /// store path, it holds this uninhabited type, and the code that would make one is not
 /// compiled.
 #[cfg(not(feature = "redis"))]
-pub(crate) struct NoStore<T>(std::convert::Infallible, std::marker::PhantomData<fn() -> T>);
+pub(crate) struct NoStore<T>(
+    std::convert::Infallible,
+    std::marker::PhantomData<fn() -> T>,
+);
 
 #[cfg(not(feature = "redis"))]
 impl<T> NoStore<T> {

@@ -5,6 +5,7 @@
 mod common;
 
 mod against_mock;
+mod completion;
 mod e2e;
 mod hostile;
 mod integration;

@@ -43,8 +43,8 @@ pin_project! {
     #[project = StateProj]
     #[project_replace = StateReplace]
     enum State<F, W, P> {
-        // Sent, holding its place (none on a route without a quota).
-        Called { #[pin] future: F, permit: Option<Permit> },
+        // Sent, with what it holds.
+        Called { hold: Hold, #[pin] future: F },
         // Waiting for its turn in the route's queue, or readying its service once it came
         // (boxed: only a request that waits needs it).
         Waiting { waiting: W },
@@ -52,9 +52,21 @@ pin_project! {
         Store { store: P },
         // Returned unsent.
         Refused { error: RateLimitError },
-        // Answered.
+        // Answered, or returned unsent.
         Done,
     }
+}
+
+/// What a sent request holds until its answer. Once answered it is marked so here, rather
+/// than by moving the whole state to `Done`: that would copy the state, inner future and all,
+/// on the path of every request.
+enum Hold {
+    /// Nothing: its route has no quota.
+    Nothing,
+    /// Its place in the route's quota.
+    Place(Permit),
+    /// Its answer has been returned.
+    Answered,
 }
 
 /// A request that is not sent at once, with its own clone of the inner service, driven ready
@@ -149,7 +161,9 @@ impl<S, B> Waiting<S, B> {
     ) -> Result<Self, RateLimitError> {
         let turn = match admission {
             super::state::Admission::Now(permit) => LocalTurn::Held(permit.unsent()),
-            super::state::Admission::Queued(ticket) => LocalTurn::Queued(QueuedTurn::new(ticket, max_wait)),
+            super::state::Admission::Queued(ticket) => {
+                LocalTurn::Queued(QueuedTurn::new(ticket, max_wait))
+            }
             super::state::Admission::Refused(error) => return Err(error),
         };
         Ok(Self {
@@ -198,9 +212,25 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn called(future: S::Future, permit: Option<Permit>) -> Self {
+    /// Sent at once, holding `permit`.
+    #[inline]
+    pub(crate) fn called(future: S::Future, permit: Permit) -> Self {
         Self {
-            state: State::Called { future, permit },
+            state: State::Called {
+                future,
+                hold: Hold::Place(permit),
+            },
+        }
+    }
+
+    /// Sent at once, on a route without a quota.
+    #[inline]
+    pub(crate) fn passed(future: S::Future) -> Self {
+        Self {
+            state: State::Called {
+                future,
+                hold: Hold::Nothing,
+            },
         }
     }
 
@@ -247,38 +277,34 @@ where
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The path of nearly every request, kept small: sent at once, answered.
-        if let Some(answer) = poll_called(self.as_mut().project().state, cx) {
-            return answer;
+        if let StateProj::Called { future, hold } = self.as_mut().project().state.project() {
+            return poll_answer(future, hold, cx);
         }
         self.poll_slow(cx)
     }
 }
 
-/// The answer of a sent request, its place given back (learning from the response); `None`
-/// if the request is not sent yet.
+/// The answer of a sent request; what it held is given back (learning from the response).
 #[inline(always)]
-fn poll_called<F, W, P, ResBody, E>(
-    mut state: Pin<&mut State<F, W, P>>,
+fn poll_answer<F, ResBody, E>(
+    future: Pin<&mut F>,
+    hold: &mut Hold,
     cx: &mut Context<'_>,
-) -> Option<Poll<Result<Response<ResBody>, BoxError>>>
+) -> Poll<Result<Response<ResBody>, BoxError>>
 where
     F: Future<Output = Result<Response<ResBody>, E>>,
     E: Into<BoxError>,
 {
-    let StateProj::Called { future, permit } = state.as_mut().project() else {
-        return None;
-    };
-    let result = match future.poll(cx) {
-        Poll::Ready(result) => result,
-        Poll::Pending => return Some(Poll::Pending),
-    };
-    match (permit.take(), &result) {
-        (Some(permit), Ok(response)) => permit.answered(response),
-        // The server may have counted it: the drop gives the place back as abandoned.
-        (permit, _) => drop(permit),
+    if let Hold::Answered = hold {
+        panic!("client-mode `ResponseFuture` polled after completion");
     }
-    state.set(State::Done);
-    Some(Poll::Ready(result.map_err(Into::into)))
+    let result = ready!(future.poll(cx));
+    match (std::mem::replace(hold, Hold::Answered), &result) {
+        (Hold::Place(permit), Ok(response)) => permit.answered(response),
+        // The server may have counted it: the drop gives the place back as abandoned.
+        (hold, _) => drop(hold),
+    }
+    Poll::Ready(result.map_err(Into::into))
 }
 
 impl<S, B, ResBody> ResponseFuture<S, B>
@@ -294,11 +320,8 @@ where
     ) -> Poll<Result<Response<ResBody>, BoxError>> {
         let mut state = self.project().state;
         loop {
-            if let Some(answer) = poll_called(state.as_mut(), cx) {
-                return answer;
-            }
             match state.as_mut().project() {
-                StateProj::Called { .. } => unreachable!("answered above"),
+                StateProj::Called { future, hold } => return poll_answer(future, hold, cx),
                 StateProj::Waiting { waiting } => {
                     if let Err(error) = ready!(waiting.poll_ready(cx)) {
                         // Never sent: leaves the queue, or gives its place back entirely,
@@ -306,14 +329,15 @@ where
                         state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }
-                    let StateReplace::Waiting { waiting } = state.as_mut().project_replace(State::Done)
+                    let StateReplace::Waiting { waiting } =
+                        state.as_mut().project_replace(State::Done)
                     else {
                         unreachable!()
                     };
                     let (future, permit) = waiting.send();
                     state.set(State::Called {
                         future,
-                        permit: Some(permit),
+                        hold: Hold::Place(permit),
                     });
                 }
                 StateProj::Store { store } => {
@@ -323,17 +347,12 @@ where
                             state.set(State::Done);
                             return Poll::Ready(answer);
                         }
-                        super::store::StoreNext::Local(local) => {
-                            let waiting = match local {
-                                Ok(waiting) => waiting,
-                                Err(error) => {
-                                    state.set(State::Done);
-                                    return Poll::Ready(Err(error.into()));
-                                }
-                            };
-                            state.set(State::Waiting {
-                                waiting: Box::new(waiting),
-                            });
+                        super::store::StoreNext::Local(Ok(waiting)) => {
+                            state.set(State::Waiting { waiting });
+                        }
+                        super::store::StoreNext::Local(Err(error)) => {
+                            state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
                         }
                     }
                     #[cfg(not(feature = "redis"))]

@@ -29,7 +29,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let shared = &self.mode.0;
         let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {
-            return ResponseFuture::called(self.inner.call(request), None);
+            return ResponseFuture::passed(self.inner.call(request));
         };
         #[cfg(feature = "redis")]
         if let Some(store) = &shared.config.store {
@@ -37,9 +37,7 @@ where
             return self.call_store(route, store, request);
         }
         match admit(shared, route, true) {
-            Admission::Now(permit) => {
-                ResponseFuture::called(self.inner.call(request), Some(permit))
-            }
+            Admission::Now(permit) => ResponseFuture::called(self.inner.call(request), permit),
             Admission::Queued(ticket) => {
                 let max_wait = shared.config.max_wait;
                 ResponseFuture::queued(waiting_clone(&mut self.inner), request, ticket, max_wait)

@@ -186,7 +186,7 @@ impl TurnTicket {
                     self.queued = false;
                     return Turn::Admitted(Permit {
                         shared: self.shared.clone(),
-                        route: self.route,
+                        route: self.route as u32,
                         stage: Stage::Unsent,
                     });
                 }
@@ -232,7 +232,9 @@ impl Drop for TurnTicket {
 #[derive(Debug)]
 pub(crate) struct Permit {
     shared: ClientHandle,
-    route: usize,
+    /// The route's index (`u32`, so that a sent request's state stays small enough to be
+    /// moved without a call to `memcpy`; a table never holds that many routes).
+    route: u32,
     stage: Stage,
 }
 
@@ -302,7 +304,7 @@ impl Permit {
         }
         Some(Self {
             shared: shared.clone(),
-            route,
+            route: route as u32,
             stage: Stage::Sent,
         })
     }
@@ -321,7 +323,7 @@ impl Permit {
 
     /// The response is back: give the place back and learn what the server says.
     pub(crate) fn answered<B>(mut self, response: &Response<B>) {
-        let route = &self.shared.routes[self.route];
+        let route = &self.shared.routes[self.route as usize];
         let answered = self.shared.clock.now();
         let mut guard = lock(&route.state);
         let state = &mut *guard;
@@ -342,7 +344,7 @@ impl Permit {
     #[inline(never)]
     fn give_back(&mut self) {
         let dropped = self.shared.clock.now();
-        let mut guard = lock(&self.shared.routes[self.route].state);
+        let mut guard = lock(&self.shared.routes[self.route as usize].state);
         let state = &mut *guard;
         let now = state.seen(dropped);
         match self.stage {

@@ -57,7 +57,7 @@ pub(crate) enum StoreNext<S, B, R> {
     Answer(Result<R, BoxError>),
     /// The store failed open: the request falls back to its route in this process (`Err`:
     /// refused there).
-    Local(Result<Waiting<S, B>, RateLimitError>),
+    Local(Result<Box<Waiting<S, B>>, RateLimitError>),
 }
 
 impl<S, B> StoreRequest<S, B>
@@ -110,7 +110,8 @@ where
                         Outcome::Failed(error) => {
                             tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
                             let admission = admit(&turn.handle, turn.route, false);
-                            let local = Waiting::local(inner, request, admission, turn.max_wait);
+                            let local = Waiting::local(inner, request, admission, turn.max_wait)
+                                .map(Box::new);
                             return Poll::Ready(StoreNext::Local(local));
                         }
                     }

@@ -104,10 +104,11 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
             unreachable!("called with a store");
         };
         let route = &shared.routes[index];
-        let stable = match config
-            .key
-            .extract(&request, &super::key::KeyHashing::Stable, config.ipv6_prefix)
-        {
+        let stable = match config.key.extract(
+            &request,
+            &super::key::KeyHashing::Stable,
+            config.ipv6_prefix,
+        ) {
             Extracted::Key(key) => key,
             Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
         };

@@ -28,7 +28,10 @@ pub(crate) struct StoreHit<S, B, F> {
 
 enum Step<B> {
     /// The store is deciding.
-    Deciding { call: StoreCall, request: Request<B> },
+    Deciding {
+        call: StoreCall,
+        request: Request<B>,
+    },
     /// Admitted, with the fields of its response, while the inner service gets ready.
     Readying {
         request: Request<B>,

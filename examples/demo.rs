@@ -28,7 +28,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use sync_mock::{Algorithm, Config, Endpoint, MockServer, Stats};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_quota::backoff::Schedule;
-use tower_quota::{Backoff429, BoxError, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
+use tower_quota::presets::sync;
+use tower_quota::{BoxError, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
 
 struct Args {
     plan: Plan,
@@ -230,7 +231,8 @@ async fn run(args: &Args, naive: bool, bar: ProgressBar) -> Result<Outcome, BoxE
             .default_quota(quota(600))
             .build()?;
         let plan = ConcurrencyLimitByPlan::new(args.plan);
-        let backoff = Backoff429::builder()
+        // Sync's preset: its `errorCode` tells the concurrency 429s their own schedule.
+        let backoff = sync::backoff()
             .base_delay(Duration::from_secs(1) / scale)
             .max_delay(minute)
             .concurrency_schedule(

@@ -18,7 +18,8 @@ use hyper_util::rt::TokioExecutor;
 use sync_mock::{Config, MockServer};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_quota::concurrency::Job;
-use tower_quota::{Backoff429, BoxError, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
+use tower_quota::presets::sync;
+use tower_quota::{BoxError, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -46,7 +47,7 @@ async fn main() -> Result<(), BoxError> {
             .long_poll(Duration::from_secs(10))
             .run(),
     );
-    let backoff = Backoff429::builder()
+    let backoff = sync::backoff()
         .base_delay(Duration::from_secs(1) / SCALE)
         .build()?;
     let svc = ServiceBuilder::new()

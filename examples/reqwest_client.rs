@@ -15,7 +15,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use sync_mock::{Config, MockServer};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
-use tower_quota::{Backoff429, BoxError, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
+use tower_quota::presets::sync;
+use tower_quota::{BoxError, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
 
 /// reqwest as a tower `Service<http::Request<Bytes>>`.
 fn reqwest_service(
@@ -49,7 +50,7 @@ async fn main() -> Result<(), BoxError> {
     let plan = ConcurrencyLimitByPlan::new(Plan::Creator);
     let svc = ServiceBuilder::new()
         .layer(
-            Backoff429::builder()
+            sync::backoff()
                 .base_delay(Duration::from_secs(1) / SCALE)
                 .build()?,
         )

@@ -22,9 +22,10 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use sync_mock::{webhook, Config, MockServer};
+use sync_mock::{Config, MockServer};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_quota::concurrency::Job;
+use tower_quota::presets::sync::{verify_webhook, SIGNATURE_HEADER};
 use tower_quota::{BoxError, ConcurrencyLimitByPlan, Plan};
 
 const SECRET: &str = "whsec_example";
@@ -36,13 +37,13 @@ async fn on_webhook(
     body: Bytes,
 ) -> StatusCode {
     let signature = headers
-        .get(webhook::SIGNATURE_HEADER)
+        .get(SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    if webhook::verify(SECRET, signature, &body, now, Duration::from_secs(300)).is_err() {
+    if verify_webhook(SECRET, signature, &body, now, Duration::from_secs(300)).is_err() {
         return StatusCode::UNAUTHORIZED;
     }
     let Ok(generation) = serde_json::from_slice::<serde_json::Value>(&body) else {

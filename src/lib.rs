@@ -63,6 +63,7 @@ pub mod headers;
 mod json;
 mod limiter;
 mod lock;
+pub mod presets;
 mod queue;
 mod quota;
 pub mod rate_limit;

@@ -1046,3 +1046,108 @@ fn plans_serialize_as_their_text() {
     );
     assert!(serde_json::from_str::<Plan>(r#""enterprise:0""#).is_err());
 }
+
+#[tokio::test]
+async fn a_layer_for_any_api_names_its_job_routes_and_active_statuses() {
+    // Nothing of Sync's is assumed: without a job route or an active status, no layer.
+    let error = ConcurrencyLimitByPlan::builder_with_limit(1)
+        .active_statuses(["queued"])
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("job_route"), "{error}");
+    let error = ConcurrencyLimitByPlan::builder_with_limit(1)
+        .job_route("POST /v1/renders")
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("active_statuses"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_layer_for_any_api_holds_its_jobs_by_its_own_routes_and_statuses() {
+    let done = Arc::new(Mutex::new(false));
+    let renders = Arc::new(Mutex::new(0));
+    let api = {
+        let (done, renders) = (done.clone(), renders.clone());
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            let status = if *done.lock().unwrap() {
+                "done"
+            } else {
+                "running"
+            };
+            let body = match (request.method().as_str(), request.uri().path()) {
+                ("POST", "/v1/renders") => {
+                    let mut renders = renders.lock().unwrap();
+                    *renders += 1;
+                    format!(r#"{{"id":"r{renders}","status":"queued"}}"#)
+                }
+                ("GET", "/v1/renders/r1") => format!(r#"{{"id":"r1","status":"{status}"}}"#),
+                _ => "{}".to_owned(),
+            };
+            async move { Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(body)))) }
+        })
+    };
+    let plan = ConcurrencyLimitByPlan::builder_with_limit(1)
+        .job_route("POST /v1/renders")
+        .status_route("GET /v1/renders/{id}")
+        .active_statuses(["queued", "running"])
+        .build()
+        .unwrap();
+    let svc: Svc = tower::util::BoxCloneService::new(plan.layer(api));
+    let render = || {
+        Request::post("http://api.test/v1/renders")
+            .body(Full::default())
+            .unwrap()
+    };
+    send(&svc, render()).await.unwrap();
+    assert_eq!(plan.in_use(), 1, "a `queued` render holds the slot");
+    // Sync's create route means nothing here: it passes, taking no slot.
+    send(&svc, create()).await.unwrap();
+    let mut second = tokio_test::task::spawn(send(&svc, render()));
+    assert_pending!(second.poll());
+    send(&svc, get("/v1/renders/r1")).await.unwrap();
+    assert_eq!(plan.in_use(), 1, "a `running` render still holds it");
+    assert_pending!(second.poll());
+    *done.lock().unwrap() = true;
+    send(&svc, get("/v1/renders/r1")).await.unwrap();
+    settle().await;
+    assert_ready!(second.poll()).unwrap();
+    assert_eq!(plan.in_use(), 1, "the second render holds it now");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_adds_the_query_it_is_given_to_each_poll() {
+    let plan = ConcurrencyLimitByPlan::new(Plan::Creator);
+    let api = Api::default();
+    send(&stack(&plan, &api), create()).await.unwrap();
+    let polled = Arc::new(Mutex::new(Vec::new()));
+    let below = {
+        let (api, polled) = (api.clone(), polled.clone());
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            polled.lock().unwrap().push(request.uri().to_string());
+            let answer = api.answer(&request);
+            async move { answer }
+        })
+    };
+    let watch = tokio::spawn(
+        plan.watch(below.clone(), "http://api.test")
+            .query("?fields=status")
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    watch.abort();
+    let sync = tokio::spawn(
+        plan.watch(below, "http://api.test")
+            .long_poll(Duration::from_millis(1500))
+            .run(),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sync.abort();
+    assert_eq!(
+        *polled.lock().unwrap(),
+        [
+            "http://api.test/v2/generate/job-1?fields=status",
+            // Sync's long poll, in whole seconds.
+            "http://api.test/v2/generate/job-1?wait=true&timeout=1",
+        ]
+    );
+}

@@ -1,5 +1,6 @@
 //! Which limit a refused response is about: [`LimitKind`], and the default classifier that
-//! reads Sync's `errorCode`.
+//! takes every 429 for a rate-limit refusal (a vendor's preset tells them apart, as
+//! [`presets::sync::error_code`](crate::presets::sync::error_code) does).
 
 use std::fmt;
 use std::sync::Arc;
@@ -33,11 +34,7 @@ impl fmt::Display for LimitKind {
 /// body.
 pub(crate) type Classifier = Arc<dyn Fn(&Parts, &[u8]) -> LimitKind + Send + Sync>;
 
-/// Reads Sync's `errorCode`: `concurrency_limit_reached` is a concurrency 429, anything else
-/// (`rate_limit_exceeded`, no code, no JSON) a rate-limit one.
-pub(crate) fn sync_error_code(_: &Parts, body: &[u8]) -> LimitKind {
-    match crate::json::field(body, "errorCode").as_deref() {
-        Some("concurrency_limit_reached") => LimitKind::Concurrency,
-        _ => LimitKind::Rate,
-    }
+/// The default: a 429 is about a request rate, as HTTP defines it ("Too Many Requests").
+pub(crate) fn every_429_is_rate(_: &Parts, _: &[u8]) -> LimitKind {
+    LimitKind::Rate
 }

@@ -10,7 +10,7 @@ use tower::retry::budget::Budget;
 use tower_layer::Layer;
 
 use super::budget::RetryBudget;
-use super::classify::{sync_error_code, Classifier, LimitKind};
+use super::classify::{every_429_is_rate, Classifier, LimitKind};
 use super::random::Random;
 use super::schedule::{Jitter, Schedule};
 use super::service::Backoff429Service;
@@ -27,6 +27,8 @@ pub(crate) struct BackoffConfig {
     pub(crate) deadline: Option<Duration>,
     pub(crate) budget: Arc<dyn Budget + Send + Sync>,
     pub(crate) classifier: Classifier,
+    /// Whether a classifier was given (the default tells no concurrency 429 apart).
+    pub(crate) classifies: bool,
     pub(crate) idempotency_header: Option<HeaderName>,
     pub(crate) error_on_exhaustion: bool,
     pub(crate) max_body: usize,
@@ -73,6 +75,12 @@ impl BackoffConfig {
         self.rate.validate()?;
         if let Some(concurrency) = &self.concurrency {
             concurrency.validate()?;
+            if !self.classifies {
+                return Err(ConfigError::InvalidSetting {
+                    name: "concurrency_schedule",
+                    reason: "no classifier tells a concurrency 429 apart, so it would never apply: set one with classify (presets::sync::error_code reads Sync's)",
+                });
+            }
         }
         if self.deadline.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::InvalidSetting {
@@ -124,10 +132,12 @@ impl Default for Backoff429 {
 }
 
 impl Backoff429 {
-    /// The vendor's advice: 5 retries, 1, 2, 4, 8, 16 s apart before jitter
-    /// ([`Jitter::Equal`]); concurrency 429s on the same schedule; no deadline; the default
-    /// [`RetryBudget`] (retries at most 20% of requests, beyond 10 a second); transient
-    /// failures not retried.
+    /// Vendor-neutral defaults: 5 retries, 1, 2, 4, 8, 16 s apart before jitter
+    /// ([`Jitter::Equal`]), as the common advice for a 429 goes (Sync's among others); every
+    /// 429 taken for a rate-limit refusal (see [`classify`](Self::classify)); no deadline; the
+    /// default [`RetryBudget`] (retries at most 20% of requests, beyond 10 a second);
+    /// transient failures not retried. [`presets::sync::backoff`](crate::presets::sync::backoff)
+    /// adds Sync's classifier.
     pub fn new() -> Self {
         Self {
             config: Arc::new(BackoffConfig {
@@ -136,7 +146,8 @@ impl Backoff429 {
                 transient: false,
                 deadline: None,
                 budget: Arc::new(RetryBudget::default()),
-                classifier: Arc::new(sync_error_code),
+                classifier: Arc::new(every_429_is_rate),
+                classifies: false,
                 idempotency_header: None,
                 error_on_exhaustion: false,
                 max_body: 64 * 1024,
@@ -198,7 +209,9 @@ impl Backoff429 {
     }
 
     /// A schedule of its own for concurrency 429s, whose slots free when jobs end (often
-    /// minutes): for example `Schedule::new().base_delay(Duration::from_secs(15))`.
+    /// minutes): for example `Schedule::new().base_delay(Duration::from_secs(15))`. It needs a
+    /// classifier ([`classify`](Self::classify)) that tells those 429s apart: without one,
+    /// [`build`](Self::build) fails, since the schedule would never apply.
     pub fn concurrency_schedule(self, schedule: Schedule) -> Self {
         self.with(|c| c.concurrency = Some(schedule))
     }
@@ -227,12 +240,16 @@ impl Backoff429 {
 
     /// Tells a rate-limit 429 from a concurrency one. The closure gets the response head and
     /// the start of its body, as much as was read (see [`max_body`](Self::max_body)).
-    /// Default: Sync's JSON `errorCode`.
+    /// Default: every 429 is a rate-limit refusal. Sync's JSON `errorCode` is read by
+    /// [`presets::sync::error_code`](crate::presets::sync::error_code).
     pub fn classify<F>(self, classify: F) -> Self
     where
         F: Fn(&Parts, &[u8]) -> LimitKind + Send + Sync + 'static,
     {
-        self.with(|c| c.classifier = Arc::new(classify))
+        self.with(|c| {
+            c.classifier = Arc::new(classify);
+            c.classifies = true;
+        })
     }
 
     /// Also retries transient failures: 502, 503, 504 and connection errors. Requests that

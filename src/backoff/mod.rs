@@ -1,8 +1,8 @@
 //! Retries that respect the server: [`Backoff429`].
 //!
-//! The vendor's advice for a 429 is to wait and retry with exponential backoff (1 s, 2 s, 4 s,
-//! 8 s, 16 s), never in a tight loop, and to treat a rate-limit 429 apart from a concurrency
-//! one. This layer does that, and gets right what retry layers commonly get wrong:
+//! The common advice for a 429 (Sync's among others) is to wait and retry with exponential
+//! backoff (1 s, 2 s, 4 s, 8 s, 16 s), never in a tight loop, and to treat a rate-limit 429
+//! apart from a concurrency one. This layer does that, and gets right what retry layers commonly get wrong:
 //!
 //! - **What the server says wins.** `Retry-After` (delta-seconds or HTTP-date),
 //!   `retry-after-ms`, and the reset of `RateLimit` / `X-RateLimit-Reset` set the least wait:
@@ -14,9 +14,11 @@
 //!   than `max_delay`, and the default jitter ([`Jitter::Equal`]) keeps every wait between
 //!   half and all of the nominal delay. Delays saturate: no valid setting panics, however
 //!   large.
-//! - **Which limit**: a classifier reads the refusal's JSON `errorCode` (Sync's
-//!   `rate_limit_exceeded` / `concurrency_limit_reached`), or a closure of yours; each kind
-//!   can have its own [`Schedule`]. The body read to classify is not lost: the response the
+//! - **Which limit**: a classifier of yours, or a vendor's (Sync's JSON `errorCode`,
+//!   `rate_limit_exceeded` / `concurrency_limit_reached`:
+//!   [`presets::sync::error_code`](crate::presets::sync::error_code)), tells a rate-limit 429
+//!   from a concurrency one, and each kind can have its own [`Schedule`]; by default every 429
+//!   is a rate-limit one. The body read to classify is not lost: the response the
 //!   caller finally gets carries all of it. The read is bounded in bytes
 //!   ([`Backoff429::max_body`], 64 KiB), in frames ([`Backoff429::max_read_frames`], 1,024)
 //!   and in time ([`Backoff429::max_read_time`], 10 s): at a bound the layer stops reading

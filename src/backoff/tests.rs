@@ -115,7 +115,8 @@ proptest! {
         max_read_frames in any::<usize>(),
         max_read_time in duration(),
     ) {
-        let mut backoff = Backoff429::new()
+        // From a preset that tells concurrency 429s apart, which a concurrency schedule needs.
+        let mut backoff = crate::presets::sync::backoff()
             .schedule(rate)
             .max_body(max_body)
             .max_read_frames(max_read_frames)
@@ -135,6 +136,23 @@ proptest! {
                 && max_body <= 16 << 20
         );
     }
+}
+
+#[test]
+fn a_concurrency_schedule_without_a_classifier_is_invalid() {
+    let schedule = Schedule::new().base_delay(Duration::from_secs(15));
+    let error = Backoff429::new()
+        .concurrency_schedule(schedule)
+        .validate()
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("concurrency_schedule"),
+        "{error}"
+    );
+    let classified = Backoff429::new()
+        .concurrency_schedule(schedule)
+        .classify(crate::presets::sync::error_code);
+    assert!(classified.validate().is_ok());
 }
 
 #[test]

@@ -19,7 +19,27 @@ use super::state::{PlanConfig, PlanState, RouteKind};
 #[cfg(feature = "redis")]
 use super::store::listen;
 
-/// Builds a [`ConcurrencyLimitByPlan`]; from [`ConcurrencyLimitByPlan::builder`].
+/// Builds a [`ConcurrencyLimitByPlan`]: from [`ConcurrencyLimitByPlan::builder_with_limit`]
+/// with nothing assumed of the API, or from a preset
+/// ([`presets::sync::plan`](crate::presets::sync::plan), which
+/// [`ConcurrencyLimitByPlan::builder`] starts from).
+///
+/// Without a preset, name the routes that create jobs and the statuses in which a job holds a
+/// slot; the status and list routes are optional, and the JSON fields default to `id` and
+/// `status`:
+///
+/// ```
+/// use tower_quota::ConcurrencyLimitByPlan;
+/// # fn main() -> Result<(), tower_quota::ConfigError> {
+/// let jobs = ConcurrencyLimitByPlan::builder_with_limit(4)
+///     .job_route("POST /v1/renders")
+///     .status_route("GET /v1/renders/{id}")
+///     .active_statuses(["queued", "running"])
+///     .build()?;
+/// # drop(jobs);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `.build()`"]
 pub struct Builder {
@@ -27,6 +47,9 @@ pub struct Builder {
     job_routes: Option<Vec<String>>,
     status_routes: Option<Vec<String>>,
     list_routes: Option<Vec<String>>,
+    /// A preset's job, status and list routes: the ones used where no route of a kind is
+    /// given.
+    default_routes: Option<[&'static str; 3]>,
     id_param: String,
     id_field: String,
     status_field: String,
@@ -41,16 +64,18 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub(super) fn new(plan: Plan) -> Self {
+    /// Nothing assumed of the API: no route, no active status.
+    pub(crate) fn new(plan: Plan) -> Self {
         Self {
             plan,
             job_routes: None,
             status_routes: None,
             list_routes: None,
+            default_routes: None,
             id_param: "id".into(),
             id_field: "id".into(),
             status_field: "status".into(),
-            active: vec!["PENDING".into(), "PROCESSING".into()],
+            active: Vec::new(),
             max_job_life: Duration::from_secs(3600),
             max_prefix: 64 * 1024,
             max_queue: None,
@@ -61,8 +86,20 @@ impl Builder {
         }
     }
 
+    /// A preset's routes of each kind, used where none of that kind is given.
+    pub(crate) fn default_routes(
+        mut self,
+        job: &'static str,
+        status: &'static str,
+        list: &'static str,
+    ) -> Self {
+        self.default_routes = Some([job, status, list]);
+        self
+    }
+
     /// A route whose requests create a job and need a slot, as `"METHOD /path"`. The first call
-    /// replaces the default (`POST /v2/generate`); later calls add routes.
+    /// replaces a preset's (Sync's `POST /v2/generate`); later calls add routes. At least
+    /// one is needed.
     pub fn job_route(mut self, pattern: impl Into<String>) -> Self {
         self.job_routes
             .get_or_insert_with(Vec::new)
@@ -71,9 +108,9 @@ impl Builder {
     }
 
     /// A route whose responses show one job, named by the pattern's parameter
-    /// [`id_param`](Self::id_param) (`"GET /v2/generate/{id}"`, the default), whatever other
+    /// [`id_param`](Self::id_param) (Sync's `"GET /v2/generate/{id}"`), whatever other
     /// parameters it has (`"GET /v2/projects/{project}/generations/{id}"`). The first call
-    /// replaces the default. A status route without that parameter makes
+    /// replaces a preset's. A status route without that parameter makes
     /// [`build`](Self::build) fail with a [`ConfigError::InvalidRoute`] naming it.
     pub fn status_route(mut self, pattern: impl Into<String>) -> Self {
         self.status_routes
@@ -82,8 +119,8 @@ impl Builder {
         self
     }
 
-    /// A route whose responses are a JSON array of jobs (`"GET /v2/generations"`, the
-    /// default). The first call replaces the default.
+    /// A route whose responses are a JSON array of jobs (Sync's `"GET /v2/generations"`).
+    /// The first call replaces a preset's.
     pub fn list_route(mut self, pattern: impl Into<String>) -> Self {
         self.list_routes
             .get_or_insert_with(Vec::new)
@@ -110,8 +147,8 @@ impl Builder {
         self
     }
 
-    /// The statuses in which a job holds a slot (default `PENDING`, `PROCESSING`); any other
-    /// is terminal.
+    /// The statuses in which a job holds a slot (Sync's `PENDING`, `PROCESSING`); any other
+    /// is terminal. At least one is needed.
     pub fn active_statuses<I>(mut self, statuses: I) -> Self
     where
         I: IntoIterator,
@@ -205,33 +242,31 @@ impl Builder {
         if self.active.is_empty() {
             return Err(ConfigError::InvalidSetting {
                 name: "active_statuses",
-                reason: "at least one status must hold a slot",
+                reason: "name the statuses in which a job holds a slot (presets::sync::plan names Sync's)",
+            });
+        }
+        if self.job_routes.as_ref().is_none_or(Vec::is_empty) && self.default_routes.is_none() {
+            return Err(ConfigError::InvalidSetting {
+                name: "job_route",
+                reason: "name the routes that create jobs (presets::sync::plan names Sync's)",
             });
         }
         self.assemble()
     }
 
     pub(super) fn assemble(self) -> Result<ConcurrencyLimitByPlan, ConfigError> {
-        let defaults = |routes: Option<Vec<String>>, default: &str| {
-            routes.unwrap_or_else(|| vec![default.to_owned()])
+        let preset = self.default_routes;
+        let defaults = |routes: Option<Vec<String>>, kind: usize| {
+            routes.unwrap_or_else(|| preset.map(|p| vec![p[kind].to_owned()]).unwrap_or_default())
         };
         let mut table = RouteTable::default();
         let mut kinds = Vec::new();
         let mut watch_path = None;
         let mut unwatchable = Vec::new();
         let groups = [
-            (
-                RouteKind::Create,
-                defaults(self.job_routes, "POST /v2/generate"),
-            ),
-            (
-                RouteKind::Status,
-                defaults(self.status_routes, "GET /v2/generate/{id}"),
-            ),
-            (
-                RouteKind::List,
-                defaults(self.list_routes, "GET /v2/generations"),
-            ),
+            (RouteKind::Create, defaults(self.job_routes, 0)),
+            (RouteKind::Status, defaults(self.status_routes, 1)),
+            (RouteKind::List, defaults(self.list_routes, 2)),
         ];
         for (kind, patterns) in groups {
             for text in patterns {
@@ -243,7 +278,7 @@ impl Builder {
                         return Err(ConfigError::InvalidRoute {
                             pattern: text,
                             reason: format!(
-                                "a status route names the job id with the parameter `{{{id_param}}}` (Builder::id_param), as in `/v2/generate/{{{id_param}}}`"
+                                "a status route names the job id with the parameter `{{{id_param}}}` (Builder::id_param), as in `/jobs/{{{id_param}}}`"
                             ),
                         });
                     };

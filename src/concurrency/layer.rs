@@ -20,7 +20,7 @@ use super::state::PlanState;
 ///
 /// A job API counts concurrency in jobs: a Sync generation holds one of the plan's slots while
 /// it is `PENDING` or `PROCESSING`, long after the `POST /v2/generate` that created it has
-/// returned. Requests on the job routes (`POST /v2/generate` by default) wait in a fair FIFO
+/// returned. Requests on the job routes (Sync's `POST /v2/generate`) wait in a fair FIFO
 /// queue until a slot is free; the slot is then held for the job's whole life. See the
 /// [module docs](super) for the life of a slot.
 ///
@@ -61,9 +61,11 @@ pub struct PlanSnapshot {
 }
 
 impl ConcurrencyLimitByPlan {
-    /// A layer for `plan` with the defaults: job route `POST /v2/generate`, status route
-    /// `GET /v2/generate/{id}`, list route `GET /v2/generations`, id field `id`, status field
-    /// `status`, active statuses `PENDING` and `PROCESSING`, a maximum job life of one hour.
+    /// A layer for Sync's `plan`, as the [`presets::sync`](crate::presets::sync) preset counts
+    /// it: job route `POST /v2/generate`, status route `GET /v2/generate/{id}`, list route
+    /// `GET /v2/generations`, id field `id`, status field `status`, active statuses `PENDING`
+    /// and `PROCESSING`, a maximum job life of one hour. For another API, start from
+    /// [`builder_with_limit`](Self::builder_with_limit).
     ///
     /// `Enterprise(0)` allows no job: it is logged once, at `error` level, and every
     /// job-creating request fails at once with
@@ -74,20 +76,29 @@ impl ConcurrencyLimitByPlan {
         if let Err(error) = plan.checked_limit() {
             tracing::error!(%error, %plan, "ConcurrencyLimitByPlan allows no job: its job requests will fail");
         }
-        match Builder::new(plan).assemble() {
+        match crate::presets::sync::plan(plan).assemble() {
             Ok(layer) => layer,
-            Err(error) => unreachable!("the default routes are valid: {error}"),
+            Err(error) => unreachable!("the preset's routes are valid: {error}"),
         }
     }
 
-    /// A layer allowing `limit` jobs at once, for APIs with other plan names. Zero is an error.
+    /// Sync's routes and job JSON (as [`new`](Self::new)) with a limit of `limit` jobs at
+    /// once, for plans under other names. Zero is an error.
     pub fn with_limit(limit: usize) -> Result<Self, ConfigError> {
         Self::builder(Plan::Enterprise(limit)).build()
     }
 
-    /// A builder, to set the routes, the JSON fields, the queue's bounds and the job life.
+    /// A builder for Sync's `plan`, starting from the [`presets::sync`](crate::presets::sync)
+    /// preset (as [`new`](Self::new)), to change the routes, the JSON fields, the queue's
+    /// bounds and the job life.
     pub fn builder(plan: Plan) -> Builder {
-        Builder::new(plan)
+        crate::presets::sync::plan(plan)
+    }
+
+    /// A builder for any API's jobs, `limit` at once, assuming nothing of it: name the routes
+    /// that create jobs and the statuses in which a job holds a slot (see [`Builder`]).
+    pub fn builder_with_limit(limit: usize) -> Builder {
+        Builder::new(Plan::Enterprise(limit))
     }
 
     /// Job `id` is over (for example, a webhook said so): its slot is given back. False when

@@ -3,8 +3,9 @@
 //! A job API counts concurrency in jobs, not requests. A Sync generation holds one of the
 //! plan's slots (Hobbyist 1, Creator 3, Growth 6, Scale 15, Enterprise custom) while it is
 //! `PENDING` or `PROCESSING`, minutes after the `POST /v2/generate` that created it returned,
-//! and a create over the plan gets a 429. This layer is the client-side queue the vendor
-//! advises: job-creating requests wait, first come first served, inside their response
+//! and a create over the plan gets a 429 (the [`presets::sync`](crate::presets::sync) preset
+//! knows its routes and statuses; any other job API names its own, see [`Builder`]). This
+//! layer is the client-side queue the vendor advises: job-creating requests wait, first come first served, inside their response
 //! futures until a slot is free, and each slot is held for its job's whole life.
 //!
 //! # The life of a slot
@@ -18,9 +19,9 @@
 //!   [`Builder::max_prefix`] bytes of it are kept. The response carries a [`Job`] in its
 //!   extensions, whose [`Job::id`] is set once the body has shown it.
 //! - The slot is then **held until the first of**: a response passing through the layer shows
-//!   the job in a terminal state (the status route `GET /v2/generate/{id}`, a 404 there, or
-//!   the list route `GET /v2/generations`; any status but `PENDING` and `PROCESSING` is
-//!   terminal by default); [`ConcurrencyLimitByPlan::complete`] (from a webhook, even one
+//!   the job in a terminal state (a status route, Sync's `GET /v2/generate/{id}`, a 404
+//!   there, or a list route, Sync's `GET /v2/generations`; any status but the active ones,
+//!   Sync's `PENDING` and `PROCESSING`, is terminal); [`ConcurrencyLimitByPlan::complete`] (from a webhook, even one
 //!   that comes before the create's body has shown the id: while a create is in flight such
 //!   an id is remembered, for the maximum job life and at most the last 4,096 of them, and
 //!   the slot is given back as soon as the body shows it);

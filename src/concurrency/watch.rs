@@ -27,7 +27,8 @@ pub struct Watch<S> {
     service: S,
     origin: String,
     interval: Duration,
-    long_poll: Option<Duration>,
+    /// Added to each status URI: a long poll's query, or nothing.
+    query: String,
 }
 
 impl<S> Watch<S> {
@@ -37,7 +38,7 @@ impl<S> Watch<S> {
             service,
             origin: origin.trim_end_matches('/').to_owned(),
             interval: Duration::from_secs(5),
-            long_poll: None,
+            query: String::new(),
         }
     }
 
@@ -47,12 +48,18 @@ impl<S> Watch<S> {
         self
     }
 
-    /// Long-polls instead: each poll asks the server to answer when the job ends or after
-    /// `timeout`, in Sync's form (`?wait=true&timeout=<seconds>`). A job's end is then seen
-    /// the moment it happens, with one request per job per `timeout`.
-    pub fn long_poll(mut self, timeout: Duration) -> Self {
-        self.long_poll = Some(timeout);
+    /// A query added to each status URI (`?...`), for example an API's long poll: the
+    /// server then answers when the job ends, and a job's end is seen the moment it happens.
+    pub fn query(mut self, query: impl Into<String>) -> Self {
+        self.query = query.into();
         self
+    }
+
+    /// Sync's long poll: each poll asks the server to answer when the job ends or after
+    /// `timeout` ([`presets::sync::long_poll`](crate::presets::sync::long_poll)), with one
+    /// request per job per `timeout`.
+    pub fn long_poll(self, timeout: Duration) -> Self {
+        self.query(crate::presets::sync::long_poll(timeout))
     }
 
     /// Watches the held jobs. Never ends: drop the future, or abort its task, to stop.
@@ -71,10 +78,7 @@ impl<S> Watch<S> {
                 return;
             }
         };
-        let query = match self.long_poll {
-            Some(timeout) => format!("?wait=true&timeout={}", timeout.as_secs().max(1)),
-            None => String::new(),
-        };
+        let query = &self.query;
         let interval = nanos(self.interval);
         shared.watches.fetch_add(1, Ordering::Relaxed);
         let _running = Running(&shared.watches);

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_quota::backoff::{BackoffError, Jitter, Retried, Schedule};
+use tower_quota::presets::sync;
 use tower_quota::{Backoff429, ConcurrencyLimitByPlan, ConfigError, Plan, ServiceBuilderExt};
 
 /// One scripted answer.
@@ -137,8 +138,9 @@ async fn send(
     Ok((status, body, retried))
 }
 
+/// Sync's preset (its refusals' `errorCode` tells a concurrency 429 apart), without jitter.
 fn exact() -> Backoff429 {
-    Backoff429::new().jitter(Jitter::None)
+    sync::backoff().jitter(Jitter::None)
 }
 
 #[tokio::test(start_paused = true)]

@@ -18,6 +18,7 @@ use sync_mock::{Config, MockServer};
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_quota::backoff::{Jitter, Retried, Schedule};
+use tower_quota::presets::sync;
 use tower_quota::{Backoff429, BoxError, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
 
 /// An axum server whose first `refusals` calls get a 429, with `Retry-After: 2` if asked.
@@ -170,7 +171,7 @@ async fn the_full_stack_against_the_local_api_with_a_wrong_plan() {
             .long_poll(Duration::from_secs(10))
             .run(),
     );
-    let backoff = Backoff429::new().concurrency_schedule(
+    let backoff = sync::backoff().concurrency_schedule(
         Schedule::new()
             .base_delay(Duration::from_secs(2))
             .factor(1.5)

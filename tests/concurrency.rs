@@ -650,9 +650,26 @@ async fn a_create_answered_terminal_holds_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_queue_and_the_wait_are_bounded() {
+async fn the_queue_is_bounded() {
     let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
         .max_queue(1)
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let svc = stack(&plan, &api);
+    send(&svc, create()).await.unwrap();
+    let _waiting = spawn_create(&svc);
+    settle().await;
+    let full = send(&svc, create()).await.unwrap_err();
+    assert_eq!(
+        full.downcast_ref::<ConcurrencyError>(),
+        Some(&ConcurrencyError::QueueFull { max_queue: 1 })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_is_bounded() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
         .max_wait(Duration::from_secs(30))
         .build()
         .unwrap();
@@ -662,11 +679,6 @@ async fn the_queue_and_the_wait_are_bounded() {
     let start = Instant::now();
     let waiting = spawn_create(&svc);
     settle().await;
-    let full = send(&svc, create()).await.unwrap_err();
-    assert_eq!(
-        full.downcast_ref::<ConcurrencyError>(),
-        Some(&ConcurrencyError::QueueFull { max_queue: 1 })
-    );
     let too_long = waiting.await.unwrap().unwrap_err();
     assert!(matches!(
         too_long.downcast_ref::<ConcurrencyError>(),
@@ -771,10 +783,18 @@ async fn a_plan_allowing_no_job_is_a_typed_error() {
     assert!(ConcurrencyLimitByPlan::builder(Plan::Enterprise(0))
         .build()
         .is_err());
+}
+
+#[tokio::test]
+async fn a_status_route_with_no_parameter_is_a_typed_error() {
     assert!(ConcurrencyLimitByPlan::builder(Plan::Scale)
         .status_route("GET /v2/generate")
         .build()
         .is_err());
+}
+
+#[tokio::test]
+async fn a_plan_allowing_no_job_made_by_new_fails_each_job_request() {
     // `new` is infallible: each job request fails with a clear error instead.
     let plan = ConcurrencyLimitByPlan::new(Plan::Enterprise(0));
     let api = Api::default();

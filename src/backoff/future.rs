@@ -217,7 +217,7 @@ impl<S, B> Retry<S, B> {
                 return None;
             }
             Err(GiveUp::ServerAsksTooLong) => {
-                tracing::debug!(asked = ?hint, max_delay = ?schedule.cap, "the server asks for a longer wait than the schedule's maximum: giving up");
+                tracing::debug!(asked = ?hint, max_delay = ?schedule.max_delay, "the server asks for a longer wait than the schedule's maximum: giving up");
                 return None;
             }
             Err(GiveUp::PastDeadline(wait)) => {

@@ -21,8 +21,9 @@ const MAX_BODY: usize = 16 << 20;
 
 #[derive(Clone)]
 pub(crate) struct BackoffConfig {
-    pub(crate) rate: Schedule,
-    pub(crate) concurrency: Option<Schedule>,
+    /// The schedule of rate-limit 429s, and of the others unless they have their own.
+    pub(crate) rate_schedule: Schedule,
+    pub(crate) concurrency_schedule: Option<Schedule>,
     pub(crate) transient: bool,
     pub(crate) deadline: Option<Duration>,
     pub(crate) budget: Arc<dyn Budget + Send + Sync>,
@@ -40,8 +41,8 @@ pub(crate) struct BackoffConfig {
 impl fmt::Debug for BackoffConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackoffConfig")
-            .field("rate", &self.rate)
-            .field("concurrency", &self.concurrency)
+            .field("rate_schedule", &self.rate_schedule)
+            .field("concurrency_schedule", &self.concurrency_schedule)
             .field("transient", &self.transient)
             .field("deadline", &self.deadline)
             .field("idempotency_header", &self.idempotency_header)
@@ -56,8 +57,11 @@ impl fmt::Debug for BackoffConfig {
 impl BackoffConfig {
     pub(crate) fn schedule(&self, kind: LimitKind) -> &Schedule {
         match kind {
-            LimitKind::Concurrency => self.concurrency.as_ref().unwrap_or(&self.rate),
-            _ => &self.rate,
+            LimitKind::Concurrency => self
+                .concurrency_schedule
+                .as_ref()
+                .unwrap_or(&self.rate_schedule),
+            _ => &self.rate_schedule,
         }
     }
 
@@ -72,8 +76,8 @@ impl BackoffConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        self.rate.validate()?;
-        if let Some(concurrency) = &self.concurrency {
+        self.rate_schedule.validate()?;
+        if let Some(concurrency) = &self.concurrency_schedule {
             concurrency.validate()?;
             if !self.classifies {
                 return Err(ConfigError::InvalidSetting {
@@ -141,8 +145,8 @@ impl Backoff429 {
     pub fn new() -> Self {
         Self {
             config: Arc::new(BackoffConfig {
-                rate: Schedule::default(),
-                concurrency: None,
+                rate_schedule: Schedule::default(),
+                concurrency_schedule: None,
                 transient: false,
                 deadline: None,
                 budget: Arc::new(RetryBudget::default()),
@@ -180,32 +184,32 @@ impl Backoff429 {
 
     /// At most this many retries of one request (default 5).
     pub fn max_retries(self, n: u32) -> Self {
-        self.with(|c| c.rate.max_retries = n)
+        self.with(|c| c.rate_schedule.max_retries = n)
     }
 
     /// The first retry's nominal delay (default 1 s, at least a millisecond).
     pub fn base_delay(self, delay: Duration) -> Self {
-        self.with(|c| c.rate.base = delay)
+        self.with(|c| c.rate_schedule.base_delay = delay)
     }
 
     /// How much each delay grows on the one before (default 2).
     pub fn factor(self, factor: f64) -> Self {
-        self.with(|c| c.rate.factor = factor)
+        self.with(|c| c.rate_schedule.factor = factor)
     }
 
     /// The longest nominal delay (default 60 s).
     pub fn max_delay(self, cap: Duration) -> Self {
-        self.with(|c| c.rate.cap = cap)
+        self.with(|c| c.rate_schedule.max_delay = cap)
     }
 
     /// How waits are spread (default [`Jitter::Equal`], never zero).
     pub fn jitter(self, jitter: Jitter) -> Self {
-        self.with(|c| c.rate.jitter = jitter)
+        self.with(|c| c.rate_schedule.jitter = jitter)
     }
 
     /// The whole schedule for rate-limit 429s (and, unless set apart, the others).
     pub fn schedule(self, schedule: Schedule) -> Self {
-        self.with(|c| c.rate = schedule)
+        self.with(|c| c.rate_schedule = schedule)
     }
 
     /// A schedule of its own for concurrency 429s, whose slots free when jobs end (often
@@ -213,7 +217,7 @@ impl Backoff429 {
     /// classifier ([`classify`](Self::classify)) that tells those 429s apart: without one,
     /// [`build`](Self::build) fails, since the schedule would never apply.
     pub fn concurrency_schedule(self, schedule: Schedule) -> Self {
-        self.with(|c| c.concurrency = Some(schedule))
+        self.with(|c| c.concurrency_schedule = Some(schedule))
     }
 
     /// The most time one request may spend, counted from its call: the first attempt, the

@@ -26,9 +26,9 @@ pub enum Jitter {
 /// (`Retry-After` and its kin) always wins when it asks for longer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {
-    pub(crate) base: Duration,
+    pub(crate) base_delay: Duration,
     pub(crate) factor: f64,
-    pub(crate) cap: Duration,
+    pub(crate) max_delay: Duration,
     pub(crate) max_retries: u32,
     pub(crate) jitter: Jitter,
 }
@@ -37,9 +37,9 @@ impl Default for Schedule {
     /// The vendor's advice: 1 s, 2 s, 4 s, 8 s, 16 s (before jitter), five retries.
     fn default() -> Self {
         Self {
-            base: Duration::from_secs(1),
+            base_delay: Duration::from_secs(1),
             factor: 2.0,
-            cap: Duration::from_secs(60),
+            max_delay: Duration::from_secs(60),
             max_retries: 5,
             jitter: Jitter::Equal,
         }
@@ -60,7 +60,7 @@ impl Schedule {
 
     /// The first retry's nominal delay (at least a millisecond).
     pub fn base_delay(mut self, delay: Duration) -> Self {
-        self.base = delay;
+        self.base_delay = delay;
         self
     }
 
@@ -72,7 +72,7 @@ impl Schedule {
 
     /// The longest nominal delay (at least the base delay).
     pub fn max_delay(mut self, cap: Duration) -> Self {
-        self.cap = cap;
+        self.max_delay = cap;
         self
     }
 
@@ -84,7 +84,7 @@ impl Schedule {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |name, reason| Err(ConfigError::InvalidSetting { name, reason });
-        if self.base < MIN_WAIT {
+        if self.base_delay < MIN_WAIT {
             return invalid(
                 "base_delay",
                 "must be at least a millisecond: a shorter wait is a tight loop",
@@ -93,7 +93,7 @@ impl Schedule {
         if !self.factor.is_finite() || self.factor < 1.0 {
             return invalid("factor", "must be a finite number of at least 1");
         }
-        if self.cap < self.base {
+        if self.max_delay < self.base_delay {
             return invalid("max_delay", "must be at least the base delay");
         }
         Ok(())
@@ -103,8 +103,9 @@ impl Schedule {
     /// however large the numbers.
     pub(crate) fn nominal(&self, retry: u32) -> Duration {
         let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
-        let secs = self.base.as_secs_f64() * self.factor.powi(exponent);
-        Duration::try_from_secs_f64(secs).map_or(self.cap, |nominal| nominal.min(self.cap))
+        let secs = self.base_delay.as_secs_f64() * self.factor.powi(exponent);
+        Duration::try_from_secs_f64(secs)
+            .map_or(self.max_delay, |nominal| nominal.min(self.max_delay))
     }
 
     /// The wait before retry number `retry`, after `previous` (the last wait), with `unit` a
@@ -120,10 +121,13 @@ impl Schedule {
                 half + share(nominal - half, 1.0 - unit)
             }
             Jitter::Decorrelated => {
-                let high = previous.max(self.base).saturating_mul(3).min(self.cap);
-                self.base
-                    .saturating_add(share(high.saturating_sub(self.base), unit))
-                    .min(self.cap)
+                let high = previous
+                    .max(self.base_delay)
+                    .saturating_mul(3)
+                    .min(self.max_delay);
+                self.base_delay
+                    .saturating_add(share(high.saturating_sub(self.base_delay), unit))
+                    .min(self.max_delay)
             }
         };
         wait.max(MIN_WAIT)
@@ -167,7 +171,7 @@ impl Schedule {
         if retry > self.max_retries {
             return Err(GiveUp::NoRetriesLeft);
         }
-        if hint.is_some_and(|asked| asked > self.cap) {
+        if hint.is_some_and(|asked| asked > self.max_delay) {
             return Err(GiveUp::ServerAsksTooLong);
         }
         let wait = self

@@ -70,18 +70,18 @@ proptest! {
         left in proptest::option::of(duration()),
     ) {
         prop_assume!(schedule.validate().is_ok());
-        let cap = schedule.cap;
+        let max_delay = schedule.max_delay;
         let wait = schedule.wait(retry, previous, unit);
-        prop_assert!(wait >= MIN_WAIT && wait <= cap, "wait {wait:?}, max_delay {cap:?}");
+        prop_assert!(wait >= MIN_WAIT && wait <= max_delay, "wait {wait:?}, max_delay {max_delay:?}");
         match schedule.next_wait(retry, previous, unit, hint, left) {
             Ok(wait) => {
                 prop_assert!(retry <= schedule.max_retries);
-                prop_assert!(wait >= MIN_WAIT && wait <= cap, "wait {wait:?}, max_delay {cap:?}");
+                prop_assert!(wait >= MIN_WAIT && wait <= max_delay, "wait {wait:?}, max_delay {max_delay:?}");
                 prop_assert!(wait >= hint.unwrap_or_default(), "wait {wait:?}, asked {hint:?}");
                 prop_assert!(left.is_none_or(|left| wait < left), "wait {wait:?}, left {left:?}");
             }
             Err(GiveUp::NoRetriesLeft) => prop_assert!(retry > schedule.max_retries),
-            Err(GiveUp::ServerAsksTooLong) => prop_assert!(hint.is_some_and(|h| h > cap)),
+            Err(GiveUp::ServerAsksTooLong) => prop_assert!(hint.is_some_and(|h| h > max_delay)),
             Err(GiveUp::PastDeadline(wait)) => {
                 prop_assert!(left.is_some_and(|left| wait >= left));
             }
@@ -96,10 +96,10 @@ proptest! {
     ) {
         let schedule = schedule.jitter(Jitter::None);
         prop_assume!(schedule.validate().is_ok());
-        let exact = schedule.base.as_secs_f64() * schedule.factor.powi(retry as i32 - 1);
-        let expected = exact.min(schedule.cap.as_secs_f64());
+        let exact = schedule.base_delay.as_secs_f64() * schedule.factor.powi(retry as i32 - 1);
+        let expected = exact.min(schedule.max_delay.as_secs_f64());
         let wait = schedule.wait(retry, Duration::ZERO, 0.5);
-        prop_assert!(wait <= schedule.cap);
+        prop_assert!(wait <= schedule.max_delay);
         // As exact as floating point goes (huge durations lose their nanoseconds).
         let error = (wait.as_secs_f64() - expected).abs();
         prop_assert!(error <= expected * 1e-9 + 1e-9, "{wait:?} for {expected} s");

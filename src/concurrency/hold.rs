@@ -111,7 +111,7 @@ impl Drop for HoldGuard {
 pub(super) fn unknown_in_store(shared: &PlanState, member: Option<StoreMember>) {
     if let (Some(store), Some(member)) = (&shared.store, member) {
         shared.counts().release(ReleaseReason::Store);
-        store.slot_unknown(&member, shared.lease());
+        store.slot_unknown(&member, shared.job_lease());
     }
 }
 

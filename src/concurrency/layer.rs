@@ -124,7 +124,7 @@ impl ConcurrencyLimitByPlan {
         #[cfg(feature = "redis")]
         if let (false, Some(store)) = (held, &self.shared.store) {
             // Held elsewhere, or not bound anywhere yet: the fleet remembers it as done.
-            store.job_done(id, self.shared.lease());
+            store.job_done(id, self.shared.job_lease());
         }
         held
     }
@@ -163,7 +163,7 @@ impl ConcurrencyLimitByPlan {
             // Jobs other processes hold, gone from the list, are given back too; their creates
             // still in flight are left alone (no list can show them yet).
             let active = ids.iter().map(|id| id.as_ref().to_owned()).collect();
-            store.jobs_reconcile(active, as_of, self.shared.clock, self.shared.lease());
+            store.jobs_reconcile(active, as_of, self.shared.clock, self.shared.job_lease());
         }
         self.shared.notify();
     }

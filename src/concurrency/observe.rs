@@ -121,7 +121,7 @@ impl Observer {
                     if terminal || completed {
                         store.slot_release(&member);
                     } else {
-                        store.slot_bind(&member, &id, shared.lease());
+                        store.slot_bind(&member, &id, shared.job_lease());
                     }
                 }
                 let _ = job.id.set(id.into());

@@ -92,7 +92,7 @@ pub(crate) enum Bound {
 pub(crate) struct Slots {
     limit: usize,
     /// The maximum life of a hold that nobody will release (a job, or an unknown outcome).
-    lease: Nanos,
+    job_lease: Nanos,
     /// Creates taken, sent or about to be, and not answered (their guards hold them).
     in_flight: usize,
     /// When each create with an unknown outcome was found to be one, oldest first.
@@ -116,10 +116,10 @@ pub(crate) struct Slots {
 }
 
 impl Slots {
-    pub(crate) fn new(limit: usize, lease: Nanos) -> Self {
+    pub(crate) fn new(limit: usize, job_lease: Nanos) -> Self {
         Self {
             limit,
-            lease,
+            job_lease,
             in_flight: 0,
             unknown: VecDeque::new(),
             jobs: HashMap::new(),
@@ -293,19 +293,19 @@ impl Slots {
 
     /// Whether `id` was completed early, within the lease; forgets it either way.
     fn completed_early(&mut self, id: &str, now: Nanos) -> bool {
-        let lease = self.lease;
+        let job_lease = self.job_lease;
         let at = self.early.remove(&self.hasher.hash_one(id));
         self.forget_early(now);
-        at.is_some_and(|at| at.saturating_add(lease) > now)
+        at.is_some_and(|at| at.saturating_add(job_lease) > now)
     }
 
     /// Forgets early completes older than the lease.
     fn forget_early(&mut self, now: Nanos) {
-        let lease = self.lease;
+        let job_lease = self.job_lease;
         while self
             .early_order
             .front()
-            .is_some_and(|&(_, at)| at.saturating_add(lease) <= now)
+            .is_some_and(|&(_, at)| at.saturating_add(job_lease) <= now)
         {
             self.pop_early();
         }
@@ -402,8 +402,8 @@ impl Slots {
 
     /// Releases holds older than the lease; returns when the next one expires.
     pub(crate) fn expire(&mut self, now: Nanos) -> Option<Nanos> {
-        let lease = self.lease;
-        let expired = |since: Nanos| since.saturating_add(lease) <= now;
+        let job_lease = self.job_lease;
+        let expired = |since: Nanos| since.saturating_add(job_lease) <= now;
         if self.jobs.values().any(|j| expired(j.since)) {
             let old: Vec<Box<str>> = self
                 .jobs
@@ -426,7 +426,7 @@ impl Slots {
             .into_iter()
             .flatten()
             .min()
-            .map(|since| since.saturating_add(lease))
+            .map(|since| since.saturating_add(job_lease))
     }
 
     /// A new plan: more slots wake waiters at once; fewer take effect as holds are given back.

@@ -112,11 +112,11 @@ impl SlotsGuard<'_> {
         let effects = std::mem::take(&mut self.slots.effects);
         #[cfg(feature = "redis")]
         if let Some(store) = &self.shared.store {
-            let lease = self.shared.lease();
+            let job_lease = self.shared.job_lease();
             for effect in effects {
                 match effect {
-                    Effect::Finished(id) => store.job_done(&id, lease),
-                    Effect::Active(id) => store.job_active(&id, lease),
+                    Effect::Finished(id) => store.job_done(&id, job_lease),
+                    Effect::Active(id) => store.job_active(&id, job_lease),
                 }
             }
         }
@@ -158,7 +158,7 @@ impl PlanState {
 
     /// The most a held job's slot lives: its lease in the shared store.
     #[cfg(feature = "redis")]
-    pub(crate) fn lease(&self) -> Duration {
+    pub(crate) fn job_lease(&self) -> Duration {
         self.config.max_job_life
     }
 

@@ -36,8 +36,8 @@ impl<S, B> StoreSlot<S, B> {
         deadline: Option<Nanos>,
     ) -> Self {
         let member: StoreMember = Box::new(format!("c:{}", store.member()));
-        let (limit, lease) = (shared.slots().limit(), shared.lease());
-        let poll = StorePoll::new(&store, || store.slot_acquire(limit, lease, &member));
+        let (limit, job_lease) = (shared.slots().limit(), shared.job_lease());
+        let poll = StorePoll::new(&store, || store.slot_acquire(limit, job_lease, &member));
         Self {
             inner,
             request,
@@ -107,10 +107,10 @@ impl<S, B> StoreSlot<S, B> {
             };
             let store = &self.store;
             let limit = shared.slots().limit();
-            let lease = shared.lease();
+            let job_lease = shared.job_lease();
             ready!(self
                 .poll
-                .poll_again(store, cx, || store.slot_acquire(limit, lease, member)));
+                .poll_again(store, cx, || store.slot_acquire(limit, job_lease, member)));
         }
     }
 }

@@ -46,7 +46,8 @@ struct Inner {
     channel: String,
     timeout: Duration,
     fail_mode: FailMode,
-    lease: Duration,
+    /// How long a place in flight is held at most (client mode).
+    in_flight_lease: Duration,
     poll: Duration,
     released: Arc<Notify>,
     /// Makes this process's members unique in the fleet.
@@ -96,7 +97,7 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     fail_mode: FailMode,
-    lease: Duration,
+    in_flight_lease: Duration,
     poll: Duration,
 }
 
@@ -109,7 +110,7 @@ impl RedisStore {
             prefix: "tower-quota".to_owned(),
             timeout: Duration::from_millis(250),
             fail_mode: FailMode::Open,
-            lease: Duration::from_secs(120),
+            in_flight_lease: Duration::from_secs(120),
             poll: Duration::from_millis(500),
         }
     }
@@ -209,7 +210,7 @@ impl RedisStore {
             nanos(rate.margin),
             nanos(rate.interval),
             rate.burst.max(1).to_string(),
-            micros(self.inner.lease),
+            micros(self.inner.in_flight_lease),
             member.into(),
             micros(span),
             self.inner.channel.clone(),
@@ -239,12 +240,17 @@ impl RedisStore {
 
 impl RedisStore {
     /// Takes one of `limit` job slots for a create about to be sent, held as `member` for at
-    /// most `lease`.
-    pub(crate) fn slot_acquire(&self, limit: usize, lease: Duration, member: &str) -> StoreCall {
+    /// most `job_lease`.
+    pub(crate) fn slot_acquire(
+        &self,
+        limit: usize,
+        job_lease: Duration,
+        member: &str,
+    ) -> StoreCall {
         self.run_slots(vec![
             "acquire".into(),
             limit.to_string(),
-            micros(lease),
+            micros(job_lease),
             member.into(),
         ])
     }
@@ -252,8 +258,13 @@ impl RedisStore {
     /// The create held as `member` made job `id`. If the job is already over somewhere in the
     /// fleet (completed before this bind arrived), the slot is given back instead and the
     /// creator hears of it as of a job done elsewhere.
-    pub(crate) fn slot_bind(&self, member: &str, id: &str, lease: Duration) {
-        self.spawn(self.run_slots(vec!["bind".into(), member.into(), id.into(), micros(lease)]));
+    pub(crate) fn slot_bind(&self, member: &str, id: &str, job_lease: Duration) {
+        self.spawn(self.run_slots(vec![
+            "bind".into(),
+            member.into(),
+            id.into(),
+            micros(job_lease),
+        ]));
     }
 
     /// The create held as `member` is over without a job.
@@ -263,25 +274,25 @@ impl RedisStore {
 
     /// The outcome of the create held as `member` will never be read: from now on a reconcile
     /// may account for it (a create still in flight is never reconciled away).
-    pub(crate) fn slot_unknown(&self, member: &str, lease: Duration) {
-        self.spawn(self.run_slots(vec!["unknown".into(), member.into(), micros(lease)]));
+    pub(crate) fn slot_unknown(&self, member: &str, job_lease: Duration) {
+        self.spawn(self.run_slots(vec!["unknown".into(), member.into(), micros(job_lease)]));
     }
 
-    /// Job `id` is over, wherever it was created. The fleet remembers it for `lease`, so a
+    /// Job `id` is over, wherever it was created. The fleet remembers it for `job_lease`, so a
     /// bind or a stale list that comes later does not take a slot for it again.
-    pub(crate) fn job_done(&self, id: &str, lease: Duration) {
+    pub(crate) fn job_done(&self, id: &str, job_lease: Duration) {
         let message = format!("done:{id}");
         self.spawn(self.run_slots(vec![
             "remove".into(),
             format!("j:{id}"),
             message,
-            micros(lease),
+            micros(job_lease),
         ]));
     }
 
     /// Job `id` was seen active: it holds a slot, whoever created it.
-    pub(crate) fn job_active(&self, id: &str, lease: Duration) {
-        self.spawn(self.run_slots(vec!["active".into(), id.into(), micros(lease)]));
+    pub(crate) fn job_active(&self, id: &str, job_lease: Duration) {
+        self.spawn(self.run_slots(vec!["active".into(), id.into(), micros(job_lease)]));
     }
 
     /// `active` is every job the server counts, as listed at `as_of` on `clock`.
@@ -296,13 +307,13 @@ impl RedisStore {
         active: Vec<String>,
         as_of: crate::clock::Nanos,
         clock: crate::clock::Clock,
-        lease: Duration,
+        job_lease: Duration,
     ) {
         let store = self.clone();
         self.spawn(SyncFuture::new(Box::pin(async move {
             let age = Duration::from_nanos(clock.now().saturating_sub(as_of));
             let age = age.saturating_add(store.inner.timeout);
-            let mut args = vec!["reconcile".into(), micros(age), micros(lease)];
+            let mut args = vec!["reconcile".into(), micros(age), micros(job_lease)];
             args.extend(active);
             store.run_slots(args).await
         })));
@@ -394,7 +405,7 @@ impl RedisStoreBuilder {
     /// (it died); default 2 minutes. A request that is really in flight longer than this
     /// loses its place early, so keep it above the slowest response.
     pub fn in_flight_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.in_flight_lease = lease;
         self
     }
 
@@ -416,7 +427,7 @@ impl RedisStoreBuilder {
         if self.poll.is_zero() {
             return invalid("poll_interval", "must be above zero");
         }
-        if self.lease.is_zero() {
+        if self.in_flight_lease.is_zero() {
             return invalid("in_flight_lease", "must be above zero");
         }
         if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
@@ -502,7 +513,7 @@ impl RedisStoreBuilder {
                 channel,
                 timeout: self.timeout,
                 fail_mode: self.fail_mode,
-                lease: self.lease,
+                in_flight_lease: self.in_flight_lease,
                 poll: self.poll,
                 released,
                 node,

@@ -10,7 +10,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::state::Stamp;
+use super::state::RateLimitFields;
 use crate::rate_limit::reject::RejectResponse;
 
 /// The store path of a request, when the crate has one.
@@ -39,7 +39,7 @@ pin_project! {
     #[project_replace = StateReplace]
     pub(super) enum State<Fut, R, H> {
         // Sent; its response gets the rate-limit fields, if any.
-        Inner { #[pin] future: Fut, stamp: Option<Stamp> },
+        Inner { #[pin] future: Fut, fields: Option<RateLimitFields> },
         // Refused, with the response to give.
         Rejected { response: R },
         // Waiting for a shared store's verdict.
@@ -53,9 +53,9 @@ impl<S, B, F> RejectFuture<S, B, F>
 where
     S: Service<Request<B>>,
 {
-    pub(super) fn inner(future: S::Future, stamp: Option<Stamp>) -> Self {
+    pub(super) fn inner(future: S::Future, fields: Option<RateLimitFields>) -> Self {
         Self {
-            state: State::Inner { future, stamp },
+            state: State::Inner { future, fields },
         }
     }
 
@@ -86,13 +86,13 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Inner { future, stamp } => {
+                StateProj::Inner { future, fields } => {
                     let result = ready!(future.poll(cx));
-                    let stamp = stamp.take();
+                    let fields = fields.take();
                     state.set(State::Done);
                     let mut response = result?;
-                    if let Some(stamp) = stamp {
-                        stamp.apply(&mut response);
+                    if let Some(fields) = fields {
+                        fields.apply(&mut response);
                     }
                     return Poll::Ready(Ok(response));
                 }

@@ -77,7 +77,7 @@ where
             return self.call_store(request, index, key);
         }
         match route.hit(key, shared.clock.now(), config.headers) {
-            Ok(stamp) => RejectFuture::inner(self.inner.call(request), stamp),
+            Ok(fields) => RejectFuture::inner(self.inner.call(request), fields),
             Err(refused) => RejectFuture::rejected(rejection(config, &route.name, refused)),
         }
     }

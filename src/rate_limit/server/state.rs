@@ -34,12 +34,12 @@ struct Shard {
 
 /// The rate-limit fields a passing response gets.
 #[derive(Debug)]
-pub(crate) struct Stamp {
+pub(crate) struct RateLimitFields {
     policy: HeaderValue,
     ratelimit: HeaderValue,
 }
 
-impl Stamp {
+impl RateLimitFields {
     pub(super) fn apply<B>(self, response: &mut Response<B>) {
         let fields = response.headers_mut();
         // Appended: a layer below may state its own policy, and both hold.
@@ -90,8 +90,14 @@ impl KeyedRoute {
         lock(&self.shards[0]).rate
     }
 
-    /// Counts a request of client `key` at `now`; with `stamp`, the fields its response gets.
-    pub(crate) fn hit(&self, key: u64, now: Nanos, stamp: bool) -> Result<Option<Stamp>, Refused> {
+    /// Counts a request of client `key` at `now`; `with_fields`: also the rate-limit fields its
+    /// response gets.
+    pub(crate) fn hit(
+        &self,
+        key: u64,
+        now: Nanos,
+        with_fields: bool,
+    ) -> Result<Option<RateLimitFields>, Refused> {
         let mut shard = lock(self.shard(key));
         let Shard {
             rate,
@@ -99,11 +105,11 @@ impl KeyedRoute {
             clients,
         } = &mut *shard;
         match clients.hit(key, rate, now) {
-            Verdict::Pass { remaining, reset } if stamp => {
+            Verdict::Pass { remaining, reset } if with_fields => {
                 let policy = policy.clone();
                 drop(shard);
                 let reset = Duration::from_nanos(reset.saturating_sub(now));
-                Ok(Some(Stamp {
+                Ok(Some(RateLimitFields {
                     policy,
                     ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
                 }))
@@ -120,8 +126,8 @@ impl KeyedRoute {
     /// The fields of a response admitted with `remaining` left, all counted gone after
     /// `reset` (a shared store's count).
     #[cfg(feature = "redis")]
-    pub(crate) fn stamp(&self, remaining: u32, reset: Duration) -> Stamp {
-        Stamp {
+    pub(crate) fn fields(&self, remaining: u32, reset: Duration) -> RateLimitFields {
+        RateLimitFields {
             policy: lock(&self.shards[0]).policy.clone(),
             ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
         }

@@ -10,7 +10,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::State;
-use super::state::{Refused, Stamp};
+use super::state::{RateLimitFields, Refused};
 use crate::rate_limit::layer::Reject;
 use crate::rate_limit::reject::{rejection, RejectReason, RejectResponse};
 use crate::store::{Decision, FailMode, StoreCall, StoreError};
@@ -35,7 +35,7 @@ enum Step<B> {
     /// Admitted, with the fields of its response, while the inner service gets ready.
     Readying {
         request: Request<B>,
-        stamp: Option<Stamp>,
+        fields: Option<RateLimitFields>,
     },
     /// Sent, or refused.
     Decided,
@@ -87,7 +87,7 @@ where
                         unreachable!()
                     };
                     match self.verdict(decision) {
-                        Ok(stamp) => self.step = Step::Readying { request, stamp },
+                        Ok(fields) => self.step = Step::Readying { request, fields },
                         Err(refused) => {
                             let shared = &self.layer.0;
                             let name = &shared.routes[self.route].name;
@@ -99,14 +99,14 @@ where
                 Step::Readying { .. } => {
                     // Admitted: only now is the inner service driven ready.
                     let ready = ready!(self.inner.poll_ready(cx));
-                    let Step::Readying { request, stamp } =
+                    let Step::Readying { request, fields } =
                         std::mem::replace(&mut self.step, Step::Decided)
                     else {
                         unreachable!()
                     };
                     ready?;
                     let future = self.inner.call(request);
-                    return Poll::Ready(Ok(State::Inner { future, stamp }));
+                    return Poll::Ready(Ok(State::Inner { future, fields }));
                 }
                 Step::Decided => unreachable!("a store verdict polled after it was given"),
             }
@@ -115,7 +115,10 @@ where
 
     /// What the store's answer means for this request: the fields of its response, or why
     /// it is refused.
-    fn verdict(&self, decision: Result<Decision, StoreError>) -> Result<Option<Stamp>, Refused> {
+    fn verdict(
+        &self,
+        decision: Result<Decision, StoreError>,
+    ) -> Result<Option<RateLimitFields>, Refused> {
         let shared = &self.layer.0;
         let route = &shared.routes[self.route];
         let config = &shared.config;
@@ -126,7 +129,7 @@ where
         };
         match decision {
             Ok(Decision::Counted { remaining, reset }) if config.headers => {
-                Ok(Some(route.stamp(remaining, reset)))
+                Ok(Some(route.fields(remaining, reset)))
             }
             Ok(Decision::Admitted | Decision::Counted { .. }) => Ok(None),
             // Nothing is in flight in server mode; should it ever be, a period is safe.

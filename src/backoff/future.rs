@@ -64,12 +64,16 @@ struct Retry<S, B> {
     service: S,
     template: Request<B>,
     config: Arc<BackoffConfig>,
-    /// Whether a request that may have been processed can be sent again.
+    /// Whether a request that may have been processed can be sent again (decided only when
+    /// transient failures are retried: nothing else reads it).
     replayable: bool,
     retries: u32,
     deadline: Deadline,
     /// The waits so far; made at the first retry, so the path of every request stays small.
     waits: Option<Box<Waits>>,
+    /// Its answer went back at once: the path of nearly every request marks it here, rather
+    /// than move the whole state, inner future and all, to `Done`.
+    answered: bool,
 }
 
 /// When a request's deadline falls, if one applies; its timer is made only once the request
@@ -166,6 +170,7 @@ where
                 retries: 0,
                 deadline: Deadline::new(config.deadline),
                 waits: None,
+                answered: false,
             }),
         }
     }
@@ -296,9 +301,12 @@ where
         if let (StateProj::Called { future }, Some(retry)) =
             (this.state.as_mut().project(), this.retry.as_mut())
         {
+            if retry.answered {
+                panic!("`Backoff429` `ResponseFuture` polled after completion");
+            }
             match future.poll(cx) {
                 Poll::Ready(Ok(response)) if !retry.refused(response.status()) => {
-                    this.state.set(State::Done);
+                    retry.answered = true;
                     return Poll::Ready(Ok(retry.hand_back(response)));
                 }
                 Poll::Ready(answer) => {

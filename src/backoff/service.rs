@@ -81,7 +81,8 @@ where
                 Err(error) => return ResponseFuture::failed(error),
             }
         } else {
-            is_idempotent(request.method())
+            // Read only when transient failures are retried.
+            false
         };
         self.config.budget.deposit();
         // The clone is sent and the original kept: the request is not moved twice.

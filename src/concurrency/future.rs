@@ -55,6 +55,11 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, Box<WaitingCreate<S, B>>, StorePath<S, B>>,
+        // What the request is to the plan, for its whole life: decided when it is called (a
+        // create holds its slot from its send), `Answered` once answered. Beside the state
+        // rather than in its `Called` variant, where it made every request's future bigger to
+        // move (measured: 37 instructions a request).
+        role: Role,
     }
 }
 
@@ -63,7 +68,7 @@ pin_project! {
     #[project_replace = StateReplace]
     enum State<F, W, P> {
         // Sent; what it is to the plan decides what its response means.
-        Called { #[pin] future: F, role: Role },
+        Called { #[pin] future: F },
         // A create waiting for a slot here, or readying its service once it holds one
         // (boxed: only a create that waits needs it).
         Waiting { waiting: W },
@@ -203,13 +208,15 @@ where
 {
     pub(crate) fn called(future: S::Future, role: Role) -> Self {
         Self {
-            state: State::Called { future, role },
+            state: State::Called { future },
+            role,
         }
     }
 
     pub(crate) fn failed(error: ConcurrencyError) -> Self {
         Self {
             state: State::Failed { error },
+            role: Role::Other,
         }
     }
 
@@ -228,6 +235,7 @@ where
             state: State::Store {
                 store: Box::new(slot),
             },
+            role: Role::Create(None),
         }
     }
 
@@ -253,6 +261,7 @@ where
         });
         Self {
             state: State::Waiting { waiting },
+            role: Role::Create(None),
         }
     }
 }
@@ -267,8 +276,9 @@ where
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The path of nearly every request, kept small: sent at once, answered.
-        if let StateProj::Called { future, role } = self.as_mut().project().state.project() {
-            return poll_answer(future, role, cx);
+        let this = self.as_mut().project();
+        if let StateProj::Called { future } = this.state.project() {
+            return poll_answer(future, this.role, cx);
         }
         self.poll_slow(cx)
     }
@@ -303,10 +313,11 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Response<PlanBody<ResBody>>, BoxError>> {
-        let mut state = self.project().state;
+        let this = self.project();
+        let (mut state, role) = (this.state, this.role);
         loop {
             match state.as_mut().project() {
-                StateProj::Called { future, role } => return poll_answer(future, role, cx),
+                StateProj::Called { future } => return poll_answer(future, role, cx),
                 StateProj::Waiting { waiting } => {
                     let readied = match ready!(waiting.poll_ready(cx)) {
                         Ok(readied) => readied,
@@ -324,8 +335,9 @@ where
                     };
                     match readied {
                         Readied::Send => {
-                            let (future, role) = waiting.send();
-                            state.set(State::Called { future, role });
+                            let (future, sent) = waiting.send();
+                            *role = sent;
+                            state.set(State::Called { future });
                         }
                         #[cfg(feature = "redis")]
                         Readied::AskStore(store, deadline) => {

@@ -236,6 +236,7 @@ impl RouteTable {
     /// The route a request falls under and the value of the pattern's parameter named `name`,
     /// if it has one (the default route has none). The path is matched as sent only: a status
     /// route reads its job id from the path's own bytes.
+    #[inline]
     pub(crate) fn lookup_param<'p>(
         &self,
         method: &Method,

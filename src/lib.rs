@@ -11,7 +11,10 @@
 //! - [`ConcurrencyLimitByPlan`]: job slots per subscription plan, each held for its job's
 //!   whole life (until the job is seen to end), not just its HTTP request.
 //! - [`Backoff429`]: retries 429s with exponential backoff and jitter, honouring
-//!   `Retry-After`, telling a rate-limit 429 from a concurrency one.
+//!   `Retry-After`, and, given a classifier (Sync's is in [`presets::sync`]), telling a
+//!   rate-limit 429 from a concurrency one.
+//!
+//! The layers assume nothing of any vendor; [`presets`] holds what one vendor's API needs.
 //!
 //! ```
 //! use tower::ServiceBuilder;

@@ -1070,12 +1070,12 @@ fn plans_serialize_as_their_text() {
 #[tokio::test]
 async fn a_layer_for_any_api_names_its_job_routes_and_active_statuses() {
     // Nothing of Sync's is assumed: without a job route or an active status, no layer.
-    let error = ConcurrencyLimitByPlan::builder_with_limit(1)
+    let error = ConcurrencyLimitByPlan::custom(1)
         .active_statuses(["queued"])
         .build()
         .unwrap_err();
     assert!(error.to_string().contains("job_route"), "{error}");
-    let error = ConcurrencyLimitByPlan::builder_with_limit(1)
+    let error = ConcurrencyLimitByPlan::custom(1)
         .job_route("POST /v1/renders")
         .build()
         .unwrap_err();
@@ -1106,7 +1106,7 @@ async fn a_layer_for_any_api_holds_its_jobs_by_its_own_routes_and_statuses() {
             async move { Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(body)))) }
         })
     };
-    let plan = ConcurrencyLimitByPlan::builder_with_limit(1)
+    let plan = ConcurrencyLimitByPlan::custom(1)
         .job_route("POST /v1/renders")
         .status_route("GET /v1/renders/{id}")
         .active_statuses(["queued", "running"])
@@ -1170,4 +1170,32 @@ async fn a_watch_adds_the_query_it_is_given_to_each_poll() {
             "http://api.test/v2/generate/job-1?wait=true&timeout=1",
         ]
     );
+}
+
+#[tokio::test]
+async fn in_flight_mode_reads_no_job_from_a_list_or_a_status() {
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Creator)
+        .in_flight()
+        .build()
+        .unwrap();
+    let api = Api::default();
+    api.set("elsewhere-1", "PENDING");
+    api.set("elsewhere-2", "PROCESSING");
+    send(&stack(&plan, &api), get("/v2/generations"))
+        .await
+        .unwrap();
+    send(&stack(&plan, &api), get("/v2/generate/elsewhere-1"))
+        .await
+        .unwrap();
+    assert_eq!(plan.in_use(), 0, "in-flight mode counts requests, not jobs");
+}
+
+#[tokio::test]
+async fn an_in_flight_layer_for_any_api_names_no_status() {
+    let plan = ConcurrencyLimitByPlan::custom(2)
+        .job_route("POST /v1/chat")
+        .in_flight()
+        .build()
+        .unwrap();
+    assert_eq!(plan.in_use(), 0);
 }

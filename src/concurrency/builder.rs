@@ -19,7 +19,7 @@ use super::state::{PlanConfig, PlanState, RouteKind};
 #[cfg(feature = "redis")]
 use super::store::listen;
 
-/// Builds a [`ConcurrencyLimitByPlan`]: from [`ConcurrencyLimitByPlan::builder_with_limit`]
+/// Builds a [`ConcurrencyLimitByPlan`]: from [`ConcurrencyLimitByPlan::custom`]
 /// with nothing assumed of the API, or from a preset
 /// ([`presets::sync::plan`](crate::presets::sync::plan), which
 /// [`ConcurrencyLimitByPlan::builder`] starts from).
@@ -31,7 +31,7 @@ use super::store::listen;
 /// ```
 /// use tower_quota::ConcurrencyLimitByPlan;
 /// # fn main() -> Result<(), tower_quota::ConfigError> {
-/// let jobs = ConcurrencyLimitByPlan::builder_with_limit(4)
+/// let jobs = ConcurrencyLimitByPlan::custom(4)
 ///     .job_route("POST /v1/renders")
 ///     .status_route("GET /v1/renders/{id}")
 ///     .active_statuses(["queued", "running"])
@@ -188,7 +188,9 @@ impl Builder {
 
     /// In-flight mode, for APIs whose concurrency counts requests in flight: a slot is held
     /// from the send until the response body ends or is dropped, not for a job's life. A
-    /// transport error or a dropped response future gives it back at once too.
+    /// transport error or a dropped response future gives it back at once too. No job status
+    /// is read: the status and list routes (a preset's included) are checked but not routed,
+    /// and no active status needs naming.
     pub fn in_flight(mut self) -> Self {
         self.in_flight = true;
         self
@@ -239,7 +241,8 @@ impl Builder {
                 reason: "field names must not be empty",
             });
         }
-        if self.active.is_empty() {
+        // In in-flight mode no status is read: a request's slot ends with its response.
+        if self.active.is_empty() && !self.in_flight {
             return Err(ConfigError::InvalidSetting {
                 name: "active_statuses",
                 reason: "name the statuses in which a job holds a slot (presets::sync::plan names Sync's)",
@@ -274,15 +277,25 @@ impl Builder {
                 if kind == RouteKind::Status {
                     let params = route::params(&pattern.path);
                     let id_param = &*self.id_param;
-                    let Some(&(_, start, end)) = params.iter().find(|p| p.0 == id_param) else {
+                    if !params.iter().any(|p| p.0 == id_param) {
                         return Err(ConfigError::InvalidRoute {
                             pattern: text,
                             reason: format!(
                                 "a status route names the job id with the parameter `{{{id_param}}}` (Builder::id_param), as in `/jobs/{{{id_param}}}`"
                             ),
                         });
-                    };
-                    if params.len() == 1 {
+                    }
+                }
+                if self.in_flight && kind != RouteKind::Create {
+                    // Checked, but not routed: in-flight mode counts requests, not jobs, so no
+                    // response shows one.
+                    continue;
+                }
+                if kind == RouteKind::Status {
+                    let params = route::params(&pattern.path);
+                    if let (1, Some(&(_, start, end))) =
+                        (params.len(), params.iter().find(|p| p.0 == &*self.id_param))
+                    {
                         let path = &pattern.path;
                         watch_path
                             .get_or_insert_with(|| (path[..start].into(), path[end..].into()));
@@ -306,10 +319,16 @@ impl Builder {
                 table,
                 kinds: kinds.into(),
                 watch_path: watch_path.ok_or_else(|| {
-                    format!(
-                        "no status route has the job id as its only parameter, which the watch could fill: {} also need(s) other parameters",
-                        unwatchable.join(", ")
-                    )
+                    if self.in_flight {
+                        "in-flight mode counts requests, not jobs: there is no job to watch".to_owned()
+                    } else if unwatchable.is_empty() {
+                        "no status route (Builder::status_route): the watch polls one whose only parameter is the job id".to_owned()
+                    } else {
+                        format!(
+                            "no status route has the job id as its only parameter, which the watch could fill: {} also need(s) other parameters",
+                            unwatchable.join(", ")
+                        )
+                    }
                 }),
                 config: PlanConfig {
                     id_param: self.id_param.into(),

@@ -65,7 +65,7 @@ impl ConcurrencyLimitByPlan {
     /// it: job route `POST /v2/generate`, status route `GET /v2/generate/{id}`, list route
     /// `GET /v2/generations`, id field `id`, status field `status`, active statuses `PENDING`
     /// and `PROCESSING`, a maximum job life of one hour. For another API, start from
-    /// [`builder_with_limit`](Self::builder_with_limit).
+    /// [`custom`](Self::custom).
     ///
     /// `Enterprise(0)` allows no job: it is logged once, at `error` level, and every
     /// job-creating request fails at once with
@@ -83,7 +83,8 @@ impl ConcurrencyLimitByPlan {
     }
 
     /// Sync's routes and job JSON (as [`new`](Self::new)) with a limit of `limit` jobs at
-    /// once, for plans under other names. Zero is an error.
+    /// once, for a Sync plan under another name. Zero is an error. Another API's jobs need
+    /// [`custom`](Self::custom), which assumes nothing of Sync.
     pub fn with_limit(limit: usize) -> Result<Self, ConfigError> {
         Self::builder(Plan::Enterprise(limit)).build()
     }
@@ -95,9 +96,10 @@ impl ConcurrencyLimitByPlan {
         crate::presets::sync::plan(plan)
     }
 
-    /// A builder for any API's jobs, `limit` at once, assuming nothing of it: name the routes
-    /// that create jobs and the statuses in which a job holds a slot (see [`Builder`]).
-    pub fn builder_with_limit(limit: usize) -> Builder {
+    /// A builder for any API's jobs, `limit` at once, assuming nothing of it (no route of
+    /// Sync's): name the routes that create jobs and, unless it counts requests in flight
+    /// ([`Builder::in_flight`]), the statuses in which a job holds a slot (see [`Builder`]).
+    pub fn custom(limit: usize) -> Builder {
         Builder::new(Plan::Enterprise(limit))
     }
 

@@ -48,10 +48,16 @@ impl<S> Watch<S> {
         self
     }
 
-    /// A query added to each status URI (`?...`), for example an API's long poll: the
-    /// server then answers when the job ends, and a job's end is seen the moment it happens.
+    /// A query added to each status URI (`?wait=1`, or `wait=1`: the `?` is added if
+    /// missing), for example an API's long poll: the server then answers when the job ends,
+    /// and a job's end is seen the moment it happens.
     pub fn query(mut self, query: impl Into<String>) -> Self {
-        self.query = query.into();
+        let query = query.into();
+        self.query = match query.as_str() {
+            "" => query,
+            q if q.starts_with('?') => query,
+            q => format!("?{q}"),
+        };
         self
     }
 

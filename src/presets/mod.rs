@@ -5,7 +5,7 @@
 //! out the crate's builders already set for it; anything it sets can still be changed on the
 //! builder it returns. The layers assume none of it: a [`RateLimitByRoute`] has no route
 //! until you name one, a [`ConcurrencyLimitByPlan`] built from
-//! [`ConcurrencyLimitByPlan::builder_with_limit`] has no job route or status until you name
+//! [`ConcurrencyLimitByPlan::custom`] has no job route or status until you name
 //! them, and [`Backoff429::new`] takes every 429 for a rate-limit refusal.
 //!
 //! [`Plan`](crate::Plan)'s named plans are Sync's, so a layer made from a `Plan`
@@ -14,7 +14,7 @@
 //!
 //! [`RateLimitByRoute`]: crate::RateLimitByRoute
 //! [`ConcurrencyLimitByPlan`]: crate::ConcurrencyLimitByPlan
-//! [`ConcurrencyLimitByPlan::builder_with_limit`]: crate::ConcurrencyLimitByPlan::builder_with_limit
+//! [`ConcurrencyLimitByPlan::custom`]: crate::ConcurrencyLimitByPlan::custom
 //! [`ConcurrencyLimitByPlan::new`]: crate::ConcurrencyLimitByPlan::new
 //! [`ConcurrencyLimitByPlan::builder`]: crate::ConcurrencyLimitByPlan::builder
 //! [`Backoff429::new`]: crate::Backoff429::new

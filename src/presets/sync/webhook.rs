@@ -71,7 +71,9 @@ pub fn verify_webhook(
     let mut signature = None;
     for part in header.split(',') {
         match part.trim().split_once('=') {
-            Some(("t", t)) => timestamp = t.parse::<u64>().ok(),
+            Some(("t", t)) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+                timestamp = t.parse::<u64>().ok();
+            }
             Some(("v1", v)) => signature = decode_hex(v),
             _ => {}
         }
@@ -87,13 +89,44 @@ pub fn verify_webhook(
         .map_err(|_| SignatureError::Mismatch)
 }
 
-/// 32 bytes from 64 hex digits, or `None`.
+/// 32 bytes from 64 hex digits (nothing else: `from_str_radix` alone would take a `+`), or
+/// `None`.
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() != 64 || !text.is_ascii() {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_abc";
+    const BODY: &[u8] = br#"{"id":"gen_1","status":"COMPLETED"}"#;
+
+    #[test]
+    fn a_signature_verifies_only_as_it_was_made() {
+        let header = sign_webhook(SECRET, 1_700_000_000, BODY);
+        let tolerance = Duration::from_secs(300);
+        assert_eq!(
+            verify_webhook(SECRET, &header, BODY, 1_700_000_100, tolerance),
+            Ok(())
+        );
+        // A `+` where a digit was: the same number to `from_str_radix`, not the same header.
+        let (head, digest) = header.split_once(",v1=").unwrap();
+        let plus = format!("{head},v1=+{}", &digest[1..]);
+        assert_eq!(
+            verify_webhook(SECRET, &plus, BODY, 1_700_000_100, tolerance),
+            Err(SignatureError::Malformed)
+        );
+        let plus_time = header.replacen("t=", "t=+", 1);
+        assert_eq!(
+            verify_webhook(SECRET, &plus_time, BODY, 1_700_000_100, tolerance),
+            Err(SignatureError::Malformed)
+        );
+    }
 }

@@ -1,17 +1,15 @@
 //! Reading and writing the header fields by which servers state their limits.
 //!
-//! Read: `Retry-After` (delta-seconds or HTTP-date), `retry-after-ms`, the IETF draft
-//! `RateLimit` field (both the structured-list form, `"default";r=5;t=30`, and the older
-//! dictionary form, `limit=100, remaining=5, reset=30`), `RateLimit-Remaining` /
-//! `RateLimit-Reset`, and `X-RateLimit-Remaining` / `X-RateLimit-Reset` (delta-seconds, or
-//! a Unix time in seconds or milliseconds). Written: `Retry-After`, `RateLimit-Policy` and
-//! `RateLimit`.
+//! Read: `Retry-After` (delta-seconds or HTTP-date), `retry-after-ms`, and every dialect of
+//! [`Dialect`] ([`read`]): the IETF draft's structured fields (parsed by `sfv`, RFC 9651) and
+//! its older forms, `X-RateLimit-*`, OpenAI's, Anthropic's and GitHub's. Written:
+//! `Retry-After`, `RateLimit-Policy` and `RateLimit`.
 //!
 //! Every parser takes any bytes a server can send: a malformed value is an
 //! [`InvalidHeader`], never a panic.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -69,150 +67,54 @@ pub fn retry_after(
     Ok(Some(date.duration_since(now).unwrap_or(Duration::ZERO)))
 }
 
-/// What the server says is left: `(remaining requests, time until the count resets)`.
+/// What the server says is left: `(remaining requests, time until the count resets)`, from
+/// every dialect [`read`] knows.
 ///
-/// Looks at the draft `RateLimit` field first, then `RateLimit-Remaining`/`-Reset`, then
-/// `X-RateLimit-Remaining`/`-Reset`. A field that gives a count with no reset time is of no
-/// use (the count cannot be placed in time) and is passed over. Where `RateLimit` names
-/// several policies, the one with the fewest requests left is returned.
+/// The most restrictive statement about requests that says when it resets wins (the fewest
+/// left); one without a reset cannot be placed in time and is passed over. A malformed field
+/// is an error only when no other field states a limit.
 pub fn remaining(
     headers: &HeaderMap,
     now: SystemTime,
 ) -> Result<Option<(u32, Duration)>, InvalidHeader> {
-    if let Some(value) = headers.get(RATELIMIT) {
-        let text = text(value).ok_or(InvalidHeader { name: "ratelimit" })?;
-        return parse_ratelimit(text)
-            .map(Some)
-            .ok_or(InvalidHeader { name: "ratelimit" });
+    let stated = read(headers, now, Dialects::all());
+    let tightest = stated
+        .statements
+        .iter()
+        .filter(|s| s.unit == Unit::Requests)
+        .filter_map(|s| Some((s.remaining, s.reset_after(now)?)))
+        .min_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
+    match (tightest, stated.malformed.into_iter().next()) {
+        (Some((remaining, reset)), _) => {
+            Ok(Some((u32::try_from(remaining).unwrap_or(u32::MAX), reset)))
+        }
+        (None, Some(error)) => Err(error),
+        (None, None) => Ok(None),
     }
-    for (remaining, reset) in [
-        ("ratelimit-remaining", "ratelimit-reset"),
-        ("x-ratelimit-remaining", "x-ratelimit-reset"),
-    ] {
-        let (Some(count), Some(until)) = (headers.get(remaining), headers.get(reset)) else {
-            continue;
-        };
-        let count = text(count)
-            .and_then(parse_count)
-            .ok_or(InvalidHeader { name: remaining })?;
-        let until = text(until)
-            .and_then(|t| parse_reset(t, now))
-            .ok_or(InvalidHeader { name: reset })?;
-        return Ok(Some((count, until)));
-    }
-    Ok(None)
+}
+
+/// Whether a response refuses a request for a rate limit: a 429, or a 403 that says so as
+/// GitHub's do (a `Retry-After`, or `X-RateLimit-Remaining: 0`).
+pub fn is_rate_limit_refusal(status: http::StatusCode, headers: &HeaderMap) -> bool {
+    status == http::StatusCode::TOO_MANY_REQUESTS
+        || (status == http::StatusCode::FORBIDDEN && github_refusal(headers))
+}
+
+#[cold]
+fn github_refusal(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::RETRY_AFTER)
+        || headers
+            .get("x-ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() == "0")
 }
 
 fn text(value: &HeaderValue) -> Option<&str> {
     value.to_str().ok().map(str::trim)
 }
 
-/// Non-negative seconds, whole (`120`, the standard form) or fractional (`1.5`, tolerated).
-fn parse_seconds(text: &str) -> Option<f64> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return None;
-    }
-    text.parse::<f64>().ok().filter(|s| s.is_finite())
-}
-
-fn parse_count(text: &str) -> Option<u32> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    // A count larger than u32 is as good as unlimited.
-    Some(
-        text.parse::<u64>()
-            .map_or(u32::MAX, |n| n.min(u64::from(u32::MAX)) as u32),
-    )
-}
-
-/// Seconds beyond what any limit means (about 31 years) are capped there, so that arithmetic
-/// on them cannot overflow.
-const MAX_SECONDS: f64 = 1e9;
-
-fn secs_to_duration(seconds: f64) -> Duration {
-    Duration::from_secs_f64(seconds.min(MAX_SECONDS))
-}
-
 fn ms_to_duration(ms: f64) -> Duration {
-    Duration::from_secs_f64((ms / 1000.0).min(MAX_SECONDS))
-}
-
-/// A reset time: delta-seconds, or a Unix time in seconds (above 10⁹) or milliseconds (above
-/// 10¹²), as various `X-RateLimit-Reset` fields carry.
-fn parse_reset(text: &str, now: SystemTime) -> Option<Duration> {
-    let value = parse_seconds(text)?;
-    let since_epoch = |s: f64| {
-        let at = UNIX_EPOCH + Duration::from_secs_f64(s.min(1e11));
-        at.duration_since(now).unwrap_or(Duration::ZERO)
-    };
-    Some(if value >= 1e12 {
-        since_epoch(value / 1000.0)
-    } else if value >= 1e9 {
-        since_epoch(value)
-    } else {
-        secs_to_duration(value)
-    })
-}
-
-/// The draft `RateLimit` field: a list of `"policy";r=<remaining>;t=<reset>` items, or the
-/// older dictionary `limit=.., remaining=.., reset=..`.
-fn parse_ratelimit(text: &str) -> Option<(u32, Duration)> {
-    let mut tightest: Option<(u32, Duration)> = None;
-    if text.contains("remaining") {
-        let (mut remaining, mut reset) = (None, None);
-        for member in text.split(',') {
-            let (key, value) = member.split_once('=')?;
-            match key.trim() {
-                "remaining" => remaining = Some(parse_count(value.trim())?),
-                "reset" => reset = Some(secs_to_duration(parse_seconds(value.trim())?)),
-                _ => {}
-            }
-        }
-        return remaining.zip(reset);
-    }
-    for item in split_items(text) {
-        let mut params = item.split(';');
-        params.next()?; // the policy's name
-        let (mut remaining, mut reset) = (None, None);
-        for param in params {
-            let (key, value) = param.split_once('=')?;
-            match key.trim() {
-                "r" => remaining = Some(parse_count(value.trim())?),
-                "t" => reset = Some(secs_to_duration(parse_seconds(value.trim())?)),
-                _ => {}
-            }
-        }
-        let (Some(remaining), Some(reset)) = (remaining, reset) else {
-            continue;
-        };
-        if tightest.is_none_or(|(r, _)| remaining < r) {
-            tightest = Some((remaining, reset));
-        }
-    }
-    tightest
-}
-
-/// Splits a structured-field list on commas outside quoted strings.
-fn split_items(text: &str) -> impl Iterator<Item = &str> {
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut start = 0;
-    let mut items = Vec::new();
-    for (i, c) in text.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if in_string => escaped = true,
-            '"' => in_string = !in_string,
-            ',' if !in_string => {
-                items.push(text[start..i].trim());
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    items.push(text[start..].trim());
-    items.into_iter()
+    secs_to_duration(ms / 1000.0)
 }
 
 /// `Retry-After` for a wait: whole seconds rounded up, and never 0 (a client that sees 0
@@ -347,5 +249,12 @@ impl StackText {
     }
 }
 
+mod read;
+
+use read::{parse_seconds, secs_to_duration};
+pub use read::{read, Dialect, Dialects, RateLimitHeaders, RateLimitInfo, Unit};
+
+#[cfg(test)]
+mod dialect_tests;
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use http::response::Parts;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -183,23 +183,29 @@ where
     }
 }
 
-/// What the server asks: `Retry-After` (either form) or `retry-after-ms`, else the reset of
-/// `RateLimit` / `X-RateLimit-Reset`. Garbage is ignored with an event.
-fn server_hint(headers: &HeaderMap) -> Option<Duration> {
+/// What the server asks: `Retry-After` (either form) or `retry-after-ms`; else a limit's
+/// reset, in any dialect the layer reads, when the response says nothing of it is left, or,
+/// for a rate-limit refusal, the reset of its tightest limit on requests. A reset on a
+/// response that leaves requests (a 503 stating an hour-long window with room in it) says
+/// nothing of when to come back. Garbage is ignored with an event.
+fn server_hint(parts: &Parts, dialects: headers::Dialects) -> Option<Duration> {
     let now = SystemTime::now();
-    match headers::retry_after(headers, now) {
+    match headers::retry_after(&parts.headers, now) {
         Ok(Some(wait)) => return Some(wait),
         Ok(None) => {}
-        Err(error) => tracing::warn!(%error, "ignoring it: the backoff schedule decides the wait"),
+        Err(error) => tracing::debug!(%error, "ignoring it: the backoff schedule decides the wait"),
     }
-    match headers::remaining(headers, now) {
-        Ok(Some((_, reset))) => Some(reset),
-        Ok(None) => None,
-        Err(error) => {
-            tracing::warn!(%error, "ignoring it: the backoff schedule decides the wait");
-            None
-        }
+    let stated = headers::read(&parts.headers, now, dialects);
+    for error in &stated.malformed {
+        tracing::debug!(%error, "ignoring it: the backoff schedule decides the wait");
     }
+    if let Some(reset) = stated.exhausted().and_then(|s| s.reset_after(now)) {
+        return Some(reset);
+    }
+    if headers::is_rate_limit_refusal(parts.status, &parts.headers) {
+        return stated.tightest_requests()?.reset_after(now);
+    }
+    None
 }
 
 impl<S, B> Retry<S, B> {
@@ -254,11 +260,28 @@ impl<S, B> Retry<S, B> {
     }
 }
 
+/// A 403 that says it is about a rate limit, as GitHub's do.
+#[cold]
+#[inline(never)]
+fn forbidden_for_a_rate<T>(response: &Response<T>) -> bool {
+    headers::is_rate_limit_refusal(response.status(), response.headers())
+}
+
 impl<S, B> Retry<S, B> {
-    /// Whether an answer with `status` is one this layer may retry.
+    /// Whether `response` is one this layer may retry: a rate-limit refusal (a 429, or a 403
+    /// that says so, as GitHub's do), or a transient failure when those are retried.
     #[inline]
-    fn refused(&self, status: StatusCode) -> bool {
+    fn refused<T>(&self, response: &Response<T>) -> bool {
+        self.maybe_refused(response.status())
+            && (response.status() != StatusCode::FORBIDDEN || forbidden_for_a_rate(response))
+    }
+
+    /// Whether an answer with `status` may be one to retry (a 403 is, if it says so): on the
+    /// path of every request, only its status is looked at.
+    #[inline]
+    fn maybe_refused(&self, status: StatusCode) -> bool {
         status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::FORBIDDEN
             || (self.config.transient && self.replayable && matches!(status.as_u16(), 502..=504))
     }
 
@@ -305,7 +328,7 @@ where
                 panic!("`Backoff429` `ResponseFuture` polled after completion");
             }
             match future.poll(cx) {
-                Poll::Ready(Ok(response)) if !retry.refused(response.status()) => {
+                Poll::Ready(Ok(response)) if !retry.maybe_refused(response.status()) => {
                     retry.answered = true;
                     return Poll::Ready(Ok(retry.hand_back(response)));
                 }
@@ -374,11 +397,11 @@ where
 {
     match answer {
         Ok(response) => {
-            let status = response.status();
-            if !retry.refused(status) {
+            if !retry.refused(&response) {
                 return Some(Ok(retry.hand_back(response)));
             }
-            let kind = (status != StatusCode::TOO_MANY_REQUESTS).then_some(LimitKind::Transient);
+            let rate = headers::is_rate_limit_refusal(response.status(), response.headers());
+            let kind = (!rate).then_some(LimitKind::Transient);
             let (parts, body) = response.into_parts();
             state.set(State::Reading {
                 reading: Box::pin(Reading {
@@ -526,7 +549,7 @@ where
                     unreachable!("a refusal read after it was decided");
                 };
                 let kind = kind.unwrap_or_else(|| (retry.config.classifier)(&parts, read));
-                let hint = server_hint(&parts.headers);
+                let hint = server_hint(&parts, retry.config.dialects);
                 if let Some(wait) = retry.decide(kind, hint) {
                     state.set(State::Sleeping {
                         sleep: Box::pin(tokio::time::sleep(wait)),

@@ -31,6 +31,8 @@ pub(crate) struct BackoffConfig {
     /// Whether a classifier was given (the default tells no concurrency 429 apart).
     pub(crate) classifies: bool,
     pub(crate) idempotency_header: Option<HeaderName>,
+    /// The rate-limit header dialects read for a wait.
+    pub(crate) dialects: crate::headers::Dialects,
     pub(crate) error_on_exhaustion: bool,
     pub(crate) max_body: usize,
     pub(crate) max_read_frames: usize,
@@ -153,6 +155,7 @@ impl Backoff429 {
                 classifier: Arc::new(every_429_is_rate),
                 classifies: false,
                 idempotency_header: None,
+                dialects: crate::headers::Dialects::all(),
                 error_on_exhaustion: false,
                 max_body: 64 * 1024,
                 max_read_frames: 1024,
@@ -254,6 +257,12 @@ impl Backoff429 {
             c.classifier = Arc::new(classify);
             c.classifies = true;
         })
+    }
+
+    /// The rate-limit header dialects read for the wait a refusal asks (default: every one of
+    /// [`Dialect`](crate::headers::Dialect)). `Retry-After` is always read.
+    pub fn dialects(self, dialects: crate::headers::Dialects) -> Self {
+        self.with(|c| c.dialects = dialects)
     }
 
     /// Also retries transient failures: 502, 503, 504 and connection errors. Requests that

@@ -89,6 +89,7 @@ impl RateLimitByRoute<Wait> {
                 learn: Learn {
                     enabled: true,
                     backoff: Duration::from_secs(1),
+                    dialects: crate::headers::Dialects::all(),
                 },
                 #[cfg(feature = "redis")]
                 store: None,
@@ -211,6 +212,13 @@ impl Builder<WaitConfig> {
     /// How long a 429 that carries no usable `Retry-After` closes its route. Default: 1 s.
     pub fn learn_backoff(mut self, backoff: Duration) -> Self {
         self.config.learn.backoff = backoff;
+        self
+    }
+
+    /// The rate-limit header dialects read from responses (default: every one of
+    /// [`Dialect`](crate::headers::Dialect)).
+    pub fn dialects(mut self, dialects: crate::headers::Dialects) -> Self {
+        self.config.learn.dialects = dialects;
         self
     }
 

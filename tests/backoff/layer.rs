@@ -1312,3 +1312,95 @@ async fn no_retry_is_sent_past_the_deadline_by_a_late_timer() {
     assert_eq!(retried.unwrap().attempts, 2);
     assert!(start.elapsed() <= deadline, "{:?}", start.elapsed());
 }
+
+/// Unix seconds `ahead` from the wall clock now, as GitHub writes `x-ratelimit-reset`.
+fn epoch_in(ahead: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    (now + ahead).to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_github_403_saying_nothing_is_left_is_retried_at_its_reset() {
+    let refusal = Answer::Status(
+        403,
+        vec![
+            ("x-ratelimit-limit", "60".into()),
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-used", "60".into()),
+            ("x-ratelimit-reset", epoch_in(5)),
+            ("x-ratelimit-resource", "core".into()),
+        ],
+        r#"{"message":"API rate limit exceeded"}"#.into(),
+    );
+    let script = Script::new([refusal, ok()]);
+    let (status, _, _) = send(exact(), &script, request(Method::GET)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let times = script.times();
+    assert_eq!(times.len(), 2);
+    // Its reset, in whole seconds of the wall clock: 4 to 5 s away when it was sent.
+    assert!((4.0..=5.0).contains(&times[1]), "{times:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_403_that_says_nothing_of_a_limit_is_handed_back() {
+    let forbidden = Answer::Status(403, vec![], r#"{"message":"Forbidden"}"#.into());
+    let script = Script::new([forbidden, ok()]);
+    let (status, _, retried) = send(exact(), &script, request(Method::GET)).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!((script.times().len(), retried), (1, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_openai_429_waits_for_the_limit_that_is_spent() {
+    let refusal = Answer::Status(
+        429,
+        vec![
+            ("x-ratelimit-limit-requests", "60".into()),
+            ("x-ratelimit-remaining-requests", "0".into()),
+            ("x-ratelimit-reset-requests", "6s".into()),
+            ("x-ratelimit-limit-tokens", "150000".into()),
+            ("x-ratelimit-remaining-tokens", "149984".into()),
+            ("x-ratelimit-reset-tokens", "6m0s".into()),
+        ],
+        String::new(),
+    );
+    let script = Script::new([refusal, ok()]);
+    send(exact(), &script, request(Method::GET)).await.unwrap();
+    assert_eq!(script.times(), [0.0, 6.0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reset_on_a_failure_that_leaves_requests_does_not_stretch_the_retry() {
+    // A 503 stating an hour-long window with room in it says nothing of when to come back.
+    let overloaded = Answer::Status(
+        503,
+        vec![
+            ("x-ratelimit-remaining", "100".into()),
+            ("x-ratelimit-reset", "3600".into()),
+        ],
+        String::new(),
+    );
+    let script = Script::new([overloaded, ok()]);
+    let (status, _, _) = send(exact().retry_transient(), &script, request(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(script.times(), [0.0, 1.0], "the schedule's first wait");
+    // One whose limit is spent is retried at its reset.
+    let spent = Answer::Status(
+        503,
+        vec![
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", "30".into()),
+        ],
+        String::new(),
+    );
+    let script = Script::new([spent, ok()]);
+    send(exact().retry_transient(), &script, request(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(script.times(), [0.0, 30.0]);
+}

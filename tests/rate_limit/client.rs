@@ -1018,3 +1018,69 @@ fn a_pattern_with_an_empty_segment_is_a_config_error() {
         .build();
     assert!(matches!(built, Err(ConfigError::InvalidRoute { .. })));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_github_403_refusal_closes_the_route_as_a_429_does() {
+    fn forbidden(req: &Request<()>) -> Response<()> {
+        let mut response = Response::new(());
+        if req.headers().get("x-id").is_some_and(|v| v == "0") {
+            *response.status_mut() = StatusCode::FORBIDDEN;
+            response
+                .headers_mut()
+                .insert("retry-after", "9".parse().unwrap());
+        }
+        response
+    }
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, forbidden);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(100))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    svc.call(generate(1)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(9.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_token_limit_closes_the_route_until_it_resets() {
+    // OpenAI's dialect: requests are left, tokens are not, for 6 s.
+    fn spent(req: &Request<()>) -> Response<()> {
+        let mut response = Response::new(());
+        if req.headers().get("x-id").is_some_and(|v| v == "0") {
+            for (name, value) in [
+                ("x-ratelimit-remaining-requests", "59"),
+                ("x-ratelimit-reset-requests", "1s"),
+                ("x-ratelimit-remaining-tokens", "0"),
+                ("x-ratelimit-reset-tokens", "6s"),
+            ] {
+                response.headers_mut().insert(name, value.parse().unwrap());
+            }
+        }
+        response
+    }
+    let start = Instant::now();
+    let (api, log) = fake_api(start, Duration::ZERO, spent);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(100))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    svc.call(generate(1)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(6.0)]);
+    // With OpenAI's dialect off, the same response says nothing.
+    let (api, log) = fake_api(Instant::now(), Duration::ZERO, spent);
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(100))
+        .dialects(
+            tower_quota::headers::Dialects::all().without(tower_quota::headers::Dialect::OpenAi),
+        )
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(api);
+    svc.call(generate(0)).await.unwrap();
+    svc.call(generate(1)).await.unwrap();
+    assert_eq!(times(&log), [secs(0.0), secs(0.0)]);
+}

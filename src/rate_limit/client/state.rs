@@ -23,6 +23,8 @@ pub(crate) struct Learn {
     pub(crate) enabled: bool,
     /// How long a 429 without a usable `Retry-After` closes its route.
     pub(crate) backoff: Duration,
+    /// The header dialects read.
+    pub(crate) dialects: headers::Dialects,
 }
 
 impl Learn {
@@ -33,7 +35,8 @@ impl Learn {
         Duration::from_secs(3600).max(rate.quota.period())
     }
 
-    /// How long a 429 closes its route (before the cap): its `Retry-After`, else the backoff.
+    /// How long a refusal (a 429, or a 403 that says it is about a rate limit) closes its
+    /// route (before the cap): its `Retry-After`, else the backoff.
     pub(crate) fn refusal_wait<B>(
         &self,
         route: &str,
@@ -48,7 +51,7 @@ impl Learn {
                 self.backoff
             }
         };
-        tracing::debug!(route, ?wait, "the server answered 429: the route waits");
+        tracing::debug!(route, ?wait, status = %response.status(), "the server refused for a rate limit: the route waits");
         wait
     }
 }
@@ -367,7 +370,9 @@ impl Drop for Permit {
     }
 }
 
-/// Applies what a response says about the route's limit to its state.
+/// Applies what a response says about the route's limit to its state. Out of line: the
+/// answer of a response without fields stays small.
+#[inline(never)]
 fn learn<B>(
     route: &str,
     learn: Learn,
@@ -378,13 +383,22 @@ fn learn<B>(
     let wall = SystemTime::now();
     let cap = Learn::cap(&state.rate);
     let until = |wait: Duration| now.saturating_add(nanos(wait.min(cap)));
-    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+    if headers::is_rate_limit_refusal(response.status(), response.headers()) {
         let wait = learn.refusal_wait(route, response, wall);
         state.limiter.block_until(until(wait));
     }
-    match headers::remaining(response.headers(), wall) {
-        Ok(Some((remaining, reset))) => state.limiter.cap(remaining, until(reset), now),
-        Ok(None) => {}
-        Err(error) => tracing::debug!(route, %error, "ignoring a malformed rate-limit header"),
+    let stated = headers::read(response.headers(), wall, learn.dialects);
+    for error in &stated.malformed {
+        tracing::debug!(route, %error, "ignoring a malformed rate-limit header");
+    }
+    // Nothing left of a limit of any unit (tokens too): no request goes until it resets.
+    if let Some(reset) = stated.exhausted().and_then(|s| s.reset_after(wall)) {
+        state.limiter.block_until(until(reset));
+    }
+    if let Some(tightest) = stated.tightest_requests() {
+        if let Some(reset) = tightest.reset_after(wall) {
+            let remaining = u32::try_from(tightest.remaining).unwrap_or(u32::MAX);
+            state.limiter.cap(remaining, until(reset), now);
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -208,7 +208,9 @@ impl StorePlace {
 
     fn release_call<B>(&self, response: &Response<B>) -> StoreCall {
         let mut block = Duration::ZERO;
-        if self.learn.enabled && response.status() == StatusCode::TOO_MANY_REQUESTS {
+        if self.learn.enabled
+            && crate::headers::is_rate_limit_refusal(response.status(), response.headers())
+        {
             let wait = self
                 .learn
                 .refusal_wait(&self.route, response, std::time::SystemTime::now());

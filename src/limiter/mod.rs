@@ -79,6 +79,27 @@ impl Pending<'_> {
 struct ServerCap {
     remaining: u32,
     reset_at: Nanos,
+    /// The limit, if the server stated it: each window that follows allows that many, until
+    /// the server says more.
+    limit: Option<u32>,
+    /// The longest window seen (the time from a statement to its reset), at least a second.
+    window: Nanos,
+}
+
+impl ServerCap {
+    /// At `now`, past `reset_at`: the window the server's limit now counts in, if it stated a
+    /// limit. Requests still in flight may count in it. The next statement replaces it.
+    fn renewed(self, now: Nanos, in_flight: u32) -> Option<Self> {
+        let limit = self.limit?;
+        let passed = (now - self.reset_at) / self.window + 1;
+        Some(Self {
+            remaining: limit.saturating_sub(in_flight),
+            reset_at: self
+                .reset_at
+                .saturating_add(passed.saturating_mul(self.window)),
+            ..self
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -140,7 +161,7 @@ impl Limiter {
         self.settle(rate, now);
         if let Some(cap) = self.cap {
             if now >= cap.reset_at {
-                self.cap = None;
+                self.cap = cap.renewed(now, self.in_flight);
             }
         }
         let mut earliest = self.blocked_until;
@@ -292,27 +313,35 @@ impl Limiter {
         self.blocked_until = self.blocked_until.max(until);
     }
 
-    /// The server says `remaining` more requests may go until `reset_at`. This never loosens
-    /// the local algorithm, only adds a bound beside it. Requests still in flight may not be in
-    /// `remaining` yet, so they are taken off it. A report for the same reset as the bound in
-    /// force (within a second) can only lower it, since responses may arrive out of order; one
-    /// for another reset is a new window and replaces it.
-    pub(crate) fn cap(&mut self, remaining: u32, reset_at: Nanos, now: Nanos) {
+    /// The server says `remaining` more requests (of `limit`, if it says) may go until
+    /// `reset_at`. This never loosens the local algorithm, only adds a bound beside it.
+    /// Requests still in flight may not be in `remaining` yet, so they are taken off it. A
+    /// report for the same reset as the bound in force (within a second) can only lower it,
+    /// since responses may arrive out of order; one for another reset is a new window and
+    /// replaces it. With a limit, the bound goes on past the reset: each window after it
+    /// allows `limit` (as long as the longest window seen), until the server says more.
+    pub(crate) fn cap(&mut self, remaining: u32, limit: Option<u32>, reset_at: Nanos, now: Nanos) {
         const SAME_RESET: Nanos = 1_000_000_000;
         if reset_at <= now {
             return;
         }
         let remaining = remaining.saturating_sub(self.in_flight);
+        let seen = self.cap.map_or(0, |cap| cap.window);
+        let window = seen.max(reset_at - now).max(SAME_RESET);
         self.cap = Some(match self.cap {
             Some(cap) if cap.reset_at > now && cap.reset_at.abs_diff(reset_at) <= SAME_RESET => {
                 ServerCap {
                     remaining: cap.remaining.min(remaining),
                     reset_at: cap.reset_at.max(reset_at),
+                    limit: limit.or(cap.limit),
+                    window,
                 }
             }
             _ => ServerCap {
                 remaining,
                 reset_at,
+                limit,
+                window,
             },
         });
     }

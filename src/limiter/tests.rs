@@ -108,20 +108,20 @@ fn a_server_429_blocks_and_headers_only_tighten() {
     l.try_acquire(&rate, 5 * SEC).unwrap();
     // The server says 3 left until 10 s; one request of ours is in flight and may not be in
     // its count yet, so 2 remain.
-    l.cap(3, 10 * SEC, 5 * SEC);
+    l.cap(3, None, 10 * SEC, 5 * SEC);
     assert_eq!(l.remaining(&rate, 5 * SEC), 2);
     l.try_acquire(&rate, 5 * SEC).unwrap();
     l.try_acquire(&rate, 5 * SEC).unwrap();
     assert_eq!(l.try_acquire(&rate, 5 * SEC), Err(NotYet::Until(10 * SEC)));
     // A looser report for the same window (an older response, late) changes nothing.
-    l.cap(50, 10 * SEC + 200 * MS, 6 * SEC);
+    l.cap(50, None, 10 * SEC + 200 * MS, 6 * SEC);
     assert_eq!(
         l.try_acquire(&rate, 6 * SEC),
         Err(NotYet::Until(10 * SEC + 200 * MS))
     );
     l.try_acquire(&rate, 10 * SEC + 200 * MS).unwrap();
     // A report for a new window replaces the bound; the local quota still holds.
-    l.cap(1000, 70 * SEC, 11 * SEC);
+    l.cap(1000, None, 70 * SEC, 11 * SEC);
     assert_eq!(l.remaining(&rate, 11 * SEC), 100 - 4);
 }
 
@@ -210,7 +210,7 @@ fn a_cancelled_place_is_given_back_as_if_never_taken() {
 
     // A server's bound gets its place back too.
     let mut l = Limiter::new(&window);
-    l.cap(1, 10 * SEC, 0);
+    l.cap(1, None, 10 * SEC, 0);
     l.try_acquire(&window, 0).unwrap();
     assert_eq!(l.remaining(&window, 0), 0);
     l.cancel();

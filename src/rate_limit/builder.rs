@@ -72,6 +72,8 @@ pub struct Builder<C = WaitConfig> {
     routes: Vec<(String, Quota)>,
     default: Option<Quota>,
     margin: Option<Duration>,
+    /// Client mode: a learnt default quota for requests that match no route.
+    learn_quota: bool,
     config: C,
 }
 
@@ -82,6 +84,7 @@ impl RateLimitByRoute<Wait> {
             routes: Vec::new(),
             default: None,
             margin: None,
+            learn_quota: false,
             config: WaitConfig {
                 max_wait: None,
                 max_queue: None,
@@ -215,6 +218,19 @@ impl Builder<WaitConfig> {
         self
     }
 
+    /// Learns the quota nobody configured: requests that match no route, with no default
+    /// quota, count against the limit the server states, in any dialect read
+    /// ([`dialects`](Self::dialects)). The first requests go at once; from the first response
+    /// that states a limit on, no more are sent than it says are left before its reset, and
+    /// after each reset no more than the stated limit, until a response says more. Where the
+    /// server's statements are true, it answers no 429 after that first statement. All such
+    /// requests share one learnt limit; a configured quota stays the ceiling of its route,
+    /// which learning only tightens.
+    pub fn learn_quota(mut self) -> Self {
+        self.learn_quota = true;
+        self
+    }
+
     /// The rate-limit header dialects read from responses (default: every one of
     /// [`Dialect`](crate::headers::Dialect)).
     pub fn dialects(mut self, dialects: crate::headers::Dialects) -> Self {
@@ -244,6 +260,7 @@ impl Builder<WaitConfig> {
             routes: self.routes,
             default: self.default,
             margin: self.margin,
+            learn_quota: false,
             config: RejectConfig {
                 key: ClientKey::Global,
                 key_error: None,
@@ -261,7 +278,17 @@ impl Builder<WaitConfig> {
     }
 
     /// Builds the layer, or says which part of the configuration is unusable.
-    pub fn build(self) -> Result<RateLimitByRoute<Wait>, ConfigError> {
+    pub fn build(mut self) -> Result<RateLimitByRoute<Wait>, ConfigError> {
+        if self.learn_quota && self.default.is_none() {
+            if !self.config.learn.enabled {
+                return Err(ConfigError::InvalidSetting {
+                    name: "learn_quota",
+                    reason: "a quota is learnt from responses: learn_from_responses is off",
+                });
+            }
+            // No bound of its own: what the server states bounds it.
+            self.default = Some(Quota::new(u32::MAX, Duration::from_secs(1)));
+        }
         let (table, routes) = self.compile(self.margin)?;
         let learn = self.config.learn;
         let routes = routes
@@ -403,6 +430,7 @@ impl<F> Builder<RejectConfig<F>> {
             routes: self.routes,
             default: self.default,
             margin: self.margin,
+            learn_quota: false,
             config: RejectConfig {
                 key: self.config.key,
                 key_error: self.config.key_error,

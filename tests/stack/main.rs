@@ -6,6 +6,7 @@ mod common;
 
 mod against_mock;
 mod completion;
+mod dialects;
 mod e2e;
 mod hostile;
 mod integration;

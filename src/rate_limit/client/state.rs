@@ -397,8 +397,11 @@ fn learn<B>(
     }
     if let Some(tightest) = stated.tightest_requests() {
         if let Some(reset) = tightest.reset_after(wall) {
-            let remaining = u32::try_from(tightest.remaining).unwrap_or(u32::MAX);
-            state.limiter.cap(remaining, until(reset), now);
+            let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+            let limit = tightest.limit.map(count);
+            state
+                .limiter
+                .cap(count(tightest.remaining), limit, until(reset), now);
         }
     }
 }

@@ -1,0 +1,235 @@
+//! A quota nobody configured, learnt from a server that states its limits in one dialect: a
+//! hyper client with `RateLimitByRoute::learn_quota()` against an axum server over real
+//! sockets on 127.0.0.1, both on tokio's paused clock.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use futures::stream::{FuturesUnordered, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_quota::headers::Dialect;
+use tower_quota::{RateLimitByRoute, ServiceBuilderExt};
+
+use crate::common::serve;
+
+/// The server's limit: this many requests in each fixed window.
+const LIMIT: u64 = 20;
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// A server counting requests in fixed windows of its own, and stating its limit only through
+/// the fields of one dialect.
+#[derive(Clone)]
+struct Stating {
+    dialect: Dialect,
+    start: Instant,
+    counts: Arc<Mutex<Counts>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    window: u64,
+    used: u64,
+    served: u64,
+    refused: u64,
+}
+
+impl Stating {
+    fn new(dialect: Dialect) -> Self {
+        Self {
+            dialect,
+            start: Instant::now(),
+            counts: Arc::default(),
+        }
+    }
+
+    /// The fields of this dialect, for `remaining` left until `reset` from now.
+    fn fields(&self, remaining: u64, reset: Duration) -> HeaderMap {
+        let mut fields = HeaderMap::new();
+        let mut set = |name: &'static str, value: String| {
+            fields.insert(name, HeaderValue::from_str(&value).unwrap());
+        };
+        // A time of the wall clock, rounded up to a whole second as those dialects write it.
+        let wall_secs = || {
+            let at = SystemTime::now() + reset;
+            at.duration_since(UNIX_EPOCH).unwrap().as_secs() + 1
+        };
+        match self.dialect {
+            Dialect::Ietf => {
+                let window = WINDOW.as_secs();
+                set(
+                    "ratelimit-policy",
+                    format!(r#""minute";q={LIMIT};w={window}"#),
+                );
+                let t = reset.as_secs_f64().ceil() as u64;
+                set("ratelimit", format!(r#""minute";r={remaining};t={t}"#));
+            }
+            Dialect::IetfTriple => {
+                set("ratelimit-limit", LIMIT.to_string());
+                set("ratelimit-remaining", remaining.to_string());
+                set("ratelimit-reset", format!("{:.3}", reset.as_secs_f64()));
+            }
+            Dialect::XRateLimit => {
+                set("x-ratelimit-limit", LIMIT.to_string());
+                set("x-ratelimit-remaining", remaining.to_string());
+                set("x-ratelimit-reset", format!("{:.3}", reset.as_secs_f64()));
+            }
+            Dialect::OpenAi => {
+                set("x-ratelimit-limit-requests", LIMIT.to_string());
+                set("x-ratelimit-remaining-requests", remaining.to_string());
+                set(
+                    "x-ratelimit-reset-requests",
+                    format!("{}ms", reset.as_millis() + 1),
+                );
+            }
+            Dialect::Anthropic => {
+                set("anthropic-ratelimit-requests-limit", LIMIT.to_string());
+                set(
+                    "anthropic-ratelimit-requests-remaining",
+                    remaining.to_string(),
+                );
+                let at = UNIX_EPOCH + Duration::from_secs(wall_secs());
+                set(
+                    "anthropic-ratelimit-requests-reset",
+                    humantime::format_rfc3339_seconds(at).to_string(),
+                );
+            }
+            Dialect::GitHub => {
+                set("x-ratelimit-limit", LIMIT.to_string());
+                set("x-ratelimit-remaining", remaining.to_string());
+                set("x-ratelimit-used", (LIMIT - remaining).to_string());
+                set("x-ratelimit-reset", wall_secs().to_string());
+                set("x-ratelimit-resource", "core".into());
+            }
+            _ => unreachable!("a dialect this test does not speak"),
+        }
+        fields
+    }
+}
+
+async fn handle(State(server): State<Stating>) -> impl IntoResponse {
+    let now = Instant::now();
+    let elapsed = now - server.start;
+    let window = elapsed.as_nanos() / WINDOW.as_nanos();
+    let reset = WINDOW * (window as u32 + 1) - elapsed;
+    let mut counts = server.counts.lock().unwrap();
+    if counts.window != window as u64 {
+        counts.window = window as u64;
+        counts.used = 0;
+    }
+    if counts.used >= LIMIT {
+        counts.refused += 1;
+        let status = if server.dialect == Dialect::GitHub {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
+        };
+        return (status, server.fields(0, reset), "limited");
+    }
+    counts.used += 1;
+    counts.served += 1;
+    (
+        StatusCode::OK,
+        server.fields(LIMIT - counts.used, reset),
+        "ok",
+    )
+}
+
+type Svc = tower::util::BoxCloneService<
+    http::Request<Empty<bytes::Bytes>>,
+    http::Response<hyper::body::Incoming>,
+    tower_quota::BoxError,
+>;
+
+async fn send(mut svc: Svc, base: &std::net::SocketAddr) -> Result<(), tower_quota::BoxError> {
+    let request = http::Request::get(format!("http://{base}/items"))
+        .body(Empty::new())
+        .unwrap();
+    let response = svc.ready().await?.call(request).await?;
+    response.into_body().collect().await?;
+    Ok(())
+}
+
+/// Sends `n` requests through a client that learns the quota; what the server refused, how
+/// many it served, and how long it took.
+async fn run(dialect: Dialect, n: usize) -> (u64, u64, Duration) {
+    let server = Stating::new(dialect);
+    let base = serve(
+        Router::new()
+            .route("/items", get(handle))
+            .with_state(server.clone()),
+    )
+    .await;
+    let limits = RateLimitByRoute::builder().learn_quota().build().unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let svc = ServiceBuilder::new()
+        .rate_limit_by_route(limits)
+        .service(client);
+    let svc: Svc = tower::util::BoxCloneService::new(svc);
+    let start = Instant::now();
+    // The first response states the limit; everything after it is paced by what it says.
+    send(svc.clone(), &base).await.unwrap();
+    let mut calls: FuturesUnordered<_> = (1..n).map(|_| send(svc.clone(), &base)).collect();
+    while let Some(result) = calls.next().await {
+        result.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let counts = server.counts.lock().unwrap();
+    (counts.refused, counts.served, elapsed)
+}
+
+async fn learns_in(dialect: Dialect) {
+    let n = 200;
+    let (refused, served, elapsed) = run(dialect, n).await;
+    assert_eq!(
+        refused, 0,
+        "{dialect}: no refusal after the first statement"
+    );
+    assert_eq!(served, n as u64);
+    // At least 95% of the stated quota used: the windows it sent in (the last one begun at
+    // the end), each of `LIMIT`.
+    let windows = (elapsed.as_secs_f64() / WINDOW.as_secs_f64()).floor() + 1.0;
+    let used = n as f64 / (windows * LIMIT as f64);
+    assert!(
+        used >= 0.95,
+        "{dialect}: {used:.3} of the quota in {elapsed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_stated_in_the_ietf_draft_is_learnt() {
+    learns_in(Dialect::Ietf).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_stated_in_the_older_ietf_triple_is_learnt() {
+    learns_in(Dialect::IetfTriple).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_stated_in_x_ratelimit_is_learnt() {
+    learns_in(Dialect::XRateLimit).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_stated_in_openais_dialect_is_learnt() {
+    learns_in(Dialect::OpenAi).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_stated_in_anthropics_dialect_is_learnt() {
+    learns_in(Dialect::Anthropic).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_stated_in_githubs_dialect_is_learnt() {
+    learns_in(Dialect::GitHub).await;
+}

@@ -136,14 +136,16 @@ async fn a_refused_client_that_comes_back_when_told_is_admitted() {
 
     // New, at a table full of clients at their quota (quota 1: each one is): admitted, and
     // the busy clients it displaced are refused when they come back, with a Retry-After that
-    // tells the truth.
+    // tells the truth. Eight forgotten at most, so that none can find all eight cells of its
+    // two shadow buckets taken (the shadow's guarantee; with more, which are lost depends on
+    // where keys hash, and a test asserting more than the guarantee fails now and then).
     let mut full = make_server(Quota::per_minute(1), Some(16));
-    for i in 0..200 {
+    for i in 0..23 {
         send(&mut full, &format!("busy-{i}"));
         advance(Duration::from_millis(100)).await;
     }
     assert_eq!(send(&mut full, "newcomer").status(), StatusCode::OK);
-    for i in 180..200 {
+    for i in 0..23 {
         let refused = send(&mut full, &format!("busy-{i}"));
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS, "busy-{i}");
         assert!(retry_after(&refused) <= Duration::from_secs(64));

@@ -19,13 +19,118 @@ type Shared = Arc<State>;
 
 /// The mock's routes.
 pub(crate) fn router(state: Shared) -> Router {
+    let stated = |endpoint: Endpoint| {
+        axum::middleware::from_fn_with_state((state.clone(), endpoint), state_limits)
+    };
     Router::new()
-        .route("/v2/generate", post(create))
-        .route("/v2/generate/{id}", get(generation))
-        .route("/v2/generations", get(list))
-        .route("/v2/generations/count", get(count))
+        .route("/v2/generate", post(create).layer(stated(Endpoint::Create)))
+        .route(
+            "/v2/generate/{id}",
+            get(generation).layer(stated(Endpoint::Get)),
+        )
+        .route("/v2/generations", get(list).layer(stated(Endpoint::List)))
+        .route(
+            "/v2/generations/count",
+            get(count).layer(stated(Endpoint::Count)),
+        )
         .route("/_mock/stats", get(stats))
         .with_state(state)
+}
+
+/// With [`Config::state_limits`](crate::Config::state_limits), the route's limit for the
+/// request's key, stated on its response in the chosen dialect.
+async fn state_limits(
+    Extract((state, endpoint)): Extract<(Shared, Endpoint)>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(dialect) = state.config.dialect else {
+        return next.run(request).await;
+    };
+    let key = request
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut response = next.run(request).await;
+    if let Some((limit, left, reset)) = key.and_then(|k| state.statement(endpoint, &k)) {
+        let left = if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            0
+        } else {
+            left
+        };
+        write_limits(response.headers_mut(), dialect, limit, left, reset);
+    }
+    response
+}
+
+/// A limit of `limit`, `left` of it until `reset` from now, in `dialect`'s fields. Times of
+/// the wall clock are rounded up to whole seconds, as those dialects write them.
+fn write_limits(
+    fields: &mut HeaderMap,
+    dialect: tower_quota::headers::Dialect,
+    limit: crate::config::Limit,
+    left: u32,
+    reset: Duration,
+) {
+    use tower_quota::headers::Dialect;
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            fields.insert(name, value);
+        }
+    };
+    let count = limit.count;
+    let secs = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
+    let wall = || {
+        let at = std::time::SystemTime::now() + reset;
+        at.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() + 1)
+    };
+    match dialect {
+        Dialect::Ietf => {
+            let window = limit.period.as_secs();
+            set(
+                "ratelimit-policy",
+                format!(r#""route";q={count};w={window}"#),
+            );
+            set("ratelimit", format!(r#""route";r={left};t={secs}"#));
+        }
+        Dialect::IetfTriple => {
+            set("ratelimit-limit", count.to_string());
+            set("ratelimit-remaining", left.to_string());
+            set("ratelimit-reset", secs.to_string());
+        }
+        Dialect::OpenAi => {
+            set("x-ratelimit-limit-requests", count.to_string());
+            set("x-ratelimit-remaining-requests", left.to_string());
+            set(
+                "x-ratelimit-reset-requests",
+                format!("{}ms", reset.as_millis() + 1),
+            );
+        }
+        Dialect::Anthropic => {
+            set("anthropic-ratelimit-requests-limit", count.to_string());
+            set("anthropic-ratelimit-requests-remaining", left.to_string());
+            let at = std::time::UNIX_EPOCH + Duration::from_secs(wall());
+            set(
+                "anthropic-ratelimit-requests-reset",
+                humantime::format_rfc3339_seconds(at).to_string(),
+            );
+        }
+        Dialect::GitHub => {
+            set("x-ratelimit-limit", count.to_string());
+            set("x-ratelimit-remaining", left.to_string());
+            set("x-ratelimit-used", (count - left.min(count)).to_string());
+            set("x-ratelimit-reset", wall().to_string());
+            set("x-ratelimit-resource", "core".into());
+        }
+        // X-RateLimit, and any dialect added later.
+        _ => {
+            set("x-ratelimit-limit", count.to_string());
+            set("x-ratelimit-remaining", left.to_string());
+            set("x-ratelimit-reset", secs.to_string());
+        }
+    }
 }
 
 /// An answer other than success, in Sync's error body:

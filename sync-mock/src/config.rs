@@ -114,6 +114,7 @@ pub struct Config {
     pub(crate) error_codes: bool,
     pub(crate) webhook_secret: String,
     pub(crate) seed: u64,
+    pub(crate) dialect: Option<tower_quota::headers::Dialect>,
 }
 
 /// The API key of [`Config::default`].
@@ -140,6 +141,7 @@ impl Default for Config {
             error_codes: true,
             webhook_secret: DEFAULT_WEBHOOK_SECRET.to_owned(),
             seed: 0,
+            dialect: None,
         }
     }
 }
@@ -206,6 +208,13 @@ impl Config {
     /// Whether 429s carry a `Retry-After` (default: yes; Sync documents none).
     pub fn retry_after(mut self, on: bool) -> Self {
         self.retry_after = on;
+        self
+    }
+
+    /// States each request's route limit on its response in `dialect`, as other APIs do (Sync
+    /// states none: the default). A 429 states nothing left.
+    pub fn state_limits(mut self, dialect: tower_quota::headers::Dialect) -> Self {
+        self.dialect = Some(dialect);
         self
     }
 

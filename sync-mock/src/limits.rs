@@ -78,6 +78,44 @@ impl Counter {
     }
 }
 
+impl Counter {
+    /// What the counter would state at `now`: the requests left, and how long until every one
+    /// counted is gone (then the whole limit is free again).
+    pub(crate) fn state(&mut self, limit: Limit, now: Duration) -> (u32, Duration) {
+        match self {
+            Self::Fixed { window, count } => {
+                let period = limit.period.as_nanos();
+                let current = u64::try_from(now.as_nanos() / period).unwrap_or(u64::MAX);
+                let used = if current == *window { *count } else { 0 };
+                let next = Duration::from_nanos(
+                    u64::try_from(period * u128::from(current + 1)).unwrap_or(u64::MAX),
+                );
+                (limit.count.saturating_sub(used), next.saturating_sub(now))
+            }
+            Self::Sliding { accepted } => {
+                while accepted
+                    .front()
+                    .is_some_and(|&t| now.saturating_sub(t) >= limit.period)
+                {
+                    accepted.pop_front();
+                }
+                let left = limit.count.saturating_sub(accepted.len() as u32);
+                let clear = accepted
+                    .back()
+                    .map_or(Duration::ZERO, |&t| (t + limit.period).saturating_sub(now));
+                (left, clear)
+            }
+            Self::Leaky { tat, burst } => {
+                let interval = limit.period / limit.count;
+                let backlog = tat.saturating_sub(now);
+                let room = (interval * *burst).saturating_sub(backlog);
+                let left = (room.as_nanos() / interval.as_nanos().max(1)) as u32;
+                (left, backlog)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -155,6 +155,21 @@ impl State {
     }
 
     /// Time since the server started, on tokio's clock.
+    /// What `key`'s counter of `endpoint` states now: its limit, what is left and how long
+    /// until all counted is gone; `None` for an unknown key.
+    pub(crate) fn statement(
+        &self,
+        endpoint: Endpoint,
+        key: &str,
+    ) -> Option<(crate::config::Limit, u32, Duration)> {
+        let now = self.now();
+        let limit = self.config.limit_of(endpoint);
+        let mut guard = self.lock();
+        let account = guard.accounts.get_mut(key)?;
+        let (left, reset) = account.counters[endpoint.index()].state(limit, now);
+        Some((limit, left, reset))
+    }
+
     pub(crate) fn now(&self) -> Duration {
         Instant::now().saturating_duration_since(self.epoch)
     }

@@ -233,3 +233,76 @@ async fn a_quota_stated_in_anthropics_dialect_is_learnt() {
 async fn a_quota_stated_in_githubs_dialect_is_learnt() {
     learns_in(Dialect::GitHub).await;
 }
+
+/// The local Sync API stating its limits in `dialect`: a client that learns the quota lists
+/// generations 700 times (600 a minute allowed), with no 429 after the first response.
+async fn the_local_api_states_its_limits_in(dialect: Dialect) {
+    use sync_mock::{Config, Endpoint, MockServer};
+    let server = MockServer::start(Config::default().state_limits(dialect))
+        .await
+        .unwrap();
+    let limits = RateLimitByRoute::builder().learn_quota().build().unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let svc: Svc = tower::util::BoxCloneService::new(
+        ServiceBuilder::new()
+            .rate_limit_by_route(limits)
+            .map_request(|mut request: http::Request<Empty<bytes::Bytes>>| {
+                let key = HeaderValue::from_static(sync_mock::DEFAULT_KEY);
+                request.headers_mut().insert("x-api-key", key);
+                request
+            })
+            .service(client),
+    );
+    let list = |svc: Svc| {
+        let uri = server.url("/v2/generations");
+        async move {
+            let mut svc = svc;
+            let request = http::Request::get(uri).body(Empty::new()).unwrap();
+            let response = svc.ready().await?.call(request).await?;
+            let fields = response.headers().clone();
+            response.into_body().collect().await?;
+            Ok::<_, tower_quota::BoxError>(fields)
+        }
+    };
+    // The first answer states the limit, in the dialect asked for.
+    let fields = list(svc.clone()).await.unwrap();
+    let stated = tower_quota::headers::read(
+        &fields,
+        SystemTime::now(),
+        tower_quota::headers::Dialects::all(),
+    );
+    let statement = &stated.statements[0];
+    assert_eq!(
+        (statement.dialect, statement.limit, statement.remaining),
+        (dialect, Some(600), 599),
+        "{dialect}"
+    );
+    let start = Instant::now();
+    let mut calls: FuturesUnordered<_> = (1..700).map(|_| list(svc.clone())).collect();
+    while let Some(result) = calls.next().await {
+        result.unwrap();
+    }
+    let stats = server.stats();
+    assert_eq!(stats.rate_limited_total(), 0, "{dialect}");
+    assert_eq!(stats.requests_to(Endpoint::List), 700);
+    // The 100 past the first minute's 600 wait for it to clear, and no longer.
+    let elapsed = start.elapsed();
+    assert!(
+        (Duration::from_secs(59)..=Duration::from_secs(62)).contains(&elapsed),
+        "{dialect}: {elapsed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_local_api_can_state_its_limits_in_each_dialect() {
+    for dialect in [
+        Dialect::Ietf,
+        Dialect::IetfTriple,
+        Dialect::XRateLimit,
+        Dialect::OpenAi,
+        Dialect::Anthropic,
+        Dialect::GitHub,
+    ] {
+        the_local_api_states_its_limits_in(dialect).await;
+    }
+}

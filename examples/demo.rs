@@ -15,6 +15,7 @@
 //! ```sh
 //! cargo run --example demo
 //! cargo run --example demo -- --plan growth --jobs 60 --scale 30 --algorithm leaky
+//! cargo run --example demo -- --dialect openai   # the API states its limits in OpenAI's fields
 //! ```
 
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use sync_mock::{Algorithm, Config, Endpoint, MockServer, Stats};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_quota::backoff::Schedule;
+use tower_quota::headers::Dialect;
 use tower_quota::presets::sync;
 use tower_quota::{BoxError, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
 
@@ -36,9 +38,11 @@ struct Args {
     jobs: usize,
     scale: u32,
     algorithm: Algorithm,
+    /// The dialect the local API states its limits in, if any (Sync states none).
+    dialect: Option<Dialect>,
 }
 
-const USAGE: &str = "usage: demo [--plan hobbyist|creator|growth|scale|enterprise:N] [--jobs N] [--scale N] [--algorithm fixed|sliding|leaky[:burst]]";
+const USAGE: &str = "usage: demo [--plan hobbyist|creator|growth|scale|enterprise:N] [--jobs N] [--scale N] [--algorithm fixed|sliding|leaky[:burst]] [--dialect ietf|ietf-triple|x-ratelimit|openai|anthropic|github]";
 
 fn args() -> Result<Args, String> {
     let mut args = Args {
@@ -46,6 +50,7 @@ fn args() -> Result<Args, String> {
         jobs: 36,
         scale: 20,
         algorithm: Algorithm::SlidingWindow,
+        dialect: None,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -87,6 +92,17 @@ fn args() -> Result<Args, String> {
                         ))
                     }
                 }
+            }
+            "--dialect" => {
+                args.dialect = Some(match value.as_str() {
+                    "ietf" => Dialect::Ietf,
+                    "ietf-triple" => Dialect::IetfTriple,
+                    "x-ratelimit" => Dialect::XRateLimit,
+                    "openai" => Dialect::OpenAi,
+                    "anthropic" => Dialect::Anthropic,
+                    "github" => Dialect::GitHub,
+                    _ => return Err(format!("--dialect {value}: not a dialect\n{USAGE}")),
+                });
             }
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
@@ -197,14 +213,15 @@ where
 }
 
 async fn run(args: &Args, naive: bool, bar: ProgressBar) -> Result<Outcome, BoxError> {
-    let server = MockServer::start(
-        Config::default()
-            .no_keys()
-            .api_key(sync_mock::DEFAULT_KEY, args.plan.limit())
-            .algorithm(args.algorithm)
-            .time_scale(args.scale),
-    )
-    .await?;
+    let mut config = Config::default()
+        .no_keys()
+        .api_key(sync_mock::DEFAULT_KEY, args.plan.limit())
+        .algorithm(args.algorithm)
+        .time_scale(args.scale);
+    if let Some(dialect) = args.dialect {
+        config = config.state_limits(dialect);
+    }
+    let server = MockServer::start(config).await?;
     let base = server.url("");
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let scale = args.scale;

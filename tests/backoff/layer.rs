@@ -1404,3 +1404,14 @@ async fn a_reset_on_a_failure_that_leaves_requests_does_not_stretch_the_retry() 
         .unwrap();
     assert_eq!(script.times(), [0.0, 30.0]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_overloaded_503_is_retried_when_its_retry_after_says() {
+    let overloaded = Answer::Status(503, vec![("retry-after", "7".into())], String::new());
+    let script = Script::new([overloaded, ok()]);
+    let (status, _, _) = send(exact().retry_transient(), &script, request(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(script.times(), [0.0, 7.0]);
+}

@@ -88,9 +88,11 @@ struct ServerCap {
 
 impl ServerCap {
     /// At `now`, past `reset_at`: the window the server's limit now counts in, if it stated a
-    /// limit. Requests still in flight may count in it. The next statement replaces it.
+    /// limit. Requests still in flight may count in it. The next statement replaces it. A
+    /// stated limit of zero is not carried on: nothing would be sent, so nothing would ever
+    /// say more.
     fn renewed(self, now: Nanos, in_flight: u32) -> Option<Self> {
-        let limit = self.limit?;
+        let limit = self.limit.filter(|&limit| limit > 0)?;
         let passed = (now - self.reset_at) / self.window + 1;
         Some(Self {
             remaining: limit.saturating_sub(in_flight),

@@ -126,6 +126,45 @@ fn a_server_429_blocks_and_headers_only_tighten() {
 }
 
 #[test]
+fn a_stated_limit_bounds_each_window_after_its_reset_until_the_server_says_more() {
+    // No bound of its own (a learnt quota): only what the server states.
+    let rate = rate(Quota::new(u32::MAX, Duration::from_secs(1)), 0);
+    let mut l = Limiter::new(&rate);
+    // 2 of 3 left until 10 s, said at 0 s: a window of 10 s.
+    l.cap(2, Some(3), 10 * SEC, 0);
+    for _ in 0..2 {
+        l.try_acquire(&rate, 0).unwrap();
+        l.release(&rate, 0);
+    }
+    assert_eq!(l.try_acquire(&rate, SEC), Err(NotYet::Until(10 * SEC)));
+    // Past the reset, the limit again, for a window as long as the one seen.
+    for _ in 0..3 {
+        l.try_acquire(&rate, 10 * SEC).unwrap();
+        l.release(&rate, 10 * SEC);
+    }
+    assert_eq!(l.try_acquire(&rate, 11 * SEC), Err(NotYet::Until(20 * SEC)));
+    // Windows passed with nothing sent count too: at 45 s, the window that began at 40 s.
+    for _ in 0..3 {
+        l.try_acquire(&rate, 45 * SEC).unwrap();
+        l.release(&rate, 45 * SEC);
+    }
+    assert_eq!(l.try_acquire(&rate, 46 * SEC), Err(NotYet::Until(50 * SEC)));
+    // A statement for another reset replaces it.
+    l.cap(100, Some(100), 60 * SEC, 47 * SEC);
+    l.try_acquire(&rate, 47 * SEC).unwrap();
+}
+
+#[test]
+fn a_stated_limit_of_zero_is_not_carried_past_its_reset() {
+    // Nothing would be sent, so nothing would ever say more: the route must not close for good.
+    let rate = rate(Quota::new(u32::MAX, Duration::from_secs(1)), 0);
+    let mut l = Limiter::new(&rate);
+    l.cap(0, Some(0), 10 * SEC, 0);
+    assert_eq!(l.try_acquire(&rate, SEC), Err(NotYet::Until(10 * SEC)));
+    l.try_acquire(&rate, 10 * SEC).unwrap();
+}
+
+#[test]
 fn changing_algorithm_errs_on_the_safe_side() {
     let window = rate(Quota::per_second(4), 0);
     let gcra = rate(Quota::per_second(4).with_burst(4), 0);

@@ -96,8 +96,19 @@ pub fn remaining(
 /// Whether a response refuses a request for a rate limit: a 429, or a 403 that says so as
 /// GitHub's do (a `Retry-After`, or `X-RateLimit-Remaining: 0`).
 pub fn is_rate_limit_refusal(status: http::StatusCode, headers: &HeaderMap) -> bool {
+    refused_in(status, headers, Dialects::all())
+}
+
+/// [`is_rate_limit_refusal`], a 403 counting only while GitHub's dialect is read.
+pub(crate) fn refused_in(
+    status: http::StatusCode,
+    headers: &HeaderMap,
+    dialects: Dialects,
+) -> bool {
     status == http::StatusCode::TOO_MANY_REQUESTS
-        || (status == http::StatusCode::FORBIDDEN && github_refusal(headers))
+        || (status == http::StatusCode::FORBIDDEN
+            && dialects.contains(Dialect::GitHub)
+            && github_refusal(headers))
 }
 
 #[cold]

@@ -202,7 +202,7 @@ fn server_hint(parts: &Parts, dialects: headers::Dialects) -> Option<Duration> {
     if let Some(reset) = stated.exhausted().and_then(|s| s.reset_after(now)) {
         return Some(reset);
     }
-    if headers::is_rate_limit_refusal(parts.status, &parts.headers) {
+    if headers::refused_in(parts.status, &parts.headers, dialects) {
         return stated.tightest_requests()?.reset_after(now);
     }
     None
@@ -263,8 +263,8 @@ impl<S, B> Retry<S, B> {
 /// A 403 that says it is about a rate limit, as GitHub's do.
 #[cold]
 #[inline(never)]
-fn forbidden_for_a_rate<T>(response: &Response<T>) -> bool {
-    headers::is_rate_limit_refusal(response.status(), response.headers())
+fn forbidden_for_a_rate<T>(response: &Response<T>, dialects: headers::Dialects) -> bool {
+    headers::refused_in(response.status(), response.headers(), dialects)
 }
 
 impl<S, B> Retry<S, B> {
@@ -273,7 +273,8 @@ impl<S, B> Retry<S, B> {
     #[inline]
     fn refused<T>(&self, response: &Response<T>) -> bool {
         self.maybe_refused(response.status())
-            && (response.status() != StatusCode::FORBIDDEN || forbidden_for_a_rate(response))
+            && (response.status() != StatusCode::FORBIDDEN
+                || forbidden_for_a_rate(response, self.config.dialects))
     }
 
     /// Whether an answer with `status` may be one to retry (a 403 is, if it says so): on the
@@ -400,7 +401,8 @@ where
             if !retry.refused(&response) {
                 return Some(Ok(retry.hand_back(response)));
             }
-            let rate = headers::is_rate_limit_refusal(response.status(), response.headers());
+            let rate =
+                headers::refused_in(response.status(), response.headers(), retry.config.dialects);
             let kind = (!rate).then_some(LimitKind::Transient);
             let (parts, body) = response.into_parts();
             state.set(State::Reading {

@@ -321,6 +321,21 @@ fn github_resources_and_refusals() {
 }
 
 #[test]
+fn a_now_at_the_end_of_time_reads_no_reset_rather_than_panic() {
+    let end = UNIX_EPOCH + Duration::from_secs(i64::MAX as u64 - 10);
+    let fields = map(&[
+        ("ratelimit", r#""p";r=1;t=999999999"#),
+        ("ratelimit-remaining", "1"),
+        ("ratelimit-reset", "999999"),
+        ("x-ratelimit-remaining-requests", "1"),
+        ("x-ratelimit-reset-requests", "9999h"),
+    ]);
+    let stated = read(&fields, end, Dialects::all());
+    assert_eq!(stated.statements.len(), 3);
+    assert!(stated.statements.iter().all(|s| s.reset.is_none()));
+}
+
+#[test]
 fn each_dialect_can_be_turned_off() {
     let fields = [
         ("ratelimit", r#""default";r=5;t=30"#),

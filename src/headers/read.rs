@@ -154,12 +154,13 @@ pub struct RateLimitHeaders {
 }
 
 impl RateLimitHeaders {
-    /// The most restrictive statement about requests: the fewest left (then the latest
-    /// reset). Limits on tokens are left out: their counts are not requests.
+    /// The most restrictive statement about requests that says when it resets: the fewest
+    /// left (then the latest reset). One without a reset cannot be placed in time; limits on
+    /// tokens are left out, their counts not being requests.
     pub fn tightest_requests(&self) -> Option<&RateLimitInfo> {
         self.statements
             .iter()
-            .filter(|s| s.unit == Unit::Requests)
+            .filter(|s| s.unit == Unit::Requests && s.reset.is_some())
             .min_by(|a, b| {
                 a.remaining
                     .cmp(&b.remaining)
@@ -194,7 +195,7 @@ pub fn read(headers: &HeaderMap, now: SystemTime, dialects: Dialects) -> RateLim
         triple(
             [limit, remaining, reset],
             ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"],
-            |t| parse_seconds(t).map(|s| now + secs_to_duration(s)),
+            |t| parse_seconds(t).and_then(|s| now.checked_add(secs_to_duration(s))),
             (None, Unit::Requests, Dialect::IetfTriple),
             &mut out,
         );
@@ -248,7 +249,7 @@ pub fn read(headers: &HeaderMap, now: SystemTime, dialects: Dialects) -> RateLim
             triple(
                 [limit, remaining, reset],
                 names,
-                |t| parse_go_duration(t).map(|d| now + d),
+                |t| parse_go_duration(t).and_then(|d| now.checked_add(d)),
                 (None, unit, Dialect::OpenAi),
                 &mut out,
             );
@@ -415,8 +416,8 @@ impl<'a> Fields<'a> {
                     continue;
                 };
                 let policy = item_name(&item.bare_item);
-                let reset =
-                    count_param(&item.params, "t").map(|t| now + secs_to_duration(t as f64));
+                let reset = count_param(&item.params, "t")
+                    .and_then(|t| now.checked_add(secs_to_duration(t as f64)));
                 out.statements.push(RateLimitInfo {
                     limit: policy.as_deref().and_then(quota_of),
                     remaining,
@@ -444,7 +445,8 @@ impl<'a> Fields<'a> {
                 out.statements.push(RateLimitInfo {
                     limit: member("limit"),
                     remaining,
-                    reset: member("reset").map(|t| now + secs_to_duration(t as f64)),
+                    reset: member("reset")
+                        .and_then(|t| now.checked_add(secs_to_duration(t as f64))),
                     policy: None,
                     unit: Unit::Requests,
                     dialect: Dialect::Ietf,
@@ -562,7 +564,7 @@ fn parse_reset(text: &str, now: SystemTime) -> Option<SystemTime> {
     } else if value >= 1e9 {
         since_epoch(value)
     } else {
-        now + secs_to_duration(value)
+        now.checked_add(secs_to_duration(value))?
     })
 }
 

@@ -84,6 +84,10 @@ struct ServerCap {
     limit: Option<u32>,
     /// The longest window seen (the time from a statement to its reset), at least a second.
     window: Nanos,
+    /// Whether it may be carried past its reset once more: only once after the statement that
+    /// set it, so that a server that stops stating (an error page, a proxy) never holds the
+    /// route to an old limit for good.
+    renewable: bool,
 }
 
 impl ServerCap {
@@ -92,6 +96,9 @@ impl ServerCap {
     /// stated limit of zero is not carried on: nothing would be sent, so nothing would ever
     /// say more.
     fn renewed(self, now: Nanos, in_flight: u32) -> Option<Self> {
+        if !self.renewable {
+            return None;
+        }
         let limit = self.limit.filter(|&limit| limit > 0)?;
         let passed = (now - self.reset_at) / self.window + 1;
         Some(Self {
@@ -99,6 +106,7 @@ impl ServerCap {
             reset_at: self
                 .reset_at
                 .saturating_add(passed.saturating_mul(self.window)),
+            renewable: false,
             ..self
         })
     }
@@ -337,6 +345,7 @@ impl Limiter {
                     reset_at: cap.reset_at.max(reset_at),
                     limit: limit.or(cap.limit),
                     window,
+                    renewable: true,
                 }
             }
             _ => ServerCap {
@@ -344,6 +353,7 @@ impl Limiter {
                 reset_at,
                 limit,
                 window,
+                renewable: true,
             },
         });
     }

@@ -143,15 +143,36 @@ fn a_stated_limit_bounds_each_window_after_its_reset_until_the_server_says_more(
         l.release(&rate, 10 * SEC);
     }
     assert_eq!(l.try_acquire(&rate, 11 * SEC), Err(NotYet::Until(20 * SEC)));
-    // Windows passed with nothing sent count too: at 45 s, the window that began at 40 s.
+    // A fresh statement renews the bound; one window more past its reset, the limit again.
+    l.cap(0, Some(3), 30 * SEC, 11 * SEC);
+    assert_eq!(l.try_acquire(&rate, 12 * SEC), Err(NotYet::Until(30 * SEC)));
     for _ in 0..3 {
         l.try_acquire(&rate, 45 * SEC).unwrap();
         l.release(&rate, 45 * SEC);
     }
-    assert_eq!(l.try_acquire(&rate, 46 * SEC), Err(NotYet::Until(50 * SEC)));
+    assert_eq!(l.try_acquire(&rate, 46 * SEC), Err(NotYet::Until(49 * SEC)));
     // A statement for another reset replaces it.
     l.cap(100, Some(100), 60 * SEC, 47 * SEC);
     l.try_acquire(&rate, 47 * SEC).unwrap();
+}
+
+#[test]
+fn a_stated_limit_is_carried_past_one_reset_only_without_a_fresh_statement() {
+    // A server that stops stating (an error page, a proxy) must not hold the route to an old
+    // limit for good: one window more, then the bound is gone.
+    let rate = rate(Quota::new(u32::MAX, Duration::from_secs(1)), 0);
+    let mut l = Limiter::new(&rate);
+    l.cap(0, Some(1), 3600 * SEC, 0);
+    l.try_acquire(&rate, 3600 * SEC).unwrap();
+    l.release(&rate, 3600 * SEC);
+    assert_eq!(
+        l.try_acquire(&rate, 3601 * SEC),
+        Err(NotYet::Until(7200 * SEC))
+    );
+    for _ in 0..5 {
+        l.try_acquire(&rate, 7200 * SEC).unwrap();
+        l.release(&rate, 7200 * SEC);
+    }
 }
 
 #[test]

@@ -263,7 +263,11 @@ impl Builder<WaitConfig> {
             learn_quota: false,
             config: RejectConfig {
                 key: ClientKey::Global,
-                key_error: None,
+                // Client mode only: a server enforces the quotas it is given.
+                key_error: self.learn_quota.then_some(ConfigError::InvalidSetting {
+                    name: "learn_quota",
+                    reason: "client mode only: server mode enforces the quotas it is given",
+                }),
                 on_missing: None,
                 headers: true,
                 max_keys: 65_536,
@@ -280,6 +284,19 @@ impl Builder<WaitConfig> {
     /// Builds the layer, or says which part of the configuration is unusable.
     pub fn build(mut self) -> Result<RateLimitByRoute<Wait>, ConfigError> {
         if self.learn_quota && self.default.is_none() {
+            #[cfg(feature = "redis")]
+            if self.config.store.is_some() {
+                return Err(ConfigError::InvalidSetting {
+                    name: "learn_quota",
+                    reason: "a learnt quota is kept in this process only: not with a store",
+                });
+            }
+            if self.config.learn.dialects == crate::headers::Dialects::none() {
+                return Err(ConfigError::InvalidSetting {
+                    name: "learn_quota",
+                    reason: "a quota is learnt from the fields of a dialect: none is read",
+                });
+            }
             if !self.config.learn.enabled {
                 return Err(ConfigError::InvalidSetting {
                     name: "learn_quota",

@@ -53,12 +53,9 @@ async fn state_limits(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let mut response = next.run(request).await;
+    // What the route's counter holds after this request: a rate refusal leaves it full, a
+    // concurrency refusal leaves the room it has.
     if let Some((limit, left, reset)) = key.and_then(|k| state.statement(endpoint, &k)) {
-        let left = if response.status() == StatusCode::TOO_MANY_REQUESTS {
-            0
-        } else {
-            left
-        };
         write_limits(response.headers_mut(), dialect, limit, left, reset);
     }
     response

@@ -79,9 +79,10 @@ impl Counter {
 }
 
 impl Counter {
-    /// What the counter would state at `now`: the requests left, and how long until every one
+    /// What the counter would state at `now`: the limit in force (a leaky bucket's is its
+    /// burst, over `burst` intervals), the requests left, and how long until every one
     /// counted is gone (then the whole limit is free again).
-    pub(crate) fn state(&mut self, limit: Limit, now: Duration) -> (u32, Duration) {
+    pub(crate) fn state(&mut self, limit: Limit, now: Duration) -> (Limit, u32, Duration) {
         match self {
             Self::Fixed { window, count } => {
                 let period = limit.period.as_nanos();
@@ -90,7 +91,11 @@ impl Counter {
                 let next = Duration::from_nanos(
                     u64::try_from(period * u128::from(current + 1)).unwrap_or(u64::MAX),
                 );
-                (limit.count.saturating_sub(used), next.saturating_sub(now))
+                (
+                    limit,
+                    limit.count.saturating_sub(used),
+                    next.saturating_sub(now),
+                )
             }
             Self::Sliding { accepted } => {
                 while accepted
@@ -103,14 +108,18 @@ impl Counter {
                 let clear = accepted
                     .back()
                     .map_or(Duration::ZERO, |&t| (t + limit.period).saturating_sub(now));
-                (left, clear)
+                (limit, left, clear)
             }
             Self::Leaky { tat, burst } => {
                 let interval = limit.period / limit.count;
                 let backlog = tat.saturating_sub(now);
                 let room = (interval * *burst).saturating_sub(backlog);
                 let left = (room.as_nanos() / interval.as_nanos().max(1)) as u32;
-                (left, backlog)
+                let stated = Limit {
+                    count: *burst,
+                    period: interval * *burst,
+                };
+                (stated, left.min(*burst), backlog)
             }
         }
     }

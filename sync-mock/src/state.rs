@@ -154,7 +154,6 @@ impl State {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Time since the server started, on tokio's clock.
     /// What `key`'s counter of `endpoint` states now: its limit, what is left and how long
     /// until all counted is gone; `None` for an unknown key.
     pub(crate) fn statement(
@@ -166,10 +165,10 @@ impl State {
         let limit = self.config.limit_of(endpoint);
         let mut guard = self.lock();
         let account = guard.accounts.get_mut(key)?;
-        let (left, reset) = account.counters[endpoint.index()].state(limit, now);
-        Some((limit, left, reset))
+        Some(account.counters[endpoint.index()].state(limit, now))
     }
 
+    /// Time since the server started, on tokio's clock.
     pub(crate) fn now(&self) -> Duration {
         Instant::now().saturating_duration_since(self.epoch)
     }

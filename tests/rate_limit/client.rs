@@ -1084,3 +1084,20 @@ async fn a_spent_token_limit_closes_the_route_until_it_resets() {
     svc.call(generate(1)).await.unwrap();
     assert_eq!(times(&log), [secs(0.0), secs(0.0)]);
 }
+
+#[test]
+fn learning_a_quota_needs_a_dialect_and_client_mode() {
+    use tower_quota::headers::Dialects;
+    let error = RateLimitByRoute::builder()
+        .learn_quota()
+        .dialects(Dialects::none())
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("learn_quota"), "{error}");
+    let error = RateLimitByRoute::builder()
+        .learn_quota()
+        .reject()
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("learn_quota"), "{error}");
+}

@@ -383,7 +383,7 @@ fn learn<B>(
     let wall = SystemTime::now();
     let cap = Learn::cap(&state.rate);
     let until = |wait: Duration| now.saturating_add(nanos(wait.min(cap)));
-    if headers::is_rate_limit_refusal(response.status(), response.headers()) {
+    if headers::refused_in(response.status(), response.headers(), learn.dialects) {
         let wait = learn.refusal_wait(route, response, wall);
         state.limiter.block_until(until(wait));
     }
@@ -398,7 +398,15 @@ fn learn<B>(
     if let Some(tightest) = stated.tightest_requests() {
         if let Some(reset) = tightest.reset_after(wall) {
             let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
-            let limit = tightest.limit.map(count);
+            // The bound follows one limit: with several stated, it is not carried past its
+            // reset, which another limit may outlast.
+            let several = stated
+                .statements
+                .iter()
+                .filter(|s| s.unit == headers::Unit::Requests)
+                .count()
+                > 1;
+            let limit = tightest.limit.map(count).filter(|_| !several);
             state
                 .limiter
                 .cap(count(tightest.remaining), limit, until(reset), now);

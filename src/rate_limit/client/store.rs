@@ -209,7 +209,11 @@ impl StorePlace {
     fn release_call<B>(&self, response: &Response<B>) -> StoreCall {
         let mut block = Duration::ZERO;
         if self.learn.enabled
-            && crate::headers::is_rate_limit_refusal(response.status(), response.headers())
+            && crate::headers::refused_in(
+                response.status(),
+                response.headers(),
+                self.learn.dialects,
+            )
         {
             let wait = self
                 .learn

@@ -241,6 +241,45 @@ async fn the_local_api_states_its_limits_in(dialect: Dialect) {
     let server = MockServer::start(Config::default().state_limits(dialect))
         .await
         .unwrap();
+    let (elapsed, first) = list_many(&server, dialect, 700).await;
+    assert_eq!(
+        (first.limit, first.remaining),
+        (Some(600), 599),
+        "{dialect}"
+    );
+    let stats = server.stats();
+    assert_eq!(stats.rate_limited_total(), 0, "{dialect}");
+    assert_eq!(stats.requests_to(Endpoint::List), 700);
+    // The 100 past the first minute's 600 wait for it to clear, and no longer.
+    assert!(
+        (Duration::from_secs(59)..=Duration::from_secs(62)).contains(&elapsed),
+        "{dialect}: {elapsed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leaky_bucket_states_what_it_truly_allows() {
+    use sync_mock::{Algorithm, Config, Endpoint, MockServer};
+    // 600 a minute drained evenly, two at once: its statements must keep a client that
+    // trusts them from any 429.
+    let config = Config::default()
+        .algorithm(Algorithm::LeakyBucket { burst: 2 })
+        .state_limits(Dialect::XRateLimit);
+    let server = MockServer::start(config).await.unwrap();
+    let (_, first) = list_many(&server, Dialect::XRateLimit, 60).await;
+    assert_eq!(first.limit, Some(2), "a bucket of two states two");
+    let stats = server.stats();
+    assert_eq!(stats.rate_limited_total(), 0);
+    assert_eq!(stats.requests_to(Endpoint::List), 60);
+}
+
+/// Lists generations `n` times through a client that learns the quota, the first alone; how
+/// long the rest took. The first answer must state the limit in `dialect`.
+async fn list_many(
+    server: &sync_mock::MockServer,
+    dialect: Dialect,
+    n: usize,
+) -> (Duration, tower_quota::headers::RateLimitInfo) {
     let limits = RateLimitByRoute::builder().learn_quota().build().unwrap();
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let svc: Svc = tower::util::BoxCloneService::new(
@@ -271,26 +310,14 @@ async fn the_local_api_states_its_limits_in(dialect: Dialect) {
         SystemTime::now(),
         tower_quota::headers::Dialects::all(),
     );
-    let statement = &stated.statements[0];
-    assert_eq!(
-        (statement.dialect, statement.limit, statement.remaining),
-        (dialect, Some(600), 599),
-        "{dialect}"
-    );
+    let first = stated.statements[0].clone();
+    assert_eq!(first.dialect, dialect);
     let start = Instant::now();
-    let mut calls: FuturesUnordered<_> = (1..700).map(|_| list(svc.clone())).collect();
+    let mut calls: FuturesUnordered<_> = (1..n).map(|_| list(svc.clone())).collect();
     while let Some(result) = calls.next().await {
         result.unwrap();
     }
-    let stats = server.stats();
-    assert_eq!(stats.rate_limited_total(), 0, "{dialect}");
-    assert_eq!(stats.requests_to(Endpoint::List), 700);
-    // The 100 past the first minute's 600 wait for it to clear, and no longer.
-    let elapsed = start.elapsed();
-    assert!(
-        (Duration::from_secs(59)..=Duration::from_secs(62)).contains(&elapsed),
-        "{dialect}: {elapsed:?}"
-    );
+    (start.elapsed(), first)
 }
 
 #[tokio::test(start_paused = true)]

@@ -120,10 +120,6 @@ fn github_refusal(headers: &HeaderMap) -> bool {
             .is_some_and(|v| v.trim() == "0")
 }
 
-fn text(value: &HeaderValue) -> Option<&str> {
-    value.to_str().ok().map(str::trim)
-}
-
 fn ms_to_duration(ms: f64) -> Duration {
     secs_to_duration(ms / 1000.0)
 }
@@ -262,7 +258,7 @@ impl StackText {
 
 mod read;
 
-use read::{parse_seconds, secs_to_duration};
+use read::{parse_seconds, secs_to_duration, text};
 pub use read::{read, Dialect, Dialects, RateLimitHeaders, RateLimitInfo, Unit};
 
 #[cfg(test)]

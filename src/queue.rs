@@ -3,7 +3,30 @@
 //! holds it. No HTTP and no locking in here: each layer keeps one under its own lock.
 
 use std::collections::VecDeque;
-use std::task::Waker;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use tokio::time::{Instant, Sleep};
+
+/// Polls a waiting request's timer for `at`: made the first time the request must sleep,
+/// then moved in place. Ready once `at` has passed.
+pub(crate) fn poll_timer(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    at: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let sleep = match timer {
+        Some(sleep) => {
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
+            }
+            sleep
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep_until(at))),
+    };
+    sleep.as_mut().poll(cx)
+}
 
 /// Requests waiting, first come first served. Tickets only grow, so the queue is sorted by
 /// ticket and a ticket is found by binary search.

@@ -132,6 +132,31 @@ fn api_service(
     })
 }
 
+/// The scripted API as a service that records the URI of each request it gets.
+#[allow(clippy::type_complexity)] // an `impl Service` and its log: no alias can name it
+fn recording(
+    api: &Api,
+) -> (
+    impl Service<
+            Request<Full<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = BoxError,
+            Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+        > + Clone
+        + Send
+        + 'static,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let polled = Arc::new(Mutex::new(Vec::new()));
+    let (api, seen) = (api.clone(), polled.clone());
+    let service = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        seen.lock().unwrap().push(request.uri().to_string());
+        let answer = api.answer(&request);
+        async move { answer }
+    });
+    (service, polled)
+}
+
 fn stack(plan: &ConcurrencyLimitByPlan, api: &Api) -> Svc {
     tower::util::BoxCloneService::new(
         ServiceBuilder::new()
@@ -926,15 +951,7 @@ async fn a_custom_id_param_names_the_job_on_status_routes_and_for_the_watch() {
     assert_eq!(plan.jobs()[0].id, "job-2");
 
     // The watch polls the route it can fill: the one whose only parameter is the id.
-    let polled = Arc::new(Mutex::new(Vec::new()));
-    let below = {
-        let (api, polled) = (api.clone(), polled.clone());
-        tower::service_fn(move |request: Request<Full<Bytes>>| {
-            polled.lock().unwrap().push(request.uri().to_string());
-            let answer = api.answer(&request);
-            async move { answer }
-        })
-    };
+    let (below, polled) = recording(&api);
     api.set("job-2", "COMPLETED");
     let watch = tokio::spawn(plan.watch(below, "http://api.test/").run());
     tokio::time::timeout(Duration::from_secs(1), async {
@@ -992,15 +1009,7 @@ async fn the_watch_skips_a_job_id_that_cannot_stand_in_a_uri_and_goes_on() {
     send(&svc, create()).await.unwrap();
     assert_eq!(plan.in_use(), 6);
     api.set("job-1", "COMPLETED");
-    let polled = Arc::new(Mutex::new(Vec::new()));
-    let below = {
-        let (api, polled) = (api.clone(), polled.clone());
-        tower::service_fn(move |request: Request<Full<Bytes>>| {
-            polled.lock().unwrap().push(request.uri().to_string());
-            let answer = api.answer(&request);
-            async move { answer }
-        })
-    };
+    let (below, polled) = recording(&api);
     let watch = tokio::spawn(
         plan.watch(below, "http://api.test")
             .interval(Duration::from_secs(5))
@@ -1139,15 +1148,7 @@ async fn a_watch_adds_the_query_it_is_given_to_each_poll() {
     let plan = ConcurrencyLimitByPlan::new(Plan::Creator);
     let api = Api::default();
     send(&stack(&plan, &api), create()).await.unwrap();
-    let polled = Arc::new(Mutex::new(Vec::new()));
-    let below = {
-        let (api, polled) = (api.clone(), polled.clone());
-        tower::service_fn(move |request: Request<Full<Bytes>>| {
-            polled.lock().unwrap().push(request.uri().to_string());
-            let answer = api.answer(&request);
-            async move { answer }
-        })
-    };
+    let (below, polled) = recording(&api);
     let watch = tokio::spawn(
         plan.watch(below.clone(), "http://api.test")
             .query("?fields=status")

@@ -127,16 +127,12 @@ impl QueuedCreate {
                 // Woken by the queue when a slot frees.
                 return Poll::Pending;
             };
-            let at = shared.clock.instant(at);
-            let sleep = match &mut self.sleep {
-                Some(sleep) => {
-                    sleep.as_mut().reset(at);
-                    sleep
-                }
-                None => self.sleep.insert(Box::pin(tokio::time::sleep_until(at))),
-            };
             // Woken by the queue or the timer: look again either way.
-            ready!(sleep.as_mut().poll(cx));
+            ready!(crate::queue::poll_timer(
+                &mut self.sleep,
+                shared.clock.instant(at),
+                cx
+            ));
         }
     }
 }

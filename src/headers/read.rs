@@ -525,7 +525,7 @@ fn triple(
     });
 }
 
-fn text(value: &HeaderValue) -> Option<&str> {
+pub(super) fn text(value: &HeaderValue) -> Option<&str> {
     value.to_str().ok().map(str::trim)
 }
 

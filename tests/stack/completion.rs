@@ -30,6 +30,14 @@ fn request(method: Method, path: &str) -> Request<String> {
         .unwrap()
 }
 
+/// The future of `request` through `svc`, once it is ready.
+async fn ready_call<S: Service<Request<String>>>(svc: &mut S, request: Request<String>) -> S::Future
+where
+    S::Error: std::fmt::Debug,
+{
+    svc.ready().await.unwrap().call(request)
+}
+
 /// Drives `future` to its answer, then polls it once more.
 async fn answer_then_poll_again<F: Future>(future: F) {
     let mut future = Box::pin(future);
@@ -47,12 +55,7 @@ async fn a_client_mode_future_polled_after_its_answer_panics() {
         .build()
         .unwrap();
     let mut svc = layer.layer(api());
-    let future = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(Method::POST, "/v2/generate"));
-    answer_then_poll_again(future).await;
+    answer_then_poll_again(ready_call(&mut svc, request(Method::POST, "/v2/generate")).await).await;
 }
 
 #[tokio::test]
@@ -80,12 +83,7 @@ async fn a_server_mode_future_polled_after_its_answer_panics() {
         .build()
         .unwrap();
     let mut svc = layer.layer(api());
-    let future = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(Method::POST, "/v2/generate"));
-    answer_then_poll_again(future).await;
+    answer_then_poll_again(ready_call(&mut svc, request(Method::POST, "/v2/generate")).await).await;
 }
 
 #[tokio::test]
@@ -93,22 +91,13 @@ async fn a_server_mode_future_polled_after_its_answer_panics() {
 async fn a_plan_future_polled_after_its_answer_panics() {
     let layer = ConcurrencyLimitByPlan::new(Plan::Creator);
     let mut svc = layer.layer(api());
-    let future = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(Method::POST, "/v2/generate"));
-    answer_then_poll_again(future).await;
+    answer_then_poll_again(ready_call(&mut svc, request(Method::POST, "/v2/generate")).await).await;
 }
 
 #[tokio::test]
 #[should_panic(expected = "`Backoff429` `ResponseFuture` polled after completion")]
 async fn a_backoff_future_polled_after_its_answer_panics() {
     let mut svc = Backoff429::new().layer(api());
-    let future = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(Method::GET, "/v2/generate/job-1"));
-    answer_then_poll_again(future).await;
+    answer_then_poll_again(ready_call(&mut svc, request(Method::GET, "/v2/generate/job-1")).await)
+        .await;
 }

@@ -134,17 +134,11 @@ impl QueuedTurn {
                 // Woken by the queue when it moves.
                 return Poll::Pending;
             };
-            let wake = clock.instant(wake);
-            let sleep = match &mut self.sleep {
-                Some(sleep) => {
-                    if sleep.deadline() != wake {
-                        sleep.as_mut().reset(wake);
-                    }
-                    sleep
-                }
-                None => self.sleep.insert(Box::pin(tokio::time::sleep_until(wake))),
-            };
-            ready!(sleep.as_mut().poll(cx));
+            ready!(crate::queue::poll_timer(
+                &mut self.sleep,
+                clock.instant(wake),
+                cx
+            ));
         }
     }
 }

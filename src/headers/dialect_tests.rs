@@ -75,6 +75,7 @@ fn ietf_draft_structured_fields() {
             Ietf
         )]
     );
+    assert_eq!(stated.statements[0].window, Some(Duration::from_secs(10)));
     // `t` is optional; unknown parameters and `pk` are ignored.
     let stated = statements(&[("ratelimit", r#""day";r=1;pk=:cHJpdmF0ZQ==:;foo=bar"#)]);
     assert_eq!(

@@ -128,6 +128,8 @@ pub struct RateLimitInfo {
     /// The name the server gives the limit, if any: the draft's policy, GitHub's
     /// `x-ratelimit-resource`.
     pub policy: Option<String>,
+    /// How long each window of the limit is, where the server says (the draft's `w`).
+    pub window: Option<Duration>,
     /// What it counts.
     pub unit: Unit,
     /// Where it was read.
@@ -175,6 +177,22 @@ impl RateLimitHeaders {
             .iter()
             .filter(|s| s.remaining == 0)
             .max_by_key(|s| s.reset)
+    }
+
+    /// The name of the quota that requests count against, as the server gives it: the policy
+    /// names (the draft's policies, GitHub's `x-ratelimit-resource`) of every statement about
+    /// requests, in order, one per line; `None` unless each has one. Routes whose responses
+    /// give the same name share one quota.
+    pub(crate) fn quota_name(&self) -> Option<String> {
+        let mut name = String::new();
+        for statement in self.statements.iter().filter(|s| s.unit == Unit::Requests) {
+            if !name.is_empty() {
+                // No field value holds a line break, so names stay apart.
+                name.push('\n');
+            }
+            name.push_str(statement.policy.as_deref()?);
+        }
+        (!name.is_empty()).then_some(name)
     }
 }
 
@@ -396,12 +414,14 @@ impl<'a> Fields<'a> {
         let quotas = joined(&self.policy)
             .and_then(|t| sfv::Parser::new(&t).parse::<sfv::List>().ok())
             .unwrap_or_default();
-        let quota_of = |name: &str| {
+        // A policy's quota `q` and window `w`, in seconds.
+        let policy_of = |name: &str| {
             quotas.iter().find_map(|entry| match entry {
                 sfv::ListEntry::Item(item)
                     if item_name(&item.bare_item).as_deref() == Some(name) =>
                 {
-                    count_param(&item.params, "q")
+                    let window = count_param(&item.params, "w").map(Duration::from_secs);
+                    Some((count_param(&item.params, "q"), window))
                 }
                 _ => None,
             })
@@ -418,10 +438,12 @@ impl<'a> Fields<'a> {
                 let policy = item_name(&item.bare_item);
                 let reset = count_param(&item.params, "t")
                     .and_then(|t| now.checked_add(secs_to_duration(t as f64)));
+                let (limit, window) = policy.as_deref().and_then(policy_of).unwrap_or_default();
                 out.statements.push(RateLimitInfo {
-                    limit: policy.as_deref().and_then(quota_of),
+                    limit,
                     remaining,
                     reset,
+                    window,
                     policy,
                     unit: Unit::Requests,
                     dialect: Dialect::Ietf,
@@ -448,6 +470,7 @@ impl<'a> Fields<'a> {
                     reset: member("reset")
                         .and_then(|t| now.checked_add(secs_to_duration(t as f64))),
                     policy: None,
+                    window: None,
                     unit: Unit::Requests,
                     dialect: Dialect::Ietf,
                 });
@@ -520,6 +543,7 @@ fn triple(
         remaining,
         reset,
         policy,
+        window: None,
         unit,
         dialect,
     });

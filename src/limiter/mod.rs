@@ -358,6 +358,15 @@ impl Limiter {
         });
     }
 
+    /// The server says its limit renews over windows of `window` (the draft's `w`): the bound
+    /// carried past the reset in force covers at least that long, even where the statements
+    /// seen so far came late in a window and so looked shorter.
+    pub(crate) fn renews_over(&mut self, window: Nanos) {
+        if let Some(cap) = &mut self.cap {
+            cap.window = cap.window.max(window);
+        }
+    }
+
     /// Adapts the state to a new rate at once: a paced schedule keeps its level in requests;
     /// a change of algorithm errs on the safe side.
     pub(crate) fn change_rate(&mut self, old: &Rate, new: &Rate, now: Nanos) {

@@ -176,6 +176,21 @@ fn a_stated_limit_is_carried_past_one_reset_only_without_a_fresh_statement() {
 }
 
 #[test]
+fn a_stated_window_is_the_length_of_the_bound_carried_past_a_reset() {
+    // Said 10 s before its reset, of a limit that renews every 60 s (the draft's `w`): after
+    // the reset, 3 in the next 60 s, not 3 in each 10 s.
+    let rate = rate(Quota::new(u32::MAX, Duration::from_secs(1)), 0);
+    let mut l = Limiter::new(&rate);
+    l.cap(0, Some(3), 10 * SEC, 0);
+    l.renews_over(60 * SEC);
+    for _ in 0..3 {
+        l.try_acquire(&rate, 10 * SEC).unwrap();
+        l.release(&rate, 10 * SEC);
+    }
+    assert_eq!(l.try_acquire(&rate, 21 * SEC), Err(NotYet::Until(70 * SEC)));
+}
+
+#[test]
 fn a_stated_limit_of_zero_is_not_carried_past_its_reset() {
     // Nothing would be sent, so nothing would ever say more: the route must not close for good.
     let rate = rate(Quota::new(u32::MAX, Duration::from_secs(1)), 0);

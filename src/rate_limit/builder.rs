@@ -3,12 +3,12 @@
 use std::fmt;
 use std::hash::{Hash, RandomState};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
 
-use super::client::state::{ClientRoute, ClientState, Learn};
+use super::client::state::{ClientRoute, Learn, QuotaNames};
 use super::layer::LayerState;
 use super::server::key::{
     ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies,
@@ -31,6 +31,8 @@ pub struct WaitConfig {
     pub(crate) max_queue: Option<usize>,
     pub(crate) abandoned_hold: Duration,
     learn: Learn,
+    /// The quotas the server named for learnt routes, and the route whose state holds each.
+    pub(crate) quota_names: QuotaNames,
     #[cfg(feature = "redis")]
     pub(crate) store: Option<StoreHandle>,
 }
@@ -69,7 +71,8 @@ impl<F> fmt::Debug for RejectConfig<F> {
 #[derive(Debug)]
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct Builder<C = WaitConfig> {
-    routes: Vec<(String, Quota)>,
+    /// Each route's pattern and quota; `None` for a route whose quota is learnt.
+    routes: Vec<(String, Option<Quota>)>,
     default: Option<Quota>,
     margin: Option<Duration>,
     /// Client mode: a learnt default quota for requests that match no route.
@@ -94,6 +97,7 @@ impl RateLimitByRoute<Wait> {
                     backoff: Duration::from_secs(1),
                     dialects: crate::headers::Dialects::all(),
                 },
+                quota_names: QuotaNames::default(),
                 #[cfg(feature = "redis")]
                 store: None,
             },
@@ -110,7 +114,7 @@ impl<C> Builder<C> {
     /// method are tried before `*` routes. Malformed or colliding patterns are reported by
     /// [`build`](Builder::build), naming the pattern.
     pub fn route(mut self, pattern: impl Into<String>, quota: Quota) -> Self {
-        self.routes.push((pattern.into(), quota));
+        self.routes.push((pattern.into(), Some(quota)));
         self
     }
 
@@ -132,29 +136,57 @@ impl<C> Builder<C> {
         self
     }
 
+    /// The route table and each route's name and compiled quota; a learnt route (client mode
+    /// only) gets `learnt`.
     fn compile(
         &self,
         margin: Option<Duration>,
+        learnt: Option<Quota>,
     ) -> Result<(RouteTable, Vec<NamedRate>), ConfigError> {
+        if self.routes.len() >= usize::from(u16::MAX) {
+            return Err(ConfigError::InvalidSetting {
+                name: "route",
+                reason: "at most 65,534 routes",
+            });
+        }
         let mut table = RouteTable::default();
         let mut routes = Vec::with_capacity(self.routes.len() + 1);
         for (index, (text, quota)) in self.routes.iter().enumerate() {
             let pattern = Pattern::parse(text)?;
-            check_quota(text, quota)?;
+            let (quota, is_learnt) = match (quota, learnt) {
+                (Some(quota), _) => (*quota, false),
+                (None, Some(learnt)) => (learnt, true),
+                (None, None) => {
+                    return Err(ConfigError::InvalidSetting {
+                        name: "learn_route",
+                        reason: "client mode only: server mode enforces the quotas it is given",
+                    })
+                }
+            };
+            check_quota(text, &quota)?;
             table.insert(text, &pattern, index)?;
-            routes.push((Arc::from(text.as_str()), Rate::new(*quota, margin)));
+            routes.push((
+                Arc::from(text.as_str()),
+                Rate::new(quota, margin),
+                is_learnt,
+            ));
         }
         if let Some(quota) = &self.default {
             check_quota(DEFAULT_ROUTE, quota)?;
             table.set_default(routes.len());
-            routes.push((Arc::from(DEFAULT_ROUTE), Rate::new(*quota, margin)));
+            let is_learnt = self.learn_quota;
+            routes.push((
+                Arc::from(DEFAULT_ROUTE),
+                Rate::new(*quota, margin),
+                is_learnt,
+            ));
         }
         Ok((table, routes))
     }
 }
 
-/// A route's name (its pattern, or `"default"`) and compiled quota.
-type NamedRate = (Arc<str>, Rate);
+/// A route's name (its pattern, or `"default"`), compiled quota, and whether it is learnt.
+type NamedRate = (Arc<str>, Rate, bool);
 
 pub(super) fn check_quota(route: &str, quota: &Quota) -> Result<(), ConfigError> {
     quota
@@ -226,8 +258,25 @@ impl Builder<WaitConfig> {
     /// server's statements are true, it answers no 429 after that first statement. All such
     /// requests share one learnt limit; a configured quota stays the ceiling of its route,
     /// which learning only tightens.
+    ///
+    /// [`learn_route`](Self::learn_route) learns the quota of one route apart.
     pub fn learn_quota(mut self) -> Self {
         self.learn_quota = true;
+        self
+    }
+
+    /// A route whose quota nobody configured: its requests count against the limit the
+    /// server states for them, learnt as [`learn_quota`](Self::learn_quota) learns the
+    /// default's. `pattern` is written as for [`route`](Self::route).
+    ///
+    /// Learnt routes whose responses name the same quota (GitHub's `x-ratelimit-resource`,
+    /// such as `core` or `search`; the draft's policy names) share it: from the first such
+    /// response on, a route's requests count against the quota as the first learnt route to
+    /// name it counts it, and wait in one queue with that route's requests. A route keeps the
+    /// first quota it shares; the learnt default ([`learn_quota`](Self::learn_quota)) shares
+    /// too. Routes with a configured quota keep their own.
+    pub fn learn_route(mut self, pattern: impl Into<String>) -> Self {
+        self.routes.push((pattern.into(), None));
         self
     }
 
@@ -283,37 +332,24 @@ impl Builder<WaitConfig> {
 
     /// Builds the layer, or says which part of the configuration is unusable.
     pub fn build(mut self) -> Result<RateLimitByRoute<Wait>, ConfigError> {
-        if self.learn_quota && self.default.is_none() {
-            #[cfg(feature = "redis")]
-            if self.config.store.is_some() {
-                return Err(ConfigError::InvalidSetting {
-                    name: "learn_quota",
-                    reason: "a learnt quota is kept in this process only: not with a store",
-                });
-            }
-            if self.config.learn.dialects == crate::headers::Dialects::none() {
-                return Err(ConfigError::InvalidSetting {
-                    name: "learn_quota",
-                    reason: "a quota is learnt from the fields of a dialect: none is read",
-                });
-            }
-            if !self.config.learn.enabled {
-                return Err(ConfigError::InvalidSetting {
-                    name: "learn_quota",
-                    reason: "a quota is learnt from responses: learn_from_responses is off",
-                });
-            }
-            // No bound of its own: what the server states bounds it.
-            self.default = Some(Quota::new(u32::MAX, Duration::from_secs(1)));
+        // A learnt quota has no bound of its own: what the server states bounds it.
+        let learnt = Quota::new(u32::MAX, Duration::from_secs(1));
+        self.learn_quota &= self.default.is_none();
+        if self.learn_quota {
+            self.check_learning("learn_quota")?;
+            self.default = Some(learnt);
         }
-        let (table, routes) = self.compile(self.margin)?;
+        if self.routes.iter().any(|(_, quota)| quota.is_none()) {
+            self.check_learning("learn_route")?;
+        }
+        let (table, routes) = self.compile(self.margin, Some(learnt))?;
         let learn = self.config.learn;
         let routes = routes
             .into_iter()
-            .map(|(name, rate)| ClientRoute {
-                name,
-                learn,
-                state: Mutex::new(ClientState::new(rate)),
+            .enumerate()
+            .map(|(index, (name, rate, learnt))| {
+                // `compile` refused more routes than a `u16` counts.
+                ClientRoute::new(index as u16, name, learn, rate, learnt)
             })
             .collect();
         Ok(RateLimitByRoute {
@@ -324,6 +360,27 @@ impl Builder<WaitConfig> {
                 config: self.config,
             }))),
         })
+    }
+}
+
+impl Builder<WaitConfig> {
+    /// Whether quotas can be learnt as configured, for the setting `name` that learns one.
+    fn check_learning(&self, name: &'static str) -> Result<(), ConfigError> {
+        #[cfg(feature = "redis")]
+        if self.config.store.is_some() {
+            return Err(ConfigError::InvalidSetting {
+                name,
+                reason: "a learnt quota is kept in this process only: not with a store",
+            });
+        }
+        let reason = if self.config.learn.dialects == crate::headers::Dialects::none() {
+            "a quota is learnt from the fields of a dialect: none is read"
+        } else if !self.config.learn.enabled {
+            "a quota is learnt from responses: learn_from_responses is off"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::InvalidSetting { name, reason })
     }
 }
 
@@ -494,11 +551,11 @@ impl<F> Builder<RejectConfig<F>> {
             });
         }
         // The server counts its own requests: there is no round trip to cover.
-        let (table, routes) = self.compile(Some(self.margin.unwrap_or(Duration::ZERO)))?;
+        let (table, routes) = self.compile(Some(self.margin.unwrap_or(Duration::ZERO)), None)?;
         let max_keys = self.config.max_keys;
         let routes = routes
             .into_iter()
-            .map(|(name, rate)| KeyedRoute::new(name, rate, max_keys))
+            .map(|(name, rate, _)| KeyedRoute::new(name, rate, max_keys))
             .collect();
         Ok(RateLimitByRoute {
             mode: Reject(Arc::new(LayerState {

@@ -43,6 +43,10 @@ pub struct RouteSnapshot {
     /// Requests of this process waiting for their turn (in the route's queue, or in a shared
     /// store).
     pub waiters: usize,
+    /// For a learnt route that shares a quota the server named with another learnt route
+    /// ([`Builder::learn_route`](super::Builder::learn_route)): the route whose state counts
+    /// its requests (the figures above are then its own, no longer used).
+    pub counted_in: Option<Arc<str>>,
 }
 
 /// A server-mode route's state at one moment.
@@ -89,7 +93,11 @@ impl RateLimitByRoute<Wait> {
                     Err(NotYet::Until(at)) => NextAdmission::In(Duration::from_nanos(at - now)),
                     Err(NotYet::Response) => NextAdmission::AfterResponse,
                 };
+                let holder = route.holder();
+                let counted_in = (!std::ptr::eq(&shared.routes[holder], route))
+                    .then(|| shared.routes[holder].name.clone());
                 RouteSnapshot {
+                    counted_in,
                     route: route.name.clone(),
                     quota: rate.quota,
                     remaining: state.limiter.remaining(&rate, now),

@@ -1101,3 +1101,175 @@ fn learning_a_quota_needs_a_dialect_and_client_mode() {
         .unwrap_err();
     assert!(error.to_string().contains("learn_quota"), "{error}");
 }
+
+/// Answers `/a` and `/b` after `x-delay` seconds (default 1) with the statement its `x-say`
+/// field asks for: `q<r>` states `r` left of the policy named `q`, `anon` that nothing is
+/// left of an unnamed limit for 30 s.
+fn stating_api(
+    start: Instant,
+) -> (
+    impl Service<Request<()>, Response = Response<()>, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static,
+    Log,
+) {
+    let log: Log = Arc::default();
+    let seen = log.clone();
+    let svc = service_fn(move |req: Request<()>| {
+        let log = seen.clone();
+        async move {
+            let field = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
+            let id = field("x-id").unwrap();
+            log.lock().unwrap().push((start.elapsed(), id));
+            let delay: f64 = field("x-delay").map_or(1.0, |d| d.parse().unwrap());
+            let mut response = Response::new(());
+            let say = field("x-say").unwrap();
+            let headers = response.headers_mut();
+            if let Some(left) = say.strip_prefix('q') {
+                headers.insert("ratelimit-policy", r#""q";q=3;w=60"#.parse().unwrap());
+                let value = format!(r#""q";r={left};t=60"#);
+                headers.insert("ratelimit", value.parse().unwrap());
+            } else {
+                headers.insert("x-ratelimit-limit", "5".parse().unwrap());
+                headers.insert("x-ratelimit-remaining", "0".parse().unwrap());
+                headers.insert("x-ratelimit-reset", "30".parse().unwrap());
+            }
+            sleep(secs(delay)).await;
+            Ok::<_, Infallible>(response)
+        }
+    });
+    (svc, log)
+}
+
+fn stated(path: &str, id: &str, say: &str, delay: f64) -> Request<()> {
+    let mut r = req(Method::GET, path);
+    r.headers_mut().insert("x-id", id.parse().unwrap());
+    r.headers_mut().insert("x-say", say.parse().unwrap());
+    r.headers_mut()
+        .insert("x-delay", delay.to_string().parse().unwrap());
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn learnt_routes_that_the_server_says_share_a_quota_count_against_one() {
+    let start = Instant::now();
+    let (api, log) = stating_api(start);
+    let limits = RateLimitByRoute::builder()
+        .learn_route("GET /a")
+        .learn_route("GET /b")
+        .learn_route("GET /c")
+        .build()
+        .unwrap();
+    let svc = limits.layer(api);
+    let send = |request| {
+        let svc = svc.clone();
+        tokio::spawn(async move { svc.oneshot(request).await.unwrap() })
+    };
+    // `/a` names the quota `q` first: its state holds it, 2 left.
+    send(stated("/a", "a1", "q2", 1.0)).await.unwrap();
+    // `/c` names it too: from its answer on, `/c` counts against `/a`'s state.
+    send(stated("/c", "c1", "q1", 1.0)).await.unwrap();
+    let snapshot = limits.snapshot();
+    assert_eq!(snapshot[2].counted_in.as_deref(), Some("GET /a"));
+    assert_eq!(snapshot[0].counted_in, None);
+    // One left of `q` (counted in `/a`'s state): one of `/a` and `/c` goes, the other waits
+    // for the reset 60 s on.
+    let sent = start.elapsed();
+    let waiting = [
+        send(stated("/c", "c2", "q0", 1.0)),
+        send(stated("/a", "a2", "q0", 1.0)),
+    ];
+    for call in waiting {
+        call.await.unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    let at = |id: &str| log.iter().find(|(_, i)| i == id).unwrap().0;
+    assert_eq!(at("c2"), sent, "the first goes at once");
+    assert!(
+        at("a2") >= secs(60.0),
+        "shared: the second waits ({:?})",
+        at("a2")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_queued_on_a_route_move_when_the_server_names_its_quota() {
+    let start = Instant::now();
+    let (api, log) = stating_api(start);
+    let limits = RateLimitByRoute::builder()
+        .learn_route("GET /a")
+        .learn_route("GET /b")
+        .build()
+        .unwrap();
+    let svc = limits.layer(api);
+    let send = |request| {
+        let svc = svc.clone();
+        tokio::spawn(async move { svc.oneshot(request).await.unwrap() })
+    };
+    // `/a` holds the quota `q`, 2 left of it.
+    send(stated("/a", "a1", "q2", 1.0)).await.unwrap();
+    // `/b` learns first of a limit with no name and nothing left for 30 s; its next request
+    // waits in `/b`'s queue; then `/b`'s slower request is answered naming `q`.
+    let b1 = send(stated("/b", "b1", "anon", 1.0));
+    let b2 = send(stated("/b", "b2", "q1", 3.0));
+    b1.await.unwrap();
+    let b3 = send(stated("/b", "b3", "q0", 1.0));
+    tokio::task::yield_now().await;
+    assert_eq!(limits.snapshot()[1].waiters, 1, "b3 waits in /b's queue");
+    b2.await.unwrap();
+    let moved = start.elapsed();
+    b3.await.unwrap();
+    let log = log.lock().unwrap().clone();
+    let b3_at = log.iter().find(|(_, i)| i == "b3").unwrap().0;
+    // It moved to the queue of `q` (one left there) at once, not after `/b`'s 30 s.
+    assert_eq!(b3_at, moved);
+    assert_eq!(limits.snapshot()[1].counted_in.as_deref(), Some("GET /a"));
+}
+
+#[test]
+fn a_learnt_route_needs_client_mode_and_a_dialect() {
+    use tower_quota::headers::Dialects;
+    let error = RateLimitByRoute::builder()
+        .learn_route("GET /a")
+        .dialects(Dialects::none())
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("learn_route"), "{error}");
+    let error = RateLimitByRoute::builder()
+        .learn_route("GET /a")
+        .reject()
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("learn_route"), "{error}");
+}
+
+/// A learnt quota is this process's alone: a store would share a count its learning cannot.
+/// Building the store connects to nothing, so no Redis is needed here.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_learnt_quota_is_refused_with_a_store() {
+    let store = || {
+        tower_quota::store::RedisStore::builder("redis://127.0.0.1:1/")
+            .build()
+            .unwrap()
+    };
+    for (builder, setting) in [
+        (RateLimitByRoute::builder().learn_quota(), "learn_quota"),
+        (
+            RateLimitByRoute::builder().learn_route("GET /a"),
+            "learn_route",
+        ),
+    ] {
+        let error = builder.store(store()).build().unwrap_err();
+        assert!(
+            matches!(error, ConfigError::InvalidSetting { name, .. } if name == setting),
+            "{error}"
+        );
+        assert!(error.to_string().contains("store"), "{error}");
+    }
+}

@@ -333,3 +333,126 @@ async fn the_local_api_can_state_its_limits_in_each_dialect() {
         the_local_api_states_its_limits_in(dialect).await;
     }
 }
+
+/// GitHub's resources as a server counts them: `core` for `/repos/..` and `/users/..`,
+/// `search` for `/search/..`, each with its own limit in fixed windows.
+#[derive(Clone)]
+struct Resources {
+    start: Instant,
+    /// Per resource, `core` then `search`.
+    counts: Arc<Mutex<[Counts; 2]>>,
+}
+
+const CORE_LIMIT: u64 = 20;
+const SEARCH_LIMIT: u64 = 5;
+
+async fn resource(
+    State(server): State<Resources>,
+    axum::extract::Path((kind, _)): axum::extract::Path<(String, String)>,
+) -> impl IntoResponse {
+    let (index, name, limit) = match kind.as_str() {
+        "search" => (1, "search", SEARCH_LIMIT),
+        _ => (0, "core", CORE_LIMIT),
+    };
+    let elapsed = server.start.elapsed();
+    let window = (elapsed.as_nanos() / WINDOW.as_nanos()) as u64;
+    let reset = WINDOW * (window as u32 + 1) - elapsed;
+    let mut counts = server.counts.lock().unwrap();
+    let count = &mut counts[index];
+    if count.window != window {
+        count.window = window;
+        count.used = 0;
+    }
+    let refused = count.used >= limit;
+    if refused {
+        count.refused += 1;
+    } else {
+        count.used += 1;
+        count.served += 1;
+    }
+    let at = SystemTime::now() + reset;
+    let reset_secs = at.duration_since(UNIX_EPOCH).unwrap().as_secs() + 1;
+    let mut fields = HeaderMap::new();
+    let mut set = |field: &'static str, value: String| {
+        fields.insert(field, HeaderValue::from_str(&value).unwrap());
+    };
+    set("x-ratelimit-limit", limit.to_string());
+    set("x-ratelimit-remaining", (limit - count.used).to_string());
+    set("x-ratelimit-used", count.used.to_string());
+    set("x-ratelimit-reset", reset_secs.to_string());
+    set("x-ratelimit-resource", name.to_owned());
+    let status = if refused {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::OK
+    };
+    (status, fields, "")
+}
+
+#[tokio::test(start_paused = true)]
+async fn routes_that_the_server_says_share_a_quota_share_the_learnt_one() {
+    let server = Resources {
+        start: Instant::now(),
+        counts: Arc::default(),
+    };
+    let base = serve(
+        Router::new()
+            .route("/{kind}/{name}", get(resource))
+            .with_state(server.clone()),
+    )
+    .await;
+    // Nobody configured a quota: three learnt routes, two of which GitHub counts as `core`.
+    let limits = RateLimitByRoute::builder()
+        .learn_route("GET /repos/{name}")
+        .learn_route("GET /users/{name}")
+        .learn_route("GET /search/{name}")
+        .build()
+        .unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let svc: Svc = tower::util::BoxCloneService::new(
+        ServiceBuilder::new()
+            .rate_limit_by_route(limits.clone())
+            .service(client),
+    );
+    let get = |path: String| {
+        let mut svc = svc.clone();
+        async move {
+            let request = http::Request::get(format!("http://{base}{path}"))
+                .body(Empty::new())
+                .unwrap();
+            let response = svc.ready().await?.call(request).await?;
+            response.into_body().collect().await?;
+            Ok::<_, tower_quota::BoxError>(())
+        }
+    };
+    // One request on each route first: each learns what its quota is called.
+    for kind in ["repos", "users", "search"] {
+        get(format!("/{kind}/first")).await.unwrap();
+    }
+    let snapshot = limits.snapshot();
+    assert_eq!(snapshot[1].counted_in.as_deref(), Some("GET /repos/{name}"));
+    assert_eq!(snapshot[2].counted_in, None, "search is a quota of its own");
+    // Then 198 on `core`'s two routes (ten windows' worth with the first two) and 30 on
+    // `search`, all at once.
+    let start = Instant::now();
+    let paths = (0..198)
+        .map(|i| format!("/{}/{i}", ["repos", "users"][i % 2]))
+        .chain((0..30).map(|i| format!("/search/{i}")));
+    let mut calls: FuturesUnordered<_> = paths.map(get).collect();
+    while let Some(result) = calls.next().await {
+        result.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let counts = server.counts.lock().unwrap();
+    let [core, search] = &*counts;
+    assert_eq!(
+        (core.refused, search.refused),
+        (0, 0),
+        "no refusal on either"
+    );
+    assert_eq!((core.served, search.served), (200, 31));
+    // `core` was the longer to get through: at least 95% of it used over its windows.
+    let windows = (elapsed.as_secs_f64() / WINDOW.as_secs_f64()).floor() + 1.0;
+    let used = 198.0 / (windows * CORE_LIMIT as f64);
+    assert!(used >= 0.95, "{used:.3} of core's quota in {elapsed:?}");
+}

@@ -1,6 +1,7 @@
 //! Client mode's state: each route's limiter and queue, the tickets of the requests waiting
 //! in it, and the permits of the requests holding a place.
 
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
 use std::time::{Duration, SystemTime};
@@ -62,6 +63,70 @@ pub(crate) struct ClientRoute {
     pub(crate) name: Arc<str>,
     pub(crate) learn: Learn,
     pub(crate) state: Mutex<ClientState>,
+    /// Whether its quota is learnt (nobody configured one), so that it may count against a
+    /// quota the server names, held by another learnt route's state.
+    pub(crate) learnt: bool,
+    /// The route whose state counts its requests: itself, unless it is learnt and the server
+    /// named its quota, which another learnt route's state already held.
+    holder: AtomicU16,
+}
+
+impl ClientRoute {
+    pub(crate) fn new(index: u16, name: Arc<str>, learn: Learn, rate: Rate, learnt: bool) -> Self {
+        Self {
+            name,
+            learn,
+            state: Mutex::new(ClientState::new(rate)),
+            learnt,
+            holder: AtomicU16::new(index),
+        }
+    }
+
+    /// The route whose state counts this route's requests now.
+    #[inline]
+    pub(crate) fn holder(&self) -> usize {
+        // Relaxed: the holder is only ever read to choose a lock, under which the state is
+        // read; a request that reads the previous holder counts against it, as it would have
+        // a moment earlier.
+        usize::from(self.holder.load(Ordering::Relaxed))
+    }
+}
+
+/// The quotas the server named for learnt routes, each held by the state of the first learnt
+/// route whose response named it. At most one name per route, so never more entries than
+/// routes, whatever the server sends.
+#[derive(Debug, Default)]
+pub(crate) struct QuotaNames(Mutex<Vec<(Box<str>, u16)>>);
+
+impl Clone for QuotaNames {
+    fn clone(&self) -> Self {
+        Self(Mutex::new(lock(&self.0).clone()))
+    }
+}
+
+impl QuotaNames {
+    /// The route whose state counts the requests of learnt route `route`, whose response
+    /// names its quota `name`: the holder of that name, else the route itself, which then
+    /// holds it. `None` when the route's own state already holds another name (the server
+    /// renamed the route's quota, or named one of several policies only): the route stays
+    /// where it counts.
+    fn resolve(&self, routes: &[ClientRoute], route: usize, name: &str) -> Option<usize> {
+        let mut names = lock(&self.0);
+        let holder = if let Some(&(_, holder)) = names.iter().find(|(n, _)| &**n == name) {
+            holder
+        } else if names
+            .iter()
+            .any(|&(_, holder)| usize::from(holder) == route)
+        {
+            return None;
+        } else {
+            let own = u16::try_from(route).expect("route indexes fit in u16");
+            names.push((name.into(), own));
+            own
+        };
+        routes[route].holder.store(holder, Ordering::Relaxed);
+        Some(usize::from(holder))
+    }
 }
 
 #[derive(Debug)]
@@ -130,7 +195,10 @@ pub(crate) type ClientHandle = Arc<Arc<ClientShared>>;
 #[derive(Debug)]
 pub(crate) struct TurnTicket {
     shared: ClientHandle,
+    /// The request's route.
     route: usize,
+    /// The route whose queue it waits in (its route's holder when it joined).
+    at: usize,
     id: u64,
     queued: bool,
     /// When the request was made, for the wait it reports.
@@ -147,17 +215,20 @@ pub(crate) enum Turn {
 }
 
 impl TurnTicket {
-    /// Joins the back of a route's queue (whose lock the caller holds).
+    /// Joins the back of the queue of `at`, route `route`'s holder (whose lock the caller
+    /// holds).
     pub(crate) fn join(
         shared: &ClientHandle,
         state: &mut ClientState,
         route: usize,
+        at: usize,
         now: Nanos,
     ) -> Self {
         let id = state.waiters.join();
         Self {
             shared: shared.clone(),
             route,
+            at,
             id,
             queued: true,
             since: now,
@@ -176,7 +247,11 @@ impl TurnTicket {
     /// otherwise registers the task to be woken when the queue moves.
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Turn {
         debug_assert!(self.queued, "ticket polled after its turn");
-        let route = &self.shared.routes[self.route];
+        let holder = self.shared.routes[self.route].holder();
+        if holder != self.at {
+            self.move_to(holder);
+        }
+        let route = &self.shared.routes[self.at];
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.now(&self.shared.clock);
@@ -189,7 +264,8 @@ impl TurnTicket {
                     self.queued = false;
                     return Turn::Admitted(Permit {
                         shared: self.shared.clone(),
-                        route: self.route as u32,
+                        route: self.route as u16,
+                        holder: self.at as u16,
                         stage: Stage::Unsent,
                     });
                 }
@@ -201,9 +277,30 @@ impl TurnTicket {
         Turn::Wait(wait)
     }
 
+    /// The request's route now counts against another route's state (the server named its
+    /// quota, held there): it leaves its queue for the back of that one.
+    #[cold]
+    fn move_to(&mut self, holder: usize) {
+        self.leave();
+        let mut state = lock(&self.shared.routes[holder].state);
+        self.id = state.waiters.join();
+        self.at = holder;
+        self.queued = true;
+    }
+
+    /// Leaves the queue it waits in.
+    fn leave(&mut self) {
+        let mut state = lock(&self.shared.routes[self.at].state);
+        if state.waiters.leave(self.id) {
+            // The head left: the next request may be able to go now.
+            state.wake_head();
+        }
+        self.queued = false;
+    }
+
     /// A lower bound of when this ticket's turn comes.
     pub(crate) fn estimate(&self) -> Nanos {
-        let route = &self.shared.routes[self.route];
+        let route = &self.shared.routes[self.at];
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.now(&self.shared.clock);
@@ -214,13 +311,8 @@ impl TurnTicket {
 
 impl Drop for TurnTicket {
     fn drop(&mut self) {
-        if !self.queued {
-            return;
-        }
-        let mut state = lock(&self.shared.routes[self.route].state);
-        if state.waiters.leave(self.id) {
-            // The head left: the next request may be able to go now.
-            state.wake_head();
+        if self.queued {
+            self.leave();
         }
     }
 }
@@ -235,9 +327,12 @@ impl Drop for TurnTicket {
 #[derive(Debug)]
 pub(crate) struct Permit {
     shared: ClientHandle,
-    /// The route's index (`u32`, so that a sent request's state stays small enough to be
-    /// moved without a call to `memcpy`; a table never holds that many routes).
-    route: u32,
+    /// The request's route (`u16`, as `holder`, so that a sent request's state stays small
+    /// enough to be moved without a call to `memcpy`; the builder refuses more routes).
+    route: u16,
+    /// The route whose state it holds its place in: its own, unless a learnt route counts
+    /// against a quota held by another.
+    holder: u16,
     stage: Stage,
 }
 
@@ -266,8 +361,9 @@ pub(crate) enum Admission {
 /// back to this process's limit from a failed store.
 #[inline]
 pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) -> Admission {
-    let mut state = lock(&handle.routes[route].state);
-    if let Some(permit) = Permit::try_acquire(handle, &mut state, route) {
+    let holder = handle.routes[route].holder();
+    let mut state = lock(&handle.routes[holder].state);
+    if let Some(permit) = Permit::try_acquire(handle, &mut state, route, holder) {
         return Admission::Now(permit);
     }
     let name = || handle.routes[route].name.clone();
@@ -286,16 +382,17 @@ pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) ->
             return Admission::Refused(RateLimitError::wait_too_long(name(), now, turn, max_wait));
         }
     }
-    Admission::Queued(TurnTicket::join(handle, &mut state, route, now))
+    Admission::Queued(TurnTicket::join(handle, &mut state, route, holder, now))
 }
 
 impl Permit {
-    /// Admits a request at once, to be sent at once, if nobody is queued for its route and
-    /// the quota allows.
+    /// Admits a request of route `route` at once, to be sent at once, if nobody is queued
+    /// in the state of its holder (`state`, locked) and the quota allows.
     pub(crate) fn try_acquire(
         shared: &ClientHandle,
         state: &mut ClientState,
         route: usize,
+        holder: usize,
     ) -> Option<Self> {
         if !state.waiters.is_empty() {
             return None;
@@ -307,7 +404,8 @@ impl Permit {
         }
         Some(Self {
             shared: shared.clone(),
-            route: route as u32,
+            route: route as u16,
+            holder: holder as u16,
             stage: Stage::Sent,
         })
     }
@@ -326,20 +424,74 @@ impl Permit {
 
     /// The response is back: give the place back and learn what the server says.
     pub(crate) fn answered<B>(mut self, response: &Response<B>) {
-        let route = &self.shared.routes[self.route as usize];
+        let route = &self.shared.routes[usize::from(self.route)];
         let answered = self.shared.clock.now();
-        let mut guard = lock(&route.state);
+        let teaches = route.learn.enabled
+            && (response.status() == StatusCode::TOO_MANY_REQUESTS
+                || !response.headers().is_empty());
+        if route.learnt && teaches {
+            self.stage = Stage::Settled;
+            return self.answered_learnt(response, answered);
+        }
+        let mut guard = lock(&self.shared.routes[usize::from(self.holder)].state);
         let state = &mut *guard;
         let now = state.seen(answered);
         state.limiter.release(&state.rate, now);
-        if route.learn.enabled
-            && (response.status() == StatusCode::TOO_MANY_REQUESTS
-                || !response.headers().is_empty())
-        {
+        if teaches {
             learn(&route.name, route.learn, state, response, now);
         }
         state.wake_head();
         self.stage = Stage::Settled;
+    }
+
+    /// The answer of a request on a learnt route: its place is given back where it was taken,
+    /// and what the response states is learnt by the state that counts the quota it names.
+    #[inline(never)]
+    fn answered_learnt<B>(&self, response: &Response<B>, answered: Nanos) {
+        let (index, holder) = (usize::from(self.route), usize::from(self.holder));
+        let shared = &*self.shared;
+        let route = &shared.routes[index];
+        {
+            let mut state = lock(&shared.routes[holder].state);
+            let now = state.seen(answered);
+            let rate = state.rate;
+            state.limiter.release(&rate, now);
+            state.wake_head();
+        }
+        let wall = SystemTime::now();
+        let stated = headers::read(response.headers(), wall, route.learn.dialects);
+        let before = route.holder();
+        // A statement that cannot be placed (no name, or a route renamed once its state
+        // counts another name) tightens the state that counts the route now: tightening is
+        // never what makes a server refuse.
+        let target = stated
+            .quota_name()
+            .and_then(|name| {
+                shared
+                    .config
+                    .quota_names
+                    .resolve(&shared.routes, index, &name)
+            })
+            .unwrap_or(before);
+        let mut guard = lock(&shared.routes[target].state);
+        let state = &mut *guard;
+        let now = state.seen(answered);
+        learn_stated(
+            &route.name,
+            route.learn,
+            state,
+            response,
+            &stated,
+            wall,
+            now,
+        );
+        state.wake_head();
+        drop(guard);
+        if target != before {
+            // Its requests still queued where they counted before move over, one waking the
+            // next as it leaves.
+            lock(&shared.routes[before].state).wake_head();
+        }
     }
 
     /// Gives the place back without an answer.
@@ -347,7 +499,7 @@ impl Permit {
     #[inline(never)]
     fn give_back(&mut self) {
         let dropped = self.shared.clock.now();
-        let mut guard = lock(&self.shared.routes[self.route as usize].state);
+        let mut guard = lock(&self.shared.routes[usize::from(self.holder)].state);
         let state = &mut *guard;
         let now = state.seen(dropped);
         match self.stage {
@@ -381,13 +533,26 @@ fn learn<B>(
     now: Nanos,
 ) {
     let wall = SystemTime::now();
+    let stated = headers::read(response.headers(), wall, learn.dialects);
+    learn_stated(route, learn, state, response, &stated, wall, now);
+}
+
+/// Applies what a response states (`stated`, read at `wall`) to the state that counts it.
+fn learn_stated<B>(
+    route: &str,
+    learn: Learn,
+    state: &mut ClientState,
+    response: &Response<B>,
+    stated: &headers::RateLimitHeaders,
+    wall: SystemTime,
+    now: Nanos,
+) {
     let cap = Learn::cap(&state.rate);
     let until = |wait: Duration| now.saturating_add(nanos(wait.min(cap)));
     if headers::refused_in(response.status(), response.headers(), learn.dialects) {
         let wait = learn.refusal_wait(route, response, wall);
         state.limiter.block_until(until(wait));
     }
-    let stated = headers::read(response.headers(), wall, learn.dialects);
     for error in &stated.malformed {
         tracing::debug!(route, %error, "ignoring a malformed rate-limit header");
     }
@@ -410,6 +575,9 @@ fn learn<B>(
             state
                 .limiter
                 .cap(count(tightest.remaining), limit, until(reset), now);
+            if let (Some(_), Some(window)) = (limit, tightest.window) {
+                state.limiter.renews_over(nanos(window.min(cap)));
+            }
         }
     }
 }

@@ -361,8 +361,14 @@ pub(crate) enum Admission {
 /// back to this process's limit from a failed store.
 #[inline]
 pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) -> Admission {
-    let holder = handle.routes[route].holder();
-    let mut state = lock(&handle.routes[holder].state);
+    let asked = &handle.routes[route];
+    let (holder, at) = if asked.learnt {
+        let holder = asked.holder();
+        (holder, &handle.routes[holder])
+    } else {
+        (route, asked)
+    };
+    let mut state = lock(&at.state);
     if let Some(permit) = Permit::try_acquire(handle, &mut state, route, holder) {
         return Admission::Now(permit);
     }
@@ -426,22 +432,19 @@ impl Permit {
     pub(crate) fn answered<B>(mut self, response: &Response<B>) {
         let route = &self.shared.routes[usize::from(self.route)];
         let answered = self.shared.clock.now();
-        let teaches = route.learn.enabled
-            && (response.status() == StatusCode::TOO_MANY_REQUESTS
-                || !response.headers().is_empty());
-        if route.learnt && teaches {
-            self.stage = Stage::Settled;
+        self.stage = Stage::Settled;
+        if route.learnt {
             return self.answered_learnt(response, answered);
         }
-        let mut guard = lock(&self.shared.routes[usize::from(self.holder)].state);
+        // Not learnt: it holds its place in its own route's state.
+        let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.seen(answered);
         state.limiter.release(&state.rate, now);
-        if teaches {
+        if route.learn.enabled && teaches(response) {
             learn(&route.name, route.learn, state, response, now);
         }
         state.wake_head();
-        self.stage = Stage::Settled;
     }
 
     /// The answer of a request on a learnt route: its place is given back where it was taken,
@@ -457,6 +460,9 @@ impl Permit {
             let rate = state.rate;
             state.limiter.release(&rate, now);
             state.wake_head();
+        }
+        if !teaches(response) {
+            return;
         }
         let wall = SystemTime::now();
         let stated = headers::read(response.headers(), wall, route.learn.dialects);
@@ -520,6 +526,11 @@ impl Drop for Permit {
             self.give_back();
         }
     }
+}
+
+/// Whether a response may say something about a limit: a 429, or any header field.
+fn teaches<B>(response: &Response<B>) -> bool {
+    response.status() == StatusCode::TOO_MANY_REQUESTS || !response.headers().is_empty()
 }
 
 /// Applies what a response says about the route's limit to its state. Out of line: the

@@ -103,6 +103,14 @@ impl WaitQueue {
         }
     }
 
+    /// Wakes every request waiting (each looks again, and those that cannot go register
+    /// again).
+    pub(crate) fn wake_all(&mut self) {
+        for waker in self.waiters.iter_mut().filter_map(|w| w.waker.take()) {
+            waker.wake();
+        }
+    }
+
     /// Wakes the request at the head of the queue, whose turn may have come.
     pub(crate) fn wake_head(&mut self) {
         if let Some(waker) = self.waiters.front_mut().and_then(|w| w.waker.take()) {

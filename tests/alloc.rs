@@ -207,13 +207,20 @@ async fn bytes_per_key(quota: Quota) -> (i64, i64) {
     }
     let one_each = live_bytes() - base;
     // Sixteen clients use their whole quota: memory stays within the bound (the table's index
-    // may be rehashed into a larger one by the churn of clients forgotten and restored).
+    // may be rehashed into a larger one by the churn of clients forgotten and restored). A
+    // client whose count the churn dropped from the shadow table (as the module docs allow:
+    // its cells all held heavier counts) starts afresh, so each is refused within two quotas,
+    // and most exactly at its quota.
+    let mut exact = 0;
     for client in 2 * KEYS - 16..2 * KEYS {
-        for _ in 1..quota.count() {
-            assert_eq!(send(client), 200);
+        let mut sent = 1;
+        while send(client) == 200 {
+            sent += 1;
+            assert!(sent <= 2 * quota.count(), "client {client} never refused");
         }
-        assert_eq!(send(client), 429);
+        exact += u32::from(sent == quota.count());
     }
+    assert!(exact >= 8, "{exact} of 16 refused at their quota");
     let at_quota = live_bytes() - base;
     assert_eq!(limits.snapshot()[0].tracked_keys, KEYS as usize);
     (one_each / KEYS as i64, at_quota / KEYS as i64)

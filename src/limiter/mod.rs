@@ -358,6 +358,35 @@ impl Limiter {
         });
     }
 
+    /// A statement this state cannot place (about a quota other than the one it counts, as
+    /// far as it knows): at most `remaining` more until `reset_at`, which only ever tightens
+    /// the bound in force (fewer left, a later reset), never replaces it.
+    pub(crate) fn tighten(&mut self, remaining: u32, reset_at: Nanos, now: Nanos) {
+        if reset_at <= now {
+            return;
+        }
+        if let Some(cap) = self.cap {
+            if now >= cap.reset_at {
+                self.cap = cap.renewed(now, self.in_flight);
+            }
+        }
+        let remaining = remaining.saturating_sub(self.in_flight);
+        self.cap = Some(match self.cap {
+            Some(cap) => ServerCap {
+                remaining: cap.remaining.min(remaining),
+                reset_at: cap.reset_at.max(reset_at),
+                ..cap
+            },
+            None => ServerCap {
+                remaining,
+                reset_at,
+                limit: None,
+                window: reset_at - now,
+                renewable: false,
+            },
+        });
+    }
+
     /// The server says its limit renews over windows of `window` (the draft's `w`): the bound
     /// carried past the reset in force covers at least that long, even where the statements
     /// seen so far came late in a window and so looked shorter.

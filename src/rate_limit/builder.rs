@@ -272,9 +272,12 @@ impl Builder<WaitConfig> {
     /// Learnt routes whose responses name the same quota (GitHub's `x-ratelimit-resource`,
     /// such as `core` or `search`; the draft's policy names) share it: from the first such
     /// response on, a route's requests count against the quota as the first learnt route to
-    /// name it counts it, and wait in one queue with that route's requests. A route keeps the
-    /// first quota it shares; the learnt default ([`learn_quota`](Self::learn_quota)) shares
-    /// too. Routes with a configured quota keep their own.
+    /// name it counts it, and wait in one queue with that route's requests; its requests
+    /// still in flight where it counted before are taken off what the shared quota has left.
+    /// A route keeps the first quota it is placed under: a later response naming another
+    /// (a server renaming it, or naming one of several policies alone) only tightens it,
+    /// never moves it nor loosens it. The learnt default ([`learn_quota`](Self::learn_quota))
+    /// shares too. Routes with a configured quota keep their own.
     pub fn learn_route(mut self, pattern: impl Into<String>) -> Self {
         self.routes.push((pattern.into(), None));
         self

@@ -112,10 +112,21 @@ impl RateLimitByRoute<Wait> {
 
     /// Replaces the quota of the route given by `pattern` (as written to the builder, or
     /// `"default"`), keeping what it has counted so far. Waiting requests re-check at once.
+    ///
+    /// On a learnt route whose state holds a quota the server named, the quota bounds every
+    /// route that shares it; a learnt route that counts in another's state
+    /// ([`RouteSnapshot::counted_in`]) is a [`ConfigError`]: set the other's.
     pub fn set_quota(&self, pattern: &str, quota: Quota) -> Result<(), ConfigError> {
         let shared = &self.mode.0;
         let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
         let route = &shared.routes[index];
+        if route.holder() != index {
+            return Err(ConfigError::InvalidSetting {
+                name: "set_quota",
+                reason: "this learnt route counts against a quota the server named, held by \
+                         another route (see `RouteSnapshot::counted_in`): set that route's",
+            });
+        }
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.now(&shared.clock);

@@ -6,6 +6,7 @@ mod common;
 
 mod client;
 mod keyed;
+mod named_quotas;
 mod server;
 mod server_flood;
 mod server_fuzz;

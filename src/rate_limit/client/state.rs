@@ -105,27 +105,40 @@ impl Clone for QuotaNames {
 }
 
 impl QuotaNames {
-    /// The route whose state counts the requests of learnt route `route`, whose response
-    /// names its quota `name`: the holder of that name, else the route itself, which then
-    /// holds it. `None` when the route's own state already holds another name (the server
-    /// renamed the route's quota, or named one of several policies only): the route stays
-    /// where it counts.
+    /// Where the statement of learnt route `route`, whose response names its quota `name`,
+    /// is learnt: the state that holds that name, or `None` if it cannot be placed.
+    ///
+    /// A route is placed once, by the first name its responses give: it then counts in the
+    /// state holding that name (its own, which then holds it, if no route named it before).
+    /// It keeps that place: a later statement is placed only if it names the same quota. A
+    /// server that renames a route's quota (or names one of several policies alone) cannot
+    /// move its requests from one count to another, where requests still in flight would
+    /// count in neither.
     fn resolve(&self, routes: &[ClientRoute], route: usize, name: &str) -> Option<usize> {
         let mut names = lock(&self.0);
-        let holder = if let Some(&(_, holder)) = names.iter().find(|(n, _)| &**n == name) {
-            holder
-        } else if names
+        let named = names
             .iter()
-            .any(|&(_, holder)| usize::from(holder) == route)
-        {
-            return None;
-        } else {
-            let own = u16::try_from(route).expect("route indexes fit in u16");
-            names.push((name.into(), own));
-            own
-        };
-        routes[route].holder.store(holder, Ordering::Relaxed);
-        Some(usize::from(holder))
+            .find(|(n, _)| &**n == name)
+            .map(|&(_, holder)| usize::from(holder));
+        let current = routes[route].holder();
+        let placed = current != route || names.iter().any(|&(_, h)| usize::from(h) == route);
+        if placed {
+            return named.filter(|&holder| holder == current);
+        }
+        let holder = named.unwrap_or(route);
+        if named.is_none() {
+            names.push((name.into(), route as u16));
+        }
+        // `compile` refused more routes than a `u16` counts.
+        routes[route].holder.store(holder as u16, Ordering::Relaxed);
+        Some(holder)
+    }
+
+    /// Whether learnt route `route` was placed under a name (its own state holds one, or it
+    /// counts in another's).
+    fn placed(&self, routes: &[ClientRoute], route: usize) -> bool {
+        routes[route].holder() != route
+            || lock(&self.0).iter().any(|&(_, h)| usize::from(h) == route)
     }
 }
 
@@ -247,12 +260,18 @@ impl TurnTicket {
     /// otherwise registers the task to be woken when the queue moves.
     pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Turn {
         debug_assert!(self.queued, "ticket polled after its turn");
-        let holder = self.shared.routes[self.route].holder();
-        if holder != self.at {
-            self.move_to(holder);
-        }
-        let route = &self.shared.routes[self.at];
-        let mut guard = lock(&route.state);
+        let mut guard = loop {
+            let holder = self.shared.routes[self.route].holder();
+            if holder != self.at {
+                self.move_to(holder);
+            }
+            let guard = lock(&self.shared.routes[self.at].state);
+            // Read again under the lock: a move made since is either seen here, or woken
+            // after this poll registers (the mover wakes this queue under its lock).
+            if self.shared.routes[self.route].holder() == self.at {
+                break guard;
+            }
+        };
         let state = &mut *guard;
         let now = state.now(&self.shared.clock);
         let mut wait = None;
@@ -466,37 +485,47 @@ impl Permit {
         }
         let wall = SystemTime::now();
         let stated = headers::read(response.headers(), wall, route.learn.dialects);
+        let names = &shared.config.quota_names;
         let before = route.holder();
-        // A statement that cannot be placed (no name, or a route renamed once its state
-        // counts another name) tightens the state that counts the route now: tightening is
-        // never what makes a server refuse.
-        let target = stated
+        let placed = stated
             .quota_name()
-            .and_then(|name| {
-                shared
-                    .config
-                    .quota_names
-                    .resolve(&shared.routes, index, &name)
-            })
-            .unwrap_or(before);
+            .and_then(|name| names.resolve(&shared.routes, index, &name));
+        let target = placed.unwrap_or(before);
+        // A statement about a quota it cannot place only tightens the state that counts the
+        // route now; so does any statement once other routes count there too.
+        let shared_state = placed.is_none() && names.placed(&shared.routes, index);
+        // Requests of routes that now count here, still in flight where they counted before:
+        // the server counts them in this quota too.
+        let elsewhere = shared
+            .routes
+            .iter()
+            .enumerate()
+            .filter(|&(i, r)| i != target && r.learnt && r.holder() == target)
+            .map(|(_, r)| lock(&r.state).limiter.in_flight())
+            .fold(0u32, u32::saturating_add);
         let mut guard = lock(&shared.routes[target].state);
         let state = &mut *guard;
         let now = state.seen(answered);
+        let how = Statement {
+            elsewhere,
+            tighten_only: shared_state,
+        };
         learn_stated(
             &route.name,
             route.learn,
             state,
             response,
             &stated,
+            how,
             wall,
             now,
         );
         state.wake_head();
         drop(guard);
         if target != before {
-            // Its requests still queued where they counted before move over, one waking the
-            // next as it leaves.
-            lock(&shared.routes[before].state).wake_head();
+            // Every request still queued where the route counted before: those of this route
+            // move over, the others look again and stay.
+            lock(&shared.routes[before].state).waiters.wake_all();
         }
     }
 
@@ -545,16 +574,36 @@ fn learn<B>(
 ) {
     let wall = SystemTime::now();
     let stated = headers::read(response.headers(), wall, learn.dialects);
-    learn_stated(route, learn, state, response, &stated, wall, now);
+    learn_stated(
+        route,
+        learn,
+        state,
+        response,
+        &stated,
+        Statement::default(),
+        wall,
+        now,
+    );
+}
+
+/// How a statement is learnt by the state that counts it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Statement {
+    /// Requests that count in the same quota, in flight but held in other states.
+    elsewhere: u32,
+    /// Whether it only tightens the bound in force (a statement that cannot be placed).
+    tighten_only: bool,
 }
 
 /// Applies what a response states (`stated`, read at `wall`) to the state that counts it.
+#[allow(clippy::too_many_arguments)]
 fn learn_stated<B>(
     route: &str,
     learn: Learn,
     state: &mut ClientState,
     response: &Response<B>,
     stated: &headers::RateLimitHeaders,
+    how: Statement,
     wall: SystemTime,
     now: Nanos,
 ) {
@@ -583,11 +632,14 @@ fn learn_stated<B>(
                 .count()
                 > 1;
             let limit = tightest.limit.map(count).filter(|_| !several);
-            state
-                .limiter
-                .cap(count(tightest.remaining), limit, until(reset), now);
-            if let (Some(_), Some(window)) = (limit, tightest.window) {
-                state.limiter.renews_over(nanos(window.min(cap)));
+            let remaining = count(tightest.remaining).saturating_sub(how.elsewhere);
+            if how.tighten_only {
+                state.limiter.tighten(remaining, until(reset), now);
+            } else {
+                state.limiter.cap(remaining, limit, until(reset), now);
+                if let (Some(_), Some(window)) = (limit, tightest.window) {
+                    state.limiter.renews_over(nanos(window.min(cap)));
+                }
             }
         }
     }

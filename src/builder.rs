@@ -40,7 +40,7 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     ) -> ServiceBuilder<Stack<ConcurrencyLimitByPlan, L>>;
 
     /// Adds a [`Backoff429`] layer.
-    fn backoff_429(self, backoff: Backoff429) -> ServiceBuilder<Stack<Backoff429, L>>;
+    fn backoff_429<M>(self, backoff: Backoff429<M>) -> ServiceBuilder<Stack<Backoff429<M>, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -58,7 +58,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(plan)
     }
 
-    fn backoff_429(self, backoff: Backoff429) -> ServiceBuilder<Stack<Backoff429, L>> {
+    fn backoff_429<M>(self, backoff: Backoff429<M>) -> ServiceBuilder<Stack<Backoff429<M>, L>> {
         self.layer(backoff)
     }
 }

@@ -20,6 +20,7 @@ use super::body::BackoffBody;
 use super::classify::LimitKind;
 use super::error::{is_own, BackoffError, Retried};
 use super::layer::BackoffConfig;
+use super::replay::ReplayBody;
 use super::schedule::GiveUp;
 use crate::headers;
 use crate::BoxError;
@@ -62,7 +63,8 @@ pin_project! {
 /// What a request needs to be sent again.
 struct Retry<S, B> {
     service: S,
-    template: Request<B>,
+    /// The request to send again; `None` for one whose body cannot be replayed, sent once.
+    template: Option<Request<B>>,
     config: Arc<BackoffConfig>,
     /// Whether a request that may have been processed can be sent again (decided only when
     /// transient failures are retried: nothing else reads it).
@@ -152,7 +154,7 @@ where
     #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
-        template: Request<B>,
+        template: Option<Request<B>>,
         service: &S,
         config: &Arc<BackoffConfig>,
         replayable: bool,
@@ -312,7 +314,7 @@ impl<S, B, ResBody> Future for ResponseFuture<S, B, ResBody>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
-    B: Clone,
+    B: ReplayBody,
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
@@ -401,6 +403,10 @@ where
             if !retry.refused(&response) {
                 return Some(Ok(retry.hand_back(response)));
             }
+            if retry.template.is_none() {
+                super::replay::not_replayed(response.status());
+                return Some(Ok(retry.hand_back(response)));
+            }
             let rate =
                 headers::refused_in(response.status(), response.headers(), retry.config.dialects);
             let kind = (!rate).then_some(LimitKind::Transient);
@@ -419,9 +425,12 @@ where
         }
         Err(error) => {
             let error = error.into();
-            let wait = (retry.config.transient && retry.replayable && !is_own(&*error))
-                .then(|| retry.decide(LimitKind::Transient, None))
-                .flatten();
+            let wait = (retry.config.transient
+                && retry.replayable
+                && retry.template.is_some()
+                && !is_own(&*error))
+            .then(|| retry.decide(LimitKind::Transient, None))
+            .flatten();
             match wait {
                 Some(wait) => {
                     state.set(State::Sleeping {
@@ -467,7 +476,7 @@ fn poll_slow<S, B, ResBody>(
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
-    B: Clone,
+    B: ReplayBody,
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
@@ -486,7 +495,7 @@ fn poll_states<S, B, ResBody>(
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
-    B: Clone,
+    B: ReplayBody,
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
@@ -581,7 +590,16 @@ where
                 if let Err(error) = ready!(retry.service.poll_ready(cx)) {
                     return Poll::Ready(Err(error.into()));
                 }
-                let future = retry.service.call(retry.template.clone());
+                // A copy of the request; the request itself if its body will not give one
+                // again (a `ReplayBody` of the caller's), which is then the last attempt.
+                let request = match retry.template.as_ref().and_then(B::replay_request) {
+                    Some(copy) => copy,
+                    None => retry
+                        .template
+                        .take()
+                        .expect("only a request that can be sent again is retried"),
+                };
+                let future = retry.service.call(request);
                 state.set(State::Called { future });
             }
             StateProj::Failed { .. } | StateProj::Done => unreachable!("handled above"),

@@ -12,6 +12,7 @@ use tower_layer::Layer;
 use super::budget::RetryBudget;
 use super::classify::{every_429_is_rate, Classifier, LimitKind};
 use super::random::Random;
+use super::replay::{BufferBodies, BufferBodiesService, ReplayBodies};
 use super::schedule::{Jitter, Schedule};
 use super::service::Backoff429Service;
 use crate::error::ConfigError;
@@ -126,9 +127,14 @@ impl BackoffConfig {
 /// than misbehave. No valid
 /// setting panics: delays saturate, and no wait exceeds `max_delay`. See the
 /// [module docs](super).
+///
+/// `M` is how request bodies are sent again: [`ReplayBodies`] by default (a body that is
+/// [`ReplayBody`](super::ReplayBody), as every `Clone` body is), or [`BufferBodies`] once
+/// [`buffer_bodies`](Self::buffer_bodies) is set (any body).
 #[derive(Clone, Debug)]
-pub struct Backoff429 {
+pub struct Backoff429<M = ReplayBodies> {
     pub(crate) config: Arc<BackoffConfig>,
+    mode: M,
 }
 
 impl Default for Backoff429 {
@@ -162,6 +168,7 @@ impl Backoff429 {
                 max_read_time: Duration::from_secs(10),
                 random: Random::new(),
             }),
+            mode: ReplayBodies,
         }
     }
 
@@ -170,6 +177,25 @@ impl Backoff429 {
     /// own builder, so every setter below works in both forms.
     pub fn builder() -> Self {
         Self::new()
+    }
+}
+
+impl<M> Backoff429<M> {
+    /// Takes requests with any body, the service below getting it as a
+    /// [`Buffered`](super::Buffered) body: one whose size is known and at most `max_bytes`
+    /// (a `Content-Length` of that much at most, or no body) is read whole before it is sent,
+    /// and replayed by each retry; any other is streamed once as it comes, never retried, its
+    /// answer handed back as it is (a `debug` event says so). For hyper's `Incoming`, axum's
+    /// `Body` and other streaming bodies, which are not `Clone`. Default: off (request
+    /// bodies must be [`ReplayBody`](super::ReplayBody)). See
+    /// [`BufferBodiesService`](super::BufferBodiesService).
+    pub fn buffer_bodies(self, max_bytes: usize) -> Backoff429<BufferBodies> {
+        Backoff429 {
+            config: self.config,
+            mode: BufferBodies {
+                max_bytes: max_bytes as u64,
+            },
+        }
     }
 
     /// The layer, once its settings are checked: a [`ConfigError`] names the first that
@@ -322,10 +348,21 @@ impl Backoff429 {
     }
 }
 
-impl<S> Layer<S> for Backoff429 {
+impl<S> Layer<S> for Backoff429<ReplayBodies> {
     type Service = Backoff429Service<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Backoff429Service::new(inner, self.config.clone())
+    }
+}
+
+impl<S> Layer<S> for Backoff429<BufferBodies> {
+    type Service = BufferBodiesService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BufferBodiesService {
+            inner: Backoff429Service::new(inner, self.config.clone()),
+            max_bytes: self.mode.max_bytes,
+        }
     }
 }

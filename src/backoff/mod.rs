@@ -46,9 +46,11 @@
 //! says how many attempts and how much waiting it took), or, with
 //! [`Backoff429::error_on_exhaustion`], a [`BackoffError::Exhausted`].
 //!
-//! A retry replays a clone of the request, so its body must be `Clone` (`Full<Bytes>`,
-//! `String`): a streaming body is a compile error, not a silent no-retry. To retry a streaming
-//! body, buffer it first (`http_body_util::BodyExt::collect`, then `Full::new(collected.to_bytes())`).
+//! A retry sends a copy of the request, so by default its body must be a [`ReplayBody`]
+//! (every `Clone` body: `Full<Bytes>`, `String`, `Bytes`): a streaming body is a compile
+//! error, not a silent no-retry. [`Backoff429::buffer_bodies`] takes any body: one of known
+//! size within its bound is read whole and replayed, any other streamed once and never
+//! retried (the service below gets a [`Buffered`] body).
 //!
 //! ```
 //! use std::time::Duration;
@@ -98,6 +100,7 @@ mod error;
 mod future;
 mod layer;
 mod random;
+mod replay;
 mod schedule;
 mod service;
 #[cfg(test)]
@@ -109,5 +112,8 @@ pub use classify::LimitKind;
 pub use error::{BackoffError, Retried};
 pub use future::ResponseFuture;
 pub use layer::Backoff429;
+pub use replay::{
+    BufferBodies, BufferBodiesService, BufferFuture, Buffered, ReplayBodies, ReplayBody,
+};
 pub use schedule::{Jitter, Schedule};
 pub use service::Backoff429Service;

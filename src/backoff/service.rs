@@ -11,15 +11,18 @@ use super::body::BackoffBody;
 use super::error::BackoffError;
 use super::future::ResponseFuture;
 use super::layer::BackoffConfig;
+use super::replay::ReplayBody;
 use crate::error::ConfigError;
 use crate::BoxError;
 
 /// The service made by a [`Backoff429`](super::Backoff429) layer.
 ///
-/// A retry replays a clone of the request, so the body must be `Clone` (`Full<Bytes>`,
-/// `String`, `Bytes`...): a streaming body does not compile here rather than silently never
-/// being retried. Buffer one first, for example with `http_body_util::BodyExt::collect` into a
-/// `Full<Bytes>`.
+/// A retry sends a copy of the request, so the body must be one that can be sent again
+/// ([`ReplayBody`]: every `Clone` body, such as `Full<Bytes>`, `String` or `Bytes`): a
+/// streaming body (hyper's `Incoming`, axum's `Body`) does not compile here rather than
+/// silently never being retried. A layer made with
+/// [`buffer_bodies`](super::Backoff429::buffer_bodies) takes any body
+/// ([`BufferBodiesService`](super::BufferBodiesService)).
 ///
 /// `poll_ready` forwards to the inner service and means what its readiness means: the
 /// request's first attempt is sent with the service the caller drove ready. A retry never
@@ -61,7 +64,7 @@ impl<S, B, ResBody> Service<Request<B>> for Backoff429Service<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
-    B: Clone,
+    B: ReplayBody,
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
@@ -85,9 +88,13 @@ where
             false
         };
         self.config.budget.deposit();
-        // The clone is sent and the original kept: the request is not moved twice.
-        let future = self.inner.call(request.clone());
-        ResponseFuture::new(future, request, &self.inner, &self.config, replayable)
+        // The copy is sent and the original kept: the request is not moved twice. A request
+        // whose body gives no copy is sent itself, once.
+        let (future, template) = match B::replay_request(&request) {
+            Some(copy) => (self.inner.call(copy), Some(request)),
+            None => (self.inner.call(request), None),
+        };
+        ResponseFuture::new(future, template, &self.inner, &self.config, replayable)
     }
 }
 

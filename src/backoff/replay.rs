@@ -11,7 +11,7 @@ use bytes::{Buf, Bytes};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::Collect;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -252,7 +252,9 @@ where
         let (parts, body) = request.into_parts();
         BufferFuture {
             state: BufferState::Reading {
-                collect: body.collect(),
+                // A body that says it is small but streams more fails at the bound, rather
+                // than grow the buffer past it.
+                collect: Limited::new(body, self.max_bytes as usize).collect(),
                 parts: Some(parts),
                 service: Some(waiting_clone(&mut self.inner)),
             },
@@ -270,6 +272,7 @@ pin_project! {
     where
         S: Service<Request<Buffered<B>>>,
         B: Body,
+        B::Error: Into<BoxError>,
         ResBody: Body,
     {
         #[pin]
@@ -283,11 +286,12 @@ pin_project! {
     where
         S: Service<Request<Buffered<B>>>,
         B: Body,
+        B::Error: Into<BoxError>,
         ResBody: Body,
     {
         Reading {
             #[pin]
-            collect: Collect<B>,
+            collect: Collect<Limited<B>>,
             parts: Option<http::request::Parts>,
             service: Option<Backoff429Service<S>>,
         },
@@ -324,7 +328,7 @@ where
                 } => {
                     // A body that fails to be read fails its request with its own error: it
                     // was not sent.
-                    let collected = ready!(collect.poll(cx)).map_err(Into::into)?;
+                    let collected = ready!(collect.poll(cx))?;
                     let (Some(parts), Some(service)) = (parts.take(), service.take()) else {
                         panic!("`Backoff429` `BufferFuture` polled after completion");
                     };

@@ -226,3 +226,40 @@ async fn a_proxy_of_incoming_bodies_retries_those_it_buffered() {
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(*upstream_seen.lock().unwrap(), ["{\"n\":1}", "{\"n\":1}"]);
 }
+
+/// A body that says it is small but streams more.
+struct Lying(u8);
+
+impl http_body::Body for Lying {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.0 == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.0 -= 1;
+        std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; 1024])))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(10)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_lies_about_its_size_fails_at_the_bound() {
+    let (api, seen) = api(0);
+    let svc = ServiceBuilder::new()
+        .backoff_429(Backoff429::builder().buffer_bodies(64).build().unwrap())
+        .service(api);
+    let error = svc
+        .oneshot(post_with(BodyExt::boxed(Lying(100))))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("length limit"), "{error}");
+    assert!(seen.lock().unwrap().is_empty(), "nothing sent");
+}

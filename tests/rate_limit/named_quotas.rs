@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode};
 use tokio::time::{sleep, Instant};
 use tower::{service_fn, Layer, Service, ServiceExt};
-use tower_quota::{Quota, RateLimitByRoute};
+use tower_quota::{BoxError, Quota, RateLimitByRoute};
 
 type Log = Arc<Mutex<Vec<(Duration, String)>>>;
 
@@ -306,25 +306,7 @@ async fn a_statement_about_another_quota_never_loosens_a_shared_one() {
     ))
     .await
     .unwrap();
-    let sent = start.elapsed();
-    let bs: Vec<_> = (0..3)
-        .map(|i| {
-            let svc = svc.clone();
-            let r = ask(
-                "/b",
-                &format!("b{}", i + 2),
-                &[("x-name", "x"), ("x-r", "0")],
-            );
-            tokio::spawn(async move { svc.oneshot(r).await.unwrap() })
-        })
-        .collect();
-    for b in bs {
-        b.await.unwrap();
-    }
-    let early = ["b2", "b3", "b4"]
-        .iter()
-        .filter(|id| at(&log, id) <= sent + secs(1.0))
-        .count();
+    let early = three_at_once(&svc, &log, start, "0").await;
     assert!(
         early <= 1,
         "x said 1 left, yet {early} of /b's requests went at once"
@@ -365,25 +347,7 @@ async fn set_quota_on_a_route_that_counts_elsewhere_is_refused() {
     limits
         .set_quota("GET /a", Quota::new(1, Duration::from_secs(60)))
         .unwrap();
-    let sent = start.elapsed();
-    let bs: Vec<_> = (0..3)
-        .map(|i| {
-            let svc = svc.clone();
-            let r = ask(
-                "/b",
-                &format!("b{}", i + 2),
-                &[("x-name", "x"), ("x-r", "90")],
-            );
-            tokio::spawn(async move { svc.oneshot(r).await.unwrap() })
-        })
-        .collect();
-    for b in bs {
-        b.await.unwrap();
-    }
-    let early = ["b2", "b3", "b4"]
-        .iter()
-        .filter(|id| at(&log, id) <= sent + secs(1.0))
-        .count();
+    let early = three_at_once(&svc, &log, start, "90").await;
     assert!(
         early <= 1,
         "1 per minute set on /a, yet {early} of /b's went at once"
@@ -517,4 +481,28 @@ async fn last_of_65535_routes_shares_without_panic() {
     let s = limits.snapshot();
     assert_eq!(s[65_533].counted_in.as_deref(), Some("default"));
     assert_eq!(s[0].counted_in.as_deref(), Some("default"));
+}
+
+/// Sends three requests on `/b` at once, each stating `left` of `x`; how many went within a
+/// second.
+async fn three_at_once<S>(svc: &S, log: &Log, start: Instant, left: &str) -> usize
+where
+    S: Service<Request<()>, Response = Response<()>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let sent = start.elapsed();
+    let calls: Vec<_> = (2..5)
+        .map(|i| {
+            let svc = svc.clone();
+            let r = ask("/b", &format!("b{i}"), &[("x-name", "x"), ("x-r", left)]);
+            tokio::spawn(async move { svc.oneshot(r).await.unwrap() })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    ["b2", "b3", "b4"]
+        .iter()
+        .filter(|id| at(log, id) <= sent + secs(1.0))
+        .count()
 }

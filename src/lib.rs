@@ -62,10 +62,13 @@ mod builder;
 mod clock;
 pub mod concurrency;
 mod error;
+mod handoff;
 pub mod headers;
 mod json;
 mod limiter;
 mod lock;
+#[cfg(feature = "reqwest-middleware")]
+pub mod middleware;
 pub mod presets;
 mod queue;
 mod quota;

@@ -18,10 +18,10 @@ use tower_service::Service;
 
 use super::body::BackoffBody;
 use super::classify::LimitKind;
+use super::decide::{next_wait, Waits};
 use super::error::{is_own, BackoffError, Retried};
 use super::layer::BackoffConfig;
 use super::replay::ReplayBody;
-use super::schedule::GiveUp;
 use crate::headers;
 use crate::BoxError;
 
@@ -116,16 +116,6 @@ impl Deadline {
     }
 }
 
-/// The resolution of tokio's timer.
-const TIMER_TICK: Duration = Duration::from_millis(1);
-
-/// The waits of a request that has been retried.
-#[derive(Default)]
-struct Waits {
-    total: Duration,
-    last: Duration,
-}
-
 pin_project! {
     #[project = StateProj]
     #[project_replace = StateReplace]
@@ -190,7 +180,7 @@ where
 /// for a rate-limit refusal, the reset of its tightest limit on requests. A reset on a
 /// response that leaves requests (a 503 stating an hour-long window with room in it) says
 /// nothing of when to come back. Garbage is ignored with an event.
-fn server_hint(parts: &Parts, dialects: headers::Dialects) -> Option<Duration> {
+pub(super) fn server_hint(parts: &Parts, dialects: headers::Dialects) -> Option<Duration> {
     let now = SystemTime::now();
     match headers::retry_after(&parts.headers, now) {
         Ok(Some(wait)) => return Some(wait),
@@ -213,45 +203,15 @@ fn server_hint(parts: &Parts, dialects: headers::Dialects) -> Option<Duration> {
 impl<S, B> Retry<S, B> {
     /// How long to wait before retrying a refusal of `kind`, or `None` to give up.
     fn decide(&mut self, kind: LimitKind, hint: Option<Duration>) -> Option<Duration> {
-        let config = &self.config;
-        let schedule = config.schedule(kind);
-        let retry = self.retries.saturating_add(1);
-        let last_wait = self.waits.as_ref().map_or(Duration::ZERO, |w| w.last);
-        // tokio's timer fires up to a millisecond late (it rounds a deadline up to its next
-        // tick): a wait must end that much before the deadline for its retry to be sent by it.
-        let left = self.deadline.at().map(|at| {
-            at.saturating_duration_since(Instant::now())
-                .saturating_sub(TIMER_TICK)
-        });
-        let wait = match schedule.next_wait(retry, last_wait, config.unit(), hint, left) {
-            Ok(wait) => wait,
-            Err(GiveUp::NoRetriesLeft) => {
-                tracing::debug!(retries = self.retries, reason = %kind, "no retries left");
-                return None;
-            }
-            Err(GiveUp::ServerAsksTooLong) => {
-                tracing::debug!(asked = ?hint, max_delay = ?schedule.max_delay, "the server asks for a longer wait than the schedule's maximum: giving up");
-                return None;
-            }
-            Err(GiveUp::PastDeadline(wait)) => {
-                tracing::debug!(
-                    ?wait,
-                    deadline = ?config.deadline,
-                    "the wait would end at or past the deadline: giving up"
-                );
-                return None;
-            }
-        };
-        if !config.budget.withdraw() {
-            tracing::debug!("retry budget spent: giving up");
-            return None;
-        }
-        self.retries = retry;
-        let waits = self.waits.get_or_insert_with(Box::default);
-        waits.total = waits.total.saturating_add(wait);
-        waits.last = wait;
-        tracing::info!(attempt = retry.saturating_add(1), ?wait, reason = %kind, "retrying after a refusal");
-        Some(wait)
+        let deadline = self.deadline.at();
+        next_wait(
+            &self.config,
+            kind,
+            hint,
+            &mut self.retries,
+            &mut self.waits,
+            deadline,
+        )
     }
 
     fn retried(&self) -> Option<Retried> {

@@ -96,6 +96,7 @@
 mod body;
 mod budget;
 mod classify;
+mod decide;
 mod error;
 mod future;
 mod layer;
@@ -109,6 +110,7 @@ mod tests;
 pub use body::BackoffBody;
 pub use budget::RetryBudget;
 pub use classify::LimitKind;
+pub use decide::{Decision, Retries};
 pub use error::{BackoffError, Retried};
 pub use future::ResponseFuture;
 pub use layer::Backoff429;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Method, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
@@ -53,13 +53,6 @@ impl<S> Backoff429Service<S> {
     inner_service_accessors!();
 }
 
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
 impl<S, B, ResBody> Service<Request<B>> for Backoff429Service<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone,
@@ -107,18 +100,11 @@ impl<S> Backoff429Service<S> {
         if let Some(error) = &self.invalid {
             return Err(BackoffError::Config(error.clone()).into());
         }
-        let config = &self.config;
-        let replayable = is_idempotent(request.method());
-        if replayable {
-            return Ok(true);
-        }
-        if let Some(header) = &config.idempotency_header {
-            if !request.headers().contains_key(header) {
-                if let Ok(key) = HeaderValue::from_str(&config.idempotency_key()) {
-                    request.headers_mut().insert(header.clone(), key);
-                }
-            }
-        }
-        Ok(request.headers().contains_key("idempotency-key"))
+        let method = request.method().clone();
+        Ok(super::decide::prepare(
+            &self.config,
+            &method,
+            request.headers_mut(),
+        ))
     }
 }

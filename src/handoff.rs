@@ -1,0 +1,143 @@
+//! The layers' own request paths, driven for a caller that sends its requests itself: the
+//! handle API (`RateLimitByRoute::acquire`, `ConcurrencyLimitByPlan::acquire`) under clients
+//! that are not tower services.
+//!
+//! A handle runs the very service the layer makes, over [`Handoff`], a service below it
+//! whose call hands the turn over to the caller and whose answer is what the caller reports.
+//! So a request through a handle waits in the same queue, counts in the same state and the
+//! same shared store, learns from its response and is given up on exactly as one through the
+//! layer: there is one implementation of each layer's rules, not one per transport.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Uri};
+use tokio::sync::oneshot;
+use tower_service::Service;
+
+use crate::BoxError;
+
+/// Where the caller's answer goes.
+type Reply<R> = oneshot::Sender<R>;
+
+/// The service below a layer driven by a handle: its one call gives the caller the turn to
+/// send, and waits for the answer the caller reports. Clones (a request that waits keeps one
+/// of its own) share the one handover.
+pub(crate) struct Handoff<R> {
+    turn: Arc<Mutex<Option<oneshot::Sender<Reply<R>>>>>,
+}
+
+impl<R> Clone for Handoff<R> {
+    fn clone(&self) -> Self {
+        Self {
+            turn: self.turn.clone(),
+        }
+    }
+}
+
+impl<R> Service<Request<()>> for Handoff<R> {
+    type Response = R;
+    type Error = BoxError;
+    type Future = Answer<R>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<()>) -> Self::Future {
+        let (reply, answer) = oneshot::channel();
+        let turn = crate::lock::lock(&self.turn).take();
+        if let Some(turn) = turn {
+            // The caller's side is dropped only with this call's future.
+            let _ = turn.send(reply);
+        }
+        Answer(answer)
+    }
+}
+
+/// The answer the caller reports; an error if it gives up without one (the request was
+/// sent, so the layer treats it as abandoned).
+pub(crate) struct Answer<R>(oneshot::Receiver<R>);
+
+impl<R> Future for Answer<R> {
+    type Output = Result<R, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map_err(|_| "the request was given up on after it was sent".into())
+    }
+}
+
+/// A request that holds its turn: the layer's response future, waiting for the answer the
+/// caller reports through `reply`.
+pub(crate) struct Handed<F, R> {
+    future: Pin<Box<F>>,
+    reply: Reply<R>,
+}
+
+impl<F, R> std::fmt::Debug for Handed<F, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handed").finish_non_exhaustive()
+    }
+}
+
+impl<F, R, T> Handed<F, R>
+where
+    F: Future<Output = Result<T, BoxError>>,
+{
+    /// Waits for the turn of a request `method path` through `layer`'s service: ready with
+    /// the turn, or with the error that returns the request unsent (the layer's own: a full
+    /// queue, a wait too long, a failed store).
+    pub(crate) async fn turn<L, S>(layer: &L, method: &Method, path: &str) -> Result<Self, BoxError>
+    where
+        L: tower_layer::Layer<Handoff<R>, Service = S>,
+        S: Service<Request<()>, Future = F>,
+        S::Error: Into<BoxError>,
+    {
+        let uri: Uri = path.parse().map_err(|error| {
+            BoxError::from(format!("{path:?} is not a request target: {error}"))
+        })?;
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(())
+            .map_err(BoxError::from)?;
+        let (turn, mut given) = oneshot::channel();
+        let mut service = layer.layer(Handoff {
+            turn: Arc::new(Mutex::new(Some(turn))),
+        });
+        std::future::poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .map_err(Into::into)?;
+        let mut future = Box::pin(service.call(request));
+        std::future::poll_fn(|cx| {
+            // The layer's future first: it waits for the turn and then calls `Handoff`.
+            if let Poll::Ready(result) = future.as_mut().poll(cx) {
+                return Poll::Ready(Err(match result {
+                    Err(error) => error,
+                    Ok(_) => "the layer answered without sending the request".into(),
+                }));
+            }
+            match Pin::new(&mut given).poll(cx) {
+                Poll::Ready(Ok(reply)) => Poll::Ready(Ok(reply)),
+                Poll::Ready(Err(_)) => Poll::Ready(Err("the layer dropped the request".into())),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+        .map(|reply| Self { future, reply })
+    }
+
+    /// Reports the answer, and waits for the layer to take it in (give its place back, bind
+    /// its job, learn from it).
+    pub(crate) async fn answer(self, answer: R) -> Result<T, BoxError> {
+        let Self { future, reply } = self;
+        if reply.send(answer).is_err() {
+            return Err("the layer dropped the request".into());
+        }
+        future.await
+    }
+}

@@ -1,0 +1,77 @@
+//! The handle API of client mode: a turn taken and given back by a caller that sends its
+//! requests itself ([`RateLimitByRoute::acquire`], [`Permit`]).
+
+use http::response::Parts;
+use http::{Method, Response};
+
+use super::client::future::ResponseFuture;
+use super::layer::{RateLimitByRoute, Wait};
+use crate::handoff::{Handed, Handoff};
+use crate::BoxError;
+
+type Inner = Handed<ResponseFuture<Handoff<Response<()>>, ()>, Response<()>>;
+
+/// A request's turn under its route's quota, taken by [`RateLimitByRoute::acquire`]: send
+/// the request, then give the turn back with [`finish`](Permit::finish).
+///
+/// Dropped without `finish` (the send failed, or was given up on), the request is treated as
+/// one abandoned after it was sent, exactly as a response future dropped under the layer: the
+/// server may have counted it, so its place is held for the layer's
+/// [`abandoned_hold`](super::Builder::abandoned_hold), then given back.
+#[derive(Debug)]
+#[must_use = "a permit is the request's turn: send the request, then `finish` it"]
+pub struct Permit {
+    inner: Inner,
+}
+
+impl Permit {
+    /// Gives the turn back with the response's head: its place is held as the layer holds
+    /// one (until the response, plus the quota's period), and what the response says of the
+    /// limit (a 429, `Retry-After`, rate-limit header fields) is learnt, for every request of
+    /// the route whichever way it comes. With a shared store, this is when the place is given
+    /// back in the store (one round trip).
+    pub async fn finish(self, response: &Parts) {
+        let mut head = Response::new(());
+        *head.status_mut() = response.status;
+        *head.version_mut() = response.version;
+        *head.headers_mut() = response.headers.clone();
+        // An error here means the layer had already let the request go: nothing to give back.
+        let _ = self.inner.answer(head).await;
+    }
+}
+
+impl RateLimitByRoute<Wait> {
+    /// Waits for the turn of a request `method path` (`path` as in the request's target:
+    /// `/v2/generate`, a query allowed) for a client that sends it itself, not through a tower
+    /// service: reqwest without middleware, another HTTP stack, a queue worker. The request
+    /// waits in the same queue and counts against the same quota (and the same shared store)
+    /// as one sent through the layer or any of its clones, so both ways can be mixed.
+    ///
+    /// A route without a quota gives a permit at once. The error is the layer's own, returning
+    /// the request unsent: a [`RateLimitError`](super::RateLimitError) (its wait would be too
+    /// long, or its queue is full), a store's error when the store fails closed, or a `path`
+    /// that is not a request target. Dropping the future leaves the queue.
+    ///
+    /// ```
+    /// use http::Method;
+    /// use tower_quota::{Quota, RateLimitByRoute};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_quota::BoxError> {
+    /// let limits = RateLimitByRoute::builder()
+    ///     .route("POST /v2/generate", Quota::per_minute(60))
+    ///     .build()?;
+    ///
+    /// let permit = limits.acquire(&Method::POST, "/v2/generate").await?;
+    /// // ... send the request with any client, then give the turn back with its head:
+    /// let (head, _body) = http::Response::new(()).into_parts();
+    /// permit.finish(&head).await;
+    /// assert_eq!(limits.snapshot()[0].remaining, 59);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn acquire(&self, method: &Method, path: &str) -> Result<Permit, BoxError> {
+        let inner = Handed::turn(self, method, path).await?;
+        Ok(Permit { inner })
+    }
+}

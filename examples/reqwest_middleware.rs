@@ -32,7 +32,9 @@ async fn create(client: &ClientWithMiddleware, url: &str) -> Result<String, BoxE
     // Read the create's body: the plan's slot is bound to the job once it shows the id.
     let body: serde_json::Value = serde_json::from_str(&response.text().await?)?;
     let id = job.and_then(|job| job.id().map(str::to_owned));
-    Ok(id.or_else(|| body["id"].as_str().map(str::to_owned)).unwrap_or_default())
+    Ok(id
+        .or_else(|| body["id"].as_str().map(str::to_owned))
+        .unwrap_or_default())
 }
 
 #[tokio::main]
@@ -45,7 +47,9 @@ async fn main() -> Result<(), BoxError> {
         .default_quota(Quota::new(600, minute))
         .build()?;
     let plan = sync::plan(Plan::Creator).build()?;
-    let backoff = sync::backoff().base_delay(Duration::from_secs(1) / SCALE).build()?;
+    let backoff = sync::backoff()
+        .base_delay(Duration::from_secs(1) / SCALE)
+        .build()?;
     // Outermost first, as a tower stack: a retry waits for its turn again.
     let client = ClientBuilder::new(reqwest::Client::new())
         .with(BackoffMiddleware::new(backoff))

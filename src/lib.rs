@@ -61,6 +61,8 @@ pub mod backoff;
 mod builder;
 mod clock;
 pub mod concurrency;
+#[cfg(feature = "serde")]
+pub mod config;
 mod error;
 mod handoff;
 pub mod headers;
@@ -81,7 +83,7 @@ pub use backoff::Backoff429;
 pub use builder::ServiceBuilderExt;
 pub use concurrency::{ConcurrencyLimitByPlan, Plan};
 pub use error::ConfigError;
-pub use quota::Quota;
+pub use quota::{ParseQuotaError, Quota};
 pub use rate_limit::RateLimitByRoute;
 
 /// Alias for a type-erased error type, as used by tower.

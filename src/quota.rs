@@ -112,6 +112,80 @@ impl fmt::Display for Quota {
     }
 }
 
+/// A quota as text: `"60/min"`, `"600 per minute"`, `"10000/day"`, `"5/30s"`, `"2/1h30m"`
+/// (a count, `/` or `per`, and a unit, `s`, `sec`, `second`, `min`, `minute`, `h`, `hour`,
+/// `d`, `day`, or any duration of [`humantime`](https://docs.rs/humantime)), as an
+/// environment variable or a config file gives it. A sliding window; a paced quota adds
+/// `", burst 5"`.
+///
+/// ```
+/// use tower_quota::Quota;
+/// assert_eq!("60/min".parse(), Ok(Quota::per_minute(60)));
+/// assert_eq!("600 per minute".parse(), Ok(Quota::per_minute(600)));
+/// assert_eq!("10/s, burst 1".parse(), Ok(Quota::per_second(10).with_burst(1)));
+/// assert!("sixty/min".parse::<Quota>().is_err());
+/// ```
+impl std::str::FromStr for Quota {
+    type Err = ParseQuotaError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let error = |reason: &'static str| ParseQuotaError {
+            text: text.into(),
+            reason,
+        };
+        let (rate, burst) = match text.split_once(',') {
+            Some((rate, burst)) => {
+                let burst = burst.trim();
+                let burst = burst
+                    .strip_prefix("burst")
+                    .ok_or_else(|| error("what follows a comma must be `burst N`"))?;
+                let burst = burst
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|_| error("a burst must be a whole number"))?;
+                (rate, Some(burst))
+            }
+            None => (text, None),
+        };
+        let (count, period) = rate
+            .split_once('/')
+            .or_else(|| rate.split_once(" per "))
+            .ok_or_else(|| error("expected a count, `/` or `per`, and a period: `60/min`"))?;
+        let count = count
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| error("the count must be a whole number"))?;
+        let period = match period.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
+            other => humantime::parse_duration(other)
+                .map_err(|_| error("the period must be a unit (`min`) or a duration (`30s`)"))?,
+        };
+        let quota = Self::new(count, period);
+        Ok(match burst {
+            Some(burst) => quota.with_burst(burst),
+            None => quota,
+        })
+    }
+}
+
+/// A quota's text that does not read as one, from [`Quota`]'s `FromStr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseQuotaError {
+    text: Box<str>,
+    reason: &'static str,
+}
+
+impl fmt::Display for ParseQuotaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} is not a quota: {}", self.text, self.reason)
+    }
+}
+
+impl std::error::Error for ParseQuotaError {}
+
 /// A validated quota in the limiter's units.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Rate {

@@ -8,6 +8,11 @@ use crate::error::ConfigError;
 /// How a wait is spread around the schedule's nominal delay `d`, so that clients refused
 /// together do not all come back together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Jitter {
     /// Exactly `d`.
     None,
@@ -19,6 +24,26 @@ pub enum Jitter {
     Equal,
     /// AWS's "decorrelated" jitter: anywhere in `[base, 3 × previous wait]`, capped.
     Decorrelated,
+}
+
+/// A jitter by its name: `none`, `full`, `equal`, `decorrelated` (any case).
+impl std::str::FromStr for Jitter {
+    type Err = ConfigError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Ok(match name.to_ascii_lowercase().as_str() {
+            "none" => Self::None,
+            "full" => Self::Full,
+            "equal" => Self::Equal,
+            "decorrelated" => Self::Decorrelated,
+            _ => {
+                return Err(ConfigError::InvalidSetting {
+                    name: "jitter",
+                    reason: "must be one of none, full, equal, decorrelated",
+                })
+            }
+        })
+    }
 }
 
 /// When to retry: the `n`-th retry waits `base_delay × factor^(n-1)`, capped at `max_delay`,

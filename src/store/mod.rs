@@ -44,6 +44,11 @@ pub use self::redis::{RedisStore, RedisStoreBuilder};
 /// What a layer does when its shared store does not answer in time (down, unreachable, or
 /// slower than the store's timeout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 #[non_exhaustive]
 pub enum FailMode {
     /// Fall back to the layer's own limit in this process (the default): requests keep
@@ -54,6 +59,22 @@ pub enum FailMode {
     /// Return the request to its caller with a [`StoreError`] (client mode), or refuse it
     /// with a 429 (server mode): the shared quota is never exceeded.
     Closed,
+}
+
+/// A fail mode by its name: `open` or `closed` (any case).
+impl std::str::FromStr for FailMode {
+    type Err = crate::ConfigError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name.to_ascii_lowercase().as_str() {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            _ => Err(crate::ConfigError::InvalidSetting {
+                name: "fail_mode",
+                reason: "must be open or closed",
+            }),
+        }
+    }
 }
 
 /// A shared store failed an operation, and the layer fails closed.

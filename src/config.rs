@@ -49,7 +49,6 @@ use crate::error::ConfigError;
 use crate::rate_limit::Wait;
 use crate::{Backoff429, ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
 
-
 /// The settings of the three layers, each optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -22,6 +22,7 @@ pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms")
 
 /// A header field that is present but cannot be understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InvalidHeader {
     /// The field's name.
     pub name: &'static str,

@@ -36,6 +36,8 @@
 //!
 //! All timing runs on [`tokio::time`], so every behaviour can be tested on a paused clock.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 /// `get_ref`, `get_mut` and `into_inner`, written once for the layers' services, each of
 /// which wraps its inner service `S` in a field `inner`.
 macro_rules! inner_service_accessors {

@@ -61,6 +61,7 @@ impl std::error::Error for BackoffError {}
 
 /// In the extensions of a response that was retried: what it took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Retried {
     /// Requests sent, the first one included.
     pub attempts: u32,

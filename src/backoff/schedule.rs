@@ -13,6 +13,7 @@ use crate::error::ConfigError;
     derive(serde::Serialize, serde::Deserialize),
     serde(rename_all = "lowercase")
 )]
+#[non_exhaustive]
 pub enum Jitter {
     /// Exactly `d`.
     None,

@@ -33,6 +33,7 @@ pub struct ConcurrencyLimitByPlan {
 
 /// A job held by this layer, from [`ConcurrencyLimitByPlan::jobs`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HeldJob {
     /// The job's id.
     pub id: String,

@@ -22,6 +22,7 @@ use crate::error::ConfigError;
 /// assert_eq!(Plan::Growth.to_string(), "Growth");
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Plan {
     /// 1 job at once.
     Hobbyist,

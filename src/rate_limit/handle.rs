@@ -13,6 +13,7 @@ use super::layer::{RateLimitByRoute, Reject, Wait};
 
 /// When a client-mode route can next admit a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum NextAdmission {
     /// Now.
     Now,

@@ -5,4 +5,3 @@ mod common;
 
 mod bodies;
 mod layer;
-mod sockets;

@@ -5,8 +5,10 @@
 mod common;
 
 mod against_mock;
+mod backoff_sockets;
 mod completion;
 mod dialects;
 mod e2e;
 mod hostile;
 mod integration;
+mod plan_slots_store;

@@ -1,7 +1,7 @@
-//! Limits shared across processes through Redis (feature `redis`): rate limits and plan slots.
+//! Limits shared across processes through Redis (feature `redis`): rate limits (plan slots in
+//! a store are tested against the local Sync API, in tests/stack/plan_slots_store.rs).
 
 #[path = "../common/mod.rs"]
 mod common;
 
-mod plan_slots;
 mod rate_limits;

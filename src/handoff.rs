@@ -71,6 +71,29 @@ impl<R> Future for Answer<R> {
     }
 }
 
+/// `path` as a request target: as given, or with the bytes that `http::Uri` refuses (a `|`,
+/// a `^`, a space, non-ASCII) percent-encoded, as a client must send them anyway, so that a
+/// path a URL library let through is never refused here.
+fn target(path: &str) -> Result<Uri, BoxError> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} is not a request target: a path starts with `/`").into());
+    }
+    if let Ok(uri) = path.parse() {
+        return Ok(uri);
+    }
+    let mut encoded = String::with_capacity(path.len() + 8);
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+        .parse()
+        .map_err(|error| format!("{path:?} is not a request target: {error}").into())
+}
+
 /// A request that holds its turn: the layer's response future, waiting for the answer the
 /// caller reports through `reply`.
 pub(crate) struct Handed<F, R> {
@@ -97,9 +120,7 @@ where
         S: Service<Request<()>, Future = F>,
         S::Error: Into<BoxError>,
     {
-        let uri: Uri = path.parse().map_err(|error| {
-            BoxError::from(format!("{path:?} is not a request target: {error}"))
-        })?;
+        let uri = target(path)?;
         let request = Request::builder()
             .method(method.clone())
             .uri(uri)

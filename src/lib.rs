@@ -90,3 +90,15 @@ pub use rate_limit::RateLimitByRoute;
 
 /// Alias for a type-erased error type, as used by tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The README's snippets, compiled as doctests (with every feature, as CI runs them).
+#[cfg(all(
+    doctest,
+    feature = "axum",
+    feature = "redis",
+    feature = "serde",
+    feature = "reqwest-middleware",
+    feature = "sync-webhook"
+))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

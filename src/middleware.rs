@@ -296,10 +296,14 @@ impl<M: Send + Sync + 'static> Middleware for BackoffMiddleware<M> {
                 }
                 let url = response.url().clone();
                 let (parts, body) = http::Response::from(response).into_parts();
-                let (read, frames, rest) =
-                    read_start(body, retries.max_body(), retries.max_read_time())
+                let reading = read_start(body, retries.max_body(), retries.max_read_time());
+                let read = match retries.deadline() {
+                    Some(at) => tokio::time::timeout_at(at, reading)
                         .await
-                        .map_err(middleware_error)?;
+                        .map_err(|_| middleware_error(retries.deadline_exceeded().into()))?,
+                    None => reading.await,
+                };
+                let (read, frames, rest) = read.map_err(middleware_error)?;
                 match retries.decide(&head, &read) {
                     Decision::Retry(wait) => tokio::time::sleep(wait).await,
                     Decision::Fail(error) => return Err(middleware_error(error.into())),

@@ -91,7 +91,9 @@ impl<B> PlanBody<B> {
         }
     }
 
-    /// The inner body.
+    /// The inner body, no longer read for what it shows: on a create whose body has not yet
+    /// shown the job's id, the slot then stays held until a reconcile accounts for it or its
+    /// lease runs out, as when the body is dropped. Read a create's body through this type.
     pub fn into_inner(self) -> B {
         self.inner
     }

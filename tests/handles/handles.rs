@@ -116,7 +116,10 @@ async fn acquire_returns_the_layers_own_errors() {
         ),
         "{error}"
     );
-    // Not a request target: a typed error, no panic.
+    // A path with bytes `http::Uri` refuses counts as its client sends it, percent-encoded.
+    let permit = limits.acquire(&Method::GET, "/v2/a|b c^é").await.unwrap();
+    permit.finish(&head(200, &[])).await;
+    // Not a request target: an error that says so, no panic.
     let error = limits.acquire(&Method::GET, "no path").await.unwrap_err();
     assert!(
         error.to_string().contains("not a request target"),

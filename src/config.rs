@@ -84,7 +84,11 @@ pub struct RateLimitConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<Preset>,
     /// Quotas by route pattern (`"POST /v2/generate" = "60/min"`), in order.
-    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "routes::deserialize",
+        skip_serializing_if = "IndexMap::is_empty"
+    )]
     pub routes: IndexMap<String, Quota>,
     /// The quota of every other route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -193,6 +197,21 @@ pub struct PlanConfig {
 }
 
 impl PlanConfig {
+    /// `plan`, every other setting unset (nothing assumed of the API without a preset).
+    pub fn new(plan: Plan) -> Self {
+        Self {
+            plan,
+            preset: None,
+            job_routes: Vec::new(),
+            status_routes: Vec::new(),
+            list_routes: Vec::new(),
+            active_statuses: Vec::new(),
+            max_job_life: None,
+            max_queue: None,
+            max_wait: None,
+        }
+    }
+
     /// The layer, through its builder.
     pub fn build(self) -> Result<ConcurrencyLimitByPlan, ConfigError> {
         let mut builder = match self.preset {
@@ -373,48 +392,50 @@ pub(crate) mod duration {
             }
         }
 
+        /// A duration, or none (`null` in JSON, as a config crate may give an unset value).
         pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
             deserializer: D,
         ) -> Result<Option<Duration>, D::Error> {
-            super::deserialize(deserializer).map(Some)
+            #[derive(Deserialize)]
+            struct Text(#[serde(with = "super")] Duration);
+            Ok(Option::<Text>::deserialize(deserializer)?.map(|Text(duration)| duration))
         }
     }
 }
 
-/// A quota as its text when it is a sliding window (`"60/min"`), else as a table
-/// (`{ count = 10, period = "1s", burst = 1 }`); read from either.
+/// A quota as its text (`"60/1m"`, `"10/1s, burst 1"`, as [`Quota`]'s `FromStr` reads it);
+/// read from the text or a table (`{ count = 10, period = "1s", burst = 1 }`).
 impl Serialize for Quota {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let period = humantime::format_duration(self.period());
         match self.burst() {
-            None => serializer.collect_str(&format_args!(
-                "{}/{}",
-                self.count(),
-                humantime::format_duration(self.period())
-            )),
-            Some(burst) => QuotaTable {
-                count: self.count(),
-                period: self.period(),
-                burst: Some(burst),
+            None => serializer.collect_str(&format_args!("{}/{period}", self.count())),
+            Some(burst) => {
+                serializer.collect_str(&format_args!("{}/{period}, burst {burst}", self.count()))
             }
-            .serialize(serializer),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for Quota {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(
-            untagged,
-            expecting = "a quota: \"60/min\", or { count = 60, period = \"1m\" }"
-        )]
-        enum Form {
-            Text(String),
-            Table(QuotaTable),
-        }
-        match Form::deserialize(deserializer)? {
-            Form::Text(text) => text.parse().map_err(serde::de::Error::custom),
-            Form::Table(table) => {
+        struct QuotaVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for QuotaVisitor {
+            type Value = Quota;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a quota: \"60/min\", or { count = 60, period = \"1m\" }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Quota, E> {
+                text.parse().map_err(E::custom)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Quota, A::Error> {
+                // The table's own errors (a misspelt or missing key) name the key.
+                let table =
+                    QuotaTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 let quota = Quota::new(table.count, table.period);
                 Ok(match table.burst {
                     Some(burst) => quota.with_burst(burst),
@@ -422,17 +443,57 @@ impl<'de> Deserialize<'de> for Quota {
                 })
             }
         }
+
+        deserializer.deserialize_any(QuotaVisitor)
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct QuotaTable {
     count: u32,
     #[serde(with = "duration")]
     period: Duration,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     burst: Option<u32>,
+}
+
+/// Routes by pattern, in order; a pattern given twice (JSON allows it) is an error, not the
+/// last one silently winning.
+mod routes {
+    use super::*;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<IndexMap<String, Quota>, D::Error> {
+        struct RoutesVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for RoutesVisitor {
+            type Value = IndexMap<String, Quota>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("quotas by route pattern: { \"POST /v2/generate\" = \"60/min\" }")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut routes = IndexMap::new();
+                while let Some((pattern, quota)) = map.next_entry::<String, Quota>()? {
+                    if routes.contains_key(&pattern) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "route {pattern:?} is given twice"
+                        )));
+                    }
+                    routes.insert(pattern, quota);
+                }
+                Ok(routes)
+            }
+        }
+
+        deserializer.deserialize_map(RoutesVisitor)
+    }
 }
 
 /// A schedule's settings, each unset one the default's.
@@ -585,6 +646,13 @@ mod tests {
             ("5/30s", Quota::new(5, Duration::from_secs(30))),
             ("2/1h 30m", Quota::new(2, Duration::from_secs(5400))),
             ("10/s, burst 1", Quota::per_second(10).with_burst(1)),
+            ("60/Minutes", Quota::per_minute(60)),
+            ("60/mins", Quota::per_minute(60)),
+            ("60/hours", Quota::per_hour(60)),
+            ("60/secs", Quota::per_second(60)),
+            ("1/week", Quota::new(1, Duration::from_secs(604_800))),
+            ("5/ms", Quota::new(5, Duration::from_millis(1))),
+            ("5/10ms", Quota::new(5, Duration::from_millis(10))),
         ];
         for (text, quota) in cases {
             assert_eq!(text.parse::<Quota>(), Ok(quota), "{text}");
@@ -609,6 +677,73 @@ mod tests {
             serde_json::to_string(&Quota::per_minute(60)).unwrap(),
             "\"60/1m\""
         );
+    }
+
+    #[test]
+    fn unset_values_and_tables_read_as_a_config_crate_gives_them() {
+        // `null` is an unset value, for every optional setting.
+        let text = r#"{"rate_limit":{"max_wait":null,"abandoned_hold":null,"max_queue":null},
+                       "backoff":{"base_delay":null,"deadline":null}}"#;
+        let config: Config = serde_json::from_str(text).unwrap();
+        assert_eq!(config.rate_limit.unwrap().max_wait, None);
+
+        // A table's own errors name its key.
+        for (table, named) in [
+            (
+                r#"{ count = 1, period = "1s", brust = 2 }"#,
+                "unknown field `brust`",
+            ),
+            (r#"{ count = 1 }"#, "missing field `period`"),
+            (
+                r#"{ count = 1, period = "soon" }"#,
+                "\"soon\" is not a duration",
+            ),
+        ] {
+            let text = format!("[rate_limit]\nroutes = {{ \"GET /a\" = {table} }}\n");
+            let message = toml::from_str::<Config>(&text).unwrap_err().to_string();
+            assert!(message.contains(named), "{table}: {message}");
+        }
+
+        // A route given twice is an error, not the last one winning.
+        let text = r#"{"rate_limit":{"routes":{"GET /a":"1/s","GET /a":"2/s"}}}"#;
+        let message = serde_json::from_str::<Config>(text)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("given twice"), "{message}");
+
+        // Routes keep their order through TOML and JSON, paced ones included.
+        let mut rate = RateLimitConfig::default();
+        rate.routes
+            .insert("GET /a".into(), Quota::per_second(10).with_burst(2));
+        rate.routes.insert("GET /b".into(), Quota::per_minute(60));
+        rate.routes
+            .insert("GET /c".into(), Quota::per_hour(5).with_burst(1));
+        let config = Config {
+            rate_limit: Some(rate),
+            ..Config::default()
+        };
+        let order = |config: &Config| -> Vec<String> {
+            config
+                .rate_limit
+                .as_ref()
+                .unwrap()
+                .routes
+                .keys()
+                .cloned()
+                .collect()
+        };
+        let toml_again: Config = toml::from_str(&toml::to_string(&config).unwrap()).unwrap();
+        let json_again: Config =
+            serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+        for again in [toml_again, json_again] {
+            assert_eq!(order(&again), order(&config));
+            assert_eq!(again, config);
+        }
+
+        // A plan section made in code.
+        let mut plan = PlanConfig::new(Plan::Growth);
+        plan.preset = Some(Preset::Sync);
+        assert_eq!(plan.build().unwrap().plan().limit(), 6);
     }
 
     #[test]

@@ -19,8 +19,27 @@ use tower_service::Service;
 
 use crate::BoxError;
 
-/// Where the caller's answer goes.
-type Reply<R> = oneshot::Sender<R>;
+/// Where the caller's answer goes: the response, or word that the request never left.
+type Reply<R> = oneshot::Sender<Result<R, NotSent>>;
+
+/// The error a handle's request ends with when its caller says it was never sent (a refused
+/// connection): the layers then give back what it held entirely, as for a request whose
+/// service failed before the send, instead of holding it as abandoned.
+#[derive(Debug)]
+pub(crate) struct NotSent;
+
+impl std::fmt::Display for NotSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request was never sent")
+    }
+}
+
+impl std::error::Error for NotSent {}
+
+/// Whether `error` says the request never left (from a handle's caller).
+pub(crate) fn never_sent(error: &BoxError) -> bool {
+    error.is::<NotSent>()
+}
 
 /// The service below a layer driven by a handle: its one call gives the caller the turn to
 /// send, and waits for the answer the caller reports. Clones (a request that waits keeps one
@@ -58,16 +77,18 @@ impl<R> Service<Request<()>> for Handoff<R> {
 }
 
 /// The answer the caller reports; an error if it gives up without one (the request was
-/// sent, so the layer treats it as abandoned).
-pub(crate) struct Answer<R>(oneshot::Receiver<R>);
+/// sent, so the layer treats it as abandoned), or [`NotSent`].
+pub(crate) struct Answer<R>(oneshot::Receiver<Result<R, NotSent>>);
 
 impl<R> Future for Answer<R> {
     type Output = Result<R, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map_err(|_| "the request was given up on after it was sent".into())
+        Pin::new(&mut self.0).poll(cx).map(|answer| match answer {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(not_sent)) => Err(not_sent.into()),
+            Err(_) => Err("the request was given up on after it was sent".into()),
+        })
     }
 }
 
@@ -75,8 +96,21 @@ impl<R> Future for Answer<R> {
 /// a `^`, a space, non-ASCII) percent-encoded, as a client must send them anyway, so that a
 /// path a URL library let through is never refused here.
 fn target(path: &str) -> Result<Uri, BoxError> {
+    // What an error quotes of the path: a few dozen characters say which it was.
+    let quoted = || {
+        let mut end = path.len().min(64);
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
+        let more = if end < path.len() { "..." } else { "" };
+        format!("{:?}{more}", &path[..end])
+    };
     if !path.starts_with('/') {
-        return Err(format!("{path:?} is not a request target: a path starts with `/`").into());
+        return Err(format!(
+            "{} is not a request target: a path starts with `/`",
+            quoted()
+        )
+        .into());
     }
     if let Ok(uri) = path.parse() {
         return Ok(uri);
@@ -91,7 +125,7 @@ fn target(path: &str) -> Result<Uri, BoxError> {
     }
     encoded
         .parse()
-        .map_err(|error| format!("{path:?} is not a request target: {error}").into())
+        .map_err(|error| format!("{} is not a request target: {error}", quoted()).into())
 }
 
 /// A request that holds its turn: the layer's response future, waiting for the answer the
@@ -111,21 +145,31 @@ impl<F, R, T> Handed<F, R>
 where
     F: Future<Output = Result<T, BoxError>>,
 {
-    /// Waits for the turn of a request `method path` through `layer`'s service: ready with
+    /// Waits for the turn of a request `method path` (with `headers`) through `layer`'s
+    /// service: ready with
     /// the turn, or with the error that returns the request unsent (the layer's own: a full
     /// queue, a wait too long, a failed store).
-    pub(crate) async fn turn<L, S>(layer: &L, method: &Method, path: &str) -> Result<Self, BoxError>
+    pub(crate) async fn turn<L, S>(
+        layer: &L,
+        method: &Method,
+        path: &str,
+        headers: Option<&http::HeaderMap>,
+    ) -> Result<Self, BoxError>
     where
         L: tower_layer::Layer<Handoff<R>, Service = S>,
         S: Service<Request<()>, Future = F>,
         S::Error: Into<BoxError>,
     {
         let uri = target(path)?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method.clone())
             .uri(uri)
             .body(())
             .map_err(BoxError::from)?;
+        // What a layer reads of a request's fields: a create's idempotency key.
+        if let Some(key) = headers.and_then(|headers| headers.get("idempotency-key")) {
+            request.headers_mut().insert("idempotency-key", key.clone());
+        }
         let (turn, mut given) = oneshot::channel();
         let mut service = layer.layer(Handoff {
             turn: Arc::new(Mutex::new(Some(turn))),
@@ -155,6 +199,16 @@ where
     /// Reports the answer, and waits for the layer to take it in (give its place back, bind
     /// its job, learn from it).
     pub(crate) async fn answer(self, answer: R) -> Result<T, BoxError> {
+        self.reply_with(Ok(answer)).await
+    }
+
+    /// Reports that the request was never sent, and waits for the layer to give back what it
+    /// held.
+    pub(crate) async fn not_sent(self) {
+        let _ = self.reply_with(Err(NotSent)).await;
+    }
+
+    async fn reply_with(self, answer: Result<R, NotSent>) -> Result<T, BoxError> {
         let Self { future, reply } = self;
         if reply.send(answer).is_err() {
             return Err("the layer dropped the request".into());

@@ -115,6 +115,12 @@ impl<M> From<Backoff429<M>> for BackoffMiddleware<M> {
     }
 }
 
+/// Whether a request certainly never left: reqwest could not connect. (A timeout, or an
+/// error while the request was being written or read, leaves it in doubt.)
+fn never_left(error: &reqwest_middleware::Error) -> bool {
+    matches!(error, reqwest_middleware::Error::Reqwest(error) if error.is_connect())
+}
+
 /// A response's head, for the handles.
 fn head(response: &Response) -> http::response::Parts {
     let mut head = http::Response::new(());
@@ -200,10 +206,19 @@ impl Middleware for RateLimitMiddleware {
                 .acquire(request.method(), request.url().path())
                 .await
                 .map_err(middleware_error)?;
-            // On an error the permit is dropped: the request is held as abandoned.
-            let response = next.run(request, extensions).await?;
-            permit.finish(&head(&response)).await;
-            Ok(response)
+            match next.run(request, extensions).await {
+                Ok(response) => {
+                    permit.finish(&head(&response)).await;
+                    Ok(response)
+                }
+                Err(error) => {
+                    if never_left(&error) {
+                        permit.not_sent().await;
+                    }
+                    // Any other error drops the permit: the request is held as abandoned.
+                    Err(error)
+                }
+            }
         })
     }
 }
@@ -224,10 +239,23 @@ impl Middleware for PlanMiddleware {
         Box::pin(async move {
             let permit = self
                 .0
-                .acquire::<reqwest::Body>(request.method(), request.url().path())
+                .acquire_with_headers::<reqwest::Body>(
+                    request.method(),
+                    request.url().path(),
+                    request.headers(),
+                )
                 .await
                 .map_err(middleware_error)?;
-            let response = next.run(request, extensions).await?;
+            let response = match next.run(request, extensions).await {
+                Ok(response) => response,
+                Err(error) => {
+                    if never_left(&error) {
+                        permit.not_sent().await;
+                    }
+                    // Any other error drops the permit: a create's outcome is unknown.
+                    return Err(error);
+                }
+            };
             let url = response.url().clone();
             let response = permit
                 .finish(http::Response::from(response))
@@ -296,7 +324,8 @@ impl<M: Send + Sync + 'static> Middleware for BackoffMiddleware<M> {
                 }
                 let url = response.url().clone();
                 let (parts, body) = http::Response::from(response).into_parts();
-                let reading = read_start(body, retries.max_body(), retries.max_read_time());
+                let bounds = (retries.max_body(), retries.max_read_frames());
+                let reading = read_start(body, bounds, retries.max_read_time());
                 let read = match retries.deadline() {
                     Some(at) => tokio::time::timeout_at(at, reading)
                         .await
@@ -328,12 +357,12 @@ fn record(mut response: Response, retries: &crate::backoff::Retries) -> Response
 
 type Frames = VecDeque<http_body::Frame<bytes::Bytes>>;
 
-/// Reads the start of a refusal's body for the classifier: up to `max` bytes, or as much as
-/// came within `max_time`. Returns the bytes read, the frames they came in, and the rest of
+/// Reads the start of a refusal's body for the classifier: up to `max` bytes in at most
+/// `max_frames` frames, or as much as came within `max_time`. Returns the bytes read, the frames they came in, and the rest of
 /// the body (`None` once it ended), so that a refusal handed back keeps its whole body.
 async fn read_start(
     body: reqwest::Body,
-    max: usize,
+    (max, max_frames): (usize, usize),
     max_time: std::time::Duration,
 ) -> std::result::Result<(Vec<u8>, Frames, Option<Pin<Box<reqwest::Body>>>), BoxError> {
     let mut body = Box::pin(body);
@@ -341,7 +370,7 @@ async fn read_start(
     let mut frames = VecDeque::new();
     let stop = tokio::time::sleep(max_time);
     tokio::pin!(stop);
-    while read.len() < max {
+    while read.len() < max && frames.len() < max_frames {
         let frame = tokio::select! {
             frame = body.frame() => frame,
             () = &mut stop => {

@@ -114,7 +114,8 @@ impl fmt::Display for Quota {
 
 /// A quota as text: `"60/min"`, `"600 per minute"`, `"10000/day"`, `"5/30s"`, `"2/1h30m"`
 /// (a count, `/` or `per`, and a unit, `s`, `sec`, `second`, `min`, `minute`, `h`, `hour`,
-/// `d`, `day`, or any duration of [`humantime`](https://docs.rs/humantime)), as an
+/// `d`, `day`, `week`, plurals and any case alike, or any duration of
+/// [`humantime`](https://docs.rs/humantime)), as an
 /// environment variable or a config file gives it. A sliding window; a paced quota adds
 /// `", burst 5"`.
 ///
@@ -155,12 +156,23 @@ impl std::str::FromStr for Quota {
             .trim()
             .parse::<u32>()
             .map_err(|_| error("the count must be a whole number"))?;
-        let period = match period.trim() {
+        let unit = period.trim().to_ascii_lowercase();
+        // A unit, singular or plural (not `ms`, which is a duration of its own).
+        let singular = match unit.as_str() {
+            "ms" => "ms",
+            plural => plural
+                .strip_suffix('s')
+                .filter(|s| s.len() > 1)
+                .unwrap_or(plural),
+        };
+        let period = match singular {
+            "ms" => Duration::from_millis(1),
             "s" | "sec" | "second" => Duration::from_secs(1),
             "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
+            "h" | "hr" | "hour" => Duration::from_secs(3600),
             "d" | "day" => Duration::from_secs(86_400),
-            other => humantime::parse_duration(other)
+            "week" => Duration::from_secs(7 * 86_400),
+            _ => humantime::parse_duration(&unit)
                 .map_err(|_| error("the period must be a unit (`min`) or a duration (`30s`)"))?,
         };
         let quota = Self::new(count, period);

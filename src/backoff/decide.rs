@@ -236,6 +236,11 @@ impl Retries {
         self.config.max_read_time
     }
 
+    /// How many frames of a refusal's body are read for the classifier, at most.
+    pub fn max_read_frames(&self) -> usize {
+        self.config.max_read_frames
+    }
+
     /// How much of a refusal's body the classifier reads, at most.
     pub fn max_body(&self) -> usize {
         self.config.max_body

@@ -194,7 +194,9 @@ impl<S, B> WaitingCreate<S, B> {
         let CreateStep::Held(slot) = step else {
             unreachable!("a create sent before it held a slot");
         };
-        (inner.call(request), Role::Create(slot.sent()))
+        let key = super::hold::idempotency_key(&request);
+        let hold = slot.sent().map(|hold| hold.with_key(key));
+        (inner.call(request), Role::Create(hold))
     }
 }
 
@@ -417,8 +419,17 @@ fn respond_watched<ResBody, E: Into<BoxError>>(
 ) -> Result<Response<PlanBody<ResBody>>, BoxError> {
     let role = std::mem::replace(role, Role::Answered);
     // On an error the request was sent and its outcome is unknown: the hold, dropped with the
-    // role, stays held as such (in in-flight mode it is given back).
-    let mut response = result.map_err(Into::into)?;
+    // role, stays held as such (in in-flight mode it is given back); unless it never left.
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            let error = error.into();
+            if let (Role::Create(Some(hold)), true) = (role, crate::handoff::never_sent(&error)) {
+                hold.release(ReleaseReason::Failed);
+            }
+            return Err(error);
+        }
+    };
     let status = response.status();
     let observer = match role {
         Role::Other | Role::Create(None) | Role::Answered => None,

@@ -14,6 +14,9 @@ pub(crate) struct HoldGuard {
     shared: Option<Arc<PlanState>>,
     /// The slot's name in the shared store, once the store gave one.
     member: Option<StoreMember>,
+    /// The create's `Idempotency-Key`, kept with an unknown outcome so that the create sent
+    /// again can take its slot over.
+    key: Option<Box<str>>,
 }
 
 /// A slot's name in the shared store. Boxed twice to be one word: holds live on the path
@@ -27,7 +30,14 @@ impl HoldGuard {
         Self {
             shared: Some(shared),
             member: None,
+            key: None,
         }
+    }
+
+    /// The create carries this `Idempotency-Key`.
+    pub(crate) fn with_key(mut self, key: Option<Box<str>>) -> Self {
+        self.key = key;
+        self
     }
 
     /// The slot is held in the shared store too, as `member`.
@@ -96,7 +106,7 @@ impl Drop for HoldGuard {
                 return;
             }
             let now = shared.clock.now();
-            shared.counts().unknown(now);
+            shared.counts().unknown(now, self.key.take());
         }
     }
 }
@@ -130,6 +140,13 @@ impl Drop for InFlightSlot {
             release_in_store(&self.0, self.1.take());
         }
     }
+}
+
+/// The `Idempotency-Key` of a create, as the plan keeps it with an unknown outcome (a key of
+/// more than 255 bytes, or not text, is not kept: no server takes one).
+pub(crate) fn idempotency_key<B>(request: &http::Request<B>) -> Option<Box<str>> {
+    let key = request.headers().get("idempotency-key")?.to_str().ok()?;
+    (key.len() < 256).then(|| key.into())
 }
 
 /// A slot taken for a create that is not sent yet, and the member that holds it in the shared

@@ -32,7 +32,10 @@
 //!   timeout above the layer), a body dropped before it showed the id, or a 2xx without an id.
 //!   The server may have created a job, so the slot stays held, not freed: no id is known for
 //!   a status or [`ConcurrencyLimitByPlan::complete`] to name, so it is held until a
-//!   reconcile accounts for it or its lease runs out. Jobs that a list shows active but this process does not hold (another process
+//!   reconcile accounts for it or its lease runs out. A create sent again with the same
+//!   `Idempotency-Key` (a retry of a 503) is that create again, since the server makes at most
+//!   one job of a key: it takes over the slot its first send left held, at once (in this
+//!   process: with a shared store, the store holds it). Jobs that a list shows active but this process does not hold (another process
 //!   shares the API key) take slots too.
 //! - A request dropped while **waiting** leaves the queue and wakes nobody wrongly.
 //!

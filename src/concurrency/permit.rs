@@ -40,6 +40,14 @@ impl<B> Permit<B> {
     pub async fn finish(self, response: Response<B>) -> Result<Response<PlanBody<B>>, BoxError> {
         self.inner.answer(response).await
     }
+
+    /// For a request that never left (its connection was refused, it failed before a byte
+    /// was written): a create's slot is given back at once, since no job can exist. Only for
+    /// a failure that proves it: after any doubt, drop the permit (the slot stays held as an
+    /// unknown outcome).
+    pub async fn not_sent(self) {
+        self.inner.not_sent().await;
+    }
 }
 
 impl ConcurrencyLimitByPlan {
@@ -76,7 +84,21 @@ impl ConcurrencyLimitByPlan {
     /// # }
     /// ```
     pub async fn acquire<B>(&self, method: &Method, path: &str) -> Result<Permit<B>, BoxError> {
-        let inner = Handed::turn(self, method, path).await?;
+        let inner = Handed::turn(self, method, path, None).await?;
+        Ok(Permit { inner })
+    }
+
+    /// [`acquire`](Self::acquire) for a request with these header fields: a create sent
+    /// again with the `Idempotency-Key` of one whose outcome is unknown (a 5xx, a transport
+    /// error) is that create again, and takes over the slot it left held rather than wait for
+    /// it (the server makes at most one job of a key).
+    pub async fn acquire_with_headers<B>(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Permit<B>, BoxError> {
+        let inner = Handed::turn(self, method, path, Some(headers)).await?;
         Ok(Permit { inner })
     }
 }

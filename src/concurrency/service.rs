@@ -10,7 +10,7 @@ use tower_service::Service;
 use super::body::PlanBody;
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
-use super::hold::HoldGuard;
+use super::hold::{idempotency_key, HoldGuard};
 use super::state::{PlanState, RouteKind};
 use crate::readiness::{unready, waiting_clone};
 use crate::BoxError;
@@ -79,7 +79,18 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         S: Service<Request<B>> + Clone,
     {
         let shared = &self.shared;
+        let key = idempotency_key(&request);
         let mut slots = shared.slots();
+        if let Some(held) = key.as_deref() {
+            // The create sent again, whose first send left its slot held as an unknown
+            // outcome (kept in this process only: a store holds its own).
+            if slots.take_over(held) {
+                drop(slots);
+                let hold = HoldGuard::new(shared.clone()).with_key(key);
+                let future = self.inner.call(request);
+                return ResponseFuture::called(future, Role::Create(Some(hold)));
+            }
+        }
         if slots.limit() == 0 {
             drop(slots);
             unready(&mut self.inner);
@@ -92,7 +103,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
                 let store = store.clone();
                 return self.create_store(request, store);
             }
-            let hold = HoldGuard::new(shared.clone());
+            let hold = HoldGuard::new(shared.clone()).with_key(key);
             let future = self.inner.call(request);
             return ResponseFuture::called(future, Role::Create(Some(hold)));
         }

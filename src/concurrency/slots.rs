@@ -95,8 +95,9 @@ pub(crate) struct Slots {
     job_lease: Nanos,
     /// Creates taken, sent or about to be, and not answered (their guards hold them).
     in_flight: usize,
-    /// When each create with an unknown outcome was found to be one, oldest first.
-    unknown: VecDeque<Nanos>,
+    /// When each create with an unknown outcome was found to be one, oldest first, with its
+    /// `Idempotency-Key` if it had one (a retry with the same key takes its slot over).
+    unknown: VecDeque<(Nanos, Option<Box<str>>)>,
     jobs: HashMap<Box<str>, JobHold>,
     waiters: WaitQueue,
     /// Hashes of recently finished ids, oldest first, and the same as a set.
@@ -243,11 +244,28 @@ impl Slots {
 
     /// The outcome of a create in flight will never be read: its slot stays held until a
     /// reconcile or its lease, both counted from `now`.
-    pub(crate) fn unknown(&mut self, now: Nanos) {
+    pub(crate) fn unknown(&mut self, now: Nanos, key: Option<Box<str>>) {
         debug_assert!(self.in_flight > 0, "unknown without take");
         self.in_flight = self.in_flight.saturating_sub(1);
-        let at = self.unknown.back().map_or(now, |&last| now.max(last));
-        self.unknown.push_back(at);
+        let at = self.unknown.back().map_or(now, |(last, _)| now.max(*last));
+        self.unknown.push_back((at, key));
+    }
+
+    /// A create carrying the `Idempotency-Key` of a create whose outcome is unknown is that
+    /// create sent again (the server makes at most one job of a key): it takes over the
+    /// slot the first one left held, as in flight, ahead of the queue, whose requests the slot
+    /// was never free for. False when no unknown outcome has that key.
+    pub(crate) fn take_over(&mut self, key: &str) -> bool {
+        let Some(at) = self
+            .unknown
+            .iter()
+            .position(|(_, k)| k.as_deref() == Some(key))
+        else {
+            return false;
+        };
+        self.unknown.remove(at);
+        self.in_flight += 1;
+        true
     }
 
     /// A create in flight made job `id`.
@@ -391,7 +409,11 @@ impl Slots {
         for id in gone {
             self.end_job(&id, ReleaseReason::Reconciled);
         }
-        while self.unknown.front().is_some_and(|&since| since < as_of) {
+        while self
+            .unknown
+            .front()
+            .is_some_and(|&(since, _)| since < as_of)
+        {
             self.unknown.pop_front();
             self.released(ReleaseReason::Reconciled);
         }
@@ -416,13 +438,17 @@ impl Slots {
                 self.end_job(&id, ReleaseReason::Expired);
             }
         }
-        while self.unknown.front().is_some_and(|&since| expired(since)) {
+        while self
+            .unknown
+            .front()
+            .is_some_and(|&(since, _)| expired(since))
+        {
             tracing::warn!("job slot of a create with an unknown outcome expired");
             self.unknown.pop_front();
             self.released(ReleaseReason::Expired);
         }
         let oldest_job = self.jobs.values().map(|j| j.since).min();
-        [oldest_job, self.unknown.front().copied()]
+        [oldest_job, self.unknown.front().map(|&(since, _)| since)]
             .into_iter()
             .flatten()
             .min()

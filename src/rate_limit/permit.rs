@@ -14,7 +14,8 @@ type Inner = Handed<ResponseFuture<Handoff<Response<()>>, ()>, Response<()>>;
 /// A request's turn under its route's quota, taken by [`RateLimitByRoute::acquire`]: send
 /// the request, then give the turn back with [`finish`](Permit::finish).
 ///
-/// Dropped without `finish` (the send failed, or was given up on), the request is treated as
+/// Dropped without `finish` or [`not_sent`](Permit::not_sent) (the send failed, or was
+/// given up on), the request is treated as
 /// one abandoned after it was sent, exactly as a response future dropped under the layer: the
 /// server may have counted it, so its place is held for the layer's
 /// [`abandoned_hold`](super::Builder::abandoned_hold), then given back.
@@ -37,6 +38,14 @@ impl Permit {
         *head.headers_mut() = response.headers.clone();
         // An error here means the layer had already let the request go: nothing to give back.
         let _ = self.inner.answer(head).await;
+    }
+
+    /// Gives the turn back for a request that never left (its connection was refused, it
+    /// failed before a byte was written): its place is given back entirely, as if never
+    /// taken. Only for a failure that proves it: after any doubt, drop the permit (the server
+    /// may have counted the request).
+    pub async fn not_sent(self) {
+        self.inner.not_sent().await;
     }
 }
 
@@ -71,7 +80,7 @@ impl RateLimitByRoute<Wait> {
     /// # }
     /// ```
     pub async fn acquire(&self, method: &Method, path: &str) -> Result<Permit, BoxError> {
-        let inner = Handed::turn(self, method, path).await?;
+        let inner = Handed::turn(self, method, path, None).await?;
         Ok(Permit { inner })
     }
 }

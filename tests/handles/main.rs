@@ -6,5 +6,6 @@
 mod common;
 
 mod handles;
+mod hostile;
 #[cfg(feature = "reqwest-middleware")]
 mod middleware;

@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use futures::future::join_all;
+use futures::StreamExt;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -27,6 +28,7 @@ struct Seen {
     at: Arc<Mutex<Vec<Instant>>>,
     jobs: Arc<Mutex<u32>>,
     refusals_left: Arc<Mutex<u32>>,
+    unavailable_left: Arc<Mutex<u32>>,
 }
 
 async fn counted(State(seen): State<Seen>) -> impl IntoResponse {
@@ -53,11 +55,35 @@ async fn refusing(State(seen): State<Seen>) -> axum::response::Response {
     "done".into_response()
 }
 
+/// A create answered 503 while `unavailable_left` lasts (the job's fate unknown to the
+/// client), then made.
+async fn flaky_create(State(seen): State<Seen>) -> axum::response::Response {
+    {
+        let mut left = seen.unavailable_left.lock().unwrap();
+        if *left > 0 {
+            *left -= 1;
+            seen.at.lock().unwrap().push(Instant::now());
+            return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response();
+        }
+    }
+    create(State(seen)).await.into_response()
+}
+
+/// A 429 whose body sends one byte and then stalls.
+async fn stalling_refusal() -> axum::response::Response {
+    let stream = futures::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from("{")) })
+        .chain(futures::stream::pending());
+    let body = axum::body::Body::from_stream(stream);
+    (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], body).into_response()
+}
+
 async fn server(seen: &Seen) -> String {
     let app = Router::new()
         .route("/v2/models", get(counted))
         .route("/v2/generate", post(create))
         .route("/v2/refusing", post(refusing).get(refusing))
+        .route("/v2/flaky", post(flaky_create))
+        .route("/v2/stalling", get(stalling_refusal))
         .with_state(seen.clone());
     format!("http://{}", serve(app).await)
 }
@@ -279,4 +305,69 @@ async fn the_three_together_over_one_client() {
     created.text().await.unwrap();
     assert_eq!(plan.jobs()[0].id, "gen_1");
     assert_eq!(limits.snapshot()[0].in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_sent_again_after_a_503_takes_over_its_own_slot() {
+    let seen = Seen::default();
+    *seen.unavailable_left.lock().unwrap() = 1;
+    let origin = server(&seen).await;
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+        .job_route("POST /v2/flaky")
+        .build()
+        .unwrap();
+    let backoff = Backoff429::builder()
+        .retry_transient()
+        .idempotency_keys()
+        .build()
+        .unwrap();
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(BackoffMiddleware::new(backoff))
+        .with(PlanMiddleware::new(plan.clone()))
+        .build();
+    let start = Instant::now();
+    let response = client
+        .post(format!("{origin}/v2/flaky"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap();
+    // The 503 left the job's fate unknown and its slot held; the retry, carrying the same
+    // idempotency key, is that create again and takes the slot over at once, rather than
+    // wait an hour for its own first attempt's lease.
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(seen.at.lock().unwrap().len(), 2);
+    let snapshot = plan.snapshot();
+    assert_eq!((snapshot.in_use, snapshot.unknown), (1, 0), "{snapshot:?}");
+    assert_eq!(plan.jobs()[0].id, "gen_1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalling_refusal_is_read_no_further_than_its_frame_bound() {
+    let seen = Seen::default();
+    let origin = server(&seen).await;
+    let backoff = backoff()
+        .max_retries(1)
+        .max_read_frames(1)
+        .max_read_time(Duration::from_secs(30));
+    let client = client(BackoffMiddleware::new(backoff));
+    let start = Instant::now();
+    let response = client
+        .get(format!("{origin}/v2/stalling"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.extensions().get::<Retried>().unwrap().attempts, 2);
+    // One second of Retry-After, not two reads of thirty.
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }

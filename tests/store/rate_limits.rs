@@ -1042,3 +1042,53 @@ async fn a_server_fleets_paced_client_expires_once_its_bucket_is_empty() {
         assert!((0..=1_200).contains(&ttl), "{key} expires in {ttl} ms");
     }
 }
+
+// ===== the handle API over the store =====
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permits_and_requests_through_the_layer_share_the_stores_quota() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("permits");
+    let arrivals = Arrivals::default();
+    let api = logging_api(arrivals.clone()).await;
+    let period = Duration::from_secs(2);
+    let layer = |url: String| {
+        let store = RedisStore::builder(url)
+            .prefix(prefix.clone())
+            .fail_mode(FailMode::Closed)
+            .build()
+            .unwrap();
+        RateLimitByRoute::builder()
+            .route("GET /work", Quota::new(2, period))
+            .store(store)
+            .build()
+            .unwrap()
+    };
+    // Two processes' worth of layers: one used through its handle, one as a tower layer.
+    let (by_hand, as_layer) = (layer(url.clone()), layer(url));
+    let client = http_client();
+    let sent_by_hand = async {
+        for _ in 0..3 {
+            let permit = by_hand.acquire(&http::Method::GET, "/work").await.unwrap();
+            let response = client
+                .clone()
+                .oneshot(get_request(api, "/work"))
+                .await
+                .unwrap();
+            permit.finish(&response.into_parts().0).await;
+        }
+    };
+    let service = ServiceBuilder::new().layer(as_layer).service(http_client());
+    let through_layer = async {
+        for _ in 0..3 {
+            let response = service.clone().oneshot(get_request(api, "/work")).await;
+            assert!(response.unwrap().status().is_success());
+        }
+    };
+    tokio::join!(sent_by_hand, through_layer);
+    let arrivals = arrivals.sorted();
+    assert_eq!(arrivals.len(), 6);
+    assert!(max_in_window(&arrivals, period) <= 2, "{arrivals:?}");
+}

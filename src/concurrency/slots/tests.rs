@@ -40,7 +40,7 @@ fn every_release_path_frees_the_slot_once() {
     slots.try_take(|| 0);
     slots.bind("b", 0);
     slots.try_take(|| 0);
-    slots.unknown(0);
+    slots.unknown(0, None);
     assert_eq!(slots.in_use(), 2);
     // The list shows neither: b is over and the unknown outcome made no job.
     slots.reconcile(["x"], SEC, SEC);
@@ -232,7 +232,7 @@ proptest! {
                     model.in_flight -= 1;
                 }
                 Step::Unknown if model.in_flight > 0 => {
-                    slots.unknown(now);
+                    slots.unknown(now, None);
                     model.in_flight -= 1;
                     model.unknown.push(now);
                 }
@@ -343,4 +343,22 @@ fn a_job_completed_before_its_id_was_known_gives_its_slot_back_when_it_shows() {
     slots.try_take(|| now);
     assert_eq!(slots.bind("1", now), Bound::Completed);
     assert_eq!(slots.in_use(), 2, "b and 0");
+}
+
+#[test]
+fn a_create_sent_again_with_its_key_takes_over_its_unknown_outcome() {
+    let mut slots = Slots::new(1, LEASE);
+    assert!(slots.try_take(|| 0));
+    slots.unknown(0, Some("key-1".into()));
+    let ticket = slots.join(); // another create waits for the one slot
+    assert!(!slots.take_over("key-2"), "another key is another create");
+    assert!(slots.take_over("key-1"));
+    assert_eq!((slots.in_use(), slots.creates()), (1, (1, 0)));
+    assert!(!slots.take_over("key-1"), "taken over once");
+    // The waiter still waits: the slot was never free.
+    let waker = std::task::Waker::noop();
+    assert!(slots.poll_take(ticket, 0, waker).is_err());
+    slots.bind("gen_1", 0);
+    assert!(slots.end_job("gen_1", ReleaseReason::Finished));
+    assert!(slots.poll_take(ticket, 0, waker).is_ok());
 }

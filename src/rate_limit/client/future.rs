@@ -293,12 +293,24 @@ where
         panic!("client-mode `ResponseFuture` polled after completion");
     }
     let result = ready!(future.poll(cx));
-    match (std::mem::replace(hold, Hold::Answered), &result) {
-        (Hold::Place(permit), Ok(response)) => permit.answered(response),
-        // The server may have counted it: the drop gives the place back as abandoned.
-        (hold, _) => drop(hold),
+    match (std::mem::replace(hold, Hold::Answered), result) {
+        (Hold::Place(permit), Ok(response)) => {
+            permit.answered(&response);
+            Poll::Ready(Ok(response))
+        }
+        (hold, result) => Poll::Ready(result.map_err(|error| failed(hold, error.into()))),
     }
-    Poll::Ready(result.map_err(Into::into))
+}
+
+/// A sent request that failed: the server may have counted it, so the drop of its place gives
+/// it back as abandoned; unless it never left, when it is given back entirely.
+#[cold]
+fn failed(hold: Hold, error: BoxError) -> BoxError {
+    match hold {
+        Hold::Place(permit) if crate::handoff::never_sent(&error) => permit.never_sent(),
+        hold => drop(hold),
+    }
+    error
 }
 
 impl<S, B, ResBody> ResponseFuture<S, B>

@@ -442,6 +442,11 @@ impl Permit {
         self
     }
 
+    /// The request never left after all: its place is given back entirely.
+    pub(crate) fn never_sent(mut self) {
+        self.stage = Stage::Unsent;
+    }
+
     /// The request is being sent.
     pub(crate) fn sent(&mut self) {
         self.stage = Stage::Sent;

@@ -30,7 +30,7 @@ pin_project! {
         S: Service<Request<B>>,
     {
         #[pin]
-        state: StoreState<S, B, S::Future, Result<S::Response, S::Error>>,
+        state: StoreState<S, B, S::Future, Result<S::Response, BoxError>>,
     }
 }
 
@@ -141,6 +141,14 @@ where
                     else {
                         unreachable!()
                     };
+                    let answer = answer.map_err(Into::into);
+                    if let Err(error) = &answer {
+                        if crate::handoff::never_sent(error) {
+                            // Given back entirely, as a place never sent.
+                            place.never_sent();
+                            return Poll::Ready(StoreNext::Answer(answer));
+                        }
+                    }
                     let release = place.release(answer.as_ref().ok());
                     state.set(StoreState::Releasing { release, answer });
                 }
@@ -153,7 +161,7 @@ where
                     else {
                         unreachable!()
                     };
-                    return Poll::Ready(StoreNext::Answer(answer.map_err(Into::into)));
+                    return Poll::Ready(StoreNext::Answer(answer));
                 }
                 StoreProj::Done => panic!("client-mode `ResponseFuture` polled after completion"),
             }
@@ -185,6 +193,11 @@ impl StorePlace {
     /// The request is being sent.
     pub(crate) fn sent(&mut self) {
         self.sent = true;
+    }
+
+    /// The request never left after all: dropped, the place is given back as never taken.
+    pub(crate) fn never_sent(mut self) {
+        self.sent = false;
     }
 
     /// The answer is in (a response, or `None` for a transport error, which abandons the

@@ -318,6 +318,11 @@ impl<M: Send + Sync + 'static> Middleware for BackoffMiddleware<M> {
                     Err(error) => return Err(error),
                     Ok(response) => response,
                 };
+                // Only these may be retried: every other answer goes back without a copy of
+                // its head.
+                if !matches!(response.status().as_u16(), 403 | 429 | 502..=504) {
+                    return Ok(record(response, &retries));
+                }
                 let head = head(&response);
                 if !retries.may_retry(&head) {
                     return Ok(record(response, &retries));

@@ -15,8 +15,8 @@ pub(crate) struct HoldGuard {
     /// The slot's name in the shared store, once the store gave one.
     member: Option<StoreMember>,
     /// The create's `Idempotency-Key`, kept with an unknown outcome so that the create sent
-    /// again can take its slot over.
-    key: Option<Box<str>>,
+    /// again can take its slot over (boxed twice to be one word, as `member`).
+    key: Option<IdempotencyKey>,
 }
 
 /// A slot's name in the shared store. Boxed twice to be one word: holds live on the path
@@ -35,7 +35,7 @@ impl HoldGuard {
     }
 
     /// The create carries this `Idempotency-Key`.
-    pub(crate) fn with_key(mut self, key: Option<Box<str>>) -> Self {
+    pub(crate) fn with_key(mut self, key: Option<IdempotencyKey>) -> Self {
         self.key = key;
         self
     }
@@ -106,7 +106,7 @@ impl Drop for HoldGuard {
                 return;
             }
             let now = shared.clock.now();
-            shared.counts().unknown(now, self.key.take());
+            shared.counts().unknown(now, self.key.take().map(|key| (*key).into()));
         }
     }
 }
@@ -142,11 +142,17 @@ impl Drop for InFlightSlot {
     }
 }
 
+/// A create's `Idempotency-Key`, as a hold keeps it.
+pub(crate) type IdempotencyKey = Box<String>;
+
+const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
 /// The `Idempotency-Key` of a create, as the plan keeps it with an unknown outcome (a key of
 /// more than 255 bytes, or not text, is not kept: no server takes one).
-pub(crate) fn idempotency_key<B>(request: &http::Request<B>) -> Option<Box<str>> {
-    let key = request.headers().get("idempotency-key")?.to_str().ok()?;
-    (key.len() < 256).then(|| key.into())
+#[inline]
+pub(crate) fn idempotency_key<B>(request: &http::Request<B>) -> Option<IdempotencyKey> {
+    let key = request.headers().get(IDEMPOTENCY_KEY)?.to_str().ok()?;
+    (key.len() < 256).then(|| Box::new(key.to_owned()))
 }
 
 /// A slot taken for a create that is not sent yet, and the member that holds it in the shared

@@ -81,7 +81,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         let shared = &self.shared;
         let key = idempotency_key(&request);
         let mut slots = shared.slots();
-        if let Some(held) = key.as_deref() {
+        if let Some(held) = key.as_deref().map(String::as_str) {
             // The create sent again, whose first send left its slot held as an unknown
             // outcome (kept in this process only: a store holds its own).
             if slots.take_over(held) {

@@ -106,7 +106,9 @@ impl Drop for HoldGuard {
                 return;
             }
             let now = shared.clock.now();
-            shared.counts().unknown(now, self.key.take().map(|key| (*key).into()));
+            shared
+                .counts()
+                .unknown(now, self.key.take().map(|key| (*key).into()));
         }
     }
 }

@@ -35,6 +35,21 @@
 //! ([`RateLimitByRoute::snapshot`]) or to change a quota at run time.
 //!
 //! All timing runs on [`tokio::time`], so every behaviour can be tested on a paused clock.
+//!
+//! # Logging
+//!
+//! The crate logs through [`tracing`], with one level policy: what a server sends that cannot
+//! be read (a malformed header, a body that is not JSON) is `debug`; this crate's own leaks
+//! (a job slot whose lease ran out) and a shared store's failures are `warn`, a store's
+//! failure once when it begins (each further one at `debug`, its end at `info`); a setting
+//! that makes a layer fail every request is `error`, once; nothing is logged per request
+//! above `debug`. Targets are the module paths, so a filter such as
+//! `tower_quota::rate_limit=debug,tower_quota::store=warn` picks a layer:
+//! `tower_quota::rate_limit`, `tower_quota::concurrency`, `tower_quota::backoff`,
+//! `tower_quota::store`, `tower_quota::headers` and `tower_quota::limiter`. A request that
+//! waits or is retried runs in a span at `debug`: `rate_limit_wait` (field `route`) while it
+//! waits in its route's queue, `plan_wait` (`plan`) while a create waits for a slot, and
+//! `backoff_retry` (`attempt`, the latest) once it has been refused and retried.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -19,10 +19,22 @@ use crate::headers;
 const TIMER_TICK: Duration = Duration::from_millis(1);
 
 /// The waits of a request that has been retried.
-#[derive(Default)]
 pub(super) struct Waits {
     pub(super) total: Duration,
     pub(super) last: Duration,
+    /// The span of the request's retries (`backoff_retry`, at `debug`, its `attempt` the
+    /// latest), entered while the layer's future is polled past its first answer.
+    pub(super) span: tracing::Span,
+}
+
+impl Default for Waits {
+    fn default() -> Self {
+        Self {
+            total: Duration::ZERO,
+            last: Duration::ZERO,
+            span: tracing::Span::none(),
+        }
+    }
 }
 
 /// How long to wait before retry number `retries + 1` of a refusal of `kind`, or `None` to
@@ -72,7 +84,7 @@ pub(super) fn next_wait(
     let waits = waits.get_or_insert_with(Box::default);
     waits.total = waits.total.saturating_add(wait);
     waits.last = wait;
-    tracing::info!(attempt = retry.saturating_add(1), ?wait, reason = %kind, "retrying after a refusal");
+    tracing::debug!(attempt = retry.saturating_add(1), ?wait, reason = %kind, "retrying after a refusal");
     Some(wait)
 }
 

@@ -204,14 +204,23 @@ impl<S, B> Retry<S, B> {
     /// How long to wait before retrying a refusal of `kind`, or `None` to give up.
     fn decide(&mut self, kind: LimitKind, hint: Option<Duration>) -> Option<Duration> {
         let deadline = self.deadline.at();
-        next_wait(
+        let wait = next_wait(
             &self.config,
             kind,
             hint,
             &mut self.retries,
             &mut self.waits,
             deadline,
-        )
+        )?;
+        if let Some(waits) = self.waits.as_mut() {
+            let attempt = self.retries.saturating_add(1);
+            if waits.span.is_none() {
+                waits.span = tracing::debug_span!("backoff_retry", attempt);
+            } else {
+                waits.span.record("attempt", attempt);
+            }
+        }
+        Some(wait)
     }
 
     fn retried(&self) -> Option<Retried> {
@@ -440,6 +449,12 @@ where
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
+    // Within the span of its retries, once it has one.
+    let span = retry
+        .as_ref()
+        .and_then(|retry| retry.waits.as_ref())
+        .map(|waits| waits.span.clone());
+    let _span = span.as_ref().map(tracing::Span::enter);
     match (poll_states(state.as_mut(), retry, cx), retry) {
         (Poll::Pending, Some(retry)) => poll_deadline(state, retry, cx),
         (poll, _) => poll,

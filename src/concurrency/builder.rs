@@ -346,6 +346,7 @@ impl Builder {
                 plan: Mutex::new(self.plan),
                 changed: Notify::new(),
                 watches: AtomicUsize::new(0),
+                warned_no_id: std::sync::atomic::AtomicBool::new(false),
                 #[cfg(feature = "redis")]
                 store: self.store,
             }),

@@ -87,6 +87,8 @@ pub(crate) struct WaitingCreate<S, B> {
     inner: S,
     request: Request<B>,
     step: CreateStep,
+    /// The span of its wait (`plan_wait`, at `debug`), entered while it is polled.
+    span: tracing::Span,
 }
 
 enum CreateStep {
@@ -154,6 +156,7 @@ impl<S, B> WaitingCreate<S, B> {
             inner,
             request,
             step: CreateStep::Held(slot),
+            span: tracing::Span::none(),
         }
     }
 
@@ -162,6 +165,7 @@ impl<S, B> WaitingCreate<S, B> {
         S: Service<Request<B>>,
         S::Error: Into<BoxError>,
     {
+        let _span = self.span.enter();
         loop {
             match &mut self.step {
                 CreateStep::Queued(queued) => {
@@ -190,6 +194,7 @@ impl<S, B> WaitingCreate<S, B> {
             mut inner,
             request,
             step,
+            ..
         } = self;
         let CreateStep::Held(slot) = step else {
             unreachable!("a create sent before it held a slot");
@@ -244,7 +249,9 @@ where
         ticket: u64,
     ) -> Self {
         let deadline = shared.wait_deadline();
+        let span = tracing::debug_span!("plan_wait", plan = %*shared.plan.lock().unwrap_or_else(|e| e.into_inner()));
         let waiting = Box::new(WaitingCreate {
+            span,
             inner,
             request,
             step: CreateStep::Queued(QueuedCreate {
@@ -343,6 +350,7 @@ where
                                 inner,
                                 request,
                                 step: CreateStep::Queued(queued),
+                                ..
                             } = *waiting
                             else {
                                 unreachable!("only a queued create asks the store")

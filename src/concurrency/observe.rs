@@ -94,10 +94,20 @@ impl Observer {
                 let seen = json::object(body, fields);
                 let now = shared.clock.now();
                 let Some(id) = seen.id else {
-                    tracing::warn!(
-                        field = &*config.id_field,
-                        "no job id in a successful create's response: its slot stays held until a reconcile or the maximum job life"
-                    );
+                    if !shared
+                        .warned_no_id
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            field = &*config.id_field,
+                            "no job id in a successful create's response (is the id field named right?): its slot stays held until a reconcile or the maximum job life; further ones are logged at debug"
+                        );
+                    } else {
+                        tracing::debug!(
+                            field = &*config.id_field,
+                            "no job id in a successful create's response: its slot stays held"
+                        );
+                    }
                     #[cfg(feature = "redis")]
                     if self.member.is_some() {
                         unknown_in_store(shared, self.member.take());

@@ -67,6 +67,9 @@ pub(crate) struct PlanState {
     /// Notified when a job takes or gives back a slot, while a watch runs.
     pub(crate) changed: Notify,
     pub(crate) watches: AtomicUsize,
+    /// Whether a create answered without a job id has been logged at `warn` (once: its id
+    /// field is likely misnamed; each one after is logged at `debug`).
+    pub(crate) warned_no_id: std::sync::atomic::AtomicBool,
     /// The store the slots are shared through with other processes, if any.
     #[cfg(feature = "redis")]
     pub(crate) store: Option<StoreHandle>,

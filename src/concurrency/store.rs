@@ -62,7 +62,7 @@ impl<S, B> StoreSlot<S, B> {
             Ok(true) => Poll::Ready(Ok(())),
             Ok(false) => Poll::Ready(Err(ConcurrencyError::wait_too_long(&shared).into())),
             Err(error) if self.store.fail_mode() == FailMode::Open => {
-                tracing::warn!(%error, "the shared slot store failed: this create counts against this process's plan only");
+                tracing::debug!(%error, "the shared slot store failed: this create counts against this process's plan only");
                 self.slot.without_store();
                 Poll::Ready(Ok(()))
             }

@@ -1,7 +1,7 @@
 //! [`RedisStore`]: limits kept in a Redis server, shared by every process that uses it.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +62,10 @@ struct Inner {
     background: mpsc::Sender<StoreCall>,
     subscriber: JoinHandle<()>,
     worker: JoinHandle<()>,
+    /// Whether the last operation failed: a failure is logged at `warn` when it begins and
+    /// its end at `info`, each failing operation in between at `debug` only, so an outage
+    /// does not log a line per request.
+    failing: Arc<AtomicBool>,
 }
 
 /// How many finished job ids the fleet remembers (each for at most the maximum job life), so
@@ -223,6 +227,7 @@ impl RedisStore {
         let script = script.clone();
         let mut connection = self.inner.connection.clone();
         let timeout = self.inner.timeout;
+        let (failing, fail_mode) = (self.inner.failing.clone(), self.inner.fail_mode);
         SyncFuture::new(Box::pin(async move {
             let mut invocation = script.prepare_invoke();
             invocation.key(keys).arg(args);
@@ -231,7 +236,9 @@ impl RedisStore {
                 invocation.invoke_async::<Vec<i64>>(&mut connection),
             )
             .await;
-            decision(reply, timeout)
+            let decision = decision(reply, timeout);
+            health(&failing, fail_mode, &decision);
+            decision
         }))
     }
 }
@@ -356,6 +363,27 @@ fn micros(d: Duration) -> String {
 }
 
 /// What a script's reply (or its absence) means.
+/// Logs the store's health where it changes: the first failure at `warn` (with what the
+/// layers do meanwhile), each further one at `debug`, the first success after them at `info`.
+fn health(failing: &AtomicBool, fail_mode: FailMode, outcome: &Result<Decision, StoreError>) {
+    match outcome {
+        Err(error) if !failing.swap(true, Ordering::Relaxed) => {
+            let meanwhile = match fail_mode {
+                FailMode::Open => "each process falls back to its own limits",
+                FailMode::Closed => {
+                    "requests under a shared limit fail (client) or are refused (server)"
+                }
+            };
+            tracing::warn!(%error, "the shared store failed: until it answers again, {meanwhile}; further failures are logged at debug");
+        }
+        Err(error) => tracing::debug!(%error, "the shared store failed again"),
+        Ok(_) if failing.swap(false, Ordering::Relaxed) => {
+            tracing::info!("the shared store answers again");
+        }
+        Ok(_) => {}
+    }
+}
+
 fn decision(
     reply: Result<redis::RedisResult<Vec<i64>>, tokio::time::error::Elapsed>,
     timeout: Duration,
@@ -524,6 +552,7 @@ impl RedisStoreBuilder {
                 background,
                 subscriber,
                 worker,
+                failing: Arc::new(AtomicBool::new(false)),
             }),
         })
     }

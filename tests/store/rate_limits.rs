@@ -1092,3 +1092,65 @@ async fn permits_and_requests_through_the_layer_share_the_stores_quota() {
     assert_eq!(arrivals.len(), 6);
     assert!(max_in_window(&arrivals, period) <= 2, "{arrivals:?}");
 }
+
+// ===== what an outage logs =====
+
+/// Records the level of every event of this crate.
+#[derive(Clone, Default)]
+struct Levels(Arc<Mutex<Vec<tracing::Level>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Levels {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target().starts_with("tower_quota") {
+            self.0.lock().unwrap().push(*event.metadata().level());
+        }
+    }
+}
+
+/// A store that does not answer is logged at `warn` once, when the outage begins, and each
+/// request through it at `debug` only: an outage does not log a line per request.
+#[tokio::test]
+async fn an_outage_is_logged_once_at_warn_not_per_request() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let levels = Levels::default();
+    let _logging =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(levels.clone()));
+    let store = RedisStore::builder("redis://127.0.0.1:1/") // nothing listens there
+        .timeout(Duration::from_millis(200))
+        .fail_mode(FailMode::Open)
+        .build()
+        .unwrap();
+    let limits = RateLimitByRoute::builder()
+        .route("GET /work", Quota::per_minute(600))
+        .store(store)
+        .build()
+        .unwrap();
+    let api = tower::service_fn(|_: Request<Empty<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let service = ServiceBuilder::new().layer(limits).service(api);
+    for _ in 0..20 {
+        let request = Request::get("/work").body(Empty::new()).unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "failing open, each request goes"
+        );
+    }
+    let levels = levels.0.lock().unwrap().clone();
+    let warns = levels
+        .iter()
+        .filter(|&&l| l == tracing::Level::WARN)
+        .count();
+    assert_eq!(warns, 1, "{levels:?}");
+    assert!(
+        levels
+            .iter()
+            .all(|&l| l == tracing::Level::WARN || l >= tracing::Level::DEBUG),
+        "nothing per request above debug: {levels:?}"
+    );
+    assert!(
+        levels.len() > 20,
+        "each request is still logged, at debug: {levels:?}"
+    );
+}

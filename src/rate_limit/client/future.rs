@@ -75,6 +75,8 @@ pub(crate) struct Waiting<S, B> {
     inner: S,
     request: Request<B>,
     turn: LocalTurn,
+    /// The span of its wait (`rate_limit_wait`, at `debug`), entered while it is polled.
+    span: tracing::Span,
 }
 
 /// Where a waiting request stands in this process.
@@ -164,6 +166,7 @@ impl<S, B> Waiting<S, B> {
             inner,
             request,
             turn,
+            span: tracing::Span::none(),
         })
     }
 
@@ -173,6 +176,7 @@ impl<S, B> Waiting<S, B> {
         S: Service<Request<B>>,
         S::Error: Into<BoxError>,
     {
+        let _span = self.span.enter();
         loop {
             match &mut self.turn {
                 LocalTurn::Queued(queued) => {
@@ -193,6 +197,7 @@ impl<S, B> Waiting<S, B> {
             mut inner,
             request,
             turn,
+            ..
         } = self;
         let LocalTurn::Held(mut permit) = turn else {
             unreachable!("a request sent before its turn");
@@ -234,10 +239,12 @@ where
         ticket: TurnTicket,
         max_wait: Option<Duration>,
     ) -> Self {
+        let span = tracing::debug_span!("rate_limit_wait", route = %ticket.route_name());
         let waiting = Box::new(Waiting {
             inner,
             request,
             turn: LocalTurn::Queued(QueuedTurn::new(ticket, max_wait)),
+            span,
         });
         Self {
             state: State::Waiting { waiting },

@@ -108,7 +108,7 @@ where
                             return Poll::Ready(StoreNext::Answer(Err(error.into())));
                         }
                         Outcome::Failed(error) => {
-                            tracing::warn!(%error, "the shared quota store failed: this request counts against the local quota");
+                            tracing::debug!(%error, "the shared quota store failed: this request counts against the local quota");
                             let admission = admit(&turn.handle, turn.route, false);
                             let local = Waiting::local(inner, request, admission, turn.max_wait)
                                 .map(Box::new);

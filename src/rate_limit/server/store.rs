@@ -139,14 +139,14 @@ where
             )),
             Err(error) => match config.store.as_ref().map(|s| s.fail_mode()) {
                 Some(FailMode::Closed) => {
-                    tracing::warn!(%error, "the shared quota store failed: refusing");
+                    tracing::debug!(%error, "the shared quota store failed: refusing");
                     Err(refused(
                         Duration::from_secs(1),
                         RejectReason::StoreUnavailable,
                     ))
                 }
                 _ => {
-                    tracing::warn!(%error, "the shared quota store failed: counting against this server's own quota");
+                    tracing::debug!(%error, "the shared quota store failed: counting against this server's own quota");
                     route.hit(self.local_key, shared.clock.now(), config.headers)
                 }
             },

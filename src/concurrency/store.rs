@@ -25,6 +25,8 @@ pub(crate) struct StoreSlot<S, B> {
     poll: StorePoll,
     deadline: Option<Nanos>,
     slot: Unsent,
+    /// The span of its wait (`plan_wait`, at `debug`, `store` set), entered while it asks.
+    span: tracing::Span,
 }
 
 impl<S, B> StoreSlot<S, B> {
@@ -38,7 +40,9 @@ impl<S, B> StoreSlot<S, B> {
         let member: StoreMember = Box::new(format!("c:{}", store.member()));
         let (limit, job_lease) = (shared.slots().limit(), shared.job_lease());
         let poll = StorePoll::new(&store, || store.slot_acquire(limit, job_lease, &member));
+        let plan = || *shared.plan.lock().unwrap_or_else(|e| e.into_inner());
         Self {
+            span: tracing::debug_span!("plan_wait", plan = %plan(), store = true),
             inner,
             request,
             store,
@@ -55,6 +59,8 @@ impl<S, B> StoreSlot<S, B> {
     /// then counts against this process's plan only). An error returns it unsent: its maximum
     /// wait ran out, or the store failed closed.
     pub(super) fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let span = self.span.clone();
+        let _span = span.enter();
         let Some(shared) = self.slot.shared.clone() else {
             unreachable!("an unsent slot always has its plan");
         };

@@ -296,6 +296,9 @@ pub(crate) struct StoreTurn {
     poll: StorePoll,
     /// Counted among the route's waiters (once the store has said it must wait).
     queued: bool,
+    /// The span of its wait (`rate_limit_wait`, at `debug`, `store` set), entered while it
+    /// asks.
+    span: tracing::Span,
 }
 
 /// How a turn in the shared store ended.
@@ -319,7 +322,9 @@ impl StoreTurn {
         let member = store.member();
         let poll = StorePoll::new(&store, || store.acquire(&key, &member, &rate, false));
         let since = handle.clock.now();
+        let span = tracing::debug_span!("rate_limit_wait", route = %handle.routes[route].name, store = true);
         Self {
+            span,
             handle,
             route,
             max_wait,
@@ -361,6 +366,8 @@ impl StoreTurn {
     /// Asks the store, and between questions sleeps until the turn the store named, a
     /// release anywhere, or the poll interval, whichever comes first.
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let span = self.span.clone();
+        let _span = span.enter();
         loop {
             if let Some(answer) = ready!(self.poll.poll_answer(cx)) {
                 let wait = match answer {

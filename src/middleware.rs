@@ -121,13 +121,13 @@ fn never_left(error: &reqwest_middleware::Error) -> bool {
     matches!(error, reqwest_middleware::Error::Reqwest(error) if error.is_connect())
 }
 
-/// A response's head, for the handles.
-fn head(response: &Response) -> http::response::Parts {
+/// A copy of a response's head, for the handles.
+fn head(response: &Response) -> http::Response<()> {
     let mut head = http::Response::new(());
     *head.status_mut() = response.status();
     *head.version_mut() = response.version();
     *head.headers_mut() = response.headers().clone();
-    head.into_parts().0
+    head
 }
 
 /// An error of this crate as reqwest-middleware's, keeping its type for a `downcast_ref` on
@@ -208,7 +208,7 @@ impl Middleware for RateLimitMiddleware {
                 .map_err(middleware_error)?;
             match next.run(request, extensions).await {
                 Ok(response) => {
-                    permit.finish(&head(&response)).await;
+                    permit.finish_head(head(&response)).await;
                     Ok(response)
                 }
                 Err(error) => {
@@ -323,7 +323,7 @@ impl<M: Send + Sync + 'static> Middleware for BackoffMiddleware<M> {
                 if !matches!(response.status().as_u16(), 403 | 429 | 502..=504) {
                     return Ok(record(response, &retries));
                 }
-                let head = head(&response);
+                let head = head(&response).into_parts().0;
                 if !retries.may_retry(&head) {
                     return Ok(record(response, &retries));
                 }

@@ -36,6 +36,12 @@ impl Permit {
         *head.status_mut() = response.status;
         *head.version_mut() = response.version;
         *head.headers_mut() = response.headers.clone();
+        self.finish_head(head).await;
+    }
+
+    /// [`finish`](Self::finish) with a head the caller has already copied (the reqwest
+    /// middleware's), so that its header fields are not copied twice.
+    pub(crate) async fn finish_head(self, head: Response<()>) {
         // An error here means the layer had already let the request go: nothing to give back.
         let _ = self.inner.answer(head).await;
     }

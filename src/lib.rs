@@ -81,11 +81,14 @@ pub mod concurrency;
 #[cfg(feature = "serde")]
 pub mod config;
 mod error;
+pub mod event;
 mod handoff;
 pub mod headers;
 mod json;
 mod limiter;
 mod lock;
+#[cfg(feature = "metrics")]
+mod metrics;
 #[cfg(feature = "reqwest-middleware")]
 pub mod middleware;
 pub mod presets;

@@ -13,6 +13,7 @@ use super::classify::LimitKind;
 use super::error::{BackoffError, Retried};
 use super::layer::{Backoff429, BackoffConfig};
 use super::schedule::GiveUp;
+use crate::event::{Event, NoRetry};
 use crate::headers;
 
 /// The resolution of tokio's timer.
@@ -61,11 +62,11 @@ pub(super) fn next_wait(
         Ok(wait) => wait,
         Err(GiveUp::NoRetriesLeft) => {
             tracing::debug!(retries = *retries, reason = %kind, "no retries left");
-            return None;
+            return no_retry(config, kind, NoRetry::NoRetriesLeft);
         }
         Err(GiveUp::ServerAsksTooLong) => {
             tracing::debug!(asked = ?hint, max_delay = ?schedule.max_delay, "the server asks for a longer wait than the schedule's maximum: giving up");
-            return None;
+            return no_retry(config, kind, NoRetry::ServerAsksTooLong);
         }
         Err(GiveUp::PastDeadline(wait)) => {
             tracing::debug!(
@@ -73,19 +74,34 @@ pub(super) fn next_wait(
                 deadline = ?config.deadline,
                 "the wait would end at or past the deadline: giving up"
             );
-            return None;
+            return no_retry(config, kind, NoRetry::PastDeadline);
         }
     };
     if !config.budget.withdraw() {
         tracing::debug!("retry budget spent: giving up");
-        return None;
+        return no_retry(config, kind, NoRetry::BudgetSpent);
     }
+    config.events.emit(0, |layer, _| Event::Retry {
+        layer,
+        attempt: retry.saturating_add(1),
+        kind,
+        wait,
+    });
     *retries = retry;
     let waits = waits.get_or_insert_with(Box::default);
     waits.total = waits.total.saturating_add(wait);
     waits.last = wait;
     tracing::debug!(attempt = retry.saturating_add(1), ?wait, reason = %kind, "retrying after a refusal");
     Some(wait)
+}
+
+/// Reports a refusal not retried; `None`.
+#[cold]
+fn no_retry(config: &BackoffConfig, kind: LimitKind, why: NoRetry) -> Option<Duration> {
+    config
+        .events
+        .emit(0, |layer, _| Event::NoRetry { layer, kind, why });
+    None
 }
 
 /// Whether a request with `method` and `headers` may be sent again after a failure that may

@@ -16,6 +16,7 @@ use super::replay::{BufferBodies, BufferBodiesService, ReplayBodies};
 use super::schedule::{Jitter, Schedule};
 use super::service::Backoff429Service;
 use crate::error::ConfigError;
+use crate::event::{BackoffCounters, Event, EventConfig, Events, LayerKind};
 
 /// The most `max_body` may be.
 const MAX_BODY: usize = 16 << 20;
@@ -39,6 +40,9 @@ pub(crate) struct BackoffConfig {
     pub(crate) max_read_frames: usize,
     pub(crate) max_read_time: Duration,
     random: Random,
+    event_config: EventConfig,
+    /// The layer's name, listener and counters (one scope).
+    pub(crate) events: Arc<Events>,
 }
 
 impl fmt::Debug for BackoffConfig {
@@ -167,6 +171,10 @@ impl Backoff429 {
                 max_read_frames: 1024,
                 max_read_time: Duration::from_secs(10),
                 random: Random::new(),
+                event_config: EventConfig::default(),
+                events: Arc::new(
+                    EventConfig::default().build(LayerKind::Backoff, ["backoff".into()]),
+                ),
             }),
             mode: ReplayBodies,
         }
@@ -203,6 +211,36 @@ impl<M> Backoff429<M> {
     pub fn build(self) -> Result<Self, ConfigError> {
         self.validate()?;
         Ok(self)
+    }
+
+    /// Names the layer (default `backoff`): the `layer` of its [`Event`]s and the `layer`
+    /// label of its metrics. The layer counts afresh from here: layers made from it by
+    /// further setters share its counters, and a layer named apart has its own.
+    pub fn name(self, name: impl Into<String>) -> Self {
+        let name: Arc<str> = name.into().into();
+        self.with(|c| {
+            c.event_config.name = Some(name);
+            c.events = Arc::new(c.event_config.build(LayerKind::Backoff, ["backoff".into()]));
+        })
+    }
+
+    /// Calls `listener` with each of the layer's [`Event`]s as it happens (see
+    /// [`event`](crate::event)): [`Event::Retry`] and [`Event::NoRetry`]. A second call
+    /// replaces the first listener.
+    pub fn on_event<L>(self, listener: L) -> Self
+    where
+        L: Fn(&Event<'_>) + Send + Sync + 'static,
+    {
+        self.with(|c| {
+            c.event_config.listener(listener);
+            c.events = Arc::new(c.event_config.build(LayerKind::Backoff, ["backoff".into()]));
+        })
+    }
+
+    /// What the layer has done since it was built (or named): retries by kind, the time spent
+    /// waiting before them, refusals not retried by why.
+    pub fn counters(&self) -> BackoffCounters {
+        self.config.events.scope(0).backoff_counters()
     }
 
     fn with(mut self, change: impl FnOnce(&mut BackoffConfig)) -> Self {

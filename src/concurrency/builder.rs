@@ -1,5 +1,6 @@
 //! [`Builder`]: a plan's routes, JSON fields, queue bounds and job life, checked when built.
 
+use crate::event::{Event, EventConfig, LayerKind};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,6 +60,7 @@ pub struct Builder {
     max_queue: Option<usize>,
     max_wait: Option<Duration>,
     in_flight: bool,
+    events: EventConfig,
     #[cfg(feature = "redis")]
     store: Option<StoreHandle>,
 }
@@ -81,9 +83,27 @@ impl Builder {
             max_queue: None,
             max_wait: None,
             in_flight: false,
+            events: EventConfig::default(),
             #[cfg(feature = "redis")]
             store: None,
         }
+    }
+
+    /// Names the layer (default `plan`): the `layer` of its [`Event`]s and the `layer` label
+    /// of its metrics.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.events.name = Some(name.into().into());
+        self
+    }
+
+    /// Calls `listener` with each of the layer's [`Event`]s as it happens (see
+    /// [`event`](crate::event)). A second call replaces the first listener.
+    pub fn on_event<L>(mut self, listener: L) -> Self
+    where
+        L: Fn(&Event<'_>) + Send + Sync + 'static,
+    {
+        self.events.listener(listener);
+        self
     }
 
     /// A preset's routes of each kind, used where none of that kind is given.
@@ -349,6 +369,9 @@ impl Builder {
                 warned_no_id: std::sync::atomic::AtomicBool::new(false),
                 #[cfg(feature = "redis")]
                 store: self.store,
+                events: self
+                    .events
+                    .build(LayerKind::Plan, [Arc::from("plan")]),
             }),
         };
         #[cfg(feature = "redis")]

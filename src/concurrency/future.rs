@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
@@ -19,6 +20,7 @@ use super::observe::{Observe, Observer};
 use super::slots::ReleaseReason;
 use super::state::{PlanState, SlotTicket};
 use crate::clock::Nanos;
+use crate::event::Event;
 use crate::BoxError;
 
 /// What the request is to the plan, decided when it is called. Once answered it is marked so
@@ -115,15 +117,21 @@ impl QueuedCreate {
         loop {
             let shared = &self.ticket.shared;
             let now = shared.clock.now();
-            let next_expiry = match shared.slots().poll_take(self.ticket.id, now, cx.waker()) {
+            // The slots are let go before the event is reported.
+            let taken = shared.slots().poll_take(self.ticket.id, now, cx.waker());
+            let next_expiry = match taken {
                 Ok(()) => {
                     self.ticket.queued = false;
+                    let waited = Duration::from_nanos(now.saturating_sub(self.ticket.since));
+                    shared.report(|layer| Event::SlotTaken { layer, waited });
                     return Poll::Ready(Ok(()));
                 }
                 Err(next_expiry) => next_expiry,
             };
             if self.deadline.is_some_and(|d| d <= now) {
-                return Poll::Ready(Err(ConcurrencyError::wait_too_long(shared)));
+                let error = ConcurrencyError::wait_too_long(shared);
+                self.ticket.time_out();
+                return Poll::Ready(Err(error));
             }
             let Some(at) = [next_expiry, self.deadline].into_iter().flatten().min() else {
                 // Woken by the queue when a slot frees.
@@ -256,6 +264,7 @@ where
             request,
             step: CreateStep::Queued(QueuedCreate {
                 ticket: SlotTicket {
+                    since: shared.clock.now(),
                     shared,
                     id: ticket,
                     queued: true,

@@ -11,6 +11,7 @@ use super::slots::ReleaseReason;
 use super::watch::Watch;
 use crate::clock::nanos;
 use crate::error::ConfigError;
+use crate::event::SlotCounters;
 use crate::lock::lock;
 
 use super::builder::Builder;
@@ -59,6 +60,8 @@ pub struct PlanSnapshot {
     pub queued: usize,
     /// The jobs holding slots, oldest first.
     pub jobs: Vec<HeldJob>,
+    /// What the slots have done since the layer was built.
+    pub counters: SlotCounters,
 }
 
 impl ConcurrencyLimitByPlan {
@@ -119,7 +122,7 @@ impl ConcurrencyLimitByPlan {
     /// ids for the maximum job life (the latest 4,096), and the create's slot is given back
     /// as soon as its id is known.
     pub fn complete(&self, id: &str) -> bool {
-        let held = self.shared.end_job(id, ReleaseReason::Finished);
+        let held = self.shared.end_job(id, ReleaseReason::Completed);
         if !held {
             let now = self.shared.clock.now();
             self.shared.slots().complete_early(id, now);
@@ -213,6 +216,7 @@ impl ConcurrencyLimitByPlan {
             unknown,
             queued: slots.queue_len(),
             jobs,
+            counters: self.shared.events.scope(0).slot_counters(),
         }
     }
 

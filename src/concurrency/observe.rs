@@ -113,7 +113,7 @@ impl Observer {
                         unknown_in_store(shared, self.member.take());
                         return;
                     }
-                    shared.counts().unknown(now, None);
+                    shared.slots().unknown(now, None);
                     return;
                 };
                 let terminal = seen.status.is_some_and(|s| config.is_terminal(&s));

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use tower_service::Service;
@@ -12,6 +13,7 @@ use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
 use super::hold::{idempotency_key, HoldGuard};
 use super::state::{PlanState, RouteKind};
+use crate::event::{Event, Refusal};
 use crate::readiness::{unready, waiting_clone};
 use crate::BoxError;
 
@@ -94,10 +96,15 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         if slots.limit() == 0 {
             drop(slots);
             unready(&mut self.inner);
+            refused(shared, Refusal::NoSlots);
             return ResponseFuture::failed(ConcurrencyError::NoSlots);
         }
         if slots.try_take(|| shared.clock.now()) {
             drop(slots);
+            shared.report(|layer| Event::SlotTaken {
+                layer,
+                waited: Duration::ZERO,
+            });
             #[cfg(feature = "redis")]
             if let Some(store) = &shared.store {
                 let store = store.clone();
@@ -111,11 +118,13 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             if slots.queue_len() >= max_queue {
                 drop(slots);
                 unready(&mut self.inner);
+                refused(shared, Refusal::QueueFull);
                 return ResponseFuture::failed(ConcurrencyError::QueueFull { max_queue });
             }
         }
         let ticket = slots.join();
         drop(slots);
+        shared.report(|layer| Event::SlotQueued { layer });
         let shared = shared.clone();
         let inner = waiting_clone(&mut self.inner);
         ResponseFuture::queued(inner, request, shared, ticket)
@@ -137,4 +146,10 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         let inner = waiting_clone(&mut self.inner);
         ResponseFuture::store_slot(inner, request, &self.shared, store)
     }
+}
+
+/// Reports a create returned unsent.
+#[cold]
+fn refused(shared: &PlanState, reason: Refusal) {
+    shared.report(|layer| Event::SlotRefused { layer, reason });
 }

@@ -29,8 +29,10 @@ use crate::queue::WaitQueue;
 pub(crate) enum ReleaseReason {
     /// The create failed: nothing was created.
     Failed,
-    /// The job was seen in a terminal state, or completed by the caller.
+    /// The job was seen in a terminal state.
     Finished,
+    /// The caller completed the job (a webhook).
+    Completed,
     /// A reconcile showed the job (or the unknown outcome) is not active.
     Reconciled,
     /// The hold outlived the maximum job life.
@@ -49,6 +51,33 @@ pub(crate) enum ReleaseReason {
     /// a reconcile in any process can account for) rather than by this process.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Store,
+}
+
+/// A change of the slots to report as an event.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    Freed(ReleaseReason),
+    Bound(Box<str>),
+}
+
+impl ReleaseReason {
+    /// What the event of this release says freed the slot.
+    pub(crate) fn freed(self) -> crate::event::Freed {
+        use crate::event::Freed;
+        match self {
+            Self::Failed => Freed::CreateFailed,
+            Self::Finished => Freed::Status,
+            Self::Completed => Freed::Completed,
+            Self::Reconciled => Freed::Reconciled,
+            Self::Expired => Freed::LeaseExpired,
+            Self::Duplicate => Freed::Duplicate,
+            Self::Answered => Freed::Answered,
+            Self::Abandoned => Freed::Abandoned,
+            Self::Unsent => Freed::NotSent,
+            Self::Elsewhere => Freed::OtherProcess,
+            Self::Store => Freed::HandedToStore,
+        }
+    }
 }
 
 /// A change of the held jobs that a shared store must hear of (recorded only when one mirrors
@@ -111,6 +140,8 @@ pub(crate) struct Slots {
     /// Whether changes of the held jobs are recorded in `effects`, for a shared store.
     mirror: bool,
     pub(crate) effects: Vec<Effect>,
+    /// Releases and bindings not yet reported as events (they are once the lock is let go).
+    pub(crate) pending: Vec<Pending>,
     /// Every release, in order (tests).
     #[cfg(test)]
     pub(crate) log: Vec<ReleaseReason>,
@@ -132,6 +163,7 @@ impl Slots {
             hasher: RandomState::new(),
             mirror: false,
             effects: Vec::new(),
+            pending: Vec::new(),
             #[cfg(test)]
             log: Vec::new(),
         }
@@ -230,6 +262,7 @@ impl Slots {
 
     fn released(&mut self, why: ReleaseReason) {
         tracing::trace!(?why, "job slot released");
+        self.pending.push(Pending::Freed(why));
         #[cfg(test)]
         self.log.push(why);
         self.wake_head();
@@ -278,7 +311,7 @@ impl Slots {
         }
         if !self.early.is_empty() && self.completed_early(id, now) {
             self.remember_finished(self.hasher.hash_one(id));
-            self.released(ReleaseReason::Finished);
+            self.released(ReleaseReason::Completed);
             return Bound::Completed;
         }
         self.jobs.insert(
@@ -288,6 +321,7 @@ impl Slots {
                 ours: true,
             },
         );
+        self.pending.push(Pending::Bound(id.into()));
         Bound::Held
     }
 

@@ -11,8 +11,9 @@ use tokio::sync::Notify;
 use super::plan::Plan;
 #[cfg(feature = "redis")]
 use super::slots::Effect;
-use super::slots::{ReleaseReason, Slots};
+use super::slots::{Pending, ReleaseReason, Slots};
 use crate::clock::{nanos, Clock};
+use crate::event::{Event, Events, Figures};
 use crate::lock::lock;
 use crate::route::RouteTable;
 #[cfg(feature = "redis")]
@@ -73,13 +74,15 @@ pub(crate) struct PlanState {
     /// The store the slots are shared through with other processes, if any.
     #[cfg(feature = "redis")]
     pub(crate) store: Option<StoreHandle>,
+    /// The layer's name, listener and counters (one scope).
+    pub(crate) events: Events,
 }
 
-/// The slots, locked. Changes of the held jobs go to the shared store, if any, when it is
-/// let go.
+/// The slots, locked. When it is let go, the changes of the held jobs go to the shared
+/// store, if any, and the releases and bindings made under it are reported as events.
 pub(crate) struct SlotsGuard<'a> {
-    slots: MutexGuard<'a, Slots>,
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// Always `Some` until dropped.
+    slots: Option<MutexGuard<'a, Slots>>,
     shared: &'a PlanState,
 }
 
@@ -88,31 +91,51 @@ impl Deref for SlotsGuard<'_> {
 
     #[inline]
     fn deref(&self) -> &Slots {
-        &self.slots
+        self.slots.as_deref().expect("held until dropped")
     }
 }
 
 impl DerefMut for SlotsGuard<'_> {
     #[inline]
     fn deref_mut(&mut self) -> &mut Slots {
-        &mut self.slots
+        self.slots.as_deref_mut().expect("held until dropped")
     }
 }
 
 impl Drop for SlotsGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        if !self.slots.effects.is_empty() {
-            self.send_effects();
+        if let Some(slots) = &self.slots {
+            if !slots.effects.is_empty() || !slots.pending.is_empty() {
+                self.report();
+            }
         }
     }
 }
 
 impl SlotsGuard<'_> {
+    /// Sends the changes to the store and reports the events, once the lock is let go.
     #[cold]
     #[inline(never)]
-    fn send_effects(&mut self) {
-        let effects = std::mem::take(&mut self.slots.effects);
+    fn report(&mut self) {
+        let Some(mut slots) = self.slots.take() else {
+            return;
+        };
+        let effects = std::mem::take(&mut slots.effects);
+        let pending = std::mem::take(&mut slots.pending);
+        let figures = plan_figures(&slots);
+        drop(slots);
+        let events = &self.shared.events;
+        for change in &pending {
+            match change {
+                Pending::Freed(why) => events.emit(0, |layer, _| Event::SlotFreed {
+                    layer,
+                    by: why.freed(),
+                }),
+                Pending::Bound(id) => events.emit(0, |layer, _| Event::JobBound { layer, id }),
+            }
+        }
+        events.gauges(0, || figures);
         #[cfg(feature = "redis")]
         if let Some(store) = &self.shared.store {
             let job_lease = self.shared.job_lease();
@@ -128,21 +151,31 @@ impl SlotsGuard<'_> {
     }
 }
 
+/// The gauges of a plan's slots.
+pub(crate) fn plan_figures(slots: &Slots) -> Figures {
+    Figures {
+        held: Some(slots.in_use()),
+        waiting: Some(slots.queue_len()),
+        limit: Some(slots.limit()),
+        ..Figures::default()
+    }
+}
+
 impl PlanState {
     /// The slots, locked.
     #[inline]
     pub(crate) fn slots(&self) -> SlotsGuard<'_> {
         SlotsGuard {
-            slots: lock(&self.slots),
+            slots: Some(lock(&self.slots)),
             shared: self,
         }
     }
 
-    /// The slots, locked, for a change of the creates in flight only (a release, an unknown
-    /// outcome), which the shared store never needs to hear of from here.
+    /// Reports an event of the plan, and its gauges.
     #[inline]
-    pub(crate) fn counts(&self) -> MutexGuard<'_, Slots> {
-        lock(&self.slots)
+    pub(crate) fn report<'s>(&'s self, make: impl FnOnce(&'s str) -> Event<'s>) {
+        self.events.emit(0, |layer, _| make(layer));
+        self.events.gauges(0, || plan_figures(&lock(&self.slots)));
     }
 
     pub(crate) fn end_job(&self, id: &str, why: ReleaseReason) -> bool {
@@ -178,12 +211,31 @@ pub(crate) struct SlotTicket {
     pub(crate) shared: Arc<PlanState>,
     pub(crate) id: u64,
     pub(crate) queued: bool,
+    /// When it joined the queue.
+    pub(crate) since: crate::clock::Nanos,
+}
+
+impl SlotTicket {
+    /// Leaves the queue, its maximum wait run out (the create is returned unsent).
+    pub(crate) fn time_out(&mut self) {
+        self.shared.slots().leave(self.id);
+        self.queued = false;
+        self.shared.report(|layer| Event::SlotRefused {
+            layer,
+            reason: crate::event::Refusal::WaitTooLong,
+        });
+    }
 }
 
 impl Drop for SlotTicket {
     fn drop(&mut self) {
         if self.queued {
             self.shared.slots().leave(self.id);
+            let waited = self.shared.clock.now().saturating_sub(self.since);
+            self.shared.report(|layer| Event::SlotGaveUp {
+                layer,
+                waited: std::time::Duration::from_nanos(waited),
+            });
         }
     }
 }

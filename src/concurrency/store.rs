@@ -2,6 +2,7 @@
 //! one across processes ([`StoreSlot`]), and each process lets go of the jobs another process
 //! gave back ([`listen`]).
 
+use crate::event::{Event, Refusal};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -66,13 +67,25 @@ impl<S, B> StoreSlot<S, B> {
         };
         match ready!(self.poll_store(&shared, cx)) {
             Ok(true) => Poll::Ready(Ok(())),
-            Ok(false) => Poll::Ready(Err(ConcurrencyError::wait_too_long(&shared).into())),
+            Ok(false) => {
+                shared.report(|layer| Event::SlotRefused {
+                    layer,
+                    reason: Refusal::WaitTooLong,
+                });
+                Poll::Ready(Err(ConcurrencyError::wait_too_long(&shared).into()))
+            }
             Err(error) if self.store.fail_mode() == FailMode::Open => {
                 tracing::debug!(%error, "the shared slot store failed: this create counts against this process's plan only");
                 self.slot.without_store();
                 Poll::Ready(Ok(()))
             }
-            Err(error) => Poll::Ready(Err(error.into())),
+            Err(error) => {
+                shared.report(|layer| Event::SlotRefused {
+                    layer,
+                    reason: Refusal::StoreUnavailable,
+                });
+                Poll::Ready(Err(error.into()))
+            }
         }
     }
 

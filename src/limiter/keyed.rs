@@ -103,6 +103,8 @@ pub(crate) struct KeyTable {
     /// No tracked client but the candidates drops below its quota before this time.
     forgettable_at: Nanos,
     random: u64,
+    /// Clients forgotten to make room, since the table was made.
+    forgotten: u64,
     /// Keys whose forgotten count was dropped from the shadow, and that count, in order
     /// (tests).
     #[cfg(test)]
@@ -122,6 +124,7 @@ impl KeyTable {
             candidates: VecDeque::new(),
             forgettable_at: 0,
             random: seed | 1,
+            forgotten: 0,
             #[cfg(test)]
             lost: Vec::new(),
             #[cfg(test)]
@@ -131,6 +134,11 @@ impl KeyTable {
 
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Clients forgotten to make room for newcomers, since the table was made.
+    pub(crate) fn forgotten(&self) -> u64 {
+        self.forgotten
     }
 
     /// Counts one request of client `key` at `now`, or refuses it.

@@ -16,6 +16,7 @@ use super::server::key::{
 use super::server::state::KeyedRoute;
 use crate::clock::Clock;
 use crate::error::ConfigError;
+use crate::event::{Event, EventConfig, LayerKind};
 use crate::quota::{Quota, Rate};
 use crate::route::{Pattern, RouteTable};
 #[cfg(feature = "redis")]
@@ -77,6 +78,7 @@ pub struct Builder<C = WaitConfig> {
     margin: Option<Duration>,
     /// Client mode: a learnt default quota for requests that match no route.
     learn_quota: bool,
+    events: EventConfig,
     config: C,
 }
 
@@ -88,6 +90,7 @@ impl RateLimitByRoute<Wait> {
             default: None,
             margin: None,
             learn_quota: false,
+            events: EventConfig::default(),
             config: WaitConfig {
                 max_wait: None,
                 max_queue: None,
@@ -106,6 +109,23 @@ impl RateLimitByRoute<Wait> {
 }
 
 impl<C> Builder<C> {
+    /// Names the layer (default `rate_limit`): the `layer` of its [`Event`]s and the
+    /// `layer` label of its metrics, to tell several limiters apart.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.events.name = Some(name.into().into());
+        self
+    }
+
+    /// Calls `listener` with each of the layer's [`Event`]s as it happens (see
+    /// [`event`](crate::event)). A second call replaces the first listener.
+    pub fn on_event<L>(mut self, listener: L) -> Self
+    where
+        L: Fn(&Event<'_>) + Send + Sync + 'static,
+    {
+        self.events.listener(listener);
+        self
+    }
+
     /// Gives the requests matching `pattern` their own quota.
     ///
     /// A pattern is a method (or `*` for any method), one space, and a path in which `{name}`
@@ -313,6 +333,7 @@ impl Builder<WaitConfig> {
             default: self.default,
             margin: self.margin,
             learn_quota: false,
+            events: self.events,
             config: RejectConfig {
                 key: ClientKey::Global,
                 // Client mode only: a server enforces the quotas it is given.
@@ -354,11 +375,15 @@ impl Builder<WaitConfig> {
                 // `compile` refused more routes than a `u16` counts.
                 ClientRoute::new(index as u16, name, learn, rate, learnt)
             })
-            .collect();
+            .collect::<Box<[ClientRoute]>>();
+        let events = self
+            .events
+            .build(LayerKind::Client, routes.iter().map(|r| r.name.clone()));
         Ok(RateLimitByRoute {
             mode: Wait(Arc::new(Arc::new(LayerState {
                 table,
                 routes,
+                events,
                 clock: Clock::new(),
                 config: self.config,
             }))),
@@ -508,6 +533,7 @@ impl<F> Builder<RejectConfig<F>> {
             default: self.default,
             margin: self.margin,
             learn_quota: false,
+            events: self.events,
             config: RejectConfig {
                 key: self.config.key,
                 key_error: self.config.key_error,
@@ -559,11 +585,15 @@ impl<F> Builder<RejectConfig<F>> {
         let routes = routes
             .into_iter()
             .map(|(name, rate, _)| KeyedRoute::new(name, rate, max_keys))
-            .collect();
+            .collect::<Box<[KeyedRoute]>>();
+        let events = self
+            .events
+            .build(LayerKind::Server, routes.iter().map(|r| r.name.clone()));
         Ok(RateLimitByRoute {
             mode: Reject(Arc::new(LayerState {
                 table,
                 routes,
+                events,
                 clock: Clock::new(),
                 config: self.config,
             })),

@@ -45,6 +45,14 @@ impl RateLimitError {
             max_wait,
         }
     }
+
+    /// The refusal it reports.
+    pub(crate) fn refusal(&self) -> crate::event::Refusal {
+        match self {
+            Self::WaitTooLong { .. } => crate::event::Refusal::WaitTooLong,
+            Self::QueueFull { .. } => crate::event::Refusal::QueueFull,
+        }
+    }
 }
 
 impl fmt::Display for RateLimitError {

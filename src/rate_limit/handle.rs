@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::client::state::lock;
 use crate::error::ConfigError;
+use crate::event::RouteCounters;
 use crate::limiter::NotYet;
 use crate::quota::{Quota, Rate};
 
@@ -48,6 +49,8 @@ pub struct RouteSnapshot {
     /// ([`Builder::learn_route`](super::Builder::learn_route)): the route whose state counts
     /// its requests (the figures above are then its own, no longer used).
     pub counted_in: Option<Arc<str>>,
+    /// What the route has done since the layer was built.
+    pub counters: RouteCounters,
 }
 
 /// A server-mode route's state at one moment.
@@ -60,6 +63,9 @@ pub struct KeyedRouteSnapshot {
     pub quota: Quota,
     /// Client keys tracked now.
     pub tracked_keys: usize,
+    /// What the route has done since the layer was built: requests admitted, refused by
+    /// reason, clients forgotten at a full table.
+    pub counters: RouteCounters,
 }
 
 fn find<R>(
@@ -84,7 +90,8 @@ impl RateLimitByRoute<Wait> {
         shared
             .routes
             .iter()
-            .map(|route| {
+            .enumerate()
+            .map(|(index, route)| {
                 let mut guard = lock(&route.state);
                 let state = &mut *guard;
                 let now = state.now(&shared.clock);
@@ -106,6 +113,7 @@ impl RateLimitByRoute<Wait> {
                     in_flight: state.limiter.in_flight(),
                     abandoned: state.limiter.abandoned(),
                     waiters: state.waiting(),
+                    counters: shared.events.scope(index).route_counters(),
                 }
             })
             .collect()
@@ -143,14 +151,16 @@ impl RateLimitByRoute<Wait> {
 impl<F> RateLimitByRoute<Reject<F>> {
     /// Each route's state now, in the order the routes were given, the default last.
     pub fn snapshot(&self) -> Vec<KeyedRouteSnapshot> {
-        self.mode
-            .0
+        let shared = &self.mode.0;
+        shared
             .routes
             .iter()
-            .map(|route| KeyedRouteSnapshot {
+            .enumerate()
+            .map(|(index, route)| KeyedRouteSnapshot {
                 route: route.name.clone(),
                 quota: route.quota(),
                 tracked_keys: route.tracked_keys(),
+                counters: shared.events.scope(index).route_counters(),
             })
             .collect()
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use crate::clock::Clock;
+use crate::event::Events;
 use crate::route::RouteTable;
 
 use super::client::state::ClientHandle;
@@ -26,6 +27,8 @@ pub(crate) struct LayerState<R, C> {
     pub(crate) table: RouteTable,
     pub(crate) routes: Box<[R]>,
     pub(crate) clock: Clock,
+    /// The layer's name, listener and counters, one scope per route.
+    pub(crate) events: Events,
     pub(crate) config: C,
 }
 

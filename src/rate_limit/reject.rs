@@ -46,6 +46,19 @@ pub enum RejectReason {
     NoPeerAddress,
 }
 
+impl RejectReason {
+    /// The refusal it reports.
+    pub(crate) fn refusal(self) -> crate::event::Refusal {
+        use crate::event::Refusal;
+        match self {
+            Self::Quota => Refusal::Quota,
+            Self::StoreUnavailable => Refusal::StoreUnavailable,
+            Self::MissingKey => Refusal::MissingKey,
+            Self::NoPeerAddress => Refusal::NoPeerAddress,
+        }
+    }
+}
+
 /// Builds the response server mode sends for a refused request. Status and rate-limit header
 /// fields are set on it afterwards.
 pub trait RejectResponse<B> {

@@ -320,7 +320,7 @@ fn a_job_completed_before_its_id_was_known_gives_its_slot_back_when_it_shows() {
     assert_eq!(slots.in_use(), 0);
     slots.seen_active("a", SEC);
     assert_eq!(slots.in_use(), 0, "a stale list does not take it back");
-    assert_eq!(slots.log, [ReleaseReason::Finished]);
+    assert_eq!(slots.log, [ReleaseReason::Completed]);
 
     // Remembered for the lease only.
     slots.try_take(|| SEC);

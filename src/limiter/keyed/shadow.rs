@@ -49,6 +49,7 @@ impl KeyTable {
         let Some((key, mut state)) = self.keys.swap_remove_index(index) else {
             return;
         };
+        self.forgotten += 1;
         if used == 0 {
             return;
         }

@@ -120,12 +120,14 @@ impl QueuedTurn {
             let now = clock.now();
             if let (Some(deadline), Some(max_wait)) = (self.deadline, self.max_wait) {
                 if now >= deadline {
-                    return Poll::Ready(Err(RateLimitError::wait_too_long(
+                    let error = RateLimitError::wait_too_long(
                         self.ticket.route_name().clone(),
                         self.ticket.since,
                         self.ticket.estimate().max(now),
                         max_wait,
-                    )));
+                    );
+                    self.ticket.time_out();
+                    return Poll::Ready(Err(error));
                 }
             }
             let wake = match (turn, self.deadline) {

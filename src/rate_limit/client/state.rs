@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use http::{Response, StatusCode};
 
 use crate::clock::{nanos, Clock, Nanos};
+use crate::event::{Event, Figures, Learnt, Refusal};
 use crate::headers;
 use crate::limiter::{Limiter, NotYet};
 use crate::queue::WaitQueue;
@@ -280,7 +281,16 @@ impl TurnTicket {
                 Ok(()) => {
                     state.waiters.pop_head();
                     state.wake_head();
+                    drop(guard);
                     self.queued = false;
+                    let waited = Duration::from_nanos(now.saturating_sub(self.since));
+                    let events = &self.shared.events;
+                    events.emit(self.route, |layer, route| Event::Admitted {
+                        layer,
+                        route,
+                        waited,
+                    });
+                    events.gauges(self.route, || figures(&self.shared, self.at));
                     return Turn::Admitted(Permit {
                         shared: self.shared.clone(),
                         route: self.route as u16,
@@ -317,6 +327,27 @@ impl TurnTicket {
         self.queued = false;
     }
 
+    /// Leaves the queue, its maximum wait run out (the request is returned unsent).
+    pub(crate) fn time_out(&mut self) {
+        self.leave();
+        self.left(|layer, route, _| Event::Refused {
+            layer,
+            route,
+            reason: Refusal::WaitTooLong,
+        });
+    }
+
+    /// Reports the ticket's leaving the queue.
+    #[cold]
+    fn left<'a>(&'a self, event: impl FnOnce(&'a str, &'a str, Duration) -> Event<'a>) {
+        let waited = self.shared.clock.now().saturating_sub(self.since);
+        let events = &self.shared.events;
+        events.emit(self.route, |layer, route| {
+            event(layer, route, Duration::from_nanos(waited))
+        });
+        events.gauges(self.route, || figures(&self.shared, self.at));
+    }
+
     /// A lower bound of when this ticket's turn comes.
     pub(crate) fn estimate(&self) -> Nanos {
         let route = &self.shared.routes[self.at];
@@ -332,6 +363,11 @@ impl Drop for TurnTicket {
     fn drop(&mut self) {
         if self.queued {
             self.leave();
+            self.left(|layer, route, waited| Event::GaveUp {
+                layer,
+                route,
+                waited,
+            });
         }
     }
 }
@@ -388,26 +424,57 @@ pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) ->
         (route, asked)
     };
     let mut state = lock(&at.state);
-    if let Some(permit) = Permit::try_acquire(handle, &mut state, route, holder) {
-        return Admission::Now(permit);
-    }
-    let name = || handle.routes[route].name.clone();
-    if let Some(max_queue) = state.queue_full(handle.config.max_queue) {
-        return Admission::Refused(RateLimitError::QueueFull {
-            route: name(),
-            max_queue,
-        });
-    }
-    let now = state.now(&handle.clock);
-    if let (true, Some(max_wait)) = (estimate_wait, handle.config.max_wait) {
-        let ahead = state.waiters.len() as u32;
-        let rate = state.rate;
-        let turn = state.limiter.estimate(&rate, now, ahead);
-        if turn.saturating_sub(now) > nanos(max_wait) {
-            return Admission::Refused(RateLimitError::wait_too_long(name(), now, turn, max_wait));
+    let admission = 'decide: {
+        if let Some(permit) = Permit::try_acquire(handle, &mut state, route, holder) {
+            break 'decide Admission::Now(permit);
         }
+        let name = || handle.routes[route].name.clone();
+        if let Some(max_queue) = state.queue_full(handle.config.max_queue) {
+            break 'decide Admission::Refused(RateLimitError::QueueFull {
+                route: name(),
+                max_queue,
+            });
+        }
+        let now = state.now(&handle.clock);
+        if let (true, Some(max_wait)) = (estimate_wait, handle.config.max_wait) {
+            let ahead = state.waiters.len() as u32;
+            let rate = state.rate;
+            let turn = state.limiter.estimate(&rate, now, ahead);
+            if turn.saturating_sub(now) > nanos(max_wait) {
+                let error = RateLimitError::wait_too_long(name(), now, turn, max_wait);
+                break 'decide Admission::Refused(error);
+            }
+        }
+        Admission::Queued(TurnTicket::join(handle, &mut state, route, holder, now))
+    };
+    drop(state);
+    let events = &handle.events;
+    match &admission {
+        Admission::Now(_) => events.emit(route, |layer, route| Event::Admitted {
+            layer,
+            route,
+            waited: Duration::ZERO,
+        }),
+        Admission::Queued(_) => events.emit(route, |layer, route| Event::Queued { layer, route }),
+        Admission::Refused(error) => events.emit(route, |layer, route| Event::Refused {
+            layer,
+            route,
+            reason: error.refusal(),
+        }),
     }
-    Admission::Queued(TurnTicket::join(handle, &mut state, route, holder, now))
+    events.gauges(route, || figures(handle, holder));
+    admission
+}
+
+/// The gauges of a route counted in `holder`'s state.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) fn figures(handle: &ClientShared, holder: usize) -> Figures {
+    let state = lock(&handle.routes[holder].state);
+    Figures {
+        held: Some(state.limiter.in_flight() as usize),
+        waiting: Some(state.waiting()),
+        ..Figures::default()
+    }
 }
 
 impl Permit {
@@ -465,10 +532,23 @@ impl Permit {
         let state = &mut *guard;
         let now = state.seen(answered);
         state.limiter.release(&state.rate, now);
+        let mut learnt = None;
         if route.learn.enabled && teaches(response) {
-            learn(&route.name, route.learn, state, response, now);
+            learnt = learn(&route.name, route.learn, state, response, now);
         }
         state.wake_head();
+        drop(guard);
+        self.report(learnt);
+    }
+
+    /// Reports what the answer taught the route, and its gauges.
+    #[inline]
+    fn report(&self, learnt: Option<Learnt>) {
+        let (route, events) = (usize::from(self.route), &self.shared.events);
+        if let Some(from) = learnt {
+            events.emit(route, |layer, route| Event::Learnt { layer, route, from });
+        }
+        events.gauges(route, || figures(&self.shared, usize::from(self.holder)));
     }
 
     /// The answer of a request on a learnt route: its place is given back where it was taken,
@@ -486,7 +566,7 @@ impl Permit {
             state.wake_head();
         }
         if !teaches(response) {
-            return;
+            return self.report(None);
         }
         let wall = SystemTime::now();
         let stated = headers::read(response.headers(), wall, route.learn.dialects);
@@ -515,7 +595,7 @@ impl Permit {
             elsewhere,
             tighten_only: shared_state,
         };
-        learn_stated(
+        let learnt = learn_stated(
             &route.name,
             route.learn,
             state,
@@ -527,6 +607,7 @@ impl Permit {
         );
         state.wake_head();
         drop(guard);
+        self.report(learnt);
         if target != before {
             // Every request still queued where the route counted before: those of this route
             // move over, the others look again and stay.
@@ -542,15 +623,27 @@ impl Permit {
         let mut guard = lock(&self.shared.routes[usize::from(self.holder)].state);
         let state = &mut *guard;
         let now = state.seen(dropped);
-        match self.stage {
-            Stage::Unsent => state.limiter.cancel(),
+        let abandoned = match self.stage {
+            Stage::Unsent => {
+                state.limiter.cancel();
+                false
+            }
             Stage::Sent => {
                 let hold = nanos(self.shared.config.abandoned_hold);
                 state.limiter.abandon(&state.rate, now, hold);
+                true
             }
             Stage::Settled => return,
-        }
+        };
         state.wake_head();
+        drop(guard);
+        if abandoned {
+            let route = usize::from(self.route);
+            self.shared
+                .events
+                .emit(route, |layer, route| Event::Abandoned { layer, route });
+        }
+        self.report(None);
     }
 }
 
@@ -576,7 +669,7 @@ fn learn<B>(
     state: &mut ClientState,
     response: &Response<B>,
     now: Nanos,
-) {
+) -> Option<Learnt> {
     let wall = SystemTime::now();
     let stated = headers::read(response.headers(), wall, learn.dialects);
     learn_stated(
@@ -588,7 +681,7 @@ fn learn<B>(
         Statement::default(),
         wall,
         now,
-    );
+    )
 }
 
 /// How a statement is learnt by the state that counts it.
@@ -600,7 +693,8 @@ struct Statement {
     tighten_only: bool,
 }
 
-/// Applies what a response states (`stated`, read at `wall`) to the state that counts it.
+/// Applies what a response states (`stated`, read at `wall`) to the state that counts it,
+/// and says what it learnt from: a refusal, or header fields that bound the limit.
 #[allow(clippy::too_many_arguments)]
 fn learn_stated<B>(
     route: &str,
@@ -611,12 +705,14 @@ fn learn_stated<B>(
     how: Statement,
     wall: SystemTime,
     now: Nanos,
-) {
+) -> Option<Learnt> {
     let cap = Learn::cap(&state.rate);
     let until = |wait: Duration| now.saturating_add(nanos(wait.min(cap)));
+    let mut learnt = None;
     if headers::refused_in(response.status(), response.headers(), learn.dialects) {
         let wait = learn.refusal_wait(route, response, wall);
         state.limiter.block_until(until(wait));
+        learnt = Some(Learnt::TooManyRequests);
     }
     for error in &stated.malformed {
         tracing::debug!(route, %error, "ignoring a malformed rate-limit header");
@@ -624,9 +720,11 @@ fn learn_stated<B>(
     // Nothing left of a limit of any unit (tokens too): no request goes until it resets.
     if let Some(reset) = stated.exhausted().and_then(|s| s.reset_after(wall)) {
         state.limiter.block_until(until(reset));
+        learnt = learnt.or(Some(Learnt::Headers));
     }
     if let Some(tightest) = stated.tightest_requests() {
         if let Some(reset) = tightest.reset_after(wall) {
+            learnt = learnt.or(Some(Learnt::Headers));
             let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
             // The bound follows one limit: with several stated, it is not carried past its
             // reset, which another limit may outlast.
@@ -648,4 +746,5 @@ fn learn_stated<B>(
             }
         }
     }
+    learnt
 }

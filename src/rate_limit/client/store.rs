@@ -14,8 +14,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::future::Waiting;
-use super::state::{admit, lock, ClientHandle, Learn};
+use super::state::{admit, figures, lock, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
+use crate::event::{Event, Refusal};
 use crate::quota::Rate;
 use crate::rate_limit::error::RateLimitError;
 use crate::store::{Decision, FailMode, StoreCall, StoreError, StoreHandle, StorePoll};
@@ -95,6 +96,7 @@ where
                     else {
                         unreachable!()
                     };
+                    turn.report(&outcome);
                     match outcome {
                         Outcome::Admitted(place) => state.set(StoreState::Readying {
                             place,
@@ -351,8 +353,38 @@ impl StoreTurn {
             return Err(RateLimitError::QueueFull { route, max_queue });
         }
         state.store_waiters += 1;
+        drop(state);
         self.queued = true;
+        let events = &self.handle.events;
+        events.emit(self.route, |layer, route| Event::Queued { layer, route });
+        events.gauges(self.route, || figures(&self.handle, self.route));
         Ok(())
+    }
+
+    /// Reports how the turn ended (a fall back to this process's limit reports itself).
+    fn report(&self, outcome: &Outcome) {
+        let events = &self.handle.events;
+        let waited = self.handle.clock.now().saturating_sub(self.since);
+        let reason = match outcome {
+            Outcome::Admitted(_) => {
+                events.emit(self.route, |layer, route| Event::Admitted {
+                    layer,
+                    route,
+                    waited: Duration::from_nanos(waited),
+                });
+                return events.gauges(self.route, || figures(&self.handle, self.route));
+            }
+            Outcome::Refused(error) => error.refusal(),
+            Outcome::Failed(_) if self.store.fail_mode() == FailMode::Closed => {
+                Refusal::StoreUnavailable
+            }
+            Outcome::Failed(_) => return,
+        };
+        events.emit(self.route, |layer, route| Event::Refused {
+            layer,
+            route,
+            reason,
+        });
     }
 
     fn leave_queue(&mut self) {
@@ -430,7 +462,18 @@ impl Drop for StoreTurn {
     /// failed) may still have one in the store: an acquire whose answer was never read, or
     /// came too late, took it. It is given back as never taken; nothing was sent.
     fn drop(&mut self) {
-        self.leave_queue();
+        if self.queued {
+            // Dropped by its caller while it waited.
+            self.leave_queue();
+            let waited = self.handle.clock.now().saturating_sub(self.since);
+            let events = &self.handle.events;
+            events.emit(self.route, |layer, route| Event::GaveUp {
+                layer,
+                route,
+                waited: Duration::from_nanos(waited),
+            });
+            events.gauges(self.route, || figures(&self.handle, self.route));
+        }
         if !self.member.is_empty() {
             self.store.cancel(&self.key, &self.member, &self.rate);
         }

@@ -14,7 +14,7 @@ use super::future::RejectFuture;
 use super::key::{Extracted, MissingKey, ANONYMOUS};
 use super::state::{KeyedRoute, Refused};
 use crate::rate_limit::builder::RejectConfig;
-use crate::rate_limit::layer::Reject;
+use crate::rate_limit::layer::{LayerState, Reject};
 use crate::rate_limit::reject::{rejection, RejectReason, RejectResponse};
 use crate::rate_limit::service::RateLimitByRouteService;
 use crate::route::request_path;
@@ -51,7 +51,7 @@ where
                 MissingKey::Shared => ANONYMOUS,
                 MissingKey::Pass => return RejectFuture::inner(self.inner.call(request), None),
                 MissingKey::Refuse => {
-                    return RejectFuture::rejected(refusal(config, route, RejectReason::MissingKey))
+                    return RejectFuture::rejected(refusal(shared, index, RejectReason::MissingKey))
                 }
             },
             Extracted::NoPeer => match config.on_missing {
@@ -60,13 +60,13 @@ where
                     return RejectFuture::inner(self.inner.call(request), None)
                 }
                 Some(MissingKey::Refuse) => {
-                    return RejectFuture::rejected(refusal(config, route, RejectReason::MissingKey))
+                    return RejectFuture::rejected(refusal(shared, index, RejectReason::MissingKey))
                 }
                 None => {
                     no_peer(config);
                     return RejectFuture::rejected(refusal(
-                        config,
-                        route,
+                        shared,
+                        index,
                         RejectReason::NoPeerAddress,
                     ));
                 }
@@ -76,7 +76,13 @@ where
         if config.store.is_some() {
             return self.call_store(request, index, key);
         }
-        match route.hit(key, shared.clock.now(), config.headers) {
+        match route.hit(
+            key,
+            shared.clock.now(),
+            config.headers,
+            &shared.events,
+            index,
+        ) {
             Ok(fields) => RejectFuture::inner(self.inner.call(request), fields),
             Err(refused) => RejectFuture::rejected(rejection(config, &route.name, refused)),
         }
@@ -137,14 +143,17 @@ fn no_peer<F>(config: &RejectConfig<F>) {
 /// The response for a request refused for another reason than its quota (no key, no peer
 /// address).
 fn refusal<B, F: RejectResponse<B>>(
-    config: &RejectConfig<F>,
-    route: &KeyedRoute,
+    shared: &LayerState<KeyedRoute, RejectConfig<F>>,
+    index: usize,
     reason: RejectReason,
 ) -> Response<B> {
+    let route = &shared.routes[index];
     let refused = Refused {
         wait: Duration::ZERO,
         quota: route.quota(),
         reason,
     };
-    rejection(config, &route.name, refused)
+    let verdict: Result<(), Refused> = Err(refused);
+    route.report(&verdict, &shared.events, index);
+    rejection(&shared.config, &route.name, refused)
 }

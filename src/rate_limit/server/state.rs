@@ -2,12 +2,14 @@
 //! that different clients rarely contend for one lock; see [`crate::limiter::keyed`] for what
 //! a flood of fresh keys can and cannot do), and what a refusal says.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderValue, Response};
 
 use crate::clock::Nanos;
+use crate::event::{Event, Events, Figures};
 use crate::headers;
 use crate::limiter::keyed::{KeyTable, Verdict};
 use crate::lock::lock;
@@ -22,6 +24,8 @@ pub(crate) const SHARDS: usize = 16;
 pub(crate) struct KeyedRoute {
     pub(crate) name: Arc<str>,
     shards: Box<[Mutex<Shard>]>,
+    /// Clients tracked in all the shards (the tables only grow, up to their size).
+    tracked: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -74,7 +78,11 @@ impl KeyedRoute {
                 })
             })
             .collect();
-        Self { name, shards }
+        Self {
+            name,
+            shards,
+            tracked: AtomicUsize::new(0),
+        }
     }
 
     fn shard(&self, key: u64) -> &Mutex<Shard> {
@@ -91,12 +99,15 @@ impl KeyedRoute {
     }
 
     /// Counts a request of client `key` at `now`; `with_fields`: also the rate-limit fields its
-    /// response gets.
+    /// response gets. Reports the verdict, and a client forgotten to make room, as events of
+    /// route `index`.
     pub(crate) fn hit(
         &self,
         key: u64,
         now: Nanos,
         with_fields: bool,
+        events: &Events,
+        index: usize,
     ) -> Result<Option<RateLimitFields>, Refused> {
         let mut shard = lock(self.shard(key));
         let Shard {
@@ -104,15 +115,13 @@ impl KeyedRoute {
             policy,
             clients,
         } = &mut *shard;
-        match clients.hit(key, rate, now) {
+        let (len, forgotten) = (clients.len(), clients.forgotten());
+        let verdict = clients.hit(key, rate, now);
+        let (grew, forgot) = (clients.len() > len, clients.forgotten() != forgotten);
+        let result = match verdict {
             Verdict::Pass { remaining, reset } if with_fields => {
-                let policy = policy.clone();
-                drop(shard);
                 let reset = Duration::from_nanos(reset.saturating_sub(now));
-                Ok(Some(RateLimitFields {
-                    policy,
-                    ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
-                }))
+                Ok(Some((policy.clone(), remaining, reset)))
             }
             Verdict::Pass { .. } => Ok(None),
             Verdict::Refuse { until } => Err(Refused {
@@ -120,7 +129,52 @@ impl KeyedRoute {
                 quota: rate.quota,
                 reason: RejectReason::Quota,
             }),
+        };
+        drop(shard);
+        if grew | forgot {
+            self.changed(grew, forgot, events, index);
         }
+        self.report(&result, events, index);
+        result.map(|fields| {
+            fields.map(|(policy, remaining, reset)| RateLimitFields {
+                policy,
+                ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
+            })
+        })
+    }
+
+    /// Reports the verdict of a request of route `index`.
+    #[inline]
+    pub(crate) fn report<T>(&self, verdict: &Result<T, Refused>, events: &Events, index: usize) {
+        match verdict {
+            Ok(_) => events.emit(index, |layer, route| Event::Admitted {
+                layer,
+                route,
+                waited: Duration::ZERO,
+            }),
+            Err(refused) => events.emit(index, |layer, route| Event::Refused {
+                layer,
+                route,
+                reason: refused.reason.refusal(),
+            }),
+        }
+    }
+
+    /// The table tracks one more client, or forgot one for a newcomer.
+    #[cold]
+    fn changed(&self, grew: bool, forgot: bool, events: &Events, index: usize) {
+        let tracked = if grew {
+            self.tracked.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.tracked.load(Ordering::Relaxed)
+        };
+        if forgot {
+            events.emit(index, |layer, route| Event::KeyForgotten { layer, route });
+        }
+        events.gauges(index, || Figures {
+            tracked: Some(tracked),
+            ..Figures::default()
+        });
     }
 
     /// The fields of a response admitted with `remaining` left, all counted gone after
@@ -134,7 +188,7 @@ impl KeyedRoute {
     }
 
     pub(crate) fn tracked_keys(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).clients.len()).sum()
+        self.tracked.load(Ordering::Relaxed)
     }
 
     /// Replaces the quota, keeping what each client has counted.

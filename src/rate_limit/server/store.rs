@@ -127,7 +127,7 @@ where
             quota: route.quota(),
             reason,
         };
-        match decision {
+        let verdict = match decision {
             Ok(Decision::Counted { remaining, reset }) if config.headers => {
                 Ok(Some(route.fields(remaining, reset)))
             }
@@ -147,9 +147,14 @@ where
                 }
                 _ => {
                     tracing::debug!(%error, "the shared quota store failed: counting against this server's own quota");
-                    route.hit(self.local_key, shared.clock.now(), config.headers)
+                    let now = shared.clock.now();
+                    let events = &shared.events;
+                    // Reports its own verdict.
+                    return route.hit(self.local_key, now, config.headers, events, self.route);
                 }
             },
-        }
+        };
+        route.report(&verdict, &shared.events, self.route);
+        verdict
     }
 }

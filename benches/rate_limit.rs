@@ -64,14 +64,16 @@ fn huge(paced: bool) -> Quota {
     }
 }
 
-fn client_layer(paced: bool) -> RateLimitByRoute {
+fn client_builder(paced: bool) -> tower_quota::rate_limit::Builder {
     RateLimitByRoute::builder()
         .route("POST /v2/generate", huge(paced))
         .route("GET /v2/generate/{id}", huge(paced))
         .route("GET /v2/generations", huge(paced))
         .default_quota(huge(paced))
-        .build()
-        .unwrap()
+}
+
+fn client_layer(paced: bool) -> RateLimitByRoute {
+    client_builder(paced).build().unwrap()
 }
 
 fn governor_keyed<K: std::hash::Hash + Eq + Clone>() -> DefaultKeyedRateLimiter<K> {
@@ -103,7 +105,20 @@ pub(crate) fn client_rows() -> Vec<Row> {
             client_layer(true).layer(inner()),
             request,
         ),
+        sent(
+            "RateLimitByRoute (sliding window), an event listener",
+            client_builder(false)
+                .on_event(|event| {
+                    black_box(event);
+                })
+                .build()
+                .unwrap()
+                .layer(inner()),
+            request,
+        ),
     ];
+    #[cfg(feature = "metrics")]
+    rows.extend(metrics_rows());
     let mut svc = RateLimit::new(
         inner(),
         tower::limit::rate::Rate::new(u64::MAX, Duration::from_secs(1)),
@@ -139,6 +154,34 @@ pub(crate) fn client_rows() -> Vec<Row> {
 }
 
 /// governor's keyed check of a request's route, then the request sent.
+/// With feature `metrics` (built in, so the plain row records into the process's recorder:
+/// none here, each record a no-op): the same layer recording no metrics, and recording into
+/// a Prometheus recorder (its handles registered at the first request).
+#[cfg(feature = "metrics")]
+fn metrics_rows() -> Vec<Row> {
+    let off = client_builder(false).metrics(false).build().unwrap();
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let mut svc = client_layer(false).layer(inner());
+    metrics::with_local_recorder(&recorder, || {
+        black_box(svc.call(request()).now_or_never());
+    });
+    let send = move || {
+        let _recorder = &recorder;
+        black_box(svc.call(black_box(request())).now_or_never());
+    };
+    vec![
+        sent(
+            "RateLimitByRoute (sliding window), metrics off",
+            off.layer(inner()),
+            request,
+        ),
+        (
+            "RateLimitByRoute (sliding window), metrics into Prometheus",
+            Box::new(send),
+        ),
+    ]
+}
+
 fn governor_sent(
     router: &matchit::Router<usize>,
     limiter: &DefaultKeyedRateLimiter<usize>,

@@ -530,10 +530,23 @@ pub(crate) enum LayerKind {
 pub(crate) type Listener = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
 
 /// A layer's name and listener, as its builder holds them.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct EventConfig {
     pub(crate) name: Option<Arc<str>>,
     pub(crate) listener: Option<Listener>,
+    /// Whether the layer records metrics (feature `metrics`).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) metrics: bool,
+}
+
+impl Default for EventConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            listener: None,
+            metrics: true,
+        }
+    }
 }
 
 impl fmt::Debug for EventConfig {
@@ -571,7 +584,7 @@ impl EventConfig {
         Events {
             scopes: scopes
                 .into_iter()
-                .map(|label| Scope::new(&name, label, kind))
+                .map(|label| Scope::new(&name, label, kind, self.metrics))
                 .collect(),
             name,
             listener: self.listener.clone(),
@@ -617,7 +630,7 @@ pub(crate) struct Scope {
     label: Arc<str>,
     counts: [AtomicU64; SLOTS],
     #[cfg(feature = "metrics")]
-    metrics: crate::metrics::Metrics,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl fmt::Debug for Scope {
@@ -630,10 +643,11 @@ impl fmt::Debug for Scope {
 
 impl Scope {
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    fn new(layer: &Arc<str>, label: Arc<str>, kind: LayerKind) -> Self {
+    fn new(layer: &Arc<str>, label: Arc<str>, kind: LayerKind, metrics: bool) -> Self {
         Self {
             #[cfg(feature = "metrics")]
-            metrics: crate::metrics::Metrics::new(layer.clone(), label.clone(), kind),
+            metrics: metrics
+                .then(|| crate::metrics::Metrics::new(layer.clone(), label.clone(), kind)),
             label,
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
         }
@@ -797,7 +811,9 @@ impl Events {
         let event = make(&self.name, &at.label);
         at.count(&event);
         #[cfg(feature = "metrics")]
-        at.metrics.record(&event);
+        if let Some(metrics) = &at.metrics {
+            metrics.record(&event);
+        }
         if let Some(listener) = &self.listener {
             listener(&event);
         }
@@ -807,7 +823,28 @@ impl Events {
     #[inline]
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     pub(crate) fn gauges(&self, scope: usize, figures: impl FnOnce() -> Figures) {
+        self.show(scope, self.read(scope, figures));
+    }
+
+    /// The scope's figures, read by `read` only when its metrics are recorded: under the
+    /// lock the caller holds, to be shown once it is let go.
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn read(&self, scope: usize, read: impl FnOnce() -> Figures) -> Option<Figures> {
         #[cfg(feature = "metrics")]
-        self.scopes[scope].metrics.gauges(figures());
+        if self.scopes[scope].metrics.is_some() {
+            return Some(read());
+        }
+        None
+    }
+
+    /// Sets the scope's gauges to figures read before.
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn show(&self, scope: usize, figures: Option<Figures>) {
+        #[cfg(feature = "metrics")]
+        if let (Some(metrics), Some(figures)) = (&self.scopes[scope].metrics, figures) {
+            metrics.gauges(figures);
+        }
     }
 }

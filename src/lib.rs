@@ -36,6 +36,13 @@
 //!
 //! All timing runs on [`tokio::time`], so every behaviour can be tested on a paused clock.
 //!
+//! # Events, counters and metrics
+//!
+//! Every snapshot carries cumulative counters, each builder takes a `name` and an `on_event`
+//! listener of typed [`event::Event`]s (see [`event`]), and with the feature `metrics` every
+//! layer records its counters, gauges and histograms through the
+//! [`metrics`](https://docs.rs/metrics) facade; the README lists the metrics and their labels.
+//!
 //! # Logging
 //!
 //! The crate logs through [`tracing`], with one level policy: what a server sends that cannot
@@ -116,7 +123,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
     feature = "redis",
     feature = "serde",
     feature = "reqwest-middleware",
-    feature = "sync-webhook"
+    feature = "sync-webhook",
+    feature = "metrics"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

@@ -388,7 +388,7 @@ async fn backoff_scenario(seen: &Seen) -> (Backoff429, Backoff429) {
         .unwrap();
     let svc = ServiceBuilder::new()
         .layer(retries.clone())
-        .service(refusing.clone());
+        .service(refusing);
     let request = || Request::get("/a").body(String::new()).unwrap();
     let response = svc.oneshot(request()).await.unwrap();
     assert_eq!(response.status(), 429);
@@ -432,6 +432,102 @@ async fn backoff_counts_retries_their_waits_and_refusals_not_retried() {
             .count(),
         1
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_counts_each_kind_of_retry_and_each_reason_not_to() {
+    let seen = Seen::default();
+    let calls = Arc::new(Mutex::new(0u32));
+    let api = service_fn(move |req: Request<String>| {
+        let calls = calls.clone();
+        async move {
+            let mut response = Response::new(String::new());
+            let (status, retry_after) = match req.uri().path() {
+                // A 503, then an answer.
+                "/transient" => {
+                    let mut calls = calls.lock().unwrap();
+                    *calls += 1;
+                    (if *calls == 1 { 503 } else { 200 }, None)
+                }
+                "/long" => (429, Some("100")),
+                _ => (429, Some("5")),
+            };
+            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            if let Some(after) = retry_after {
+                response
+                    .headers_mut()
+                    .insert("retry-after", after.parse().unwrap());
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let backoff = Backoff429::builder()
+        .name("kinds")
+        .retry_transient()
+        .base_delay(Duration::from_secs(1))
+        .max_delay(Duration::from_secs(10))
+        .deadline(Duration::from_secs(2))
+        .jitter(tower_quota::backoff::Jitter::None)
+        .on_event(seen.listener())
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new().layer(backoff.clone()).service(api);
+    for (path, status) in [("/transient", 200), ("/long", 429), ("/deadline", 429)] {
+        let request = Request::get(path).body(String::new()).unwrap();
+        let response = svc.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+    }
+    let c = backoff.counters();
+    assert_eq!(c.retries_transient, 1, "{c:?}");
+    assert_eq!(
+        c.server_asks_too_long, 1,
+        "Retry-After: 100, past the 10 s maximum"
+    );
+    assert_eq!(c.past_deadline, 1, "Retry-After: 5, past the 2 s deadline");
+    assert_eq!(
+        c.retries_rate + c.retries_concurrency + c.no_retries_left,
+        0
+    );
+    assert_eq!(
+        seen.count("Retry { layer: \"kinds\", attempt: 2, kind: Transient"),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_mode_and_a_plan_without_jobs_are_counted_too() {
+    let seen = Seen::default();
+    let plan = ConcurrencyLimitByPlan::custom(1)
+        .job_route("POST /jobs")
+        .in_flight()
+        .on_event(seen.listener())
+        .build()
+        .unwrap();
+    plan.set_plan(Plan::Enterprise(0)).unwrap_err();
+    // In-flight mode: the slot is the request's, given back with its answer.
+    let api = service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(body("{}")))
+    });
+    let svc = ServiceBuilder::new().layer(plan.clone()).service(api);
+    let response = svc
+        .oneshot(Request::post("/jobs").body(body("")).unwrap())
+        .await
+        .unwrap();
+    response.into_body().collect().await.unwrap();
+    let c = plan.snapshot().counters;
+    assert_eq!((c.taken, c.freed.answered), (1, 1), "{c:?}");
+    assert_eq!(seen.count("SlotFreed { layer: \"plan\", by: Answered }"), 1);
+
+    // A plan allowing no job fails each create at once.
+    let none = ConcurrencyLimitByPlan::new(Plan::Enterprise(0));
+    let api = service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(body("{}")))
+    });
+    let svc = ServiceBuilder::new().layer(none.clone()).service(api);
+    let create = Request::post("/v2/generate").body(body("")).unwrap();
+    svc.oneshot(create).await.unwrap_err();
+    let c = none.snapshot().counters;
+    assert_eq!((c.refused.no_slots, c.taken), (1, 0), "{c:?}");
 }
 
 #[cfg(feature = "metrics")]

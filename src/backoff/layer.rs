@@ -224,6 +224,16 @@ impl<M> Backoff429<M> {
         })
     }
 
+    /// Whether the layer records its metrics through the `metrics` facade (default: yes,
+    /// with feature `metrics`). Its events and counters are kept either way.
+    #[cfg(feature = "metrics")]
+    pub fn metrics(self, enabled: bool) -> Self {
+        self.with(|c| {
+            c.event_config.metrics = enabled;
+            c.events = Arc::new(c.event_config.build(LayerKind::Backoff, ["backoff".into()]));
+        })
+    }
+
     /// Calls `listener` with each of the layer's [`Event`]s as it happens (see
     /// [`event`](crate::event)): [`Event::Retry`] and [`Event::NoRetry`]. A second call
     /// replaces the first listener.

@@ -96,6 +96,14 @@ impl Builder {
         self
     }
 
+    /// Whether the layer records its metrics through the `metrics` facade (default: yes,
+    /// with feature `metrics`). Its events and counters are kept either way.
+    #[cfg(feature = "metrics")]
+    pub fn metrics(mut self, enabled: bool) -> Self {
+        self.events.metrics = enabled;
+        self
+    }
+
     /// Calls `listener` with each of the layer's [`Event`]s as it happens (see
     /// [`event`](crate::event)). A second call replaces the first listener.
     pub fn on_event<L>(mut self, listener: L) -> Self

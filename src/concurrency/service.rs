@@ -12,7 +12,7 @@ use super::body::PlanBody;
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
 use super::hold::{idempotency_key, HoldGuard};
-use super::state::{PlanState, RouteKind};
+use super::state::{plan_figures, PlanState, RouteKind};
 use crate::event::{Event, Refusal};
 use crate::readiness::{unready, waiting_clone};
 use crate::BoxError;
@@ -100,11 +100,10 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             return ResponseFuture::failed(ConcurrencyError::NoSlots);
         }
         if slots.try_take(|| shared.clock.now()) {
+            let figures = shared.events.read(0, || plan_figures(&slots));
             drop(slots);
-            shared.report(|layer| Event::SlotTaken {
-                layer,
-                waited: Duration::ZERO,
-            });
+            let waited = Duration::ZERO;
+            shared.report_with(|layer| Event::SlotTaken { layer, waited }, figures);
             #[cfg(feature = "redis")]
             if let Some(store) = &shared.store {
                 let store = store.clone();
@@ -123,8 +122,9 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             }
         }
         let ticket = slots.join();
+        let figures = shared.events.read(0, || plan_figures(&slots));
         drop(slots);
-        shared.report(|layer| Event::SlotQueued { layer });
+        shared.report_with(|layer| Event::SlotQueued { layer }, figures);
         let shared = shared.clone();
         let inner = waiting_clone(&mut self.inner);
         ResponseFuture::queued(inner, request, shared, ticket)

@@ -123,7 +123,7 @@ impl SlotsGuard<'_> {
         };
         let effects = std::mem::take(&mut slots.effects);
         let pending = std::mem::take(&mut slots.pending);
-        let figures = plan_figures(&slots);
+        let figures = self.shared.events.read(0, || plan_figures(&slots));
         drop(slots);
         let events = &self.shared.events;
         for change in &pending {
@@ -135,7 +135,7 @@ impl SlotsGuard<'_> {
                 Pending::Bound(id) => events.emit(0, |layer, _| Event::JobBound { layer, id }),
             }
         }
-        events.gauges(0, || figures);
+        events.show(0, figures);
         #[cfg(feature = "redis")]
         if let Some(store) = &self.shared.store {
             let job_lease = self.shared.job_lease();
@@ -171,11 +171,22 @@ impl PlanState {
         }
     }
 
-    /// Reports an event of the plan, and its gauges.
+    /// Reports an event of the plan, and its gauges (read again).
     #[inline]
     pub(crate) fn report<'s>(&'s self, make: impl FnOnce(&'s str) -> Event<'s>) {
+        let figures = self.events.read(0, || plan_figures(&lock(&self.slots)));
+        self.report_with(make, figures);
+    }
+
+    /// Reports an event of the plan, and its gauges as read under the lock just let go.
+    #[inline]
+    pub(crate) fn report_with<'s>(
+        &'s self,
+        make: impl FnOnce(&'s str) -> Event<'s>,
+        figures: Option<Figures>,
+    ) {
         self.events.emit(0, |layer, _| make(layer));
-        self.events.gauges(0, || plan_figures(&lock(&self.slots)));
+        self.events.show(0, figures);
     }
 
     pub(crate) fn end_job(&self, id: &str, why: ReleaseReason) -> bool {

@@ -12,3 +12,4 @@ mod e2e;
 mod hostile;
 mod integration;
 mod plan_slots_store;
+mod prometheus;

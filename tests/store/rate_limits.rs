@@ -359,6 +359,14 @@ async fn a_full_queue_of_requests_waiting_for_the_store_returns_the_request_at_o
     assert!(asked.elapsed() < Duration::from_millis(500));
     assert_eq!(waiting.await.unwrap().unwrap(), StatusCode::OK);
     assert_eq!(limits.snapshot()[0].waiters, 0);
+    // Counted as through the local queue.
+    let counters = limits.snapshot()[0].counters;
+    assert_eq!(
+        (counters.admitted, counters.waited, counters.queued),
+        (2, 1, 1),
+        "{counters:?}"
+    );
+    assert_eq!(counters.refused.queue_full, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -737,7 +745,9 @@ async fn redis_down_and_back_failing_closed() {
     let api = logging_api(arrivals.clone()).await;
     let quota = Quota::new(5, Duration::from_secs(10));
     let limits = client_layer(&redis.url(), "closed", quota, FailMode::Closed);
-    let service = ServiceBuilder::new().layer(limits).service(http_client());
+    let service = ServiceBuilder::new()
+        .layer(limits.clone())
+        .service(http_client());
 
     assert_eq!(send(&service, api).await.unwrap(), StatusCode::OK);
 
@@ -749,6 +759,9 @@ async fn redis_down_and_back_failing_closed() {
             "a typed store error, got {error}"
         );
     }
+    let counters = limits.snapshot()[0].counters;
+    assert_eq!(counters.refused.store_unavailable, 3, "{counters:?}");
+    assert_eq!(counters.admitted, 1);
     assert_eq!(
         arrivals.sorted().len(),
         1,

@@ -183,6 +183,15 @@ impl ClientState {
     }
 
     /// Requests of this process waiting for their turn, here or in a shared store.
+    /// The gauges it shows.
+    pub(crate) fn figures(&self) -> Figures {
+        Figures {
+            held: Some(self.limiter.in_flight() as usize),
+            waiting: Some(self.waiting()),
+            ..Figures::default()
+        }
+    }
+
     pub(crate) fn waiting(&self) -> usize {
         self.waiters.len() + self.store_waiters
     }
@@ -281,16 +290,17 @@ impl TurnTicket {
                 Ok(()) => {
                     state.waiters.pop_head();
                     state.wake_head();
+                    let events = &self.shared.events;
+                    let figures = events.read(self.route, || state.figures());
                     drop(guard);
                     self.queued = false;
                     let waited = Duration::from_nanos(now.saturating_sub(self.since));
-                    let events = &self.shared.events;
                     events.emit(self.route, |layer, route| Event::Admitted {
                         layer,
                         route,
                         waited,
                     });
-                    events.gauges(self.route, || figures(&self.shared, self.at));
+                    events.show(self.route, figures);
                     return Turn::Admitted(Permit {
                         shared: self.shared.clone(),
                         route: self.route as u16,
@@ -447,8 +457,9 @@ pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) ->
         }
         Admission::Queued(TurnTicket::join(handle, &mut state, route, holder, now))
     };
-    drop(state);
     let events = &handle.events;
+    let figures = events.read(route, || state.figures());
+    drop(state);
     match &admission {
         Admission::Now(_) => events.emit(route, |layer, route| Event::Admitted {
             layer,
@@ -462,19 +473,13 @@ pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) ->
             reason: error.refusal(),
         }),
     }
-    events.gauges(route, || figures(handle, holder));
+    events.show(route, figures);
     admission
 }
 
 /// The gauges of a route counted in `holder`'s state.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 pub(crate) fn figures(handle: &ClientShared, holder: usize) -> Figures {
-    let state = lock(&handle.routes[holder].state);
-    Figures {
-        held: Some(state.limiter.in_flight() as usize),
-        waiting: Some(state.waiting()),
-        ..Figures::default()
-    }
+    lock(&handle.routes[holder].state).figures()
 }
 
 impl Permit {
@@ -537,18 +542,30 @@ impl Permit {
             learnt = learn(&route.name, route.learn, state, response, now);
         }
         state.wake_head();
+        let figures = self
+            .shared
+            .events
+            .read(usize::from(self.route), || state.figures());
         drop(guard);
-        self.report(learnt);
+        self.report(learnt, figures);
     }
 
-    /// Reports what the answer taught the route, and its gauges.
+    /// Reports what the answer taught the route, and its gauges (`figures`, read under the
+    /// lock of its state).
     #[inline]
-    fn report(&self, learnt: Option<Learnt>) {
+    fn report(&self, learnt: Option<Learnt>, figures: Option<Figures>) {
         let (route, events) = (usize::from(self.route), &self.shared.events);
         if let Some(from) = learnt {
             events.emit(route, |layer, route| Event::Learnt { layer, route, from });
         }
-        events.gauges(route, || figures(&self.shared, usize::from(self.holder)));
+        events.show(route, figures);
+    }
+
+    /// The gauges of its route, read under the lock of the state it counts in.
+    fn figures(&self) -> Option<Figures> {
+        let holder = usize::from(self.holder);
+        let events = &self.shared.events;
+        events.read(usize::from(self.route), || figures(&self.shared, holder))
     }
 
     /// The answer of a request on a learnt route: its place is given back where it was taken,
@@ -566,7 +583,7 @@ impl Permit {
             state.wake_head();
         }
         if !teaches(response) {
-            return self.report(None);
+            return self.report(None, self.figures());
         }
         let wall = SystemTime::now();
         let stated = headers::read(response.headers(), wall, route.learn.dialects);
@@ -606,8 +623,9 @@ impl Permit {
             now,
         );
         state.wake_head();
+        let figures = shared.events.read(index, || state.figures());
         drop(guard);
-        self.report(learnt);
+        self.report(learnt, figures);
         if target != before {
             // Every request still queued where the route counted before: those of this route
             // move over, the others look again and stay.
@@ -636,14 +654,14 @@ impl Permit {
             Stage::Settled => return,
         };
         state.wake_head();
+        let route = usize::from(self.route);
+        let figures = self.shared.events.read(route, || state.figures());
         drop(guard);
         if abandoned {
-            let route = usize::from(self.route);
-            self.shared
-                .events
-                .emit(route, |layer, route| Event::Abandoned { layer, route });
+            let events = &self.shared.events;
+            events.emit(route, |layer, route| Event::Abandoned { layer, route });
         }
-        self.report(None);
+        self.report(None, figures);
     }
 }
 

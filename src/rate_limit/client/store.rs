@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use tower_service::Service;
 use super::future::Waiting;
 use super::state::{admit, figures, lock, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
-use crate::event::{Event, Refusal};
+use crate::event::{Event, Learnt, Refusal};
 use crate::quota::Rate;
 use crate::rate_limit::error::RateLimitError;
 use crate::store::{Decision, FailMode, StoreCall, StoreError, StoreHandle, StorePoll};
@@ -178,8 +177,9 @@ where
 #[derive(Debug)]
 pub(crate) struct StorePlace {
     store: StoreHandle,
-    /// The route's name, for what is logged.
-    route: Arc<str>,
+    /// The layer's state and the request's route, for what is logged and reported.
+    handle: ClientHandle,
+    route: usize,
     /// The route's key in the store.
     key: String,
     member: String,
@@ -211,9 +211,11 @@ impl StorePlace {
         self.released = true;
         let call = match response {
             Some(response) => self.release_call(response),
-            None => self
-                .store
-                .abandon_call(&self.key, &self.member, &self.rate, self.hold),
+            None => {
+                self.abandoned();
+                self.store
+                    .abandon_call(&self.key, &self.member, &self.rate, self.hold)
+            }
         };
         StoreRelease {
             call: Some(call),
@@ -230,14 +232,31 @@ impl StorePlace {
                 self.learn.dialects,
             )
         {
+            let name = &self.handle.routes[self.route].name;
             let wait = self
                 .learn
-                .refusal_wait(&self.route, response, std::time::SystemTime::now());
+                .refusal_wait(name, response, std::time::SystemTime::now());
             // Closes the route for every process sharing the store.
             block = wait.min(Learn::cap(&self.rate));
+            self.handle
+                .events
+                .emit(self.route, |layer, route| Event::Learnt {
+                    layer,
+                    route,
+                    from: Learnt::TooManyRequests,
+                });
         }
         self.store
             .release_call(&self.key, &self.member, &self.rate, block)
+    }
+}
+
+impl StorePlace {
+    /// Reports the request given up on after its send.
+    #[cold]
+    fn abandoned(&self) {
+        let events = &self.handle.events;
+        events.emit(self.route, |layer, route| Event::Abandoned { layer, route });
     }
 }
 
@@ -276,6 +295,7 @@ impl Drop for StorePlace {
             return;
         }
         if self.sent {
+            self.abandoned();
             self.store
                 .abandon(&self.key, &self.member, &self.rate, self.hold);
         } else {
@@ -298,6 +318,9 @@ pub(crate) struct StoreTurn {
     poll: StorePoll,
     /// Counted among the route's waiters (once the store has said it must wait).
     queued: bool,
+    /// Whether the store ever said it must wait (a place given at the first ask did not
+    /// wait for its turn, whatever the round trip took).
+    waited: bool,
     /// The span of its wait (`rate_limit_wait`, at `debug`, `store` set), entered while it
     /// asks.
     span: tracing::Span,
@@ -338,6 +361,7 @@ impl StoreTurn {
             since,
             poll,
             queued: false,
+            waited: false,
         }
     }
 
@@ -355,6 +379,7 @@ impl StoreTurn {
         state.store_waiters += 1;
         drop(state);
         self.queued = true;
+        self.waited = true;
         let events = &self.handle.events;
         events.emit(self.route, |layer, route| Event::Queued { layer, route });
         events.gauges(self.route, || figures(&self.handle, self.route));
@@ -364,7 +389,10 @@ impl StoreTurn {
     /// Reports how the turn ended (a fall back to this process's limit reports itself).
     fn report(&self, outcome: &Outcome) {
         let events = &self.handle.events;
-        let waited = self.handle.clock.now().saturating_sub(self.since);
+        let waited = match self.waited {
+            true => self.handle.clock.now().saturating_sub(self.since),
+            false => 0,
+        };
         let reason = match outcome {
             Outcome::Admitted(_) => {
                 events.emit(self.route, |layer, route| Event::Admitted {
@@ -411,7 +439,8 @@ impl StoreTurn {
                         self.leave_queue();
                         return Poll::Ready(Outcome::Admitted(StorePlace {
                             store: self.store.clone(),
-                            route: self.handle.routes[self.route].name.clone(),
+                            handle: self.handle.clone(),
+                            route: self.route,
                             key: std::mem::take(&mut self.key),
                             member: std::mem::take(&mut self.member),
                             rate: self.rate,

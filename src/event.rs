@@ -31,8 +31,10 @@
 //! ```
 //!
 //! A listener runs on the task that caused the event, after the layer has let go of its
-//! locks (so it may look at the layer's snapshot), and should be quick: it is called on every
-//! request's path. With no listener, an event costs one branch. The counters of
+//! locks (so it may look at the layer's snapshot, or change a quota), and should be quick: it
+//! is called on every request's path. A listener that panics does no harm to the layer: the
+//! panic is caught (and logged, at `error` the first time), since many events are reported while a request
+//! gives back what it held. With no listener, an event costs one branch. The counters of
 //! [`RouteCounters`], [`SlotCounters`] and [`BackoffCounters`] are kept whether or not
 //! anybody listens; with the `metrics` feature every layer also records them through the
 //! [`metrics`](https://docs.rs/metrics) facade (see the crate's README for the names).
@@ -778,6 +780,28 @@ pub(crate) struct Figures {
     pub(crate) limit: Option<usize>,
 }
 
+/// Calls the listener. A listener that panics is the caller's bug, but many events are
+/// reported from where a panic would lose what a request holds (a place given back in a
+/// `Drop`, where a second panic aborts the process): it is caught and logged.
+#[inline]
+fn tell(listener: &Listener, event: &Event<'_>) {
+    let told = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| listener(event)));
+    if told.is_err() {
+        listener_panicked(event);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn listener_panicked(event: &Event<'_>) {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::debug!(?event, "an event listener panicked again: caught");
+    } else {
+        tracing::error!(?event, "an event listener panicked: the panic was caught and the layer goes on (logged once; each later one at debug)");
+    }
+}
+
 /// A layer's events: its name, its listener and each scope's counters (and metrics).
 pub(crate) struct Events {
     name: Arc<str>,
@@ -815,7 +839,7 @@ impl Events {
             metrics.record(&event);
         }
         if let Some(listener) = &self.listener {
-            listener(&event);
+            tell(listener, &event);
         }
     }
 

@@ -128,6 +128,42 @@ async fn the_fast_path_allocates_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_plan_in_in_flight_mode_allocates_nothing_per_request() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let inner = service_fn(|_: Request<()>| {
+        ready(Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))))
+    });
+    // Events are counted (and reported once the slots are let go) on this path too.
+    let plan = tower_quota::ConcurrencyLimitByPlan::custom(1_000)
+        .job_route("POST /v2/generate")
+        .in_flight()
+        .build()
+        .unwrap();
+    let mut svc = plan.layer(inner);
+    for round in 0..3 {
+        let requests: Vec<_> = (0..1_000)
+            .map(|_| request(Method::POST, "http://api.test/v2/generate"))
+            .collect();
+        let before = allocations();
+        for r in requests {
+            let response = now(svc.call(r)).unwrap();
+            let body = response.into_body();
+            drop(now(body.collect()));
+        }
+        let made = allocations() - before;
+        if round > 0 {
+            assert_eq!(
+                made, 0,
+                "round {round}: {made} allocations for 1,000 creates"
+            );
+        }
+    }
+    assert_eq!(plan.in_use(), 0);
+    assert_eq!(plan.snapshot().counters.freed.answered, 3_000);
+}
+
+#[tokio::test(start_paused = true)]
 async fn rate_limit_fields_cost_one_allocation_per_response() {
     // A response with header fields of its own, as every real one has (its map is made by
     // the inner service, and counted the same with the fields on or off).

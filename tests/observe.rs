@@ -180,6 +180,41 @@ async fn a_listener_may_look_at_the_layer_it_listens_to() {
     slot.lock().unwrap().take();
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_listener_that_panics_costs_the_layer_nothing() {
+    // Events are reported where a request gives back what it holds (some in a `Drop`): a
+    // panicking listener is caught there, and every place and slot is still given back.
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_minute(1))
+        .on_event(|_: &Event<'_>| panic!("a listener's bug"))
+        .build()
+        .unwrap();
+    let plan = ConcurrencyLimitByPlan::custom(1)
+        .job_route("POST /v2/generate")
+        .in_flight()
+        .on_event(|_: &Event<'_>| panic!("a listener's bug"))
+        .build()
+        .unwrap();
+    let api = service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(body("{}")))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(plan.clone())
+        .layer(limits.clone())
+        .service(api);
+    let post = || Request::post("/v2/generate").body(body("")).unwrap();
+    let response = svc.clone().oneshot(post()).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    // The second waits a minute for its turn, then is dropped by its caller.
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(post())).await;
+    assert!(gave_up.is_err());
+    let route = &limits.snapshot()[0];
+    assert_eq!((route.in_flight, route.waiters), (0, 0));
+    assert_eq!((route.counters.admitted, route.counters.gave_up), (1, 1));
+    assert_eq!(plan.in_use(), 0, "both slots given back");
+    assert_eq!(plan.snapshot().counters.taken, 2);
+}
+
 /// The server-mode scenario: a client within its quota, then over it, one without a key,
 /// and a flood of fresh keys through a table of 16.
 fn server_scenario(seen: &Seen) -> RateLimitByRoute<tower_quota::rate_limit::Reject> {

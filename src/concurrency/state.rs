@@ -122,11 +122,21 @@ impl SlotsGuard<'_> {
             return;
         };
         let effects = std::mem::take(&mut slots.effects);
-        let pending = std::mem::take(&mut slots.pending);
+        // The usual one or two changes are moved out on the stack, so that the buffer keeps
+        // its room and the next change allocates nothing.
+        let mut few: [Option<Pending>; 4] = Default::default();
+        let many = if slots.pending.len() <= few.len() {
+            for (at, change) in few.iter_mut().zip(slots.pending.drain(..)) {
+                *at = Some(change);
+            }
+            Vec::new()
+        } else {
+            std::mem::take(&mut slots.pending)
+        };
         let figures = self.shared.events.read(0, || plan_figures(&slots));
         drop(slots);
         let events = &self.shared.events;
-        for change in &pending {
+        for change in few.iter().flatten().chain(&many) {
             match change {
                 Pending::Freed(why) => events.emit(0, |layer, _| Event::SlotFreed {
                     layer,

@@ -31,13 +31,19 @@
 //! ```
 //!
 //! A listener runs on the task that caused the event, after the layer has let go of its
-//! locks (so it may look at the layer's snapshot, or change a quota), and should be quick: it
-//! is called on every request's path. A listener that panics does no harm to the layer: the
-//! panic is caught (and logged, at `error` the first time), since many events are reported while a request
-//! gives back what it held. With no listener, an event costs one branch. The counters of
-//! [`RouteCounters`], [`SlotCounters`] and [`BackoffCounters`] are kept whether or not
-//! anybody listens; with the `metrics` feature every layer also records them through the
-//! [`metrics`](https://docs.rs/metrics) facade (see the crate's README for the names).
+//! locks, and should be quick: it is called on every request's path. It may call its own
+//! layer (a snapshot, `set_quota`, `complete`): give it a clone through a slot filled after
+//! `build` (a `OnceLock`), and know that a layer whose listener holds the layer is never
+//! freed, which suits a layer that lives as long as the process. A listener that panics does
+//! no harm to the layer: the panic is caught (and logged through `tracing`, at `error` the
+//! first time), since many events are reported while a request gives back what it held; the
+//! panic hook still runs, and a build with `panic = "abort"` aborts as it would anywhere.
+//!
+//! The counters of [`RouteCounters`], [`SlotCounters`] and [`BackoffCounters`] are kept
+//! whether or not anybody listens: with no listener, an event costs its count (a relaxed
+//! atomic add to counters every clone of the layer shares) and one branch. With the `metrics`
+//! feature every layer also records them through the [`metrics`](https://docs.rs/metrics)
+//! facade (see the crate's README for the names); without it, nothing of that is compiled.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -774,8 +780,6 @@ pub(crate) struct Figures {
     pub(crate) held: Option<usize>,
     /// Requests (or creates) waiting.
     pub(crate) waiting: Option<usize>,
-    /// Server mode: client keys tracked.
-    pub(crate) tracked: Option<usize>,
     /// A plan: its limit.
     pub(crate) limit: Option<usize>,
 }
@@ -843,32 +847,42 @@ impl Events {
         }
     }
 
-    /// Sets the scope's gauges from `figures`, read only when metrics are recorded.
+    /// Sets the scope's gauges to the figures `read` gives, called only when metrics are
+    /// recorded. Called under the lock that guards the figures, so that the last figures set
+    /// are the latest, whichever thread sets them.
     #[inline]
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn gauges(&self, scope: usize, figures: impl FnOnce() -> Figures) {
-        self.show(scope, self.read(scope, figures));
-    }
-
-    /// The scope's figures, read by `read` only when its metrics are recorded: under the
-    /// lock the caller holds, to be shown once it is let go.
-    #[inline]
-    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn read(&self, scope: usize, read: impl FnOnce() -> Figures) -> Option<Figures> {
+    pub(crate) fn gauges(&self, scope: usize, read: impl FnOnce() -> Figures) {
         #[cfg(feature = "metrics")]
-        if self.scopes[scope].metrics.is_some() {
-            return Some(read());
+        if let Some(metrics) = &self.scopes[scope].metrics {
+            metrics.gauges(read());
         }
-        None
     }
 
-    /// Sets the scope's gauges to figures read before.
+    /// [`gauges`](Self::gauges) for a caller that holds no lock: takes it with `lock`, and
+    /// sets the figures `read` gives under it.
     #[inline]
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn show(&self, scope: usize, figures: Option<Figures>) {
+    pub(crate) fn gauges_locking<G>(
+        &self,
+        scope: usize,
+        lock: impl FnOnce() -> G,
+        read: impl FnOnce(&G) -> Figures,
+    ) {
         #[cfg(feature = "metrics")]
-        if let (Some(metrics), Some(figures)) = (&self.scopes[scope].metrics, figures) {
-            metrics.gauges(figures);
+        if let Some(metrics) = &self.scopes[scope].metrics {
+            let guard = lock();
+            metrics.gauges(read(&guard));
+        }
+    }
+
+    /// Server mode: the scope's table tracks one more client.
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn tracked_one_more(&self, scope: usize) {
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.scopes[scope].metrics {
+            metrics.tracked_one_more();
         }
     }
 }

@@ -26,24 +26,57 @@ enum Handles {
     Backoff(Box<BackoffHandles>),
 }
 
+/// A route's handles; those of the other mode are not registered (no empty series).
 struct RouteHandles {
     admitted: Counter,
+    refused: Refused,
+    client: Option<ClientHandles>,
+    server: Option<ServerHandles>,
+}
+
+struct ClientHandles {
     waited: Counter,
-    refused: [Counter; Refusal::ALL.len()],
     gave_up: Counter,
     abandoned: Counter,
     learnt: [Counter; 2],
-    keys_forgotten: Counter,
     wait: Histogram,
     in_flight: Gauge,
     queue: Gauge,
+}
+
+struct ServerHandles {
+    keys_forgotten: Counter,
     tracked: Gauge,
+}
+
+/// A counter per reason of refusal, registered for the reasons the layer can give.
+type Refused = [Option<Counter>; Refusal::ALL.len()];
+
+/// The reasons a layer of `kind` refuses for.
+fn reasons(kind: Kind) -> &'static [Refusal] {
+    use Refusal::*;
+    match kind {
+        Kind::Client => &[QueueFull, WaitTooLong, StoreUnavailable],
+        Kind::Server => &[Quota, StoreUnavailable, MissingKey, NoPeerAddress],
+        Kind::Plan => &[QueueFull, WaitTooLong, StoreUnavailable, NoSlots],
+        Kind::Backoff => &[],
+    }
+}
+
+fn refused(kind: Kind, counter: impl Fn(Refusal) -> Counter) -> Refused {
+    Refusal::ALL.map(|reason| reasons(kind).contains(&reason).then(|| counter(reason)))
+}
+
+fn count(refused: &Refused, reason: Refusal) {
+    if let Some(counter) = &refused[index(&Refusal::ALL, &reason)] {
+        counter.increment(1);
+    }
 }
 
 struct PlanHandles {
     taken: Counter,
     waited: Counter,
-    refused: [Counter; Refusal::ALL.len()],
+    refused: Refused,
     gave_up: Counter,
     bound: Counter,
     freed: [Counter; Freed::ALL.len()],
@@ -180,35 +213,40 @@ impl Metrics {
                 let labels = [("layer", layer), ("route", route)];
                 let counter = |name: &'static str| metrics::counter!(name, &labels);
                 let gauge = |name: &'static str| metrics::gauge!(name, &labels);
-                let refused = Refusal::ALL.map(|reason| {
+                let refused = refused(self.kind, |reason| {
                     metrics::counter!("tower_quota_requests_refused_total",
                         "layer" => labels[0].1.clone(), "route" => labels[1].1.clone(),
                         "reason" => reason.as_str())
                 });
-                let learnt = [Learnt::TooManyRequests, Learnt::Headers].map(|from| {
-                    metrics::counter!("tower_quota_learnt_total",
-                        "layer" => labels[0].1.clone(), "route" => labels[1].1.clone(),
-                        "from" => from.as_str())
-                });
-                Handles::Route(Box::new(RouteHandles {
-                    admitted: counter("tower_quota_requests_admitted_total"),
+                let client = (self.kind == Kind::Client).then(|| ClientHandles {
                     waited: counter("tower_quota_requests_waited_total"),
-                    refused,
                     gave_up: counter("tower_quota_requests_gave_up_total"),
                     abandoned: counter("tower_quota_requests_abandoned_total"),
-                    learnt,
-                    keys_forgotten: counter("tower_quota_keys_forgotten_total"),
+                    learnt: [Learnt::TooManyRequests, Learnt::Headers].map(|from| {
+                        metrics::counter!("tower_quota_learnt_total",
+                            "layer" => labels[0].1.clone(), "route" => labels[1].1.clone(),
+                            "from" => from.as_str())
+                    }),
                     wait: metrics::histogram!("tower_quota_wait_seconds", &labels),
                     in_flight: gauge("tower_quota_in_flight"),
                     queue: gauge("tower_quota_queue_depth"),
+                });
+                let server = (self.kind == Kind::Server).then(|| ServerHandles {
+                    keys_forgotten: counter("tower_quota_keys_forgotten_total"),
                     tracked: gauge("tower_quota_tracked_keys"),
+                });
+                Handles::Route(Box::new(RouteHandles {
+                    admitted: counter("tower_quota_requests_admitted_total"),
+                    refused,
+                    client,
+                    server,
                 }))
             }
             Kind::Plan => {
                 let labels = [("layer", layer)];
                 let counter = |name: &'static str| metrics::counter!(name, &labels);
                 let gauge = |name: &'static str| metrics::gauge!(name, &labels);
-                let refused = Refusal::ALL.map(|reason| {
+                let refused = refused(Kind::Plan, |reason| {
                     metrics::counter!("tower_quota_plan_refused_total",
                         "layer" => labels[0].1.clone(), "reason" => reason.as_str())
                 });
@@ -252,22 +290,23 @@ impl Metrics {
         match (self.handles(), *event) {
             (Handles::Route(h), Event::Admitted { waited, .. }) => {
                 h.admitted.increment(1);
-                if !waited.is_zero() {
-                    h.waited.increment(1);
+                if let Some(c) = &h.client {
+                    if !waited.is_zero() {
+                        c.waited.increment(1);
+                    }
+                    c.wait.record(waited.as_secs_f64());
                 }
-                if self.kind == Kind::Client {
-                    h.wait.record(waited.as_secs_f64());
+            }
+            (Handles::Route(h), Event::Refused { reason, .. }) => count(&h.refused, reason),
+            (Handles::Route(h), event) => match (&h.client, &h.server, event) {
+                (Some(c), _, Event::GaveUp { .. }) => c.gave_up.increment(1),
+                (Some(c), _, Event::Abandoned { .. }) => c.abandoned.increment(1),
+                (Some(c), _, Event::Learnt { from, .. }) => {
+                    c.learnt[usize::from(from == Learnt::Headers)].increment(1);
                 }
-            }
-            (Handles::Route(h), Event::Refused { reason, .. }) => {
-                h.refused[index(&Refusal::ALL, &reason)].increment(1);
-            }
-            (Handles::Route(h), Event::GaveUp { .. }) => h.gave_up.increment(1),
-            (Handles::Route(h), Event::Abandoned { .. }) => h.abandoned.increment(1),
-            (Handles::Route(h), Event::Learnt { from, .. }) => {
-                h.learnt[usize::from(from == Learnt::Headers)].increment(1);
-            }
-            (Handles::Route(h), Event::KeyForgotten { .. }) => h.keys_forgotten.increment(1),
+                (_, Some(s), Event::KeyForgotten { .. }) => s.keys_forgotten.increment(1),
+                _ => {}
+            },
             (Handles::Plan(h), Event::SlotTaken { waited, .. }) => {
                 h.taken.increment(1);
                 if !waited.is_zero() {
@@ -275,9 +314,7 @@ impl Metrics {
                 }
                 h.wait.record(waited.as_secs_f64());
             }
-            (Handles::Plan(h), Event::SlotRefused { reason, .. }) => {
-                h.refused[index(&Refusal::ALL, &reason)].increment(1);
-            }
+            (Handles::Plan(h), Event::SlotRefused { reason, .. }) => count(&h.refused, reason),
             (Handles::Plan(h), Event::SlotGaveUp { .. }) => h.gave_up.increment(1),
             (Handles::Plan(h), Event::JobBound { .. }) => h.bound.increment(1),
             (Handles::Plan(h), Event::SlotFreed { by, .. }) => {
@@ -294,6 +331,15 @@ impl Metrics {
         }
     }
 
+    /// Server mode: one more client key tracked.
+    pub(crate) fn tracked_one_more(&self) {
+        if let Handles::Route(h) = self.handles() {
+            if let Some(s) = &h.server {
+                s.tracked.increment(1.0);
+            }
+        }
+    }
+
     /// Sets the gauges.
     pub(crate) fn gauges(&self, figures: Figures) {
         let set = |gauge: &Gauge, value: Option<usize>| {
@@ -303,9 +349,10 @@ impl Metrics {
         };
         match self.handles() {
             Handles::Route(h) => {
-                set(&h.in_flight, figures.held);
-                set(&h.queue, figures.waiting);
-                set(&h.tracked, figures.tracked);
+                if let Some(c) = &h.client {
+                    set(&c.in_flight, figures.held);
+                    set(&c.queue, figures.waiting);
+                }
             }
             Handles::Plan(h) => {
                 set(&h.held, figures.held);

@@ -565,6 +565,42 @@ async fn in_flight_mode_and_a_plan_without_jobs_are_counted_too() {
     assert_eq!((c.refused.no_slots, c.taken), (1, 0), "{c:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_leaked_slot_is_counted_when_its_lease_runs_out_not_once_the_plan_is_full() {
+    let seen = Seen::default();
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Growth)
+        .max_job_life(Duration::from_secs(600))
+        .on_event(seen.listener())
+        .build()
+        .unwrap();
+    let jobs = Jobs::default();
+    let api = service_fn(move |req: Request<Full<Bytes>>| {
+        let response = jobs.answer(req);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let svc = ServiceBuilder::new().layer(plan.clone()).service(api);
+    let create = || Request::post("/v2/generate").body(body("{}")).unwrap();
+    let response = svc.clone().oneshot(create()).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    // job-1 is never seen to end. Five of six slots are still free when its lease runs out.
+    tokio::time::sleep(Duration::from_secs(601)).await;
+    let response = svc.clone().oneshot(create()).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    // Seen by the create itself (no snapshot was taken).
+    assert_eq!(
+        seen.count("SlotFreed { layer: \"plan\", by: LeaseExpired }"),
+        1
+    );
+    assert_eq!(plan.in_use(), 1);
+    let c = plan.snapshot().counters;
+    assert_eq!(c.freed.lease_expired, 1, "{c:?}");
+
+    // A snapshot does not show a hold whose lease ran out either.
+    tokio::time::sleep(Duration::from_secs(601)).await;
+    assert_eq!(plan.snapshot().in_use, 0);
+    assert_eq!(plan.snapshot().counters.freed.lease_expired, 2);
+}
+
 #[cfg(feature = "metrics")]
 mod recorded {
     //! The same scenarios through the `metrics` facade: each counter the recorder holds is
@@ -765,5 +801,54 @@ mod recorded {
         assert_eq!(counter(&m, "tower_quota_retries_refused_total", &left), 1);
         let spent = [("layer", "thrifty"), ("why", "budget_spent")];
         assert_eq!(counter(&m, "tower_quota_retries_refused_total", &spent), 1);
+    }
+
+    #[test]
+    fn gauges_follow_set_plan_and_learnt_routes_sharing_a_quota() {
+        let (_, m) = recorded(|| async {
+            let plan = ConcurrencyLimitByPlan::builder(Plan::Hobbyist)
+                .name("upgraded")
+                .build()
+                .unwrap();
+            plan.set_plan(Plan::Scale).unwrap();
+
+            // Two learnt routes whose responses name one quota: both count in the state of
+            // the first, whose gauges show them; every gauge is back at 0 once all answered.
+            let limits = RateLimitByRoute::builder()
+                .name("learnt")
+                .learn_route("GET /a")
+                .learn_route("GET /b")
+                .build()
+                .unwrap();
+            let api = service_fn(|_: Request<()>| async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let mut response = Response::new(());
+                let h = response.headers_mut();
+                h.insert("ratelimit-policy", r#""core";q=100"#.parse().unwrap());
+                h.insert("ratelimit", r#""core";r=90;t=60"#.parse().unwrap());
+                Ok::<_, Infallible>(response)
+            });
+            let svc = ServiceBuilder::new().layer(limits.clone()).service(api);
+            let get = |path: &str| Request::get(path).body(()).unwrap();
+            svc.clone().oneshot(get("/a")).await.unwrap();
+            svc.clone().oneshot(get("/b")).await.unwrap();
+            let both = futures::future::join(
+                svc.clone().oneshot(get("/a")),
+                svc.clone().oneshot(get("/b")),
+            );
+            let (a, b) = both.await;
+            a.unwrap();
+            b.unwrap();
+            assert_eq!(limits.snapshot()[1].counted_in.as_deref(), Some("GET /a"));
+        });
+        assert_eq!(
+            gauge(&m, "tower_quota_plan_slots_limit", &[("layer", "upgraded")]),
+            15.0,
+            "Scale"
+        );
+        for route in ["GET /a", "GET /b"] {
+            let at = [("layer", "learnt"), ("route", route)];
+            assert_eq!(gauge(&m, "tower_quota_in_flight", &at), 0.0, "{route}");
+        }
     }
 }

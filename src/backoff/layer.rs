@@ -214,8 +214,12 @@ impl<M> Backoff429<M> {
     }
 
     /// Names the layer (default `backoff`): the `layer` of its [`Event`]s and the `layer`
-    /// label of its metrics. The layer counts afresh from here: layers made from it by
-    /// further setters share its counters, and a layer named apart has its own.
+    /// label of its metrics.
+    ///
+    /// The layer is its own builder, so its counters are made anew by this setter, by
+    /// [`on_event`](Self::on_event) and by `metrics`: set these first. Clones made before
+    /// keep the counters they had; layers made from this one by other setters share its
+    /// counters.
     pub fn name(self, name: impl Into<String>) -> Self {
         let name: Arc<str> = name.into().into();
         self.with(|c| {

@@ -198,7 +198,9 @@ impl ConcurrencyLimitByPlan {
     pub fn snapshot(&self) -> PlanSnapshot {
         let now = self.shared.clock.now();
         let plan = self.plan();
-        let slots = self.shared.slots();
+        let mut slots = self.shared.slots();
+        // A hold whose lease ran out is not shown as held.
+        slots.expire(now);
         let mut jobs: Vec<HeldJob> = slots
             .jobs()
             .map(|(id, job)| HeldJob {
@@ -226,6 +228,7 @@ impl ConcurrencyLimitByPlan {
         let limit = plan.checked_limit()?;
         *lock(&self.shared.plan) = plan;
         self.shared.slots().set_limit(limit);
+        self.shared.show_figures();
         Ok(())
     }
 

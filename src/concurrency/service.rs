@@ -100,10 +100,12 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             return ResponseFuture::failed(ConcurrencyError::NoSlots);
         }
         if slots.try_take(|| shared.clock.now()) {
-            let figures = shared.events.read(0, || plan_figures(&slots));
+            shared.events.gauges(0, || plan_figures(&slots));
             drop(slots);
             let waited = Duration::ZERO;
-            shared.report_with(|layer| Event::SlotTaken { layer, waited }, figures);
+            shared
+                .events
+                .emit(0, |layer, _| Event::SlotTaken { layer, waited });
             #[cfg(feature = "redis")]
             if let Some(store) = &shared.store {
                 let store = store.clone();
@@ -122,9 +124,11 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             }
         }
         let ticket = slots.join();
-        let figures = shared.events.read(0, || plan_figures(&slots));
+        shared.events.gauges(0, || plan_figures(&slots));
         drop(slots);
-        shared.report_with(|layer| Event::SlotQueued { layer }, figures);
+        shared
+            .events
+            .emit(0, |layer, _| Event::SlotQueued { layer });
         let shared = shared.clone();
         let inner = waiting_clone(&mut self.inner);
         ResponseFuture::queued(inner, request, shared, ticket)

@@ -140,6 +140,9 @@ pub(crate) struct Slots {
     /// Whether changes of the held jobs are recorded in `effects`, for a shared store.
     mirror: bool,
     pub(crate) effects: Vec<Effect>,
+    /// No hold runs out before this (`Nanos::MAX`: none held); it may be earlier than the
+    /// earliest, once that hold is given back.
+    next_lease: Nanos,
     /// Releases and bindings not yet reported as events (they are once the lock is let go).
     pub(crate) pending: Vec<Pending>,
     /// Every release, in order (tests).
@@ -163,6 +166,7 @@ impl Slots {
             hasher: RandomState::new(),
             mirror: false,
             effects: Vec::new(),
+            next_lease: Nanos::MAX,
             pending: Vec::new(),
             #[cfg(test)]
             log: Vec::new(),
@@ -205,19 +209,29 @@ impl Slots {
     }
 
     /// Takes a slot for a create about to be sent, if one is free and nobody waits for it.
-    /// Leases are only looked at when no slot is free, since they can only free one.
+    /// Leases are looked at when one may have run out (so that a leak is reported when it
+    /// happens, not only once the plan is full), or when no slot is free; a plan holding no
+    /// job (in-flight mode) reads no clock for it.
     pub(crate) fn try_take(&mut self, now: impl FnOnce() -> Nanos) -> bool {
         if !self.waiters.is_empty() {
             return false;
         }
-        if !self.free() {
-            self.expire(now());
+        if self.next_lease != Nanos::MAX || !self.free() {
+            let now = now();
+            if now >= self.next_lease || !self.free() {
+                self.expire(now);
+            }
             if !self.free() {
                 return false;
             }
         }
         self.in_flight += 1;
         true
+    }
+
+    /// A hold taken at `since` runs out at most a lease later.
+    fn leased(&mut self, since: Nanos) {
+        self.next_lease = self.next_lease.min(since.saturating_add(self.job_lease));
     }
 
     /// Joins the back of the queue.
@@ -282,6 +296,7 @@ impl Slots {
         self.in_flight = self.in_flight.saturating_sub(1);
         let at = self.unknown.back().map_or(now, |(last, _)| now.max(*last));
         self.unknown.push_back((at, key));
+        self.leased(at);
     }
 
     /// A create carrying the `Idempotency-Key` of a create whose outcome is unknown is that
@@ -321,6 +336,7 @@ impl Slots {
                 ours: true,
             },
         );
+        self.leased(now);
         self.pending.push(Pending::Bound(id.into()));
         Bound::Held
     }
@@ -418,6 +434,7 @@ impl Slots {
                 ours: false,
             },
         );
+        self.leased(now);
         if self.mirror {
             self.effects.push(Effect::Active(id.into()));
         }
@@ -482,11 +499,13 @@ impl Slots {
             self.released(ReleaseReason::Expired);
         }
         let oldest_job = self.jobs.values().map(|j| j.since).min();
-        [oldest_job, self.unknown.front().map(|&(since, _)| since)]
+        let next = [oldest_job, self.unknown.front().map(|&(since, _)| since)]
             .into_iter()
             .flatten()
             .min()
-            .map(|since| since.saturating_add(job_lease))
+            .map(|since| since.saturating_add(job_lease));
+        self.next_lease = next.unwrap_or(Nanos::MAX);
+        next
     }
 
     /// A new plan: more slots wake waiters at once; fewer take effect as holds are given back.

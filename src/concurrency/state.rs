@@ -133,7 +133,7 @@ impl SlotsGuard<'_> {
         } else {
             std::mem::take(&mut slots.pending)
         };
-        let figures = self.shared.events.read(0, || plan_figures(&slots));
+        self.shared.events.gauges(0, || plan_figures(&slots));
         drop(slots);
         let events = &self.shared.events;
         for change in few.iter().flatten().chain(&many) {
@@ -145,7 +145,6 @@ impl SlotsGuard<'_> {
                 Pending::Bound(id) => events.emit(0, |layer, _| Event::JobBound { layer, id }),
             }
         }
-        events.show(0, figures);
         #[cfg(feature = "redis")]
         if let Some(store) = &self.shared.store {
             let job_lease = self.shared.job_lease();
@@ -167,7 +166,6 @@ pub(crate) fn plan_figures(slots: &Slots) -> Figures {
         held: Some(slots.in_use()),
         waiting: Some(slots.queue_len()),
         limit: Some(slots.limit()),
-        ..Figures::default()
     }
 }
 
@@ -181,22 +179,17 @@ impl PlanState {
         }
     }
 
-    /// Reports an event of the plan, and its gauges (read again).
+    /// Reports an event of the plan, and its gauges.
     #[inline]
     pub(crate) fn report<'s>(&'s self, make: impl FnOnce(&'s str) -> Event<'s>) {
-        let figures = self.events.read(0, || plan_figures(&lock(&self.slots)));
-        self.report_with(make, figures);
+        self.events.emit(0, |layer, _| make(layer));
+        self.show_figures();
     }
 
-    /// Reports an event of the plan, and its gauges as read under the lock just let go.
-    #[inline]
-    pub(crate) fn report_with<'s>(
-        &'s self,
-        make: impl FnOnce(&'s str) -> Event<'s>,
-        figures: Option<Figures>,
-    ) {
-        self.events.emit(0, |layer, _| make(layer));
-        self.events.show(0, figures);
+    /// Sets the plan's gauges, for a caller that holds no lock.
+    pub(crate) fn show_figures(&self) {
+        let slots = || lock(&self.slots);
+        self.events.gauges_locking(0, slots, |s| plan_figures(s));
     }
 
     pub(crate) fn end_job(&self, id: &str, why: ReleaseReason) -> bool {

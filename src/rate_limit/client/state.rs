@@ -291,7 +291,7 @@ impl TurnTicket {
                     state.waiters.pop_head();
                     state.wake_head();
                     let events = &self.shared.events;
-                    let figures = events.read(self.route, || state.figures());
+                    events.gauges(self.at, || state.figures());
                     drop(guard);
                     self.queued = false;
                     let waited = Duration::from_nanos(now.saturating_sub(self.since));
@@ -300,7 +300,6 @@ impl TurnTicket {
                         route,
                         waited,
                     });
-                    events.show(self.route, figures);
                     return Turn::Admitted(Permit {
                         shared: self.shared.clone(),
                         route: self.route as u16,
@@ -355,7 +354,7 @@ impl TurnTicket {
         events.emit(self.route, |layer, route| {
             event(layer, route, Duration::from_nanos(waited))
         });
-        events.gauges(self.route, || figures(&self.shared, self.at));
+        show_figures(&self.shared, self.at);
     }
 
     /// A lower bound of when this ticket's turn comes.
@@ -458,7 +457,7 @@ pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) ->
         Admission::Queued(TurnTicket::join(handle, &mut state, route, holder, now))
     };
     let events = &handle.events;
-    let figures = events.read(route, || state.figures());
+    events.gauges(holder, || state.figures());
     drop(state);
     match &admission {
         Admission::Now(_) => events.emit(route, |layer, route| Event::Admitted {
@@ -473,13 +472,14 @@ pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) ->
             reason: error.refusal(),
         }),
     }
-    events.show(route, figures);
     admission
 }
 
-/// The gauges of a route counted in `holder`'s state.
-pub(crate) fn figures(handle: &ClientShared, holder: usize) -> Figures {
-    lock(&handle.routes[holder].state).figures()
+/// Sets the gauges of the state of route `holder` (a learnt route counted in another
+/// route's state shows its figures under that route), for a caller that holds no lock.
+pub(crate) fn show_figures(handle: &ClientShared, holder: usize) {
+    let state = || lock(&handle.routes[holder].state);
+    handle.events.gauges_locking(holder, state, |s| s.figures());
 }
 
 impl Permit {
@@ -542,30 +542,20 @@ impl Permit {
             learnt = learn(&route.name, route.learn, state, response, now);
         }
         state.wake_head();
-        let figures = self
-            .shared
+        self.shared
             .events
-            .read(usize::from(self.route), || state.figures());
+            .gauges(usize::from(self.holder), || state.figures());
         drop(guard);
-        self.report(learnt, figures);
+        self.report(learnt);
     }
 
-    /// Reports what the answer taught the route, and its gauges (`figures`, read under the
-    /// lock of its state).
+    /// Reports what the answer taught the route.
     #[inline]
-    fn report(&self, learnt: Option<Learnt>, figures: Option<Figures>) {
-        let (route, events) = (usize::from(self.route), &self.shared.events);
+    fn report(&self, learnt: Option<Learnt>) {
         if let Some(from) = learnt {
+            let (route, events) = (usize::from(self.route), &self.shared.events);
             events.emit(route, |layer, route| Event::Learnt { layer, route, from });
         }
-        events.show(route, figures);
-    }
-
-    /// The gauges of its route, read under the lock of the state it counts in.
-    fn figures(&self) -> Option<Figures> {
-        let holder = usize::from(self.holder);
-        let events = &self.shared.events;
-        events.read(usize::from(self.route), || figures(&self.shared, holder))
     }
 
     /// The answer of a request on a learnt route: its place is given back where it was taken,
@@ -581,9 +571,10 @@ impl Permit {
             let rate = state.rate;
             state.limiter.release(&rate, now);
             state.wake_head();
+            shared.events.gauges(holder, || state.figures());
         }
         if !teaches(response) {
-            return self.report(None, self.figures());
+            return;
         }
         let wall = SystemTime::now();
         let stated = headers::read(response.headers(), wall, route.learn.dialects);
@@ -623,9 +614,9 @@ impl Permit {
             now,
         );
         state.wake_head();
-        let figures = shared.events.read(index, || state.figures());
+        shared.events.gauges(target, || state.figures());
         drop(guard);
-        self.report(learnt, figures);
+        self.report(learnt);
         if target != before {
             // Every request still queued where the route counted before: those of this route
             // move over, the others look again and stay.
@@ -654,14 +645,13 @@ impl Permit {
             Stage::Settled => return,
         };
         state.wake_head();
-        let route = usize::from(self.route);
-        let figures = self.shared.events.read(route, || state.figures());
+        let (route, holder) = (usize::from(self.route), usize::from(self.holder));
+        self.shared.events.gauges(holder, || state.figures());
         drop(guard);
         if abandoned {
             let events = &self.shared.events;
             events.emit(route, |layer, route| Event::Abandoned { layer, route });
         }
-        self.report(None, figures);
     }
 }
 

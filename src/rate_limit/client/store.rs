@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::future::Waiting;
-use super::state::{admit, figures, lock, ClientHandle, Learn};
+use super::state::{admit, lock, show_figures, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::event::{Event, Learnt, Refusal};
 use crate::quota::Rate;
@@ -382,7 +382,7 @@ impl StoreTurn {
         self.waited = true;
         let events = &self.handle.events;
         events.emit(self.route, |layer, route| Event::Queued { layer, route });
-        events.gauges(self.route, || figures(&self.handle, self.route));
+        show_figures(&self.handle, self.route);
         Ok(())
     }
 
@@ -400,7 +400,7 @@ impl StoreTurn {
                     route,
                     waited: Duration::from_nanos(waited),
                 });
-                return events.gauges(self.route, || figures(&self.handle, self.route));
+                return show_figures(&self.handle, self.route);
             }
             Outcome::Refused(error) => error.refusal(),
             Outcome::Failed(_) if self.store.fail_mode() == FailMode::Closed => {
@@ -413,6 +413,8 @@ impl StoreTurn {
             route,
             reason,
         });
+        // It left the queue.
+        show_figures(&self.handle, self.route);
     }
 
     fn leave_queue(&mut self) {
@@ -501,7 +503,7 @@ impl Drop for StoreTurn {
                 route,
                 waited: Duration::from_nanos(waited),
             });
-            events.gauges(self.route, || figures(&self.handle, self.route));
+            show_figures(&self.handle, self.route);
         }
         if !self.member.is_empty() {
             self.store.cancel(&self.key, &self.member, &self.rate);

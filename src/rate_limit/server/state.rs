@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderValue, Response};
 
 use crate::clock::Nanos;
-use crate::event::{Event, Events, Figures};
+use crate::event::{Event, Events};
 use crate::headers;
 use crate::limiter::keyed::{KeyTable, Verdict};
 use crate::lock::lock;
@@ -163,18 +163,14 @@ impl KeyedRoute {
     /// The table tracks one more client, or forgot one for a newcomer.
     #[cold]
     fn changed(&self, grew: bool, forgot: bool, events: &Events, index: usize) {
-        let tracked = if grew {
-            self.tracked.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            self.tracked.load(Ordering::Relaxed)
-        };
+        if grew {
+            self.tracked.fetch_add(1, Ordering::Relaxed);
+            // Counted up, not set: tables of different shards grow at once.
+            events.tracked_one_more(index);
+        }
         if forgot {
             events.emit(index, |layer, route| Event::KeyForgotten { layer, route });
         }
-        events.gauges(index, || Figures {
-            tracked: Some(tracked),
-            ..Figures::default()
-        });
     }
 
     /// The fields of a response admitted with `remaining` left, all counted gone after

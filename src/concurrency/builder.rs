@@ -338,6 +338,8 @@ impl Builder {
         let limit = self.plan.limit();
         #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
         let mut slots = Slots::new(limit, nanos(self.max_job_life));
+        // A bound job's id is copied for its event only when a listener will read it.
+        slots.report_ids = self.events.listener.is_some();
         #[cfg(feature = "redis")]
         if self.store.is_some() {
             slots.mirror();

@@ -48,7 +48,7 @@ impl HoldGuard {
     #[inline]
     pub(crate) fn release(mut self, why: ReleaseReason) {
         if let Some(shared) = self.shared.take() {
-            shared.slots().release(why);
+            shared.release(why);
             #[cfg(feature = "redis")]
             if self.member.is_some() {
                 release_in_store(&shared, self.member.take());
@@ -93,7 +93,7 @@ impl Drop for HoldGuard {
         if let Some(shared) = self.shared.take() {
             if shared.config.in_flight {
                 // The slot is only for the request, which is over whatever the server did.
-                shared.slots().release(ReleaseReason::Abandoned);
+                shared.release(ReleaseReason::Abandoned);
                 #[cfg(feature = "redis")]
                 if self.member.is_some() {
                     release_in_store(&shared, self.member.take());
@@ -122,7 +122,7 @@ impl Drop for HoldGuard {
 #[inline(never)]
 pub(super) fn unknown_in_store(shared: &PlanState, member: Option<StoreMember>) {
     if let (Some(store), Some(member)) = (&shared.store, member) {
-        shared.slots().release(ReleaseReason::Store);
+        shared.release(ReleaseReason::Store);
         store.slot_unknown(&member, shared.job_lease());
     }
 }
@@ -136,7 +136,7 @@ pub(crate) struct InFlightSlot(
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
-        self.0.slots().release(ReleaseReason::Answered);
+        self.0.release(ReleaseReason::Answered);
         #[cfg(feature = "redis")]
         if self.1.is_some() {
             release_in_store(&self.0, self.1.take());
@@ -199,7 +199,7 @@ impl Unsent {
 impl Drop for Unsent {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            shared.slots().release(ReleaseReason::Unsent);
+            shared.release(ReleaseReason::Unsent);
             #[cfg(feature = "redis")]
             if let (Some(member), Some(store)) = (self.member.take(), &shared.store) {
                 store.slot_release(&member);

@@ -57,7 +57,8 @@ pub(crate) enum ReleaseReason {
 #[derive(Debug)]
 pub(crate) enum Pending {
     Freed(ReleaseReason),
-    Bound(Box<str>),
+    /// A job bound, with its id when a listener will read it.
+    Bound(Option<Box<str>>),
 }
 
 impl ReleaseReason {
@@ -143,6 +144,9 @@ pub(crate) struct Slots {
     /// No hold runs out before this (`Nanos::MAX`: none held); it may be earlier than the
     /// earliest, once that hold is given back.
     next_lease: Nanos,
+    /// Whether a bound job's event carries its id (a listener reads it; the counters and
+    /// metrics do not).
+    pub(crate) report_ids: bool,
     /// Releases and bindings not yet reported as events (they are once the lock is let go).
     pub(crate) pending: Vec<Pending>,
     /// Every release, in order (tests).
@@ -167,6 +171,7 @@ impl Slots {
             mirror: false,
             effects: Vec::new(),
             next_lease: Nanos::MAX,
+            report_ids: false,
             pending: Vec::new(),
             #[cfg(test)]
             log: Vec::new(),
@@ -215,6 +220,10 @@ impl Slots {
     pub(crate) fn try_take(&mut self, now: impl FnOnce() -> Nanos) -> bool {
         if !self.waiters.is_empty() {
             return false;
+        }
+        if self.next_lease != Nanos::MAX && self.jobs.is_empty() && self.unknown.is_empty() {
+            // Nothing held runs out.
+            self.next_lease = Nanos::MAX;
         }
         if self.next_lease != Nanos::MAX || !self.free() {
             let now = now();
@@ -274,19 +283,26 @@ impl Slots {
         self.waiters.wake_head();
     }
 
+    /// A slot was given back, to be reported once the slots are let go.
     fn released(&mut self, why: ReleaseReason) {
-        tracing::trace!(?why, "job slot released");
         self.pending.push(Pending::Freed(why));
+        self.released_unreported(why);
+    }
+
+    /// A slot was given back, which the caller reports itself.
+    fn released_unreported(&mut self, why: ReleaseReason) {
+        tracing::trace!(?why, "job slot released");
         #[cfg(test)]
         self.log.push(why);
         self.wake_head();
     }
 
     /// A create in flight is over without a job: it failed, or (in-flight mode) was answered.
+    /// Reported by the caller ([`PlanState::release`](super::state::PlanState::release)).
     pub(crate) fn release(&mut self, why: ReleaseReason) {
         debug_assert!(self.in_flight > 0, "release without take");
         self.in_flight = self.in_flight.saturating_sub(1);
-        self.released(why);
+        self.released_unreported(why);
     }
 
     /// The outcome of a create in flight will never be read: its slot stays held until a
@@ -337,7 +353,8 @@ impl Slots {
             },
         );
         self.leased(now);
-        self.pending.push(Pending::Bound(id.into()));
+        let id = self.report_ids.then(|| id.into());
+        self.pending.push(Pending::Bound(id));
         Bound::Held
     }
 

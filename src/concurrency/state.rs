@@ -122,27 +122,25 @@ impl SlotsGuard<'_> {
             return;
         };
         let effects = std::mem::take(&mut slots.effects);
-        // The usual one or two changes are moved out on the stack, so that the buffer keeps
-        // its room and the next change allocates nothing.
-        let mut few: [Option<Pending>; 4] = Default::default();
-        let many = if slots.pending.len() <= few.len() {
-            for (at, change) in few.iter_mut().zip(slots.pending.drain(..)) {
-                *at = Some(change);
-            }
-            Vec::new()
-        } else {
-            std::mem::take(&mut slots.pending)
+        // The usual single change is moved out on its own, so that the buffer keeps its room
+        // and the next change allocates nothing.
+        let (one, many) = match slots.pending.len() {
+            1 => (slots.pending.pop(), Vec::new()),
+            _ => (None, std::mem::take(&mut slots.pending)),
         };
         self.shared.events.gauges(0, || plan_figures(&slots));
         drop(slots);
         let events = &self.shared.events;
-        for change in few.iter().flatten().chain(&many) {
+        for change in one.iter().chain(&many) {
             match change {
                 Pending::Freed(why) => events.emit(0, |layer, _| Event::SlotFreed {
                     layer,
                     by: why.freed(),
                 }),
-                Pending::Bound(id) => events.emit(0, |layer, _| Event::JobBound { layer, id }),
+                Pending::Bound(id) => events.emit(0, |layer, _| Event::JobBound {
+                    layer,
+                    id: id.as_deref().unwrap_or_default(),
+                }),
             }
         }
         #[cfg(feature = "redis")]
@@ -190,6 +188,21 @@ impl PlanState {
     pub(crate) fn show_figures(&self) {
         let slots = || lock(&self.slots);
         self.events.gauges_locking(0, slots, |s| plan_figures(s));
+    }
+
+    /// A create in flight is over without a job (it failed, or in-flight mode answered it):
+    /// its slot is given back and reported, with no queued change on the path of every
+    /// in-flight request.
+    #[inline]
+    pub(crate) fn release(&self, why: ReleaseReason) {
+        {
+            let mut slots = self.slots();
+            slots.release(why);
+            self.events.gauges(0, || plan_figures(&slots));
+        }
+        let by = why.freed();
+        self.events
+            .emit(0, |layer, _| Event::SlotFreed { layer, by });
     }
 
     pub(crate) fn end_job(&self, id: &str, why: ReleaseReason) -> bool {

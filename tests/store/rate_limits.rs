@@ -399,15 +399,26 @@ async fn a_place_being_given_back_when_the_caller_gives_up_is_still_given_back()
     let warm = Request::get("http://api.test/warm").body(()).unwrap();
     service.call(warm).await.unwrap();
 
-    let mut first = tokio_test::task::spawn(service.call(request()));
-    assert!(first.poll().is_pending(), "asking the store");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let second = first.poll();
-    assert!(
-        second.is_pending(),
-        "sent, answered, giving its place back: {:?}",
-        second.map(|r| r.map(|_| ()))
-    );
+    // The second poll finds the place being given back, unless Redis answered the release
+    // on the other worker before the poll looked (a race this machine loses now and then):
+    // then the request is answered, and the scenario is tried again a period later.
+    let mut tries = 0;
+    let first = loop {
+        tries += 1;
+        let mut first = tokio_test::task::spawn(service.call(request()));
+        assert!(first.poll().is_pending(), "asking the store");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = first.poll();
+        if second.is_pending() {
+            break first;
+        }
+        assert!(
+            tries < 5,
+            "sent, answered, giving its place back: {:?}",
+            second.map(|r| r.map(|_| ()))
+        );
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+    };
     // The caller gives up on the answer while the place is given back: the change still
     // reaches the store, and the place frees a period after the response, not with its lease.
     drop(first);

@@ -322,3 +322,39 @@ async fn memory_stays_bounded_under_a_million_distinct_keys() {
     assert!(peak < 3 << 20, "peak {peak} bytes");
     assert!(end <= peak && at_half > 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_costs_a_few_bytes_beyond_the_request_itself() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let inner = service_fn(|_: Request<()>| ready(Ok::<_, Infallible>(Response::new(()))));
+    let limits = RateLimitByRoute::builder()
+        .route("POST /v2/generate", Quota::per_hour(1))
+        .build()
+        .unwrap();
+    let mut svc = limits.layer(inner);
+    now(svc.call(request(Method::POST, "http://api.test/v2/generate"))).unwrap();
+    // 100,000 requests wait on one route, each polled once (so registered in the queue) and
+    // kept by its caller in a box: what the layer adds is the whole of the live bytes but the
+    // requests' own (built, with their URIs, before counting).
+    const N: usize = 100_000;
+    let requests: Vec<_> = (0..N)
+        .map(|_| request(Method::POST, "http://api.test/v2/generate"))
+        .collect();
+    let mut waiting = Vec::with_capacity(N);
+    let mut cx = Context::from_waker(Waker::noop());
+    let before = live_bytes();
+    for r in requests {
+        let mut future = Box::pin(svc.call(r));
+        assert!(future.as_mut().poll(&mut cx).is_pending());
+        waiting.push(future);
+    }
+    let per_request = (live_bytes() - before) / N as i64;
+    let beyond = per_request - std::mem::size_of::<Request<()>>() as i64;
+    assert_eq!(limits.snapshot()[0].waiters, N);
+    assert!(
+        beyond <= 512,
+        "{per_request} bytes per waiting request, {beyond} beyond the request"
+    );
+    eprintln!("{per_request} bytes per waiting request, {beyond} beyond the request");
+}

@@ -81,6 +81,38 @@ macro_rules! inner_service_accessors {
     };
 }
 
+/// `name`, `metrics` and `on_event`, written once for the builders of the rate-limit and
+/// plan layers, each of which keeps its events' settings in a field `events`.
+macro_rules! event_setters {
+    ($default:literal) => {
+        #[doc = concat!("Names the layer (default `", $default, "`): the `layer` of its")]
+        /// [`Event`](crate::event::Event)s and the `layer` label of its metrics, to tell
+        /// several layers of a kind apart.
+        pub fn name(mut self, name: impl Into<String>) -> Self {
+            self.events.name = Some(name.into().into());
+            self
+        }
+
+        /// Whether the layer records its metrics through the `metrics` facade (default: yes,
+        /// with feature `metrics`). Its events and counters are kept either way.
+        #[cfg(feature = "metrics")]
+        pub fn metrics(mut self, enabled: bool) -> Self {
+            self.events.metrics = enabled;
+            self
+        }
+
+        /// Calls `listener` with each of the layer's [`Event`](crate::event::Event)s as it
+        /// happens (see [`event`](crate::event)). A second call replaces the first listener.
+        pub fn on_event<L>(mut self, listener: L) -> Self
+        where
+            L: Fn(&crate::event::Event<'_>) + Send + Sync + 'static,
+        {
+            self.events.listener(listener);
+            self
+        }
+    };
+}
+
 pub mod backoff;
 mod builder;
 mod clock;

@@ -1,6 +1,6 @@
 //! [`Builder`]: a plan's routes, JSON fields, queue bounds and job life, checked when built.
 
-use crate::event::{Event, EventConfig, LayerKind};
+use crate::event::{EventConfig, LayerKind};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,30 +89,7 @@ impl Builder {
         }
     }
 
-    /// Names the layer (default `plan`): the `layer` of its [`Event`]s and the `layer` label
-    /// of its metrics.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.events.name = Some(name.into().into());
-        self
-    }
-
-    /// Whether the layer records its metrics through the `metrics` facade (default: yes,
-    /// with feature `metrics`). Its events and counters are kept either way.
-    #[cfg(feature = "metrics")]
-    pub fn metrics(mut self, enabled: bool) -> Self {
-        self.events.metrics = enabled;
-        self
-    }
-
-    /// Calls `listener` with each of the layer's [`Event`]s as it happens (see
-    /// [`event`](crate::event)). A second call replaces the first listener.
-    pub fn on_event<L>(mut self, listener: L) -> Self
-    where
-        L: Fn(&Event<'_>) + Send + Sync + 'static,
-    {
-        self.events.listener(listener);
-        self
-    }
+    event_setters!("plan");
 
     /// A preset's routes of each kind, used where none of that kind is given.
     pub(crate) fn default_routes(

@@ -16,7 +16,7 @@ use super::server::key::{
 use super::server::state::KeyedRoute;
 use crate::clock::Clock;
 use crate::error::ConfigError;
-use crate::event::{Event, EventConfig, LayerKind};
+use crate::event::{EventConfig, LayerKind};
 use crate::quota::{Quota, Rate};
 use crate::route::{Pattern, RouteTable};
 #[cfg(feature = "redis")]
@@ -109,30 +109,7 @@ impl RateLimitByRoute<Wait> {
 }
 
 impl<C> Builder<C> {
-    /// Names the layer (default `rate_limit`): the `layer` of its [`Event`]s and the
-    /// `layer` label of its metrics, to tell several limiters apart.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.events.name = Some(name.into().into());
-        self
-    }
-
-    /// Whether the layer records its metrics through the `metrics` facade (default: yes,
-    /// with feature `metrics`). Its events and counters are kept either way.
-    #[cfg(feature = "metrics")]
-    pub fn metrics(mut self, enabled: bool) -> Self {
-        self.events.metrics = enabled;
-        self
-    }
-
-    /// Calls `listener` with each of the layer's [`Event`]s as it happens (see
-    /// [`event`](crate::event)). A second call replaces the first listener.
-    pub fn on_event<L>(mut self, listener: L) -> Self
-    where
-        L: Fn(&Event<'_>) + Send + Sync + 'static,
-    {
-        self.events.listener(listener);
-        self
-    }
+    event_setters!("rate_limit");
 
     /// Gives the requests matching `pattern` their own quota.
     ///

@@ -16,6 +16,7 @@ mod harness;
 mod rate_limit;
 #[cfg(feature = "redis")]
 mod store;
+mod waiting;
 
 use harness::Rows;
 
@@ -29,6 +30,7 @@ const FAST_PATHS: &[(&str, Rows)] = &[
     ),
     ("concurrency_other_request", concurrency::other_request_rows),
     ("backoff_no_retry", backoff::no_retry_rows),
+    ("waiting_at_scale", waiting::rows),
 ];
 
 fn fast_paths(c: &mut Criterion) {

@@ -254,7 +254,7 @@ where
         inner: S,
         request: Request<B>,
         shared: Arc<PlanState>,
-        ticket: u64,
+        ticket: crate::queue::Ticket,
     ) -> Self {
         let deadline = shared.wait_deadline();
         let span = tracing::debug_span!("plan_wait", plan = %*shared.plan.lock().unwrap_or_else(|e| e.into_inner()));

@@ -22,7 +22,7 @@ use std::hash::BuildHasher;
 use std::task::Waker;
 
 use crate::clock::Nanos;
-use crate::queue::WaitQueue;
+use crate::queue::{Ticket, WaitQueue};
 
 /// Why a slot was given back, for tracing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,7 +244,7 @@ impl Slots {
     }
 
     /// Joins the back of the queue.
-    pub(crate) fn join(&mut self) -> u64 {
+    pub(crate) fn join(&mut self) -> Ticket {
         self.waiters.join()
     }
 
@@ -253,7 +253,7 @@ impl Slots {
     /// lease runs out (which frees a slot with nobody to wake the queue).
     pub(crate) fn poll_take(
         &mut self,
-        ticket: u64,
+        ticket: Ticket,
         now: Nanos,
         waker: &Waker,
     ) -> Result<(), Option<Nanos>> {
@@ -269,7 +269,7 @@ impl Slots {
     }
 
     /// Leaves the queue without a slot (a dropped or timed-out request).
-    pub(crate) fn leave(&mut self, ticket: u64) {
+    pub(crate) fn leave(&mut self, ticket: Ticket) {
         if self.waiters.leave(ticket) {
             self.wake_head();
         }

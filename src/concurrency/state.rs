@@ -236,7 +236,7 @@ impl PlanState {
 /// A place in the queue; dropping it while queued leaves the queue.
 pub(crate) struct SlotTicket {
     pub(crate) shared: Arc<PlanState>,
-    pub(crate) id: u64,
+    pub(crate) id: crate::queue::Ticket,
     pub(crate) queued: bool,
     /// When it joined the queue.
     pub(crate) since: crate::clock::Nanos,

@@ -196,7 +196,7 @@ proptest! {
         let mut slots = Slots::new(limit, LEASE);
         let mut model = Model::default();
         let mut now: Nanos = 0;
-        let mut waiting: BTreeSet<u64> = BTreeSet::new();
+        let mut waiting: BTreeSet<Ticket> = BTreeSet::new();
         let mut limit = limit;
         for op in ops {
             match op {
@@ -204,7 +204,7 @@ proptest! {
                     waiting.insert(slots.join());
                 }
                 Step::Poll(i) => {
-                    let tickets: Vec<u64> = waiting.iter().copied().collect();
+                    let tickets: Vec<Ticket> = waiting.iter().copied().collect();
                     if !tickets.is_empty() {
                         let ticket = tickets[i % tickets.len()];
                         // The slots expire leases first, as the model must.
@@ -220,7 +220,7 @@ proptest! {
                     }
                 }
                 Step::Leave(i) => {
-                    let tickets: Vec<u64> = waiting.iter().copied().collect();
+                    let tickets: Vec<Ticket> = waiting.iter().copied().collect();
                     if !tickets.is_empty() {
                         let ticket = tickets[i % tickets.len()];
                         slots.leave(ticket);
@@ -301,7 +301,7 @@ proptest! {
         // Then every waiter gets its slot, in order.
         for ticket in waiting.iter().copied().collect::<Vec<_>>() {
             let taken = slots.poll_take(ticket, now, waker());
-            prop_assert!(taken.is_ok(), "waiter {} starved", ticket);
+            prop_assert!(taken.is_ok(), "waiter {:?} starved", ticket);
             slots.release(ReleaseReason::Failed);
         }
     }

@@ -12,7 +12,7 @@ use crate::clock::{nanos, Clock, Nanos};
 use crate::event::{Event, Figures, Learnt, Refusal};
 use crate::headers;
 use crate::limiter::{Limiter, NotYet};
-use crate::queue::WaitQueue;
+use crate::queue::{Ticket, WaitQueue};
 use crate::quota::Rate;
 use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::LayerState;
@@ -222,7 +222,7 @@ pub(crate) struct TurnTicket {
     route: usize,
     /// The route whose queue it waits in (its route's holder when it joined).
     at: usize,
-    id: u64,
+    id: Ticket,
     queued: bool,
     /// When the request was made, for the wait it reports.
     pub(crate) since: Nanos,
@@ -363,7 +363,7 @@ impl TurnTicket {
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.now(&self.shared.clock);
-        let ahead = state.waiters.position(self.id).unwrap_or(0) as u32;
+        let ahead = state.waiters.ahead(self.id).unwrap_or(0) as u32;
         state.limiter.estimate(&state.rate, now, ahead)
     }
 }

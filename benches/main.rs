@@ -15,6 +15,8 @@ mod concurrency;
 mod harness;
 mod rate_limit;
 #[cfg(feature = "redis")]
+mod redis_server;
+#[cfg(feature = "redis")]
 mod store;
 mod waiting;
 

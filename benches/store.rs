@@ -7,8 +7,6 @@
 use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::hint::black_box;
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use criterion::measurement::WallTime;
@@ -17,6 +15,8 @@ use http::{Method, Request, Response, Uri};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_quota::store::{FailMode, RedisStore};
 use tower_quota::{ConcurrencyLimitByPlan, Plan, Quota, RateLimitByRoute};
+
+use crate::redis_server::redis;
 
 type Inner = tower::util::ServiceFn<fn(Request<()>) -> Ready<Result<Response<()>, Infallible>>>;
 
@@ -29,43 +29,6 @@ fn request(method: Method, uri: &'static str) -> Request<()> {
     *request.method_mut() = method;
     *request.uri_mut() = Uri::from_static(uri);
     request
-}
-
-/// A Redis server for the bench, stopped when dropped.
-struct Server(Option<Child>, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn redis() -> Option<Server> {
-    if let Ok(url) = std::env::var("TOWER_QUOTA_REDIS_URL") {
-        return Some(Server(None, url));
-    }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let child = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .ok()?;
-    let server = Server(Some(child), format!("redis://127.0.0.1:{port}/"));
-    for _ in 0..500 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(server);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
 }
 
 fn status() -> Request<()> {

@@ -167,10 +167,15 @@ if algorithm == 'window' then
     end
     return {1, 0}
   end
-  -- The (n - count + 1)-th place to free up is ours. One held by a request in flight frees
-  -- at its response: the lease is only an upper bound, and a release wakes waiters.
-  local at = redis.call('ZRANGE', holders, n - count, n - count, 'WITHSCORES')
-  return {0, math.max(tonumber(at[2]) - now, 1)}
+  -- The (n - count + 1)-th place to free up is ours. One held by a request in flight (its
+  -- hold still reaches past `period + margin` from now) frees at its response, which may
+  -- come at any moment: the lease is only an upper bound, so the wait is "until a release",
+  -- which wakes waiters, rather than a time that would turn a short wait into a refusal.
+  local at = tonumber(redis.call('ZRANGE', holders, n - count, n - count, 'WITHSCORES')[2])
+  if at - period - margin > now then
+    return {0, -1}
+  end
+  return {0, math.max(at - now, 1)}
 end
 
 local tat = tonumber(redis.call('GET', tat_key) or '0')

@@ -57,11 +57,11 @@ struct Inner {
     slots_script: Script,
     /// Ids of jobs given back by some process, for the processes holding them locally.
     done: broadcast::Sender<Arc<str>>,
-    /// Changes that nobody awaits (slots given back, jobs bound or done), run one after
-    /// another in the order they were made, so that a job's end never overtakes its start.
+    /// Changes that nobody awaits (places given back after their responses, slots given
+    /// back, jobs bound or done), run one after another in the order they were made, so that
+    /// a job's end never overtakes its start.
     background: mpsc::Sender<StoreCall>,
     subscriber: JoinHandle<()>,
-    worker: JoinHandle<()>,
     /// Whether the last operation failed: a failure is logged at `warn` when it begins and
     /// its end at `info`, each failing operation in between at `debug` only, so an outage
     /// does not log a line per request.
@@ -80,7 +80,9 @@ const BACKGROUND: usize = 4096;
 impl Drop for Inner {
     fn drop(&mut self) {
         self.subscriber.abort();
-        self.worker.abort();
+        // The background worker is left to finish what is queued (its queue closes with
+        // this sender), so that the places and slots given back last still reach Redis
+        // while the runtime runs.
     }
 }
 
@@ -122,6 +124,25 @@ impl RedisStore {
     /// What a layer does when this store fails.
     pub fn fail_mode(&self) -> FailMode {
         self.inner.fail_mode
+    }
+
+    /// Resolves once every change queued for the store before the call has reached Redis
+    /// (or failed, each within the store's timeout): places given back after their
+    /// responses, job slots bound and released.
+    ///
+    /// Those changes run in the background, in order, off the requests' paths. Await this
+    /// before a process exits: a change still queued when its runtime stops is lost, and
+    /// what it gave back stays taken for the whole fleet until its lease runs out
+    /// ([`in_flight_lease`](RedisStoreBuilder::in_flight_lease)).
+    pub async fn flush(&self) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let marker: StoreCall = SyncFuture::new(Box::pin(async move {
+            let _ = done.send(());
+            Ok(Decision::Admitted)
+        }));
+        if self.inner.background.send(marker).await.is_ok() {
+            let _ = flushed.await;
+        }
     }
 
     /// The key of a limit: the prefix and the limit's name, in braces so that the keys of one
@@ -331,6 +352,15 @@ impl RedisStore {
         self.inner.done.subscribe()
     }
 
+    /// Runs `op` in the background, after the ones made before it, if there is room in the
+    /// queue; otherwise hands it back.
+    pub(crate) fn try_spawn(&self, op: StoreCall) -> Result<(), StoreCall> {
+        self.inner
+            .background
+            .try_send(op)
+            .map_err(mpsc::error::TrySendError::into_inner)
+    }
+
     /// Runs `op` in the background, after the ones made before it.
     pub(crate) fn spawn(&self, op: StoreCall) {
         if self.inner.background.try_send(op).is_err() {
@@ -525,7 +555,8 @@ impl RedisStoreBuilder {
         let channel = format!("{{{}}}:released", self.prefix);
         let subscriber = runtime.spawn(subscribe(subscriber, channel.clone(), self.poll));
         let (background, mut queue) = mpsc::channel::<StoreCall>(BACKGROUND);
-        let worker = runtime.spawn(async move {
+        // Detached: it ends once every handle is dropped and its queue drained.
+        runtime.spawn(async move {
             while let Some(op) = queue.recv().await {
                 if let Err(error) = op.await {
                     tracing::debug!(%error, "a change did not reach the store: the lease of what it held covers it");
@@ -551,7 +582,6 @@ impl RedisStoreBuilder {
                 done,
                 background,
                 subscriber,
-                worker,
                 failing: Arc::new(AtomicBool::new(false)),
             }),
         })

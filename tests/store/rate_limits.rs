@@ -102,7 +102,7 @@ fn client_process(
                 .unwrap();
             let limits = RateLimitByRoute::builder()
                 .route("GET /work", quota)
-                .store(store)
+                .store(store.clone())
                 .build()
                 .unwrap();
             let service = ServiceBuilder::new().layer(limits).service(http_client());
@@ -113,6 +113,8 @@ fn client_process(
             while let Some(response) = calls.next().await {
                 statuses.push(response.expect("every request is sent").status());
             }
+            // As a process does before it exits: the places given back last reach Redis.
+            store.flush().await;
             statuses
         })
     })
@@ -369,65 +371,117 @@ async fn a_full_queue_of_requests_waiting_for_the_store_returns_the_request_at_o
     assert_eq!(counters.refused.queue_full, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_place_being_given_back_when_the_caller_gives_up_is_still_given_back() {
-    let Some((url, _server)) = shared_redis() else {
-        return;
-    };
+/// A store with a long in-flight lease, so that a place given back only by its lease would
+/// show, and a layer giving one place of `GET /work` a second through it.
+fn one_a_second(url: &str, prefix: &str) -> (RedisStore, RateLimitByRoute) {
     let store = RedisStore::builder(url)
-        .prefix(unique_prefix("release"))
+        .prefix(prefix)
         .in_flight_lease(Duration::from_secs(20))
-        // A loaded machine must not turn the polls below into store timeouts.
+        // A loaded machine must not turn the calls below into store timeouts.
         .timeout(Duration::from_secs(5))
         .fail_mode(FailMode::Closed)
         .build()
         .unwrap();
     let limits = RateLimitByRoute::builder()
         .route("GET /work", Quota::new(1, Duration::from_secs(1)))
-        .route("GET /warm", Quota::new(100, Duration::from_secs(1)))
         .max_wait(Duration::from_secs(3))
-        .store(store)
+        .store(store.clone())
         .build()
         .unwrap();
-    // Answers at once, so that a poll takes the request from its turn to its release.
-    let api = tower::service_fn(|_: Request<()>| async {
-        Ok::<_, std::convert::Infallible>(Response::new(()))
-    });
-    let mut service = limits.layer(api);
-    let request = || Request::get("http://api.test/work").body(()).unwrap();
-    // Connected to the store, so that a poll's question reaches it at once.
-    let warm = Request::get("http://api.test/warm").body(()).unwrap();
-    service.call(warm).await.unwrap();
+    (store, limits)
+}
 
-    // The second poll finds the place being given back, unless Redis answered the release
-    // on the other worker before the poll looked (a race this machine loses now and then):
-    // then the request is answered, and the scenario is tried again a period later.
-    let mut tries = 0;
-    let first = loop {
-        tries += 1;
-        let mut first = tokio_test::task::spawn(service.call(request()));
-        assert!(first.poll().is_pending(), "asking the store");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let second = first.poll();
-        if second.is_pending() {
-            break first;
-        }
-        assert!(
-            tries < 5,
-            "sent, answered, giving its place back: {:?}",
-            second.map(|r| r.map(|_| ()))
-        );
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
+/// Answers at once.
+fn at_once() -> impl Service<
+    Request<()>,
+    Response = Response<()>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Response<()>, std::convert::Infallible>> + Send,
+> + Clone
+       + Send {
+    tower::service_fn(|_: Request<()>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(()))
+    })
+}
+
+fn work() -> Request<()> {
+    Request::get("http://api.test/work").body(()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_is_given_back_off_the_path_and_frees_a_period_after_its_response() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
     };
-    // The caller gives up on the answer while the place is given back: the change still
-    // reaches the store, and the place frees a period after the response, not with its lease.
-    drop(first);
+    let (_, limits) = one_a_second(&url, &unique_prefix("release"));
+    let mut service = limits.layer(at_once());
+    service.call(work()).await.unwrap();
+    // The first was answered once its place was taken (one round trip); its release ran in
+    // the background, and the place frees a period after the response, not with its lease.
     let started = Instant::now();
-    service.call(request()).await.unwrap();
+    service.call(work()).await.unwrap();
     let waited = started.elapsed();
     assert!(
         Duration::from_millis(800) < waited && waited < Duration::from_secs(2),
         "{waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn places_given_back_last_reach_redis_after_the_layer_is_dropped() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("dropped");
+    {
+        // A layer's last request: answered, then the layer and its store dropped at once.
+        let (_, limits) = one_a_second(&url, &prefix);
+        limits.layer(at_once()).call(work()).await.unwrap();
+    }
+    // Another process sharing the limit gets the place a period later, not after the
+    // 20-second lease: the dropped store's worker finished its queue.
+    let (_, limits) = one_a_second(&url, &prefix);
+    let started = Instant::now();
+    limits.layer(at_once()).call(work()).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_flushes_its_store_before_exiting_leaves_no_place_taken() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let prefix = unique_prefix("flush");
+    let (exiting_url, exiting_prefix) = (url.clone(), prefix.clone());
+    // A process's last request, then its runtime stops: what is still queued then is lost,
+    // unless the process flushed its store first.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (store, limits) = one_a_second(&exiting_url, &exiting_prefix);
+            limits.layer(at_once()).call(work()).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), store.flush())
+                .await
+                .expect("flush resolves");
+        });
+        drop(runtime);
+    })
+    .join()
+    .unwrap();
+    let (_, limits) = one_a_second(&url, &prefix);
+    let started = Instant::now();
+    limits.layer(at_once()).call(work()).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
     );
 }
 

@@ -151,7 +151,13 @@ where
                         }
                     }
                     let release = place.release(answer.as_ref().ok());
-                    state.set(StoreState::Releasing { release, answer });
+                    // Given back off the request's path, after the changes made before it;
+                    // on the path only when the background queue is full (Redis slower than
+                    // the requests), so that no release is dropped for want of room.
+                    match release.in_background() {
+                        Ok(()) => return Poll::Ready(StoreNext::Answer(answer)),
+                        Err(release) => state.set(StoreState::Releasing { release, answer }),
+                    }
                 }
                 StoreProj::Releasing { release, .. } => {
                     if let Err(error) = ready!(Pin::new(release).poll(cx)) {
@@ -203,10 +209,12 @@ impl StorePlace {
     }
 
     /// The answer is in (a response, or `None` for a transport error, which abandons the
-    /// request): give the place back, learning what the server says. The request awaits the
-    /// returned operation before it answers its caller: a release left to run in the
-    /// background could be lost with its runtime, and the place would stay taken for the
-    /// whole fleet until its lease ran out.
+    /// request): give the place back, learning what the server says. The request hands the
+    /// returned operation to the store's background queue and answers its caller at once
+    /// (one round trip on its path, the place's); a release runs later than the response,
+    /// so the place counts from a later time, never an earlier one, and the quota holds. A
+    /// release still queued when the runtime stops is lost: its place stays taken for the
+    /// fleet until its in-flight lease runs out.
     pub(crate) fn release<B>(mut self, response: Option<&Response<B>>) -> StoreRelease {
         self.released = true;
         let call = match response {
@@ -265,6 +273,19 @@ impl StorePlace {
 pub(crate) struct StoreRelease {
     call: Option<StoreCall>,
     store: StoreHandle,
+}
+
+impl StoreRelease {
+    /// Hands the release to the store's background queue, or back if it is full.
+    fn in_background(mut self) -> Result<(), Self> {
+        let Some(call) = self.call.take() else {
+            return Ok(());
+        };
+        self.store.try_spawn(call).map_err(|call| {
+            self.call = Some(call);
+            self
+        })
+    }
 }
 
 impl Future for StoreRelease {

@@ -3,13 +3,17 @@
 //! One axum app (`GET /v2/generations/{id}`, a small JSON answer) served on one Tokio worker
 //! thread, and a load generator on a thread of its own sending over keep-alive HTTP/1
 //! connections on 127.0.0.1, each thread pinned to its own core where the machine has two.
-//! Every request carries an `x-api-key` drawn in turn from 5,000 clients. Four variants of the
+//! Every request carries an `x-api-key` drawn in turn from 5,000 clients. The variants of the
 //! app, each on its own port of the same server thread:
 //!
 //! - bare axum;
 //! - tower_governor keyed by the same header;
 //! - `RateLimitByRoute` server mode, sliding window;
-//! - `RateLimitByRoute` server mode, GCRA.
+//! - `RateLimitByRoute` server mode, GCRA;
+//! - and, beside them, server mode (sliding window) without its `RateLimit` fields, which
+//!   tower_governor does not write by default either.
+//!
+//! Server mode writes its `RateLimit` and `RateLimit-Policy` fields by default.
 //!
 //! Quotas are set so that no client reaches its own (100 requests a second each; the load
 //! gives each about 10): the rows are the cost of admitting. Each variant runs twice, with
@@ -23,8 +27,8 @@
 //! (from `/proc/thread-self/schedstat`, Linux). Not a criterion bench: it needs the server's
 //! CPU time, and interleaved runs, which one criterion group cannot give.
 //!
-//! `cargo bench --bench end_to_end` (`TOWER_QUOTA_E2E_ROUNDS`, default 7, and
-//! `TOWER_QUOTA_E2E_SECONDS`, default 2, per run; `TOWER_QUOTA_E2E_CONNECTIONS`, default 32).
+//! `cargo bench --bench end_to_end` (`TOWER_QUOTA_E2E_ROUNDS`, default 15, and
+//! `TOWER_QUOTA_E2E_SECONDS`, default 1, per run; `TOWER_QUOTA_E2E_CONNECTIONS`, default 32).
 
 // Pinning a thread to a core is one `libc` call.
 #![allow(unsafe_code)]
@@ -57,13 +61,15 @@ enum Variant {
     TowerGovernor,
     Sliding,
     Gcra,
+    SlidingNoFields,
 }
 
-const VARIANTS: [Variant; 4] = [
+const VARIANTS: [Variant; 5] = [
     Variant::Bare,
     Variant::TowerGovernor,
     Variant::Sliding,
     Variant::Gcra,
+    Variant::SlidingNoFields,
 ];
 
 impl Variant {
@@ -73,6 +79,9 @@ impl Variant {
             Variant::TowerGovernor => "tower_governor, keyed by x-api-key",
             Variant::Sliding => "RateLimitByRoute server mode, sliding window",
             Variant::Gcra => "RateLimitByRoute server mode, GCRA",
+            Variant::SlidingNoFields => {
+                "RateLimitByRoute server mode, sliding window, `.rate_limit_headers(false)`"
+            }
         }
     }
 }
@@ -101,12 +110,13 @@ fn app(variant: Variant) -> Router {
     let app = Router::new().route("/v2/generations/{id}", get(generation));
     // 100 requests a second per client, in each limiter's terms.
     let quota = Quota::per_minute(6_000);
-    let server_mode = |quota: Quota| {
+    let server_mode = |quota: Quota, fields: bool| {
         RateLimitByRoute::builder()
             .route("GET /v2/generations/{id}", quota)
             .reject()
             .key_header(HeaderName::from_static("x-api-key"))
             .max_keys(MAX_KEYS)
+            .rate_limit_headers(fields)
             .build()
             .unwrap()
     };
@@ -121,8 +131,9 @@ fn app(variant: Variant) -> Router {
                 .unwrap();
             app.layer(GovernorLayer::new(config))
         }
-        Variant::Sliding => app.layer(server_mode(quota)),
-        Variant::Gcra => app.layer(server_mode(quota.with_burst(6_000))),
+        Variant::Sliding => app.layer(server_mode(quota, true)),
+        Variant::Gcra => app.layer(server_mode(quota.with_burst(6_000), true)),
+        Variant::SlidingNoFields => app.layer(server_mode(quota, false)),
     }
 }
 
@@ -148,7 +159,7 @@ fn cpu_ns(task: &std::path::Path) -> u64 {
     stat.split_whitespace().next().unwrap().parse().unwrap()
 }
 
-/// Starts the four apps on one server thread: their addresses, and the thread's `/proc`
+/// Starts the apps on one server thread: their addresses, and the thread's `/proc`
 /// directory.
 fn serve() -> (Vec<std::net::SocketAddr>, std::path::PathBuf) {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -269,8 +280,8 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter, if any, is ignored: there is one table.
-    let rounds: usize = setting("TOWER_QUOTA_E2E_ROUNDS", 7);
-    let seconds: f64 = setting("TOWER_QUOTA_E2E_SECONDS", 2.0);
+    let rounds: usize = setting("TOWER_QUOTA_E2E_ROUNDS", 15);
+    let seconds: f64 = setting("TOWER_QUOTA_E2E_SECONDS", 1.0);
     let connections: usize = setting("TOWER_QUOTA_E2E_CONNECTIONS", 32);
     let (addresses, server) = serve();
     pin_to(1);
@@ -300,8 +311,10 @@ fn main() {
         "{rounds} interleaved rounds of {seconds} s per run, {connections} connections, \
          {KEYS} clients; medians\n"
     );
-    println!("| mix | variant | requests/s | vs bare axum | server CPU per request | not 200 |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| mix | variant | requests/s | vs bare axum | server CPU per request | vs bare axum | not 200 |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for flood in [false, true] {
         let mix = if flood {
             "5,000 clients + 1 in 10 fresh keys"
@@ -310,14 +323,16 @@ fn main() {
         };
         let at = |i: usize| &runs[usize::from(flood) * VARIANTS.len() + i];
         let bare = median(at(0).iter().map(|r| r.requests_per_second).collect());
+        let bare_cpu = median(at(0).iter().map(|r| r.server_cpu_us).collect());
         for (i, variant) in VARIANTS.iter().enumerate() {
             let rps = median(at(i).iter().map(|r| r.requests_per_second).collect());
             let cpu = median(at(i).iter().map(|r| r.server_cpu_us).collect());
             let not_ok: u64 = at(i).iter().map(|r| r.not_ok).sum();
             println!(
-                "| {mix} | {} | {rps:.0} | {:.3} | {cpu:.2} µs | {not_ok} |",
+                "| {mix} | {} | {rps:.0} | {:.3} | {cpu:.2} µs | {:+.2} µs | {not_ok} |",
                 variant.name(),
-                rps / bare
+                rps / bare,
+                cpu - bare_cpu
             );
         }
     }

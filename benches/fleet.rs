@@ -156,6 +156,10 @@ fn main() {
     // Requests still waiting at the end are sent after it: the span is the sends'.
     let span = (sent.last().unwrap_or(&0) - sent.first().unwrap_or(&0)) as f64 / 1e6;
     let rate = sent.len() as f64 / span;
+    assert!(
+        most <= RATE as usize,
+        "{most} requests in one second, over the quota of {RATE}"
+    );
     // After the first second, whose window the fleet fills at once: the steady rate.
     let first = sent.first().copied().unwrap_or(0);
     let steady = sent.iter().filter(|&&at| at >= first + 1_000_000).count() as f64 / (span - 1.0);

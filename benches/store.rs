@@ -137,7 +137,7 @@ pub(crate) fn overhead(c: &mut Criterion) {
     layered(
         &mut group,
         runtime,
-        "client mode, Redis (take + give back)",
+        "client mode, Redis (take; give back queued)",
         &redis_client,
         status,
     );

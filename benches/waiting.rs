@@ -1,8 +1,10 @@
 //! Waiting at scale: one job slot, and a queue of 10 or 100,000 creates waiting for it. Each
 //! iteration is one turn of the queue: the holder's response comes (its slot is freed), the
 //! head of the queue takes the slot and is sent, and one more create joins the back; in the
-//! rows "one leaves from the middle", a create halfway along the queue also gives up (its
-//! future dropped) and another joins in its stead. A queue whose every step takes constant
+//! rows "one leaves from the middle", a create picked at random in the middle half of the
+//! queue also gives up (its future dropped) and another joins in its stead (four tries at
+//! most, where the pick is one that left already: with 10 waiting, a few turns have none
+//! leave). A queue whose every step takes constant
 //! time costs the same per iteration at either length. tower's `ConcurrencyLimit` (its
 //! waiters in tokio's semaphore, a linked list) runs the same turns beside it.
 //!

@@ -37,6 +37,16 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
+-- A sliding window's place held by a request in flight ends on an odd microsecond, one whose
+-- end is known (answered, or abandoned until a known time) on an even one: a request waiting
+-- for it then knows whether to wait for a release or for a time.
+local function in_flight_until(x)
+  return x - x % 2 + 1
+end
+local function settled_until(x)
+  return x - x % 2
+end
+
 -- Keeps `key` at least `ms` longer, never shortening what an earlier hold asked for.
 local function extend(key, ms)
   if redis.call('PTTL', key) < ms then
@@ -63,7 +73,7 @@ if op == 'abandon' then
   local answered = now + tonumber(ARGV[10])
   if algorithm == 'window' then
     if redis.call('ZSCORE', holders, member) then
-      local held = answered + period + margin
+      local held = settled_until(answered + period + margin)
       redis.call('ZADD', holders, int(held), member)
       extend(holders, math.ceil((held - now) / 1000) + 1000)
     end
@@ -87,7 +97,7 @@ if op == 'release' then
   end
   if algorithm == 'window' then
     if redis.call('ZSCORE', holders, member) then
-      redis.call('ZADD', holders, int(now + period + margin), member)
+      redis.call('ZADD', holders, int(settled_until(now + period + margin)), member)
       extend(holders, idle_ms)
     end
   elseif redis.call('ZREM', holders, member) == 1 then
@@ -153,7 +163,7 @@ if algorithm == 'window' then
   if n < count then
     local hold = now + period
     if op ~= 'hit' then
-      hold = now + lease + period + margin
+      hold = in_flight_until(now + lease + period + margin)
     end
     redis.call('ZADD', holders, int(hold), member)
     extend(holders, idle_ms)
@@ -167,12 +177,12 @@ if algorithm == 'window' then
     end
     return {1, 0}
   end
-  -- The (n - count + 1)-th place to free up is ours. One held by a request in flight (its
-  -- hold still reaches past `period + margin` from now) frees at its response, which may
-  -- come at any moment: the lease is only an upper bound, so the wait is "until a release",
-  -- which wakes waiters, rather than a time that would turn a short wait into a refusal.
+  -- The (n - count + 1)-th place to free up is ours. One held by a request in flight frees
+  -- at its response, which may come at any moment: the lease is only an upper bound, so the
+  -- wait is "until a release", which wakes waiters, rather than a time that would turn a
+  -- short wait into a refusal. One answered or abandoned frees at a known time.
   local at = tonumber(redis.call('ZRANGE', holders, n - count, n - count, 'WITHSCORES')[2])
-  if at - period - margin > now then
+  if at % 2 == 1 and at - period - margin > now then
     return {0, -1}
   end
   return {0, math.max(at - now, 1)}

@@ -57,10 +57,15 @@ struct Inner {
     slots_script: Script,
     /// Ids of jobs given back by some process, for the processes holding them locally.
     done: broadcast::Sender<Arc<str>>,
-    /// Changes that nobody awaits (places given back after their responses, slots given
-    /// back, jobs bound or done), run one after another in the order they were made, so that
-    /// a job's end never overtakes its start.
-    background: mpsc::Sender<StoreCall>,
+    /// Job slots' changes that nobody awaits (slots given back, jobs bound or done), run one
+    /// after another in the order they were made, so that a job's end never overtakes its
+    /// start.
+    background: mpsc::Sender<Change>,
+    /// Places given back (after a response, an abandon, a request never sent): one change per
+    /// place, made after the place was taken, so they run [`PLACES_AT_ONCE`] at a time.
+    places: mpsc::Sender<Change>,
+    /// Runs a place's change when its queue is full, rather than lose it.
+    runtime: tokio::runtime::Handle,
     subscriber: JoinHandle<()>,
     /// Whether the last operation failed: a failure is logged at `warn` when it begins and
     /// its end at `info`, each failing operation in between at `debug` only, so an outage
@@ -73,9 +78,65 @@ struct Inner {
 /// take a slot again.
 const REMEMBERED_DONE: usize = 4096;
 
-/// How many background changes may wait for Redis; past it (Redis away for long) they are
-/// dropped, and the leases give the slots back.
+/// How many background changes may wait for Redis; past it (Redis away for long) a job
+/// slot's change is dropped, and the lease gives the slot back.
 const BACKGROUND: usize = 4096;
+
+/// How many places are given back at once, each a round trip of its own on the shared
+/// connection, so that the places keep up with the requests however far away Redis is.
+const PLACES_AT_ONCE: usize = 64;
+
+/// A change for a background worker, or a mark that resolves once the worker has finished
+/// every change sent before it.
+enum Change {
+    Run(StoreCall),
+    Flushed(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Runs the job slots' changes one after another.
+async fn in_order(mut queue: mpsc::Receiver<Change>) {
+    while let Some(change) = queue.recv().await {
+        match change {
+            Change::Run(op) => done(op.await),
+            Change::Flushed(mark) => {
+                let _ = mark.send(());
+            }
+        }
+    }
+}
+
+/// Runs the places' changes, up to [`PLACES_AT_ONCE`] at a time; a flush mark waits for
+/// those running.
+async fn at_once(mut queue: mpsc::Receiver<Change>) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut running = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(outcome) = running.next(), if !running.is_empty() => done(outcome),
+            change = queue.recv(), if running.len() < PLACES_AT_ONCE => match change {
+                Some(Change::Run(op)) => running.push(op),
+                Some(Change::Flushed(mark)) => {
+                    while let Some(outcome) = running.next().await {
+                        done(outcome);
+                    }
+                    let _ = mark.send(());
+                }
+                None => break,
+            },
+        }
+    }
+    while let Some(outcome) = running.next().await {
+        done(outcome);
+    }
+}
+
+/// What a background change came to.
+fn done(outcome: Result<Decision, StoreError>) {
+    if let Err(error) = outcome {
+        tracing::debug!(%error, "a change did not reach the store: the lease of what it held covers it");
+    }
+}
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -135,13 +196,11 @@ impl RedisStore {
     /// what it gave back stays taken for the whole fleet until its lease runs out
     /// ([`in_flight_lease`](RedisStoreBuilder::in_flight_lease)).
     pub async fn flush(&self) {
-        let (done, flushed) = tokio::sync::oneshot::channel();
-        let marker: StoreCall = SyncFuture::new(Box::pin(async move {
-            let _ = done.send(());
-            Ok(Decision::Admitted)
-        }));
-        if self.inner.background.send(marker).await.is_ok() {
-            let _ = flushed.await;
+        for queue in [&self.inner.places, &self.inner.background] {
+            let (mark, flushed) = tokio::sync::oneshot::channel();
+            if queue.send(Change::Flushed(mark)).await.is_ok() {
+                let _ = flushed.await;
+            }
         }
     }
 
@@ -202,13 +261,13 @@ impl RedisStore {
     /// The same, in the background (for a request dropped by its caller). A place whose
     /// change never reaches the store expires with its lease.
     pub(crate) fn abandon(&self, key: &str, member: &str, rate: &Rate, hold: Duration) {
-        self.spawn(self.abandon_call(key, member, rate, hold));
+        self.give_back(self.abandon_call(key, member, rate, hold));
     }
 
     /// Gives back entirely, in the background, the place `member` took at `key` for a request
     /// that was never sent.
     pub(crate) fn cancel(&self, key: &str, member: &str, rate: &Rate) {
-        self.spawn(self.run(key, "cancel", member, rate, Duration::ZERO));
+        self.give_back(self.run(key, "cancel", member, rate, Duration::ZERO));
     }
 
     /// Runs the rate script; `span` is the release's block or the abandon's hold.
@@ -352,18 +411,29 @@ impl RedisStore {
         self.inner.done.subscribe()
     }
 
-    /// Runs `op` in the background, after the ones made before it, if there is room in the
-    /// queue; otherwise hands it back.
-    pub(crate) fn try_spawn(&self, op: StoreCall) -> Result<(), StoreCall> {
+    /// Gives a place back in the background, if there is room in the places' queue;
+    /// otherwise hands the change back (to be awaited on the request's path).
+    pub(crate) fn try_give_back(&self, op: StoreCall) -> Result<(), StoreCall> {
         self.inner
-            .background
-            .try_send(op)
-            .map_err(mpsc::error::TrySendError::into_inner)
+            .places
+            .try_send(Change::Run(op))
+            .map_err(|full| match full.into_inner() {
+                Change::Run(op) => op,
+                Change::Flushed(_) => unreachable!("a place's change was sent"),
+            })
     }
 
-    /// Runs `op` in the background, after the ones made before it.
+    /// Gives a place back in the background: in the places' queue, or, when it is full, in a
+    /// task of its own rather than lose it (nobody awaits it: its request is gone).
+    pub(crate) fn give_back(&self, op: StoreCall) {
+        if let Err(op) = self.try_give_back(op) {
+            self.inner.runtime.spawn(async move { done(op.await) });
+        }
+    }
+
+    /// Runs a job slot's change in the background, after the ones made before it.
     pub(crate) fn spawn(&self, op: StoreCall) {
-        if self.inner.background.try_send(op).is_err() {
+        if self.inner.background.try_send(Change::Run(op)).is_err() {
             tracing::debug!(
                 "too many changes wait for the store: this one is dropped, and its lease covers it"
             );
@@ -554,15 +624,12 @@ impl RedisStoreBuilder {
         .map_err(unusable)?;
         let channel = format!("{{{}}}:released", self.prefix);
         let subscriber = runtime.spawn(subscribe(subscriber, channel.clone(), self.poll));
-        let (background, mut queue) = mpsc::channel::<StoreCall>(BACKGROUND);
-        // Detached: it ends once every handle is dropped and its queue drained.
-        runtime.spawn(async move {
-            while let Some(op) = queue.recv().await {
-                if let Err(error) = op.await {
-                    tracing::debug!(%error, "a change did not reach the store: the lease of what it held covers it");
-                }
-            }
-        });
+        // The workers are detached: each ends once every handle is dropped and its queue
+        // is drained.
+        let (background, queue) = mpsc::channel(BACKGROUND);
+        runtime.spawn(in_order(queue));
+        let (places, queue) = mpsc::channel(BACKGROUND);
+        runtime.spawn(at_once(queue));
 
         let node = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0u8);
         Ok(RedisStore {
@@ -581,6 +648,8 @@ impl RedisStoreBuilder {
                 slots_script: Script::new(include_str!("slots.lua")),
                 done,
                 background,
+                places,
+                runtime,
                 subscriber,
                 failing: Arc::new(AtomicBool::new(false)),
             }),

@@ -214,24 +214,30 @@ impl StorePlace {
     /// (one round trip on its path, the place's); a release runs later than the response,
     /// so the place counts from a later time, never an earlier one, and the quota holds. A
     /// release still queued when the runtime stops is lost: its place stays taken for the
-    /// fleet until its in-flight lease runs out.
+    /// fleet until its in-flight lease runs out. A release that closes the route for the
+    /// fleet (a 429) is awaited on the path, so the route is closed before the 429 is
+    /// answered.
     pub(crate) fn release<B>(mut self, response: Option<&Response<B>>) -> StoreRelease {
         self.released = true;
-        let call = match response {
+        let (call, closes_route) = match response {
             Some(response) => self.release_call(response),
             None => {
                 self.abandoned();
-                self.store
-                    .abandon_call(&self.key, &self.member, &self.rate, self.hold)
+                let call = self
+                    .store
+                    .abandon_call(&self.key, &self.member, &self.rate, self.hold);
+                (call, false)
             }
         };
         StoreRelease {
             call: Some(call),
             store: self.store.clone(),
+            closes_route,
         }
     }
 
-    fn release_call<B>(&self, response: &Response<B>) -> StoreCall {
+    /// The release's call, and whether it closes the route for the fleet.
+    fn release_call<B>(&self, response: &Response<B>) -> (StoreCall, bool) {
         let mut block = Duration::ZERO;
         if self.learn.enabled
             && crate::headers::refused_in(
@@ -254,8 +260,10 @@ impl StorePlace {
                     from: Learnt::TooManyRequests,
                 });
         }
-        self.store
-            .release_call(&self.key, &self.member, &self.rate, block)
+        let call = self
+            .store
+            .release_call(&self.key, &self.member, &self.rate, block);
+        (call, !block.is_zero())
     }
 }
 
@@ -273,6 +281,8 @@ impl StorePlace {
 pub(crate) struct StoreRelease {
     call: Option<StoreCall>,
     store: StoreHandle,
+    /// It closes the route for the fleet (a 429 learnt).
+    closes_route: bool,
 }
 
 impl StoreRelease {
@@ -281,7 +291,13 @@ impl StoreRelease {
         let Some(call) = self.call.take() else {
             return Ok(());
         };
-        self.store.try_spawn(call).map_err(|call| {
+        if self.closes_route {
+            // Awaited on the path: the route is closed for the fleet before the 429 that
+            // closes it reaches its caller, who may send again at once.
+            self.call = Some(call);
+            return Err(self);
+        }
+        self.store.try_give_back(call).map_err(|call| {
             self.call = Some(call);
             self
         })
@@ -305,7 +321,7 @@ impl Future for StoreRelease {
 impl Drop for StoreRelease {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            self.store.spawn(call);
+            self.store.give_back(call);
         }
     }
 }

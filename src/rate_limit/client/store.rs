@@ -23,7 +23,9 @@ use crate::BoxError;
 
 pin_project! {
     /// A request whose turn comes from the shared store: it asks for its place, readies its
-    /// own service, sends, and gives the place back in the store before it answers. Boxed
+    /// own service, sends, answers, and leaves its place to be given back in the background
+    /// (awaited before it answers only when the store's queue is full or a 429 closes the
+    /// route for the fleet). Boxed
     /// once per request, so that the in-memory future does not carry it.
     pub(crate) struct StoreRequest<S, B>
     where

@@ -197,14 +197,64 @@ pub(crate) fn policy_value(name: &str, count: u32, period: Duration) -> HeaderVa
 /// until a request may go (at least 1); otherwise the time until everything counted is gone.
 /// Both rounded up: a client that trusts them is never early.
 pub(crate) fn ratelimit_value(name: &str, remaining: u32, reset: Duration) -> HeaderValue {
-    let reset = if remaining == 0 {
+    let reset = ratelimit_reset(remaining, reset);
+    named_field(name, [(";r=", u64::from(remaining)), (";t=", reset)])
+}
+
+/// `RateLimit`'s `t`, in seconds rounded up (see [`ratelimit_value`]).
+fn ratelimit_reset(remaining: u32, reset: Duration) -> u64 {
+    if remaining == 0 {
         retry_after_secs(reset)
     } else {
         reset
             .as_secs()
             .saturating_add(u64::from(reset.subsec_nanos() > 0))
-    };
-    named_field(name, [(";r=", u64::from(remaining)), (";t=", reset)])
+    }
+}
+
+/// The start of a route's `RateLimit` field, `"<name>";r=`, made once per route, if its name
+/// needs no escaping (every name a pattern can have but the oddest).
+pub(crate) fn ratelimit_prefix(name: &str) -> Option<Box<[u8]>> {
+    let plain = |b: &u8| (b' '..=b'~').contains(b) && *b != b'"' && *b != b'\\';
+    if !name.as_bytes().iter().all(plain) {
+        return None;
+    }
+    Some(
+        [b"\"", name.as_bytes(), b"\";r="]
+            .concat()
+            .into_boxed_slice(),
+    )
+}
+
+/// [`ratelimit_value`] for a route whose field starts with `prefix` (from
+/// [`ratelimit_prefix`]): the value written once, into its own allocation of its exact size.
+pub(crate) fn ratelimit_value_after(prefix: &[u8], remaining: u32, reset: Duration) -> HeaderValue {
+    let reset = ratelimit_reset(remaining, reset);
+    let (mut r, mut t) = ([0; 20], [0; 20]);
+    let (r, t) = (
+        decimal(u64::from(remaining), &mut r),
+        decimal(reset, &mut t),
+    );
+    let mut value = Vec::with_capacity(prefix.len() + r.len() + 3 + t.len());
+    value.extend_from_slice(prefix);
+    value.extend_from_slice(r);
+    value.extend_from_slice(b";t=");
+    value.extend_from_slice(t);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+}
+
+/// `n` in decimal, written at the end of `out`.
+fn decimal(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
+    let mut start = out.len();
+    loop {
+        start -= 1;
+        out[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &out[start..];
+        }
+    }
 }
 
 /// `"<name>"` and two parameters. Written byte by byte when the name needs no escaping (every
@@ -242,18 +292,9 @@ impl StackText {
     }
 
     /// Appends `n` in decimal (at most 20 digits).
-    fn push_number(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut start = digits.len();
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[start..]);
+    fn push_number(&mut self, n: u64) {
+        let mut digits = [0; 20];
+        self.push(decimal(n, &mut digits));
     }
 }
 

@@ -125,6 +125,11 @@ fn written_fields() {
         ratelimit_value("default", 0, Duration::from_millis(2500)),
         "\"default\";r=0;t=3"
     );
+    let prefix = ratelimit_prefix("POST /v2/generate").unwrap();
+    assert_eq!(
+        ratelimit_value_after(&prefix, 59, Duration::from_millis(63_200)),
+        "\"POST /v2/generate\";r=59;t=64"
+    );
     assert_eq!(
         ratelimit_value("a\"b\\c\u{e9}", 5, Duration::from_millis(100)),
         "\"a\\\"b\\\\c_\";r=5;t=1"
@@ -156,5 +161,24 @@ proptest! {
         }
         let _ = policy_value(&text, 1, Duration::from_secs(1));
         let _ = ratelimit_value(&text, 0, Duration::MAX);
+    }
+
+    /// A route's `RateLimit` field written after its prefix made once is the field written
+    /// whole, for any name that needs no escaping; a name that does has no prefix.
+    #[test]
+    fn a_field_after_its_prefix_is_the_field_written_whole(
+        name in prop_oneof!["[ -~]{0,40}", "\\PC{0,40}"],
+        remaining in any::<u32>(),
+        reset in any::<u64>(),
+        nanos in 0u32..1_000_000_000,
+    ) {
+        let reset = Duration::new(reset, nanos);
+        let whole = ratelimit_value(&name, remaining, reset);
+        match ratelimit_prefix(&name) {
+            Some(prefix) => {
+                prop_assert_eq!(ratelimit_value_after(&prefix, remaining, reset), whole);
+            }
+            None => prop_assert!(name.bytes().any(|b| !(b' '..=b'~').contains(&b) || b == b'"' || b == b'\\')),
+        }
     }
 }

@@ -23,6 +23,8 @@ pub(crate) const SHARDS: usize = 16;
 #[derive(Debug)]
 pub(crate) struct KeyedRoute {
     pub(crate) name: Arc<str>,
+    /// The start of its `RateLimit` field, made once, if its name needs no escaping.
+    ratelimit_prefix: Option<Box<[u8]>>,
     shards: Box<[Mutex<Shard>]>,
     /// Clients tracked in all the shards (the tables only grow, up to their size).
     tracked: AtomicUsize,
@@ -79,6 +81,7 @@ impl KeyedRoute {
             })
             .collect();
         Self {
+            ratelimit_prefix: headers::ratelimit_prefix(&name),
             name,
             shards,
             tracked: AtomicUsize::new(0),
@@ -138,7 +141,7 @@ impl KeyedRoute {
         result.map(|fields| {
             fields.map(|(policy, remaining, reset)| RateLimitFields {
                 policy,
-                ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
+                ratelimit: self.ratelimit(remaining, reset),
             })
         })
     }
@@ -179,7 +182,16 @@ impl KeyedRoute {
     pub(crate) fn fields(&self, remaining: u32, reset: Duration) -> RateLimitFields {
         RateLimitFields {
             policy: lock(&self.shards[0]).policy.clone(),
-            ratelimit: headers::ratelimit_value(&self.name, remaining, reset),
+            ratelimit: self.ratelimit(remaining, reset),
+        }
+    }
+
+    /// The `RateLimit` field of a response admitted with `remaining` left.
+    #[inline]
+    fn ratelimit(&self, remaining: u32, reset: Duration) -> HeaderValue {
+        match &self.ratelimit_prefix {
+            Some(prefix) => headers::ratelimit_value_after(prefix, remaining, reset),
+            None => headers::ratelimit_value(&self.name, remaining, reset),
         }
     }
 

@@ -24,10 +24,12 @@
 //!
 //! The runs are interleaved (every variant once per round, rounds repeated) and each figure is
 //! the median over rounds: requests per second, and the server thread's CPU time per request
-//! (from `/proc/thread-self/schedstat`, Linux). Not a criterion bench: it needs the server's
+//! (from `/proc/thread-self/schedstat`, Linux); the comparisons with bare axum are the medians
+//! of each round's variant against bare axum in the same round, so that the machine's drift
+//! between rounds cancels out. Not a criterion bench: it needs the server's
 //! CPU time, and interleaved runs, which one criterion group cannot give.
 //!
-//! `cargo bench --bench end_to_end` (`TOWER_QUOTA_E2E_ROUNDS`, default 15, and
+//! `cargo bench --bench end_to_end` (`TOWER_QUOTA_E2E_ROUNDS`, default 25, and
 //! `TOWER_QUOTA_E2E_SECONDS`, default 1, per run; `TOWER_QUOTA_E2E_CONNECTIONS`, default 32).
 
 // Pinning a thread to a core is one `libc` call.
@@ -280,7 +282,7 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter, if any, is ignored: there is one table.
-    let rounds: usize = setting("TOWER_QUOTA_E2E_ROUNDS", 15);
+    let rounds: usize = setting("TOWER_QUOTA_E2E_ROUNDS", 25);
     let seconds: f64 = setting("TOWER_QUOTA_E2E_SECONDS", 1.0);
     let connections: usize = setting("TOWER_QUOTA_E2E_CONNECTIONS", 32);
     let (addresses, server) = serve();
@@ -309,7 +311,7 @@ fn main() {
     });
     println!(
         "{rounds} interleaved rounds of {seconds} s per run, {connections} connections, \
-         {KEYS} clients; medians\n"
+         {KEYS} clients; medians, those against bare axum of each round's pair\n"
     );
     println!(
         "| mix | variant | requests/s | vs bare axum | server CPU per request | vs bare axum | not 200 |"
@@ -322,17 +324,26 @@ fn main() {
             "5,000 clients"
         };
         let at = |i: usize| &runs[usize::from(flood) * VARIANTS.len() + i];
-        let bare = median(at(0).iter().map(|r| r.requests_per_second).collect());
-        let bare_cpu = median(at(0).iter().map(|r| r.server_cpu_us).collect());
         for (i, variant) in VARIANTS.iter().enumerate() {
             let rps = median(at(i).iter().map(|r| r.requests_per_second).collect());
             let cpu = median(at(i).iter().map(|r| r.server_cpu_us).collect());
+            // Each round's figure against bare axum's in the same round: the machine's drift
+            // from round to round cancels out.
+            let paired = |f: fn(&Run, &Run) -> f64| {
+                median(
+                    at(i)
+                        .iter()
+                        .zip(at(0))
+                        .map(|(run, bare)| f(run, bare))
+                        .collect(),
+                )
+            };
+            let ratio = paired(|run, bare| run.requests_per_second / bare.requests_per_second);
+            let extra = paired(|run, bare| run.server_cpu_us - bare.server_cpu_us);
             let not_ok: u64 = at(i).iter().map(|r| r.not_ok).sum();
             println!(
-                "| {mix} | {} | {rps:.0} | {:.3} | {cpu:.2} µs | {:+.2} µs | {not_ok} |",
+                "| {mix} | {} | {rps:.0} | {ratio:.3} | {cpu:.2} µs | {extra:+.2} µs | {not_ok} |",
                 variant.name(),
-                rps / bare,
-                cpu - bare_cpu
             );
         }
     }

@@ -397,8 +397,10 @@ async fn main() -> Result<(), BoxError> {
         "What to look at: the layered run completes every job with no 429 (the server never \
          sees more than its limits), and keeps the plan's slots busy (a job starts as soon as \
          the last one's end is seen); the naive run spends its retries on 429s and gives up on \
-         jobs. \"create quota used\" is the creates the server accepted over what 60 a \
-         minute allowed in the run's time."
+         jobs. \"create quota used\" is the creates the server counted against its 60 a \
+         minute (those it then refused for concurrency included) over what 60 a minute \
+         allowed in the run's time; \"plan slot-time used\" is the jobs' time over the \
+         plan's slots times the run's time."
     );
     Ok(())
 }

@@ -66,6 +66,8 @@ struct Inner {
     places: mpsc::Sender<Change>,
     /// Runs a place's change when its queue is full, rather than lose it.
     runtime: tokio::runtime::Handle,
+    /// Places' changes running in tasks of their own (the queue was full), for `flush`.
+    overflow: Arc<Overflow>,
     subscriber: JoinHandle<()>,
     /// Whether the last operation failed: a failure is logged at `warn` when it begins and
     /// its end at `info`, each failing operation in between at `debug` only, so an outage
@@ -129,6 +131,13 @@ async fn at_once(mut queue: mpsc::Receiver<Change>) {
     while let Some(outcome) = running.next().await {
         done(outcome);
     }
+}
+
+/// Places' changes running in tasks of their own, and a wake-up when the last one ends.
+#[derive(Default)]
+struct Overflow {
+    running: std::sync::atomic::AtomicUsize,
+    ended: Notify,
 }
 
 /// What a background change came to.
@@ -201,6 +210,15 @@ impl RedisStore {
             if queue.send(Change::Flushed(mark)).await.is_ok() {
                 let _ = flushed.await;
             }
+        }
+        // And the places given back in tasks of their own while the queue was full.
+        let overflow = &self.inner.overflow;
+        loop {
+            let ended = overflow.ended.notified();
+            if overflow.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
         }
     }
 
@@ -427,7 +445,14 @@ impl RedisStore {
     /// task of its own rather than lose it (nobody awaits it: its request is gone).
     pub(crate) fn give_back(&self, op: StoreCall) {
         if let Err(op) = self.try_give_back(op) {
-            self.inner.runtime.spawn(async move { done(op.await) });
+            let overflow = self.inner.overflow.clone();
+            overflow.running.fetch_add(1, Ordering::SeqCst);
+            self.inner.runtime.spawn(async move {
+                done(op.await);
+                if overflow.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    overflow.ended.notify_waiters();
+                }
+            });
         }
     }
 
@@ -650,6 +675,7 @@ impl RedisStoreBuilder {
                 background,
                 places,
                 runtime,
+                overflow: Arc::default(),
                 subscriber,
                 failing: Arc::new(AtomicBool::new(false)),
             }),

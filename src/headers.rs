@@ -212,11 +212,16 @@ fn ratelimit_reset(remaining: u32, reset: Duration) -> u64 {
     }
 }
 
+/// Whether `name` goes between quotes as it is: printable ASCII, no quote, no backslash.
+fn is_plain(name: &str) -> bool {
+    name.bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+}
+
 /// The start of a route's `RateLimit` field, `"<name>";r=`, made once per route, if its name
 /// needs no escaping (every name a pattern can have but the oddest).
 pub(crate) fn ratelimit_prefix(name: &str) -> Option<Box<[u8]>> {
-    let plain = |b: &u8| (b' '..=b'~').contains(b) && *b != b'"' && *b != b'\\';
-    if !name.as_bytes().iter().all(plain) {
+    if !is_plain(name) {
         return None;
     }
     Some(
@@ -260,12 +265,11 @@ fn decimal(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
 /// `"<name>"` and two parameters. Written byte by byte when the name needs no escaping (every
 /// response of server mode carries one), through `fmt` otherwise.
 fn named_field(name: &str, params: [(&str, u64); 2]) -> HeaderValue {
-    let plain = |b: &u8| (b' '..=b'~').contains(b) && *b != b'"' && *b != b'\\';
     let mut out = StackText {
         bytes: [0; 192],
         len: 0,
     };
-    if name.as_bytes().iter().all(plain) && name.len() < 100 {
+    if is_plain(name) && name.len() < 100 {
         out.push(b"\"");
         out.push(name.as_bytes());
         out.push(b"\"");

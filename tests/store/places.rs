@@ -19,6 +19,7 @@ use tower_quota::{Quota, RateLimitByRoute};
 
 use crate::common::redis::{shared_redis, unique_prefix};
 use crate::common::redis_query;
+use crate::rate_limits::{at_once, work};
 
 /// A TCP proxy to Redis adding `delay` each way (latency, not a throughput cap).
 async fn delay_proxy(upstream: String, delay: Duration) -> String {
@@ -67,10 +68,6 @@ async fn pump(
     }
 }
 
-fn work() -> Request<()> {
-    Request::get("http://api.test/work").body(()).unwrap()
-}
-
 fn store(url: &str, prefix: &str) -> RedisStore {
     RedisStore::builder(url)
         .prefix(prefix)
@@ -105,9 +102,7 @@ async fn places_are_given_back_many_at_a_time_behind_a_slow_link() {
         .store(store.clone())
         .build()
         .unwrap();
-    let service = limits.layer(tower::service_fn(|_: Request<()>| async {
-        Ok::<_, std::convert::Infallible>(Response::new(()))
-    }));
+    let service = limits.layer(at_once());
     let started = Instant::now();
     let mut calls: FuturesUnordered<_> =
         (0..500).map(|_| service.clone().oneshot(work())).collect();

@@ -222,10 +222,12 @@ pub enum Refusal {
     NoPeerAddress,
     /// The plan allows no job.
     NoSlots,
+    /// Client mode: the request costs more units than one of its route's quotas ever allows.
+    CostTooHigh,
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 8] = [
         Self::Quota,
         Self::QueueFull,
         Self::WaitTooLong,
@@ -233,10 +235,11 @@ impl Refusal {
         Self::MissingKey,
         Self::NoPeerAddress,
         Self::NoSlots,
+        Self::CostTooHigh,
     ];
 
     /// The name used as a metric's `reason` label: `quota`, `queue_full`, `wait_too_long`,
-    /// `store_unavailable`, `missing_key`, `no_peer_address` or `no_slots`.
+    /// `store_unavailable`, `missing_key`, `no_peer_address`, `no_slots` or `cost_too_high`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Quota => "quota",
@@ -246,6 +249,7 @@ impl Refusal {
             Self::MissingKey => "missing_key",
             Self::NoPeerAddress => "no_peer_address",
             Self::NoSlots => "no_slots",
+            Self::CostTooHigh => "cost_too_high",
         }
     }
 }
@@ -398,6 +402,8 @@ pub struct Refusals {
     pub no_peer_address: u64,
     /// [`Refusal::NoSlots`].
     pub no_slots: u64,
+    /// [`Refusal::CostTooHigh`].
+    pub cost_too_high: u64,
 }
 
 impl Refusals {
@@ -411,6 +417,7 @@ impl Refusals {
             self.missing_key,
             self.no_peer_address,
             self.no_slots,
+            self.cost_too_high,
         ]
         .iter()
         .sum()
@@ -712,6 +719,7 @@ impl Scope {
             missing_key: r(Refusal::MissingKey),
             no_peer_address: r(Refusal::NoPeerAddress),
             no_slots: r(Refusal::NoSlots),
+            cost_too_high: r(Refusal::CostTooHigh),
         }
     }
 

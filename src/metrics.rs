@@ -56,7 +56,7 @@ type Refused = [Option<Counter>; Refusal::ALL.len()];
 fn reasons(kind: Kind) -> &'static [Refusal] {
     use Refusal::*;
     match kind {
-        Kind::Client => &[QueueFull, WaitTooLong, StoreUnavailable],
+        Kind::Client => &[QueueFull, WaitTooLong, StoreUnavailable, CostTooHigh],
         Kind::Server => &[Quota, StoreUnavailable, MissingKey, NoPeerAddress],
         Kind::Plan => &[QueueFull, WaitTooLong, StoreUnavailable, NoSlots],
         Kind::Backoff => &[],

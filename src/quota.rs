@@ -35,6 +35,7 @@ pub struct Quota {
     count: u32,
     period: Duration,
     burst: Option<u32>,
+    unit: Option<&'static str>,
 }
 
 impl Quota {
@@ -44,6 +45,7 @@ impl Quota {
             count,
             period,
             burst: None,
+            unit: None,
         }
     }
 
@@ -62,13 +64,53 @@ impl Quota {
         Self::new(count, Duration::from_secs(3600))
     }
 
+    /// `count` requests per day (24 hours).
+    pub const fn per_day(count: u32) -> Self {
+        Self::new(count, Duration::from_secs(24 * 3600))
+    }
+
     /// Paces the quota with GCRA instead of a sliding window, allowing bursts of `burst`.
     pub const fn with_burst(mut self, burst: u32) -> Self {
         self.burst = Some(burst);
         self
     }
 
-    /// The number of requests allowed per period.
+    /// Counts `unit`s instead of requests: each request costs what the route's builder says
+    /// it costs in that unit (`.cost(unit, ..)`, and `.cost_after(unit, ..)` to correct it
+    /// from the response). A request is admitted once every quota of its route has room for
+    /// its cost, and takes it from all of them at once.
+    ///
+    /// ```
+    /// use tower_quota::rate_limit::RequestHead;
+    /// use tower_quota::{Quota, RateLimitByRoute};
+    ///
+    /// /// What the caller says a request may spend, set in its extensions.
+    /// #[derive(Clone, Copy)]
+    /// struct MaxTokens(u32);
+    ///
+    /// let layer = RateLimitByRoute::builder()
+    ///     .route(
+    ///         "POST /v1/chat",
+    ///         [Quota::per_minute(500), Quota::per_minute(30_000).counting("tokens")],
+    ///     )
+    ///     .cost("tokens", |head: &RequestHead<'_>| {
+    ///         head.extensions().get::<MaxTokens>().map_or(1_000, |max| max.0)
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer);
+    /// ```
+    pub const fn counting(mut self, unit: &'static str) -> Self {
+        self.unit = Some(unit);
+        self
+    }
+
+    /// The unit it counts, or `None` for requests.
+    pub const fn unit(&self) -> Option<&'static str> {
+        self.unit
+    }
+
+    /// The number of requests (or units) allowed per period.
     pub const fn count(&self) -> u32 {
         self.count
     }
@@ -104,7 +146,11 @@ impl Quota {
 
 impl fmt::Display for Quota {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} per {:?}", self.count, self.period)?;
+        write!(f, "{}", self.count)?;
+        if let Some(unit) = self.unit {
+            write!(f, " {unit}")?;
+        }
+        write!(f, " per {:?}", self.period)?;
         if let Some(burst) = self.burst {
             write!(f, " (paced, burst {burst})")?;
         }
@@ -238,5 +284,20 @@ impl Rate {
 
     pub(crate) fn is_gcra(&self) -> bool {
         self.burst != 0
+    }
+
+    /// Whether a request of `units` can ever be admitted: at most the count of a sliding
+    /// window, the burst of a paced quota.
+    pub(crate) fn fits(&self, units: u32) -> bool {
+        units <= self.capacity()
+    }
+
+    /// The most units a request may cost.
+    pub(crate) fn capacity(&self) -> u32 {
+        if self.is_gcra() {
+            self.burst
+        } else {
+            self.count
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! GCRA: requests paced one emission interval apart, with bursts of up to `burst`.
+//! GCRA: requests paced one emission interval apart, with bursts of up to `burst`. A request
+//! that costs `n` units counts as `n` requests.
 
 use super::{NotYet, Pending};
 use crate::clock::Nanos;
@@ -41,15 +42,18 @@ impl Gcra {
         rate: &Rate,
         now: Nanos,
         pending: &Pending<'_>,
+        units: u32,
     ) -> Result<(), NotYet> {
-        let slack = i64::from(rate.burst) - 1 - pending.count() as i64;
-        // Admit when max(TAT, now) + pending × interval <= now + (burst - 1) × interval.
+        let held = i64::try_from(pending.count()).unwrap_or(i64::MAX);
+        let slack = (i64::from(rate.burst) - i64::from(units)).saturating_sub(held);
+        // Admit when max(TAT, now) + (pending + units - 1) × interval
+        // <= now + (burst - 1) × interval.
         let admit_at = offset(self.tat, -slack, rate.interval);
         if slack >= 0 && admit_at <= now {
             return Ok(());
         }
         if slack < 0 {
-            // More requests hold a place than the burst allows: only `-slack` answers can help.
+            // More units are held than the burst allows: only `-slack` answered can help.
             return match pending.answer(slack.unsigned_abs() - 1) {
                 Some(at) => Err(NotYet::Until(at)),
                 None => Err(NotYet::Response),
@@ -63,23 +67,28 @@ impl Gcra {
         &self,
         rate: &Rate,
         now: Nanos,
-        in_flight: u32,
-        ahead: u32,
+        pending: u64,
+        units: u32,
     ) -> Nanos {
         let base = self.tat.max(now.saturating_add(rate.margin));
-        let n = i64::from(in_flight) + i64::from(ahead) + 1 - i64::from(rate.burst);
+        let pending = i64::try_from(pending).unwrap_or(i64::MAX);
+        let n = pending.saturating_add(i64::from(units) - i64::from(rate.burst));
         offset(base, n, rate.interval).max(now)
     }
 
-    pub(super) fn release(&mut self, rate: &Rate, at: Nanos) {
+    /// A request answered at `at` pushes the schedule by `units` intervals.
+    pub(super) fn release(&mut self, rate: &Rate, at: Nanos, units: u32) {
+        if units == 0 {
+            return;
+        }
         self.tat = self
             .tat
             .max(at.saturating_add(rate.margin))
-            .saturating_add(rate.interval);
+            .saturating_add(rate.interval.saturating_mul(u64::from(units)));
     }
 
-    pub(super) fn remaining(&self, rate: &Rate, now: Nanos, in_flight: u32) -> u32 {
-        // How many more can be admitted now, one after another.
+    pub(super) fn remaining(&self, rate: &Rate, now: Nanos, in_flight: u64) -> u32 {
+        // How many more units can be taken now.
         let tolerance = u128::from(rate.interval) * u128::from(rate.burst - 1);
         let used =
             u128::from(self.tat.max(now) - now) + u128::from(rate.interval) * u128::from(in_flight);

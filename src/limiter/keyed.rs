@@ -141,16 +141,16 @@ impl KeyTable {
         self.forgotten
     }
 
-    /// Counts one request of client `key` at `now`, or refuses it.
-    pub(crate) fn hit(&mut self, key: u64, rate: &Rate, now: Nanos) -> Verdict {
+    /// Counts a request of `units` of client `key` at `now`, or refuses it.
+    pub(crate) fn hit(&mut self, key: u64, rate: &Rate, now: Nanos, units: u32) -> Verdict {
         if let Some(state) = self.keys.get_mut(&key) {
-            return state.hit(rate, now);
+            return state.hit(rate, now, units);
         }
         if self.keys.len() >= self.capacity {
             self.make_room(rate, now);
         }
         let mut state = self.restore(key, rate, now);
-        let verdict = state.hit(rate, now);
+        let verdict = state.hit(rate, now, units);
         // A new client may drop below its quota before any tracked one.
         let at = state.time_to(rate, forgettable_below(rate), now);
         self.note(at, key, now);
@@ -163,6 +163,30 @@ impl KeyTable {
         }
         self.keys.insert(key, state);
         verdict
+    }
+
+    /// Takes back the `units` counted for client `key` at the same time (another quota
+    /// refused the request).
+    pub(crate) fn unhit(&mut self, key: u64, rate: &Rate, units: u32) {
+        if let Some(state) = self.keys.get_mut(&key) {
+            state.unhit(rate, units);
+        }
+    }
+
+    /// Client `key`'s request counted at `at` for `taken` units cost `cost`; nothing if the
+    /// client was forgotten since (its count went to the shadow as it was).
+    pub(crate) fn correct(
+        &mut self,
+        key: u64,
+        rate: &Rate,
+        now: Nanos,
+        at: Nanos,
+        taken: u32,
+        cost: u32,
+    ) {
+        if let Some(state) = self.keys.get_mut(&key) {
+            state.correct(rate, now, at, taken, cost);
+        }
     }
 
     /// Adapts every client to a new rate.

@@ -18,6 +18,12 @@
 //! Both cost one round trip per period (the price of not knowing the server's moment), and
 //! both reduce to the textbook algorithm when responses are instant.
 //!
+//! Both count *units*: a request holds as many places as it costs (one, unless its route
+//! weighs it), and is admitted when all of them fit at once. A request's cost may be
+//! corrected when its response is in: it is counted as answered with its true cost, so the
+//! difference is taken or given back from then on, and the requests after it see the true
+//! budget.
+//!
 //! A request given up on after its send (*abandoned*) has no response time, and a stalled or
 //! queueing server may still count it long after. It stays counted in flight until the end
 //! of a hold, and is then counted as answered at that moment: to the algorithms it is a
@@ -46,31 +52,44 @@ pub(crate) enum NotYet {
     Response,
 }
 
-/// The requests that hold a place without an answer counted, as an algorithm sees them.
+/// The units held without an answer counted, as an algorithm sees them.
 pub(crate) struct Pending<'a> {
-    /// Requests in flight, abandoned ones included.
-    in_flight: u32,
-    /// Requests ahead of the one asking, which will be admitted before it.
-    ahead: u32,
-    /// When the abandoned requests are counted as answered, soonest first.
-    abandoned: &'a VecDeque<Nanos>,
+    /// Units in flight, abandoned requests' included.
+    in_flight: u64,
+    /// Units of the requests ahead of the one asking, which will be admitted before it.
+    ahead: u64,
+    /// When the abandoned requests are counted as answered, soonest first, and their units.
+    abandoned: &'a VecDeque<Abandoned>,
+    /// Their units.
+    abandoned_units: u64,
+}
+
+/// A request given up on after its send, held until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Abandoned {
+    until: Nanos,
+    units: u32,
 }
 
 impl Pending<'_> {
     fn count(&self) -> u64 {
-        u64::from(self.in_flight) + u64::from(self.ahead)
+        self.in_flight + self.ahead
     }
 
-    /// When the `n`-th answer to come (from 0) comes at the earliest, if an abandoned
-    /// request's hold decides it; `None` when a response may bring it at any moment. A
-    /// response may come now, an abandoned request's hold ends later: responses come first.
+    /// When the `n`-th unit to be answered (from 0) is answered at the earliest, if an
+    /// abandoned request's hold decides it; `None` when a response may bring it at any
+    /// moment. A response may come now, an abandoned request's hold ends later: responses
+    /// come first.
     fn answer(&self, n: u64) -> Option<Nanos> {
-        let answerable = self.count() - self.abandoned.len() as u64;
-        let i = n.checked_sub(answerable)?;
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| self.abandoned.get(i))
-            .copied()
+        let answerable = self.count() - self.abandoned_units;
+        let mut i = n.checked_sub(answerable)?;
+        for abandoned in self.abandoned {
+            match i.checked_sub(u64::from(abandoned.units)) {
+                Some(rest) => i = rest,
+                None => return Some(abandoned.until),
+            }
+        }
+        None
     }
 }
 
@@ -122,12 +141,14 @@ enum Algorithm {
 #[derive(Debug)]
 pub(crate) struct Limiter {
     algorithm: Algorithm,
-    /// Requests holding a place with no answer counted yet: admitted and not answered, or
-    /// abandoned and still held.
-    in_flight: u32,
+    /// Units held with no answer counted yet: admitted and not answered, or abandoned and
+    /// still held.
+    in_flight: u64,
     /// When each abandoned request still held is counted as answered, soonest first; as long
     /// as the places they hold, at most.
-    abandoned: VecDeque<Nanos>,
+    abandoned: VecDeque<Abandoned>,
+    /// Their units.
+    abandoned_units: u64,
     /// Nothing is admitted before this time (learnt from a server's 429).
     blocked_until: Nanos,
     cap: Option<ServerCap>,
@@ -144,39 +165,58 @@ impl Limiter {
             algorithm,
             in_flight: 0,
             abandoned: VecDeque::new(),
+            abandoned_units: 0,
             blocked_until: 0,
             cap: None,
         }
     }
 
-    /// Admits one request now, or says how long it must wait. On success the request is in
-    /// flight until [`Limiter::release`].
+    /// Admits one request of one unit now, or says how long it must wait (tests).
+    #[cfg(test)]
     pub(crate) fn try_acquire(&mut self, rate: &Rate, now: Nanos) -> Result<(), NotYet> {
-        self.check(rate, now, 0)?;
-        self.in_flight += 1;
-        if let Some(cap) = &mut self.cap {
-            cap.remaining -= 1;
-        }
+        self.try_take(rate, now, 1)
+    }
+
+    /// Admits a request of `units` now, or says how long it must wait. On success its units
+    /// are in flight until [`Limiter::answer`]. `units` must [fit](Rate::fits): a request
+    /// that never fits waits for ever.
+    pub(crate) fn try_take(&mut self, rate: &Rate, now: Nanos, units: u32) -> Result<(), NotYet> {
+        self.check(rate, now, 0, units)?;
+        self.take(units);
         Ok(())
     }
 
-    /// Whether a request could be admitted now, without admitting it.
-    pub(crate) fn probe(&mut self, rate: &Rate, now: Nanos) -> Result<(), NotYet> {
-        self.check(rate, now, 0)
+    /// Takes `units` that [`Limiter::check`] admitted at the same time.
+    pub(crate) fn take(&mut self, units: u32) {
+        self.in_flight += u64::from(units);
+        if let Some(cap) = &mut self.cap {
+            cap.remaining = cap.remaining.saturating_sub(units);
+        }
     }
 
-    /// Whether a request, behind `ahead` others that will be admitted first, could go now;
-    /// if not, a lower bound of when.
-    fn check(&mut self, rate: &Rate, now: Nanos, ahead: u32) -> Result<(), NotYet> {
+    /// Whether a request of `units` could be admitted now, without admitting it.
+    pub(crate) fn probe(&mut self, rate: &Rate, now: Nanos, units: u32) -> Result<(), NotYet> {
+        self.check(rate, now, 0, units)
+    }
+
+    /// Whether a request of `units`, behind requests of `ahead` units that will be admitted
+    /// first, could go now; if not, a lower bound of when.
+    pub(crate) fn check(
+        &mut self,
+        rate: &Rate,
+        now: Nanos,
+        ahead: u64,
+        units: u32,
+    ) -> Result<(), NotYet> {
         self.settle(rate, now);
         if let Some(cap) = self.cap {
             if now >= cap.reset_at {
-                self.cap = cap.renewed(now, self.in_flight);
+                self.cap = cap.renewed(now, self.in_flight_u32());
             }
         }
         let mut earliest = self.blocked_until;
         if let Some(cap) = self.cap {
-            if cap.remaining <= ahead {
+            if u64::from(cap.remaining) < ahead + u64::from(units.max(1)) {
                 earliest = earliest.max(cap.reset_at);
             }
         }
@@ -184,10 +224,11 @@ impl Limiter {
             in_flight: self.in_flight,
             ahead,
             abandoned: &self.abandoned,
+            abandoned_units: self.abandoned_units,
         };
         let algorithm = match &mut self.algorithm {
-            Algorithm::Window(w) => w.check(rate, now, &pending),
-            Algorithm::Gcra(g) => g.check(rate, now, &pending),
+            Algorithm::Window(w) => w.check(rate, now, &pending, units),
+            Algorithm::Gcra(g) => g.check(rate, now, &pending, units),
         };
         match algorithm {
             Ok(()) if earliest <= now => Ok(()),
@@ -197,52 +238,68 @@ impl Limiter {
         }
     }
 
-    /// A lower bound on when a request behind `ahead` others could be admitted.
-    pub(crate) fn estimate(&mut self, rate: &Rate, now: Nanos, ahead: u32) -> Nanos {
-        match self.check(rate, now, ahead) {
+    /// A lower bound on when a request of `units` behind requests of `ahead` units could be
+    /// admitted.
+    pub(crate) fn estimate(&mut self, rate: &Rate, now: Nanos, ahead: u64, units: u32) -> Nanos {
+        match self.check(rate, now, ahead, units) {
             Ok(()) => now,
             Err(NotYet::Until(at)) => at,
             Err(NotYet::Response) => {
+                let pending = self.in_flight + ahead;
                 let after_response = match &self.algorithm {
                     Algorithm::Window(w) => w.after_response(rate, now),
-                    Algorithm::Gcra(g) => g.after_response(rate, now, self.in_flight, ahead),
+                    Algorithm::Gcra(g) => g.after_response(rate, now, pending, units),
                 };
                 after_response.max(self.blocked_until)
             }
         }
     }
 
-    /// The request admitted earlier has been answered at `at`.
+    /// The request of one unit admitted earlier has been answered at `at` (tests).
+    #[cfg(test)]
     pub(crate) fn release(&mut self, rate: &Rate, at: Nanos) {
-        self.settle(rate, at);
-        self.answered(rate, at);
+        self.answer(rate, at, 1, 1);
     }
 
-    fn answered(&mut self, rate: &Rate, at: Nanos) {
-        debug_assert!(self.in_flight > 0, "release without acquire");
-        self.in_flight = self.in_flight.saturating_sub(1);
-        match &mut self.algorithm {
-            Algorithm::Window(w) => w.release(at),
-            Algorithm::Gcra(g) => g.release(rate, at),
+    /// The request that took `taken` units earlier has been answered at `at`, and turned out
+    /// to cost `cost`: it holds that many places from now on.
+    pub(crate) fn answer(&mut self, rate: &Rate, at: Nanos, taken: u32, cost: u32) {
+        self.settle(rate, at);
+        self.answered(rate, at, taken, cost);
+        if let (Some(cap), Some(more)) = (&mut self.cap, cost.checked_sub(taken)) {
+            cap.remaining = cap.remaining.saturating_sub(more);
         }
     }
 
-    /// The request sent earlier was given up on at `at`: the server may still count it, so it
-    /// stays in flight for `hold`, and then counts as answered then.
-    pub(crate) fn abandon(&mut self, rate: &Rate, at: Nanos, hold: Nanos) {
+    fn answered(&mut self, rate: &Rate, at: Nanos, taken: u32, cost: u32) {
+        debug_assert!(
+            self.in_flight >= u64::from(taken),
+            "release without acquire"
+        );
+        self.in_flight = self.in_flight.saturating_sub(u64::from(taken));
+        match &mut self.algorithm {
+            Algorithm::Window(w) => w.release(at, cost),
+            Algorithm::Gcra(g) => g.release(rate, at, cost),
+        }
+    }
+
+    /// The request that took `units` was given up on at `at`, after its send: the server may
+    /// still count it, so it stays in flight for `hold`, and then counts as answered then.
+    pub(crate) fn abandon(&mut self, rate: &Rate, at: Nanos, hold: Nanos, units: u32) {
         self.settle(rate, at);
         let until = at.saturating_add(hold);
-        if until == at {
-            return self.answered(rate, at);
+        if until == at || units == 0 {
+            return self.answered(rate, at, units, units);
         }
-        let i = self.abandoned.partition_point(|&t| t <= until);
-        self.abandoned.insert(i, until);
+        let i = self.abandoned.partition_point(|a| a.until <= until);
+        self.abandoned.insert(i, Abandoned { until, units });
+        self.abandoned_units += u64::from(units);
     }
 
     /// Counts the abandoned requests whose hold is over by `now` as answered.
     #[inline]
     fn settle(&mut self, rate: &Rate, now: Nanos) {
-        if self.abandoned.front().is_some_and(|&until| until <= now) {
+        if self.abandoned.front().is_some_and(|a| a.until <= now) {
             self.settle_abandoned(rate, now);
         }
     }
@@ -250,25 +307,32 @@ impl Limiter {
     #[cold]
     #[inline(never)]
     fn settle_abandoned(&mut self, rate: &Rate, now: Nanos) {
-        while let Some(&until) = self.abandoned.front() {
+        while let Some(&Abandoned { until, units }) = self.abandoned.front() {
             if until > now {
                 break;
             }
             self.abandoned.pop_front();
-            self.answered(rate, until);
+            self.abandoned_units -= u64::from(units);
+            self.answered(rate, until, units, units);
         }
     }
 
-    /// The request admitted earlier was never sent: its place is given back as if it had
-    /// never been taken (no answer is counted, the schedule does not move).
+    /// The request of one unit admitted earlier was never sent (tests).
+    #[cfg(test)]
     pub(crate) fn cancel(&mut self) {
+        self.give_back(1);
+    }
+
+    /// The request that took `units` was never sent: its places are given back as if they
+    /// had never been taken (no answer is counted, the schedule does not move).
+    pub(crate) fn give_back(&mut self, units: u32) {
         debug_assert!(
-            self.in_flight as usize > self.abandoned.len(),
+            self.in_flight >= self.abandoned_units + u64::from(units),
             "cancel without acquire"
         );
-        self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight = self.in_flight.saturating_sub(u64::from(units));
         if let Some(cap) = &mut self.cap {
-            cap.remaining = cap.remaining.saturating_add(1);
+            cap.remaining = cap.remaining.saturating_add(units);
         }
     }
 
@@ -280,9 +344,9 @@ impl Limiter {
         Ok(())
     }
 
-    /// Requests that could be admitted at `now` if they came at once.
+    /// Units that could be taken at `now` if they came at once.
     pub(crate) fn remaining(&mut self, rate: &Rate, now: Nanos) -> u32 {
-        if self.check(rate, now, 0).is_err() {
+        if self.check(rate, now, 0, 1).is_err() {
             return 0;
         }
         let algorithm = match &mut self.algorithm {
@@ -295,9 +359,13 @@ impl Limiter {
         }
     }
 
-    /// Requests holding a place without an answer, abandoned ones still held included.
-    pub(crate) fn in_flight(&self) -> u32 {
+    /// Units held without an answer, abandoned requests' still held included.
+    pub(crate) fn in_flight(&self) -> u64 {
         self.in_flight
+    }
+
+    fn in_flight_u32(&self) -> u32 {
+        u32::try_from(self.in_flight).unwrap_or(u32::MAX)
     }
 
     /// Abandoned requests still held as in flight.
@@ -335,7 +403,7 @@ impl Limiter {
         if reset_at <= now {
             return;
         }
-        let remaining = remaining.saturating_sub(self.in_flight);
+        let remaining = remaining.saturating_sub(self.in_flight_u32());
         let seen = self.cap.map_or(0, |cap| cap.window);
         let window = seen.max(reset_at - now).max(SAME_RESET);
         self.cap = Some(match self.cap {
@@ -367,10 +435,10 @@ impl Limiter {
         }
         if let Some(cap) = self.cap {
             if now >= cap.reset_at {
-                self.cap = cap.renewed(now, self.in_flight);
+                self.cap = cap.renewed(now, self.in_flight_u32());
             }
         }
-        let remaining = remaining.saturating_sub(self.in_flight);
+        let remaining = remaining.saturating_sub(self.in_flight_u32());
         self.cap = Some(match self.cap {
             Some(cap) => ServerCap {
                 remaining: cap.remaining.min(remaining),
@@ -408,7 +476,11 @@ impl Limiter {
             }
             (Algorithm::Gcra(g), false) => {
                 // The history is gone: count the quota as just used up, unless it was idle.
-                let used = if g.is_idle(now) { 0 } else { new.count };
+                let used = if g.is_idle(now) {
+                    0
+                } else {
+                    u64::from(new.count)
+                };
                 self.algorithm = Algorithm::Window(window::Window::filled(used, now));
             }
             (Algorithm::Gcra(g), true) => g.rescale(now, old.interval, new.interval),

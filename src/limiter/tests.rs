@@ -47,10 +47,10 @@ fn window_estimates_count_the_requests_ahead() {
     let mut l = Limiter::new(&rate);
     l.try_hit(&rate, 0).unwrap();
     l.try_hit(&rate, 100 * MS).unwrap();
-    assert_eq!(l.estimate(&rate, 100 * MS, 0), SEC);
-    assert_eq!(l.estimate(&rate, 100 * MS, 1), 1100 * MS);
+    assert_eq!(l.estimate(&rate, 100 * MS, 0, 1), SEC);
+    assert_eq!(l.estimate(&rate, 100 * MS, 1, 1), 1100 * MS);
     // The third waiter needs a place that the first two have not taken yet.
-    assert_eq!(l.estimate(&rate, 100 * MS, 2), 100 * MS + SEC);
+    assert_eq!(l.estimate(&rate, 100 * MS, 2, 1), 100 * MS + SEC);
 }
 
 #[test]
@@ -315,7 +315,7 @@ fn simulate(
             }
             in_flight.pop();
             if given_up {
-                limiter.abandon(rate, at, hold);
+                limiter.abandon(rate, at, hold, 1);
             } else {
                 limiter.release(rate, at);
             }

@@ -1,4 +1,5 @@
-//! Sliding window: at most `count` requests in any window of length `period`.
+//! Sliding window: at most `count` units (requests, or what each request costs) in any
+//! window of length `period`.
 
 use std::collections::VecDeque;
 
@@ -6,18 +7,32 @@ use super::{NotYet, Pending};
 use crate::clock::Nanos;
 use crate::quota::Rate;
 
-/// The response times of answered requests that still hold a place, oldest first. A request
-/// answered at `r` holds its place until `r + margin + period`; requests in flight hold theirs
-/// too, and are counted by the caller.
+/// The answered requests that still hold places, oldest first: when each was answered, and
+/// how many units it holds. A request answered at `r` holds its places until
+/// `r + margin + period`; requests in flight hold theirs too, and are counted by the caller.
 ///
-/// A window filled at once (a change of algorithm that lost the history) keeps its places as
-/// one run, `filled` places all answered at `filled_at`, ahead of the log: memory that does
+/// Each entry keeps the units answered up to and including it (`through`), so the time at
+/// which a given number of units have freed up is a binary search, whatever each request
+/// cost.
+///
+/// A window filled at once (a change of algorithm that lost the history) keeps its units as
+/// one run, `filled` units all answered at `filled_at`, ahead of the log: memory that does
 /// not grow with the quota's count.
 #[derive(Debug, Default)]
 pub(super) struct Window {
-    answered: VecDeque<Nanos>,
-    filled: u32,
+    answered: VecDeque<Entry>,
+    /// Units answered since the log was last empty (the newest entry's `through`).
+    pushed: u64,
+    /// Units of the entries dropped from the front since then.
+    gone: u64,
+    filled: u64,
     filled_at: Nanos,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    at: Nanos,
+    through: u64,
 }
 
 fn held_until(rate: &Rate, answered_at: Nanos) -> Nanos {
@@ -27,39 +42,44 @@ fn held_until(rate: &Rate, answered_at: Nanos) -> Nanos {
 }
 
 impl Window {
-    /// A window whose `count` places were all taken by requests answered at `now`.
-    pub(super) fn filled(count: u32, now: Nanos) -> Self {
+    /// A window whose `units` were all taken by requests answered at `now`.
+    pub(super) fn filled(units: u64, now: Nanos) -> Self {
         Self {
-            answered: VecDeque::new(),
-            filled: count,
+            filled: units,
             filled_at: now,
+            ..Self::default()
         }
     }
 
-    /// Places held by answered requests.
+    /// Units held by answered requests.
     fn held(&self) -> u64 {
-        u64::from(self.filled) + self.answered.len() as u64
+        self.filled + (self.pushed - self.gone)
     }
 
-    /// When the `index`-th answered request, oldest first, was answered.
-    fn answered_at(&self, index: u64) -> Option<Nanos> {
-        match index.checked_sub(u64::from(self.filled)) {
-            None => Some(self.filled_at),
-            Some(index) => usize::try_from(index)
-                .ok()
-                .and_then(|i| self.answered.get(i).copied()),
-        }
+    /// When the answered request whose places free the `n`-th unit (from 1, oldest first)
+    /// was answered.
+    fn answered_at(&self, n: u64) -> Option<Nanos> {
+        let Some(n) = n.checked_sub(self.filled).filter(|&n| n > 0) else {
+            return Some(self.filled_at);
+        };
+        let gone = self.gone;
+        let i = self.answered.partition_point(|e| e.through - gone < n);
+        self.answered.get(i).map(|e| e.at)
     }
 
     fn expire(&mut self, rate: &Rate, now: Nanos) {
         if self.filled > 0 && held_until(rate, self.filled_at) <= now {
             self.filled = 0;
         }
-        while let Some(&at) = self.answered.front() {
+        while let Some(&Entry { at, through }) = self.answered.front() {
             if held_until(rate, at) > now {
                 break;
             }
             self.answered.pop_front();
+            self.gone = through;
+        }
+        if self.answered.is_empty() {
+            (self.pushed, self.gone) = (0, 0);
         }
     }
 
@@ -68,16 +88,18 @@ impl Window {
         rate: &Rate,
         now: Nanos,
         pending: &Pending<'_>,
+        units: u32,
     ) -> Result<(), NotYet> {
         self.expire(rate, now);
         let holding = pending.count() + self.held();
-        if holding < u64::from(rate.count) {
+        let count = u64::from(rate.count);
+        if holding + u64::from(units) <= count {
             return Ok(());
         }
-        // The `needed`-th place to free up is ours: the answered requests free theirs first,
-        // then the pending ones at their answers.
-        let needed = holding + 1 - u64::from(rate.count);
-        if let Some(at) = self.answered_at(needed - 1) {
+        // Our places come free once `needed` units have: the answered requests free theirs
+        // first, then the pending ones at their answers.
+        let needed = holding + u64::from(units) - count;
+        if let Some(at) = self.answered_at(needed) {
             return Err(NotYet::Until(held_until(rate, at)));
         }
         match pending.answer(needed - 1 - self.held()) {
@@ -91,17 +113,25 @@ impl Window {
         held_until(rate, now)
     }
 
-    pub(super) fn release(&mut self, at: Nanos) {
+    /// A request answered at `at` holds `units` places.
+    pub(super) fn release(&mut self, at: Nanos, units: u32) {
+        if units == 0 {
+            return;
+        }
         // Responses are recorded in order; a thread that read the clock a moment before
         // another but took the lock after it is counted at the later time, which is safe.
-        let last = self.answered.back().copied();
-        let at = at.max(last.unwrap_or(self.filled_at));
-        self.answered.push_back(at);
+        let last = self.answered.back().map_or(self.filled_at, |e| e.at);
+        self.pushed += u64::from(units);
+        self.answered.push_back(Entry {
+            at: at.max(last),
+            through: self.pushed,
+        });
     }
 
-    pub(super) fn remaining(&mut self, rate: &Rate, now: Nanos, in_flight: u32) -> u32 {
+    /// Units that could be taken at `now`.
+    pub(super) fn remaining(&mut self, rate: &Rate, now: Nanos, in_flight: u64) -> u32 {
         self.expire(rate, now);
-        let holding = u64::from(in_flight) + self.held();
+        let holding = in_flight + self.held();
         u64::from(rate.count).saturating_sub(holding) as u32
     }
 
@@ -111,7 +141,7 @@ impl Window {
         self.held() == 0
     }
 
-    /// Answered requests still holding a place at `now`.
+    /// Units held by answered requests at `now`.
     pub(super) fn len(&mut self, rate: &Rate, now: Nanos) -> u64 {
         self.expire(rate, now);
         self.held()

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 use super::client::state::{ClientRoute, Learn, QuotaNames};
+use super::cost::{CostFns, Quotas, ResponseHead, Weighing};
 use super::layer::LayerState;
 use super::server::key::{
     ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies,
@@ -72,8 +73,10 @@ impl<F> fmt::Debug for RejectConfig<F> {
 #[derive(Debug)]
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct Builder<C = WaitConfig> {
-    /// Each route's pattern and quota; `None` for a route whose quota is learnt.
-    routes: Vec<(String, Option<Quota>)>,
+    /// Each route's pattern and quotas; `None` for a route whose quota is learnt.
+    routes: Vec<(String, Option<Quotas>)>,
+    /// What requests cost in the units quotas count.
+    costs: CostFns,
     default: Option<Quota>,
     margin: Option<Duration>,
     /// Client mode: a learnt default quota for requests that match no route.
@@ -87,6 +90,7 @@ impl RateLimitByRoute<Wait> {
     pub fn builder() -> Builder<WaitConfig> {
         Builder {
             routes: Vec::new(),
+            costs: CostFns::default(),
             default: None,
             margin: None,
             learn_quota: false,
@@ -111,15 +115,87 @@ impl RateLimitByRoute<Wait> {
 impl<C> Builder<C> {
     event_setters!("rate_limit");
 
-    /// Gives the requests matching `pattern` their own quota.
+    /// Gives the requests matching `pattern` their own quota, or several: a request waits
+    /// (client mode) or is refused (server mode) until every one of them admits it, and then
+    /// takes its place in all of them at once. It never holds a place in one while it waits
+    /// for another.
+    ///
+    /// ```
+    /// use tower_quota::{Quota, RateLimitByRoute};
+    ///
+    /// let layer = RateLimitByRoute::builder()
+    ///     .route("POST /v2/generate", Quota::per_minute(60))
+    ///     .route("POST /v1/chat", [Quota::per_minute(500), Quota::per_day(10_000)])
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer);
+    /// ```
+    ///
+    /// A quota [`counting`](Quota::counting) a unit other than requests (tokens, points,
+    /// weights) takes what [`cost`](Builder::cost) says each request costs in it.
     ///
     /// A pattern is a method (or `*` for any method), one space, and a path in which `{name}`
     /// matches one segment and a final `{*name}` the rest: `"POST /v2/generate"`,
     /// `"GET /v2/generate/{id}"`, `"* /v2/assets/{*rest}"`. Routes for the request's own
     /// method are tried before `*` routes. Malformed or colliding patterns are reported by
     /// [`build`](Builder::build), naming the pattern.
-    pub fn route(mut self, pattern: impl Into<String>, quota: Quota) -> Self {
-        self.routes.push((pattern.into(), Some(quota)));
+    pub fn route(mut self, pattern: impl Into<String>, quotas: impl Into<Quotas>) -> Self {
+        self.routes.push((pattern.into(), Some(quotas.into())));
+        self
+    }
+
+    /// What a request costs in `unit`, for every quota [`counting`](Quota::counting) it: a
+    /// closure over the request's head (its headers, or an [`http::Extensions`] value the
+    /// caller set). A quota that counts requests costs one per request.
+    ///
+    /// In client mode the cost is taken when the request is sent. It may be an upper bound
+    /// (the most tokens a completion may spend), corrected from the response by
+    /// [`cost_after`](Builder::cost_after). A cost larger than a quota allows at once (its
+    /// count, or a paced quota's burst) is returned to the caller at once as
+    /// [`RateLimitError::CostTooHigh`](super::RateLimitError::CostTooHigh); server mode
+    /// answers 429 for it.
+    pub fn cost<G>(mut self, unit: &'static str, cost: G) -> Self
+    where
+        G: Fn(&RequestHead<'_>) -> u32 + Send + Sync + 'static,
+    {
+        self.costs.set_before(unit, Arc::new(cost));
+        self
+    }
+
+    /// What a request turned out to cost in `unit`, read from its response's head (a usage
+    /// header, the tokens a server says it counted); `None` keeps the cost taken. The
+    /// difference is taken or given back at once: the request holds its true cost in the
+    /// quota from its response on, so the requests after it see the true budget. In server
+    /// mode, the response is the one the inner service answers with.
+    ///
+    /// ```
+    /// use tower_quota::rate_limit::ResponseHead;
+    /// use tower_quota::{Quota, RateLimitByRoute};
+    ///
+    /// let layer = RateLimitByRoute::builder()
+    ///     .route(
+    ///         "POST /v1/chat",
+    ///         [Quota::per_minute(500), Quota::per_minute(30_000).counting("tokens")],
+    ///     )
+    ///     // At most the completion's limit, as the caller set it in a header.
+    ///     .cost("tokens", |head| {
+    ///         let max = head.headers().get("x-max-tokens");
+    ///         max.and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(4_096)
+    ///     })
+    ///     // What the server says it counted.
+    ///     .cost_after("tokens", |head: &ResponseHead<'_>| {
+    ///         let used = head.headers().get("x-usage-tokens")?;
+    ///         used.to_str().ok()?.parse().ok()
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer);
+    /// ```
+    pub fn cost_after<G>(mut self, unit: &'static str, cost: G) -> Self
+    where
+        G: Fn(&ResponseHead<'_>) -> Option<u32> + Send + Sync + 'static,
+    {
+        self.costs.set_after(unit, Arc::new(cost));
         self
     }
 
@@ -141,13 +217,13 @@ impl<C> Builder<C> {
         self
     }
 
-    /// The route table and each route's name and compiled quota; a learnt route (client mode
-    /// only) gets `learnt`.
+    /// The route table and each route's name and compiled quotas; a learnt route (client
+    /// mode only) gets `learnt`.
     fn compile(
         &self,
         margin: Option<Duration>,
         learnt: Option<Quota>,
-    ) -> Result<(RouteTable, Vec<NamedRate>), ConfigError> {
+    ) -> Result<(RouteTable, Vec<CompiledRoute>), ConfigError> {
         if self.routes.len() >= usize::from(u16::MAX) {
             return Err(ConfigError::InvalidSetting {
                 name: "route",
@@ -156,11 +232,14 @@ impl<C> Builder<C> {
         }
         let mut table = RouteTable::default();
         let mut routes = Vec::with_capacity(self.routes.len() + 1);
-        for (index, (text, quota)) in self.routes.iter().enumerate() {
+        let configured = self.routes.iter().filter_map(|(_, q)| q.as_ref());
+        let quotas = configured.flat_map(Quotas::as_slice).chain(&self.default);
+        self.costs.check(quotas)?;
+        for (index, (text, quotas)) in self.routes.iter().enumerate() {
             let pattern = Pattern::parse(text)?;
-            let (quota, is_learnt) = match (quota, learnt) {
-                (Some(quota), _) => (*quota, false),
-                (None, Some(learnt)) => (learnt, true),
+            let (quotas, is_learnt) = match (quotas, &learnt) {
+                (Some(quotas), _) => (quotas.as_slice(), false),
+                (None, Some(learnt)) => (std::slice::from_ref(learnt), true),
                 (None, None) => {
                     return Err(ConfigError::InvalidSetting {
                         name: "learn_route",
@@ -168,30 +247,45 @@ impl<C> Builder<C> {
                     })
                 }
             };
-            check_quota(text, &quota)?;
+            if quotas.is_empty() {
+                return Err(ConfigError::InvalidQuota {
+                    route: text.clone(),
+                    reason: "a route needs at least one quota",
+                });
+            }
+            for quota in quotas {
+                check_quota(text, quota)?;
+            }
             table.insert(text, &pattern, index)?;
-            routes.push((
-                Arc::from(text.as_str()),
-                Rate::new(quota, margin),
-                is_learnt,
-            ));
+            routes.push(CompiledRoute {
+                name: Arc::from(text.as_str()),
+                rates: quotas.iter().map(|q| Rate::new(*q, margin)).collect(),
+                learnt: is_learnt,
+                weighing: Weighing::new(quotas, &self.costs),
+            });
         }
         if let Some(quota) = &self.default {
             check_quota(DEFAULT_ROUTE, quota)?;
             table.set_default(routes.len());
-            let is_learnt = self.learn_quota;
-            routes.push((
-                Arc::from(DEFAULT_ROUTE),
-                Rate::new(*quota, margin),
-                is_learnt,
-            ));
+            routes.push(CompiledRoute {
+                name: Arc::from(DEFAULT_ROUTE),
+                rates: vec![Rate::new(*quota, margin)],
+                learnt: self.learn_quota,
+                weighing: Weighing::new(std::slice::from_ref(quota), &self.costs),
+            });
         }
         Ok((table, routes))
     }
 }
 
-/// A route's name (its pattern, or `"default"`), compiled quota, and whether it is learnt.
-type NamedRate = (Arc<str>, Rate, bool);
+/// A route compiled: its name (its pattern, or `"default"`), quotas, whether its quota is
+/// learnt, and how its requests are weighed, if they are.
+struct CompiledRoute {
+    name: Arc<str>,
+    rates: Vec<Rate>,
+    learnt: bool,
+    weighing: Option<Weighing>,
+}
 
 pub(super) fn check_quota(route: &str, quota: &Quota) -> Result<(), ConfigError> {
     quota
@@ -315,6 +409,7 @@ impl Builder<WaitConfig> {
     pub fn reject(self) -> Builder<RejectConfig<EmptyBody>> {
         Builder {
             routes: self.routes,
+            costs: self.costs,
             default: self.default,
             margin: self.margin,
             learn_quota: false,
@@ -356,9 +451,10 @@ impl Builder<WaitConfig> {
         let routes = routes
             .into_iter()
             .enumerate()
-            .map(|(index, (name, rate, learnt))| {
+            .map(|(index, route)| {
                 // `compile` refused more routes than a `u16` counts.
-                ClientRoute::new(index as u16, name, learn, rate, learnt)
+                ClientRoute::new(index as u16, route.name, learn, route.rates, route.learnt)
+                    .weighed(route.weighing)
             })
             .collect::<Box<[ClientRoute]>>();
         let events = self
@@ -515,6 +611,7 @@ impl<F> Builder<RejectConfig<F>> {
     pub fn reject_with<G>(self, response: G) -> Builder<RejectConfig<G>> {
         Builder {
             routes: self.routes,
+            costs: self.costs,
             default: self.default,
             margin: self.margin,
             learn_quota: false,
@@ -569,7 +666,7 @@ impl<F> Builder<RejectConfig<F>> {
         let max_keys = self.config.max_keys;
         let routes = routes
             .into_iter()
-            .map(|(name, rate, _)| KeyedRoute::new(name, rate, max_keys))
+            .map(|route| KeyedRoute::new(route.name, route.rates, max_keys, route.weighing))
             .collect::<Box<[KeyedRoute]>>();
         let events = self
             .events

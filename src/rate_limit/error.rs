@@ -28,6 +28,16 @@ pub enum RateLimitError {
         /// The most requests the route's queue holds.
         max_queue: usize,
     },
+    /// The request costs more units than one of its route's quotas allows in a whole period
+    /// (or a whole burst): it could never be admitted, so it is returned at once.
+    CostTooHigh {
+        /// The route the request fell under (its pattern, or `"default"`).
+        route: Arc<str>,
+        /// The quota it does not fit in.
+        quota: crate::Quota,
+        /// What the request costs in that quota.
+        cost: u32,
+    },
 }
 
 impl RateLimitError {
@@ -51,6 +61,7 @@ impl RateLimitError {
         match self {
             Self::WaitTooLong { .. } => crate::event::Refusal::WaitTooLong,
             Self::QueueFull { .. } => crate::event::Refusal::QueueFull,
+            Self::CostTooHigh { .. } => crate::event::Refusal::CostTooHigh,
         }
     }
 }
@@ -71,6 +82,11 @@ impl fmt::Display for RateLimitError {
                 f,
                 "rate limit of route `{route}`: {max_queue} requests already wait for their \
                  turn, as many as its queue holds"
+            ),
+            Self::CostTooHigh { route, quota, cost } => write!(
+                f,
+                "rate limit of route `{route}`: the request costs {cost}, more than the quota \
+                 of {quota} ever admits at once"
             ),
         }
     }

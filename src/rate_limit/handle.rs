@@ -96,7 +96,7 @@ impl RateLimitByRoute<Wait> {
                 let state = &mut *guard;
                 let now = state.now(&shared.clock);
                 let rate = state.rate;
-                let next = match state.limiter.probe(&rate, now) {
+                let next = match state.limiter.probe(&rate, now, 1) {
                     Ok(()) => NextAdmission::Now,
                     Err(NotYet::Until(at)) => NextAdmission::In(Duration::from_nanos(at - now)),
                     Err(NotYet::Response) => NextAdmission::AfterResponse,
@@ -110,7 +110,7 @@ impl RateLimitByRoute<Wait> {
                     quota: rate.quota,
                     remaining: state.limiter.remaining(&rate, now),
                     next,
-                    in_flight: state.limiter.in_flight(),
+                    in_flight: u32::try_from(state.limiter.in_flight()).unwrap_or(u32::MAX),
                     abandoned: state.limiter.abandoned(),
                     waiters: state.waiting(),
                     counters: shared.events.scope(index).route_counters(),

@@ -147,6 +147,7 @@
 
 mod builder;
 mod client;
+pub(crate) mod cost;
 mod error;
 mod handle;
 mod layer;
@@ -157,6 +158,7 @@ mod service;
 
 pub use builder::{Builder, RejectConfig, WaitConfig};
 pub use client::future::ResponseFuture;
+pub use cost::{Quotas, ResponseHead};
 pub use error::RateLimitError;
 pub use handle::{KeyedRouteSnapshot, NextAdmission, RouteSnapshot};
 pub use layer::{RateLimitByRoute, Reject, Wait};

@@ -39,6 +39,8 @@ use sync_wrapper::SyncFuture;
 mod redis;
 
 #[cfg(feature = "redis")]
+pub(crate) use self::redis::StoreQuotas;
+#[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 
 /// What a layer does when its shared store does not answer in time (down, unreachable, or

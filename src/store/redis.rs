@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use super::{Decision, FailMode, StoreCall, StoreError};
 use crate::error::ConfigError;
 use crate::quota::Rate;
+use crate::rate_limit::cost::Costs;
 
 /// Limits kept in Redis, so that every process using the same server and prefix shares them:
 /// a fleet of clients stays inside one API key's quotas, a fleet of servers enforces one
@@ -245,78 +246,114 @@ impl RedisStore {
         self.inner.poll
     }
 
-    /// Takes a place for one request at `key` (`hit`: counted and answered at once, as a
-    /// server does).
-    pub(crate) fn acquire(&self, key: &str, member: &str, rate: &Rate, hit: bool) -> StoreCall {
+    /// Takes a place for one request costing `costs` at `key`, in each of `rates` (`hit`:
+    /// counted and answered at once, as a server does).
+    pub(crate) fn acquire(
+        &self,
+        key: &str,
+        member: &str,
+        rates: &[Rate],
+        costs: &Costs,
+        hit: bool,
+    ) -> StoreCall {
         let op = if hit { "hit" } else { "acquire" };
-        self.run(key, op, member, rate, Duration::ZERO)
+        let quotas = StoreQuotas::new(rates, costs, costs);
+        self.run(key, op, member, quotas, Duration::ZERO)
     }
 
-    /// Gives back the place `member` holds at `key` for a request answered now, closing the
-    /// limit for `block` if the server asked so.
+    /// Gives back the places `member` holds at `key` for a request answered now, which took
+    /// `taken` and cost `cost`, closing the limit for `block` if the server asked so.
     pub(crate) fn release_call(
         &self,
         key: &str,
         member: &str,
-        rate: &Rate,
+        quotas: StoreQuotas<'_>,
         block: Duration,
     ) -> StoreCall {
-        self.run(key, "release", member, rate, block)
+        self.run(key, "release", member, quotas, block)
     }
 
-    /// The place `member` holds at `key` is for a request given up on after its send: it is
-    /// held as in flight for `hold`, then as answered then.
+    /// The places `member` holds at `key` are for a request given up on after its send: they
+    /// are held as in flight for `hold`, then as answered then.
     pub(crate) fn abandon_call(
         &self,
         key: &str,
         member: &str,
-        rate: &Rate,
+        quotas: StoreQuotas<'_>,
         hold: Duration,
     ) -> StoreCall {
-        self.run(key, "abandon", member, rate, hold)
+        self.run(key, "abandon", member, quotas, hold)
     }
 
     /// The same, in the background (for a request dropped by its caller). A place whose
     /// change never reaches the store expires with its lease.
-    pub(crate) fn abandon(&self, key: &str, member: &str, rate: &Rate, hold: Duration) {
-        self.give_back(self.abandon_call(key, member, rate, hold));
+    pub(crate) fn abandon(&self, key: &str, member: &str, quotas: StoreQuotas<'_>, hold: Duration) {
+        self.give_back(self.abandon_call(key, member, quotas, hold));
     }
 
-    /// Gives back entirely, in the background, the place `member` took at `key` for a request
-    /// that was never sent.
-    pub(crate) fn cancel(&self, key: &str, member: &str, rate: &Rate) {
-        self.give_back(self.run(key, "cancel", member, rate, Duration::ZERO));
+    /// Gives back entirely, in the background, the places `member` took at `key` for a
+    /// request that was never sent.
+    pub(crate) fn cancel(&self, key: &str, member: &str, quotas: StoreQuotas<'_>) {
+        self.give_back(self.run(key, "cancel", member, quotas, Duration::ZERO));
     }
 
-    /// Runs the rate script; `span` is the release's block or the abandon's hold.
+    /// A server's request counted `ago` at `key` turned out to cost other than it took: the
+    /// difference is counted, in the background.
+    pub(crate) fn correct(&self, key: &str, quotas: StoreQuotas<'_>, ago: Duration) {
+        self.give_back(self.run(key, "correct", "", quotas, ago));
+    }
+
+    /// Runs the rate script; `span` is the release's block, the abandon's hold, or how long
+    /// ago a corrected request was counted.
     fn run(
         &self,
         key: &str,
         op: &'static str,
         member: &str,
-        rate: &Rate,
+        quotas: StoreQuotas<'_>,
         span: Duration,
     ) -> StoreCall {
-        let keys = vec![
-            format!("{key}:held"),
-            format!("{key}:tat"),
-            format!("{key}:closed"),
-            format!("{key}:buckets"),
-        ];
+        let n = quotas.rates.len();
+        let mut keys = Vec::with_capacity(1 + 3 * n);
+        keys.push(format!("{key}:closed"));
+        for i in 0..n {
+            // The first quota's keys are named as a route's one quota always was.
+            let quota = match i {
+                0 => key.to_owned(),
+                i => format!("{key}:{i}"),
+            };
+            keys.push(format!("{quota}:held"));
+            keys.push(format!("{quota}:tat"));
+            keys.push(format!("{quota}:buckets"));
+        }
         let nanos = |n: u64| micros(Duration::from_nanos(n));
-        let args = vec![
+        let mut args = Vec::with_capacity(6 + 9 * n);
+        args.extend([
             op.into(),
-            if rate.is_gcra() { "gcra" } else { "window" }.into(),
-            rate.count.to_string(),
-            nanos(rate.period),
-            nanos(rate.margin),
-            nanos(rate.interval),
-            rate.burst.max(1).to_string(),
             micros(self.inner.in_flight_lease),
             member.into(),
             micros(span),
             self.inner.channel.clone(),
-        ];
+            n.to_string(),
+        ]);
+        for (i, rate) in quotas.rates.iter().enumerate() {
+            args.extend([
+                if rate.is_gcra() { "gcra" } else { "window" }.into(),
+                rate.count.to_string(),
+                nanos(rate.period),
+                nanos(rate.margin),
+                nanos(rate.interval),
+                rate.burst.max(1).to_string(),
+                if rate.quota.unit().is_some() {
+                    "1"
+                } else {
+                    "0"
+                }
+                .into(),
+                quotas.taken.get(i).to_string(),
+                quotas.cost.get(i).to_string(),
+            ]);
+        }
         self.invoke(&self.inner.script, keys, args)
     }
 
@@ -338,6 +375,21 @@ impl RedisStore {
             health(&failing, fail_mode, &decision);
             decision
         }))
+    }
+}
+
+/// The quotas of one limit in the store, what a request took in each, and what it turned out
+/// to cost (the same but for a release or correction that says otherwise).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StoreQuotas<'a> {
+    rates: &'a [Rate],
+    taken: &'a Costs,
+    cost: &'a Costs,
+}
+
+impl<'a> StoreQuotas<'a> {
+    pub(crate) fn new(rates: &'a [Rate], taken: &'a Costs, cost: &'a Costs) -> Self {
+        Self { rates, taken, cost }
     }
 }
 

@@ -12,3 +12,4 @@ mod server_flood;
 mod server_fuzz;
 mod server_sockets;
 mod server_table;
+mod weighted;

@@ -157,23 +157,25 @@ impl KeyState {
         }
     }
 
-    /// Admits one request at `now`, or says when it could go.
-    pub(super) fn hit(&mut self, rate: &Rate, now: Nanos) -> Verdict {
+    /// Admits a request of `units` (at most the quota's [capacity](Rate::capacity)) at
+    /// `now`, or says when it could go.
+    pub(super) fn hit(&mut self, rate: &Rate, now: Nanos, units: u32) -> Verdict {
         match self {
             Self::Window(b) => {
                 let w = width(rate);
                 b.advance(now / w);
-                if b.total < rate.count {
+                if u64::from(b.total) + u64::from(units) <= u64::from(rate.count) {
                     let slot = (b.newest % RING as u64) as usize;
-                    b.counts[slot] += 1;
-                    b.total += 1;
+                    b.counts[slot] += units;
+                    b.total += units;
                     Verdict::Pass {
                         remaining: rate.count - b.total,
                         reset: b.newest.saturating_add(RING as u64).saturating_mul(w),
                     }
                 } else {
+                    let keep = rate.count.saturating_sub(units);
                     Verdict::Refuse {
-                        until: b.time_to(rate.count - 1, w).max(now),
+                        until: b.time_to(keep, w).max(now),
                     }
                 }
             }
@@ -181,11 +183,13 @@ impl KeyState {
                 let interval = rate.interval;
                 let tolerance = interval.saturating_mul(u64::from(rate.burst - 1));
                 let base = (*tat).max(now);
-                let admit_at = base.saturating_sub(tolerance);
+                // The last of its units must fit in the burst's tolerance.
+                let last = interval.saturating_mul(u64::from(units.max(1) - 1));
+                let admit_at = base.saturating_add(last).saturating_sub(tolerance);
                 if admit_at > now {
                     return Verdict::Refuse { until: admit_at };
                 }
-                *tat = base.saturating_add(interval);
+                *tat = base.saturating_add(interval.saturating_mul(u64::from(units)));
                 let room = now.saturating_add(tolerance).saturating_sub(*tat);
                 let remaining = if *tat > now.saturating_add(tolerance) {
                     0
@@ -196,6 +200,54 @@ impl KeyState {
                     remaining: u32::try_from(remaining).unwrap_or(u32::MAX).min(rate.burst),
                     reset: *tat,
                 }
+            }
+        }
+    }
+
+    /// Takes back `units` that [`KeyState::hit`] counted at the same `now` (another quota of
+    /// the route refused the request).
+    pub(super) fn unhit(&mut self, rate: &Rate, units: u32) {
+        match self {
+            Self::Window(b) => {
+                let slot = (b.newest % RING as u64) as usize;
+                let units = units.min(b.counts[slot]);
+                b.counts[slot] -= units;
+                b.total -= units;
+            }
+            Self::Gcra { tat } => {
+                *tat = tat.saturating_sub(rate.interval.saturating_mul(u64::from(units)));
+            }
+        }
+    }
+
+    /// A request counted at `at` for `taken` units turned out to cost `cost`: the difference
+    /// is counted from `now` on (more), or given back where it was counted, if it still
+    /// counts there (less).
+    pub(super) fn correct(&mut self, rate: &Rate, now: Nanos, at: Nanos, taken: u32, cost: u32) {
+        match self {
+            Self::Window(b) => {
+                let w = width(rate);
+                b.advance(now / w);
+                let index = if cost > taken { b.newest } else { at / w };
+                if index + BUCKETS < b.newest || index > b.newest {
+                    return;
+                }
+                let slot = (index % RING as u64) as usize;
+                if let Some(more) = cost.checked_sub(taken) {
+                    b.counts[slot] = b.counts[slot].saturating_add(more);
+                    b.total = b.total.saturating_add(more);
+                } else {
+                    let less = (taken - cost).min(b.counts[slot]);
+                    b.counts[slot] -= less;
+                    b.total -= less;
+                }
+            }
+            Self::Gcra { tat } => {
+                let step = |n: u32| rate.interval.saturating_mul(u64::from(n));
+                *tat = match cost.checked_sub(taken) {
+                    Some(more) => (*tat).max(now).saturating_add(step(more)),
+                    None => tat.saturating_sub(step(taken - cost)),
+                };
             }
         }
     }

@@ -37,15 +37,15 @@ fn a_window_refuses_past_its_count_and_names_the_time_it_frees() {
     let rate = rate(Quota::per_minute(3));
     let mut state = KeyState::new(&rate, 0);
     for i in 0..3 {
-        assert!(passes(state.hit(&rate, i * SEC)));
+        assert!(passes(state.hit(&rate, i * SEC, 1)));
     }
-    let Verdict::Refuse { until } = state.hit(&rate, 10 * SEC) else {
+    let Verdict::Refuse { until } = state.hit(&rate, 10 * SEC, 1) else {
         panic!("over the quota");
     };
     // The first request's bucket (width 3.75 s) stops counting 17 buckets after it starts.
     assert_eq!(until, 17 * 3_750 * MS);
-    assert!(!passes(state.hit(&rate, until - 1)));
-    assert!(passes(state.hit(&rate, until)));
+    assert!(!passes(state.hit(&rate, until - 1, 1)));
+    assert!(passes(state.hit(&rate, until, 1)));
 }
 
 #[test]
@@ -55,9 +55,9 @@ fn a_state_is_the_same_size_at_any_quota() {
         let rate = rate(quota);
         let mut state = KeyState::new(&rate, 0);
         for i in 0..u64::from(quota.count()) {
-            assert!(passes(state.hit(&rate, i)));
+            assert!(passes(state.hit(&rate, i, 1)));
         }
-        assert!(!passes(state.hit(&rate, 10 * SEC)));
+        assert!(!passes(state.hit(&rate, 10 * SEC, 1)));
     }
 }
 
@@ -66,12 +66,12 @@ fn gcra_keeps_its_level_in_requests_when_the_rate_changes() {
     let fast = rate(Quota::per_second(10).with_burst(1));
     let slow = rate(Quota::per_second(1).with_burst(1));
     let mut state = KeyState::new(&fast, 0);
-    assert!(passes(state.hit(&fast, 0)));
+    assert!(passes(state.hit(&fast, 0, 1)));
     state.change_rate(&fast, &slow, 0);
     // One request in the bucket drains at the new interval: the next goes a second later.
-    assert!(!passes(state.hit(&slow, 100 * MS)));
-    assert!(!passes(state.hit(&slow, SEC - 1)));
-    assert!(passes(state.hit(&slow, SEC)));
+    assert!(!passes(state.hit(&slow, 100 * MS, 1)));
+    assert!(!passes(state.hit(&slow, SEC - 1, 1)));
+    assert!(passes(state.hit(&slow, SEC, 1)));
 }
 
 #[test]
@@ -80,14 +80,14 @@ fn a_window_keeps_its_count_when_the_quota_changes() {
     let narrow = rate(Quota::per_minute(2));
     let mut state = KeyState::new(&wide, 0);
     for i in 0..3 {
-        assert!(passes(state.hit(&wide, i * SEC)));
+        assert!(passes(state.hit(&wide, i * SEC, 1)));
     }
     state.change_rate(&wide, &narrow, 5 * SEC);
-    assert!(!passes(state.hit(&narrow, 5 * SEC)));
+    assert!(!passes(state.hit(&narrow, 5 * SEC, 1)));
     // Another period and algorithm: what was counted stays counted until it would expire.
     let paced = rate(Quota::per_second(1).with_burst(2));
     state.change_rate(&narrow, &paced, 5 * SEC);
-    assert!(!passes(state.hit(&paced, 6 * SEC)));
+    assert!(!passes(state.hit(&paced, 6 * SEC, 1)));
 }
 
 #[test]
@@ -96,22 +96,22 @@ fn a_flood_of_fresh_keys_never_frees_a_client_at_its_quota() {
     let mut table = KeyTable::new(1_000);
     let client = 0xc1_1e47;
     for i in 0..100 {
-        assert!(passes(table.hit(client, &rate, i * MS)));
+        assert!(passes(table.hit(client, &rate, i * MS, 1)));
     }
-    assert!(!passes(table.hit(client, &rate, SEC)));
+    assert!(!passes(table.hit(client, &rate, SEC, 1)));
     let mut now = SEC;
     for key in 1..=200_000u64 {
         now += MS / 10;
         let key = RandomState::new().hash_one(key);
         assert!(
-            passes(table.hit(key, &rate, now)),
+            passes(table.hit(key, &rate, now, 1)),
             "fresh key {key} refused at {now}: {:?}",
-            table.hit(key, &rate, now)
+            table.hit(key, &rate, now, 1)
         );
         assert!(table.len() <= 1_000);
     }
     // Twenty seconds of flood later, the client is still at its quota.
-    let Verdict::Refuse { until, .. } = table.hit(client, &rate, now) else {
+    let Verdict::Refuse { until, .. } = table.hit(client, &rate, now, 1) else {
         panic!("the flood freed a client at its quota");
     };
     assert!(until > 3_600 * SEC);
@@ -123,7 +123,7 @@ fn a_flood_of_keys_one_short_of_their_quota_admits_newcomers_and_frees_no_client
     let mut table = KeyTable::new(500);
     let client = 0xc1_1e47;
     for i in 0..20 {
-        assert!(passes(table.hit(client, &rate, i * MS)));
+        assert!(passes(table.hit(client, &rate, i * MS, 1)));
     }
     let mut now = SEC;
     for key in 1..=20_000u64 {
@@ -132,12 +132,12 @@ fn a_flood_of_keys_one_short_of_their_quota_admits_newcomers_and_frees_no_client
         for _ in 0..19 {
             now += MS / 10;
             assert!(
-                passes(table.hit(key, &rate, now)),
+                passes(table.hit(key, &rate, now, 1)),
                 "flood key {key} refused"
             );
         }
         assert!(table.len() <= 500);
-        assert!(!passes(table.hit(client, &rate, now)));
+        assert!(!passes(table.hit(client, &rate, now, 1)));
     }
     // Every count the shadow lost was below the quota.
     assert!(!table.lost.is_empty());
@@ -151,18 +151,18 @@ fn a_table_of_clients_at_their_quota_admits_newcomers_and_remembers_whom_it_disp
     let key = |n: u64| RandomState::new().hash_one(n);
     let clients: Vec<u64> = (1..=10).map(key).collect();
     for (i, &client) in clients.iter().enumerate() {
-        assert!(passes(table.hit(client, &rate, (i as u64 + 1) * SEC)));
+        assert!(passes(table.hit(client, &rate, (i as u64 + 1) * SEC, 1)));
     }
     // Every tracked client is at its quota: a newcomer is still admitted...
-    assert!(passes(table.hit(key(99), &rate, 20 * SEC)));
+    assert!(passes(table.hit(key(99), &rate, 20 * SEC, 1)));
     assert_eq!(table.len(), 10);
     // ...and the client it displaced (the one that clears first) is refused when it comes
     // back, its count restored from the shadow, as is every other.
     for &client in &clients {
-        let Verdict::Refuse { until } = table.hit(client, &rate, 21 * SEC) else {
+        let Verdict::Refuse { until } = table.hit(client, &rate, 21 * SEC, 1) else {
             panic!("client {client} at its quota was let through");
         };
-        assert!(passes(table.hit(client, &rate, until)));
+        assert!(passes(table.hit(client, &rate, until, 1)));
     }
     assert!(table.lost.is_empty());
 }
@@ -173,7 +173,7 @@ fn a_flood_that_sends_each_fresh_key_its_whole_quota_locks_no_newcomer_out() {
     let mut table = KeyTable::new(1_000);
     let client = 0xc1_1e47;
     for i in 0..5 {
-        assert!(passes(table.hit(client, &rate, i * MS)));
+        assert!(passes(table.hit(client, &rate, i * MS, 1)));
     }
     let mut now = SEC;
     let mut newcomers_refused = 0;
@@ -181,11 +181,11 @@ fn a_flood_that_sends_each_fresh_key_its_whole_quota_locks_no_newcomer_out() {
         let key = RandomState::new().hash_one(key);
         for _ in 0..5 {
             now += MS / 10;
-            assert!(passes(table.hit(key, &rate, now)), "flood key refused");
+            assert!(passes(table.hit(key, &rate, now, 1)), "flood key refused");
         }
         if key % 100 == 0 {
             let newcomer = RandomState::new().hash_one(("newcomer", key));
-            newcomers_refused += usize::from(!passes(table.hit(newcomer, &rate, now)));
+            newcomers_refused += usize::from(!passes(table.hit(newcomer, &rate, now, 1)));
         }
         assert!(table.len() <= 1_000);
     }
@@ -199,7 +199,7 @@ fn a_flood_that_sends_each_fresh_key_its_whole_quota_locks_no_newcomer_out() {
         .map(|&(_, used)| used)
         .sum();
     let passed = (0..5)
-        .filter(|_| passes(table.hit(client, &rate, now)))
+        .filter(|_| passes(table.hit(client, &rate, now, 1)))
         .count() as u32;
     assert!(passed <= lost, "{passed} passed, {lost} lost");
 }
@@ -220,7 +220,7 @@ proptest! {
         let mut admitted = Vec::new();
         for gap in gaps {
             now += gap * MS / 7;
-            if passes(state.hit(&rate, now)) {
+            if passes(state.hit(&rate, now, 1)) {
                 admitted.push(now);
             }
         }
@@ -243,7 +243,7 @@ proptest! {
         let spacing = (u128::from(period) * 10).div_ceil(9 * u128::from(count)) as u64;
         let mut state = KeyState::new(&rate, start);
         for i in 0..u64::from(count.min(300)) * 3 {
-            let verdict = state.hit(&rate, start + i * spacing);
+            let verdict = state.hit(&rate, start + i * spacing, 1);
             prop_assert!(passes(verdict), "request {i} refused: {verdict:?}");
         }
     }
@@ -264,12 +264,12 @@ proptest! {
         let mut now = 0;
         for gap in gaps {
             now += gap * MS / 3;
-            if let Verdict::Refuse { until, .. } = state.hit(&rate, now) {
+            if let Verdict::Refuse { until, .. } = state.hit(&rate, now, 1) {
                 prop_assert!(until > now);
                 let mut early = state;
-                prop_assert!(!passes(early.hit(&rate, until - 1)));
+                prop_assert!(!passes(early.hit(&rate, until - 1, 1)));
                 let mut back = state;
-                prop_assert!(passes(back.hit(&rate, until)));
+                prop_assert!(passes(back.hit(&rate, until, 1)));
             }
         }
     }
@@ -291,7 +291,7 @@ proptest! {
         for (client, gap) in requests {
             now += gap * MS / 10;
             let key = (client % clients).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            match table.hit(key, &rate, now) {
+            match table.hit(key, &rate, now, 1) {
                 Verdict::Pass { .. } => {
                     admitted.entry(key).or_default().push(now);
                     told.remove(&key);
@@ -340,7 +340,7 @@ fn a_full_quota_flood_never_lets_through_a_client_it_displaced() {
         let mut table = KeyTable::new(1_000);
         let victim = RandomState::new().hash_one(("victim", trial));
         for i in 0..5 {
-            assert!(passes(table.hit(victim, &rate, i * MS)));
+            assert!(passes(table.hit(victim, &rate, i * MS, 1)));
         }
         let mut now = SEC;
         let mut told = None;
@@ -348,20 +348,20 @@ fn a_full_quota_flood_never_lets_through_a_client_it_displaced() {
             let key = RandomState::new().hash_one((trial, n));
             for _ in 0..5 {
                 now += MS / 10;
-                assert!(passes(table.hit(key, &rate, now)), "flood key refused");
+                assert!(passes(table.hit(key, &rate, now, 1)), "flood key refused");
             }
             // The victim tries again now and then, and is refused each time with the same
             // truthful time.
             if n % 500 == 0 {
-                let Verdict::Refuse { until } = table.hit(victim, &rate, now) else {
+                let Verdict::Refuse { until } = table.hit(victim, &rate, now, 1) else {
                     panic!("trial {trial}: the victim went through after {n} flood keys");
                 };
                 assert_eq!(*told.get_or_insert(until), until);
             }
         }
         let until = told.expect("refused");
-        assert!(!passes(table.hit(victim, &rate, until - 1)));
-        assert!(passes(table.hit(victim, &rate, until)));
+        assert!(!passes(table.hit(victim, &rate, until - 1, 1)));
+        assert!(passes(table.hit(victim, &rate, until, 1)));
         assert!(table.lost.iter().all(|&(k, _)| k != victim));
     }
 }
@@ -374,17 +374,17 @@ fn a_client_told_when_to_come_back_is_admitted_then_though_forgotten_meanwhile()
     let mut table = KeyTable::new(1);
     let client = 1 << 40;
     for quarter in 0..4 {
-        assert!(passes(table.hit(client, &rate, quarter * 900 * SEC)));
+        assert!(passes(table.hit(client, &rate, quarter * 900 * SEC, 1)));
     }
-    let Verdict::Refuse { until } = table.hit(client, &rate, 3_000 * SEC) else {
+    let Verdict::Refuse { until } = table.hit(client, &rate, 3_000 * SEC, 1) else {
         panic!("over the quota");
     };
     // A newcomer takes the only place: the client goes to the shadow.
-    assert!(passes(table.hit(2 << 40, &rate, 3_001 * SEC)));
-    assert!(!passes(table.hit(client, &rate, until - 1)));
-    assert!(passes(table.hit(client, &rate, until)));
+    assert!(passes(table.hit(2 << 40, &rate, 3_001 * SEC, 1)));
+    assert!(!passes(table.hit(client, &rate, until - 1, 1)));
+    assert!(passes(table.hit(client, &rate, until, 1)));
     // Restored, it still counts the other three until they clear, and no fewer.
-    assert!(!passes(table.hit(client, &rate, until)));
+    assert!(!passes(table.hit(client, &rate, until, 1)));
 }
 
 #[test]
@@ -404,7 +404,7 @@ fn a_flood_costs_a_few_clients_looked_at_per_fresh_key() {
             for _ in 0..5 {
                 // Ten minutes of flood in all.
                 now += 3 * MS;
-                assert!(passes(table.hit(key, &rate, now)), "flood key refused");
+                assert!(passes(table.hit(key, &rate, now, 1)), "flood key refused");
             }
         }
         let newcomers = keys as usize - capacity;
@@ -428,15 +428,15 @@ fn a_paced_client_told_when_to_come_back_is_admitted_then_though_forgotten_meanw
     let mut table = KeyTable::new(1);
     let client = 1 << 40;
     for _ in 0..4 {
-        assert!(passes(table.hit(client, &rate, 0)));
+        assert!(passes(table.hit(client, &rate, 0, 1)));
     }
-    let Verdict::Refuse { until } = table.hit(client, &rate, SEC) else {
+    let Verdict::Refuse { until } = table.hit(client, &rate, SEC, 1) else {
         panic!("over the burst");
     };
-    assert!(passes(table.hit(2 << 40, &rate, 2 * SEC)));
-    assert!(!passes(table.hit(client, &rate, until - 1)));
-    assert!(passes(table.hit(client, &rate, until)));
-    assert!(!passes(table.hit(client, &rate, until)));
+    assert!(passes(table.hit(2 << 40, &rate, 2 * SEC, 1)));
+    assert!(!passes(table.hit(client, &rate, until - 1, 1)));
+    assert!(passes(table.hit(client, &rate, until, 1)));
+    assert!(!passes(table.hit(client, &rate, until, 1)));
 }
 
 #[test]
@@ -449,27 +449,27 @@ fn a_quota_changed_to_gcra_keeps_what_each_client_used() {
     let mut table = KeyTable::new(2);
     let (light, heavy, forgotten) = (1 << 40, 2 << 40, 3 << 40);
     for _ in 0..20 {
-        assert!(passes(table.hit(forgotten, &old, 0)));
+        assert!(passes(table.hit(forgotten, &old, 0, 1)));
     }
     for _ in 0..100 {
-        assert!(passes(table.hit(heavy, &old, 0)));
+        assert!(passes(table.hit(heavy, &old, 0, 1)));
     }
-    assert!(passes(table.hit(light, &old, 0)));
+    assert!(passes(table.hit(light, &old, 0, 1)));
     // The table holds two: `forgotten`, the less used, waits in the shadow.
     assert!(table.keys.contains_key(&light) && table.keys.contains_key(&heavy));
     table.change_rate(&old, &new, SEC);
     // One used: nine more now.
     for _ in 0..9 {
-        assert!(passes(table.hit(light, &new, SEC)));
+        assert!(passes(table.hit(light, &new, SEC, 1)));
     }
-    assert!(!passes(table.hit(light, &new, SEC)));
+    assert!(!passes(table.hit(light, &new, SEC, 1)));
     // A hundred used: the bucket's level, drained at a tenth of a second a request.
-    let Verdict::Refuse { until } = table.hit(heavy, &new, SEC) else {
+    let Verdict::Refuse { until } = table.hit(heavy, &new, SEC, 1) else {
         panic!("a hundred used");
     };
     assert_eq!(until, SEC + 91 * SEC / 10);
     // Twenty used, forgotten meanwhile: the same, from the shadow.
-    let Verdict::Refuse { until } = table.hit(forgotten, &new, SEC) else {
+    let Verdict::Refuse { until } = table.hit(forgotten, &new, SEC, 1) else {
         panic!("twenty used");
     };
     assert_eq!(until, SEC + 11 * SEC / 10);

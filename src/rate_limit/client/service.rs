@@ -8,6 +8,8 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::state::{admit, Admission};
+use crate::event::Event;
+use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::Wait;
 use crate::rate_limit::service::RateLimitByRouteService;
 use crate::readiness::{unready, waiting_clone};
@@ -31,12 +33,16 @@ where
         let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {
             return ResponseFuture::passed(self.inner.call(request));
         };
+        let costs = shared.routes[route].costs(&request);
+        if let Some(error) = shared.routes[route].too_high(&costs) {
+            return self.refuse(route, error);
+        }
         #[cfg(feature = "redis")]
         if let Some(store) = &shared.config.store {
             let store = store.clone();
-            return self.call_store(route, store, request);
+            return self.call_store(route, store, request, costs);
         }
-        match admit(shared, route, true) {
+        match admit(shared, route, true, costs) {
             Admission::Now(permit) => ResponseFuture::called(self.inner.call(request), permit),
             Admission::Queued(ticket) => {
                 let max_wait = shared.config.max_wait;
@@ -50,6 +56,25 @@ where
     }
 }
 
+impl<S: Clone> RateLimitByRouteService<S, Wait> {
+    /// Returns a request unsent at once: it costs more than its route ever admits.
+    #[cold]
+    #[inline(never)]
+    fn refuse<B>(&mut self, route: usize, error: RateLimitError) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        unready(&mut self.inner);
+        let events = &self.mode.0.events;
+        events.emit(route, |layer, route| Event::Refused {
+            layer,
+            route,
+            reason: error.refusal(),
+        });
+        ResponseFuture::refused(error)
+    }
+}
+
 #[cfg(feature = "redis")]
 impl<S: Clone> RateLimitByRouteService<S, Wait> {
     /// A request under a quota kept in a shared store: it asks the store for its turn.
@@ -60,15 +85,20 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
         route: usize,
         store: crate::store::StoreHandle,
         request: Request<B>,
+        costs: crate::rate_limit::cost::Costs,
     ) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
     {
         let handle = self.mode.0.clone();
-        let rate = crate::lock::lock(&handle.routes[route].state).rate;
+        let rates = crate::lock::lock(&handle.routes[route].state)
+            .rates()
+            .copied()
+            .collect();
         let (learn, max_wait) = (handle.routes[route].learn, handle.config.max_wait);
         let inner = waiting_clone(&mut self.inner);
-        let turn = super::store::StoreTurn::new(handle, route, store, rate, learn, max_wait);
+        let turn =
+            super::store::StoreTurn::new(handle, route, store, rates, costs, learn, max_wait);
         ResponseFuture::from_store(super::store::StoreRequest::new(inner, request, turn))
     }
 }

@@ -14,8 +14,10 @@ use crate::headers;
 use crate::limiter::{Limiter, NotYet};
 use crate::queue::{Ticket, WaitQueue};
 use crate::quota::Rate;
+use crate::rate_limit::cost::{Costs, ResponseHead, Weighing};
 use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::LayerState;
+use crate::rate_limit::RequestHead;
 
 pub(crate) use crate::lock::lock;
 
@@ -70,17 +72,60 @@ pub(crate) struct ClientRoute {
     /// The route whose state counts its requests: itself, unless it is learnt and the server
     /// named its quota, which another learnt route's state already held.
     holder: AtomicU16,
+    /// How its requests are weighed, if a quota of it counts something other than requests.
+    weighing: Option<Weighing>,
 }
 
 impl ClientRoute {
-    pub(crate) fn new(index: u16, name: Arc<str>, learn: Learn, rate: Rate, learnt: bool) -> Self {
+    /// A route with these quotas (a learnt one has one).
+    pub(crate) fn new(
+        index: u16,
+        name: Arc<str>,
+        learn: Learn,
+        rates: Vec<Rate>,
+        learnt: bool,
+    ) -> Self {
         Self {
             name,
             learn,
-            state: Mutex::new(ClientState::new(rate)),
+            state: Mutex::new(ClientState::new(rates)),
             learnt,
             holder: AtomicU16::new(index),
+            weighing: None,
         }
+    }
+
+    /// Weighs its requests so.
+    pub(crate) fn weighed(mut self, weighing: Option<Weighing>) -> Self {
+        self.weighing = weighing;
+        self
+    }
+
+    /// What a request of this route costs in each of its quotas.
+    #[inline]
+    pub(crate) fn costs<B>(&self, request: &http::Request<B>) -> Costs {
+        match &self.weighing {
+            None => Costs::one(),
+            Some(weighing) => weighing.costs(&RequestHead::of(request)),
+        }
+    }
+
+    /// What a request that took `taken` turned out to cost, if its response corrects it.
+    pub(crate) fn corrected<B>(&self, taken: &Costs, response: &Response<B>) -> Option<Costs> {
+        let weighing = self.weighing.as_ref()?;
+        weighing.answered(taken, &ResponseHead::of(response))
+    }
+
+    /// A request of this route that costs more than one of its quotas ever admits.
+    pub(crate) fn too_high(&self, costs: &Costs) -> Option<RateLimitError> {
+        self.weighing.as_ref()?;
+        let state = lock(&self.state);
+        let (quota, cost) = costs.too_high(state.rates())?;
+        Some(RateLimitError::CostTooHigh {
+            route: self.name.clone(),
+            quota,
+            cost,
+        })
     }
 
     /// The route whose state counts this route's requests now.
@@ -145,8 +190,12 @@ impl QuotaNames {
 
 #[derive(Debug)]
 pub(crate) struct ClientState {
+    /// The route's first quota, the one learnt from responses and shown in its snapshot.
     pub(crate) rate: Rate,
     pub(crate) limiter: Limiter,
+    /// Its other quotas, if it has several: a request takes its place in all of them at
+    /// once, or in none.
+    more: Vec<(Rate, Limiter)>,
     /// Requests waiting for their turn, first come first served.
     pub(crate) waiters: WaitQueue,
     /// Requests of this process waiting for their turn in a shared store.
@@ -158,13 +207,88 @@ pub(crate) struct ClientState {
 }
 
 impl ClientState {
-    pub(crate) fn new(rate: Rate) -> Self {
+    pub(crate) fn new(rates: Vec<Rate>) -> Self {
+        let mut rates = rates.into_iter();
+        let rate = rates.next().expect("a route has at least one quota");
         Self {
             limiter: Limiter::new(&rate),
             rate,
+            more: rates.map(|rate| (rate, Limiter::new(&rate))).collect(),
             waiters: WaitQueue::default(),
             store_waiters: 0,
             last_seen: 0,
+        }
+    }
+
+    /// Its quotas, in order.
+    pub(crate) fn rates(&self) -> impl Iterator<Item = &Rate> {
+        std::iter::once(&self.rate).chain(self.more.iter().map(|(rate, _)| rate))
+    }
+
+    /// Takes a request's `costs` from every quota at `now`, all at once or none.
+    #[inline]
+    pub(crate) fn try_take(&mut self, now: Nanos, costs: &Costs) -> Result<(), NotYet> {
+        if self.more.is_empty() {
+            return self.limiter.try_take(&self.rate, now, costs.get(0));
+        }
+        self.check(now, 0, costs)?;
+        self.limiter.take(costs.get(0));
+        for (i, (_, limiter)) in self.more.iter_mut().enumerate() {
+            limiter.take(costs.get(i + 1));
+        }
+        Ok(())
+    }
+
+    /// Whether a request of `costs`, behind requests of `ahead` units, fits in every quota
+    /// now; if not, a lower bound of when (the latest any quota names, or a response).
+    fn check(&mut self, now: Nanos, ahead: u64, costs: &Costs) -> Result<(), NotYet> {
+        let mut verdict = self.limiter.check(&self.rate, now, ahead, costs.get(0));
+        for (i, (rate, limiter)) in self.more.iter_mut().enumerate() {
+            let next = limiter.check(rate, now, ahead, costs.get(i + 1));
+            verdict = match (verdict, next) {
+                (Ok(()), next) => next,
+                (verdict, Ok(())) => verdict,
+                (Err(NotYet::Until(a)), Err(NotYet::Until(b))) => Err(NotYet::Until(a.max(b))),
+                (Err(NotYet::Until(at)), _) | (_, Err(NotYet::Until(at))) => Err(NotYet::Until(at)),
+                (Err(NotYet::Response), Err(NotYet::Response)) => Err(NotYet::Response),
+            };
+        }
+        verdict
+    }
+
+    /// A lower bound on when a request of `costs` behind `ahead` others could go.
+    pub(crate) fn estimate(&mut self, now: Nanos, ahead: u32, costs: &Costs) -> Nanos {
+        let ahead = u64::from(ahead);
+        let mut turn = self.limiter.estimate(&self.rate, now, ahead, costs.get(0));
+        for (i, (rate, limiter)) in self.more.iter_mut().enumerate() {
+            turn = turn.max(limiter.estimate(rate, now, ahead, costs.get(i + 1)));
+        }
+        turn
+    }
+
+    /// The request that took `taken` was answered at `at`, and cost `cost`.
+    pub(crate) fn answer(&mut self, at: Nanos, taken: &Costs, cost: Option<&Costs>) {
+        let cost = cost.unwrap_or(taken);
+        self.limiter
+            .answer(&self.rate, at, taken.get(0), cost.get(0));
+        for (i, (rate, limiter)) in self.more.iter_mut().enumerate() {
+            limiter.answer(rate, at, taken.get(i + 1), cost.get(i + 1));
+        }
+    }
+
+    /// The request that took `costs` was given up on at `at` after its send, held `hold`.
+    fn abandon(&mut self, at: Nanos, hold: Nanos, costs: &Costs) {
+        self.limiter.abandon(&self.rate, at, hold, costs.get(0));
+        for (i, (rate, limiter)) in self.more.iter_mut().enumerate() {
+            limiter.abandon(rate, at, hold, costs.get(i + 1));
+        }
+    }
+
+    /// The request that took `costs` was never sent.
+    fn give_back(&mut self, costs: &Costs) {
+        self.limiter.give_back(costs.get(0));
+        for (i, (_, limiter)) in self.more.iter_mut().enumerate() {
+            limiter.give_back(costs.get(i + 1));
         }
     }
 
@@ -226,6 +350,8 @@ pub(crate) struct TurnTicket {
     queued: bool,
     /// When the request was made, for the wait it reports.
     pub(crate) since: Nanos,
+    /// What it costs in each quota of its route.
+    costs: Costs,
 }
 
 /// What a waiting request learns when it looks at the queue.
@@ -246,6 +372,7 @@ impl TurnTicket {
         route: usize,
         at: usize,
         now: Nanos,
+        costs: Costs,
     ) -> Self {
         let id = state.waiters.join();
         Self {
@@ -255,6 +382,7 @@ impl TurnTicket {
             id,
             queued: true,
             since: now,
+            costs,
         }
     }
 
@@ -286,7 +414,7 @@ impl TurnTicket {
         let now = state.now(&self.shared.clock);
         let mut wait = None;
         if state.waiters.is_head(self.id) {
-            match state.limiter.try_acquire(&state.rate, now) {
+            match state.try_take(now, &self.costs) {
                 Ok(()) => {
                     state.waiters.pop_head();
                     state.wake_head();
@@ -305,6 +433,7 @@ impl TurnTicket {
                         route: self.route as u16,
                         holder: self.at as u16,
                         stage: Stage::Unsent,
+                        costs: std::mem::replace(&mut self.costs, Costs::one()),
                     });
                 }
                 Err(NotYet::Until(at)) => wait = Some(at),
@@ -364,7 +493,7 @@ impl TurnTicket {
         let state = &mut *guard;
         let now = state.now(&self.shared.clock);
         let ahead = state.waiters.ahead(self.id).unwrap_or(0) as u32;
-        state.limiter.estimate(&state.rate, now, ahead)
+        state.estimate(now, ahead, &self.costs)
     }
 }
 
@@ -398,6 +527,8 @@ pub(crate) struct Permit {
     /// against a quota held by another.
     holder: u16,
     stage: Stage,
+    /// What it took in each quota of its route.
+    costs: Costs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,12 +550,17 @@ pub(crate) enum Admission {
     Refused(RateLimitError),
 }
 
-/// Admits a request to route `route` at once if nobody waits and the quota allows, else
-/// queues it, else refuses it: its queue is full, or (with `estimate_wait`) its turn is known
-/// to come past the maximum wait. The one decision of a new request and of one that falls
-/// back to this process's limit from a failed store.
+/// Admits a request of `costs` to route `route` at once if nobody waits and the quota
+/// allows, else queues it, else refuses it: its queue is full, or (with `estimate_wait`) its
+/// turn is known to come past the maximum wait. The one decision of a new request and of one
+/// that falls back to this process's limit from a failed store.
 #[inline]
-pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) -> Admission {
+pub(crate) fn admit(
+    handle: &ClientHandle,
+    route: usize,
+    estimate_wait: bool,
+    costs: Costs,
+) -> Admission {
     let asked = &handle.routes[route];
     let (holder, at) = if asked.learnt {
         let holder = asked.holder();
@@ -434,9 +570,10 @@ pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) ->
     };
     let mut state = lock(&at.state);
     let admission = 'decide: {
-        if let Some(permit) = Permit::try_acquire(handle, &mut state, route, holder) {
-            break 'decide Admission::Now(permit);
-        }
+        let costs = match Permit::try_acquire(handle, &mut state, route, holder, costs) {
+            Ok(permit) => break 'decide Admission::Now(permit),
+            Err(costs) => costs,
+        };
         let name = || handle.routes[route].name.clone();
         if let Some(max_queue) = state.queue_full(handle.config.max_queue) {
             break 'decide Admission::Refused(RateLimitError::QueueFull {
@@ -447,14 +584,15 @@ pub(crate) fn admit(handle: &ClientHandle, route: usize, estimate_wait: bool) ->
         let now = state.now(&handle.clock);
         if let (true, Some(max_wait)) = (estimate_wait, handle.config.max_wait) {
             let ahead = state.waiters.len() as u32;
-            let rate = state.rate;
-            let turn = state.limiter.estimate(&rate, now, ahead);
+            let turn = state.estimate(now, ahead, &costs);
             if turn.saturating_sub(now) > nanos(max_wait) {
                 let error = RateLimitError::wait_too_long(name(), now, turn, max_wait);
                 break 'decide Admission::Refused(error);
             }
         }
-        Admission::Queued(TurnTicket::join(handle, &mut state, route, holder, now))
+        Admission::Queued(TurnTicket::join(
+            handle, &mut state, route, holder, now, costs,
+        ))
     };
     let events = &handle.events;
     events.gauges(holder, || state.figures());
@@ -490,20 +628,23 @@ impl Permit {
         state: &mut ClientState,
         route: usize,
         holder: usize,
-    ) -> Option<Self> {
+        costs: Costs,
+    ) -> Result<Self, Costs> {
         if !state.waiters.is_empty() {
-            return None;
+            return Err(costs);
         }
-        let rate = state.rate;
-        if state.limiter.try_acquire(&rate, state.last_seen).is_err() {
+        if state.try_take(state.last_seen, &costs).is_err() {
             let now = state.now(&shared.clock);
-            state.limiter.try_acquire(&rate, now).ok()?;
+            if state.try_take(now, &costs).is_err() {
+                return Err(costs);
+            }
         }
-        Some(Self {
+        Ok(Self {
             shared: shared.clone(),
             route: route as u16,
             holder: holder as u16,
             stage: Stage::Sent,
+            costs,
         })
     }
 
@@ -533,10 +674,11 @@ impl Permit {
             return self.answered_learnt(response, answered);
         }
         // Not learnt: it holds its place in its own route's state.
+        let cost = route.corrected(&self.costs, response);
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.seen(answered);
-        state.limiter.release(&state.rate, now);
+        state.answer(now, &self.costs, cost.as_ref());
         let mut learnt = None;
         if route.learn.enabled && teaches(response) {
             learnt = learn(&route.name, route.learn, state, response, now);
@@ -568,8 +710,7 @@ impl Permit {
         {
             let mut state = lock(&shared.routes[holder].state);
             let now = state.seen(answered);
-            let rate = state.rate;
-            state.limiter.release(&rate, now);
+            state.answer(now, &self.costs, None);
             state.wake_head();
             shared.events.gauges(holder, || state.figures());
         }
@@ -595,7 +736,8 @@ impl Permit {
             .enumerate()
             .filter(|&(i, r)| i != target && r.learnt && r.holder() == target)
             .map(|(_, r)| lock(&r.state).limiter.in_flight())
-            .fold(0u32, u32::saturating_add);
+            .fold(0u64, u64::saturating_add);
+        let elsewhere = u32::try_from(elsewhere).unwrap_or(u32::MAX);
         let mut guard = lock(&shared.routes[target].state);
         let state = &mut *guard;
         let now = state.seen(answered);
@@ -634,12 +776,12 @@ impl Permit {
         let now = state.seen(dropped);
         let abandoned = match self.stage {
             Stage::Unsent => {
-                state.limiter.cancel();
+                state.give_back(&self.costs);
                 false
             }
             Stage::Sent => {
                 let hold = nanos(self.shared.config.abandoned_hold);
-                state.limiter.abandon(&state.rate, now, hold);
+                state.abandon(now, hold, &self.costs);
                 true
             }
             Stage::Settled => return,

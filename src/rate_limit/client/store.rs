@@ -17,8 +17,11 @@ use super::state::{admit, lock, show_figures, ClientHandle, Learn};
 use crate::clock::{nanos, Nanos};
 use crate::event::{Event, Learnt, Refusal};
 use crate::quota::Rate;
+use crate::rate_limit::cost::Costs;
 use crate::rate_limit::error::RateLimitError;
-use crate::store::{Decision, FailMode, StoreCall, StoreError, StoreHandle, StorePoll};
+use crate::store::{
+    Decision, FailMode, StoreCall, StoreError, StoreHandle, StorePoll, StoreQuotas,
+};
 use crate::BoxError;
 
 pin_project! {
@@ -90,7 +93,7 @@ where
                 StoreProj::Asking { turn, .. } => {
                     let outcome = ready!(turn.poll_turn(cx));
                     let StoreReplace::Asking {
-                        turn,
+                        mut turn,
                         inner,
                         request,
                     } = state.as_mut().project_replace(StoreState::Done)
@@ -112,7 +115,8 @@ where
                         }
                         Outcome::Failed(error) => {
                             tracing::debug!(%error, "the shared quota store failed: this request counts against the local quota");
-                            let admission = admit(&turn.handle, turn.route, false);
+                            let costs = std::mem::replace(&mut turn.costs, Costs::one());
+                            let admission = admit(&turn.handle, turn.route, false, costs);
                             let local = Waiting::local(inner, request, admission, turn.max_wait)
                                 .map(Box::new);
                             return Poll::Ready(StoreNext::Local(local));
@@ -191,7 +195,9 @@ pub(crate) struct StorePlace {
     /// The route's key in the store.
     key: String,
     member: String,
-    rate: Rate,
+    /// The route's quotas, and what the request took in each.
+    rates: Box<[Rate]>,
+    taken: Costs,
     learn: Learn,
     /// How long it is held as in flight once abandoned.
     hold: Duration,
@@ -225,9 +231,10 @@ impl StorePlace {
             Some(response) => self.release_call(response),
             None => {
                 self.abandoned();
+                let quotas = StoreQuotas::new(&self.rates, &self.taken, &self.taken);
                 let call = self
                     .store
-                    .abandon_call(&self.key, &self.member, &self.rate, self.hold);
+                    .abandon_call(&self.key, &self.member, quotas, self.hold);
                 (call, false)
             }
         };
@@ -253,7 +260,7 @@ impl StorePlace {
                 .learn
                 .refusal_wait(name, response, std::time::SystemTime::now());
             // Closes the route for every process sharing the store.
-            block = wait.min(Learn::cap(&self.rate));
+            block = wait.min(Learn::cap(&self.rates[0]));
             self.handle
                 .events
                 .emit(self.route, |layer, route| Event::Learnt {
@@ -262,9 +269,13 @@ impl StorePlace {
                     from: Learnt::TooManyRequests,
                 });
         }
+        let route = &self.handle.routes[self.route];
+        let cost = route.corrected(&self.taken, response);
+        let cost = cost.as_ref().unwrap_or(&self.taken);
+        let quotas = StoreQuotas::new(&self.rates, &self.taken, cost);
         let call = self
             .store
-            .release_call(&self.key, &self.member, &self.rate, block);
+            .release_call(&self.key, &self.member, quotas, block);
         (call, !block.is_zero())
     }
 }
@@ -333,12 +344,13 @@ impl Drop for StorePlace {
         if self.released {
             return;
         }
+        let quotas = StoreQuotas::new(&self.rates, &self.taken, &self.taken);
         if self.sent {
             self.abandoned();
             self.store
-                .abandon(&self.key, &self.member, &self.rate, self.hold);
+                .abandon(&self.key, &self.member, quotas, self.hold);
         } else {
-            self.store.cancel(&self.key, &self.member, &self.rate);
+            self.store.cancel(&self.key, &self.member, quotas);
         }
     }
 }
@@ -351,7 +363,9 @@ pub(crate) struct StoreTurn {
     store: StoreHandle,
     key: String,
     member: String,
-    rate: Rate,
+    /// The route's quotas, and what the request costs in each.
+    rates: Box<[Rate]>,
+    costs: Costs,
     learn: Learn,
     since: Nanos,
     poll: StorePoll,
@@ -378,13 +392,16 @@ impl StoreTurn {
         handle: ClientHandle,
         route: usize,
         store: StoreHandle,
-        rate: Rate,
+        rates: Box<[Rate]>,
+        costs: Costs,
         learn: Learn,
         max_wait: Option<Duration>,
     ) -> Self {
         let key = store.key(&format!("rate:{}", handle.routes[route].name));
         let member = store.member();
-        let poll = StorePoll::new(&store, || store.acquire(&key, &member, &rate, false));
+        let poll = StorePoll::new(&store, || {
+            store.acquire(&key, &member, &rates, &costs, false)
+        });
         let since = handle.clock.now();
         let span = tracing::debug_span!("rate_limit_wait", route = %handle.routes[route].name, store = true);
         Self {
@@ -395,7 +412,8 @@ impl StoreTurn {
             store,
             key,
             member,
-            rate,
+            rates,
+            costs,
             learn,
             since,
             poll,
@@ -484,7 +502,8 @@ impl StoreTurn {
                             route: self.route,
                             key: std::mem::take(&mut self.key),
                             member: std::mem::take(&mut self.member),
-                            rate: self.rate,
+                            rates: std::mem::take(&mut self.rates),
+                            taken: std::mem::replace(&mut self.costs, Costs::one()),
                             learn: self.learn,
                             hold: self.handle.config.abandoned_hold,
                             sent: false,
@@ -519,10 +538,10 @@ impl StoreTurn {
                 self.poll
                     .again_by(&self.store, clock.instant(now), wait, deadline);
             }
-            let (store, key, member, rate) = (&self.store, &self.key, &self.member, &self.rate);
-            ready!(self
-                .poll
-                .poll_again(store, cx, || store.acquire(key, member, rate, false)));
+            let (store, key, member) = (&self.store, &self.key, &self.member);
+            let (rates, costs) = (&self.rates, &self.costs);
+            ready!(self.poll.poll_again(store, cx, || store
+                .acquire(key, member, rates, costs, false)));
         }
     }
 }
@@ -545,7 +564,8 @@ impl Drop for StoreTurn {
             show_figures(&self.handle, self.route);
         }
         if !self.member.is_empty() {
-            self.store.cancel(&self.key, &self.member, &self.rate);
+            let quotas = StoreQuotas::new(&self.rates, &self.costs, &self.costs);
+            self.store.cancel(&self.key, &self.member, quotas);
         }
     }
 }

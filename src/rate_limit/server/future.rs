@@ -11,6 +11,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::state::RateLimitFields;
+use crate::clock::Nanos;
+use crate::rate_limit::cost::{Costs, ResponseHead};
+use crate::rate_limit::layer::Reject;
 use crate::rate_limit::reject::RejectResponse;
 
 /// The store path of a request, when the crate has one.
@@ -30,16 +33,53 @@ pin_project! {
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future, S::Response, StorePath<S, B, F>>,
+        state: State<S::Future, S::Response, StorePath<S, B, F>, Box<Correction<F>>>,
+    }
+}
+
+/// What a request whose cost is corrected from its response needs to correct it: its
+/// client, when it was counted, and what it was counted for.
+pub(crate) struct Correction<F> {
+    pub(crate) layer: Reject<F>,
+    pub(crate) route: usize,
+    pub(crate) key: u64,
+    pub(crate) at: Nanos,
+    pub(crate) taken: Costs,
+    /// With a shared store: the client's limit there, and its quotas.
+    #[cfg(feature = "redis")]
+    pub(crate) store: Option<(String, Box<[crate::quota::Rate]>)>,
+}
+
+impl<F> Correction<F> {
+    /// Counts the request's true cost, read from its response.
+    fn correct<B>(self, response: &Response<B>) {
+        let shared = &self.layer.0;
+        let route = &shared.routes[self.route];
+        let Some(weighing) = &route.weighing else {
+            return;
+        };
+        let Some(cost) = weighing.answered(&self.taken, &ResponseHead::of(response)) else {
+            return;
+        };
+        let now = shared.clock.now();
+        #[cfg(feature = "redis")]
+        if let (Some((name, rates)), Some(store)) = (&self.store, &shared.config.store) {
+            let quotas = crate::store::StoreQuotas::new(rates, &self.taken, &cost);
+            let ago = std::time::Duration::from_nanos(now.saturating_sub(self.at));
+            return store.correct(name, quotas, ago);
+        }
+        route.correct(self.key, now, self.at, &self.taken, &cost);
     }
 }
 
 pin_project! {
     #[project = StateProj]
     #[project_replace = StateReplace]
-    pub(super) enum State<Fut, R, H> {
+    pub(super) enum State<Fut, R, H, C> {
         // Sent; its response gets the rate-limit fields, if any.
         Inner { #[pin] future: Fut, fields: Option<RateLimitFields> },
+        // Sent, its cost to be corrected from its response.
+        Corrected { #[pin] future: Fut, fields: Option<RateLimitFields>, correction: Option<C> },
         // Refused, with the response to give.
         Rejected { response: R },
         // Waiting for a shared store's verdict.
@@ -56,6 +96,20 @@ where
     pub(super) fn inner(future: S::Future, fields: Option<RateLimitFields>) -> Self {
         Self {
             state: State::Inner { future, fields },
+        }
+    }
+
+    pub(super) fn corrected(
+        future: S::Future,
+        fields: Option<RateLimitFields>,
+        correction: Correction<F>,
+    ) -> Self {
+        Self {
+            state: State::Corrected {
+                future,
+                fields,
+                correction: Some(Box::new(correction)),
+            },
         }
     }
 
@@ -96,6 +150,23 @@ where
                     }
                     return Poll::Ready(Ok(response));
                 }
+                StateProj::Corrected {
+                    future,
+                    fields,
+                    correction,
+                } => {
+                    let result = ready!(future.poll(cx));
+                    let (fields, correction) = (fields.take(), correction.take());
+                    state.set(State::Done);
+                    let mut response = result?;
+                    if let Some(correction) = correction {
+                        correction.correct(&response);
+                    }
+                    if let Some(fields) = fields {
+                        fields.apply(&mut response);
+                    }
+                    return Poll::Ready(Ok(response));
+                }
                 StateProj::Rejected { .. } => {
                     let StateReplace::Rejected { response } = state.project_replace(State::Done)
                     else {
@@ -128,6 +199,7 @@ where
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
             State::Inner { .. } => "inner",
+            State::Corrected { .. } => "corrected",
             State::Rejected { .. } => "rejected",
             State::Store { .. } => "store",
             State::Done => "done",

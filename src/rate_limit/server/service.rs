@@ -10,10 +10,11 @@ use std::time::Duration;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::RejectFuture;
-use super::key::{Extracted, MissingKey, ANONYMOUS};
+use super::future::{Correction, RejectFuture};
+use super::key::{Extracted, MissingKey, RequestHead, ANONYMOUS};
 use super::state::{KeyedRoute, Refused};
 use crate::rate_limit::builder::RejectConfig;
+use crate::rate_limit::cost::Costs;
 use crate::rate_limit::layer::{LayerState, Reject};
 use crate::rate_limit::reject::{rejection, RejectReason, RejectResponse};
 use crate::rate_limit::service::RateLimitByRouteService;
@@ -76,16 +77,63 @@ where
         if config.store.is_some() {
             return self.call_store(request, index, key);
         }
-        match route.hit(
-            key,
-            shared.clock.now(),
-            config.headers,
-            &shared.events,
-            index,
-        ) {
-            Ok(fields) => RejectFuture::inner(self.inner.call(request), fields),
-            Err(refused) => RejectFuture::rejected(rejection(config, &route.name, refused)),
+        let Some(weighing) = &route.weighing else {
+            let now = shared.clock.now();
+            return match route.hit(
+                key,
+                now,
+                config.headers,
+                &shared.events,
+                index,
+                &Costs::one(),
+            ) {
+                Ok(fields) => RejectFuture::inner(self.inner.call(request), fields),
+                Err(refused) => RejectFuture::rejected(rejection(config, &route.name, refused)),
+            };
+        };
+        let costs = weighing.costs(&RequestHead::of(&request));
+        self.call_weighed(request, index, key, costs)
+    }
+}
+
+impl<S, F> RateLimitByRouteService<S, Reject<F>> {
+    /// A request of a route that weighs its requests: counted for its cost, which its
+    /// response may correct.
+    #[inline(never)]
+    fn call_weighed<B, ResBody>(
+        &mut self,
+        request: Request<B>,
+        index: usize,
+        key: u64,
+        costs: Costs,
+    ) -> RejectFuture<S, B, F>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>>,
+        F: RejectResponse<ResBody>,
+    {
+        let shared = &self.mode.0;
+        let (config, route) = (&shared.config, &shared.routes[index]);
+        let now = shared.clock.now();
+        let fields = match route.hit(key, now, config.headers, &shared.events, index, &costs) {
+            Ok(fields) => fields,
+            Err(refused) => {
+                return RejectFuture::rejected(rejection(config, &route.name, refused));
+            }
+        };
+        let future = self.inner.call(request);
+        if !route.weighing.as_ref().is_some_and(|w| w.corrects()) {
+            return RejectFuture::inner(future, fields);
         }
+        let correction = Correction {
+            layer: Reject(shared.clone()),
+            route: index,
+            key,
+            at: now,
+            taken: costs,
+            #[cfg(feature = "redis")]
+            store: None,
+        };
+        RejectFuture::corrected(future, fields, correction)
     }
 }
 
@@ -119,9 +167,15 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
             Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
         };
         let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
-        let call = store.acquire(&name, &store.member(), &route.rate(), true);
+        let costs = match &route.weighing {
+            None => Costs::one(),
+            Some(weighing) => weighing.costs(&RequestHead::of(&request)),
+        };
+        let rates = route.rates();
+        let call = store.acquire(&name, &store.member(), &rates, &costs, true);
         let layer = Reject(shared.clone());
-        let hit = super::store::StoreHit::new(inner, request, call, layer, index, key);
+        let hit = super::store::StoreHit::new(inner, request, call, layer, index, key)
+            .costing(costs, name, rates);
         RejectFuture::store(hit)
     }
 }

@@ -14,6 +14,7 @@ use crate::headers;
 use crate::limiter::keyed::{KeyTable, Verdict};
 use crate::lock::lock;
 use crate::quota::{Quota, Rate};
+use crate::rate_limit::cost::{Costs, Weighing};
 use crate::rate_limit::reject::RejectReason;
 
 /// Shards of a keyed route: requests of different clients rarely contend for one lock.
@@ -28,14 +29,20 @@ pub(crate) struct KeyedRoute {
     shards: Box<[Mutex<Shard>]>,
     /// Clients tracked in all the shards (the tables only grow, up to their size).
     tracked: AtomicUsize,
+    /// How its requests are weighed, if a quota of it counts something other than requests.
+    pub(crate) weighing: Option<Weighing>,
 }
 
 #[derive(Debug)]
 struct Shard {
+    /// The route's first quota, the one its fields and snapshot show.
     rate: Rate,
     /// The route's `RateLimit-Policy` field, made once.
     policy: HeaderValue,
     clients: KeyTable,
+    /// Its other quotas, if it has several, each with its own table of the same clients: a
+    /// request counts in all of them or in none.
+    more: Vec<(Rate, KeyTable)>,
 }
 
 /// The rate-limit fields a passing response gets.
@@ -62,6 +69,57 @@ pub(crate) struct Refused {
     pub(crate) reason: RejectReason,
 }
 
+/// Counts a request of `units` in one quota's table. A request that costs more than the
+/// quota ever admits is refused for a whole period: no client can spend it.
+#[inline]
+fn hit(clients: &mut KeyTable, key: u64, rate: &Rate, now: Nanos, units: u32) -> Verdict {
+    if !rate.fits(units) {
+        let until = now.saturating_add(rate.period);
+        return Verdict::Refuse { until };
+    }
+    clients.hit(key, rate, now, units)
+}
+
+/// Counts a request in every quota of its route, or in none: the first quota's verdict, or
+/// the refusal of the quota that refuses it, the latest if several do.
+fn hit_all(
+    clients: &mut KeyTable,
+    more: &mut [(Rate, KeyTable)],
+    key: u64,
+    rate: &Rate,
+    now: Nanos,
+    costs: &Costs,
+) -> (Verdict, Quota) {
+    let first = hit(clients, key, rate, now, costs.get(0));
+    let mut refused = match first {
+        Verdict::Refuse { until } => Some((until, rate.quota)),
+        Verdict::Pass { .. } => None,
+    };
+    let mut counted = 0;
+    for (i, (rate, table)) in more.iter_mut().enumerate() {
+        match hit(table, key, rate, now, costs.get(i + 1)) {
+            Verdict::Pass { .. } if refused.is_none() => counted = i + 1,
+            Verdict::Pass { .. } => table.unhit(key, rate, costs.get(i + 1)),
+            Verdict::Refuse { until } => {
+                if refused.is_none_or(|(at, _)| until > at) {
+                    refused = Some((until, rate.quota));
+                }
+            }
+        }
+    }
+    let Some((until, quota)) = refused else {
+        return (first, rate.quota);
+    };
+    // Refused by one: what the others counted is taken back.
+    if matches!(first, Verdict::Pass { .. }) {
+        clients.unhit(key, rate, costs.get(0));
+    }
+    for (i, (rate, table)) in more[..counted].iter_mut().enumerate() {
+        table.unhit(key, rate, costs.get(i + 1));
+    }
+    (Verdict::Refuse { until }, quota)
+}
+
 fn policy(name: &str, quota: Quota) -> HeaderValue {
     // Cloned once so that later clones share the bytes instead of copying them.
     let value = headers::policy_value(name, quota.count(), quota.period());
@@ -69,14 +127,25 @@ fn policy(name: &str, quota: Quota) -> HeaderValue {
 }
 
 impl KeyedRoute {
-    pub(crate) fn new(name: Arc<str>, rate: Rate, max_keys: usize) -> Self {
+    /// A route with these quotas (at least one), tracking at most `max_keys` clients in each.
+    pub(crate) fn new(
+        name: Arc<str>,
+        rates: Vec<Rate>,
+        max_keys: usize,
+        weighing: Option<Weighing>,
+    ) -> Self {
         let capacity = max_keys.div_ceil(SHARDS).max(1);
+        let rate = rates[0];
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
                     rate,
                     policy: policy(&name, rate.quota),
                     clients: KeyTable::new(capacity),
+                    more: rates[1..]
+                        .iter()
+                        .map(|&rate| (rate, KeyTable::new(capacity)))
+                        .collect(),
                 })
             })
             .collect();
@@ -85,6 +154,7 @@ impl KeyedRoute {
             name,
             shards,
             tracked: AtomicUsize::new(0),
+            weighing,
         }
     }
 
@@ -96,14 +166,17 @@ impl KeyedRoute {
         lock(&self.shards[0]).rate.quota
     }
 
+    /// Its quotas, in order.
     #[cfg(feature = "redis")]
-    pub(crate) fn rate(&self) -> Rate {
-        lock(&self.shards[0]).rate
+    pub(crate) fn rates(&self) -> Box<[Rate]> {
+        let shard = lock(&self.shards[0]);
+        let more = shard.more.iter().map(|(rate, _)| *rate);
+        std::iter::once(shard.rate).chain(more).collect()
     }
 
-    /// Counts a request of client `key` at `now`; `with_fields`: also the rate-limit fields its
-    /// response gets. Reports the verdict, and a client forgotten to make room, as events of
-    /// route `index`.
+    /// Counts a request of client `key` at `now`, costing `costs`; `with_fields`: also the
+    /// rate-limit fields its response gets. Reports the verdict, and a client forgotten to
+    /// make room, as events of route `index`.
     pub(crate) fn hit(
         &self,
         key: u64,
@@ -111,15 +184,20 @@ impl KeyedRoute {
         with_fields: bool,
         events: &Events,
         index: usize,
+        costs: &Costs,
     ) -> Result<Option<RateLimitFields>, Refused> {
         let mut shard = lock(self.shard(key));
         let Shard {
             rate,
             policy,
             clients,
+            more,
         } = &mut *shard;
         let (len, forgotten) = (clients.len(), clients.forgotten());
-        let verdict = clients.hit(key, rate, now);
+        let (verdict, quota) = match more.is_empty() {
+            true => (hit(clients, key, rate, now, costs.get(0)), rate.quota),
+            false => hit_all(clients, more, key, rate, now, costs),
+        };
         let (grew, forgot) = (clients.len() > len, clients.forgotten() != forgotten);
         let result = match verdict {
             Verdict::Pass { remaining, reset } if with_fields => {
@@ -129,7 +207,7 @@ impl KeyedRoute {
             Verdict::Pass { .. } => Ok(None),
             Verdict::Refuse { until } => Err(Refused {
                 wait: Duration::from_nanos(until.saturating_sub(now)),
-                quota: rate.quota,
+                quota,
                 reason: RejectReason::Quota,
             }),
         };
@@ -144,6 +222,21 @@ impl KeyedRoute {
                 ratelimit: self.ratelimit(remaining, reset),
             })
         })
+    }
+
+    /// Client `key`'s request counted at `at` for `taken` turned out to cost `cost`.
+    pub(crate) fn correct(&self, key: u64, now: Nanos, at: Nanos, taken: &Costs, cost: &Costs) {
+        let mut shard = lock(self.shard(key));
+        let Shard {
+            rate,
+            clients,
+            more,
+            ..
+        } = &mut *shard;
+        clients.correct(key, rate, now, at, taken.get(0), cost.get(0));
+        for (i, (rate, clients)) in more.iter_mut().enumerate() {
+            clients.correct(key, rate, now, at, taken.get(i + 1), cost.get(i + 1));
+        }
     }
 
     /// Reports the verdict of a request of route `index`.

@@ -9,8 +9,10 @@ use std::time::Duration;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::State;
+use super::future::{Correction, State};
 use super::state::{RateLimitFields, Refused};
+use crate::quota::Rate;
+use crate::rate_limit::cost::Costs;
 use crate::rate_limit::layer::Reject;
 use crate::rate_limit::reject::{rejection, RejectReason, RejectResponse};
 use crate::store::{Decision, FailMode, StoreCall, StoreError};
@@ -24,6 +26,11 @@ pub(crate) struct StoreHit<S, B, F> {
     /// The client's key in this process's own limiter, for [`FailMode::Open`].
     local_key: u64,
     step: Step<B>,
+    /// What the request costs in each quota.
+    costs: Costs,
+    /// The client's limit in the store and its quotas, for a cost corrected afterwards.
+    name: String,
+    rates: Box<[Rate]>,
 }
 
 enum Step<B> {
@@ -46,6 +53,7 @@ type NextState<S, B, F> = State<
     <S as Service<Request<B>>>::Future,
     <S as Service<Request<B>>>::Response,
     Box<StoreHit<S, B, F>>,
+    Box<super::future::Correction<F>>,
 >;
 
 impl<S, B, F> StoreHit<S, B, F> {
@@ -63,7 +71,16 @@ impl<S, B, F> StoreHit<S, B, F> {
             route,
             local_key,
             step: Step::Deciding { call, request },
+            costs: Costs::one(),
+            name: String::new(),
+            rates: Box::default(),
         }
+    }
+
+    /// The request costs `costs` in the quotas `rates` of the client's limit `name`.
+    pub(super) fn costing(mut self, costs: Costs, name: String, rates: Box<[Rate]>) -> Self {
+        (self.costs, self.name, self.rates) = (costs, name, rates);
+        self
     }
 }
 
@@ -106,7 +123,28 @@ where
                     };
                     ready?;
                     let future = self.inner.call(request);
-                    return Poll::Ready(Ok(State::Inner { future, fields }));
+                    let shared = &self.layer.0;
+                    let weighing = shared.routes[self.route].weighing.as_ref();
+                    if !weighing.is_some_and(|w| w.corrects()) {
+                        return Poll::Ready(Ok(State::Inner { future, fields }));
+                    }
+                    let correction = Correction {
+                        layer: self.layer.clone(),
+                        route: self.route,
+                        key: self.local_key,
+                        at: shared.clock.now(),
+                        taken: std::mem::replace(&mut self.costs, Costs::one()),
+                        store: Some((
+                            std::mem::take(&mut self.name),
+                            std::mem::take(&mut self.rates),
+                        )),
+                    };
+                    let correction = Some(Box::new(correction));
+                    return Poll::Ready(Ok(State::Corrected {
+                        future,
+                        fields,
+                        correction,
+                    }));
                 }
                 Step::Decided => unreachable!("a store verdict polled after it was given"),
             }
@@ -150,7 +188,8 @@ where
                     let now = shared.clock.now();
                     let events = &shared.events;
                     // Reports its own verdict.
-                    return route.hit(self.local_key, now, config.headers, events, self.route);
+                    let (key, index) = (self.local_key, self.route);
+                    return route.hit(key, now, config.headers, events, index, &self.costs);
                 }
             },
         };

@@ -1,0 +1,556 @@
+//! Weighted requests and several quotas per route, in client and server mode, on tokio's
+//! paused clock: costs from the request, corrected from the response, taken from every quota
+//! at once or from none.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use http::{HeaderName, Method, Request, Response, StatusCode};
+use tokio::time::{advance, sleep, Instant};
+use tower::{service_fn, Layer, Service, ServiceExt};
+use tower_quota::rate_limit::{RateLimitError, ResponseHead};
+use tower_quota::{BoxError, ConfigError, Quota, RateLimitByRoute};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A request of `tokens` (the most it may spend) that spends `used`.
+fn chat(tokens: u32, used: u32) -> Request<()> {
+    Request::builder()
+        .method(Method::POST)
+        .uri("/v1/chat")
+        .header("x-max-tokens", tokens)
+        .header("x-spends", used)
+        .body(())
+        .unwrap()
+}
+
+fn number(value: Option<&http::HeaderValue>) -> Option<u32> {
+    value?.to_str().ok()?.parse().ok()
+}
+
+/// The tokens a request says it may spend.
+fn max_tokens(head: &tower_quota::rate_limit::RequestHead<'_>) -> u32 {
+    number(head.headers().get("x-max-tokens")).unwrap_or(1)
+}
+
+/// The tokens a response says the request spent.
+fn used_tokens(head: &ResponseHead<'_>) -> Option<u32> {
+    number(head.headers().get("x-usage-tokens"))
+}
+
+/// What a fake API saw: when each request arrived (since the start), and what it cost.
+type Seen = Arc<Mutex<Vec<(Duration, u32)>>>;
+
+/// A fake API that answers after `latency`, with the tokens each request spent in
+/// `x-usage-tokens`.
+#[allow(clippy::type_complexity)]
+fn api(
+    start: Instant,
+    latency: Duration,
+) -> (
+    impl Service<
+            Request<()>,
+            Response = Response<()>,
+            Error = Infallible,
+            Future = impl std::future::Future<Output = Result<Response<()>, Infallible>> + Send,
+        > + Clone
+        + Send
+        + 'static,
+    Seen,
+) {
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let svc = service_fn(move |req: Request<()>| {
+        let log = log.clone();
+        async move {
+            let used = number(req.headers().get("x-spends")).unwrap_or(1);
+            log.lock().unwrap().push((start.elapsed(), used));
+            sleep(latency).await;
+            let response = Response::builder()
+                .header("x-usage-tokens", used)
+                .body(())
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        }
+    });
+    (svc, seen)
+}
+
+/// The most any window of length `window` holds, by the requests' arrivals: requests, and
+/// the sum of `weight` over them.
+fn busiest(seen: &[(Duration, u32)], window: Duration, weight: fn(u32) -> u64) -> u64 {
+    let mut arrivals = seen.to_vec();
+    arrivals.sort_by_key(|&(at, _)| at);
+    let (mut in_window, mut sum, mut most) = (VecDeque::new(), 0u64, 0u64);
+    for (at, cost) in arrivals {
+        in_window.push_back((at, cost));
+        sum += weight(cost);
+        while let Some(&(first, c)) = in_window.front() {
+            if at.saturating_sub(first) < window {
+                break;
+            }
+            in_window.pop_front();
+            sum -= weight(c);
+        }
+        most = most.max(sum);
+    }
+    most
+}
+
+/// A small deterministic generator, so that the costs are mixed but every run the same.
+fn costs(seed: u64) -> impl FnMut(u32) -> u32 + Clone + Send + 'static {
+    let mut state = seed;
+    move |max| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        1 + ((state >> 33) % u64::from(max)) as u32
+    }
+}
+
+/// `callers` concurrent callers, each sending requests made by `next` one after another until
+/// `until` has passed; returns the errors.
+async fn run<S, F>(svc: S, callers: usize, until: Duration, next: F) -> Vec<BoxError>
+where
+    S: Service<Request<()>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send,
+    F: FnMut() -> Request<()> + Send + Clone + 'static,
+{
+    let start = Instant::now();
+    let mut tasks = FuturesUnordered::new();
+    for _ in 0..callers {
+        let (mut svc, mut next) = (svc.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while start.elapsed() < until {
+                if let Err(error) = svc.ready().await.unwrap().call(next()).await {
+                    errors.push(error);
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    while let Some(done) = tasks.next().await {
+        errors.extend(done.unwrap());
+    }
+    errors
+}
+
+#[tokio::test(start_paused = true)]
+async fn mixed_costs_never_exceed_any_quota_in_any_window() {
+    for paced in [false, true] {
+        let start = Instant::now();
+        let (api, seen) = api(start, Duration::from_millis(120));
+        let tokens = match paced {
+            false => Quota::per_minute(1_000),
+            true => Quota::per_minute(1_000).with_burst(200),
+        };
+        let layer = RateLimitByRoute::builder()
+            .route(
+                "POST /v1/chat",
+                [Quota::per_second(4), tokens.counting("tokens")],
+            )
+            .cost("tokens", max_tokens)
+            .build()
+            .unwrap();
+        let mut cost = costs(7);
+        let next = move || {
+            let tokens = cost(120);
+            chat(tokens, tokens)
+        };
+        let errors = run(layer.layer(api), 12, 5 * MINUTE, next).await;
+        assert!(errors.is_empty(), "{errors:?}");
+        let seen = seen.lock().unwrap();
+        let requests = busiest(&seen, Duration::from_secs(1), |_| 1);
+        let tokens = busiest(&seen, MINUTE, u64::from);
+        assert!(requests <= 4, "{requests} requests in a second");
+        if paced {
+            // GCRA's own bound: the burst, and one interval's worth (60 ms) per 60 ms.
+            assert!(tokens <= 200 + 1_000, "{tokens} tokens in a minute");
+        } else {
+            assert!(tokens <= 1_000, "{tokens} tokens in a minute");
+            // And the quota is used: over 5 minutes, at least 4 minutes' worth.
+            let total: u64 = seen.iter().map(|&(_, c)| u64::from(c)).sum();
+            assert!(total >= 4_000, "only {total} tokens in 5 minutes");
+        }
+        assert!(seen.len() > 50, "only {} requests", seen.len());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_at_500_a_minute_and_10000_a_day() {
+    let start = Instant::now();
+    let (api, seen) = api(start, Duration::from_millis(50));
+    let layer = RateLimitByRoute::builder()
+        .route(
+            "POST /v1/chat",
+            [Quota::per_minute(500), Quota::per_day(10_000)],
+        )
+        .build()
+        .unwrap();
+    let day = Duration::from_secs(24 * 3600);
+    let errors = run(layer.layer(api), 16, day + 2 * MINUTE, || chat(1, 1)).await;
+    assert!(errors.is_empty(), "{:?}", &errors[..1]);
+    let seen = seen.lock().unwrap();
+    assert!(busiest(&seen, MINUTE, |_| 1) <= 500);
+    assert!(busiest(&seen, day, |_| 1) <= 10_000);
+    // The first day's 10,000 go at 500 a minute: in the first 20 minutes and a little.
+    let first_day = seen.iter().filter(|&&(at, _)| at < day).count();
+    assert_eq!(first_day, 10_000);
+    let last = seen.iter().filter(|&&(at, _)| at < day).map(|s| s.0).max();
+    assert!(last.unwrap() < 21 * MINUTE, "{last:?}");
+    // Then nothing until the first of them leaves the day's window, and then it goes again.
+    let after: Vec<_> = seen.iter().filter(|&&(at, _)| at >= day).collect();
+    assert!(!after.is_empty(), "nothing after the day");
+    assert!(after.iter().all(|&&(at, _)| at >= day));
+}
+
+/// A server that counts the true cost of each request in a sliding window of
+/// `tokens_per_minute` and refuses what would exceed it with a 429, answering the tokens spent.
+fn token_server(
+    tokens_per_minute: u64,
+    accepted: Arc<Mutex<Vec<(Duration, u32)>>>,
+    refused: Arc<Mutex<u32>>,
+) -> impl Service<
+    Request<()>,
+    Response = Response<()>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<()>, Infallible>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    let start = Instant::now();
+    service_fn(move |req: Request<()>| {
+        let (accepted, refused) = (accepted.clone(), refused.clone());
+        async move {
+            let used = number(req.headers().get("x-spends")).unwrap_or(1);
+            let now = start.elapsed();
+            let status = {
+                let mut accepted = accepted.lock().unwrap();
+                let window: u64 = accepted
+                    .iter()
+                    .filter(|&&(at, _)| now.saturating_sub(at) < MINUTE)
+                    .map(|&(_, c)| u64::from(c))
+                    .sum();
+                if window + u64::from(used) > tokens_per_minute {
+                    *refused.lock().unwrap() += 1;
+                    StatusCode::TOO_MANY_REQUESTS
+                } else {
+                    accepted.push((now, used));
+                    StatusCode::OK
+                }
+            };
+            sleep(Duration::from_millis(200)).await;
+            let response = Response::builder()
+                .status(status)
+                .header("x-usage-tokens", if status == 200 { used } else { 0 })
+                .body(())
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn costs_corrected_from_responses_use_the_true_budget_without_a_429() {
+    let (accepted, refused) = (Arc::default(), Arc::default());
+    let server = token_server(20_000, Arc::clone(&accepted), Arc::clone(&refused));
+    let layer = RateLimitByRoute::builder()
+        .route(
+            "POST /v1/chat",
+            [
+                Quota::per_minute(500),
+                Quota::per_minute(20_000).counting("tokens"),
+            ],
+        )
+        // Each request may spend up to 1,000 tokens, and is held at that until answered.
+        .cost("tokens", max_tokens)
+        .cost_after("tokens", used_tokens)
+        .build()
+        .unwrap();
+    let mut spent = costs(11);
+    let next = move || chat(1_000, 100 + spent(900));
+    let minutes: u32 = 10;
+    let errors = run(layer.layer(server), 8, minutes * MINUTE, next).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(*refused.lock().unwrap(), 0, "the server refused some");
+    let total: u64 = accepted.lock().unwrap().iter().map(|&(_, c)| u64::from(c)).sum();
+    let quota = 20_000 * u64::from(minutes);
+    assert!(
+        total * 100 >= quota * 95,
+        "{total} of {quota} tokens: under 95 %"
+    );
+
+    // Without the correction, each request is held at its most, and far less is used.
+    let (accepted, refused) = (Arc::default(), Arc::default());
+    let server = token_server(20_000, Arc::clone(&accepted), Arc::clone(&refused));
+    let layer = RateLimitByRoute::builder()
+        .route(
+            "POST /v1/chat",
+            [
+                Quota::per_minute(500),
+                Quota::per_minute(20_000).counting("tokens"),
+            ],
+        )
+        .cost("tokens", max_tokens)
+        .build()
+        .unwrap();
+    let mut spent = costs(11);
+    let next = move || chat(1_000, 100 + spent(900));
+    run(layer.layer(server), 8, minutes * MINUTE, next).await;
+    let uncorrected: u64 = accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&(_, c)| u64::from(c))
+        .sum();
+    assert!(uncorrected * 100 < quota * 70, "{uncorrected}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cost_larger_than_a_quota_is_refused_at_once() {
+    let (api, seen) = api(Instant::now(), Duration::ZERO);
+    let layer = RateLimitByRoute::builder()
+        .route(
+            "POST /v1/chat",
+            [
+                Quota::per_minute(10),
+                Quota::per_minute(1_000).counting("tokens"),
+            ],
+        )
+        .route(
+            "POST /v1/paced",
+            Quota::per_second(100).with_burst(5).counting("tokens"),
+        )
+        .cost("tokens", max_tokens)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(api);
+    let error = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(chat(1_001, 1))
+        .await
+        .unwrap_err();
+    let error = error.downcast::<RateLimitError>().unwrap();
+    assert_eq!(
+        *error,
+        RateLimitError::CostTooHigh {
+            route: "POST /v1/chat".into(),
+            quota: Quota::per_minute(1_000).counting("tokens"),
+            cost: 1_001,
+        }
+    );
+    assert!(error.to_string().contains("costs 1001"), "{error}");
+    // A paced quota admits at most its burst at once.
+    let mut paced = chat(6, 1);
+    *paced.uri_mut() = "/v1/paced".parse().unwrap();
+    let error = svc.ready().await.unwrap().call(paced).await.unwrap_err();
+    assert!(matches!(
+        *error.downcast::<RateLimitError>().unwrap(),
+        RateLimitError::CostTooHigh { cost: 6, .. }
+    ));
+    // The quota's whole count goes, and nothing was taken by the refused ones.
+    svc.ready()
+        .await
+        .unwrap()
+        .call(chat(1_000, 1))
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let counters = &layer.snapshot()[0].counters;
+    assert_eq!(counters.refused.cost_too_high, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_holds_no_place_in_any_quota() {
+    let (api, seen) = api(Instant::now(), Duration::ZERO);
+    let layer = RateLimitByRoute::builder()
+        .route(
+            "POST /v1/chat",
+            [
+                Quota::per_minute(3),
+                Quota::per_minute(100).counting("tokens"),
+            ],
+        )
+        .cost("tokens", max_tokens)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(api);
+    svc.ready().await.unwrap().call(chat(90, 90)).await.unwrap();
+    // 20 tokens do not fit: it waits, holding none of the 3 requests a minute.
+    let mut waiting = tokio_test::task::spawn(svc.ready().await.unwrap().call(chat(20, 20)));
+    assert!(waiting.poll().is_pending());
+    let snapshot = &layer.snapshot()[0];
+    assert_eq!((snapshot.remaining, snapshot.waiters), (2, 1));
+    // Cancelled, it leaves nothing behind; a request that fits goes.
+    drop(waiting);
+    assert_eq!(layer.snapshot()[0].waiters, 0);
+    svc.ready().await.unwrap().call(chat(10, 10)).await.unwrap();
+    assert_eq!(layer.snapshot()[0].remaining, 1);
+    // Its turn comes once the 90 leave the window, a minute (and the margin) after.
+    let mut waiting = tokio_test::task::spawn(svc.ready().await.unwrap().call(chat(20, 20)));
+    assert!(waiting.poll().is_pending());
+    advance(MINUTE + Duration::from_millis(60)).await;
+    assert!(waiting.poll().is_ready());
+    assert_eq!(seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cost_can_come_from_an_extension_the_caller_sets() {
+    #[derive(Clone, Copy)]
+    struct Points(u32);
+    let (api, seen) = api(Instant::now(), Duration::ZERO);
+    let layer = RateLimitByRoute::builder()
+        .route("POST /graphql", Quota::per_minute(10).counting("points"))
+        .cost(
+            "points",
+            |head: &tower_quota::rate_limit::RequestHead<'_>| {
+                head.extensions().get::<Points>().map_or(1, |p| p.0)
+            },
+        )
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(api);
+    let query = |points| {
+        let mut request = Request::post("/graphql").body(()).unwrap();
+        request.extensions_mut().insert(Points(points));
+        request
+    };
+    svc.ready().await.unwrap().call(query(7)).await.unwrap();
+    assert_eq!(layer.snapshot()[0].remaining, 3);
+    let mut waiting = tokio_test::task::spawn(svc.ready().await.unwrap().call(query(4)));
+    assert!(waiting.poll().is_pending());
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_corrected_cost_is_taken_or_given_back() {
+    let (api, _seen) = api(Instant::now(), Duration::ZERO);
+    let layer = RateLimitByRoute::builder()
+        .route("POST /v1/chat", Quota::per_minute(100).counting("tokens"))
+        .cost("tokens", max_tokens)
+        .cost_after("tokens", used_tokens)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(api);
+    // Held at 50 while in flight, 10 once answered.
+    svc.ready().await.unwrap().call(chat(50, 10)).await.unwrap();
+    assert_eq!(layer.snapshot()[0].remaining, 90);
+    // Spending more than said takes the rest.
+    svc.ready().await.unwrap().call(chat(10, 60)).await.unwrap();
+    assert_eq!(layer.snapshot()[0].remaining, 30);
+}
+
+#[test]
+fn units_without_a_cost_and_costs_without_a_quota_are_errors() {
+    let error = RateLimitByRoute::builder()
+        .route("POST /v1/chat", Quota::per_minute(100).counting("tokens"))
+        .build()
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        ConfigError::InvalidSetting { name: "cost", .. }
+    ));
+    let error = RateLimitByRoute::builder()
+        .route("POST /v1/chat", Quota::per_minute(100))
+        .cost("tokens", |_: &tower_quota::rate_limit::RequestHead<'_>| 1)
+        .build()
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        ConfigError::InvalidSetting { name: "cost", .. }
+    ));
+    let error = RateLimitByRoute::builder()
+        .route("POST /v1/chat", Vec::new())
+        .build()
+        .unwrap_err();
+    assert!(matches!(error, ConfigError::InvalidQuota { .. }), "{error}");
+}
+
+// ===== server mode =====
+
+fn server_request(points: u32, used: u32) -> Request<()> {
+    Request::post("/graphql")
+        .header("x-api-key", "alice")
+        .header("x-max-tokens", points)
+        .header("x-spends", used)
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_charges_by_cost_in_every_quota_or_none() {
+    let (api, seen) = api(Instant::now(), Duration::ZERO);
+    let layer = RateLimitByRoute::builder()
+        .route(
+            "POST /graphql",
+            [
+                Quota::per_minute(5),
+                Quota::per_minute(100).counting("points"),
+            ],
+        )
+        .cost("points", max_tokens)
+        .reject()
+        .key_header(HeaderName::from_static("x-api-key"))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(api);
+    let mut send = async |request| svc.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(send(server_request(60, 60)).await.status(), 200);
+    // 60 + 50 > 100: refused, and the request it would have counted is not counted.
+    let refused = send(server_request(50, 50)).await;
+    assert_eq!(refused.status(), 429);
+    for _ in 0..4 {
+        assert_eq!(send(server_request(10, 10)).await.status(), 200);
+    }
+    // 5 requests counted: the 6th is refused by the request quota.
+    assert_eq!(send(server_request(1, 1)).await.status(), 429);
+    // More than a quota ever admits is refused too, without a panic.
+    assert_eq!(send(server_request(101, 1)).await.status(), 429);
+    assert_eq!(seen.lock().unwrap().len(), 5);
+    // A minute (and a bucket) later, everything is free again.
+    advance(MINUTE + Duration::from_secs(4)).await;
+    assert_eq!(send(server_request(100, 100)).await.status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_corrects_a_cost_from_its_own_response() {
+    let (api, seen) = api(Instant::now(), Duration::ZERO);
+    for paced in [false, true] {
+        let points = match paced {
+            false => Quota::per_minute(100),
+            true => Quota::per_minute(100).with_burst(100),
+        };
+        let layer = RateLimitByRoute::builder()
+            .route("POST /graphql", points.counting("points"))
+            .cost("points", max_tokens)
+            .cost_after("points", used_tokens)
+            .reject()
+            .key_header(HeaderName::from_static("x-api-key"))
+            .build()
+            .unwrap();
+        let mut svc = layer.clone().layer(api.clone());
+        let mut send = async |request| svc.ready().await.unwrap().call(request).await.unwrap();
+        // Charged 80 up front, 20 once answered: 80 more fit.
+        assert_eq!(send(server_request(80, 20)).await.status(), 200);
+        assert_eq!(send(server_request(80, 80)).await.status(), 200, "{paced}");
+        assert_eq!(send(server_request(1, 1)).await.status(), 429, "{paced}");
+        let _ = &layer;
+    }
+    assert_eq!(seen.lock().unwrap().len(), 4);
+}
+
+#[test]
+fn a_quota_reads_as_its_unit() {
+    let quota = Quota::per_day(10_000).counting("tokens");
+    assert_eq!(quota.unit(), Some("tokens"));
+    assert_eq!(quota.to_string(), "10000 tokens per 86400s");
+    assert_eq!(Quota::per_day(5).period(), Duration::from_secs(86_400));
+}

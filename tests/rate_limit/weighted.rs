@@ -279,7 +279,12 @@ async fn costs_corrected_from_responses_use_the_true_budget_without_a_429() {
     let errors = run(layer.layer(server), 8, minutes * MINUTE, next).await;
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(*refused.lock().unwrap(), 0, "the server refused some");
-    let total: u64 = accepted.lock().unwrap().iter().map(|&(_, c)| u64::from(c)).sum();
+    let total: u64 = accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&(_, c)| u64::from(c))
+        .sum();
     let quota = 20_000 * u64::from(minutes);
     assert!(
         total * 100 >= quota * 95,

@@ -54,6 +54,49 @@ fn keyed_request() -> Request<()> {
     request
 }
 
+const TOKENS: HeaderName = HeaderName::from_static("x-max-tokens");
+
+/// The same status request, saying how many tokens it may spend.
+fn weighted_request() -> Request<()> {
+    let mut request = request();
+    request
+        .headers_mut()
+        .insert(TOKENS, HeaderValue::from_static("700"));
+    request
+}
+
+/// The tokens a request may spend.
+fn tokens(head: &tower_quota::rate_limit::RequestHead<'_>) -> u32 {
+    header_tokens(head.headers())
+}
+
+fn header_tokens(headers: &http::HeaderMap) -> u32 {
+    let value = headers.get(TOKENS).and_then(|v| v.to_str().ok());
+    value.and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
+/// The client layer with each route weighed in tokens: one quota of tokens, or (`both`) one
+/// of requests and one of tokens, corrected from the response (whose `x-usage-tokens` the
+/// bench's inner service does not send, so the cost taken stands).
+fn weighted_layer(paced: bool, both: bool) -> RateLimitByRoute {
+    let quotas = |paced| match both {
+        false => vec![huge(paced).counting("tokens")],
+        true => vec![huge(paced), huge(paced).counting("tokens")],
+    };
+    let mut builder = RateLimitByRoute::builder()
+        .route("POST /v2/generate", quotas(paced))
+        .route("GET /v2/generate/{id}", quotas(paced))
+        .route("GET /v2/generations", quotas(paced))
+        .cost("tokens", tokens);
+    if both {
+        builder = builder.cost_after("tokens", |head| {
+            let value = head.headers().get("x-usage-tokens")?;
+            value.to_str().ok()?.parse().ok()
+        });
+    }
+    builder.build().unwrap()
+}
+
 /// A quota no bench can exhaust, as a sliding window or paced.
 fn huge(paced: bool) -> Quota {
     let quota = Quota::new(u32::MAX, Duration::from_millis(1));
@@ -106,6 +149,21 @@ pub(crate) fn client_rows() -> Vec<Row> {
             request,
         ),
         sent(
+            "RateLimitByRoute (sliding window), weighted: tokens from a header",
+            weighted_layer(false, false).layer(inner()),
+            weighted_request,
+        ),
+        sent(
+            "RateLimitByRoute (GCRA), weighted: tokens from a header",
+            weighted_layer(true, false).layer(inner()),
+            weighted_request,
+        ),
+        sent(
+            "RateLimitByRoute (sliding window), requests and tokens, corrected",
+            weighted_layer(false, true).layer(inner()),
+            weighted_request,
+        ),
+        sent(
             "RateLimitByRoute (sliding window), an event listener",
             client_builder(false)
                 .on_event(|event| {
@@ -138,6 +196,22 @@ pub(crate) fn client_rows() -> Vec<Row> {
     rows.push((
         "governor keyed + matchit",
         Box::new(move || governor_sent(&router, &limiter, &mut svc)),
+    ));
+    let router = matchit_table();
+    let limiter = governor_keyed::<usize>();
+    let mut svc = inner();
+    rows.push((
+        "governor keyed + matchit, weighted: check_key_n with tokens from a header",
+        Box::new(move || {
+            let request = black_box(weighted_request());
+            let route = router
+                .at(request.uri().path())
+                .map(|m| *m.value)
+                .unwrap_or(3);
+            let n = NonZeroU32::new(header_tokens(request.headers()));
+            let _ = limiter.check_key_n(&route, n.unwrap_or(NonZeroU32::MIN));
+            black_box(svc.call(request).now_or_never());
+        }),
     ));
     let router = matchit_table();
     let limiter = governor_keyed::<usize>();

@@ -227,6 +227,8 @@ impl Limiter {
             abandoned_units: self.abandoned_units,
         };
         let algorithm = match &mut self.algorithm {
+            // What costs nothing in a quota is never held back by it.
+            _ if units == 0 => Ok(()),
             Algorithm::Window(w) => w.check(rate, now, &pending, units),
             Algorithm::Gcra(g) => g.check(rate, now, &pending, units),
         };

@@ -112,8 +112,13 @@ pub(crate) enum Decision {
     /// Admitted: it holds a place until released.
     Admitted,
     /// A server's request, admitted and counted at once: `remaining` more may go, and `reset`
-    /// is when all counted are gone (with none remaining: when a place frees).
-    Counted { remaining: u32, reset: Duration },
+    /// is when all counted are gone (with none remaining: when a place frees); `at` is when it
+    /// was counted, in microseconds on the store's clock (for a cost corrected later).
+    Counted {
+        remaining: u32,
+        reset: Duration,
+        at: u64,
+    },
     /// Not now; at the earliest after this long (`None`: once a request in flight is
     /// answered, which a release notification tells).
     Wait(Option<Duration>),

@@ -10,8 +10,8 @@
 --          period (a hash: bucket index -> count), a few bytes at any quota
 -- ARGV     op ('acquire' | 'hit' | 'release' | 'abandon' | 'cancel' | 'correct'), in-flight
 --          lease (microseconds), member, span (release: how long a 429 closes the route, 0
---          for none; abandon: how long the request is held as in flight; correct: how long
---          ago the request was counted), channel, number of quotas,
+--          for none; abandon: how long the request is held as in flight; correct: when the
+--          request was counted, on this clock), channel, number of quotas,
 --          then for each quota 9 arguments: algorithm ('window' | 'gcra'), count, period,
 --          margin, interval, burst (times in microseconds), whether a request may cost other
 --          than one unit (1 or 0), units the request took, units it turned out to cost
@@ -19,7 +19,7 @@
 --
 -- Returns {admitted (1 or 0), wait in microseconds (-1: until a response)}; an admitted `hit`
 -- returns {1, reset in microseconds, remaining} of the first quota, for the response's
--- `RateLimit` field.
+-- `RateLimit` field, and the time it was counted.
 --
 -- The semantics are the in-memory limiter's (see `limiter`): a client's request holds its
 -- units from its send until `period + margin` after its response (sliding window), or is
@@ -229,9 +229,9 @@ local function counted(quota)
 end
 
 if op == 'correct' then
-  -- A server's request counted `span` ago turned out to cost `cost`: the difference is
-  -- counted from now on (more), or given back in buckets no newer than the one it was
-  -- counted in (less), so that no unit counts for less time than it should.
+  -- A server's request counted at `span` turned out to cost `cost`: the difference is
+  -- counted from now on (more), or given back in the bucket it was counted in, or older ones
+  -- (less), so that no unit counts for less time than it should.
   for _, quota in ipairs(quotas) do
     local diff = quota.cost - quota.units
     if quota.algorithm == 'window' and diff ~= 0 then
@@ -241,7 +241,7 @@ if op == 'correct' then
         redis.call('PEXPIRE', quota.buckets, math.ceil(17 * w / 1000) + 1000)
       else
         local left = -diff
-        local at = math.floor((now - span) / w) - 1
+        local at = math.floor(span / w)
         for i = #buckets, 1, -1 do
           local bucket = buckets[i]
           if left > 0 and bucket[1] <= at and bucket[2] > 0 then
@@ -274,11 +274,12 @@ end
 -- Whether `quota` admits the request now: nil if so, else the wait (-1: until a release).
 -- What it decided is kept in `quota` for `take`.
 local function check(quota)
+  -- What costs nothing in a quota is never held back by it.
   local units = quota.units
   if op == 'hit' and quota.algorithm == 'window' then
     local buckets, total, index, w = counted(quota)
     quota.index, quota.w, quota.total, quota.oldest = index, w, total, buckets[1]
-    if total + units <= quota.count then
+    if units == 0 or total + units <= quota.count then
       return nil
     end
     -- Refused: admitted once the oldest buckets free enough.
@@ -296,10 +297,13 @@ local function check(quota)
     local base = math.max(tat, now)
     local admit_at = base + (units - 1) * quota.interval - (quota.burst - 1) * quota.interval
     quota.base = base
-    if admit_at <= now then
+    if units == 0 or admit_at <= now then
       return nil
     end
     return admit_at - now
+  end
+  if units == 0 then
+    return nil
   end
   local total, places = held(quota)
   if quota.algorithm == 'window' then
@@ -376,11 +380,11 @@ end
 local first = quotas[1]
 if first.algorithm == 'window' then
   local total = first.total + first.units
-  local remaining, reset = first.count - total, (first.index + 17) * first.w - now
+  local remaining, reset = math.max(0, first.count - total), (first.index + 17) * first.w - now
   if remaining == 0 and first.oldest then
     reset = (first.oldest[1] + 17) * first.w - now
   end
-  return {1, int(reset), remaining}
+  return {1, int(reset), remaining, int(now)}
 end
 local tat, interval, burst = first.tat or first.base, first.interval, first.burst
 local remaining = math.max(0, math.floor((now + burst * interval - tat) / interval))
@@ -388,4 +392,4 @@ local reset = tat - now
 if remaining == 0 then
   reset = tat - (burst - 1) * interval - now
 end
-return {1, int(reset), remaining}
+return {1, int(reset), remaining, int(now)}

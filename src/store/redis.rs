@@ -297,14 +297,14 @@ impl RedisStore {
         self.give_back(self.run(key, "cancel", member, quotas, Duration::ZERO));
     }
 
-    /// A server's request counted `ago` at `key` turned out to cost other than it took: the
-    /// difference is counted, in the background.
-    pub(crate) fn correct(&self, key: &str, quotas: StoreQuotas<'_>, ago: Duration) {
-        self.give_back(self.run(key, "correct", "", quotas, ago));
+    /// A server's request counted at `at` (microseconds, on Redis's clock) at `key` turned
+    /// out to cost other than it took: the difference is counted, in the background.
+    pub(crate) fn correct(&self, key: &str, quotas: StoreQuotas<'_>, at: u64) {
+        self.give_back(self.run(key, "correct", "", quotas, Duration::from_micros(at)));
     }
 
-    /// Runs the rate script; `span` is the release's block, the abandon's hold, or how long
-    /// ago a corrected request was counted.
+    /// Runs the rate script; `span` is the release's block, the abandon's hold, or when a
+    /// corrected request was counted.
     fn run(
         &self,
         key: &str,
@@ -571,9 +571,10 @@ fn decision(
         Ok(Ok(reply)) => reply,
     };
     match reply[..] {
-        [1, reset, remaining] => Ok(Decision::Counted {
+        [1, reset, remaining, at] => Ok(Decision::Counted {
             remaining: u32::try_from(remaining).unwrap_or(0),
             reset: Duration::from_micros(u64::try_from(reset).unwrap_or(0)),
+            at: u64::try_from(at).unwrap_or(0),
         }),
         [1, _] => Ok(Decision::Admitted),
         [_, wait] => Ok(Decision::Wait(

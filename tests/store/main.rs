@@ -6,3 +6,4 @@ mod common;
 
 mod places;
 mod rate_limits;
+mod weighted;

@@ -164,12 +164,13 @@ impl KeyState {
             Self::Window(b) => {
                 let w = width(rate);
                 b.advance(now / w);
-                if u64::from(b.total) + u64::from(units) <= u64::from(rate.count) {
+                // What costs nothing in a quota is never held back by it.
+                if units == 0 || u64::from(b.total) + u64::from(units) <= u64::from(rate.count) {
                     let slot = (b.newest % RING as u64) as usize;
                     b.counts[slot] += units;
                     b.total += units;
                     Verdict::Pass {
-                        remaining: rate.count - b.total,
+                        remaining: rate.count.saturating_sub(b.total),
                         reset: b.newest.saturating_add(RING as u64).saturating_mul(w),
                     }
                 } else {
@@ -186,7 +187,7 @@ impl KeyState {
                 // The last of its units must fit in the burst's tolerance.
                 let last = interval.saturating_mul(u64::from(units.max(1) - 1));
                 let admit_at = base.saturating_add(last).saturating_sub(tolerance);
-                if admit_at > now {
+                if units > 0 && admit_at > now {
                     return Verdict::Refuse { until: admit_at };
                 }
                 *tat = base.saturating_add(interval.saturating_mul(u64::from(units)));

@@ -45,9 +45,10 @@ pub(crate) struct Correction<F> {
     pub(crate) key: u64,
     pub(crate) at: Nanos,
     pub(crate) taken: Costs,
-    /// With a shared store: the client's limit there, and its quotas.
     #[cfg(feature = "redis")]
-    pub(crate) store: Option<(String, Box<[crate::quota::Rate]>)>,
+    /// With a shared store: the client's limit there, its quotas, and when the store
+    /// counted the request (microseconds, on its clock).
+    pub(crate) store: Option<(String, Box<[crate::quota::Rate]>, u64)>,
 }
 
 impl<F> Correction<F> {
@@ -63,10 +64,9 @@ impl<F> Correction<F> {
         };
         let now = shared.clock.now();
         #[cfg(feature = "redis")]
-        if let (Some((name, rates)), Some(store)) = (&self.store, &shared.config.store) {
+        if let (Some((name, rates, at)), Some(store)) = (&self.store, &shared.config.store) {
             let quotas = crate::store::StoreQuotas::new(rates, &self.taken, &cost);
-            let ago = std::time::Duration::from_nanos(now.saturating_sub(self.at));
-            return store.correct(name, quotas, ago);
+            return store.correct(name, quotas, *at);
         }
         route.correct(self.key, now, self.at, &self.taken, &cost);
     }

@@ -31,6 +31,8 @@ pub(crate) struct StoreHit<S, B, F> {
     /// The client's limit in the store and its quotas, for a cost corrected afterwards.
     name: String,
     rates: Box<[Rate]>,
+    /// When the store counted it (microseconds, on the store's clock).
+    counted_at: u64,
 }
 
 enum Step<B> {
@@ -74,6 +76,7 @@ impl<S, B, F> StoreHit<S, B, F> {
             costs: Costs::one(),
             name: String::new(),
             rates: Box::default(),
+            counted_at: 0,
         }
     }
 
@@ -98,6 +101,9 @@ where
             match &mut self.step {
                 Step::Deciding { call, .. } => {
                     let decision = ready!(Pin::new(call).poll(cx));
+                    if let Ok(Decision::Counted { at, .. }) = decision {
+                        self.counted_at = at;
+                    }
                     let Step::Deciding { request, .. } =
                         std::mem::replace(&mut self.step, Step::Decided)
                     else {
@@ -137,6 +143,7 @@ where
                         store: Some((
                             std::mem::take(&mut self.name),
                             std::mem::take(&mut self.rates),
+                            self.counted_at,
                         )),
                     };
                     let correction = Some(Box::new(correction));
@@ -166,9 +173,9 @@ where
             reason,
         };
         let verdict = match decision {
-            Ok(Decision::Counted { remaining, reset }) if config.headers => {
-                Ok(Some(route.fields(remaining, reset)))
-            }
+            Ok(Decision::Counted {
+                remaining, reset, ..
+            }) if config.headers => Ok(Some(route.fields(remaining, reset))),
             Ok(Decision::Admitted | Decision::Counted { .. }) => Ok(None),
             // Nothing is in flight in server mode; should it ever be, a period is safe.
             Ok(Decision::Wait(wait)) => Err(refused(

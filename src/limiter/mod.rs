@@ -268,8 +268,10 @@ impl Limiter {
     pub(crate) fn answer(&mut self, rate: &Rate, at: Nanos, taken: u32, cost: u32) {
         self.settle(rate, at);
         self.answered(rate, at, taken, cost);
-        if let (Some(cap), Some(more)) = (&mut self.cap, cost.checked_sub(taken)) {
-            cap.remaining = cap.remaining.saturating_sub(more);
+        if cost > taken {
+            if let Some(cap) = &mut self.cap {
+                cap.remaining = cap.remaining.saturating_sub(cost - taken);
+            }
         }
     }
 

@@ -207,53 +207,78 @@ impl Weighing {
         let cost = |w: &Weigh| w.before.as_ref().map_or(1, |f| f(head));
         let first = cost(&self.quotas[0]);
         let more = self.quotas[1..].iter().map(cost).collect();
-        Costs { first, more }
+        Costs::weighed(first, more)
     }
 
     /// What a request that took `taken` turned out to cost, read from its response: `None`
     /// when nothing is corrected. A quota whose closure says nothing keeps what was taken.
     pub(crate) fn answered(&self, taken: &Costs, head: &ResponseHead<'_>) -> Option<Costs> {
+        Some(taken.corrected(&self.read(head)?))
+    }
+
+    /// What a response says its request cost, quota by quota (`None` where it says nothing):
+    /// `None` when nothing is corrected.
+    pub(crate) fn read(&self, head: &ResponseHead<'_>) -> Option<Corrections> {
         if !self.corrected {
             return None;
         }
-        let cost = |i: usize| {
-            let after = self.quotas[i].after.as_ref();
-            after.and_then(|f| f(head)).unwrap_or_else(|| taken.get(i))
-        };
-        let more = (1..self.quotas.len()).map(cost).collect();
-        Some(Costs {
-            first: cost(0),
-            more,
-        })
+        let read = |w: &Weigh| w.after.as_ref().and_then(|f| f(head));
+        Some(Corrections(self.quotas.iter().map(read).collect()))
     }
 }
 
-/// What one request costs in each quota of its route, in the route's order. Quotas past the
-/// end of `more` cost one: a request of a route that weighs nothing costs [`Costs::one`],
-/// whatever its number of quotas, without allocating.
+/// What a response says its request cost in each quota of its route, where it says.
+#[derive(Debug)]
+pub(crate) struct Corrections(Box<[Option<u32>]>);
+
+/// What one request costs in each quota of its route, in the route's order. A request of a
+/// route that weighs nothing costs [`Costs::one`], whatever its number of quotas: a null
+/// pointer, so that what a request holds stays as small as it was without weights. A
+/// weighed request's costs take one small allocation (two with several quotas).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Costs {
+pub(crate) struct Costs(Option<Box<Weights>>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Weights {
     first: u32,
+    /// Quotas past its end cost one.
     more: Box<[u32]>,
 }
 
 impl Costs {
-    /// One unit in every quota (allocates nothing).
+    /// One unit in every quota.
     #[inline]
     pub(crate) fn one() -> Self {
-        Self {
-            first: 1,
-            more: Box::default(),
-        }
+        Self(None)
+    }
+
+    fn weighed(first: u32, more: Box<[u32]>) -> Self {
+        Self(Some(Box::new(Weights { first, more })))
     }
 
     /// What it costs in quota `index`.
     #[inline]
     pub(crate) fn get(&self, index: usize) -> u32 {
+        let Some(weights) = &self.0 else {
+            return 1;
+        };
         match index.checked_sub(1) {
-            None => self.first,
-            Some(i) => self.more.get(i).copied().unwrap_or(1),
+            None => weights.first,
+            Some(i) => weights.more.get(i).copied().unwrap_or(1),
         }
+    }
+
+    /// The costs a response says, and what was taken where it says nothing.
+    pub(crate) fn corrected(&self, said: &Corrections) -> Costs {
+        let cost = |i: usize| said.0[i].unwrap_or_else(|| self.get(i));
+        let more = (1..said.0.len()).map(cost).collect();
+        Costs::weighed(cost(0), more)
+    }
+
+    /// Whether it is one unit in every quota.
+    #[inline]
+    pub(crate) fn is_one(&self) -> bool {
+        self.0.is_none()
     }
 
     /// The first quota among `rates` it can never fit in, and its cost there.

@@ -33,10 +33,12 @@ pub enum RateLimitError {
     CostTooHigh {
         /// The route the request fell under (its pattern, or `"default"`).
         route: Arc<str>,
-        /// The quota it does not fit in.
-        quota: crate::Quota,
+        /// The unit of the quota it does not fit in (`None`: requests).
+        unit: Option<&'static str>,
         /// What the request costs in that quota.
         cost: u32,
+        /// The most that quota admits at once: its count, or a paced quota's burst.
+        most: u32,
     },
 }
 
@@ -83,10 +85,16 @@ impl fmt::Display for RateLimitError {
                 "rate limit of route `{route}`: {max_queue} requests already wait for their \
                  turn, as many as its queue holds"
             ),
-            Self::CostTooHigh { route, quota, cost } => write!(
+            Self::CostTooHigh {
+                route,
+                unit,
+                cost,
+                most,
+            } => write!(
                 f,
-                "rate limit of route `{route}`: the request costs {cost}, more than the quota \
-                 of {quota} ever admits at once"
+                "rate limit of route `{route}`: the request costs {cost} {}, more than the \
+                 {most} its quota ever admits at once",
+                unit.unwrap_or("requests")
             ),
         }
     }

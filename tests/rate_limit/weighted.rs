@@ -348,11 +348,12 @@ async fn a_cost_larger_than_a_quota_is_refused_at_once() {
         *error,
         RateLimitError::CostTooHigh {
             route: "POST /v1/chat".into(),
-            quota: Quota::per_minute(1_000).counting("tokens"),
+            unit: Some("tokens"),
             cost: 1_001,
+            most: 1_000,
         }
     );
-    assert!(error.to_string().contains("costs 1001"), "{error}");
+    assert!(error.to_string().contains("costs 1001 tokens"), "{error}");
     // A paced quota admits at most its burst at once.
     let mut paced = chat(6, 1);
     *paced.uri_mut() = "/v1/paced".parse().unwrap();

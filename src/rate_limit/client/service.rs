@@ -9,6 +9,7 @@ use tower_service::Service;
 use super::future::ResponseFuture;
 use super::state::{admit, Admission};
 use crate::event::Event;
+use crate::rate_limit::cost::Costs;
 use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::Wait;
 use crate::rate_limit::service::RateLimitByRouteService;
@@ -33,10 +34,13 @@ where
         let Some(route) = shared.table.lookup(request.method(), request.uri().path()) else {
             return ResponseFuture::passed(self.inner.call(request));
         };
-        let costs = shared.routes[route].costs(&request);
-        if let Some(error) = shared.routes[route].too_high(&costs) {
-            return self.refuse(route, error);
-        }
+        let costs = match shared.routes[route].is_weighed() {
+            false => Costs::one(),
+            true => match shared.routes[route].weigh(&request) {
+                Ok(costs) => costs,
+                Err(error) => return self.refuse(route, error),
+            },
+        };
         #[cfg(feature = "redis")]
         if let Some(store) = &shared.config.store {
             let store = store.clone();
@@ -85,7 +89,7 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
         route: usize,
         store: crate::store::StoreHandle,
         request: Request<B>,
-        costs: crate::rate_limit::cost::Costs,
+        costs: Costs,
     ) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>>,

@@ -14,7 +14,7 @@ use crate::headers;
 use crate::limiter::{Limiter, NotYet};
 use crate::queue::{Ticket, WaitQueue};
 use crate::quota::Rate;
-use crate::rate_limit::cost::{Costs, ResponseHead, Weighing};
+use crate::rate_limit::cost::{Corrections, Costs, ResponseHead, Weighing};
 use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::LayerState;
 use crate::rate_limit::RequestHead;
@@ -101,31 +101,44 @@ impl ClientRoute {
         self
     }
 
-    /// What a request of this route costs in each of its quotas.
+    /// Whether its requests are weighed (a request of another route costs one unit in each
+    /// of its quotas).
     #[inline]
-    pub(crate) fn costs<B>(&self, request: &http::Request<B>) -> Costs {
-        match &self.weighing {
-            None => Costs::one(),
-            Some(weighing) => weighing.costs(&RequestHead::of(request)),
-        }
+    pub(crate) fn is_weighed(&self) -> bool {
+        self.weighing.is_some()
+    }
+
+    /// What a request of this route costs in each of its quotas, or why it can never go: it
+    /// costs more than one of them ever admits. Out of line, so that the path of a request
+    /// that is not weighed stays as it was.
+    #[inline(never)]
+    pub(crate) fn weigh<B>(&self, request: &http::Request<B>) -> Result<Costs, RateLimitError> {
+        let Some(weighing) = &self.weighing else {
+            return Ok(Costs::one());
+        };
+        let costs = weighing.costs(&RequestHead::of(request));
+        let state = lock(&self.state);
+        let Some((quota, cost)) = costs.too_high(state.rates()) else {
+            return Ok(costs);
+        };
+        Err(RateLimitError::CostTooHigh {
+            route: self.name.clone(),
+            unit: quota.unit(),
+            cost,
+            most: quota.burst().unwrap_or(quota.count()),
+        })
     }
 
     /// What a request that took `taken` turned out to cost, if its response corrects it.
+    #[cfg(feature = "redis")]
     pub(crate) fn corrected<B>(&self, taken: &Costs, response: &Response<B>) -> Option<Costs> {
         let weighing = self.weighing.as_ref()?;
         weighing.answered(taken, &ResponseHead::of(response))
     }
 
-    /// A request of this route that costs more than one of its quotas ever admits.
-    pub(crate) fn too_high(&self, costs: &Costs) -> Option<RateLimitError> {
-        self.weighing.as_ref()?;
-        let state = lock(&self.state);
-        let (quota, cost) = costs.too_high(state.rates())?;
-        Some(RateLimitError::CostTooHigh {
-            route: self.name.clone(),
-            quota,
-            cost,
-        })
+    /// What a response says its request cost, where it says, if the route corrects costs.
+    fn read_costs<B>(&self, response: &Response<B>) -> Option<Corrections> {
+        self.weighing.as_ref()?.read(&ResponseHead::of(response))
     }
 
     /// The route whose state counts this route's requests now.
@@ -196,6 +209,8 @@ pub(crate) struct ClientState {
     /// Its other quotas, if it has several: a request takes its place in all of them at
     /// once, or in none.
     more: Vec<(Rate, Limiter)>,
+    /// The costs of the weighed requests holding places here.
+    weighed: Weighed,
     /// Requests waiting for their turn, first come first served.
     pub(crate) waiters: WaitQueue,
     /// Requests of this process waiting for their turn in a shared store.
@@ -214,6 +229,7 @@ impl ClientState {
             limiter: Limiter::new(&rate),
             rate,
             more: rates.map(|rate| (rate, Limiter::new(&rate))).collect(),
+            weighed: Weighed::default(),
             waiters: WaitQueue::default(),
             store_waiters: 0,
             last_seen: 0,
@@ -231,6 +247,11 @@ impl ClientState {
         if self.more.is_empty() {
             return self.limiter.try_take(&self.rate, now, costs.get(0));
         }
+        self.try_take_all(now, costs)
+    }
+
+    #[inline(never)]
+    fn try_take_all(&mut self, now: Nanos, costs: &Costs) -> Result<(), NotYet> {
         self.check(now, 0, costs)?;
         self.limiter.take(costs.get(0));
         for (i, (_, limiter)) in self.more.iter_mut().enumerate() {
@@ -267,7 +288,25 @@ impl ClientState {
     }
 
     /// The request that took `taken` was answered at `at`, and cost `cost`.
+    #[inline]
     pub(crate) fn answer(&mut self, at: Nanos, taken: &Costs, cost: Option<&Costs>) {
+        if self.more.is_empty() && cost.is_none() && taken.is_one() {
+            return self.limiter.answer(&self.rate, at, 1, 1);
+        }
+        self.answer_all(at, taken, cost);
+    }
+
+    /// The weighed request whose costs are kept under `key` was answered at `at`, and its
+    /// response said what it cost where `said` does.
+    #[inline(never)]
+    fn answer_weighed(&mut self, at: Nanos, key: u32, said: Option<Corrections>) {
+        let taken = self.weighed.take(key);
+        let cost = said.map(|said| taken.corrected(&said));
+        self.answer_all(at, &taken, cost.as_ref());
+    }
+
+    #[inline(never)]
+    fn answer_all(&mut self, at: Nanos, taken: &Costs, cost: Option<&Costs>) {
         let cost = cost.unwrap_or(taken);
         self.limiter
             .answer(&self.rate, at, taken.get(0), cost.get(0));
@@ -420,6 +459,8 @@ impl TurnTicket {
                     state.wake_head();
                     let events = &self.shared.events;
                     events.gauges(self.at, || state.figures());
+                    let costs = std::mem::replace(&mut self.costs, Costs::one());
+                    let extra = Permit::extra(&self.shared, state, self.route, self.at, costs);
                     drop(guard);
                     self.queued = false;
                     let waited = Duration::from_nanos(now.saturating_sub(self.since));
@@ -431,9 +472,8 @@ impl TurnTicket {
                     return Turn::Admitted(Permit {
                         shared: self.shared.clone(),
                         route: self.route as u16,
-                        holder: self.at as u16,
                         stage: Stage::Unsent,
-                        costs: std::mem::replace(&mut self.costs, Costs::one()),
+                        extra,
                     });
                 }
                 Err(NotYet::Until(at)) => wait = Some(at),
@@ -510,6 +550,61 @@ impl Drop for TurnTicket {
     }
 }
 
+/// The costs of the weighed requests holding places in a route, by key: a permit keeps only
+/// the key, so that what a sent request holds stays as small as it was without weights
+/// (16 bytes: a future a few bytes larger is moved with a call to `memcpy`).
+#[derive(Debug, Default)]
+struct Weighed {
+    costs: Vec<Costs>,
+    free: Vec<u32>,
+}
+
+impl Weighed {
+    /// Keeps `costs`, returning their key; 0, and nothing kept, for one unit in every quota.
+    #[inline]
+    fn keep(&mut self, costs: Costs) -> u32 {
+        if costs.is_one() {
+            return 0;
+        }
+        self.keep_weighed(costs)
+    }
+
+    #[inline(never)]
+    fn keep_weighed(&mut self, costs: Costs) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.costs[i as usize] = costs;
+                i + 1
+            }
+            None => {
+                self.costs.push(costs);
+                // At most one entry per request holding a place, far fewer than 2^32.
+                u32::try_from(self.costs.len()).unwrap_or(u32::MAX)
+            }
+        }
+    }
+
+    /// Takes back the costs kept under `key`.
+    #[inline]
+    fn take(&mut self, key: u32) -> Costs {
+        match key.checked_sub(1) {
+            None => Costs::one(),
+            Some(i) => self.take_weighed(i),
+        }
+    }
+
+    #[inline(never)]
+    fn take_weighed(&mut self, i: u32) -> Costs {
+        let costs = std::mem::replace(&mut self.costs[i as usize], Costs::one());
+        self.free.push(i);
+        if self.free.len() == self.costs.len() {
+            // Nothing weighed holds a place: the memory goes.
+            (self.costs, self.free) = (Vec::new(), Vec::new());
+        }
+        costs
+    }
+}
+
 /// A place held by a request. Taken for a request about to be sent, or one whose turn came
 /// and which is readying its own service; then held by the request sent.
 ///
@@ -520,15 +615,15 @@ impl Drop for TurnTicket {
 #[derive(Debug)]
 pub(crate) struct Permit {
     shared: ClientHandle,
-    /// The request's route (`u16`, as `holder`, so that a sent request's state stays small
-    /// enough to be moved without a call to `memcpy`; the builder refuses more routes).
+    /// The request's route (`u16`, so that a sent request's state stays small enough to be
+    /// moved without a call to `memcpy`; the builder refuses more routes).
     route: u16,
-    /// The route whose state it holds its place in: its own, unless a learnt route counts
-    /// against a quota held by another.
-    holder: u16,
     stage: Stage,
-    /// What it took in each quota of its route.
-    costs: Costs,
+    /// For a learnt route, the route whose state it holds its place in (its own, or the one
+    /// counting the quota the server named); for any other, which holds its place in its own
+    /// state, the key of what it took there if weighed ([`Weighed`]; 0: one unit in every
+    /// quota).
+    extra: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -642,10 +737,46 @@ impl Permit {
         Ok(Self {
             shared: shared.clone(),
             route: route as u16,
-            holder: holder as u16,
             stage: Stage::Sent,
-            costs,
+            extra: Self::extra(shared, state, route, holder, costs),
         })
+    }
+
+    /// What a permit of route `route` keeps in `extra`, once its `costs` are taken in the
+    /// state of `holder` (locked).
+    #[inline]
+    fn extra(
+        shared: &ClientShared,
+        state: &mut ClientState,
+        route: usize,
+        holder: usize,
+        costs: Costs,
+    ) -> u32 {
+        if route != holder || shared.routes[route].learnt {
+            // `compile` refused more routes than a `u16` counts.
+            holder as u32
+        } else {
+            state.weighed.keep(costs)
+        }
+    }
+
+    /// The route whose state holds its place.
+    #[inline]
+    fn holder(&self) -> usize {
+        let route = usize::from(self.route);
+        match self.shared.routes[route].learnt {
+            true => self.extra as usize,
+            false => route,
+        }
+    }
+
+    /// What it took in its state (locked), taken back from it.
+    #[inline]
+    fn taken(&self, state: &mut ClientState) -> Costs {
+        match self.shared.routes[usize::from(self.route)].learnt {
+            true => Costs::one(),
+            false => state.weighed.take(self.extra),
+        }
     }
 
     /// The same place, for a request that still has its service to ready.
@@ -673,20 +804,26 @@ impl Permit {
         if route.learnt {
             return self.answered_learnt(response, answered);
         }
-        // Not learnt: it holds its place in its own route's state.
-        let cost = route.corrected(&self.costs, response);
+        // Not learnt: it holds its place in its own route's state, and `extra` is the key of
+        // its costs there. A correction is read before the lock: it runs the caller's code.
+        let said = match route.is_weighed() {
+            true => route.read_costs(response),
+            false => None,
+        };
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.seen(answered);
-        state.answer(now, &self.costs, cost.as_ref());
+        match route.is_weighed() {
+            false => state.answer(now, &Costs::one(), None),
+            true => state.answer_weighed(now, self.extra, said),
+        }
         let mut learnt = None;
         if route.learn.enabled && teaches(response) {
             learnt = learn(&route.name, route.learn, state, response, now);
         }
         state.wake_head();
-        self.shared
-            .events
-            .gauges(usize::from(self.holder), || state.figures());
+        let holder = usize::from(self.route);
+        self.shared.events.gauges(holder, || state.figures());
         drop(guard);
         self.report(learnt);
     }
@@ -704,13 +841,13 @@ impl Permit {
     /// and what the response states is learnt by the state that counts the quota it names.
     #[inline(never)]
     fn answered_learnt<B>(&self, response: &Response<B>, answered: Nanos) {
-        let (index, holder) = (usize::from(self.route), usize::from(self.holder));
+        let (index, holder) = (usize::from(self.route), self.holder());
         let shared = &*self.shared;
         let route = &shared.routes[index];
         {
             let mut state = lock(&shared.routes[holder].state);
             let now = state.seen(answered);
-            state.answer(now, &self.costs, None);
+            state.answer(now, &Costs::one(), None);
             state.wake_head();
             shared.events.gauges(holder, || state.figures());
         }
@@ -771,23 +908,26 @@ impl Permit {
     #[inline(never)]
     fn give_back(&mut self) {
         let dropped = self.shared.clock.now();
-        let mut guard = lock(&self.shared.routes[usize::from(self.holder)].state);
+        let holder = self.holder();
+        let mut guard = lock(&self.shared.routes[holder].state);
         let state = &mut *guard;
         let now = state.seen(dropped);
         let abandoned = match self.stage {
             Stage::Unsent => {
-                state.give_back(&self.costs);
+                let taken = self.taken(state);
+                state.give_back(&taken);
                 false
             }
             Stage::Sent => {
                 let hold = nanos(self.shared.config.abandoned_hold);
-                state.abandon(now, hold, &self.costs);
+                let taken = self.taken(state);
+                state.abandon(now, hold, &taken);
                 true
             }
             Stage::Settled => return,
         };
         state.wake_head();
-        let (route, holder) = (usize::from(self.route), usize::from(self.holder));
+        let route = usize::from(self.route);
         self.shared.events.gauges(holder, || state.figures());
         drop(guard);
         if abandoned {

@@ -30,7 +30,7 @@ pub enum NextAdmission {
 pub struct RouteSnapshot {
     /// The route's pattern, or `"default"`.
     pub route: Arc<str>,
-    /// Its quota.
+    /// Its quota; for a route of several quotas, the first, which the figures below are of.
     pub quota: Quota,
     /// Requests that could be sent now without waiting.
     pub remaining: u32,
@@ -59,7 +59,7 @@ pub struct RouteSnapshot {
 pub struct KeyedRouteSnapshot {
     /// The route's pattern, or `"default"`.
     pub route: Arc<str>,
-    /// Its quota, per client key.
+    /// Its quota, per client key (for a route of several quotas, the first).
     pub quota: Quota,
     /// Client keys tracked now.
     pub tracked_keys: usize,
@@ -81,6 +81,18 @@ fn find<R>(
         .ok_or_else(|| ConfigError::UnknownRoute {
             pattern: pattern.to_owned(),
         })
+}
+
+/// A quota that replaces `old` counts the same unit: the route's costs were set for it.
+fn same_unit(old: &Quota, new: &Quota) -> Result<(), ConfigError> {
+    if old.unit() == new.unit() {
+        return Ok(());
+    }
+    Err(ConfigError::InvalidSetting {
+        name: "set_quota",
+        reason: "the new quota counts another unit than the route's first quota: its costs \
+                 were set for that unit when the layer was built",
+    })
 }
 
 impl RateLimitByRoute<Wait> {
@@ -121,6 +133,7 @@ impl RateLimitByRoute<Wait> {
 
     /// Replaces the quota of the route given by `pattern` (as written to the builder, or
     /// `"default"`), keeping what it has counted so far. Waiting requests re-check at once.
+    /// A route of several quotas has its first replaced, which must count the same unit.
     ///
     /// On a learnt route whose state holds a quota the server named, the quota bounds every
     /// route that shares it; a learnt route that counts in another's state
@@ -138,6 +151,7 @@ impl RateLimitByRoute<Wait> {
         }
         let mut guard = lock(&route.state);
         let state = &mut *guard;
+        same_unit(&state.rate.quota, &quota)?;
         let now = state.now(&shared.clock);
         let margin = Some(Duration::from_nanos(state.rate.margin));
         let rate = Rate::new(quota, margin);
@@ -166,10 +180,12 @@ impl<F> RateLimitByRoute<Reject<F>> {
     }
 
     /// Replaces the quota of the route given by `pattern` (as written to the builder, or
-    /// `"default"`), keeping what each client has used so far.
+    /// `"default"`), keeping what each client has used so far. A route of several quotas has
+    /// its first replaced, which must count the same unit.
     pub fn set_quota(&self, pattern: &str, quota: Quota) -> Result<(), ConfigError> {
         let shared = &self.mode.0;
         let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
+        same_unit(&shared.routes[index].quota(), &quota)?;
         let rate = Rate::new(quota, Some(Duration::ZERO));
         shared.routes[index].set_rate(rate, shared.clock.now());
         Ok(())

@@ -73,7 +73,8 @@ pub(crate) struct Refused {
 /// quota ever admits is refused for a whole period: no client can spend it.
 #[inline]
 fn hit(clients: &mut KeyTable, key: u64, rate: &Rate, now: Nanos, units: u32) -> Verdict {
-    if !rate.fits(units) {
+    // One unit always fits: a quota counts at least one.
+    if units > 1 && !rate.fits(units) {
         let until = now.saturating_add(rate.period);
         return Verdict::Refuse { until };
     }
@@ -81,7 +82,8 @@ fn hit(clients: &mut KeyTable, key: u64, rate: &Rate, now: Nanos, units: u32) ->
 }
 
 /// Counts a request in every quota of its route, or in none: the first quota's verdict, or
-/// the refusal of the quota that refuses it, the latest if several do.
+/// the refusal of the quota that refuses it (the latest if several do) and its index.
+#[inline(never)]
 fn hit_all(
     clients: &mut KeyTable,
     more: &mut [(Rate, KeyTable)],
@@ -89,10 +91,10 @@ fn hit_all(
     rate: &Rate,
     now: Nanos,
     costs: &Costs,
-) -> (Verdict, Quota) {
+) -> (Verdict, usize) {
     let first = hit(clients, key, rate, now, costs.get(0));
     let mut refused = match first {
-        Verdict::Refuse { until } => Some((until, rate.quota)),
+        Verdict::Refuse { until } => Some((until, 0)),
         Verdict::Pass { .. } => None,
     };
     let mut counted = 0;
@@ -102,13 +104,13 @@ fn hit_all(
             Verdict::Pass { .. } => table.unhit(key, rate, costs.get(i + 1)),
             Verdict::Refuse { until } => {
                 if refused.is_none_or(|(at, _)| until > at) {
-                    refused = Some((until, rate.quota));
+                    refused = Some((until, i + 1));
                 }
             }
         }
     }
-    let Some((until, quota)) = refused else {
-        return (first, rate.quota);
+    let Some((until, index)) = refused else {
+        return (first, 0);
     };
     // Refused by one: what the others counted is taken back.
     if matches!(first, Verdict::Pass { .. }) {
@@ -117,7 +119,7 @@ fn hit_all(
     for (i, (rate, table)) in more[..counted].iter_mut().enumerate() {
         table.unhit(key, rate, costs.get(i + 1));
     }
-    (Verdict::Refuse { until }, quota)
+    (Verdict::Refuse { until }, index)
 }
 
 fn policy(name: &str, quota: Quota) -> HeaderValue {
@@ -194,8 +196,8 @@ impl KeyedRoute {
             more,
         } = &mut *shard;
         let (len, forgotten) = (clients.len(), clients.forgotten());
-        let (verdict, quota) = match more.is_empty() {
-            true => (hit(clients, key, rate, now, costs.get(0)), rate.quota),
+        let (verdict, refused_by) = match more.is_empty() {
+            true => (hit(clients, key, rate, now, costs.get(0)), 0),
             false => hit_all(clients, more, key, rate, now, costs),
         };
         let (grew, forgot) = (clients.len() > len, clients.forgotten() != forgotten);
@@ -207,7 +209,10 @@ impl KeyedRoute {
             Verdict::Pass { .. } => Ok(None),
             Verdict::Refuse { until } => Err(Refused {
                 wait: Duration::from_nanos(until.saturating_sub(now)),
-                quota,
+                quota: match refused_by.checked_sub(1) {
+                    None => rate.quota,
+                    Some(i) => more[i].0.quota,
+                },
                 reason: RejectReason::Quota,
             }),
         };

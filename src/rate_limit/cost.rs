@@ -205,9 +205,7 @@ impl Weighing {
     /// What a request costs in each quota.
     pub(crate) fn costs(&self, head: &RequestHead<'_>) -> Costs {
         let cost = |w: &Weigh| w.before.as_ref().map_or(1, |f| f(head));
-        let first = cost(&self.quotas[0]);
-        let more = self.quotas[1..].iter().map(cost).collect();
-        Costs::weighed(first, more)
+        Costs::collect(self.quotas.iter().map(cost))
     }
 
     /// What a request that took `taken` turned out to cost, read from its response: `None`
@@ -223,62 +221,105 @@ impl Weighing {
             return None;
         }
         let read = |w: &Weigh| w.after.as_ref().and_then(|f| f(head));
-        Some(Corrections(self.quotas.iter().map(read).collect()))
+        Some(Corrections(PerQuota::collect(self.quotas.iter().map(read))))
     }
 }
 
 /// What a response says its request cost in each quota of its route, where it says.
 #[derive(Debug)]
-pub(crate) struct Corrections(Box<[Option<u32>]>);
+pub(crate) struct Corrections(PerQuota<Option<u32>>);
+
+/// One value per quota of a route: up to four inline, so that a weighed request of a route
+/// of a few quotas allocates nothing for them; more on the heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PerQuota<T> {
+    Few(u8, [T; 4]),
+    Many(Box<[T]>),
+}
+
+impl<T: Copy + Default> PerQuota<T> {
+    fn collect(values: impl ExactSizeIterator<Item = T>) -> Self {
+        if values.len() > 4 {
+            return Self::Many(values.collect());
+        }
+        let mut few = [T::default(); 4];
+        let mut len = 0;
+        for (slot, value) in few.iter_mut().zip(values) {
+            *slot = value;
+            len += 1;
+        }
+        Self::Few(len, few)
+    }
+
+    #[inline]
+    fn get(&self, index: usize) -> Option<T> {
+        match self {
+            Self::Few(len, few) => few[..usize::from(*len)].get(index).copied(),
+            Self::Many(many) => many.get(index).copied(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Few(len, _) => usize::from(*len),
+            Self::Many(many) => many.len(),
+        }
+    }
+}
 
 /// What one request costs in each quota of its route, in the route's order. A request of a
-/// route that weighs nothing costs [`Costs::one`], whatever its number of quotas: a null
-/// pointer, so that what a request holds stays as small as it was without weights. A
-/// weighed request's costs take one small allocation (two with several quotas).
+/// route that weighs nothing costs [`Costs::one`], whatever its number of quotas. A route of
+/// more than two quotas puts its requests' costs on the heap.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Costs(Option<Box<Weights>>);
+pub(crate) struct Costs(Repr);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Weights {
-    first: u32,
-    /// Quotas past its end cost one.
-    more: Box<[u32]>,
+enum Repr {
+    One,
+    /// The first two quotas' (any after them cost one).
+    Two([u32; 2]),
+    Many(Box<[u32]>),
 }
 
 impl Costs {
     /// One unit in every quota.
     #[inline]
     pub(crate) fn one() -> Self {
-        Self(None)
+        Self(Repr::One)
     }
 
-    fn weighed(first: u32, more: Box<[u32]>) -> Self {
-        Self(Some(Box::new(Weights { first, more })))
+    fn collect(costs: impl ExactSizeIterator<Item = u32>) -> Self {
+        if costs.len() > 2 {
+            return Self(Repr::Many(costs.collect()));
+        }
+        let mut two = [1; 2];
+        for (slot, cost) in two.iter_mut().zip(costs) {
+            *slot = cost;
+        }
+        Self(Repr::Two(two))
     }
 
     /// What it costs in quota `index`.
     #[inline]
     pub(crate) fn get(&self, index: usize) -> u32 {
-        let Some(weights) = &self.0 else {
-            return 1;
+        let cost = match &self.0 {
+            Repr::One => None,
+            Repr::Two(two) => two.get(index),
+            Repr::Many(many) => many.get(index),
         };
-        match index.checked_sub(1) {
-            None => weights.first,
-            Some(i) => weights.more.get(i).copied().unwrap_or(1),
-        }
+        cost.copied().unwrap_or(1)
     }
 
     /// The costs a response says, and what was taken where it says nothing.
     pub(crate) fn corrected(&self, said: &Corrections) -> Costs {
-        let cost = |i: usize| said.0[i].unwrap_or_else(|| self.get(i));
-        let more = (1..said.0.len()).map(cost).collect();
-        Costs::weighed(cost(0), more)
+        let cost = |i: usize| said.0.get(i).flatten().unwrap_or_else(|| self.get(i));
+        Self::collect((0..said.0.len()).map(cost))
     }
 
     /// Whether it is one unit in every quota.
     #[inline]
     pub(crate) fn is_one(&self) -> bool {
-        self.0.is_none()
+        matches!(self.0, Repr::One)
     }
 
     /// The first quota among `rates` it can never fit in, and its cost there.

@@ -8,9 +8,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::state::{admit, Admission};
-use crate::event::Event;
 use crate::rate_limit::cost::Costs;
-use crate::rate_limit::error::RateLimitError;
 use crate::rate_limit::layer::Wait;
 use crate::rate_limit::service::RateLimitByRouteService;
 use crate::readiness::{unready, waiting_clone};
@@ -36,10 +34,7 @@ where
         };
         let costs = match shared.routes[route].is_weighed() {
             false => Costs::one(),
-            true => match shared.routes[route].weigh(&request) {
-                Ok(costs) => costs,
-                Err(error) => return self.refuse(route, error),
-            },
+            true => shared.routes[route].weigh(&request),
         };
         #[cfg(feature = "redis")]
         if let Some(store) = &shared.config.store {
@@ -60,25 +55,6 @@ where
     }
 }
 
-impl<S: Clone> RateLimitByRouteService<S, Wait> {
-    /// Returns a request unsent at once: it costs more than its route ever admits.
-    #[cold]
-    #[inline(never)]
-    fn refuse<B>(&mut self, route: usize, error: RateLimitError) -> ResponseFuture<S, B>
-    where
-        S: Service<Request<B>>,
-    {
-        unready(&mut self.inner);
-        let events = &self.mode.0.events;
-        events.emit(route, |layer, route| Event::Refused {
-            layer,
-            route,
-            reason: error.refusal(),
-        });
-        ResponseFuture::refused(error)
-    }
-}
-
 #[cfg(feature = "redis")]
 impl<S: Clone> RateLimitByRouteService<S, Wait> {
     /// A request under a quota kept in a shared store: it asks the store for its turn.
@@ -95,10 +71,21 @@ impl<S: Clone> RateLimitByRouteService<S, Wait> {
         S: Service<Request<B>>,
     {
         let handle = self.mode.0.clone();
-        let rates = crate::lock::lock(&handle.routes[route].state)
-            .rates()
-            .copied()
-            .collect();
+        let asked = &handle.routes[route];
+        let state = crate::lock::lock(&asked.state);
+        if let Some(error) = asked.too_high(&state, &costs) {
+            drop(state);
+            unready(&mut self.inner);
+            let events = &handle.events;
+            events.emit(route, |layer, route| crate::event::Event::Refused {
+                layer,
+                route,
+                reason: error.refusal(),
+            });
+            return ResponseFuture::refused(error);
+        }
+        let rates = state.rates().copied().collect();
+        drop(state);
         let (learn, max_wait) = (handle.routes[route].learn, handle.config.max_wait);
         let inner = waiting_clone(&mut self.inner);
         let turn =

@@ -108,20 +108,22 @@ impl ClientRoute {
         self.weighing.is_some()
     }
 
-    /// What a request of this route costs in each of its quotas, or why it can never go: it
-    /// costs more than one of them ever admits. Out of line, so that the path of a request
-    /// that is not weighed stays as it was.
+    /// What a request of this route costs in each of its quotas. Out of line, so that the
+    /// path of a request that is not weighed stays as it was.
     #[inline(never)]
-    pub(crate) fn weigh<B>(&self, request: &http::Request<B>) -> Result<Costs, RateLimitError> {
-        let Some(weighing) = &self.weighing else {
-            return Ok(Costs::one());
-        };
-        let costs = weighing.costs(&RequestHead::of(request));
-        let state = lock(&self.state);
-        let Some((quota, cost)) = costs.too_high(state.rates()) else {
-            return Ok(costs);
-        };
-        Err(RateLimitError::CostTooHigh {
+    pub(crate) fn weigh<B>(&self, request: &http::Request<B>) -> Costs {
+        match &self.weighing {
+            None => Costs::one(),
+            Some(weighing) => weighing.costs(&RequestHead::of(request)),
+        }
+    }
+
+    /// Why a request of `costs` can never go, if it costs more than one of the route's
+    /// quotas (in `state`, its own, locked) ever admits.
+    #[cold]
+    pub(crate) fn too_high(&self, state: &ClientState, costs: &Costs) -> Option<RateLimitError> {
+        let (quota, cost) = costs.too_high(state.rates())?;
+        Some(RateLimitError::CostTooHigh {
             route: self.name.clone(),
             unit: quota.unit(),
             cost,
@@ -654,7 +656,7 @@ pub(crate) fn admit(
     handle: &ClientHandle,
     route: usize,
     estimate_wait: bool,
-    costs: Costs,
+    mut costs: Costs,
 ) -> Admission {
     let asked = &handle.routes[route];
     let (holder, at) = if asked.learnt {
@@ -665,10 +667,16 @@ pub(crate) fn admit(
     };
     let mut state = lock(&at.state);
     let admission = 'decide: {
-        let costs = match Permit::try_acquire(handle, &mut state, route, holder, costs) {
-            Ok(permit) => break 'decide Admission::Now(permit),
-            Err(costs) => costs,
-        };
+        if !costs.is_one() {
+            // Only a weighed route's requests cost other than one, and a weighed route is
+            // never learnt: `state` is its own.
+            if let Some(error) = asked.too_high(&state, &costs) {
+                break 'decide Admission::Refused(error);
+            }
+        }
+        if let Some(permit) = Permit::try_acquire(handle, &mut state, route, holder, &mut costs) {
+            break 'decide Admission::Now(permit);
+        }
         let name = || handle.routes[route].name.clone();
         if let Some(max_queue) = state.queue_full(handle.config.max_queue) {
             break 'decide Admission::Refused(RateLimitError::QueueFull {
@@ -723,18 +731,17 @@ impl Permit {
         state: &mut ClientState,
         route: usize,
         holder: usize,
-        costs: Costs,
-    ) -> Result<Self, Costs> {
+        costs: &mut Costs,
+    ) -> Option<Self> {
         if !state.waiters.is_empty() {
-            return Err(costs);
+            return None;
         }
-        if state.try_take(state.last_seen, &costs).is_err() {
+        if state.try_take(state.last_seen, costs).is_err() {
             let now = state.now(&shared.clock);
-            if state.try_take(now, &costs).is_err() {
-                return Err(costs);
-            }
+            state.try_take(now, costs).ok()?;
         }
-        Ok(Self {
+        let costs = std::mem::replace(costs, Costs::one());
+        Some(Self {
             shared: shared.clone(),
             route: route as u16,
             stage: Stage::Sent,

@@ -222,10 +222,13 @@ pub enum Refusal {
     NoPeerAddress,
     /// The plan allows no job.
     NoSlots,
+    /// A create starts more jobs than the plan has slots, or none
+    /// ([`ConcurrencyError::JobCount`](crate::concurrency::ConcurrencyError::JobCount)).
+    JobCount,
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 8] = [
         Self::Quota,
         Self::QueueFull,
         Self::WaitTooLong,
@@ -233,10 +236,11 @@ impl Refusal {
         Self::MissingKey,
         Self::NoPeerAddress,
         Self::NoSlots,
+        Self::JobCount,
     ];
 
     /// The name used as a metric's `reason` label: `quota`, `queue_full`, `wait_too_long`,
-    /// `store_unavailable`, `missing_key`, `no_peer_address` or `no_slots`.
+    /// `store_unavailable`, `missing_key`, `no_peer_address`, `no_slots` or `job_count`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Quota => "quota",
@@ -246,6 +250,7 @@ impl Refusal {
             Self::MissingKey => "missing_key",
             Self::NoPeerAddress => "no_peer_address",
             Self::NoSlots => "no_slots",
+            Self::JobCount => "job_count",
         }
     }
 }
@@ -398,6 +403,8 @@ pub struct Refusals {
     pub no_peer_address: u64,
     /// [`Refusal::NoSlots`].
     pub no_slots: u64,
+    /// [`Refusal::JobCount`].
+    pub job_count: u64,
 }
 
 impl Refusals {
@@ -411,6 +418,7 @@ impl Refusals {
             self.missing_key,
             self.no_peer_address,
             self.no_slots,
+            self.job_count,
         ]
         .iter()
         .sum()
@@ -712,6 +720,7 @@ impl Scope {
             missing_key: r(Refusal::MissingKey),
             no_peer_address: r(Refusal::NoPeerAddress),
             no_slots: r(Refusal::NoSlots),
+            job_count: r(Refusal::JobCount),
         }
     }
 

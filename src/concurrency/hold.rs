@@ -17,6 +17,20 @@ pub(crate) struct HoldGuard {
     /// The create's `Idempotency-Key`, kept with an unknown outcome so that the create sent
     /// again can take its slot over (boxed twice to be one word, as `member`).
     key: Option<IdempotencyKey>,
+    /// How many slots it holds: one per job the create starts (in the store: `member` and
+    /// its numbered siblings, [`slot_member`]).
+    jobs: u32,
+}
+
+/// The name in the shared store of a create's `k`th slot (from 1): `member` itself, then
+/// `member/2`, `member/3`.. for the other jobs of a batch (as `slots.lua` names them).
+#[cfg(feature = "redis")]
+pub(crate) fn slot_member(member: &str, k: u32) -> String {
+    if k <= 1 {
+        member.to_owned()
+    } else {
+        format!("{member}/{k}")
+    }
 }
 
 /// A slot's name in the shared store. Boxed twice to be one word: holds live on the path
@@ -31,7 +45,15 @@ impl HoldGuard {
             shared: Some(shared),
             member: None,
             key: None,
+            jobs: 1,
         }
+    }
+
+    /// It holds `jobs` slots, one per job the create starts.
+    #[inline]
+    pub(crate) fn with_jobs(mut self, jobs: u32) -> Self {
+        self.jobs = jobs;
+        self
     }
 
     /// The create carries this `Idempotency-Key`.
@@ -48,10 +70,10 @@ impl HoldGuard {
     #[inline]
     pub(crate) fn release(mut self, why: ReleaseReason) {
         if let Some(shared) = self.shared.take() {
-            shared.release(why);
+            shared.release_many(self.jobs, why);
             #[cfg(feature = "redis")]
             if self.member.is_some() {
-                release_in_store(&shared, self.member.take());
+                release_in_store(&shared, self.member.take(), 1..=self.jobs);
             }
         }
     }
@@ -65,26 +87,34 @@ impl HoldGuard {
     #[inline]
     pub(crate) fn into_in_flight_slot(mut self) -> Option<InFlightSlot> {
         let member = self.member.take();
+        let jobs = self.jobs;
         self.shared
             .take()
-            .map(|shared| InFlightSlot(shared, member))
+            .map(|shared| InFlightSlot(shared, member, jobs))
     }
 
-    /// Hands the slot on (to an [`Observer`](super::observe::Observer), which settles it).
+    /// Hands the slots on (to an [`Observer`](super::observe::Observer), which settles
+    /// them): the plan, the name in the store, how many.
     #[inline]
-    pub(super) fn into_parts(mut self) -> Option<(Arc<PlanState>, Option<StoreMember>)> {
+    pub(super) fn into_parts(mut self) -> Option<(Arc<PlanState>, Option<StoreMember>, u32)> {
         let member = self.member.take();
-        self.shared.take().map(|shared| (shared, member))
+        let jobs = self.jobs;
+        self.shared.take().map(|shared| (shared, member, jobs))
     }
 }
 
-/// Gives back the slot a create held in the shared store, if any.
+/// Gives back the slots `ks` (numbered from 1, [`slot_member`]) a create held in the shared
+/// store, if any.
 #[cfg(feature = "redis")]
 #[cold]
 #[inline(never)]
-fn release_in_store(shared: &PlanState, member: Option<StoreMember>) {
+pub(super) fn release_in_store(
+    shared: &PlanState,
+    member: Option<StoreMember>,
+    ks: std::ops::RangeInclusive<u32>,
+) {
     if let (Some(store), Some(member)) = (&shared.store, member) {
-        store.slot_release(&member);
+        store.slot_release(ks.map(|k| slot_member(&member, k)).collect());
     }
 }
 
@@ -93,22 +123,25 @@ impl Drop for HoldGuard {
         if let Some(shared) = self.shared.take() {
             if shared.config.in_flight {
                 // The slot is only for the request, which is over whatever the server did.
-                shared.release(ReleaseReason::Abandoned);
+                shared.release_many(self.jobs, ReleaseReason::Abandoned);
                 #[cfg(feature = "redis")]
                 if self.member.is_some() {
-                    release_in_store(&shared, self.member.take());
+                    release_in_store(&shared, self.member.take(), 1..=self.jobs);
                 }
                 return;
             }
             #[cfg(feature = "redis")]
             if self.member.is_some() {
-                unknown_in_store(&shared, self.member.take());
+                unknown_in_store(&shared, self.member.take(), 1..=self.jobs);
                 return;
             }
             let now = shared.clock.now();
-            shared
-                .slots()
-                .unknown(now, self.key.take().map(|key| (*key).into()));
+            let key: Option<Box<str>> = self.key.take().map(|key| (*key).into());
+            let mut slots = shared.slots();
+            for _ in 1..self.jobs {
+                slots.unknown(now, key.clone());
+            }
+            slots.unknown(now, key);
         }
     }
 }
@@ -117,29 +150,37 @@ impl Drop for HoldGuard {
 /// read. The store holds it for the whole fleet, until a reconcile in any process accounts for
 /// it or its lease runs out; this process lets its own count of it go, since no reconcile
 /// elsewhere could ever give that back.
+/// Its slots `ks` (numbered from 1, [`slot_member`]) are meant.
 #[cfg(feature = "redis")]
 #[cold]
 #[inline(never)]
-pub(super) fn unknown_in_store(shared: &PlanState, member: Option<StoreMember>) {
+pub(super) fn unknown_in_store(
+    shared: &PlanState,
+    member: Option<StoreMember>,
+    ks: std::ops::RangeInclusive<u32>,
+) {
     if let (Some(store), Some(member)) = (&shared.store, member) {
-        shared.release(ReleaseReason::Store);
-        store.slot_unknown(&member, shared.job_lease());
+        let members: Vec<String> = ks.map(|k| slot_member(&member, k)).collect();
+        shared.release_many(members.len() as u32, ReleaseReason::Store);
+        store.slot_unknown(members, shared.job_lease());
     }
 }
 
-/// In-flight mode: a slot given back when the response body ends or is dropped.
+/// In-flight mode: slots (one per job the request counts as) given back when the response
+/// body ends or is dropped.
 #[derive(Debug)]
 pub(crate) struct InFlightSlot(
     Arc<PlanState>,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))] Option<StoreMember>,
+    u32,
 );
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
-        self.0.release(ReleaseReason::Answered);
+        self.0.release_many(self.2, ReleaseReason::Answered);
         #[cfg(feature = "redis")]
         if self.1.is_some() {
-            release_in_store(&self.0, self.1.take());
+            release_in_store(&self.0, self.1.take(), 1..=self.2);
         }
     }
 }
@@ -164,20 +205,23 @@ pub(crate) fn idempotency_key<B>(request: &http::Request<B>) -> Option<Idempoten
 pub(crate) struct Unsent {
     pub(super) shared: Option<Arc<PlanState>>,
     pub(super) member: Option<StoreMember>,
+    /// How many slots: one per job the create starts.
+    pub(super) jobs: u32,
 }
 
 impl Unsent {
-    pub(crate) fn local(shared: Arc<PlanState>) -> Self {
+    pub(crate) fn local(shared: Arc<PlanState>, jobs: u32) -> Self {
         Self {
             shared: Some(shared),
             member: None,
+            jobs,
         }
     }
 
-    /// The create is being sent: its slot is held as in flight (in the store too, if it
-    /// holds one there).
+    /// The create is being sent: its slots are held as in flight (in the store too, if it
+    /// holds them there).
     pub(crate) fn sent(mut self) -> Option<HoldGuard> {
-        let mut hold = HoldGuard::new(self.shared.take()?);
+        let mut hold = HoldGuard::new(self.shared.take()?).with_jobs(self.jobs);
         if let Some(member) = self.member.take() {
             hold.set_member(member);
         }
@@ -186,12 +230,10 @@ impl Unsent {
 
     #[cfg(feature = "redis")]
     /// The store failed and the create goes anyway, on this process's count (fail-open): the
-    /// member an acquire may have left in the store goes back.
+    /// members an acquire may have left in the store go back.
     pub(crate) fn without_store(&mut self) {
         if let (Some(member), Some(shared)) = (self.member.take(), &self.shared) {
-            if let Some(store) = &shared.store {
-                store.slot_release(&member);
-            }
+            release_in_store(shared, Some(member), 1..=self.jobs);
         }
     }
 }
@@ -199,10 +241,10 @@ impl Unsent {
 impl Drop for Unsent {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            shared.release(ReleaseReason::Unsent);
+            shared.release_many(self.jobs, ReleaseReason::Unsent);
             #[cfg(feature = "redis")]
-            if let (Some(member), Some(store)) = (self.member.take(), &shared.store) {
-                store.slot_release(&member);
+            if self.member.is_some() {
+                release_in_store(&shared, self.member.take(), 1..=self.jobs);
             }
         }
     }

@@ -82,13 +82,20 @@ impl<S> ConcurrencyLimitByPlanService<S> {
     {
         let shared = &self.shared;
         let key = idempotency_key(&request);
+        // Asked before the slots are locked: the caller's code runs under no lock of ours.
+        let jobs = match &shared.config.jobs_per_create {
+            None => 1,
+            Some(count) => (count.0)(&crate::RequestHead::of(&request)),
+        };
         let mut slots = shared.slots();
         if let Some(held) = key.as_deref().map(String::as_str) {
-            // The create sent again, whose first send left its slot held as an unknown
-            // outcome (kept in this process only: a store holds its own).
-            if slots.take_over(held) {
+            // The create sent again, whose first send left its slots held as unknown
+            // outcomes (kept in this process only: a store holds its own).
+            if jobs > 0 && slots.take_over(held, jobs as usize) {
                 drop(slots);
-                let hold = HoldGuard::new(shared.clone()).with_key(key);
+                let hold = HoldGuard::new(shared.clone())
+                    .with_key(key)
+                    .with_jobs(jobs);
                 let future = self.inner.call(request);
                 return ResponseFuture::called(future, Role::Create(Some(hold)));
             }
@@ -99,7 +106,14 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             refused(shared, Refusal::NoSlots);
             return ResponseFuture::failed(ConcurrencyError::NoSlots);
         }
-        if slots.try_take(|| shared.clock.now()) {
+        if jobs != 1 && (jobs == 0 || jobs as usize > slots.limit()) {
+            let limit = slots.limit();
+            drop(slots);
+            unready(&mut self.inner);
+            refused(shared, Refusal::JobCount);
+            return ResponseFuture::failed(ConcurrencyError::JobCount { jobs, limit });
+        }
+        if slots.try_take(jobs as usize, || shared.clock.now()) {
             shared.events.gauges(0, || plan_figures(&slots));
             drop(slots);
             let waited = Duration::ZERO;
@@ -109,9 +123,9 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             #[cfg(feature = "redis")]
             if let Some(store) = &shared.store {
                 let store = store.clone();
-                return self.create_store(request, store);
+                return self.create_store(request, store, jobs);
             }
-            let hold = HoldGuard::new(shared.clone()).with_key(key);
+            let hold = HoldGuard::new(shared.clone()).with_key(key).with_jobs(jobs);
             let future = self.inner.call(request);
             return ResponseFuture::called(future, Role::Create(Some(hold)));
         }
@@ -131,7 +145,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             .emit(0, |layer, _| Event::SlotQueued { layer });
         let shared = shared.clone();
         let inner = waiting_clone(&mut self.inner);
-        ResponseFuture::queued(inner, request, shared, ticket)
+        ResponseFuture::queued(inner, request, shared, ticket, jobs)
     }
 
     /// A create holding a slot here asks the shared store for one, and then drives a clone
@@ -143,12 +157,13 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         &mut self,
         request: Request<B>,
         store: crate::store::StoreHandle,
+        jobs: u32,
     ) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {
         let inner = waiting_clone(&mut self.inner);
-        ResponseFuture::store_slot(inner, request, &self.shared, store)
+        ResponseFuture::store_slot(inner, request, &self.shared, store, jobs)
     }
 }
 

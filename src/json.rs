@@ -177,7 +177,9 @@ impl<'de> Visitor<'de> for PathSeed<'_, '_> {
             max,
             ..
         } = self;
-        let (step, rest) = path.split_first().map_or((None, path), |(s, r)| (Some(s), r));
+        let (step, rest) = path
+            .split_first()
+            .map_or((None, path), |(s, r)| (Some(s), r));
         let name = match step {
             Some(Step::Key(name)) => &**name,
             _ => "",
@@ -475,24 +477,41 @@ mod tests {
 
     #[test]
     fn ids_at_a_path_each_element_or_the_element_itself() {
-        let body = br#"{"batch":"b1","generations":[{"status":"PENDING","id":"a"},{"id":2},{"x":1}]}"#;
+        let body =
+            br#"{"batch":"b1","generations":[{"status":"PENDING","id":"a"},{"id":2},{"x":1}]}"#;
         let seen = batch(body, "/generations/*/id");
         assert_eq!(seen.ids, ["a", "2"]);
         assert!(seen.complete);
         assert_eq!(seen.root, None);
-        let seen = ids(br#"["a","b",{"id":"c"},null,1.5]"#, &IdPath::each("id"), "id", 9);
+        let seen = ids(
+            br#"["a","b",{"id":"c"},null,1.5]"#,
+            &IdPath::each("id"),
+            "id",
+            9,
+        );
         assert_eq!(seen.ids, ["a", "b", "c"]);
         assert_eq!(batch(br#"{"ids":["x","y"]}"#, "/ids/*").ids, ["x", "y"]);
         // A single create's object: no ids at the path, the top-level field read as before.
-        let seen = ids(br#"{"id":"one","status":"PENDING"}"#, &IdPath::each("id"), "id", 9);
+        let seen = ids(
+            br#"{"id":"one","status":"PENDING"}"#,
+            &IdPath::each("id"),
+            "id",
+            9,
+        );
         assert_eq!((seen.ids.len(), seen.root.as_deref()), (0, Some("one")));
         // At most `max` kept; a cut body keeps what came before the cut, and says so.
-        assert_eq!(ids(br#"["a","b","c"]"#, &IdPath::each("id"), "id", 2).ids, ["a", "b"]);
+        assert_eq!(
+            ids(br#"["a","b","c"]"#, &IdPath::each("id"), "id", 2).ids,
+            ["a", "b"]
+        );
         let seen = batch(br#"[{"id":"a"},{"id":"b"},{"id":"c"#, "/*/id");
         assert_eq!(seen.ids, ["a", "b"]);
         assert!(!seen.complete);
         assert!(!batch(br#"[{"id":"a"}] trailing"#, "/*/id").complete);
-        assert_eq!(IdPath::parse("/a~1b/*").unwrap().0[0], Step::Key("a/b".into()));
+        assert_eq!(
+            IdPath::parse("/a~1b/*").unwrap().0[0],
+            Step::Key("a/b".into())
+        );
         for bad in ["", "id", "/", "/a//b", "/a/"] {
             assert!(IdPath::parse(bad).is_err(), "{bad}");
         }

@@ -93,9 +93,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             // outcomes (kept in this process only: a store holds its own).
             if jobs > 0 && slots.take_over(held, jobs as usize) {
                 drop(slots);
-                let hold = HoldGuard::new(shared.clone())
-                    .with_key(key)
-                    .with_jobs(jobs);
+                let hold = HoldGuard::new(shared.clone()).with_key(key).with_jobs(jobs);
                 let future = self.inner.call(request);
                 return ResponseFuture::called(future, Role::Create(Some(hold)));
             }

@@ -605,4 +605,6 @@ impl Slots {
 }
 
 #[cfg(test)]
+mod batches;
+#[cfg(test)]
 mod tests;

@@ -72,7 +72,10 @@ fn leases_are_only_looked_at_when_no_slot_is_free() {
     slots.try_take(1, || 0);
     slots.bind("old", 0);
     assert!(!slots.try_take(1, || LEASE - 1));
-    assert!(slots.try_take(1, || LEASE), "the expired lease frees the slot");
+    assert!(
+        slots.try_take(1, || LEASE),
+        "the expired lease frees the slot"
+    );
     let mut slots = Slots::new(2, LEASE);
     assert!(slots.try_take(1, || unreachable!("a free slot needs no clock")));
 }
@@ -351,7 +354,10 @@ fn a_create_sent_again_with_its_key_takes_over_its_unknown_outcome() {
     assert!(slots.try_take(1, || 0));
     slots.unknown(0, Some("key-1".into()));
     let ticket = slots.join(); // another create waits for the one slot
-    assert!(!slots.take_over("key-2", 1), "another key is another create");
+    assert!(
+        !slots.take_over("key-2", 1),
+        "another key is another create"
+    );
     assert!(slots.take_over("key-1", 1));
     assert_eq!((slots.in_use(), slots.creates()), (1, (1, 0)));
     assert!(!slots.take_over("key-1", 1), "taken over once");

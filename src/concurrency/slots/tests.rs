@@ -1,6 +1,6 @@
 //! A plan's slots against a model of them, and fixed cases.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::task::Waker;
 
 use proptest::prelude::*;
@@ -125,7 +125,8 @@ fn more_slots_admit_waiters_in_order_fewer_wait_for_jobs_to_end() {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Join,
+    /// A create of this many jobs joins the queue.
+    Join(usize),
     Poll(usize),
     Leave(usize),
     Fail,
@@ -140,7 +141,7 @@ enum Step {
 
 fn op() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => Just(Step::Join),
+        3 => prop_oneof![3 => Just(1usize), 1 => 2usize..5].prop_map(Step::Join),
         4 => any::<usize>().prop_map(Step::Poll),
         1 => any::<usize>().prop_map(Step::Leave),
         1 => Just(Step::Fail),
@@ -199,31 +200,42 @@ proptest! {
         let mut slots = Slots::new(limit, LEASE);
         let mut model = Model::default();
         let mut now: Nanos = 0;
-        let mut waiting: BTreeSet<Ticket> = BTreeSet::new();
+        let mut waiting: BTreeMap<Ticket, usize> = BTreeMap::new();
         let mut limit = limit;
         for op in ops {
             match op {
-                Step::Join => {
-                    waiting.insert(slots.join());
+                Step::Join(jobs) => {
+                    waiting.insert(slots.join(), jobs);
                 }
                 Step::Poll(i) => {
-                    let tickets: Vec<Ticket> = waiting.iter().copied().collect();
+                    let tickets: Vec<Ticket> = waiting.keys().copied().collect();
                     if !tickets.is_empty() {
                         let ticket = tickets[i % tickets.len()];
-                        // The slots expire leases first, as the model must.
-                        model.jobs.retain(|_, &mut since| since + LEASE > now);
-                        model.unknown.retain(|&since| since + LEASE > now);
+                        let jobs = waiting[&ticket];
+                        if jobs <= limit {
+                            // The slots expire leases first, as the model must.
+                            model.jobs.retain(|_, &mut since| since + LEASE > now);
+                            model.unknown.retain(|&since| since + LEASE > now);
+                        }
                         let before = model.in_use();
-                        if slots.poll_take(ticket, now, waker()).is_ok() {
-                            prop_assert_eq!(Some(&ticket), waiting.first(), "admitted out of turn");
-                            prop_assert!(before < limit, "admitted with {} of {} in use", before, limit);
-                            waiting.remove(&ticket);
-                            model.in_flight += 1;
+                        match slots.poll_take_jobs(ticket, jobs, now, waker()) {
+                            Turn::Taken => {
+                                prop_assert_eq!(Some(&ticket), waiting.keys().next(), "admitted out of turn");
+                                prop_assert!(before + jobs <= limit, "admitted {} with {} of {} in use", jobs, before, limit);
+                                waiting.remove(&ticket);
+                                model.in_flight += jobs;
+                            }
+                            Turn::Never { limit: told } => {
+                                prop_assert!(jobs > limit && told == limit);
+                                slots.leave(ticket);
+                                waiting.remove(&ticket);
+                            }
+                            Turn::Wait(_) => {}
                         }
                     }
                 }
                 Step::Leave(i) => {
-                    let tickets: Vec<Ticket> = waiting.iter().copied().collect();
+                    let tickets: Vec<Ticket> = waiting.keys().copied().collect();
                     if !tickets.is_empty() {
                         let ticket = tickets[i % tickets.len()];
                         slots.leave(ticket);
@@ -301,11 +313,14 @@ proptest! {
         now += LEASE;
         slots.reconcile(std::iter::empty(), now, now);
         prop_assert_eq!(slots.in_use(), 0);
-        // Then every waiter gets its slot, in order.
-        for ticket in waiting.iter().copied().collect::<Vec<_>>() {
-            let taken = slots.poll_take(ticket, now, waker());
-            prop_assert!(taken.is_ok(), "waiter {:?} starved", ticket);
-            slots.release(ReleaseReason::Failed);
+        // Then every waiter gets its slots, in order, or hears it never will (more jobs than
+        // the plan).
+        for (ticket, jobs) in waiting {
+            match slots.poll_take_jobs(ticket, jobs, now, waker()) {
+                Turn::Taken => slots.release_many(jobs, ReleaseReason::Failed),
+                Turn::Never { .. } if jobs > limit => slots.leave(ticket),
+                taken => prop_assert!(false, "waiter {:?} of {} starved: {:?}", ticket, jobs, taken),
+            }
         }
     }
 }

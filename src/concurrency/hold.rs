@@ -114,7 +114,7 @@ pub(super) fn release_in_store(
     ks: std::ops::RangeInclusive<u32>,
 ) {
     if let (Some(store), Some(member)) = (&shared.store, member) {
-        store.slot_release(ks.map(|k| slot_member(&member, k)).collect());
+        store.slot_release(ks.map(|k| slot_member(&member, k)));
     }
 }
 
@@ -149,8 +149,8 @@ impl Drop for HoldGuard {
 /// The outcome of a create that held a slot in the shared store, as `member`, will never be
 /// read. The store holds it for the whole fleet, until a reconcile in any process accounts for
 /// it or its lease runs out; this process lets its own count of it go, since no reconcile
-/// elsewhere could ever give that back.
-/// Its slots `ks` (numbered from 1, [`slot_member`]) are meant.
+/// elsewhere could ever give that back. For a batch, `ks` names which of its slots (numbered
+/// from 1, [`slot_member`]).
 #[cfg(feature = "redis")]
 #[cold]
 #[inline(never)]
@@ -159,10 +159,10 @@ pub(super) fn unknown_in_store(
     member: Option<StoreMember>,
     ks: std::ops::RangeInclusive<u32>,
 ) {
-    if let (Some(store), Some(member)) = (&shared.store, member) {
-        let members: Vec<String> = ks.map(|k| slot_member(&member, k)).collect();
-        shared.release_many(members.len() as u32, ReleaseReason::Store);
-        store.slot_unknown(members, shared.job_lease());
+    if let (Some(store), Some(member), false) = (&shared.store, member, ks.is_empty()) {
+        let jobs = ks.end() - ks.start() + 1;
+        shared.release_many(jobs, ReleaseReason::Store);
+        store.slot_unknown(ks.map(|k| slot_member(&member, k)), shared.job_lease());
     }
 }
 

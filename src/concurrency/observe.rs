@@ -124,9 +124,9 @@ impl Observer {
                 #[cfg(feature = "redis")]
                 if let (Some(store), Some(member)) = (&shared.store, self.member.take()) {
                     if terminal || completed {
-                        store.slot_release(vec![*member]);
+                        store.slot_release([*member]);
                     } else {
-                        store.slot_bind(vec![(*member, id.clone())], shared.job_lease());
+                        store.slot_bind([(*member, id.clone())], shared.job_lease());
                     }
                 }
                 let _ = job.id.set(JobIds::One(id.into()));

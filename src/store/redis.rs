@@ -369,8 +369,13 @@ impl RedisStore {
     /// The create's slot held as `member` made job `id`, for each pair of `binds`. If a job
     /// is already over somewhere in the fleet (completed before this bind arrived), its slot
     /// is given back instead and the creator hears of it as of a job done elsewhere.
-    pub(crate) fn slot_bind(&self, binds: Vec<(String, String)>, job_lease: Duration) {
-        let mut args = Vec::with_capacity(2 + binds.len() * 2);
+    pub(crate) fn slot_bind(
+        &self,
+        binds: impl IntoIterator<Item = (String, String)>,
+        job_lease: Duration,
+    ) {
+        let binds = binds.into_iter();
+        let mut args = Vec::with_capacity(2 + binds.size_hint().0 * 2);
         args.push("bind".into());
         for (i, (member, id)) in binds.into_iter().enumerate() {
             args.push(member);
@@ -385,17 +390,25 @@ impl RedisStore {
     }
 
     /// The creates' slots held as `members` are over without a job.
-    pub(crate) fn slot_release(&self, members: Vec<String>) {
-        let mut args = Vec::with_capacity(1 + members.len());
+    pub(crate) fn slot_release(&self, members: impl IntoIterator<Item = String>) {
+        let members = members.into_iter();
+        let mut args = Vec::with_capacity(1 + members.size_hint().0);
         args.push("release".into());
         args.extend(members);
-        self.spawn(self.run_slots(args));
+        if args.len() > 1 {
+            self.spawn(self.run_slots(args));
+        }
     }
 
     /// The outcome of the creates' slots held as `members` will never be read: from now on a
     /// reconcile may account for them (a create still in flight is never reconciled away).
-    pub(crate) fn slot_unknown(&self, members: Vec<String>, job_lease: Duration) {
-        let mut args = Vec::with_capacity(2 + members.len());
+    pub(crate) fn slot_unknown(
+        &self,
+        members: impl IntoIterator<Item = String>,
+        job_lease: Duration,
+    ) {
+        let members = members.into_iter();
+        let mut args = Vec::with_capacity(2 + members.size_hint().0);
         args.push("unknown".into());
         for (i, member) in members.into_iter().enumerate() {
             args.push(member);

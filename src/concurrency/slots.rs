@@ -235,7 +235,6 @@ impl Slots {
     /// they are free and nobody waits. Leases are looked at when one may have run out (so that
     /// a leak is reported when it happens, not only once the plan is full), or when the slots
     /// are not free; a plan holding no job (in-flight mode) reads no clock for it.
-    #[inline]
     pub(crate) fn try_take(&mut self, jobs: usize, now: impl FnOnce() -> Nanos) -> bool {
         if !self.waiters.is_empty() {
             return false;

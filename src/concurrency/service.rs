@@ -61,7 +61,12 @@ where
         let role = match found {
             None => Role::Other,
             Some((index, param)) => match shared.kinds[index] {
-                RouteKind::Create => return self.create(request),
+                RouteKind::Create => {
+                    return match &shared.config.jobs_per_create {
+                        None => self.create(request, One),
+                        Some(_) => self.create_counted(request),
+                    }
+                }
                 RouteKind::Status => match param {
                     Some(id) if shared.slots().is_held(id) => {
                         Role::Status(shared.clone(), id.into())
@@ -76,17 +81,32 @@ where
 }
 
 impl<S> ConcurrencyLimitByPlanService<S> {
-    fn create<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
+    /// A create that starts as many jobs as [`Builder::jobs_per_create`] counts: asked
+    /// before the slots are locked (the caller's code runs under no lock of ours). Out of
+    /// line, so that a create of one job (every create, without it) sees a constant count.
+    ///
+    /// [`Builder::jobs_per_create`]: super::Builder::jobs_per_create
+    #[inline(never)]
+    fn create_counted<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {
+        let jobs = match &self.shared.config.jobs_per_create {
+            Some(count) => (count.0)(&crate::RequestHead::of(&request)),
+            None => 1,
+        };
+        self.create(request, jobs)
+    }
+
+    /// A create that starts `jobs` jobs: takes that many slots at once, waits for them, or is
+    /// refused.
+    fn create<B>(&mut self, request: Request<B>, jobs: impl JobCount) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>> + Clone,
+    {
+        let jobs = jobs.get();
         let shared = &self.shared;
         let key = idempotency_key(&request);
-        // Asked before the slots are locked: the caller's code runs under no lock of ours.
-        let jobs = match &shared.config.jobs_per_create {
-            None => 1,
-            Some(count) => (count.0)(&crate::RequestHead::of(&request)),
-        };
         let mut slots = shared.slots();
         if let Some(held) = key.as_deref().map(String::as_str) {
             // The create sent again, whose first send left its slots held as unknown
@@ -162,6 +182,32 @@ impl<S> ConcurrencyLimitByPlanService<S> {
     {
         let inner = waiting_clone(&mut self.inner);
         ResponseFuture::store_slot(inner, request, &self.shared, store, jobs)
+    }
+}
+
+/// How many jobs a create starts: [`One`], known when compiled (the path of every create
+/// without [`Builder::jobs_per_create`]), or a count read from the request.
+///
+/// [`Builder::jobs_per_create`]: super::Builder::jobs_per_create
+trait JobCount: Copy {
+    fn get(self) -> u32;
+}
+
+/// One job.
+#[derive(Clone, Copy)]
+struct One;
+
+impl JobCount for One {
+    #[inline(always)]
+    fn get(self) -> u32 {
+        1
+    }
+}
+
+impl JobCount for u32 {
+    #[inline(always)]
+    fn get(self) -> u32 {
+        self
     }
 }
 

@@ -165,6 +165,8 @@ impl Observer {
     /// (that is what the server made), and held as unknown outcomes otherwise (no id at all,
     /// not JSON, cut or dropped: the server may have made those jobs), as a single create's
     /// slot would be.
+    #[cold]
+    #[inline(never)]
     fn settle_batch(&mut self, job: Job, body: &[u8], whole: bool) {
         let shared = self.shared.clone();
         let config = &shared.config;

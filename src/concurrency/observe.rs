@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::body::{Job, JobIds};
 #[cfg(feature = "redis")]
 use super::hold::unknown_in_store;
-use super::hold::{HoldGuard, StoreMember};
+use super::hold::{HoldGuard, More};
 use super::slots::{Bound, ReleaseReason};
 use super::state::PlanState;
 use crate::json::{self, Fields};
@@ -28,10 +28,8 @@ pub(crate) struct Observer {
     shared: Arc<PlanState>,
     what: Option<Observe>,
     prefix: Vec<u8>,
-    /// The name in the shared store of the slot this create holds, if any.
-    member: Option<StoreMember>,
-    /// How many slots this create holds: one per job it starts.
-    jobs: u32,
+    /// A create's slots beyond one here: their name in the shared store, a batch's count.
+    more: Option<Box<More>>,
 }
 
 impl Observer {
@@ -40,17 +38,15 @@ impl Observer {
             shared,
             what: Some(what),
             prefix: Vec::new(),
-            member: None,
-            jobs: 1,
+            more: None,
         }
     }
 
     /// An observer that settles the slot `hold` owns.
     pub(crate) fn holding(hold: HoldGuard, what: Observe) -> Option<Self> {
-        hold.into_parts().map(|(shared, member, jobs)| {
+        hold.into_parts().map(|(shared, more)| {
             let mut observer = Self::new(shared, what);
-            observer.member = member;
-            observer.jobs = jobs;
+            observer.more = more;
             observer
         })
     }
@@ -95,7 +91,7 @@ impl Observer {
             status: &config.status_field,
         };
         match what {
-            Observe::Create { job } if self.jobs != 1 || config.id_path_set => {
+            Observe::Create { job } if More::jobs(&self.more) != 1 || config.id_path_set => {
                 self.settle_batch(job, body, whole);
             }
             Observe::Create { job } => {
@@ -104,8 +100,8 @@ impl Observer {
                 let Some(id) = seen.id else {
                     warn_no_id(shared);
                     #[cfg(feature = "redis")]
-                    if self.member.is_some() {
-                        unknown_in_store(shared, self.member.take(), 1..=1);
+                    if let Some(member) = More::take_member(&mut self.more) {
+                        unknown_in_store(shared, &member, 1..=1);
                         return;
                     }
                     shared.slots().unknown(now, None);
@@ -122,11 +118,13 @@ impl Observer {
                     bound == Bound::Completed
                 };
                 #[cfg(feature = "redis")]
-                if let (Some(store), Some(member)) = (&shared.store, self.member.take()) {
+                if let (Some(store), Some(member)) =
+                    (&shared.store, More::take_member(&mut self.more))
+                {
                     if terminal || completed {
-                        store.slot_release([*member]);
+                        store.slot_release([member]);
                     } else {
-                        store.slot_bind([(*member, id.clone())], shared.job_lease());
+                        store.slot_bind([(member, id.clone())], shared.job_lease());
                     }
                 }
                 let _ = job.id.set(JobIds::One(id.into()));
@@ -159,7 +157,7 @@ impl Observer {
 }
 
 impl Observer {
-    /// A create holding `self.jobs` slots (a batch, or a create read at
+    /// A create holding several slots (a batch, or a create read at
     /// [`id_path`](super::Builder::id_path)): each id the body shows holds one slot; the
     /// slots no id shows are given back when the whole JSON body shows some ids but fewer
     /// (that is what the server made), and held as unknown outcomes otherwise (no id at all,
@@ -170,7 +168,7 @@ impl Observer {
     fn settle_batch(&mut self, job: Job, body: &[u8], whole: bool) {
         let shared = self.shared.clone();
         let config = &shared.config;
-        let jobs = self.jobs as usize;
+        let jobs = More::jobs(&self.more) as usize;
         let found = json::ids(body, &config.id_path, &config.id_field, usize::MAX);
         let mut ids = found.ids;
         if ids.is_empty() {
@@ -198,7 +196,7 @@ impl Observer {
         }
         let now = shared.clock.now();
         #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
-        let member = self.member.take();
+        let member = More::take_member(&mut self.more);
         #[cfg_attr(not(feature = "redis"), allow(unused_mut, unused_variables))]
         let mut completed = Vec::new();
         {
@@ -237,7 +235,7 @@ impl Observer {
             if rest > 0 && made_fewer {
                 released.extend(others.map(|k| slot_member(member, k)));
             } else if rest > 0 {
-                unknown_in_store(&shared, Some(member.clone()), others);
+                unknown_in_store(&shared, member, others);
             }
             if !released.is_empty() {
                 store.slot_release(released);

@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::body::PlanBody;
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
-use super::hold::{idempotency_key, HoldGuard};
+use super::hold::{idempotency_key, HoldGuard, More};
 use super::state::{plan_figures, PlanState, RouteKind};
 use crate::event::{Event, Refusal};
 use crate::readiness::{unready, waiting_clone};
@@ -113,7 +113,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             // outcomes (kept in this process only: a store holds its own).
             if jobs > 0 && slots.take_over(held, jobs as usize) {
                 drop(slots);
-                let hold = HoldGuard::new(shared.clone()).with_key(key).with_jobs(jobs);
+                let hold = HoldGuard::new(shared.clone(), More::of_jobs(jobs)).with_key(key);
                 let future = self.inner.call(request);
                 return ResponseFuture::called(future, Role::Create(Some(hold)));
             }
@@ -143,7 +143,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
                 let store = store.clone();
                 return self.create_store(request, store, jobs);
             }
-            let hold = HoldGuard::new(shared.clone()).with_key(key).with_jobs(jobs);
+            let hold = HoldGuard::new(shared.clone(), More::of_jobs(jobs)).with_key(key);
             let future = self.inner.call(request);
             return ResponseFuture::called(future, Role::Create(Some(hold)));
         }

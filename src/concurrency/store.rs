@@ -10,7 +10,7 @@ use http::Request;
 
 use super::error::ConcurrencyError;
 use super::future::WaitingCreate;
-use super::hold::{StoreMember, Unsent};
+use super::hold::{More, Unsent};
 use super::slots::ReleaseReason;
 use super::state::PlanState;
 use crate::clock::Nanos;
@@ -39,7 +39,7 @@ impl<S, B> StoreSlot<S, B> {
         deadline: Option<Nanos>,
         jobs: u32,
     ) -> Self {
-        let member: StoreMember = Box::new(format!("c:{}", store.member()));
+        let member = format!("c:{}", store.member());
         let (limit, job_lease) = (shared.slots().limit(), shared.job_lease());
         let poll = StorePoll::new(&store, || {
             store.slot_acquire(limit, job_lease, &member, jobs)
@@ -54,8 +54,10 @@ impl<S, B> StoreSlot<S, B> {
             deadline,
             slot: Unsent {
                 shared: Some(shared.clone()),
-                member: Some(member),
-                jobs,
+                more: Some(Box::new(More {
+                    member: Some(member),
+                    jobs,
+                })),
             },
         }
     }
@@ -76,7 +78,7 @@ impl<S, B> StoreSlot<S, B> {
                     layer,
                     reason: Refusal::JobCount,
                 });
-                let jobs = self.slot.jobs;
+                let jobs = self.slot.jobs();
                 Poll::Ready(Err(ConcurrencyError::JobCount { jobs, limit }.into()))
             }
             Ok(Asked::WaitTooLong) => {
@@ -135,13 +137,13 @@ impl<S, B> StoreSlot<S, B> {
                 self.poll
                     .again_by(&self.store, shared.clock.instant(now), wait, deadline);
             }
-            let Some(member) = &self.slot.member else {
+            let Some(member) = self.slot.more.as_ref().and_then(|m| m.member.as_deref()) else {
                 return Poll::Ready(Ok(Asked::WaitTooLong));
             };
             let store = &self.store;
             let limit = shared.slots().limit();
             let job_lease = shared.job_lease();
-            let jobs = self.slot.jobs;
+            let jobs = self.slot.jobs();
             if jobs as usize > limit {
                 // The plan was lowered below this batch while it waited in the store.
                 return Poll::Ready(Ok(Asked::Never { limit }));

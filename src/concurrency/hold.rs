@@ -38,8 +38,19 @@ impl More {
     }
 
     /// What a create of `jobs` jobs keeps, with no store: nothing for one.
+    #[inline]
     pub(crate) fn of_jobs(jobs: u32) -> Option<Box<More>> {
-        (jobs != 1).then(|| Box::new(More { member: None, jobs }))
+        if jobs == 1 {
+            None
+        } else {
+            Some(Self::batch(jobs))
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn batch(jobs: u32) -> Box<More> {
+        Box::new(More { member: None, jobs })
     }
 
     /// The name in the shared store, taken out (to give back or bind).

@@ -409,7 +409,10 @@ impl Builder {
                     }
                 }
                 table.insert(&text, &pattern, kinds.len())?;
-                kinds.push(kind);
+                kinds.push(match kind {
+                    RouteKind::Create if self.jobs_per_create.is_some() => RouteKind::CreateCounted,
+                    kind => kind,
+                });
             }
         }
         let limit = self.plan.limit();

@@ -190,11 +190,14 @@ pub(crate) struct InFlightSlot(Arc<PlanState>, Option<Box<More>>);
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
-        let jobs = More::jobs(&self.1);
-        self.0.release_many(jobs, ReleaseReason::Answered);
+        let Some(more) = &mut self.1 else {
+            self.0.release(ReleaseReason::Answered);
+            return;
+        };
+        self.0.release_many(more.jobs, ReleaseReason::Answered);
         #[cfg(feature = "redis")]
-        if let Some(member) = More::take_member(&mut self.1) {
-            release_in_store(&self.0, &member, 1..=jobs);
+        if let Some(member) = more.member.take() {
+            release_in_store(&self.0, &member, 1..=more.jobs);
         }
     }
 }

@@ -61,12 +61,8 @@ where
         let role = match found {
             None => Role::Other,
             Some((index, param)) => match shared.kinds[index] {
-                RouteKind::Create => {
-                    return match &shared.config.jobs_per_create {
-                        None => self.create(request, One),
-                        Some(_) => self.create_counted(request),
-                    }
-                }
+                RouteKind::Create => return self.create(request, One),
+                RouteKind::CreateCounted => return self.create_counted(request),
                 RouteKind::Status => match param {
                     Some(id) if shared.slots().is_held(id) => {
                         Role::Status(shared.clone(), id.into())
@@ -83,7 +79,7 @@ where
 impl<S> ConcurrencyLimitByPlanService<S> {
     /// A create that starts as many jobs as [`Builder::jobs_per_create`] counts: asked
     /// before the slots are locked (the caller's code runs under no lock of ours). Out of
-    /// line, so that a create of one job (every create, without it) sees a constant count.
+    /// line, so that a create of one job (every create without it) sees a constant count.
     ///
     /// [`Builder::jobs_per_create`]: super::Builder::jobs_per_create
     #[inline(never)]

@@ -228,7 +228,8 @@ impl Slots {
     /// Whether `jobs` slots are free at once.
     #[inline]
     fn free_for(&self, jobs: usize) -> bool {
-        self.in_use().saturating_add(jobs) <= self.limit
+        // Written so that for one job it is `free()`, once compiled.
+        jobs <= self.limit.saturating_sub(self.in_use())
     }
 
     /// Takes `jobs` slots (one per job the create starts) for a create about to be sent, if

@@ -24,6 +24,8 @@ use crate::store::StoreHandle;
 pub(crate) enum RouteKind {
     /// Creates a job: needs a slot.
     Create,
+    /// Creates as many jobs as [`PlanConfig::jobs_per_create`] counts: needs that many slots.
+    CreateCounted,
     /// Shows one job, whose id is the pattern's parameter named by [`PlanConfig::id_param`].
     Status,
     /// Shows a list of jobs.

@@ -225,6 +225,7 @@ pub(crate) struct Unsent {
 }
 
 impl Unsent {
+    #[inline]
     pub(crate) fn local(shared: Arc<PlanState>, jobs: u32) -> Self {
         Self {
             shared: Some(shared),
@@ -259,11 +260,14 @@ impl Unsent {
 impl Drop for Unsent {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            let jobs = self.jobs();
-            shared.release_many(jobs, ReleaseReason::Unsent);
+            let Some(more) = &mut self.more else {
+                shared.release(ReleaseReason::Unsent);
+                return;
+            };
+            shared.release_many(more.jobs, ReleaseReason::Unsent);
             #[cfg(feature = "redis")]
-            if let Some(member) = More::take_member(&mut self.more) {
-                release_in_store(&shared, &member, 1..=jobs);
+            if let Some(member) = more.member.take() {
+                release_in_store(&shared, &member, 1..=more.jobs);
             }
         }
     }

@@ -115,8 +115,8 @@ pub(crate) enum Turn {
     /// Not yet; the next lease runs out at this time (which frees a slot with nobody to wake
     /// the queue), if any.
     Wait(Option<Nanos>),
-    /// Never: it needs more slots than the plan's `limit`.
-    Never { limit: usize },
+    /// Never: it needs more slots than the plan has.
+    Never,
 }
 
 /// What became of a create's slot once its response showed the job's id.
@@ -278,7 +278,7 @@ impl Slots {
         match self.poll_take_jobs(ticket, 1, now, waker) {
             Turn::Taken => Ok(()),
             Turn::Wait(next) => Err(next),
-            Turn::Never { .. } => unreachable!("a plan of no slot queues nobody"),
+            Turn::Never => unreachable!("a plan of no slot queues nobody"),
         }
     }
 
@@ -288,6 +288,7 @@ impl Slots {
     /// Otherwise keeps `waker` to be woken when that may have changed. A create needing more
     /// slots than the plan has (it was lowered while it waited) will never be sent: it is
     /// told so, and leaves the queue (`leave`).
+    #[inline]
     pub(crate) fn poll_take_jobs(
         &mut self,
         ticket: Ticket,
@@ -296,7 +297,7 @@ impl Slots {
         waker: &Waker,
     ) -> Turn {
         if jobs > self.limit {
-            return Turn::Never { limit: self.limit };
+            return Turn::Never;
         }
         let next_expiry = self.expire(now);
         if self.waiters.is_head(ticket) && self.free_for(jobs) {

@@ -224,10 +224,13 @@ pub enum Refusal {
     NoSlots,
     /// Client mode: the request costs more units than one of its route's quotas ever allows.
     CostTooHigh,
+    /// A create starts more jobs than the plan has slots, or none
+    /// ([`ConcurrencyError::JobCount`](crate::concurrency::ConcurrencyError::JobCount)).
+    JobCount,
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Self; 8] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::Quota,
         Self::QueueFull,
         Self::WaitTooLong,
@@ -236,10 +239,12 @@ impl Refusal {
         Self::NoPeerAddress,
         Self::NoSlots,
         Self::CostTooHigh,
+        Self::JobCount,
     ];
 
     /// The name used as a metric's `reason` label: `quota`, `queue_full`, `wait_too_long`,
-    /// `store_unavailable`, `missing_key`, `no_peer_address`, `no_slots` or `cost_too_high`.
+    /// `store_unavailable`, `missing_key`, `no_peer_address`, `no_slots`, `cost_too_high` or
+    /// `job_count`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Quota => "quota",
@@ -250,6 +255,7 @@ impl Refusal {
             Self::NoPeerAddress => "no_peer_address",
             Self::NoSlots => "no_slots",
             Self::CostTooHigh => "cost_too_high",
+            Self::JobCount => "job_count",
         }
     }
 }
@@ -404,6 +410,8 @@ pub struct Refusals {
     pub no_slots: u64,
     /// [`Refusal::CostTooHigh`].
     pub cost_too_high: u64,
+    /// [`Refusal::JobCount`].
+    pub job_count: u64,
 }
 
 impl Refusals {
@@ -418,6 +426,7 @@ impl Refusals {
             self.no_peer_address,
             self.no_slots,
             self.cost_too_high,
+            self.job_count,
         ]
         .iter()
         .sum()
@@ -720,6 +729,7 @@ impl Scope {
             no_peer_address: r(Refusal::NoPeerAddress),
             no_slots: r(Refusal::NoSlots),
             cost_too_high: r(Refusal::CostTooHigh),
+            job_count: r(Refusal::JobCount),
         }
     }
 

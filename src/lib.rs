@@ -144,6 +144,7 @@ pub use concurrency::{ConcurrencyLimitByPlan, Plan};
 pub use error::ConfigError;
 pub use quota::{ParseQuotaError, Quota};
 pub use rate_limit::RateLimitByRoute;
+pub use rate_limit::RequestHead;
 
 /// Alias for a type-erased error type, as used by tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

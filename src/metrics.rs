@@ -58,7 +58,7 @@ fn reasons(kind: Kind) -> &'static [Refusal] {
     match kind {
         Kind::Client => &[QueueFull, WaitTooLong, StoreUnavailable, CostTooHigh],
         Kind::Server => &[Quota, StoreUnavailable, MissingKey, NoPeerAddress],
-        Kind::Plan => &[QueueFull, WaitTooLong, StoreUnavailable, NoSlots],
+        Kind::Plan => &[QueueFull, WaitTooLong, StoreUnavailable, NoSlots, JobCount],
         Kind::Backoff => &[],
     }
 }

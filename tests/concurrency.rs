@@ -15,6 +15,8 @@ use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_quota::concurrency::{ConcurrencyError, Job, PlanBody};
 use tower_quota::{ConcurrencyLimitByPlan, ConfigError, Plan, ServiceBuilderExt};
 
+mod common;
+
 /// What the scripted API does with the next create.
 #[derive(Clone, Debug)]
 enum Next {
@@ -1199,4 +1201,162 @@ async fn an_in_flight_layer_for_any_api_names_no_status() {
         .build()
         .unwrap();
     assert_eq!(plan.in_use(), 0);
+}
+
+/// How many generations a batch request starts, as its caller sets it.
+#[derive(Clone, Copy)]
+struct BatchLines(u32);
+
+/// Over real sockets: an axum API whose batch route starts one generation per line of the
+/// request body (and refuses a batch over its plan with a 429, as Sync does), and a hyper
+/// client through the layer. A batch takes one slot per generation, a second batch waits
+/// until its slots are free at once, each generation's slot is given back by its own
+/// terminal status, and the server never sees more jobs at once than the plan.
+#[tokio::test]
+async fn a_batch_over_real_sockets_holds_a_slot_per_generation() {
+    use axum::extract::{Path, State};
+    use axum::routing::{get, post};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    const PLAN: usize = 4;
+
+    #[derive(Clone, Default)]
+    struct Server {
+        /// Each generation and whether it is still active.
+        jobs: Arc<Mutex<Vec<(String, bool)>>>,
+    }
+    async fn batch(State(server): State<Server>, body: String) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let mut jobs = server.jobs.lock().unwrap();
+        let lines = body.lines().filter(|l| !l.trim().is_empty()).count();
+        let active = jobs.iter().filter(|(_, active)| *active).count();
+        if active + lines > PLAN {
+            let body = r#"{"statusCode":429,"errorCode":"concurrency_limit_reached"}"#;
+            return (StatusCode::TOO_MANY_REQUESTS, body).into_response();
+        }
+        let mut made = Vec::new();
+        for _ in 0..lines {
+            let id = format!("gen-{}", jobs.len() + 1);
+            made.push(format!(r#"{{"id":"{id}","status":"PENDING"}}"#));
+            jobs.push((id, true));
+        }
+        let body = format!(r#"{{"batchId":"b","generations":[{}]}}"#, made.join(","));
+        (StatusCode::CREATED, body).into_response()
+    }
+    async fn status(State(server): State<Server>, Path(id): Path<String>) -> String {
+        let jobs = server.jobs.lock().unwrap();
+        let active = jobs.iter().any(|(job, active)| *job == id && *active);
+        let status = if active { "PROCESSING" } else { "COMPLETED" };
+        format!(r#"{{"id":"{id}","status":"{status}"}}"#)
+    }
+    let server = Server::default();
+    let app = axum::Router::new()
+        .route("/v2/batch", post(batch))
+        .route("/v2/generate/{id}", get(status))
+        .with_state(server.clone());
+    let addr = common::serve(app).await;
+
+    let plan = ConcurrencyLimitByPlan::builder(Plan::Enterprise(PLAN))
+        .job_route("POST /v2/generate")
+        .job_route("POST /v2/batch")
+        .jobs_per_create(|head: &tower_quota::RequestHead<'_>| {
+            head.extensions()
+                .get::<BatchLines>()
+                .map_or(1, |lines| lines.0)
+        })
+        .id_path("/generations/*/id")
+        .build()
+        .unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let svc = ServiceBuilder::new().layer(plan.clone()).service(client);
+
+    let send_batch = |lines: u32| {
+        let svc = svc.clone();
+        async move {
+            let body = "{\"model\":\"lipsync-2\"}\n".repeat(lines as usize);
+            let mut request = Request::post(format!("http://{addr}/v2/batch"))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            request.extensions_mut().insert(BatchLines(lines));
+            let response = svc.oneshot(request).await?;
+            let status = response.status();
+            let job = response.extensions().get::<Job>().cloned();
+            response.into_body().collect().await?;
+            let ids: Vec<String> = job
+                .map(|job| job.ids().map(str::to_owned).collect())
+                .unwrap_or_default();
+            Ok::<_, BoxError>((status, ids))
+        }
+    };
+    let poll_status = |id: String| {
+        let svc = svc.clone();
+        async move {
+            let request = Request::get(format!("http://{addr}/v2/generate/{id}"))
+                .body(Full::default())
+                .unwrap();
+            let response = svc.oneshot(request).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        }
+    };
+
+    let (status, first) = send_batch(3).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(first, ["gen-1", "gen-2", "gen-3"]);
+    assert_eq!(plan.in_use(), 3);
+
+    // Two more need two slots at once: one is free, so the batch waits, holding none.
+    let second = tokio::spawn(send_batch(2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while plan.queue_len() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(plan.in_use(), 3, "no slot held while it waits");
+
+    // gen-2 ends on the server; the status the client reads frees its slot alone.
+    server.jobs.lock().unwrap()[1].1 = false;
+    poll_status("gen-2".into()).await;
+    let (status, ids) = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the waiting batch is sent once two slots are free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "the server never counts over the plan"
+    );
+    assert_eq!(ids, ["gen-4", "gen-5"]);
+    let mut held: Vec<String> = plan.jobs().into_iter().map(|job| job.id).collect();
+    held.sort();
+    assert_eq!(held, ["gen-1", "gen-3", "gen-4", "gen-5"]);
+
+    // The others end one by one: a webhook, then statuses.
+    assert!(plan.complete("gen-4"));
+    for id in ["gen-1", "gen-3", "gen-5"] {
+        server
+            .jobs
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|(job, _)| job == id)
+            .for_each(|(_, active)| *active = false);
+        poll_status(id.into()).await;
+    }
+    assert_eq!(plan.in_use(), 0);
+
+    // A batch over the plan never reaches the server.
+    let error = send_batch(PLAN as u32 + 1).await.unwrap_err();
+    assert!(matches!(
+        error.downcast_ref::<ConcurrencyError>(),
+        Some(ConcurrencyError::JobCount {
+            jobs: 5,
+            limit: PLAN
+        })
+    ));
+    assert_eq!(server.jobs.lock().unwrap().len(), 5);
 }

@@ -27,15 +27,39 @@ use super::observe::Observer;
 /// }
 /// # }
 /// ```
+///
+/// A create that starts several jobs (see [`Builder::jobs_per_create`]) shows each job's id:
+/// [`Job::ids`] lists them, and [`Job::id`] is the first.
+///
+/// [`Builder::jobs_per_create`]: super::Builder::jobs_per_create
 #[derive(Debug, Clone, Default)]
 pub struct Job {
-    pub(super) id: Arc<OnceLock<Box<str>>>,
+    pub(super) id: Arc<OnceLock<JobIds>>,
+}
+
+/// The ids a create's body showed: one (a single create's, kept as it was read) or several.
+#[derive(Debug)]
+pub(super) enum JobIds {
+    One(Box<str>),
+    Many(Box<[Box<str>]>),
 }
 
 impl Job {
-    /// The job's id, once the body has shown it.
+    /// The job's id (the first, for a create that started several), once the body has shown
+    /// it.
     pub fn id(&self) -> Option<&str> {
-        self.id.get().map(|id| &**id)
+        self.ids().next()
+    }
+
+    /// The ids of the jobs the create started, in the order the body showed them, once it has
+    /// (none before, or when it showed none).
+    pub fn ids(&self) -> impl Iterator<Item = &str> + '_ {
+        let ids: &[Box<str>] = match self.id.get() {
+            None => &[],
+            Some(JobIds::One(id)) => std::slice::from_ref(id),
+            Some(JobIds::Many(ids)) => ids,
+        };
+        ids.iter().map(|id| &**id)
     }
 }
 
@@ -122,7 +146,9 @@ impl<B: Body> Body for PlanBody<B> {
                         observer.feed(data.chunk(), this.inner.is_end_stream());
                     }
                 }
-                Some(Err(_)) | None => observer.read_prefix(),
+                // The body ended (nothing was cut, or it was read already), or failed.
+                None => observer.read_prefix(true),
+                Some(Err(_)) => observer.read_prefix(false),
             },
             BodyDuty::InFlight { .. } => {
                 if frame.is_none() || this.inner.is_end_stream() {

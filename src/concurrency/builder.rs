@@ -16,7 +16,7 @@ use crate::route::{self, Pattern, RouteTable};
 use crate::store::StoreHandle;
 
 use super::layer::ConcurrencyLimitByPlan;
-use super::state::{PlanConfig, PlanState, RouteKind};
+use super::state::{JobsPerCreate, PlanConfig, PlanState, RouteKind};
 #[cfg(feature = "redis")]
 use super::store::listen;
 
@@ -53,6 +53,8 @@ pub struct Builder {
     default_routes: Option<[&'static str; 3]>,
     id_param: String,
     id_field: String,
+    id_path: Option<String>,
+    jobs_per_create: Option<JobsPerCreate>,
     status_field: String,
     active: Vec<String>,
     max_job_life: Duration,
@@ -76,6 +78,8 @@ impl Builder {
             default_routes: None,
             id_param: "id".into(),
             id_field: "id".into(),
+            id_path: None,
+            jobs_per_create: None,
             status_field: "status".into(),
             active: Vec::new(),
             max_job_life: Duration::from_secs(3600),
@@ -143,6 +147,96 @@ impl Builder {
     /// The JSON field holding a job's id (default `id`).
     pub fn id_field(mut self, name: impl Into<String>) -> Self {
         self.id_field = name.into();
+        self
+    }
+
+    /// Where a create's response shows the ids of the jobs it started, for creates that start
+    /// several ([`jobs_per_create`](Self::jobs_per_create)): a JSON pointer whose `*` steps
+    /// into every element of an array. `/generations/*/id` reads each object's `id` in the
+    /// array `generations`; `/ids/*` an array of ids. An array element that is a string or a
+    /// number where an object was expected is an id itself. Where the path shows no id, the
+    /// top-level object's [`id_field`](Self::id_field) is read, as for a single create.
+    ///
+    /// Without it, a create of several jobs is read as a top-level array of jobs (each
+    /// element's `id_field`, or the element itself: `/*/id`), or as one object; a create of
+    /// one job reads the object's `id_field` only, as always. A path not starting with `/`,
+    /// or with an empty step, makes [`build`](Self::build) fail.
+    pub fn id_path(mut self, pointer: impl Into<String>) -> Self {
+        self.id_path = Some(pointer.into());
+        self
+    }
+
+    /// How many jobs a create starts, and so how many slots it takes, read from its head: a
+    /// batch API's one request starting many jobs (Sync's batch API, up to 500). One for
+    /// every create without it. The closure sees the method, URI, header fields and
+    /// extensions: a caller that knows its batch's size can put it in the request's
+    /// extensions and read it back here.
+    ///
+    /// A create of `n` jobs waits in the same first-come-first-served queue until `n` slots
+    /// are free at once, and takes them in one step: it never holds part of them while it
+    /// waits, and creates behind it wait behind it, so a big batch is not starved by small
+    /// creates. A count of 0, or above the plan's slots, fails at once with
+    /// [`ConcurrencyError::JobCount`](super::ConcurrencyError::JobCount), as does a waiting
+    /// batch when [`set_plan`](super::ConcurrencyLimitByPlan::set_plan) lowers the plan
+    /// below its count. With a shared store, the `n` slots are taken there in one step too.
+    ///
+    /// Each id the response shows (at [`id_path`](Self::id_path)) then holds one slot of its
+    /// own, given back on its own: a terminal status, [`complete`](super::ConcurrencyLimitByPlan::complete),
+    /// a reconcile or its lease. Slots the response shows no id for are settled as a single
+    /// create's would be: all given back on a definite failure (4xx); held as unknown
+    /// outcomes after a 5xx, a transport error, or a body that is not JSON, was cut at
+    /// [`max_prefix`](Self::max_prefix) or dropped before its end (the server may have made
+    /// those jobs). A whole JSON body that shows some ids but fewer than `n` says what the
+    /// server made: the other slots are given back. Ids beyond `n` hold slots too, as jobs
+    /// seen active.
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+    /// use tower_quota::concurrency::Job;
+    /// use tower_quota::{ConcurrencyLimitByPlan, Plan, RequestHead};
+    ///
+    /// /// How many generations a batch request starts, set by the caller.
+    /// #[derive(Clone, Copy)]
+    /// struct BatchSize(u32);
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_quota::BoxError> {
+    /// let plan = ConcurrencyLimitByPlan::builder(Plan::Scale) // 15 jobs at once
+    ///     .job_route("POST /v2/generate")
+    ///     .job_route("POST /v2/batch")
+    ///     .jobs_per_create(|head: &RequestHead<'_>| {
+    ///         head.extensions().get::<BatchSize>().map_or(1, |size| size.0)
+    ///     })
+    ///     .id_path("/generations/*/id")
+    ///     .build()?;
+    ///
+    /// // A stand-in for the API: the batch starts three generations.
+    /// let api = service_fn(|_req: Request<String>| async {
+    ///     let body = r#"{"generations":[{"id":"g1"},{"id":"g2"},{"id":"g3"}]}"#;
+    ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(body.as_bytes())))
+    /// });
+    /// let mut svc = ServiceBuilder::new().layer(plan.clone()).service(api);
+    ///
+    /// let mut batch = Request::post("https://api.sync.so/v2/batch").body(String::new())?;
+    /// batch.extensions_mut().insert(BatchSize(3));
+    /// let response = svc.ready().await?.call(batch).await?;
+    /// let job = response.extensions().get::<Job>().cloned().unwrap();
+    /// response.into_body().collect().await?;
+    /// assert_eq!(job.ids().collect::<Vec<_>>(), ["g1", "g2", "g3"]);
+    /// assert_eq!(plan.in_use(), 3); // one slot per generation
+    ///
+    /// plan.complete("g2"); // each is given back on its own
+    /// assert_eq!(plan.in_use(), 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn jobs_per_create<F>(mut self, jobs: F) -> Self
+    where
+        F: Fn(&crate::RequestHead<'_>) -> u32 + Send + Sync + 'static,
+    {
+        self.jobs_per_create = Some(JobsPerCreate(Arc::new(jobs)));
         self
     }
 
@@ -246,6 +340,12 @@ impl Builder {
                 reason: "field names must not be empty",
             });
         }
+        if let Some(Err(reason)) = self.id_path.as_deref().map(crate::json::IdPath::parse) {
+            return Err(ConfigError::InvalidSetting {
+                name: "id_path",
+                reason,
+            });
+        }
         // In in-flight mode no status is read: a request's slot ends with its response.
         if self.active.is_empty() && !self.in_flight {
             return Err(ConfigError::InvalidSetting {
@@ -309,7 +409,10 @@ impl Builder {
                     }
                 }
                 table.insert(&text, &pattern, kinds.len())?;
-                kinds.push(kind);
+                kinds.push(match kind {
+                    RouteKind::Create if self.jobs_per_create.is_some() => RouteKind::CreateCounted,
+                    kind => kind,
+                });
             }
         }
         let limit = self.plan.limit();
@@ -339,6 +442,18 @@ impl Builder {
                 }),
                 config: PlanConfig {
                     id_param: self.id_param.into(),
+                    id_path: match self.id_path.as_deref().map(crate::json::IdPath::parse) {
+                        Some(Ok(path)) => path,
+                        Some(Err(reason)) => {
+                            return Err(ConfigError::InvalidSetting {
+                                name: "id_path",
+                                reason,
+                            })
+                        }
+                        None => crate::json::IdPath::each(&self.id_field),
+                    },
+                    id_path_set: self.id_path.is_some(),
+                    jobs_per_create: self.jobs_per_create,
                     id_field: self.id_field.into(),
                     status_field: self.status_field.into(),
                     active: self.active.into_iter().map(Into::into).collect(),

@@ -23,6 +23,18 @@ pub enum ConcurrencyError {
     },
     /// The plan allows no job at all (`Enterprise(0)`).
     NoSlots,
+    /// The create would start `jobs` jobs (as [`Builder::jobs_per_create`] counts them) and
+    /// so needs that many slots at once, but the plan has `limit` slots in all: it could never
+    /// be sent (or it starts none, `jobs` 0). Returned at once, and to a create already
+    /// waiting when the plan is lowered below its count.
+    ///
+    /// [`Builder::jobs_per_create`]: super::Builder::jobs_per_create
+    JobCount {
+        /// The jobs the create would start.
+        jobs: u32,
+        /// The plan's slots in all.
+        limit: usize,
+    },
 }
 
 impl ConcurrencyError {
@@ -48,6 +60,13 @@ impl fmt::Display for ConcurrencyError {
                 "job not sent: no slot of the plan freed within {max_wait:?} ({in_use} held)"
             ),
             Self::NoSlots => f.write_str("job not sent: the plan allows no job at all"),
+            Self::JobCount { jobs: 0, .. } => {
+                f.write_str("job not sent: the create starts no job (0 jobs per create)")
+            }
+            Self::JobCount { jobs, limit } => write!(
+                f,
+                "job not sent: the create starts {jobs} jobs, more than the plan's {limit} slots"
+            ),
         }
     }
 }

@@ -6,30 +6,78 @@ use std::sync::Arc;
 use super::slots::ReleaseReason;
 use super::state::PlanState;
 
-/// A slot taken for a job-creating request that has been sent. Dropped without an outcome,
-/// the slot stays held as an unknown outcome (the server may have created the job); in
-/// in-flight mode it is given back, since the request is over.
+/// Slots taken for a job-creating request that has been sent (one, or one per job of a
+/// batch). Dropped without an outcome, they stay held as unknown outcomes (the server may have
+/// created the jobs); in in-flight mode they are given back, since the request is over.
 #[derive(Debug)]
 pub(crate) struct HoldGuard {
     shared: Option<Arc<PlanState>>,
-    /// The slot's name in the shared store, once the store gave one.
-    member: Option<StoreMember>,
+    /// More than one slot here: the slots' name in a shared store, or a batch's count.
+    more: Option<Box<More>>,
     /// The create's `Idempotency-Key`, kept with an unknown outcome so that the create sent
-    /// again can take its slot over (boxed twice to be one word, as `member`).
+    /// again can take its slot over (boxed twice to be one word, as `more`).
     key: Option<IdempotencyKey>,
 }
 
-/// A slot's name in the shared store. Boxed twice to be one word: holds live on the path
-/// of every create, store or not.
-pub(crate) type StoreMember = Box<String>;
+/// What a create's hold keeps beyond one slot in this process, boxed to be one word (`None`
+/// for one slot here only): holds live on the path of every create, store or batch or not.
+#[derive(Debug)]
+pub(crate) struct More {
+    /// The slots' name in the shared store, once the store gave one: `member` itself, then
+    /// `member/2`, `member/3`.. for the other jobs of a batch ([`slot_member`]).
+    pub(crate) member: Option<String>,
+    /// How many slots: one per job the create starts.
+    pub(crate) jobs: u32,
+}
+
+impl More {
+    /// How many slots a hold with `more` holds.
+    #[inline]
+    pub(crate) fn jobs(more: &Option<Box<More>>) -> u32 {
+        more.as_ref().map_or(1, |more| more.jobs)
+    }
+
+    /// What a create of `jobs` jobs keeps, with no store: nothing for one.
+    #[inline]
+    pub(crate) fn of_jobs(jobs: u32) -> Option<Box<More>> {
+        if jobs == 1 {
+            None
+        } else {
+            Some(Self::batch(jobs))
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn batch(jobs: u32) -> Box<More> {
+        Box::new(More { member: None, jobs })
+    }
+
+    /// The name in the shared store, taken out (to give back or bind).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn take_member(more: &mut Option<Box<More>>) -> Option<String> {
+        more.as_mut()?.member.take()
+    }
+}
+
+/// The name in the shared store of a create's `k`th slot (from 1): `member` itself, then
+/// `member/2`, `member/3`.. for the other jobs of a batch (as `slots.lua` names them).
+#[cfg(feature = "redis")]
+pub(crate) fn slot_member(member: &str, k: u32) -> String {
+    if k <= 1 {
+        member.to_owned()
+    } else {
+        format!("{member}/{k}")
+    }
+}
 
 impl HoldGuard {
-    /// Owns a slot the caller has just taken.
+    /// Owns the slot(s) the caller has just taken.
     #[inline]
-    pub(crate) fn new(shared: Arc<PlanState>) -> Self {
+    pub(crate) fn new(shared: Arc<PlanState>, more: Option<Box<More>>) -> Self {
         Self {
             shared: Some(shared),
-            member: None,
+            more,
             key: None,
         }
     }
@@ -40,18 +88,14 @@ impl HoldGuard {
         self
     }
 
-    /// The slot is held in the shared store too, as `member`.
-    pub(crate) fn set_member(&mut self, member: StoreMember) {
-        self.member = Some(member);
-    }
-
     #[inline]
     pub(crate) fn release(mut self, why: ReleaseReason) {
         if let Some(shared) = self.shared.take() {
-            shared.release(why);
+            let jobs = More::jobs(&self.more);
+            shared.release_many(jobs, why);
             #[cfg(feature = "redis")]
-            if self.member.is_some() {
-                release_in_store(&shared, self.member.take());
+            if let Some(member) = More::take_member(&mut self.more) {
+                release_in_store(&shared, &member, 1..=jobs);
             }
         }
     }
@@ -60,86 +104,100 @@ impl HoldGuard {
         self.shared.as_ref().is_some_and(|s| s.config.in_flight)
     }
 
-    /// Hands the slot on to the response body, which gives it back when it ends or is
+    /// Hands the slots on to the response body, which gives them back when it ends or is
     /// dropped (in-flight mode).
     #[inline]
     pub(crate) fn into_in_flight_slot(mut self) -> Option<InFlightSlot> {
-        let member = self.member.take();
-        self.shared
-            .take()
-            .map(|shared| InFlightSlot(shared, member))
+        let more = self.more.take();
+        self.shared.take().map(|shared| InFlightSlot(shared, more))
     }
 
-    /// Hands the slot on (to an [`Observer`](super::observe::Observer), which settles it).
+    /// Hands the slots on (to an [`Observer`](super::observe::Observer), which settles them).
     #[inline]
-    pub(super) fn into_parts(mut self) -> Option<(Arc<PlanState>, Option<StoreMember>)> {
-        let member = self.member.take();
-        self.shared.take().map(|shared| (shared, member))
+    pub(super) fn into_parts(mut self) -> Option<(Arc<PlanState>, Option<Box<More>>)> {
+        let more = self.more.take();
+        self.shared.take().map(|shared| (shared, more))
     }
 }
 
-/// Gives back the slot a create held in the shared store, if any.
+/// Gives back the slots `ks` (numbered from 1, [`slot_member`]) a create held in the shared
+/// store as `member`.
 #[cfg(feature = "redis")]
 #[cold]
 #[inline(never)]
-fn release_in_store(shared: &PlanState, member: Option<StoreMember>) {
-    if let (Some(store), Some(member)) = (&shared.store, member) {
-        store.slot_release(&member);
+pub(super) fn release_in_store(
+    shared: &PlanState,
+    member: &str,
+    ks: std::ops::RangeInclusive<u32>,
+) {
+    if let Some(store) = &shared.store {
+        store.slot_release(ks.map(|k| slot_member(member, k)));
     }
 }
 
 impl Drop for HoldGuard {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
+            let jobs = More::jobs(&self.more);
             if shared.config.in_flight {
                 // The slot is only for the request, which is over whatever the server did.
-                shared.release(ReleaseReason::Abandoned);
+                shared.release_many(jobs, ReleaseReason::Abandoned);
                 #[cfg(feature = "redis")]
-                if self.member.is_some() {
-                    release_in_store(&shared, self.member.take());
+                if let Some(member) = More::take_member(&mut self.more) {
+                    release_in_store(&shared, &member, 1..=jobs);
                 }
                 return;
             }
             #[cfg(feature = "redis")]
-            if self.member.is_some() {
-                unknown_in_store(&shared, self.member.take());
+            if let Some(member) = More::take_member(&mut self.more) {
+                unknown_in_store(&shared, &member, 1..=jobs);
                 return;
             }
             let now = shared.clock.now();
-            shared
-                .slots()
-                .unknown(now, self.key.take().map(|key| (*key).into()));
+            let key: Option<Box<str>> = self.key.take().map(|key| (*key).into());
+            let mut slots = shared.slots();
+            for _ in 1..jobs {
+                slots.unknown(now, key.clone());
+            }
+            slots.unknown(now, key);
         }
     }
 }
 
-/// The outcome of a create that held a slot in the shared store, as `member`, will never be
-/// read. The store holds it for the whole fleet, until a reconcile in any process accounts for
-/// it or its lease runs out; this process lets its own count of it go, since no reconcile
-/// elsewhere could ever give that back.
+/// The outcome of a create that held slots in the shared store, as `member`, will never be
+/// read. The store holds them for the whole fleet, until a reconcile in any process accounts
+/// for them or their lease runs out; this process lets its own count of them go, since no
+/// reconcile elsewhere could ever give that back. `ks` names which of a batch's slots
+/// (numbered from 1, [`slot_member`]).
 #[cfg(feature = "redis")]
 #[cold]
 #[inline(never)]
-pub(super) fn unknown_in_store(shared: &PlanState, member: Option<StoreMember>) {
-    if let (Some(store), Some(member)) = (&shared.store, member) {
-        shared.release(ReleaseReason::Store);
-        store.slot_unknown(&member, shared.job_lease());
+pub(super) fn unknown_in_store(
+    shared: &PlanState,
+    member: &str,
+    ks: std::ops::RangeInclusive<u32>,
+) {
+    if let (Some(store), false) = (&shared.store, ks.is_empty()) {
+        shared.release_many(ks.end() - ks.start() + 1, ReleaseReason::Store);
+        store.slot_unknown(ks.map(|k| slot_member(member, k)), shared.job_lease());
     }
 }
 
-/// In-flight mode: a slot given back when the response body ends or is dropped.
+/// In-flight mode: slots (one per job the request counts as) given back when the response
+/// body ends or is dropped.
 #[derive(Debug)]
-pub(crate) struct InFlightSlot(
-    Arc<PlanState>,
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))] Option<StoreMember>,
-);
+pub(crate) struct InFlightSlot(Arc<PlanState>, Option<Box<More>>);
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
-        self.0.release(ReleaseReason::Answered);
+        let Some(more) = &mut self.1 else {
+            self.0.release(ReleaseReason::Answered);
+            return;
+        };
+        self.0.release_many(more.jobs, ReleaseReason::Answered);
         #[cfg(feature = "redis")]
-        if self.1.is_some() {
-            release_in_store(&self.0, self.1.take());
+        if let Some(member) = more.member.take() {
+            release_in_store(&self.0, &member, 1..=more.jobs);
         }
     }
 }
@@ -157,41 +215,44 @@ pub(crate) fn idempotency_key<B>(request: &http::Request<B>) -> Option<Idempoten
     (key.len() < 256).then(|| Box::new(key.to_owned()))
 }
 
-/// A slot taken for a create that is not sent yet, and the member that holds it in the shared
+/// Slots taken for a create that is not sent yet, and the member that holds them in the shared
 /// store, if one may (an acquire may have reached the store even when its answer did not come
 /// back). Dropped (the service failed to get ready, the wait ran out, the store failed, the
 /// future was dropped), both are given back: the server saw nothing, so nothing is unknown.
 pub(crate) struct Unsent {
     pub(super) shared: Option<Arc<PlanState>>,
-    pub(super) member: Option<StoreMember>,
+    pub(super) more: Option<Box<More>>,
 }
 
 impl Unsent {
-    pub(crate) fn local(shared: Arc<PlanState>) -> Self {
+    #[inline]
+    pub(crate) fn local(shared: Arc<PlanState>, jobs: u32) -> Self {
         Self {
             shared: Some(shared),
-            member: None,
+            more: More::of_jobs(jobs),
         }
     }
 
-    /// The create is being sent: its slot is held as in flight (in the store too, if it
-    /// holds one there).
+    /// How many slots.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn jobs(&self) -> u32 {
+        More::jobs(&self.more)
+    }
+
+    /// The create is being sent: its slots are held as in flight (in the store too, if it
+    /// holds them there).
     pub(crate) fn sent(mut self) -> Option<HoldGuard> {
-        let mut hold = HoldGuard::new(self.shared.take()?);
-        if let Some(member) = self.member.take() {
-            hold.set_member(member);
-        }
-        Some(hold)
+        let shared = self.shared.take()?;
+        Some(HoldGuard::new(shared, self.more.take()))
     }
 
     #[cfg(feature = "redis")]
     /// The store failed and the create goes anyway, on this process's count (fail-open): the
-    /// member an acquire may have left in the store goes back.
+    /// members an acquire may have left in the store go back.
     pub(crate) fn without_store(&mut self) {
-        if let (Some(member), Some(shared)) = (self.member.take(), &self.shared) {
-            if let Some(store) = &shared.store {
-                store.slot_release(&member);
-            }
+        let jobs = self.jobs();
+        if let (Some(member), Some(shared)) = (More::take_member(&mut self.more), &self.shared) {
+            release_in_store(shared, &member, 1..=jobs);
         }
     }
 }
@@ -199,10 +260,14 @@ impl Unsent {
 impl Drop for Unsent {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            shared.release(ReleaseReason::Unsent);
+            let Some(more) = &mut self.more else {
+                shared.release(ReleaseReason::Unsent);
+                return;
+            };
+            shared.release_many(more.jobs, ReleaseReason::Unsent);
             #[cfg(feature = "redis")]
-            if let (Some(member), Some(store)) = (self.member.take(), &shared.store) {
-                store.slot_release(&member);
+            if let Some(member) = more.member.take() {
+                release_in_store(&shared, &member, 1..=more.jobs);
             }
         }
     }

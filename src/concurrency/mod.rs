@@ -11,7 +11,10 @@
 //! # The life of a slot
 //!
 //! - **Taken** before the create request is sent. Requests on other routes pass with no cost
-//!   beyond a route match.
+//!   beyond a route match. A create that starts several jobs (a batch API,
+//!   [`Builder::jobs_per_create`]) takes one slot per job, all at once when its turn comes at
+//!   the head of the queue, and each job the response shows ([`Builder::id_path`]) then holds
+//!   one of them on its own.
 //! - **Given back at once** when the create gets a definite failure: a 4xx (a 429 included),
 //!   since nothing was created.
 //! - On a 2xx, the job's **id** is read from the response JSON (field `id` by default) as the

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use super::body::Job;
+use super::body::{Job, JobIds};
 #[cfg(feature = "redis")]
 use super::hold::unknown_in_store;
-use super::hold::{HoldGuard, StoreMember};
+use super::hold::{HoldGuard, More};
 use super::slots::{Bound, ReleaseReason};
 use super::state::PlanState;
 use crate::json::{self, Fields};
@@ -28,8 +28,8 @@ pub(crate) struct Observer {
     shared: Arc<PlanState>,
     what: Option<Observe>,
     prefix: Vec<u8>,
-    /// The name in the shared store of the slot this create holds, if any.
-    member: Option<StoreMember>,
+    /// A create's slots beyond one here: their name in the shared store, a batch's count.
+    more: Option<Box<More>>,
 }
 
 impl Observer {
@@ -38,15 +38,15 @@ impl Observer {
             shared,
             what: Some(what),
             prefix: Vec::new(),
-            member: None,
+            more: None,
         }
     }
 
     /// An observer that settles the slot `hold` owns.
     pub(crate) fn holding(hold: HoldGuard, what: Observe) -> Option<Self> {
-        hold.into_parts().map(|(shared, member)| {
+        hold.into_parts().map(|(shared, more)| {
             let mut observer = Self::new(shared, what);
-            observer.member = member;
+            observer.more = more;
             observer
         })
     }
@@ -61,25 +61,26 @@ impl Observer {
         if last && self.prefix.is_empty() {
             // The whole body in one chunk, the common case: read it where it lies.
             let what = self.what.take();
-            self.settle(what, &chunk[..chunk.len().min(max)]);
+            self.settle(what, &chunk[..chunk.len().min(max)], chunk.len() <= max);
             return;
         }
         let room = max - self.prefix.len();
         self.prefix
             .extend_from_slice(&chunk[..chunk.len().min(room)]);
         if last || self.prefix.len() == max {
-            self.read_prefix();
+            self.read_prefix(last && chunk.len() <= room);
         }
     }
 
-    /// Reads the prefix (the whole body, or as much as was kept or received).
-    pub(super) fn read_prefix(&mut self) {
+    /// Reads the prefix (the whole body, or as much as was kept or received); `whole` when
+    /// it is the whole body (it ended, and nothing was cut).
+    pub(super) fn read_prefix(&mut self, whole: bool) {
         let what = self.what.take();
         let prefix = std::mem::take(&mut self.prefix);
-        self.settle(what, &prefix);
+        self.settle(what, &prefix, whole);
     }
 
-    fn settle(&mut self, what: Option<Observe>, body: &[u8]) {
+    fn settle(&mut self, what: Option<Observe>, body: &[u8], whole: bool) {
         let Some(what) = what else {
             return;
         };
@@ -90,27 +91,17 @@ impl Observer {
             status: &config.status_field,
         };
         match what {
+            Observe::Create { job } if More::jobs(&self.more) != 1 || config.id_path_set => {
+                self.settle_batch(job, body, whole);
+            }
             Observe::Create { job } => {
                 let seen = json::object(body, fields);
                 let now = shared.clock.now();
                 let Some(id) = seen.id else {
-                    if !shared
-                        .warned_no_id
-                        .swap(true, std::sync::atomic::Ordering::Relaxed)
-                    {
-                        tracing::warn!(
-                            field = &*config.id_field,
-                            "no job id in a successful create's response (is the id field named right?): its slot stays held until a reconcile or the maximum job life; further ones are logged at debug"
-                        );
-                    } else {
-                        tracing::debug!(
-                            field = &*config.id_field,
-                            "no job id in a successful create's response: its slot stays held"
-                        );
-                    }
+                    warn_no_id(shared);
                     #[cfg(feature = "redis")]
-                    if self.member.is_some() {
-                        unknown_in_store(shared, self.member.take());
+                    if let Some(member) = More::take_member(&mut self.more) {
+                        unknown_in_store(shared, &member, 1..=1);
                         return;
                     }
                     shared.slots().unknown(now, None);
@@ -127,14 +118,16 @@ impl Observer {
                     bound == Bound::Completed
                 };
                 #[cfg(feature = "redis")]
-                if let (Some(store), Some(member)) = (&shared.store, self.member.take()) {
+                if let (Some(store), Some(member)) =
+                    (&shared.store, More::take_member(&mut self.more))
+                {
                     if terminal || completed {
-                        store.slot_release(&member);
+                        store.slot_release([member]);
                     } else {
-                        store.slot_bind(&member, &id, shared.job_lease());
+                        store.slot_bind([(member, id.clone())], shared.job_lease());
                     }
                 }
-                let _ = job.id.set(id.into());
+                let _ = job.id.set(JobIds::One(id.into()));
                 shared.notify();
             }
             Observe::Status { id } => {
@@ -163,9 +156,120 @@ impl Observer {
     }
 }
 
+impl Observer {
+    /// A create holding several slots (a batch, or a create read at
+    /// [`id_path`](super::Builder::id_path)): each id the body shows holds one slot; the
+    /// slots no id shows are given back when the whole JSON body shows some ids but fewer
+    /// (that is what the server made), and held as unknown outcomes otherwise (no id at all,
+    /// not JSON, cut or dropped: the server may have made those jobs), as a single create's
+    /// slot would be.
+    #[cold]
+    #[inline(never)]
+    fn settle_batch(&mut self, job: Job, body: &[u8], whole: bool) {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let jobs = More::jobs(&self.more) as usize;
+        let found = json::ids(body, &config.id_path, &config.id_field, usize::MAX);
+        let mut ids = found.ids;
+        if ids.is_empty() {
+            ids.extend(found.root);
+        }
+        let bound = ids.len().min(jobs);
+        let rest = jobs - bound;
+        let made_fewer = bound > 0 && whole && found.complete;
+        if bound == 0 {
+            warn_no_id(&shared);
+        } else if rest > 0 {
+            tracing::debug!(
+                jobs,
+                ids = bound,
+                made_fewer,
+                "a create's response shows fewer job ids than the jobs it was counted for"
+            );
+        }
+        if ids.len() > jobs {
+            tracing::warn!(
+                jobs,
+                ids = ids.len(),
+                "a create's response shows more job ids than the jobs it was counted for (jobs_per_create): the others hold slots as jobs seen active"
+            );
+        }
+        let now = shared.clock.now();
+        #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+        let member = More::take_member(&mut self.more);
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut, unused_variables))]
+        let mut completed = Vec::new();
+        {
+            let mut slots = shared.slots();
+            for (k, id) in ids[..bound].iter().enumerate() {
+                if slots.bind(id, now) == Bound::Completed {
+                    completed.push(k);
+                }
+            }
+            for id in &ids[bound..] {
+                slots.seen_active(id, now);
+            }
+            if rest > 0 && !made_fewer && member.is_none() {
+                for _ in 0..rest {
+                    slots.unknown(now, None);
+                }
+            }
+        }
+        if rest > 0 && made_fewer {
+            shared.release_many(rest as u32, ReleaseReason::Failed);
+        }
+        #[cfg(feature = "redis")]
+        if let (Some(store), Some(member)) = (&shared.store, &member) {
+            use super::hold::slot_member;
+            let (mut binds, mut released) = (Vec::new(), Vec::new());
+            for (k, id) in ids[..bound].iter().enumerate() {
+                let name = slot_member(member, k as u32 + 1);
+                if completed.contains(&k) {
+                    released.push(name);
+                } else {
+                    binds.push((name, id.clone()));
+                }
+            }
+            store.slot_bind(binds, shared.job_lease());
+            let others = (bound as u32 + 1)..=(jobs as u32);
+            if rest > 0 && made_fewer {
+                released.extend(others.map(|k| slot_member(member, k)));
+            } else if rest > 0 {
+                unknown_in_store(&shared, member, others);
+            }
+            if !released.is_empty() {
+                store.slot_release(released);
+            }
+        }
+        let ids: Box<[Box<str>]> = ids.into_iter().map(Into::into).collect();
+        let _ = job.id.set(JobIds::Many(ids));
+        shared.notify();
+    }
+}
+
+/// A successful create's response showed no job id: warned once (its id field is likely
+/// misnamed), then logged at `debug`.
+fn warn_no_id(shared: &PlanState) {
+    let config = &shared.config;
+    if !shared
+        .warned_no_id
+        .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            field = &*config.id_field,
+            "no job id in a successful create's response (is the id field named right?): its slot stays held until a reconcile or the maximum job life; further ones are logged at debug"
+        );
+    } else {
+        tracing::debug!(
+            field = &*config.id_field,
+            "no job id in a successful create's response: its slot stays held"
+        );
+    }
+}
+
 impl Drop for Observer {
     fn drop(&mut self) {
         // A body dropped before its end: read what came.
-        self.read_prefix();
+        self.read_prefix(false);
     }
 }

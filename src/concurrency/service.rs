@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::body::PlanBody;
 use super::error::ConcurrencyError;
 use super::future::{ResponseFuture, Role};
-use super::hold::{idempotency_key, HoldGuard};
+use super::hold::{idempotency_key, HoldGuard, More};
 use super::state::{plan_figures, PlanState, RouteKind};
 use crate::event::{Event, Refusal};
 use crate::readiness::{unready, waiting_clone};
@@ -61,7 +61,8 @@ where
         let role = match found {
             None => Role::Other,
             Some((index, param)) => match shared.kinds[index] {
-                RouteKind::Create => return self.create(request),
+                RouteKind::Create => return self.create(request, One),
+                RouteKind::CreateCounted => return self.create_counted(request),
                 RouteKind::Status => match param {
                     Some(id) if shared.slots().is_held(id) => {
                         Role::Status(shared.clone(), id.into())
@@ -76,19 +77,39 @@ where
 }
 
 impl<S> ConcurrencyLimitByPlanService<S> {
-    fn create<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
+    /// A create that starts as many jobs as [`Builder::jobs_per_create`] counts: asked
+    /// before the slots are locked (the caller's code runs under no lock of ours). Out of
+    /// line, so that a create of one job (every create without it) sees a constant count.
+    ///
+    /// [`Builder::jobs_per_create`]: super::Builder::jobs_per_create
+    #[inline(never)]
+    fn create_counted<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {
+        let jobs = match &self.shared.config.jobs_per_create {
+            Some(count) => (count.0)(&crate::RequestHead::of(&request)),
+            None => 1,
+        };
+        self.create(request, jobs)
+    }
+
+    /// A create that starts `jobs` jobs: takes that many slots at once, waits for them, or is
+    /// refused.
+    fn create<B>(&mut self, request: Request<B>, jobs: impl JobCount) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>> + Clone,
+    {
+        let jobs = jobs.get();
         let shared = &self.shared;
         let key = idempotency_key(&request);
         let mut slots = shared.slots();
         if let Some(held) = key.as_deref().map(String::as_str) {
-            // The create sent again, whose first send left its slot held as an unknown
-            // outcome (kept in this process only: a store holds its own).
-            if slots.take_over(held) {
+            // The create sent again, whose first send left its slots held as unknown
+            // outcomes (kept in this process only: a store holds its own).
+            if jobs > 0 && slots.take_over(held, jobs as usize) {
                 drop(slots);
-                let hold = HoldGuard::new(shared.clone()).with_key(key);
+                let hold = HoldGuard::new(shared.clone(), More::of_jobs(jobs)).with_key(key);
                 let future = self.inner.call(request);
                 return ResponseFuture::called(future, Role::Create(Some(hold)));
             }
@@ -99,7 +120,14 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             refused(shared, Refusal::NoSlots);
             return ResponseFuture::failed(ConcurrencyError::NoSlots);
         }
-        if slots.try_take(|| shared.clock.now()) {
+        if jobs != 1 && (jobs == 0 || jobs as usize > slots.limit()) {
+            let limit = slots.limit();
+            drop(slots);
+            unready(&mut self.inner);
+            refused(shared, Refusal::JobCount);
+            return ResponseFuture::failed(ConcurrencyError::JobCount { jobs, limit });
+        }
+        if slots.try_take(jobs as usize, || shared.clock.now()) {
             shared.events.gauges(0, || plan_figures(&slots));
             drop(slots);
             let waited = Duration::ZERO;
@@ -109,9 +137,9 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             #[cfg(feature = "redis")]
             if let Some(store) = &shared.store {
                 let store = store.clone();
-                return self.create_store(request, store);
+                return self.create_store(request, store, jobs);
             }
-            let hold = HoldGuard::new(shared.clone()).with_key(key);
+            let hold = HoldGuard::new(shared.clone(), More::of_jobs(jobs)).with_key(key);
             let future = self.inner.call(request);
             return ResponseFuture::called(future, Role::Create(Some(hold)));
         }
@@ -131,7 +159,7 @@ impl<S> ConcurrencyLimitByPlanService<S> {
             .emit(0, |layer, _| Event::SlotQueued { layer });
         let shared = shared.clone();
         let inner = waiting_clone(&mut self.inner);
-        ResponseFuture::queued(inner, request, shared, ticket)
+        ResponseFuture::queued(inner, request, shared, ticket, jobs)
     }
 
     /// A create holding a slot here asks the shared store for one, and then drives a clone
@@ -143,12 +171,39 @@ impl<S> ConcurrencyLimitByPlanService<S> {
         &mut self,
         request: Request<B>,
         store: crate::store::StoreHandle,
+        jobs: u32,
     ) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {
         let inner = waiting_clone(&mut self.inner);
-        ResponseFuture::store_slot(inner, request, &self.shared, store)
+        ResponseFuture::store_slot(inner, request, &self.shared, store, jobs)
+    }
+}
+
+/// How many jobs a create starts: [`One`], known when compiled (the path of every create
+/// without [`Builder::jobs_per_create`]), or a count read from the request.
+///
+/// [`Builder::jobs_per_create`]: super::Builder::jobs_per_create
+trait JobCount: Copy {
+    fn get(self) -> u32;
+}
+
+/// One job.
+#[derive(Clone, Copy)]
+struct One;
+
+impl JobCount for One {
+    #[inline(always)]
+    fn get(self) -> u32 {
+        1
+    }
+}
+
+impl JobCount for u32 {
+    #[inline(always)]
+    fn get(self) -> u32 {
+        self
     }
 }
 

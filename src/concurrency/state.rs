@@ -24,10 +24,26 @@ use crate::store::StoreHandle;
 pub(crate) enum RouteKind {
     /// Creates a job: needs a slot.
     Create,
+    /// Creates as many jobs as [`PlanConfig::jobs_per_create`] counts: needs that many slots.
+    CreateCounted,
     /// Shows one job, whose id is the pattern's parameter named by [`PlanConfig::id_param`].
     Status,
     /// Shows a list of jobs.
     List,
+}
+
+/// How many jobs a create starts, read from its head ([`Builder::jobs_per_create`]).
+///
+/// [`Builder::jobs_per_create`]: super::Builder::jobs_per_create
+#[derive(Clone)]
+pub(crate) struct JobsPerCreate(
+    pub(crate) Arc<dyn Fn(&crate::RequestHead<'_>) -> u32 + Send + Sync>,
+);
+
+impl std::fmt::Debug for JobsPerCreate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobsPerCreate(..)")
+    }
 }
 
 #[derive(Debug)]
@@ -35,6 +51,13 @@ pub(crate) struct PlanConfig {
     /// The status routes' parameter that holds the job's id.
     pub(crate) id_param: Box<str>,
     pub(crate) id_field: Box<str>,
+    /// Where a create's response shows the ids of the jobs it started (a top-level array's
+    /// by default), and whether it was set: if not, a create of one job reads only the
+    /// object's `id_field`.
+    pub(crate) id_path: crate::json::IdPath,
+    pub(crate) id_path_set: bool,
+    /// How many jobs a create starts; one each without it.
+    pub(crate) jobs_per_create: Option<JobsPerCreate>,
     pub(crate) status_field: Box<str>,
     pub(crate) active: Box<[Box<str>]>,
     pub(crate) max_prefix: usize,
@@ -205,6 +228,34 @@ impl PlanState {
             .emit(0, |layer, _| Event::SlotFreed { layer, by });
     }
 
+    /// [`release`](Self::release) of a create's `jobs` slots (one per job it starts).
+    #[inline]
+    pub(crate) fn release_many(&self, jobs: u32, why: ReleaseReason) {
+        if jobs == 1 {
+            self.release(why);
+        } else {
+            self.release_batch(jobs, why);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_batch(&self, jobs: u32, why: ReleaseReason) {
+        if jobs == 0 {
+            return;
+        }
+        {
+            let mut slots = self.slots();
+            slots.release_many(jobs as usize, why);
+            self.events.gauges(0, || plan_figures(&slots));
+        }
+        let by = why.freed();
+        for _ in 0..jobs {
+            self.events
+                .emit(0, |layer, _| Event::SlotFreed { layer, by });
+        }
+    }
+
     pub(crate) fn end_job(&self, id: &str, why: ReleaseReason) -> bool {
         let finished = self.slots().end_job(id, why);
         if finished {
@@ -245,12 +296,15 @@ pub(crate) struct SlotTicket {
 impl SlotTicket {
     /// Leaves the queue, its maximum wait run out (the create is returned unsent).
     pub(crate) fn time_out(&mut self) {
+        self.refuse(crate::event::Refusal::WaitTooLong);
+    }
+
+    /// Leaves the queue, refused for `reason` (the create is returned unsent).
+    pub(crate) fn refuse(&mut self, reason: crate::event::Refusal) {
         self.shared.slots().leave(self.id);
         self.queued = false;
-        self.shared.report(|layer| Event::SlotRefused {
-            layer,
-            reason: crate::event::Refusal::WaitTooLong,
-        });
+        self.shared
+            .report(|layer| Event::SlotRefused { layer, reason });
     }
 }
 

@@ -10,7 +10,7 @@ use http::Request;
 
 use super::error::ConcurrencyError;
 use super::future::WaitingCreate;
-use super::hold::{StoreMember, Unsent};
+use super::hold::{More, Unsent};
 use super::slots::ReleaseReason;
 use super::state::PlanState;
 use crate::clock::Nanos;
@@ -37,10 +37,13 @@ impl<S, B> StoreSlot<S, B> {
         shared: &Arc<PlanState>,
         store: StoreHandle,
         deadline: Option<Nanos>,
+        jobs: u32,
     ) -> Self {
-        let member: StoreMember = Box::new(format!("c:{}", store.member()));
+        let member = format!("c:{}", store.member());
         let (limit, job_lease) = (shared.slots().limit(), shared.job_lease());
-        let poll = StorePoll::new(&store, || store.slot_acquire(limit, job_lease, &member));
+        let poll = StorePoll::new(&store, || {
+            store.slot_acquire(limit, job_lease, &member, jobs)
+        });
         let plan = || *shared.plan.lock().unwrap_or_else(|e| e.into_inner());
         Self {
             span: tracing::debug_span!("plan_wait", plan = %plan(), store = true),
@@ -51,7 +54,10 @@ impl<S, B> StoreSlot<S, B> {
             deadline,
             slot: Unsent {
                 shared: Some(shared.clone()),
-                member: Some(member),
+                more: Some(Box::new(More {
+                    member: Some(member),
+                    jobs,
+                })),
             },
         }
     }
@@ -66,8 +72,16 @@ impl<S, B> StoreSlot<S, B> {
             unreachable!("an unsent slot always has its plan");
         };
         match ready!(self.poll_store(&shared, cx)) {
-            Ok(true) => Poll::Ready(Ok(())),
-            Ok(false) => {
+            Ok(Asked::Taken) => Poll::Ready(Ok(())),
+            Ok(Asked::Never { limit }) => {
+                shared.report(|layer| Event::SlotRefused {
+                    layer,
+                    reason: Refusal::JobCount,
+                });
+                let jobs = self.slot.jobs();
+                Poll::Ready(Err(ConcurrencyError::JobCount { jobs, limit }.into()))
+            }
+            Ok(Asked::WaitTooLong) => {
                 shared.report(|layer| Event::SlotRefused {
                     layer,
                     reason: Refusal::WaitTooLong,
@@ -100,38 +114,55 @@ impl<S, B> StoreSlot<S, B> {
         WaitingCreate::holding(inner, request, slot)
     }
 
-    /// Asks until the store gives a slot, the maximum wait runs out (`Ok(false)`), or the
-    /// store fails.
+    /// Asks until the store gives the slots, the maximum wait runs out, the plan is lowered
+    /// below the create's count, or the store fails.
     fn poll_store(
         &mut self,
         shared: &PlanState,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<bool, StoreError>> {
+    ) -> Poll<Result<Asked, StoreError>> {
         loop {
             if let Some(answer) = ready!(self.poll.poll_answer(cx)) {
                 let wait = match answer? {
-                    Decision::Admitted | Decision::Counted { .. } => return Poll::Ready(Ok(true)),
+                    Decision::Admitted | Decision::Counted { .. } => {
+                        return Poll::Ready(Ok(Asked::Taken))
+                    }
                     Decision::Wait(wait) => wait,
                 };
                 let now = shared.clock.now();
                 if self.deadline.is_some_and(|d| d <= now) {
-                    return Poll::Ready(Ok(false));
+                    return Poll::Ready(Ok(Asked::WaitTooLong));
                 }
                 let deadline = self.deadline.map(|at| shared.clock.instant(at));
                 self.poll
                     .again_by(&self.store, shared.clock.instant(now), wait, deadline);
             }
-            let Some(member) = &self.slot.member else {
-                return Poll::Ready(Ok(false));
+            let Some(member) = self.slot.more.as_ref().and_then(|m| m.member.as_deref()) else {
+                return Poll::Ready(Ok(Asked::WaitTooLong));
             };
             let store = &self.store;
             let limit = shared.slots().limit();
             let job_lease = shared.job_lease();
-            ready!(self
-                .poll
-                .poll_again(store, cx, || store.slot_acquire(limit, job_lease, member)));
+            let jobs = self.slot.jobs();
+            if jobs as usize > limit {
+                // The plan was lowered below this batch while it waited in the store.
+                return Poll::Ready(Ok(Asked::Never { limit }));
+            }
+            ready!(self.poll.poll_again(store, cx, || {
+                store.slot_acquire(limit, job_lease, member, jobs)
+            }));
         }
     }
+}
+
+/// What asking the store came to.
+enum Asked {
+    /// The slots are held.
+    Taken,
+    /// The maximum wait ran out.
+    WaitTooLong,
+    /// The create needs more slots than the plan's `limit` (lowered while it waited).
+    Never { limit: usize },
 }
 
 /// Lets go, in this process, of the jobs another process gave back.

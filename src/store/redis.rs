@@ -396,43 +396,81 @@ impl<'a> StoreQuotas<'a> {
 // ===== job slots =====
 
 impl RedisStore {
-    /// Takes one of `limit` job slots for a create about to be sent, held as `member` for at
-    /// most `job_lease`.
+    /// Takes `jobs` of `limit` job slots at once (one per job the create starts) for a
+    /// create about to be sent, held as `member` (and `member/2`.. for the others) for at most
+    /// `job_lease`; none unless all are free.
     pub(crate) fn slot_acquire(
         &self,
         limit: usize,
         job_lease: Duration,
         member: &str,
+        jobs: u32,
     ) -> StoreCall {
-        self.run_slots(vec![
+        let mut args = vec![
             "acquire".into(),
             limit.to_string(),
             micros(job_lease),
             member.into(),
-        ])
+        ];
+        if jobs != 1 {
+            args.push(jobs.to_string());
+        }
+        self.run_slots(args)
     }
 
-    /// The create held as `member` made job `id`. If the job is already over somewhere in the
-    /// fleet (completed before this bind arrived), the slot is given back instead and the
-    /// creator hears of it as of a job done elsewhere.
-    pub(crate) fn slot_bind(&self, member: &str, id: &str, job_lease: Duration) {
-        self.spawn(self.run_slots(vec![
-            "bind".into(),
-            member.into(),
-            id.into(),
-            micros(job_lease),
-        ]));
+    /// The create's slot held as `member` made job `id`, for each pair of `binds`. If a job
+    /// is already over somewhere in the fleet (completed before this bind arrived), its slot
+    /// is given back instead and the creator hears of it as of a job done elsewhere.
+    pub(crate) fn slot_bind(
+        &self,
+        binds: impl IntoIterator<Item = (String, String)>,
+        job_lease: Duration,
+    ) {
+        let binds = binds.into_iter();
+        let mut args = Vec::with_capacity(2 + binds.size_hint().0 * 2);
+        args.push("bind".into());
+        for (i, (member, id)) in binds.into_iter().enumerate() {
+            args.push(member);
+            args.push(id);
+            if i == 0 {
+                args.push(micros(job_lease));
+            }
+        }
+        if args.len() > 1 {
+            self.spawn(self.run_slots(args));
+        }
     }
 
-    /// The create held as `member` is over without a job.
-    pub(crate) fn slot_release(&self, member: &str) {
-        self.spawn(self.run_slots(vec!["remove".into(), member.into(), "released".into()]));
+    /// The creates' slots held as `members` are over without a job.
+    pub(crate) fn slot_release(&self, members: impl IntoIterator<Item = String>) {
+        let members = members.into_iter();
+        let mut args = Vec::with_capacity(1 + members.size_hint().0);
+        args.push("release".into());
+        args.extend(members);
+        if args.len() > 1 {
+            self.spawn(self.run_slots(args));
+        }
     }
 
-    /// The outcome of the create held as `member` will never be read: from now on a reconcile
-    /// may account for it (a create still in flight is never reconciled away).
-    pub(crate) fn slot_unknown(&self, member: &str, job_lease: Duration) {
-        self.spawn(self.run_slots(vec!["unknown".into(), member.into(), micros(job_lease)]));
+    /// The outcome of the creates' slots held as `members` will never be read: from now on a
+    /// reconcile may account for them (a create still in flight is never reconciled away).
+    pub(crate) fn slot_unknown(
+        &self,
+        members: impl IntoIterator<Item = String>,
+        job_lease: Duration,
+    ) {
+        let members = members.into_iter();
+        let mut args = Vec::with_capacity(2 + members.size_hint().0);
+        args.push("unknown".into());
+        for (i, member) in members.into_iter().enumerate() {
+            args.push(member);
+            if i == 0 {
+                args.push(micros(job_lease));
+            }
+        }
+        if args.len() > 1 {
+            self.spawn(self.run_slots(args));
+        }
     }
 
     /// Job `id` is over, wherever it was created. The fleet remembers it for `job_lease`, so a

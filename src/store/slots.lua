@@ -9,9 +9,13 @@
 -- KEYS[3]  hash of when each slot held was taken (microseconds): what a reconcile judges a
 --          hold's age by, whatever lease the process that took it uses.
 -- ARGV[1]  op, ARGV[2] channel, ARGV[3] how many finished ids are remembered, then by op:
---   acquire   limit, lease, member          -> {1, 0} taken, or {0, wait until a lease ends}
---   bind      member, job id, lease         (the create made this job)
---   unknown   member, lease                 (the create's outcome will never be read)
+--   acquire   limit, lease, member[, n]     -> {1, 0} taken, or {0, wait until a lease ends}:
+--                                            n slots at once (default 1), held as member,
+--                                            member/2 .. member/n (a batch create), or none
+--   bind      member, job id, lease[, member, job id]...
+--                                           (each create slot made this job)
+--   unknown   member, lease[, member]...    (the creates' outcome will never be read)
+--   release   member...                     (creates over without a job)
 --   remove    member, message               (published if the member held a slot)
 --   active    job id, lease                 (a job seen active: holds a slot if not yet)
 --   reconcile age, lease, active ids...     (every job the server counts, as listed at the
@@ -77,29 +81,57 @@ redis.call('ZREMRANGEBYSCORE', done, '-inf', int(now))
 
 if op == 'acquire' then
   local limit, lease, member = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-  if redis.call('ZCARD', held) < limit then
+  local n = tonumber(ARGV[7] or '1')
+  local count = redis.call('ZCARD', held)
+  if count + n <= limit then
     hold(member, lease)
+    for k = 2, n do
+      hold(member .. '/' .. k, lease)
+    end
     keep(lease)
     return {1, 0}
   end
+  -- The holds that must end before n are free: wait for the earliest of them (at least).
   local first = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
-  return {0, math.max(tonumber(first[2]) - now, 1)}
+  local wait = 1
+  if first[2] then
+    wait = math.max(tonumber(first[2]) - now, 1)
+  end
+  return {0, wait}
 elseif op == 'bind' then
-  local token, id, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
-  unhold(token)
-  if is_done(id) then
-    -- Completed before its create was bound (a webhook faster than the create's answer):
-    -- the slot is free, and the creator lets go of the job it just bound.
-    redis.call('PUBLISH', channel, 'done:' .. id)
-  elseif not hold('j:' .. id, lease) then
-    redis.call('PUBLISH', channel, 'released')
+  local lease = tonumber(ARGV[6])
+  local function bind(token, id)
+    unhold(token)
+    if is_done(id) then
+      -- Completed before its create was bound (a webhook faster than the create's answer):
+      -- the slot is free, and the creator lets go of the job it just bound.
+      redis.call('PUBLISH', channel, 'done:' .. id)
+    elseif not hold('j:' .. id, lease) then
+      redis.call('PUBLISH', channel, 'released')
+    end
+  end
+  bind(ARGV[4], ARGV[5])
+  for i = 7, #ARGV - 1, 2 do
+    bind(ARGV[i], ARGV[i + 1])
   end
   keep(lease)
 elseif op == 'unknown' then
-  local token, lease = ARGV[4], tonumber(ARGV[5])
-  if unhold(token) then
-    hold('u:' .. string.sub(token, 3), lease)
-    keep(lease)
+  local lease = tonumber(ARGV[5])
+  local function unknown(token)
+    if unhold(token) then
+      hold('u:' .. string.sub(token, 3), lease)
+    end
+  end
+  unknown(ARGV[4])
+  for i = 6, #ARGV do
+    unknown(ARGV[i])
+  end
+  keep(lease)
+elseif op == 'release' then
+  for i = 4, #ARGV do
+    if unhold(ARGV[i]) then
+      redis.call('PUBLISH', channel, 'released')
+    end
   end
 elseif op == 'remove' then
   local member = ARGV[4]

@@ -1,9 +1,11 @@
-//! Limits shared across processes through Redis (feature `redis`): rate limits (plan slots in
-//! a store are tested against the local Sync API, in tests/stack/plan_slots_store.rs).
+//! Limits shared across processes through Redis (feature `redis`): rate limits, and plan slots
+//! taken by batches (plan slots in a store are tested against the local Sync API, in
+//! tests/stack/plan_slots_store.rs).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod places;
+mod plan_batches;
 mod rate_limits;
 mod weighted;

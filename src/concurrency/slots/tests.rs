@@ -1,6 +1,6 @@
 //! A plan's slots against a model of them, and fixed cases.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::task::Waker;
 
 use proptest::prelude::*;
@@ -17,9 +17,9 @@ fn waker() -> &'static Waker {
 #[test]
 fn a_free_slot_is_taken_at_once_and_the_plan_plus_one_th_waits() {
     let mut slots = Slots::new(2, LEASE);
-    assert!(slots.try_take(|| 0));
-    assert!(slots.try_take(|| 0));
-    assert!(!slots.try_take(|| 0));
+    assert!(slots.try_take(1, || 0));
+    assert!(slots.try_take(1, || 0));
+    assert!(!slots.try_take(1, || 0));
     let ticket = slots.join();
     assert_eq!(slots.poll_take(ticket, 0, waker()), Err(None));
     assert_eq!(slots.in_use(), 2);
@@ -28,18 +28,18 @@ fn a_free_slot_is_taken_at_once_and_the_plan_plus_one_th_waits() {
 #[test]
 fn every_release_path_frees_the_slot_once() {
     let mut slots = Slots::new(10, LEASE);
-    assert!(slots.try_take(|| 0));
+    assert!(slots.try_take(1, || 0));
     slots.release(ReleaseReason::Failed);
     assert_eq!(slots.in_use(), 0);
 
-    slots.try_take(|| 0);
+    slots.try_take(1, || 0);
     slots.bind("a", 0);
     assert!(slots.end_job("a", ReleaseReason::Finished));
     assert!(!slots.end_job("a", ReleaseReason::Finished));
 
-    slots.try_take(|| 0);
+    slots.try_take(1, || 0);
     slots.bind("b", 0);
-    slots.try_take(|| 0);
+    slots.try_take(1, || 0);
     slots.unknown(0, None);
     assert_eq!(slots.in_use(), 2);
     // The list shows neither: b is over and the unknown outcome made no job.
@@ -47,7 +47,7 @@ fn every_release_path_frees_the_slot_once() {
     assert_eq!(slots.in_use(), 1, "x, another process's job, takes a slot");
     assert!(slots.is_held("x"));
 
-    slots.try_take(|| SEC);
+    slots.try_take(1, || SEC);
     slots.bind("d", SEC);
     assert_eq!(slots.expire(SEC + LEASE - 1), Some(SEC + LEASE));
     slots.expire(SEC + LEASE);
@@ -69,18 +69,21 @@ fn every_release_path_frees_the_slot_once() {
 #[test]
 fn leases_are_only_looked_at_when_no_slot_is_free() {
     let mut slots = Slots::new(1, LEASE);
-    slots.try_take(|| 0);
+    slots.try_take(1, || 0);
     slots.bind("old", 0);
-    assert!(!slots.try_take(|| LEASE - 1));
-    assert!(slots.try_take(|| LEASE), "the expired lease frees the slot");
+    assert!(!slots.try_take(1, || LEASE - 1));
+    assert!(
+        slots.try_take(1, || LEASE),
+        "the expired lease frees the slot"
+    );
     let mut slots = Slots::new(2, LEASE);
-    assert!(slots.try_take(|| unreachable!("a free slot needs no clock")));
+    assert!(slots.try_take(1, || unreachable!("a free slot needs no clock")));
 }
 
 #[test]
 fn a_job_listed_first_is_held_once_when_its_create_is_answered() {
     let mut slots = Slots::new(3, LEASE);
-    slots.try_take(|| 0);
+    slots.try_take(1, || 0);
     slots.seen_active("a", 0);
     assert_eq!(slots.in_use(), 2);
     slots.bind("a", 0);
@@ -94,9 +97,9 @@ fn a_job_listed_first_is_held_once_when_its_create_is_answered() {
 #[test]
 fn reconcile_leaves_holds_newer_than_the_list() {
     let mut slots = Slots::new(3, LEASE);
-    slots.try_take(|| 0);
+    slots.try_take(1, || 0);
     slots.bind("old", 0);
-    slots.try_take(|| 5 * SEC);
+    slots.try_take(1, || 5 * SEC);
     slots.bind("new", 5 * SEC);
     slots.reconcile(std::iter::empty(), 2 * SEC, 6 * SEC);
     assert!(!slots.is_held("old"));
@@ -106,7 +109,7 @@ fn reconcile_leaves_holds_newer_than_the_list() {
 #[test]
 fn more_slots_admit_waiters_in_order_fewer_wait_for_jobs_to_end() {
     let mut slots = Slots::new(1, LEASE);
-    slots.try_take(|| 0);
+    slots.try_take(1, || 0);
     slots.bind("first", 0);
     let t1 = slots.join();
     let t2 = slots.join();
@@ -117,12 +120,13 @@ fn more_slots_admit_waiters_in_order_fewer_wait_for_jobs_to_end() {
     assert_eq!(slots.in_use(), 3);
     slots.set_limit(1);
     slots.end_job("first", ReleaseReason::Finished);
-    assert!(!slots.try_take(|| 0), "2 held, plan of 1");
+    assert!(!slots.try_take(1, || 0), "2 held, plan of 1");
 }
 
 #[derive(Debug, Clone)]
 enum Step {
-    Join,
+    /// A create of this many jobs joins the queue.
+    Join(usize),
     Poll(usize),
     Leave(usize),
     Fail,
@@ -137,7 +141,7 @@ enum Step {
 
 fn op() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => Just(Step::Join),
+        3 => prop_oneof![3 => Just(1usize), 1 => 2usize..5].prop_map(Step::Join),
         4 => any::<usize>().prop_map(Step::Poll),
         1 => any::<usize>().prop_map(Step::Leave),
         1 => Just(Step::Fail),
@@ -196,31 +200,42 @@ proptest! {
         let mut slots = Slots::new(limit, LEASE);
         let mut model = Model::default();
         let mut now: Nanos = 0;
-        let mut waiting: BTreeSet<Ticket> = BTreeSet::new();
+        let mut waiting: BTreeMap<Ticket, usize> = BTreeMap::new();
         let mut limit = limit;
         for op in ops {
             match op {
-                Step::Join => {
-                    waiting.insert(slots.join());
+                Step::Join(jobs) => {
+                    waiting.insert(slots.join(), jobs);
                 }
                 Step::Poll(i) => {
-                    let tickets: Vec<Ticket> = waiting.iter().copied().collect();
+                    let tickets: Vec<Ticket> = waiting.keys().copied().collect();
                     if !tickets.is_empty() {
                         let ticket = tickets[i % tickets.len()];
-                        // The slots expire leases first, as the model must.
-                        model.jobs.retain(|_, &mut since| since + LEASE > now);
-                        model.unknown.retain(|&since| since + LEASE > now);
+                        let jobs = waiting[&ticket];
+                        if jobs <= limit {
+                            // The slots expire leases first, as the model must.
+                            model.jobs.retain(|_, &mut since| since + LEASE > now);
+                            model.unknown.retain(|&since| since + LEASE > now);
+                        }
                         let before = model.in_use();
-                        if slots.poll_take(ticket, now, waker()).is_ok() {
-                            prop_assert_eq!(Some(&ticket), waiting.first(), "admitted out of turn");
-                            prop_assert!(before < limit, "admitted with {} of {} in use", before, limit);
-                            waiting.remove(&ticket);
-                            model.in_flight += 1;
+                        match slots.poll_take_jobs(ticket, jobs, now, waker()) {
+                            Turn::Taken => {
+                                prop_assert_eq!(Some(&ticket), waiting.keys().next(), "admitted out of turn");
+                                prop_assert!(before + jobs <= limit, "admitted {} with {} of {} in use", jobs, before, limit);
+                                waiting.remove(&ticket);
+                                model.in_flight += jobs;
+                            }
+                            Turn::Never => {
+                                prop_assert!(jobs > limit);
+                                slots.leave(ticket);
+                                waiting.remove(&ticket);
+                            }
+                            Turn::Wait(_) => {}
                         }
                     }
                 }
                 Step::Leave(i) => {
-                    let tickets: Vec<Ticket> = waiting.iter().copied().collect();
+                    let tickets: Vec<Ticket> = waiting.keys().copied().collect();
                     if !tickets.is_empty() {
                         let ticket = tickets[i % tickets.len()];
                         slots.leave(ticket);
@@ -298,11 +313,14 @@ proptest! {
         now += LEASE;
         slots.reconcile(std::iter::empty(), now, now);
         prop_assert_eq!(slots.in_use(), 0);
-        // Then every waiter gets its slot, in order.
-        for ticket in waiting.iter().copied().collect::<Vec<_>>() {
-            let taken = slots.poll_take(ticket, now, waker());
-            prop_assert!(taken.is_ok(), "waiter {:?} starved", ticket);
-            slots.release(ReleaseReason::Failed);
+        // Then every waiter gets its slots, in order, or hears it never will (more jobs than
+        // the plan).
+        for (ticket, jobs) in waiting {
+            match slots.poll_take_jobs(ticket, jobs, now, waker()) {
+                Turn::Taken => slots.release_many(jobs, ReleaseReason::Failed),
+                Turn::Never if jobs > limit => slots.leave(ticket),
+                taken => prop_assert!(false, "waiter {:?} of {} starved: {:?}", ticket, jobs, taken),
+            }
         }
     }
 }
@@ -314,7 +332,7 @@ fn a_job_completed_before_its_id_was_known_gives_its_slot_back_when_it_shows() {
         !slots.complete_early("x", 0),
         "no create in flight: nothing to wait for"
     );
-    assert!(slots.try_take(|| 0));
+    assert!(slots.try_take(1, || 0));
     assert!(slots.complete_early("a", 0));
     assert_eq!(slots.bind("a", SEC), Bound::Completed);
     assert_eq!(slots.in_use(), 0);
@@ -323,14 +341,14 @@ fn a_job_completed_before_its_id_was_known_gives_its_slot_back_when_it_shows() {
     assert_eq!(slots.log, [ReleaseReason::Completed]);
 
     // Remembered for the lease only.
-    slots.try_take(|| SEC);
+    slots.try_take(1, || SEC);
     assert!(slots.complete_early("b", SEC));
     assert_eq!(slots.bind("b", SEC + LEASE), Bound::Held);
     assert_eq!(slots.early_len(), 0);
 
     // And only the last EARLY_COMPLETES ids.
     let now = 2 * SEC;
-    slots.try_take(|| now);
+    slots.try_take(1, || now);
     for i in 0..=EARLY_COMPLETES {
         slots.complete_early(&i.to_string(), now);
     }
@@ -340,7 +358,7 @@ fn a_job_completed_before_its_id_was_known_gives_its_slot_back_when_it_shows() {
         Bound::Held,
         "the oldest was forgotten"
     );
-    slots.try_take(|| now);
+    slots.try_take(1, || now);
     assert_eq!(slots.bind("1", now), Bound::Completed);
     assert_eq!(slots.in_use(), 2, "b and 0");
 }
@@ -348,13 +366,16 @@ fn a_job_completed_before_its_id_was_known_gives_its_slot_back_when_it_shows() {
 #[test]
 fn a_create_sent_again_with_its_key_takes_over_its_unknown_outcome() {
     let mut slots = Slots::new(1, LEASE);
-    assert!(slots.try_take(|| 0));
+    assert!(slots.try_take(1, || 0));
     slots.unknown(0, Some("key-1".into()));
     let ticket = slots.join(); // another create waits for the one slot
-    assert!(!slots.take_over("key-2"), "another key is another create");
-    assert!(slots.take_over("key-1"));
+    assert!(
+        !slots.take_over("key-2", 1),
+        "another key is another create"
+    );
+    assert!(slots.take_over("key-1", 1));
     assert_eq!((slots.in_use(), slots.creates()), (1, (1, 0)));
-    assert!(!slots.take_over("key-1"), "taken over once");
+    assert!(!slots.take_over("key-1", 1), "taken over once");
     // The waiter still waits: the slot was never free.
     let waker = std::task::Waker::noop();
     assert!(slots.poll_take(ticket, 0, waker).is_err());

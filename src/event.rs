@@ -222,7 +222,8 @@ pub enum Refusal {
     NoPeerAddress,
     /// The plan allows no job.
     NoSlots,
-    /// Client mode: the request costs more units than one of its route's quotas ever allows.
+    /// The request costs more units than one of its route's quotas ever admits at once
+    /// (client mode: returned unsent; server mode: answered 413).
     CostTooHigh,
     /// A create starts more jobs than the plan has slots, or none
     /// ([`ConcurrencyError::JobCount`](crate::concurrency::ConcurrencyError::JobCount)).

@@ -145,15 +145,17 @@ impl<F, R, T> Handed<F, R>
 where
     F: Future<Output = Result<T, BoxError>>,
 {
-    /// Waits for the turn of a request `method path` (with `headers`) through `layer`'s
-    /// service: ready with
-    /// the turn, or with the error that returns the request unsent (the layer's own: a full
-    /// queue, a wait too long, a failed store).
+    /// Waits for the turn of a request `method path` (with `headers`: only its idempotency
+    /// key is copied; or with `head`: all its header fields and extensions, for a route that
+    /// weighs requests by them) through `layer`'s service: ready with the turn, or with the
+    /// error that returns the request unsent (the layer's own: a full queue, a wait too long,
+    /// a failed store).
     pub(crate) async fn turn<L, S>(
         layer: &L,
         method: &Method,
         path: &str,
         headers: Option<&http::HeaderMap>,
+        head: Option<(&http::HeaderMap, &http::Extensions)>,
     ) -> Result<Self, BoxError>
     where
         L: tower_layer::Layer<Handoff<R>, Service = S>,
@@ -169,6 +171,10 @@ where
         // What a layer reads of a request's fields: a create's idempotency key.
         if let Some(key) = headers.and_then(|headers| headers.get("idempotency-key")) {
             request.headers_mut().insert("idempotency-key", key.clone());
+        }
+        if let Some((headers, extensions)) = head {
+            *request.headers_mut() = headers.clone();
+            *request.extensions_mut() = extensions.clone();
         }
         let (turn, mut given) = oneshot::channel();
         let mut service = layer.layer(Handoff {

@@ -57,7 +57,13 @@ fn reasons(kind: Kind) -> &'static [Refusal] {
     use Refusal::*;
     match kind {
         Kind::Client => &[QueueFull, WaitTooLong, StoreUnavailable, CostTooHigh],
-        Kind::Server => &[Quota, StoreUnavailable, MissingKey, NoPeerAddress],
+        Kind::Server => &[
+            Quota,
+            StoreUnavailable,
+            MissingKey,
+            NoPeerAddress,
+            CostTooHigh,
+        ],
         Kind::Plan => &[QueueFull, WaitTooLong, StoreUnavailable, NoSlots, JobCount],
         Kind::Backoff => &[],
     }

@@ -201,11 +201,17 @@ impl Middleware for RateLimitMiddleware {
         Self: 'd,
     {
         Box::pin(async move {
-            let permit = self
-                .0
-                .acquire(request.method(), request.url().path())
-                .await
-                .map_err(middleware_error)?;
+            let (method, path) = (request.method(), request.url().path());
+            let permit = match self.0.weighs() {
+                // A route weighs its requests by their fields or extensions: they go along.
+                true => {
+                    self.0
+                        .acquire_with_head(method, path, request.headers(), extensions)
+                        .await
+                }
+                false => self.0.acquire(method, path).await,
+            }
+            .map_err(middleware_error)?;
             match next.run(request, extensions).await {
                 Ok(response) => {
                     permit.finish_head(head(&response)).await;

@@ -84,7 +84,7 @@ impl ConcurrencyLimitByPlan {
     /// # }
     /// ```
     pub async fn acquire<B>(&self, method: &Method, path: &str) -> Result<Permit<B>, BoxError> {
-        let inner = Handed::turn(self, method, path, None).await?;
+        let inner = Handed::turn(self, method, path, None, None).await?;
         Ok(Permit { inner })
     }
 
@@ -98,7 +98,7 @@ impl ConcurrencyLimitByPlan {
         path: &str,
         headers: &http::HeaderMap,
     ) -> Result<Permit<B>, BoxError> {
-        let inner = Handed::turn(self, method, path, Some(headers)).await?;
+        let inner = Handed::turn(self, method, path, Some(headers), None).await?;
         Ok(Permit { inner })
     }
 }

@@ -173,8 +173,10 @@ impl KeyTable {
         }
     }
 
-    /// Client `key`'s request counted at `at` for `taken` units cost `cost`; nothing if the
-    /// client was forgotten since (its count went to the shadow as it was).
+    /// Client `key`'s request counted at `at` for `taken` units cost `cost`. A client
+    /// forgotten since is tracked again (restored from the shadow, as a request would restore
+    /// it) when the request cost more; what it cost less is not given back to a count that
+    /// was rounded on the way (the shadow's), which is safe.
     pub(crate) fn correct(
         &mut self,
         key: u64,
@@ -184,6 +186,10 @@ impl KeyTable {
         taken: u32,
         cost: u32,
     ) {
+        if cost > taken && !self.keys.contains_key(&key) {
+            // Tracked again, counting nothing more (whatever the verdict): then corrected.
+            let _ = self.hit(key, rate, now, 0);
+        }
         if let Some(state) = self.keys.get_mut(&key) {
             state.correct(rate, now, at, taken, cost);
         }

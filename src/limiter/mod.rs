@@ -226,11 +226,12 @@ impl Limiter {
             abandoned: &self.abandoned,
             abandoned_units: self.abandoned_units,
         };
+        // What costs nothing takes nothing, but waits as a request of one unit would: a quota
+        // already full (a cost corrected upwards) holds it back.
+        let need = units.max(1);
         let algorithm = match &mut self.algorithm {
-            // What costs nothing in a quota is never held back by it.
-            _ if units == 0 => Ok(()),
-            Algorithm::Window(w) => w.check(rate, now, &pending, units),
-            Algorithm::Gcra(g) => g.check(rate, now, &pending, units),
+            Algorithm::Window(w) => w.check(rate, now, &pending, need),
+            Algorithm::Gcra(g) => g.check(rate, now, &pending, need),
         };
         match algorithm {
             Ok(()) if earliest <= now => Ok(()),
@@ -265,7 +266,12 @@ impl Limiter {
 
     /// The request that took `taken` units earlier has been answered at `at`, and turned out
     /// to cost `cost`: it holds that many places from now on.
+    ///
+    /// A cost is counted as at most the quota's capacity (its count, or a paced quota's
+    /// burst): a usage figure out of all proportion (a garbage header) closes the quota for
+    /// one period at most, not for years.
     pub(crate) fn answer(&mut self, rate: &Rate, at: Nanos, taken: u32, cost: u32) {
+        let cost = cost.min(rate.capacity());
         self.settle(rate, at);
         self.answered(rate, at, taken, cost);
         if cost > taken {

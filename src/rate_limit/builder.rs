@@ -153,7 +153,12 @@ impl<C> Builder<C> {
     /// [`cost_after`](Builder::cost_after). A cost larger than a quota allows at once (its
     /// count, or a paced quota's burst) is returned to the caller at once as
     /// [`RateLimitError::CostTooHigh`](super::RateLimitError::CostTooHigh); server mode
-    /// answers 429 for it.
+    /// answers it `413 Content Too Large`. A request that costs nothing in a quota takes
+    /// nothing from it, but waits (server mode: is refused) while the quota is full.
+    ///
+    /// [`acquire`](RateLimitByRoute::acquire) hands the closure a request of a method and a
+    /// path only; [`acquire_with_head`](RateLimitByRoute::acquire_with_head) gives it the
+    /// request's fields and extensions.
     pub fn cost<G>(mut self, unit: &'static str, cost: G) -> Self
     where
         G: Fn(&RequestHead<'_>) -> u32 + Send + Sync + 'static,
@@ -165,8 +170,10 @@ impl<C> Builder<C> {
     /// What a request turned out to cost in `unit`, read from its response's head (a usage
     /// header, the tokens a server says it counted); `None` keeps the cost taken. The
     /// difference is taken or given back at once: the request holds its true cost in the
-    /// quota from its response on, so the requests after it see the true budget. In server
-    /// mode, the response is the one the inner service answers with.
+    /// quota from its response on, so the requests after it see the true budget. A cost
+    /// counts as at most the quota's capacity. In server mode, the response is the one the
+    /// inner service answers with. The closure runs once per response; should it panic, the
+    /// request is held as abandoned.
     ///
     /// ```
     /// use tower_quota::rate_limit::ResponseHead;

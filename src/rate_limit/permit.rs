@@ -86,7 +86,55 @@ impl RateLimitByRoute<Wait> {
     /// # }
     /// ```
     pub async fn acquire(&self, method: &Method, path: &str) -> Result<Permit, BoxError> {
-        let inner = Handed::turn(self, method, path, None).await?;
+        let inner = Handed::turn(self, method, path, None, None).await?;
         Ok(Permit { inner })
+    }
+
+    /// [`acquire`](Self::acquire) for a request with these header fields and extensions,
+    /// which a route that weighs its requests ([`Builder::cost`](super::Builder::cost))
+    /// reads its cost from. Copies them; `acquire` is enough for a route that weighs nothing.
+    ///
+    /// ```
+    /// use http::{Extensions, HeaderMap, Method};
+    /// use tower_quota::rate_limit::RequestHead;
+    /// use tower_quota::{Quota, RateLimitByRoute};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_quota::BoxError> {
+    /// let limits = RateLimitByRoute::builder()
+    ///     .route("POST /v1/chat", Quota::per_minute(10_000).counting("tokens"))
+    ///     .cost("tokens", |head: &RequestHead<'_>| {
+    ///         let max = head.headers().get("x-max-tokens");
+    ///         max.and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(4_096)
+    ///     })
+    ///     .build()?;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert("x-max-tokens", "5000".parse()?);
+    /// let permit = limits
+    ///     .acquire_with_head(&Method::POST, "/v1/chat", &headers, &Extensions::new())
+    ///     .await?;
+    /// assert_eq!(limits.snapshot()[0].remaining, 5_000);
+    /// permit.not_sent().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn acquire_with_head(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<Permit, BoxError> {
+        let head = Some((headers, extensions));
+        let inner = Handed::turn(self, method, path, None, head).await?;
+        Ok(Permit { inner })
+    }
+
+    /// Whether any route weighs its requests (the reqwest middleware then hands them its
+    /// header fields and extensions).
+    #[cfg(feature = "reqwest-middleware")]
+    pub(crate) fn weighs(&self) -> bool {
+        self.mode.0.routes.iter().any(|route| route.is_weighed())
     }
 }

@@ -24,7 +24,9 @@ pub struct Rejection {
     pub quota: Quota,
     /// How long the client must wait before the request would be admitted (zero when the
     /// refusal is not about time: [`RejectReason::MissingKey`],
-    /// [`RejectReason::NoPeerAddress`]).
+    /// [`RejectReason::NoPeerAddress`], [`RejectReason::CostTooHigh`]).
+    ///
+    /// The quota above is the one that refused it (for a route of several quotas).
     pub retry_after: Duration,
     /// Why the request was refused.
     pub reason: RejectReason,
@@ -44,6 +46,10 @@ pub enum RejectReason {
     /// The layer keys clients by address and the server supplied none (a configuration
     /// error, logged as a warning): `500 Internal Server Error`.
     NoPeerAddress,
+    /// The request costs more than one of its route's quotas ever admits at once (its count,
+    /// or a paced quota's burst): `413 Content Too Large`, with no `Retry-After`, since no
+    /// wait lets it pass.
+    CostTooHigh,
 }
 
 impl RejectReason {
@@ -55,6 +61,7 @@ impl RejectReason {
             Self::StoreUnavailable => Refusal::StoreUnavailable,
             Self::MissingKey => Refusal::MissingKey,
             Self::NoPeerAddress => Refusal::NoPeerAddress,
+            Self::CostTooHigh => Refusal::CostTooHigh,
         }
     }
 }
@@ -103,6 +110,7 @@ pub(crate) fn rejection<B, F: RejectResponse<B>>(
     let status = match reason {
         RejectReason::MissingKey => StatusCode::BAD_REQUEST,
         RejectReason::NoPeerAddress => StatusCode::INTERNAL_SERVER_ERROR,
+        RejectReason::CostTooHigh => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::TOO_MANY_REQUESTS,
     };
     *response.status_mut() = status;

@@ -55,6 +55,13 @@ for q = 0, n - 1 do
     tat_key = KEYS[3 + 3 * q],
     buckets = KEYS[4 + 3 * q],
   }
+  -- A cost counts as at most the quota's capacity (its count, or a paced quota's burst): a
+  -- garbage usage figure closes the quota for a period at most.
+  local capacity = quota.count
+  if quota.algorithm == 'gcra' then
+    capacity = quota.burst
+  end
+  quota.cost = math.min(quota.cost, capacity)
   -- Keys expire once nothing in them can matter any more.
   quota.idle_ms = math.ceil((lease + quota.period + quota.margin
     + quota.interval * math.max(quota.burst, quota.units)) / 1000) + 1000
@@ -160,9 +167,12 @@ end
 -- Counts a request answered at `answered` with its true cost in `quota`.
 local function answer(quota, answered, hold_until)
   local member = named(quota.units)
+  -- A request that took nothing has no place to find: what it turned out to cost is counted
+  -- all the same.
+  local took_nothing = quota.units == 0
   if quota.algorithm == 'window' then
-    if redis.call('ZSCORE', quota.holders, member) then
-      if quota.cost ~= quota.units then
+    if took_nothing or redis.call('ZSCORE', quota.holders, member) then
+      if not took_nothing and quota.cost ~= quota.units then
         redis.call('ZREM', quota.holders, member)
       end
       if quota.cost > 0 then
@@ -170,7 +180,7 @@ local function answer(quota, answered, hold_until)
       end
       extend(quota.holders, math.max(quota.idle_ms, math.ceil((hold_until - now) / 1000) + 1000))
     end
-  elseif redis.call('ZREM', quota.holders, member) == 1 and quota.cost > 0 then
+  elseif (took_nothing or redis.call('ZREM', quota.holders, member) == 1) and quota.cost > 0 then
     local tat = get_tat(quota)
     tat = math.max(tat, answered + quota.margin) + quota.interval * quota.cost
     set_tat(quota, tat)
@@ -252,8 +262,9 @@ if op == 'correct' then
         end
       end
     elseif diff ~= 0 then
+      -- More is counted whether or not the TAT is still kept; less only from one that is.
       local tat = get_tat(quota)
-      if tat > 0 then
+      if diff > 0 or tat > now then
         tat = math.max(tat, now) + diff * quota.interval
         if tat > now then
           set_tat(quota, tat)
@@ -274,12 +285,13 @@ end
 -- Whether `quota` admits the request now: nil if so, else the wait (-1: until a release).
 -- What it decided is kept in `quota` for `take`.
 local function check(quota)
-  -- What costs nothing in a quota is never held back by it.
-  local units = quota.units
+  -- What costs nothing takes nothing, but is held back by a full quota (a cost corrected
+  -- upwards) as a request of one unit would be.
+  local units = math.max(quota.units, 1)
   if op == 'hit' and quota.algorithm == 'window' then
     local buckets, total, index, w = counted(quota)
     quota.index, quota.w, quota.total, quota.oldest = index, w, total, buckets[1]
-    if units == 0 or total + units <= quota.count then
+    if total + units <= quota.count then
       return nil
     end
     -- Refused: admitted once the oldest buckets free enough.
@@ -297,13 +309,10 @@ local function check(quota)
     local base = math.max(tat, now)
     local admit_at = base + (units - 1) * quota.interval - (quota.burst - 1) * quota.interval
     quota.base = base
-    if units == 0 or admit_at <= now then
+    if admit_at <= now then
       return nil
     end
     return admit_at - now
-  end
-  if units == 0 then
-    return nil
   end
   local total, places = held(quota)
   if quota.algorithm == 'window' then

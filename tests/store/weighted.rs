@@ -264,10 +264,91 @@ async fn a_fleet_of_servers_charges_costs_in_every_quota_and_corrects_them() {
         // 100 counted: a point more is refused by either, and counts nothing.
         assert_eq!(send(0, 1, 1).await, 429, "{paced}");
         assert_eq!(send(1, 1, 1).await, 429, "{paced}");
-        // Two requests counted of 4: each server admits one more request of 0 points.
-        assert_eq!(send(0, 0, 0).await, 200, "{paced}");
-        assert_eq!(send(1, 0, 0).await, 200, "{paced}");
-        assert_eq!(send(0, 0, 0).await, 429, "{paced}");
-        assert_eq!(seen.lock().unwrap().len(), 4);
+        // A request that costs nothing is held back by a full quota, as one of a unit would.
+        assert_eq!(send(1, 0, 0).await, 429, "{paced}");
+        assert_eq!(seen.lock().unwrap().len(), 2);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_took_nothing_is_counted_at_its_corrected_cost_in_the_store() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let mut waited = Vec::new();
+    for with_store in [false, true] {
+        let store = store(&url, &unique_prefix("zero"));
+        let mut builder = RateLimitByRoute::builder()
+            .route(
+                "POST /v1/chat",
+                Quota::new(100, Duration::from_secs(10)).counting("tokens"),
+            )
+            .cost("tokens", max_tokens)
+            .cost_after("tokens", used_tokens);
+        if with_store {
+            builder = builder.store(store.clone());
+        }
+        let service = builder.build().unwrap().layer(api(Seen::default()));
+        // Declared at 0, spends the whole quota.
+        service.clone().oneshot(chat(0, 100)).await.unwrap();
+        store.flush().await;
+        let next =
+            tokio::time::timeout(Duration::from_secs(2), service.clone().oneshot(chat(1, 1))).await;
+        waited.push(next.is_err());
+    }
+    assert_eq!(
+        waited,
+        [true, true],
+        "(memory, store) still waiting after 2 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_s_correction_outlives_the_paced_schedule_it_corrects() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    // Answers a request of 10 3 s later: the client's schedule in Redis has expired by then.
+    let slow = tower::service_fn(|request: Request<()>| async move {
+        let spent = header(request.headers().get("x-spends")).unwrap_or(1);
+        if spent == 10 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let response = Response::builder()
+            .header("x-usage-tokens", spent)
+            .body(())
+            .unwrap();
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let mut statuses = Vec::new();
+    for with_store in [false, true] {
+        let store = store(&url, &unique_prefix("slow"));
+        let builder = RateLimitByRoute::builder()
+            .route(
+                "POST /v1/chat",
+                Quota::per_minute(100).with_burst(10).counting("tokens"),
+            )
+            .cost("tokens", max_tokens)
+            .cost_after("tokens", used_tokens)
+            .reject()
+            .key_header(HeaderName::from_static("x-api-key"));
+        let limits = match with_store {
+            true => builder.store(store.clone()).build().unwrap(),
+            false => builder.build().unwrap(),
+        };
+        let service = limits.layer(slow);
+        // Declares 1, spends a burst's worth (10): from its response on, one more fits.
+        let mut run = Vec::new();
+        for spends in [10, 1, 1] {
+            let response = service.clone().oneshot(chat(1, spends)).await.unwrap();
+            store.flush().await;
+            run.push(response.status().as_u16());
+        }
+        statuses.push(run);
+    }
+    assert_eq!(
+        statuses,
+        [[200, 200, 429], [200, 200, 429]],
+        "(memory, store)"
+    );
 }

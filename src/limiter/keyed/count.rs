@@ -164,8 +164,10 @@ impl KeyState {
             Self::Window(b) => {
                 let w = width(rate);
                 b.advance(now / w);
-                // What costs nothing in a quota is never held back by it.
-                if units == 0 || u64::from(b.total) + u64::from(units) <= u64::from(rate.count) {
+                // What costs nothing takes nothing, but is held back by a full quota (a cost
+                // corrected upwards) as a request of one unit would be.
+                let need = units.max(1);
+                if u64::from(b.total) + u64::from(need) <= u64::from(rate.count) {
                     let slot = (b.newest % RING as u64) as usize;
                     b.counts[slot] += units;
                     b.total += units;
@@ -174,7 +176,7 @@ impl KeyState {
                         reset: b.newest.saturating_add(RING as u64).saturating_mul(w),
                     }
                 } else {
-                    let keep = rate.count.saturating_sub(units);
+                    let keep = rate.count.saturating_sub(need);
                     Verdict::Refuse {
                         until: b.time_to(keep, w).max(now),
                     }
@@ -187,7 +189,7 @@ impl KeyState {
                 // The last of its units must fit in the burst's tolerance.
                 let last = interval.saturating_mul(u64::from(units.max(1) - 1));
                 let admit_at = base.saturating_add(last).saturating_sub(tolerance);
-                if units > 0 && admit_at > now {
+                if admit_at > now {
                     return Verdict::Refuse { until: admit_at };
                 }
                 *tat = base.saturating_add(interval.saturating_mul(u64::from(units)));
@@ -224,7 +226,10 @@ impl KeyState {
     /// A request counted at `at` for `taken` units turned out to cost `cost`: the difference
     /// is counted from `now` on (more), or given back where it was counted, if it still
     /// counts there (less).
+    /// A cost counts as at most the quota's capacity (a garbage figure closes the quota for a
+    /// period at most).
     pub(super) fn correct(&mut self, rate: &Rate, now: Nanos, at: Nanos, taken: u32, cost: u32) {
+        let cost = cost.min(rate.capacity());
         match self {
             Self::Window(b) => {
                 let w = width(rate);

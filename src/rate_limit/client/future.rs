@@ -115,6 +115,7 @@ impl QueuedTurn {
             let turn = match self.ticket.poll_turn(cx) {
                 Turn::Admitted(permit) => return Poll::Ready(Ok(permit)),
                 Turn::Wait(turn) => turn,
+                Turn::Never(error) => return Poll::Ready(Err(error)),
             };
             let clock = *self.ticket.clock();
             let now = clock.now();

@@ -238,6 +238,16 @@ impl ClientState {
         }
     }
 
+    /// The limiter of its first quota that counts requests, if any does.
+    fn requests(&mut self) -> Option<&mut Limiter> {
+        if self.rate.quota.unit().is_none() {
+            return Some(&mut self.limiter);
+        }
+        let mut more = self.more.iter_mut();
+        more.find(|(rate, _)| rate.quota.unit().is_none())
+            .map(|(_, limiter)| limiter)
+    }
+
     /// Its quotas, in order.
     pub(crate) fn rates(&self) -> impl Iterator<Item = &Rate> {
         std::iter::once(&self.rate).chain(self.more.iter().map(|(rate, _)| rate))
@@ -402,6 +412,9 @@ pub(crate) enum Turn {
     Admitted(Permit),
     /// Not yet; it will be woken, or should look again at this time.
     Wait(Option<Nanos>),
+    /// Never: it costs more than its route's quota now admits at once (lowered by
+    /// `set_quota` while it waited). It has left the queue.
+    Never(RateLimitError),
 }
 
 impl TurnTicket {
@@ -455,6 +468,22 @@ impl TurnTicket {
         let now = state.now(&self.shared.clock);
         let mut wait = None;
         if state.waiters.is_head(self.id) {
+            if !self.costs.is_one() {
+                let route = &self.shared.routes[self.route];
+                if let Some(error) = route.too_high(state, &self.costs) {
+                    // Its quota was lowered under it: it leaves, and the next may go.
+                    state.waiters.pop_head();
+                    state.wake_head();
+                    drop(guard);
+                    self.queued = false;
+                    self.left(|layer, route, _| Event::Refused {
+                        layer,
+                        route,
+                        reason: Refusal::CostTooHigh,
+                    });
+                    return Turn::Never(error);
+                }
+            }
             match state.try_take(now, &self.costs) {
                 Ok(()) => {
                     state.waiters.pop_head();
@@ -807,16 +836,19 @@ impl Permit {
     pub(crate) fn answered<B>(mut self, response: &Response<B>) {
         let route = &self.shared.routes[usize::from(self.route)];
         let answered = self.shared.clock.now();
+        // A correction is read before the lock (it runs the caller's code), and before the
+        // place counts as given back: should the caller's code panic, the permit dropped
+        // holds the place as abandoned, rather than lose it.
+        let said = match route.is_weighed() {
+            true => route.read_costs(response),
+            false => None,
+        };
         self.stage = Stage::Settled;
         if route.learnt {
             return self.answered_learnt(response, answered);
         }
         // Not learnt: it holds its place in its own route's state, and `extra` is the key of
-        // its costs there. A correction is read before the lock: it runs the caller's code.
-        let said = match route.is_weighed() {
-            true => route.read_costs(response),
-            false => None,
-        };
+        // its costs there.
         let mut guard = lock(&route.state);
         let state = &mut *guard;
         let now = state.seen(answered);
@@ -1019,7 +1051,10 @@ fn learn_stated<B>(
         state.limiter.block_until(until(reset));
         learnt = learnt.or(Some(Learnt::Headers));
     }
-    if let Some(tightest) = stated.tightest_requests() {
+    // What is stated in requests bounds the route's first quota that counts requests (none,
+    // if every quota of it counts another unit).
+    let requests = state.requests();
+    if let (Some(tightest), Some(limiter)) = (stated.tightest_requests(), requests) {
         if let Some(reset) = tightest.reset_after(wall) {
             learnt = learnt.or(Some(Learnt::Headers));
             let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
@@ -1034,11 +1069,11 @@ fn learn_stated<B>(
             let limit = tightest.limit.map(count).filter(|_| !several);
             let remaining = count(tightest.remaining).saturating_sub(how.elsewhere);
             if how.tighten_only {
-                state.limiter.tighten(remaining, until(reset), now);
+                limiter.tighten(remaining, until(reset), now);
             } else {
-                state.limiter.cap(remaining, limit, until(reset), now);
+                limiter.cap(remaining, limit, until(reset), now);
                 if let (Some(_), Some(window)) = (limit, tightest.window) {
-                    state.limiter.renews_over(nanos(window.min(cap)));
+                    limiter.renews_over(nanos(window.min(cap)));
                 }
             }
         }

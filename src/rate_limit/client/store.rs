@@ -226,7 +226,8 @@ impl StorePlace {
     /// fleet (a 429) is awaited on the path, so the route is closed before the 429 is
     /// answered.
     pub(crate) fn release<B>(mut self, response: Option<&Response<B>>) -> StoreRelease {
-        self.released = true;
+        // Marked released only once its call is made: should a correction (the caller's code)
+        // panic, the place dropped is held as abandoned, rather than lost.
         let (call, closes_route) = match response {
             Some(response) => self.release_call(response),
             None => {
@@ -238,6 +239,7 @@ impl StorePlace {
                 (call, false)
             }
         };
+        self.released = true;
         StoreRelease {
             call: Some(call),
             store: self.store.clone(),

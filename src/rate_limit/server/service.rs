@@ -75,7 +75,16 @@ where
         };
         #[cfg(feature = "redis")]
         if config.store.is_some() {
-            return self.call_store(request, index, key);
+            let costs = match &route.weighing {
+                None => Costs::one(),
+                Some(weighing) => weighing.costs(&RequestHead::of(&request)),
+            };
+            if let Some((quota, _)) = costs.too_high(route.rates().iter()) {
+                let refused = route.too_high(quota, &shared.events, index);
+                let response = rejection(config, &route.name, refused);
+                return RejectFuture::rejected(response);
+            }
+            return self.call_store(request, index, key, costs);
         }
         let Some(weighing) = &route.weighing else {
             let now = shared.clock.now();
@@ -147,6 +156,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
         request: Request<B>,
         index: usize,
         key: u64,
+        costs: Costs,
     ) -> RejectFuture<S, B, F>
     where
         S: Service<Request<B>>,
@@ -167,10 +177,6 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
             Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
         };
         let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
-        let costs = match &route.weighing {
-            None => Costs::one(),
-            Some(weighing) => weighing.costs(&RequestHead::of(&request)),
-        };
         let rates = route.rates();
         let call = store.acquire(&name, &store.member(), &rates, &costs, true);
         let layer = Reject(shared.clone());

@@ -195,6 +195,13 @@ impl KeyedRoute {
             clients,
             more,
         } = &mut *shard;
+        if !costs.is_one() {
+            let rates = std::iter::once(&*rate).chain(more.iter().map(|(rate, _)| rate));
+            if let Some((quota, _)) = costs.too_high(rates) {
+                drop(shard);
+                return Err(self.too_high(quota, events, index));
+            }
+        }
         let (len, forgotten) = (clients.len(), clients.forgotten());
         let (verdict, refused_by) = match more.is_empty() {
             true => (hit(clients, key, rate, now, costs.get(0)), 0),
@@ -227,6 +234,19 @@ impl KeyedRoute {
                 ratelimit: self.ratelimit(remaining, reset),
             })
         })
+    }
+
+    /// A request that costs more than `quota` ever admits at once: refused, whatever the
+    /// client has counted.
+    #[cold]
+    pub(crate) fn too_high(&self, quota: Quota, events: &Events, index: usize) -> Refused {
+        let refused = Refused {
+            wait: Duration::ZERO,
+            quota,
+            reason: RejectReason::CostTooHigh,
+        };
+        self.report(&Err::<(), _>(refused), events, index);
+        refused
     }
 
     /// Client `key`'s request counted at `at` for `taken` turned out to cost `cost`.

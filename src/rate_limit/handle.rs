@@ -32,7 +32,7 @@ pub struct RouteSnapshot {
     pub route: Arc<str>,
     /// Its quota; for a route of several quotas, the first, which the figures below are of.
     pub quota: Quota,
-    /// Requests that could be sent now without waiting.
+    /// Requests that could be sent now without waiting (units, for a quota counting them).
     pub remaining: u32,
     /// When the next request could go.
     pub next: NextAdmission,

@@ -11,7 +11,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderName, Method, Request, Response, StatusCode};
 use tokio::time::{advance, sleep, Instant};
 use tower::{service_fn, Layer, Service, ServiceExt};
-use tower_quota::rate_limit::{RateLimitError, ResponseHead};
+use tower_quota::rate_limit::{Builder, Quotas, RateLimitError, RejectConfig, ResponseHead};
 use tower_quota::{BoxError, ConfigError, Quota, RateLimitByRoute};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -256,64 +256,46 @@ fn token_server(
     })
 }
 
-#[tokio::test(start_paused = true)]
-async fn costs_corrected_from_responses_use_the_true_budget_without_a_429() {
+/// Ten minutes of 8 callers, each request allowed 1,000 tokens and spending 100 to 1,000,
+/// against a server counting true costs in 20,000 a minute: the tokens it accepted, and
+/// how many it refused.
+async fn ten_minutes_against_a_true_cost_server(corrected: bool) -> (u64, u32) {
     let (accepted, refused) = (Arc::default(), Arc::default());
     let server = token_server(20_000, Arc::clone(&accepted), Arc::clone(&refused));
-    let layer = RateLimitByRoute::builder()
-        .route(
-            "POST /v1/chat",
-            [
-                Quota::per_minute(500),
-                Quota::per_minute(20_000).counting("tokens"),
-            ],
-        )
-        // Each request may spend up to 1,000 tokens, and is held at that until answered.
-        .cost("tokens", max_tokens)
-        .cost_after("tokens", used_tokens)
-        .build()
-        .unwrap();
+    let quotas = [
+        Quota::per_minute(500),
+        Quota::per_minute(20_000).counting("tokens"),
+    ];
+    // Each request is held at the most it may spend until answered.
+    let builder = RateLimitByRoute::builder()
+        .route("POST /v1/chat", quotas)
+        .cost("tokens", max_tokens);
+    let builder = match corrected {
+        true => builder.cost_after("tokens", used_tokens),
+        false => builder,
+    };
     let mut spent = costs(11);
     let next = move || chat(1_000, 100 + spent(900));
-    let minutes: u32 = 10;
-    let errors = run(layer.layer(server), 8, minutes * MINUTE, next).await;
+    let errors = run(builder.build().unwrap().layer(server), 8, 10 * MINUTE, next).await;
     assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!(*refused.lock().unwrap(), 0, "the server refused some");
-    let total: u64 = accepted
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|&(_, c)| u64::from(c))
-        .sum();
-    let quota = 20_000 * u64::from(minutes);
+    let accepted = accepted.lock().unwrap();
+    let total = accepted.iter().map(|&(_, c)| u64::from(c)).sum();
+    let refused = *refused.lock().unwrap();
+    (total, refused)
+}
+
+#[tokio::test(start_paused = true)]
+async fn costs_corrected_from_responses_use_the_true_budget_without_a_429() {
+    let quota = 20_000 * 10;
+    let (total, refused) = ten_minutes_against_a_true_cost_server(true).await;
+    assert_eq!(refused, 0, "the server refused some");
     assert!(
         total * 100 >= quota * 95,
         "{total} of {quota} tokens: under 95 %"
     );
-
     // Without the correction, each request is held at its most, and far less is used.
-    let (accepted, refused) = (Arc::default(), Arc::default());
-    let server = token_server(20_000, Arc::clone(&accepted), Arc::clone(&refused));
-    let layer = RateLimitByRoute::builder()
-        .route(
-            "POST /v1/chat",
-            [
-                Quota::per_minute(500),
-                Quota::per_minute(20_000).counting("tokens"),
-            ],
-        )
-        .cost("tokens", max_tokens)
-        .build()
-        .unwrap();
-    let mut spent = costs(11);
-    let next = move || chat(1_000, 100 + spent(900));
-    run(layer.layer(server), 8, minutes * MINUTE, next).await;
-    let uncorrected: u64 = accepted
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|&(_, c)| u64::from(c))
-        .sum();
+    let (uncorrected, refused) = ten_minutes_against_a_true_cost_server(false).await;
+    assert_eq!(refused, 0);
     assert!(uncorrected * 100 < quota * 70, "{uncorrected}");
 }
 
@@ -482,6 +464,21 @@ fn units_without_a_cost_and_costs_without_a_quota_are_errors() {
 
 // ===== server mode =====
 
+/// Server mode on `POST /graphql` per `x-api-key`, charged `x-max-tokens` points, corrected
+/// from the response's `x-usage-tokens` if `corrected`.
+fn graphql(quotas: impl Into<Quotas>, corrected: bool) -> Builder<RejectConfig> {
+    let builder = RateLimitByRoute::builder()
+        .route("POST /graphql", quotas)
+        .cost("points", max_tokens);
+    let builder = match corrected {
+        true => builder.cost_after("points", used_tokens),
+        false => builder,
+    };
+    builder
+        .reject()
+        .key_header(HeaderName::from_static("x-api-key"))
+}
+
 fn server_request(points: u32, used: u32) -> Request<()> {
     Request::post("/graphql")
         .header("x-api-key", "alice")
@@ -494,19 +491,11 @@ fn server_request(points: u32, used: u32) -> Request<()> {
 #[tokio::test(start_paused = true)]
 async fn a_server_charges_by_cost_in_every_quota_or_none() {
     let (api, seen) = api(Instant::now(), Duration::ZERO);
-    let layer = RateLimitByRoute::builder()
-        .route(
-            "POST /graphql",
-            [
-                Quota::per_minute(5),
-                Quota::per_minute(100).counting("points"),
-            ],
-        )
-        .cost("points", max_tokens)
-        .reject()
-        .key_header(HeaderName::from_static("x-api-key"))
-        .build()
-        .unwrap();
+    let quotas = [
+        Quota::per_minute(5),
+        Quota::per_minute(100).counting("points"),
+    ];
+    let layer = graphql(quotas, false).build().unwrap();
     let mut svc = layer.layer(api);
     let mut send = async |request| svc.ready().await.unwrap().call(request).await.unwrap();
     assert_eq!(send(server_request(60, 60)).await.status(), 200);
@@ -534,14 +523,7 @@ async fn a_server_corrects_a_cost_from_its_own_response() {
             false => Quota::per_minute(100),
             true => Quota::per_minute(100).with_burst(100),
         };
-        let layer = RateLimitByRoute::builder()
-            .route("POST /graphql", points.counting("points"))
-            .cost("points", max_tokens)
-            .cost_after("points", used_tokens)
-            .reject()
-            .key_header(HeaderName::from_static("x-api-key"))
-            .build()
-            .unwrap();
+        let layer = graphql(points.counting("points"), true).build().unwrap();
         let mut svc = layer.clone().layer(api.clone());
         let mut send = async |request| svc.ready().await.unwrap().call(request).await.unwrap();
         // Charged 80 up front, 20 once answered: 80 more fit.
@@ -696,20 +678,11 @@ async fn what_a_server_states_in_requests_bounds_the_quota_that_counts_requests(
 async fn a_declared_cost_of_zero_does_not_pass_a_spent_quota() {
     for declared in [1, 0] {
         let (api, seen) = api(Instant::now(), Duration::ZERO);
-        let layer = RateLimitByRoute::builder()
-            .route(
-                "POST /graphql",
-                [
-                    Quota::per_minute(1_000),
-                    Quota::per_minute(100).counting("points"),
-                ],
-            )
-            .cost("points", max_tokens)
-            .cost_after("points", used_tokens)
-            .reject()
-            .key_header(HeaderName::from_static("x-api-key"))
-            .build()
-            .unwrap();
+        let quotas = [
+            Quota::per_minute(1_000),
+            Quota::per_minute(100).counting("points"),
+        ];
+        let layer = graphql(quotas, true).build().unwrap();
         let mut svc = layer.layer(api);
         for _ in 0..50 {
             let request = server_request(declared, 100);
@@ -726,13 +699,8 @@ async fn a_declared_cost_of_zero_does_not_pass_a_spent_quota() {
 #[tokio::test(start_paused = true)]
 async fn a_server_answers_413_with_no_retry_after_for_a_cost_that_never_fits() {
     let (api, _seen) = api(Instant::now(), Duration::ZERO);
-    let layer = RateLimitByRoute::builder()
-        .route("POST /graphql", Quota::per_minute(100).counting("points"))
-        .cost("points", max_tokens)
-        .reject()
-        .key_header(HeaderName::from_static("x-api-key"))
-        .build()
-        .unwrap();
+    let points = Quota::per_minute(100).counting("points");
+    let layer = graphql(points, false).build().unwrap();
     let mut svc = layer.clone().layer(api);
     let response = svc
         .ready()
@@ -750,15 +718,8 @@ async fn a_server_answers_413_with_no_retry_after_for_a_cost_that_never_fits() {
 async fn a_correction_reaches_a_client_forgotten_while_its_request_was_in_flight() {
     for max_keys in [65_536, 16] {
         let (api, seen) = api(Instant::now(), Duration::from_secs(1));
-        let layer = RateLimitByRoute::builder()
-            .route("POST /graphql", Quota::per_minute(100).counting("points"))
-            .cost("points", max_tokens)
-            .cost_after("points", used_tokens)
-            .reject()
-            .key_header(HeaderName::from_static("x-api-key"))
-            .max_keys(max_keys)
-            .build()
-            .unwrap();
+        let points = Quota::per_minute(100).counting("points");
+        let layer = graphql(points, true).max_keys(max_keys).build().unwrap();
         let svc = layer.layer(api);
         let as_key = |key: String, declared: u32, used: u32| {
             let mut request = server_request(declared, used);

@@ -85,6 +85,14 @@ impl IdPath {
             if part.is_empty() {
                 return Err("a path has no empty step (`//`, or a `/` at its end)");
             }
+            // RFC 6901: `~` only as `~0` or `~1`. A field named `*` cannot be a step.
+            let escapes = part.match_indices('~');
+            if escapes
+                .clone()
+                .any(|(at, _)| !matches!(part.as_bytes().get(at + 1), Some(b'0' | b'1')))
+            {
+                return Err("a `~` in a path stands only as `~0` (for `~`) or `~1` (for `/`)");
+            }
             steps.push(match part {
                 "*" => Step::Each,
                 key => Step::Key(key.replace("~1", "/").replace("~0", "~").into()),
@@ -99,23 +107,30 @@ impl IdPath {
 pub(crate) struct Ids {
     /// The ids found at the path, in order.
     pub(crate) ids: Vec<String>,
+    /// The status beside each of them in its object (`status_field`), where there is one.
+    pub(crate) statuses: Vec<Option<String>>,
     /// The top-level object's `root_field`, if it is an object and has one.
     pub(crate) root: Option<String>,
     /// Whether `body` held one whole JSON value and nothing after it.
     pub(crate) complete: bool,
 }
 
-/// The ids at `path` in `body` (at most `max` of them are kept), and the top-level object's
-/// field `root_field`, as far as `body` goes. Where `path` expects an object in an array and
-/// finds a string or a number, that element is an id itself (`["gen_1", "gen_2"]`).
-pub(crate) fn ids(body: &[u8], path: &IdPath, root_field: &str, max: usize) -> Ids {
+/// The ids at `path` in `body` (at most `max` of them are kept), each with the field
+/// `fields.status` of the object it is in, and the top-level object's field `fields.id`, as
+/// far as `body` goes. Where `path` expects an object in an array and finds a string or a
+/// number, that element is an id itself (`["gen_1", "gen_2"]`).
+pub(crate) fn ids(body: &[u8], path: &IdPath, fields: Fields<'_>, max: usize) -> Ids {
     let mut found = Ids::default();
     let mut de = serde_json::Deserializer::from_slice(body);
     let read = PathSeed {
         path: &path.0,
         in_array: false,
-        root: Some((root_field, &mut found.root)),
-        out: &mut found.ids,
+        root: Some((fields.id, &mut found.root)),
+        status: fields.status,
+        out: Out {
+            ids: &mut found.ids,
+            statuses: &mut found.statuses,
+        },
         max,
     }
     .deserialize(&mut de);
@@ -129,15 +144,33 @@ struct PathSeed<'a, 'p> {
     in_array: bool,
     /// At the top level: the field read as a single create's id, and where it goes.
     root: Option<(&'p str, &'a mut Option<String>)>,
-    out: &'a mut Vec<String>,
+    /// The field read beside an id, as its job's status.
+    status: &'p str,
+    out: Out<'a>,
     max: usize,
+}
+
+/// Where the ids found go, and the status beside each (kept as long as the ids).
+struct Out<'a> {
+    ids: &'a mut Vec<String>,
+    statuses: &'a mut Vec<Option<String>>,
+}
+
+impl Out<'_> {
+    fn reborrow(&mut self) -> Out<'_> {
+        Out {
+            ids: &mut *self.ids,
+            statuses: &mut *self.statuses,
+        }
+    }
 }
 
 impl PathSeed<'_, '_> {
     fn push(self, id: Option<String>) {
         if let Some(id) = id {
-            if self.out.len() < self.max {
-                self.out.push(id);
+            if self.out.ids.len() < self.max {
+                self.out.ids.push(id);
+                self.out.statuses.push(None);
             }
         }
     }
@@ -166,11 +199,13 @@ impl<'de> DeserializeSeed<'de> for PathSeed<'_, '_> {
 struct PathKeySeed<'p> {
     step: &'p str,
     root: &'p str,
+    status: &'p str,
 }
 
 enum PathKey {
     Step,
     Root,
+    Status,
     Other,
 }
 
@@ -194,6 +229,8 @@ impl<'de> Visitor<'de> for PathKeySeed<'_> {
             PathKey::Step
         } else if !self.root.is_empty() && key == self.root {
             PathKey::Root
+        } else if !self.status.is_empty() && key == self.status {
+            PathKey::Status
         } else {
             PathKey::Other
         })
@@ -211,7 +248,8 @@ impl<'de> Visitor<'de> for PathSeed<'_, '_> {
         let Self {
             path,
             mut root,
-            out,
+            status,
+            mut out,
             max,
             ..
         } = self;
@@ -222,36 +260,54 @@ impl<'de> Visitor<'de> for PathSeed<'_, '_> {
             Some(Step::Key(name)) => &**name,
             _ => "",
         };
+        // The object that holds an id (the path's last step) may hold its status too.
+        let holds_id = rest.is_empty() && !name.is_empty();
         let root_field = root.as_ref().map_or("", |(field, _)| *field);
         let seed = PathKeySeed {
             step: name,
             root: root_field,
+            status: if holds_id { status } else { "" },
         };
+        let before = out.ids.len();
+        let mut seen_status = None;
         while let Some(key) = map.next_key_seed(seed)? {
             match key {
                 PathKey::Step => map.next_value_seed(PathSeed {
                     path: rest,
                     in_array: false,
                     root: None,
-                    out: &mut *out,
+                    status,
+                    out: out.reborrow(),
                     max,
                 })?,
                 PathKey::Root => {
-                    let mut id = Vec::new();
+                    let (mut id, mut no_status) = (Vec::new(), Vec::new());
                     map.next_value_seed(PathSeed {
                         path: &[],
                         in_array: false,
                         root: None,
-                        out: &mut id,
+                        status: "",
+                        out: Out {
+                            ids: &mut id,
+                            statuses: &mut no_status,
+                        },
                         max: 1,
                     })?;
                     if let Some((_, slot)) = root.as_mut() {
                         **slot = id.pop();
                     }
                 }
+                PathKey::Status => {
+                    seen_status = map.next_value::<Scalar>()?.0;
+                }
                 PathKey::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
+            }
+        }
+        if out.ids.len() == before + 1 {
+            if let Some(slot) = out.statuses.last_mut() {
+                *slot = seen_status;
             }
         }
         Ok(())
@@ -262,13 +318,14 @@ impl<'de> Visitor<'de> for PathSeed<'_, '_> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
             return Ok(());
         };
-        let (out, max) = (self.out, self.max);
+        let (mut out, max, status) = (self.out, self.max, self.status);
         while seq
             .next_element_seed(PathSeed {
                 path: rest,
                 in_array: true,
                 root: None,
-                out: &mut *out,
+                status,
+                out: out.reborrow(),
                 max,
             })?
             .is_some()
@@ -516,7 +573,7 @@ mod tests {
     }
 
     fn batch(body: &[u8], path: &str) -> Ids {
-        ids(body, &IdPath::parse(path).unwrap(), "id", usize::MAX)
+        ids(body, &IdPath::parse(path).unwrap(), FIELDS, usize::MAX)
     }
 
     #[test]
@@ -525,12 +582,14 @@ mod tests {
             br#"{"batch":"b1","generations":[{"status":"PENDING","id":"a"},{"id":2},{"x":1}]}"#;
         let seen = batch(body, "/generations/*/id");
         assert_eq!(seen.ids, ["a", "2"]);
+        // The status beside each id, where its object has one.
+        assert_eq!(seen.statuses, [Some("PENDING".to_owned()), None]);
         assert!(seen.complete);
         assert_eq!(seen.root, None);
         let seen = ids(
             br#"["a","b",{"id":"c"},null,1.5]"#,
             &IdPath::each("id"),
-            "id",
+            FIELDS,
             9,
         );
         assert_eq!(seen.ids, ["a", "b", "c"]);
@@ -539,13 +598,13 @@ mod tests {
         let seen = ids(
             br#"{"id":"one","status":"PENDING"}"#,
             &IdPath::each("id"),
-            "id",
+            FIELDS,
             9,
         );
         assert_eq!((seen.ids.len(), seen.root.as_deref()), (0, Some("one")));
         // At most `max` kept; a cut body keeps what came before the cut, and says so.
         assert_eq!(
-            ids(br#"["a","b","c"]"#, &IdPath::each("id"), "id", 2).ids,
+            ids(br#"["a","b","c"]"#, &IdPath::each("id"), FIELDS, 2).ids,
             ["a", "b"]
         );
         let seen = batch(br#"[{"id":"a"},{"id":"b"},{"id":"c"#, "/*/id");
@@ -556,7 +615,7 @@ mod tests {
             IdPath::parse("/a~1b/*").unwrap().0[0],
             Step::Key("a/b".into())
         );
-        for bad in ["", "id", "/", "/a//b", "/a/"] {
+        for bad in ["", "id", "/", "/a//b", "/a/", "/a~2/*", "/a~"] {
             assert!(IdPath::parse(bad).is_err(), "{bad}");
         }
     }
@@ -566,8 +625,8 @@ mod tests {
         fn no_input_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
             let _ = object(&body, FIELDS);
             let _ = array(&body, FIELDS);
-            let _ = ids(&body, &IdPath::each("id"), "id", 8);
-            let _ = ids(&body, &IdPath::parse("/a/*/b/*").unwrap(), "id", 8);
+            let _ = ids(&body, &IdPath::each("id"), FIELDS, 8);
+            let _ = ids(&body, &IdPath::parse("/a/*/b/*").unwrap(), FIELDS, 8);
         }
 
         #[test]

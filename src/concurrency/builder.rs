@@ -154,28 +154,33 @@ impl Builder {
     /// several ([`jobs_per_create`](Self::jobs_per_create)): a JSON pointer whose `*` steps
     /// into every element of an array. `/generations/*/id` reads each object's `id` in the
     /// array `generations`; `/ids/*` an array of ids. An array element that is a string or a
-    /// number where an object was expected is an id itself. Where the path shows no id, the
-    /// top-level object's [`id_field`](Self::id_field) is read, as for a single create.
+    /// number where an object was expected is an id itself; the
+    /// [`status_field`](Self::status_field) beside an id is its job's status. Where the path
+    /// shows no id, a create of one job reads the top-level object's
+    /// [`id_field`](Self::id_field) and status, as a single create does; a create of several
+    /// is held as unknown outcomes (the answer names the batch, not its jobs).
     ///
-    /// Without it, a create of several jobs is read as a top-level array of jobs (each
-    /// element's `id_field`, or the element itself: `/*/id`), or as one object; a create of
-    /// one job reads the object's `id_field` only, as always. A path not starting with `/`,
-    /// or with an empty step, makes [`build`](Self::build) fail.
+    /// Without it, a create on a route that counts its jobs is read as a top-level array of
+    /// jobs (each element's `id_field`, or the element itself: `/*/id`), or as one object. A
+    /// path not starting with `/`, with an empty step, or with a `~` not written `~0` or
+    /// `~1` makes [`build`](Self::build) fail (a field named `*` cannot be a step).
     pub fn id_path(mut self, pointer: impl Into<String>) -> Self {
         self.id_path = Some(pointer.into());
         self
     }
 
     /// How many jobs a create starts, and so how many slots it takes, read from its head: a
-    /// batch API's one request starting many jobs (Sync's batch API, up to 500). One for
-    /// every create without it. The closure sees the method, URI, header fields and
+    /// batch API's one request starting many jobs, each counted against the plan. One for
+    /// every create without it. (Sync's own batches are not counted in generation slots:
+    /// they have a limit of concurrent batches of their own; see the README.) The closure sees the method, URI, header fields and
     /// extensions: a caller that knows its batch's size can put it in the request's
     /// extensions and read it back here.
     ///
     /// A create of `n` jobs waits in the same first-come-first-served queue until `n` slots
     /// are free at once, and takes them in one step: it never holds part of them while it
     /// waits, and creates behind it wait behind it, so a big batch is not starved by small
-    /// creates. A count of 0, or above the plan's slots, fails at once with
+    /// creates of its process. (A shared store keeps no queue: other processes' creates may
+    /// pass it.) A count of 0, or above the plan's slots, fails at once with
     /// [`ConcurrencyError::JobCount`](super::ConcurrencyError::JobCount), as does a waiting
     /// batch when [`set_plan`](super::ConcurrencyLimitByPlan::set_plan) lowers the plan
     /// below its count. With a shared store, the `n` slots are taken there in one step too.
@@ -188,44 +193,46 @@ impl Builder {
     /// [`max_prefix`](Self::max_prefix) or dropped before its end (the server may have made
     /// those jobs). A whole JSON body that shows some ids but fewer than `n` says what the
     /// server made: the other slots are given back. Ids beyond `n` hold slots too, as jobs
-    /// seen active.
+    /// seen active, up to the plan's size. An id whose status beside it is terminal is given
+    /// back at once.
     ///
     /// ```
     /// use http::{Request, Response};
     /// use http_body_util::{BodyExt, Full};
     /// use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
     /// use tower_quota::concurrency::Job;
-    /// use tower_quota::{ConcurrencyLimitByPlan, Plan, RequestHead};
+    /// use tower_quota::{ConcurrencyLimitByPlan, RequestHead};
     ///
-    /// /// How many generations a batch request starts, set by the caller.
+    /// /// How many jobs a batch request starts, set by the caller.
     /// #[derive(Clone, Copy)]
     /// struct BatchSize(u32);
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), tower_quota::BoxError> {
-    /// let plan = ConcurrencyLimitByPlan::builder(Plan::Scale) // 15 jobs at once
-    ///     .job_route("POST /v2/generate")
-    ///     .job_route("POST /v2/batch")
+    /// let plan = ConcurrencyLimitByPlan::custom(15) // 15 jobs at once
+    ///     .active_statuses(["queued", "running"])
+    ///     .job_route("POST /v1/jobs")
+    ///     .job_route("POST /v1/jobs/batch")
     ///     .jobs_per_create(|head: &RequestHead<'_>| {
     ///         head.extensions().get::<BatchSize>().map_or(1, |size| size.0)
     ///     })
-    ///     .id_path("/generations/*/id")
+    ///     .id_path("/jobs/*/id")
     ///     .build()?;
     ///
-    /// // A stand-in for the API: the batch starts three generations.
+    /// // A stand-in for the API: the batch starts three jobs.
     /// let api = service_fn(|_req: Request<String>| async {
-    ///     let body = r#"{"generations":[{"id":"g1"},{"id":"g2"},{"id":"g3"}]}"#;
+    ///     let body = r#"{"jobs":[{"id":"g1"},{"id":"g2"},{"id":"g3"}]}"#;
     ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(body.as_bytes())))
     /// });
     /// let mut svc = ServiceBuilder::new().layer(plan.clone()).service(api);
     ///
-    /// let mut batch = Request::post("https://api.sync.so/v2/batch").body(String::new())?;
+    /// let mut batch = Request::post("https://api.example/v1/jobs/batch").body(String::new())?;
     /// batch.extensions_mut().insert(BatchSize(3));
     /// let response = svc.ready().await?.call(batch).await?;
     /// let job = response.extensions().get::<Job>().cloned().unwrap();
     /// response.into_body().collect().await?;
     /// assert_eq!(job.ids().collect::<Vec<_>>(), ["g1", "g2", "g3"]);
-    /// assert_eq!(plan.in_use(), 3); // one slot per generation
+    /// assert_eq!(plan.in_use(), 3); // one slot per job
     ///
     /// plan.complete("g2"); // each is given back on its own
     /// assert_eq!(plan.in_use(), 2);

@@ -91,7 +91,13 @@ impl Observer {
             status: &config.status_field,
         };
         match what {
-            Observe::Create { job } if More::jobs(&self.more) != 1 || config.id_path_set => {
+            // A route that counts its creates' jobs reads every create as a batch, of one too
+            // (its answer may be an array).
+            Observe::Create { job }
+                if More::jobs(&self.more) != 1
+                    || config.id_path_set
+                    || config.jobs_per_create.is_some() =>
+            {
                 self.settle_batch(job, body, whole);
             }
             Observe::Create { job } => {
@@ -158,22 +164,39 @@ impl Observer {
 
 impl Observer {
     /// A create holding several slots (a batch, or a create read at
-    /// [`id_path`](super::Builder::id_path)): each id the body shows holds one slot; the
-    /// slots no id shows are given back when the whole JSON body shows some ids but fewer
-    /// (that is what the server made), and held as unknown outcomes otherwise (no id at all,
-    /// not JSON, cut or dropped: the server may have made those jobs), as a single create's
-    /// slot would be.
+    /// [`id_path`](super::Builder::id_path)): each id the body shows holds one slot, and is
+    /// let go at once if the status beside it is terminal; the slots no id shows are given
+    /// back when the whole JSON body shows some ids but fewer (that is what the server made),
+    /// and held as unknown outcomes otherwise (no id at all, not JSON, cut or dropped: the
+    /// server may have made those jobs), as a single create's slot would be. A batch answered
+    /// with one object of its own (a batch id, no job ids) shows no job id: its slots are held
+    /// as unknown outcomes, until a reconcile or their lease.
     #[cold]
     #[inline(never)]
     fn settle_batch(&mut self, job: Job, body: &[u8], whole: bool) {
         let shared = self.shared.clone();
         let config = &shared.config;
+        let fields = json::Fields {
+            id: &config.id_field,
+            status: &config.status_field,
+        };
         let jobs = More::jobs(&self.more) as usize;
-        let found = json::ids(body, &config.id_path, &config.id_field, usize::MAX);
-        let mut ids = found.ids;
-        if ids.is_empty() {
-            ids.extend(found.root);
+        // Ids past the count are held as jobs seen active, up to the plan's size: a path that
+        // points at some other list must not fill the plan with strangers.
+        let most = jobs.max(shared.slots().limit());
+        let found = json::ids(body, &config.id_path, fields, most);
+        let (mut ids, mut statuses) = (found.ids, found.statuses);
+        if ids.is_empty() && jobs == 1 {
+            // A single create's object: its id, and its status.
+            if let Some(id) = found.root {
+                ids.push(id);
+                statuses.push(json::object(body, fields).status);
+            }
         }
+        let terminal: Vec<bool> = statuses
+            .iter()
+            .map(|s| s.as_deref().is_some_and(|s| config.is_terminal(s)))
+            .collect();
         let bound = ids.len().min(jobs);
         let rest = jobs - bound;
         let made_fewer = bound > 0 && whole && found.complete;
@@ -204,10 +227,15 @@ impl Observer {
             for (k, id) in ids[..bound].iter().enumerate() {
                 if slots.bind(id, now) == Bound::Completed {
                     completed.push(k);
+                } else if terminal[k] {
+                    slots.end_job(id, ReleaseReason::Finished);
+                    completed.push(k);
                 }
             }
-            for id in &ids[bound..] {
-                slots.seen_active(id, now);
+            for (k, id) in ids.iter().enumerate().skip(bound) {
+                if !terminal[k] {
+                    slots.seen_active(id, now);
+                }
             }
             if rest > 0 && !made_fewer && member.is_none() {
                 for _ in 0..rest {

@@ -358,3 +358,323 @@ fn a_batch_takes_its_slots_in_one_step_or_none() {
     assert!(slots.take_over("key", 3));
     assert_eq!(slots.creates(), (4, 0));
 }
+
+// ===== what an outside review found =====
+
+/// a batch endpoint's create counted as 1 job (n=1) with no `id_path`: the response is
+/// the same top-level array a batch of 2 gets, but it is read as a single create's object.
+#[tokio::test(start_paused = true)]
+async fn a_counted_create_of_one_reads_its_array_answer_as_a_batch_does() {
+    let plan = plan(5);
+    assert_eq!(
+        send(&plan, create(2, r#"[{"id":"a"},{"id":"b"}]"#)).await,
+        ["a", "b"]
+    );
+    let ids = send(&plan, create(1, r#"[{"id":"c"}]"#)).await;
+    let snapshot = plan.snapshot();
+    assert_eq!(
+        (ids, snapshot.in_use, snapshot.unknown),
+        (vec!["c".to_owned()], 3, 0),
+        "a batch of one's id is bound, not held as an unknown outcome for max_job_life"
+    );
+}
+
+/// a batch API answering with the batch's own object (its id, no per-job ids): the
+/// top-level id is taken for ONE job and the other n-1 slots are given back, although the
+/// server started n jobs.
+#[tokio::test(start_paused = true)]
+async fn a_batch_answered_with_a_batch_object_keeps_its_n_slots() {
+    let plan = plan(5);
+    let ids = send(
+        &plan,
+        create(4, r#"{"id":"batch_1","status":"validating"}"#),
+    )
+    .await;
+    assert_eq!(
+        plan.in_use(),
+        4,
+        "4 jobs started, ids read {ids:?}, counters {:?}",
+        plan.snapshot().counters.freed
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_with_an_empty_list_and_a_batch_id_keeps_its_n_slots() {
+    let plan = ConcurrencyLimitByPlan::custom(6)
+        .job_route("POST /jobs")
+        .active_statuses(["running"])
+        .jobs_per_create(|head: &crate::RequestHead<'_>| {
+            head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
+        })
+        .id_path("/generations/*/id")
+        .build()
+        .unwrap();
+    let ids = send(&plan, create(3, r#"{"id":"batch_1","generations":[]}"#)).await;
+    assert_eq!(plan.in_use(), 3, "ids read {ids:?}");
+}
+
+/// a batch whose response already shows a job in a terminal state (an item rejected):
+/// a single create's terminal status gives its slot back at once; a batch's is ignored.
+#[tokio::test(start_paused = true)]
+async fn a_terminal_status_in_a_batch_answer_frees_that_slot() {
+    let plan = plan(5);
+    let one = send(&plan, create(1, r#"{"id":"s","status":"failed"}"#)).await;
+    assert_eq!(
+        (one.len(), plan.in_use()),
+        (1, 0),
+        "single create: freed at once"
+    );
+    let ids = send(
+        &plan,
+        create(
+            2,
+            r#"[{"id":"a","status":"failed"},{"id":"b","status":"running"}]"#,
+        ),
+    )
+    .await;
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(plan.in_use(), 1, "held: {:?}", plan.jobs());
+}
+
+/// setting `id_path` changes how a single create's response is read: its terminal
+/// status is no longer honoured.
+#[tokio::test(start_paused = true)]
+async fn id_path_keeps_a_single_creates_terminal_status() {
+    let plan = ConcurrencyLimitByPlan::custom(6)
+        .job_route("POST /jobs")
+        .active_statuses(["running"])
+        .id_path("/generations/*/id")
+        .build()
+        .unwrap();
+    let ids = send(&plan, create(1, r#"{"id":"one","status":"failed"}"#)).await;
+    assert_eq!(ids, ["one"]);
+    assert_eq!(plan.in_use(), 0, "held: {:?}", plan.jobs());
+}
+
+/// Duplicate ids: the duplicate's slot is given back (only 2 distinct jobs held).
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_id_in_a_batch_gives_its_slot_back() {
+    let plan = plan(5);
+    assert_eq!(
+        send(&plan, create(3, r#"["a","a","b"]"#)).await,
+        ["a", "a", "b"]
+    );
+    let s = plan.snapshot();
+    assert_eq!((s.in_use, s.in_flight, s.unknown), (2, 0, 0));
+    // complete twice, and complete of an id of another batch
+    assert!(plan.complete("a"));
+    assert!(!plan.complete("a"));
+    assert_eq!(plan.in_use(), 1);
+}
+
+/// More ids than counted, non-string ids, an empty array, a truncated body.
+#[tokio::test(start_paused = true)]
+async fn odd_batch_answers_keep_or_give_back_every_slot() {
+    let plan = plan(5);
+    send(&plan, create(2, r#"["a","b","c","d"]"#)).await;
+    let s = plan.snapshot();
+    assert_eq!((s.in_use, s.in_flight, s.unknown), (4, 0, 0));
+
+    let plan = self::plan(5);
+    send(&plan, create(3, r#"[{"id":true},{"id":1.5},{"id":"x"}]"#)).await;
+    let s = plan.snapshot();
+    assert_eq!(s.in_flight, 0);
+
+    let plan = self::plan(5);
+    send(&plan, create(3, r#"[{"id":"a"},{"id":"b"#)).await;
+    let s = plan.snapshot();
+    assert_eq!((s.in_use, s.in_flight, s.unknown), (3, 0, 2));
+}
+
+/// Dropping at every stage: sent (future dropped before its answer), reading the body.
+#[tokio::test(start_paused = true)]
+async fn a_batch_dropped_at_each_stage_gives_back_what_it_must() {
+    // Sent, answer never read: all N unknown.
+    let plan = self::plan(5);
+    let pending_api = service_fn(|_r: Request<String>| async {
+        std::future::pending::<Result<Answer, Infallible>>().await
+    });
+    let mut svc = plan.layer(pending_api);
+    let mut fut = task::spawn(svc.call(create(3, "")));
+    assert_pending!(fut.poll());
+    assert_eq!(plan.snapshot().in_flight, 3);
+    drop(fut);
+    let s = plan.snapshot();
+    assert_eq!((s.in_use, s.in_flight, s.unknown), (3, 0, 3));
+
+    // Reading the body: a chunked body dropped after some ids.
+    let plan = self::plan(5);
+    struct OneChunk(Option<Bytes>);
+    impl http_body::Body for OneChunk {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            match self.0.take() {
+                Some(b) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(b)))),
+                None => std::task::Poll::Pending,
+            }
+        }
+    }
+    let api = service_fn(|_r: Request<String>| async {
+        Ok::<_, Infallible>(Response::new(OneChunk(Some(Bytes::from_static(
+            br#"["a","#,
+        )))))
+    });
+    let mut svc = plan.layer(api);
+    let response = svc.call(create(3, "")).await.unwrap();
+    let mut body = response.into_body();
+    let mut next = task::spawn(body.frame());
+    let _ = next.poll();
+    let _ = next.poll();
+    drop(next);
+    drop(body);
+    let s = plan.snapshot();
+    assert_eq!((s.in_use, s.in_flight, s.unknown), (3, 0, 2));
+}
+
+/// Readying: the inner service never gets ready once the batch holds its slots here.
+#[tokio::test(start_paused = true)]
+async fn a_batch_dropped_while_readying_gives_back_all() {
+    let plan = self::plan(3);
+    hold(&plan, 2).await;
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    #[derive(Clone)]
+    struct Gate(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Service<Request<String>> for Gate {
+        type Response = Answer;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Answer, Infallible>>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+                std::task::Poll::Ready(Ok(()))
+            } else {
+                std::task::Poll::Pending
+            }
+        }
+        fn call(&mut self, _r: Request<String>) -> Self::Future {
+            std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(
+                b"[\"b1\",\"b2\"]",
+            )))))
+        }
+    }
+    let mut svc = plan.layer(Gate(ready.clone()));
+    let mut fut = task::spawn(svc.call(create(2, "")));
+    assert_pending!(fut.poll());
+    ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    plan.complete("j1");
+    assert_pending!(fut.poll());
+    assert_eq!(plan.snapshot().in_flight, 2, "held while readying");
+    drop(fut);
+    let s = plan.snapshot();
+    assert_eq!((s.in_use, s.in_flight, s.unknown, s.queued), (1, 0, 0, 0));
+}
+
+/// max_wait with a batch at the head: it times out and the create behind it goes.
+#[tokio::test(start_paused = true)]
+async fn max_wait_and_max_queue_with_batches() {
+    let plan = ConcurrencyLimitByPlan::custom(3)
+        .job_route("POST /jobs")
+        .active_statuses(["running"])
+        .jobs_per_create(|head: &crate::RequestHead<'_>| {
+            head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
+        })
+        .max_wait(Duration::from_secs(10))
+        .max_queue(2)
+        .build()
+        .unwrap();
+    hold(&plan, 2).await;
+    let mut batch = task::spawn(call(&plan, create(3, "[]")));
+    assert_pending!(batch.poll());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let mut small = task::spawn(call(&plan, create(1, r#"{"id":"s"}"#)));
+    assert_pending!(small.poll());
+    let third = call(&plan, create(1, r#"{"id":"t"}"#)).await;
+    assert!(third.is_err(), "queue of 2 full");
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(batch.is_woken());
+    // Returned at its maximum wait.
+    assert!(assert_ready!(batch.poll()).is_err());
+    assert!(small.is_woken(), "the next is woken when the batch leaves");
+    assert_ready!(small.poll()).unwrap();
+    assert_eq!(plan.in_use(), 3);
+}
+
+/// jobs_per_create returning u32::MAX, or panicking.
+#[tokio::test(start_paused = true)]
+async fn hostile_job_counts_are_refused_or_survived() {
+    let plan = plan(5);
+    let err = job_count(call(&plan, create(u32::MAX, "[]")).await.unwrap_err());
+    assert_eq!(
+        err,
+        ConcurrencyError::JobCount {
+            jobs: u32::MAX,
+            limit: 5
+        }
+    );
+    let panicky = ConcurrencyLimitByPlan::custom(2)
+        .job_route("POST /jobs")
+        .active_statuses(["running"])
+        .jobs_per_create(|head: &crate::RequestHead<'_>| {
+            if head.extensions().get::<Batch>().is_some_and(|b| b.0 == 7) {
+                panic!("boom")
+            }
+            1
+        })
+        .build()
+        .unwrap();
+    let mut svc = panicky.layer(api());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(svc.call(create(7, "")));
+    }));
+    assert!(r.is_err());
+    let s = panicky.snapshot();
+    assert_eq!((s.in_use, s.in_flight, s.queued), (0, 0, 0));
+    assert_eq!(send(&panicky, create(1, r#"{"id":"x"}"#)).await, ["x"]);
+}
+
+/// A response (or a misconfigured `id_path`) listing far more ids than the create counted:
+/// every extra id takes a slot as a job seen active, bounded only by `max_prefix`.
+#[tokio::test(start_paused = true)]
+async fn ids_past_a_batch_s_count_fill_the_plan_at_most() {
+    let plan = plan(5);
+    let ids: Vec<String> = (0..5000).map(|i| format!("x{i}")).collect();
+    let body = serde_json::to_string(&ids).unwrap();
+    assert!(body.len() < 64 * 1024);
+    send(&plan, create(2, &body)).await;
+    let s = plan.snapshot();
+    assert!(
+        s.in_use <= 5,
+        "a batch of 2 blocks a plan of 5 with {} slots for max_job_life",
+        s.in_use
+    );
+}
+
+/// The README's own configuration against the shape Sync's batch create actually answers
+/// with (a batch object: `id`, `status`): 1 slot held for the batch's id, 39 given back.
+#[tokio::test(start_paused = true)]
+async fn a_batch_of_forty_answered_with_a_batch_object_keeps_forty_slots() {
+    let plan = ConcurrencyLimitByPlan::custom(40)
+        .job_route("POST /jobs")
+        .active_statuses(["PENDING", "PROCESSING"])
+        .jobs_per_create(|head: &crate::RequestHead<'_>| {
+            head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
+        })
+        .id_path("/generations/*/id")
+        .build()
+        .unwrap();
+    let ids = send(
+        &plan,
+        create(
+            40,
+            r#"{"id":"batch_123","status":"PENDING","created_at":"2026-01-01T00:00:00Z"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(plan.in_use(), 40, "ids {ids:?}; held {:?}", plan.jobs());
+}

@@ -221,7 +221,10 @@ impl Weighing {
             return None;
         }
         let read = |w: &Weigh| w.after.as_ref().and_then(|f| f(head));
-        Some(Corrections(PerQuota::collect(self.quotas.iter().map(read))))
+        Some(Corrections(PerQuota::collect(
+            self.quotas.iter().map(read),
+            None,
+        )))
     }
 }
 
@@ -229,85 +232,65 @@ impl Weighing {
 #[derive(Debug)]
 pub(crate) struct Corrections(PerQuota<Option<u32>>);
 
-/// One value per quota of a route: up to four inline, so that a weighed request of a route
-/// of a few quotas allocates nothing for them; more on the heap.
+/// One value per quota of a route: the first two inline (any after them take the `fill`
+/// given), so that a weighed request of a route of one or two quotas allocates nothing for
+/// them; more on the heap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PerQuota<T> {
-    Few(u8, [T; 4]),
+    Two([T; 2]),
     Many(Box<[T]>),
 }
 
-impl<T: Copy + Default> PerQuota<T> {
-    fn collect(values: impl ExactSizeIterator<Item = T>) -> Self {
-        if values.len() > 4 {
+impl<T: Copy> PerQuota<T> {
+    fn collect(values: impl ExactSizeIterator<Item = T>, fill: T) -> Self {
+        if values.len() > 2 {
             return Self::Many(values.collect());
         }
-        let mut few = [T::default(); 4];
-        let mut len = 0;
-        for (slot, value) in few.iter_mut().zip(values) {
+        let mut two = [fill; 2];
+        for (slot, value) in two.iter_mut().zip(values) {
             *slot = value;
-            len += 1;
         }
-        Self::Few(len, few)
+        Self::Two(two)
     }
 
     #[inline]
     fn get(&self, index: usize) -> Option<T> {
         match self {
-            Self::Few(len, few) => few[..usize::from(*len)].get(index).copied(),
+            Self::Two(two) => two.get(index).copied(),
             Self::Many(many) => many.get(index).copied(),
         }
     }
 
     fn len(&self) -> usize {
         match self {
-            Self::Few(len, _) => usize::from(*len),
+            Self::Two(two) => two.len(),
             Self::Many(many) => many.len(),
         }
     }
 }
 
-/// What one request costs in each quota of its route, in the route's order. A request of a
-/// route that weighs nothing costs [`Costs::one`], whatever its number of quotas. A route of
-/// more than two quotas puts its requests' costs on the heap.
+/// What one request costs in each quota of its route, in the route's order (quotas past its
+/// values cost one). A request of a route that weighs nothing costs [`Costs::one`], whatever
+/// its number of quotas. A route of more than two quotas puts its requests' costs on the heap.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Costs(Repr);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Repr {
-    One,
-    /// The first two quotas' (any after them cost one).
-    Two([u32; 2]),
-    Many(Box<[u32]>),
-}
+pub(crate) struct Costs(Option<PerQuota<u32>>);
 
 impl Costs {
     /// One unit in every quota.
     #[inline]
     pub(crate) fn one() -> Self {
-        Self(Repr::One)
+        Self(None)
     }
 
     fn collect(costs: impl ExactSizeIterator<Item = u32>) -> Self {
-        if costs.len() > 2 {
-            return Self(Repr::Many(costs.collect()));
-        }
-        let mut two = [1; 2];
-        for (slot, cost) in two.iter_mut().zip(costs) {
-            *slot = cost;
-        }
-        Self(Repr::Two(two))
+        Self(Some(PerQuota::collect(costs, 1)))
     }
 
     /// What it costs in quota `index`.
     #[inline]
     pub(crate) fn get(&self, index: usize) -> u32 {
-        let cost = match &self.0 {
-            Repr::One => None,
-            Repr::Two(two) => two.get(index),
-            Repr::Many(many) => many.get(index),
-        };
-        cost.copied().unwrap_or(1)
+        let cost = self.0.as_ref().and_then(|costs| costs.get(index));
+        cost.unwrap_or(1)
     }
 
     /// The costs a response says, and what was taken where it says nothing.
@@ -319,7 +302,7 @@ impl Costs {
     /// Whether it is one unit in every quota.
     #[inline]
     pub(crate) fn is_one(&self) -> bool {
-        matches!(self.0, Repr::One)
+        self.0.is_none()
     }
 
     /// The first quota among `rates` it can never fit in, and its cost there.

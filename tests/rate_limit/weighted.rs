@@ -44,6 +44,13 @@ fn used_tokens(head: &ResponseHead<'_>) -> Option<u32> {
 /// What a fake API saw: when each request arrived (since the start), and what it cost.
 type Seen = Arc<Mutex<Vec<(Duration, u32)>>>;
 
+/// Client mode on `POST /v1/chat`, each request weighed in tokens by its `x-max-tokens`.
+fn chat_limits(quotas: impl Into<Quotas>) -> Builder {
+    RateLimitByRoute::builder()
+        .route("POST /v1/chat", quotas)
+        .cost("tokens", max_tokens)
+}
+
 /// A fake API that answers after `latency`, with the tokens each request spent in
 /// `x-usage-tokens`.
 #[allow(clippy::type_complexity)]
@@ -150,12 +157,7 @@ async fn mixed_costs_never_exceed_any_quota_in_any_window() {
             false => Quota::per_minute(1_000),
             true => Quota::per_minute(1_000).with_burst(200),
         };
-        let layer = RateLimitByRoute::builder()
-            .route(
-                "POST /v1/chat",
-                [Quota::per_second(4), tokens.counting("tokens")],
-            )
-            .cost("tokens", max_tokens)
+        let layer = chat_limits([Quota::per_second(4), tokens.counting("tokens")])
             .build()
             .unwrap();
         let mut cost = costs(7);
@@ -267,9 +269,7 @@ async fn ten_minutes_against_a_true_cost_server(corrected: bool) -> (u64, u32) {
         Quota::per_minute(20_000).counting("tokens"),
     ];
     // Each request is held at the most it may spend until answered.
-    let builder = RateLimitByRoute::builder()
-        .route("POST /v1/chat", quotas)
-        .cost("tokens", max_tokens);
+    let builder = chat_limits(quotas);
     let builder = match corrected {
         true => builder.cost_after("tokens", used_tokens),
         false => builder,
@@ -302,21 +302,16 @@ async fn costs_corrected_from_responses_use_the_true_budget_without_a_429() {
 #[tokio::test(start_paused = true)]
 async fn a_cost_larger_than_a_quota_is_refused_at_once() {
     let (api, seen) = api(Instant::now(), Duration::ZERO);
-    let layer = RateLimitByRoute::builder()
-        .route(
-            "POST /v1/chat",
-            [
-                Quota::per_minute(10),
-                Quota::per_minute(1_000).counting("tokens"),
-            ],
-        )
-        .route(
-            "POST /v1/paced",
-            Quota::per_second(100).with_burst(5).counting("tokens"),
-        )
-        .cost("tokens", max_tokens)
-        .build()
-        .unwrap();
+    let layer = chat_limits([
+        Quota::per_minute(10),
+        Quota::per_minute(1_000).counting("tokens"),
+    ])
+    .route(
+        "POST /v1/paced",
+        Quota::per_second(100).with_burst(5).counting("tokens"),
+    )
+    .build()
+    .unwrap();
     let mut svc = layer.layer(api);
     let error = svc
         .ready()
@@ -359,17 +354,12 @@ async fn a_cost_larger_than_a_quota_is_refused_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_waiting_request_holds_no_place_in_any_quota() {
     let (api, seen) = api(Instant::now(), Duration::ZERO);
-    let layer = RateLimitByRoute::builder()
-        .route(
-            "POST /v1/chat",
-            [
-                Quota::per_minute(3),
-                Quota::per_minute(100).counting("tokens"),
-            ],
-        )
-        .cost("tokens", max_tokens)
-        .build()
-        .unwrap();
+    let layer = chat_limits([
+        Quota::per_minute(3),
+        Quota::per_minute(100).counting("tokens"),
+    ])
+    .build()
+    .unwrap();
     let mut svc = layer.layer(api);
     svc.ready().await.unwrap().call(chat(90, 90)).await.unwrap();
     // 20 tokens do not fit: it waits, holding none of the 3 requests a minute.
@@ -421,9 +411,7 @@ async fn a_cost_can_come_from_an_extension_the_caller_sets() {
 #[tokio::test(start_paused = true)]
 async fn a_corrected_cost_is_taken_or_given_back() {
     let (api, _seen) = api(Instant::now(), Duration::ZERO);
-    let layer = RateLimitByRoute::builder()
-        .route("POST /v1/chat", Quota::per_minute(100).counting("tokens"))
-        .cost("tokens", max_tokens)
+    let layer = chat_limits(Quota::per_minute(100).counting("tokens"))
         .cost_after("tokens", used_tokens)
         .build()
         .unwrap();
@@ -548,9 +536,7 @@ fn a_quota_reads_as_its_unit() {
 #[tokio::test(start_paused = true)]
 async fn a_quota_lowered_under_a_waiting_cost_returns_it_and_lets_the_next_go() {
     let (api, seen) = api(Instant::now(), Duration::ZERO);
-    let layer = RateLimitByRoute::builder()
-        .route("POST /v1/chat", Quota::per_minute(1_000).counting("tokens"))
-        .cost("tokens", max_tokens)
+    let layer = chat_limits(Quota::per_minute(1_000).counting("tokens"))
         .build()
         .unwrap();
     let mut svc = layer.layer(api);
@@ -590,9 +576,7 @@ async fn a_quota_lowered_under_a_waiting_cost_returns_it_and_lets_the_next_go() 
 #[tokio::test(start_paused = true)]
 async fn a_correction_that_panics_holds_the_place_as_abandoned_not_for_ever() {
     let (api, seen) = api(Instant::now(), Duration::ZERO);
-    let layer = RateLimitByRoute::builder()
-        .route("POST /v1/chat", Quota::per_minute(10).counting("tokens"))
-        .cost("tokens", max_tokens)
+    let layer = chat_limits(Quota::per_minute(10).counting("tokens"))
         .cost_after("tokens", |head: &ResponseHead<'_>| {
             // A usage header the caller counts on, missing from an error page.
             Some(number(head.headers().get("x-missing")).expect("usage header"))
@@ -617,9 +601,7 @@ async fn a_correction_out_of_all_proportion_counts_a_quota_s_capacity_at_most() 
             false => Quota::per_minute(100),
             true => Quota::per_minute(100).with_burst(10),
         };
-        let layer = RateLimitByRoute::builder()
-            .route("POST /v1/chat", quota.counting("tokens"))
-            .cost("tokens", max_tokens)
+        let layer = chat_limits(quota.counting("tokens"))
             .cost_after("tokens", |_: &ResponseHead<'_>| Some(u32::MAX))
             .build()
             .unwrap();
@@ -653,11 +635,7 @@ async fn what_a_server_states_in_requests_bounds_the_quota_that_counts_requests(
             true => [tokens, requests],
             false => [requests, tokens],
         };
-        let layer = RateLimitByRoute::builder()
-            .route("POST /v1/chat", quotas)
-            .cost("tokens", max_tokens)
-            .build()
-            .unwrap();
+        let layer = chat_limits(quotas).build().unwrap();
         let mut svc = layer.layer(api);
         let start = Instant::now();
         for _ in 0..10 {
@@ -753,12 +731,7 @@ async fn a_correction_reaches_a_client_forgotten_while_its_request_was_in_flight
 
 #[tokio::test(start_paused = true)]
 async fn acquire_with_head_weighs_a_request_by_its_fields() {
-    let layer = RateLimitByRoute::builder()
-        .route(
-            "POST /v1/chat",
-            Quota::per_minute(10_000).counting("tokens"),
-        )
-        .cost("tokens", max_tokens)
+    let layer = chat_limits(Quota::per_minute(10_000).counting("tokens"))
         .build()
         .unwrap();
     let mut headers = http::HeaderMap::new();
@@ -797,20 +770,15 @@ async fn a_storm_of_mixed_costs_abandons_and_cancellations_keeps_every_quota_and
             )
         }
     });
-    let layer = RateLimitByRoute::builder()
-        .route(
-            "POST /v1/chat",
-            [
-                Quota::per_second(5),
-                Quota::new(300, Duration::from_secs(10)).counting("tokens"),
-                Quota::per_minute(1_200).with_burst(150).counting("tokens"),
-            ],
-        )
-        .cost("tokens", max_tokens)
-        .cost_after("tokens", used_tokens)
-        .max_wait(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let layer = chat_limits([
+        Quota::per_second(5),
+        Quota::new(300, Duration::from_secs(10)).counting("tokens"),
+        Quota::per_minute(1_200).with_burst(150).counting("tokens"),
+    ])
+    .cost_after("tokens", used_tokens)
+    .max_wait(Duration::from_secs(20))
+    .build()
+    .unwrap();
     let svc = layer.clone().layer(api);
     let mut tasks = FuturesUnordered::new();
     for caller in 0..10u64 {

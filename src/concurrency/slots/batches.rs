@@ -20,14 +20,19 @@ use crate::BoxError;
 #[derive(Debug, Clone, Copy)]
 struct Batch(u32);
 
-fn plan(limit: usize) -> ConcurrencyLimitByPlan {
+/// A plan of `limit` whose creates on `POST /jobs` start as many jobs as their [`Batch`] says.
+fn batches(limit: usize) -> crate::concurrency::Builder {
     ConcurrencyLimitByPlan::custom(limit)
         .job_route("POST /jobs")
-        .status_route("GET /jobs/{id}")
         .active_statuses(["running"])
         .jobs_per_create(|head: &crate::RequestHead<'_>| {
             head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
         })
+}
+
+fn plan(limit: usize) -> ConcurrencyLimitByPlan {
+    batches(limit)
+        .status_route("GET /jobs/{id}")
         .build()
         .unwrap()
 }
@@ -245,15 +250,7 @@ async fn each_id_of_a_batch_holds_a_slot_given_back_on_its_own() {
 
 #[tokio::test(start_paused = true)]
 async fn ids_at_a_path_or_an_array_of_ids() {
-    let plan = ConcurrencyLimitByPlan::custom(6)
-        .job_route("POST /jobs")
-        .active_statuses(["running"])
-        .jobs_per_create(|head: &crate::RequestHead<'_>| {
-            head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
-        })
-        .id_path("/generations/*/id")
-        .build()
-        .unwrap();
+    let plan = batches(6).id_path("/generations/*/id").build().unwrap();
     let body = r#"{"batch":"x","generations":[{"id":"g1"},{"id":"g2"}]}"#;
     assert_eq!(send(&plan, create(2, body)).await, ["g1", "g2"]);
     // A single create's object: its `id`, as ever.
@@ -302,15 +299,7 @@ async fn slots_no_id_shows_are_settled_as_a_single_create_would_be() {
     assert_eq!(plan.in_use(), 0);
 
     // A body cut at the prefix (or dropped) with some ids: the rest may exist.
-    let cut = ConcurrencyLimitByPlan::custom(5)
-        .job_route("POST /jobs")
-        .active_statuses(["running"])
-        .jobs_per_create(|head: &crate::RequestHead<'_>| {
-            head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
-        })
-        .max_prefix(24)
-        .build()
-        .unwrap();
+    let cut = batches(5).max_prefix(24).build().unwrap();
     let ids = send(&cut, create(3, &listing(&["b1", "b2", "b3"]))).await;
     assert_eq!(ids, ["b1", "b2"]);
     let snapshot = cut.snapshot();
@@ -400,15 +389,7 @@ async fn a_batch_answered_with_a_batch_object_keeps_its_n_slots() {
 
 #[tokio::test(start_paused = true)]
 async fn a_batch_with_an_empty_list_and_a_batch_id_keeps_its_n_slots() {
-    let plan = ConcurrencyLimitByPlan::custom(6)
-        .job_route("POST /jobs")
-        .active_statuses(["running"])
-        .jobs_per_create(|head: &crate::RequestHead<'_>| {
-            head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
-        })
-        .id_path("/generations/*/id")
-        .build()
-        .unwrap();
+    let plan = batches(6).id_path("/generations/*/id").build().unwrap();
     let ids = send(&plan, create(3, r#"{"id":"batch_1","generations":[]}"#)).await;
     assert_eq!(plan.in_use(), 3, "ids read {ids:?}");
 }
@@ -578,12 +559,7 @@ async fn a_batch_dropped_while_readying_gives_back_all() {
 /// max_wait with a batch at the head: it times out and the create behind it goes.
 #[tokio::test(start_paused = true)]
 async fn max_wait_and_max_queue_with_batches() {
-    let plan = ConcurrencyLimitByPlan::custom(3)
-        .job_route("POST /jobs")
-        .active_statuses(["running"])
-        .jobs_per_create(|head: &crate::RequestHead<'_>| {
-            head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
-        })
+    let plan = batches(3)
         .max_wait(Duration::from_secs(10))
         .max_queue(2)
         .build()
@@ -659,12 +635,8 @@ async fn ids_past_a_batch_s_count_fill_the_plan_at_most() {
 /// with (a batch object: `id`, `status`): 1 slot held for the batch's id, 39 given back.
 #[tokio::test(start_paused = true)]
 async fn a_batch_of_forty_answered_with_a_batch_object_keeps_forty_slots() {
-    let plan = ConcurrencyLimitByPlan::custom(40)
-        .job_route("POST /jobs")
+    let plan = batches(40)
         .active_statuses(["PENDING", "PROCESSING"])
-        .jobs_per_create(|head: &crate::RequestHead<'_>| {
-            head.extensions().get::<Batch>().map_or(1, |batch| batch.0)
-        })
         .id_path("/generations/*/id")
         .build()
         .unwrap();

@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value};
+use redis::{PushInfo, PushKind, Script, Value};
 use sync_wrapper::SyncFuture;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{broadcast, mpsc, Notify};
@@ -16,6 +15,10 @@ use super::{Decision, FailMode, StoreCall, StoreError};
 use crate::error::ConfigError;
 use crate::quota::Rate;
 use crate::rate_limit::cost::Costs;
+
+mod connection;
+
+use connection::{Connection, Nodes, Secrets, Settings};
 
 /// Limits kept in Redis, so that every process using the same server and prefix shares them:
 /// a fleet of clients stays inside one API key's quotas, a fleet of servers enforces one
@@ -42,7 +45,9 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    connection: ConnectionManager,
+    connection: Connection,
+    /// The passwords it sends, scrubbed from every error and log line.
+    secrets: Secrets,
     prefix: String,
     channel: String,
     timeout: Duration,
@@ -167,10 +172,12 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-/// Builds a [`RedisStore`]; see [`RedisStore::builder`].
+/// Builds a [`RedisStore`]; see [`RedisStore::builder`] and [`RedisStore::cluster`].
+///
+/// Its `Debug` output shows the nodes' addresses, never a password.
 #[derive(Debug, Clone)]
 pub struct RedisStoreBuilder {
-    url: String,
+    settings: Settings,
     prefix: String,
     timeout: Duration,
     fail_mode: FailMode,
@@ -179,17 +186,39 @@ pub struct RedisStoreBuilder {
 }
 
 impl RedisStore {
-    /// A store on the Redis server at `url` (`redis://host:port/db`, with the usual
-    /// user, password and TLS forms).
+    /// A store on the Redis server at `url`: `redis://[user[:password]@]host[:port][/db]`, or
+    /// `rediss://…` over TLS (feature `redis-tls`).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
-        RedisStoreBuilder {
-            url: url.into(),
-            prefix: "tower-quota".to_owned(),
-            timeout: Duration::from_millis(250),
-            fail_mode: FailMode::Open,
-            in_flight_lease: Duration::from_secs(120),
-            poll: Duration::from_millis(500),
-        }
+        RedisStoreBuilder::new(Nodes::Server(url.into()))
+    }
+
+    /// A store on the Redis Cluster that `nodes` belong to (a few of its nodes' URLs, in the
+    /// forms [`builder`](Self::builder) takes; the others are found from them).
+    ///
+    /// Every limit's keys share one hash slot (`{prefix:limit}`), so each operation is one
+    /// script on one node; the connection follows `MOVED` and `ASK` redirections and failovers
+    /// by itself, each operation within the store's timeout (past it, the [`FailMode`]
+    /// decides). Release notifications are published cluster-wide.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// use tower_quota::store::RedisStore;
+    ///
+    /// let store = RedisStore::cluster([
+    ///     "redis://10.0.0.1:6379/",
+    ///     "redis://10.0.0.2:6379/",
+    ///     "redis://10.0.0.3:6379/",
+    /// ])
+    /// .password(std::env::var("REDIS_PASSWORD").unwrap_or_default())
+    /// .build()?;
+    /// # Ok::<(), tower_quota::ConfigError>(()) }
+    /// ```
+    pub fn cluster<I>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        RedisStoreBuilder::new(Nodes::Cluster(nodes.into_iter().map(Into::into).collect()))
     }
 
     /// What a layer does when this store fails.
@@ -360,18 +389,16 @@ impl RedisStore {
     /// Runs `script` on `keys` and `args`, within the store's timeout.
     fn invoke(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> StoreCall {
         let script = script.clone();
-        let mut connection = self.inner.connection.clone();
+        let connection = self.inner.connection.clone();
+        let secrets = self.inner.secrets.clone();
         let timeout = self.inner.timeout;
         let (failing, fail_mode) = (self.inner.failing.clone(), self.inner.fail_mode);
         SyncFuture::new(Box::pin(async move {
             let mut invocation = script.prepare_invoke();
             invocation.key(keys).arg(args);
-            let reply = tokio::time::timeout(
-                timeout,
-                invocation.invoke_async::<Vec<i64>>(&mut connection),
-            )
-            .await;
-            let decision = decision(reply, timeout);
+            let reply =
+                tokio::time::timeout(timeout, connection.invoke::<Vec<i64>>(&invocation)).await;
+            let decision = decision(reply, timeout, &secrets);
             health(&failing, fail_mode, &decision);
             decision
         }))
@@ -602,10 +629,11 @@ fn health(failing: &AtomicBool, fail_mode: FailMode, outcome: &Result<Decision, 
 fn decision(
     reply: Result<redis::RedisResult<Vec<i64>>, tokio::time::error::Elapsed>,
     timeout: Duration,
+    secrets: &Secrets,
 ) -> Result<Decision, StoreError> {
     let reply = match reply {
         Err(_) => return Err(StoreError::Timeout(timeout)),
-        Ok(Err(error)) => return Err(StoreError::Unavailable(error.to_string())),
+        Ok(Err(error)) => return Err(StoreError::Unavailable(secrets.scrub(error.to_string()))),
         Ok(Ok(reply)) => reply,
     };
     match reply[..] {
@@ -625,6 +653,50 @@ fn decision(
 }
 
 impl RedisStoreBuilder {
+    fn new(nodes: Nodes) -> Self {
+        Self {
+            settings: Settings::new(nodes),
+            prefix: "tower-quota".to_owned(),
+            timeout: Duration::from_millis(250),
+            fail_mode: FailMode::Open,
+            in_flight_lease: Duration::from_secs(120),
+            poll: Duration::from_millis(500),
+        }
+    }
+
+    /// The user to authenticate as (Redis ACL), in place of the URL's.
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.settings.username = Some(username.into());
+        self
+    }
+
+    /// The password to authenticate with, in place of the URL's. It is never shown: not in
+    /// `Debug` output, errors or logs.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.settings.password = Some(password.into());
+        self
+    }
+
+    /// Trusts the certificate authority in `pem` (PEM) for `rediss://` nodes, in place of the
+    /// OS's root certificates: for a Redis whose certificate is signed by a CA of your own.
+    #[cfg(feature = "redis-tls")]
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.settings.ca_certificate = Some(pem.into());
+        self
+    }
+
+    /// Presents this certificate and private key (PEM) to `rediss://` nodes that ask clients
+    /// for one (mutual TLS, `tls-auth-clients yes`).
+    #[cfg(feature = "redis-tls")]
+    pub fn client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.settings.client_certificate = Some((certificate_pem.into(), key_pem.into()));
+        self
+    }
+
     /// The namespace of this store's keys (default `"tower-quota"`). Processes that share
     /// limits use the same prefix; limits of different API keys use different ones.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -683,63 +755,33 @@ impl RedisStoreBuilder {
                 "a RedisStore must be built inside a Tokio runtime",
             );
         };
-        let info =
-            self.url
-                .as_str()
-                .into_connection_info()
-                .map_err(|_| ConfigError::InvalidSetting {
-                    name: "url",
-                    reason: "not a Redis URL",
-                })?;
-        let unusable = |_| ConfigError::InvalidSetting {
-            name: "url",
-            reason: "Redis rejected the connection settings",
-        };
-        let commands = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(self.poll);
-        let connection = ConnectionManager::new_lazy_with_config(
-            Client::open(info.clone()).map_err(unusable)?,
-            commands,
-        )
-        .map_err(unusable)?;
-
         // Release notifications come on a RESP3 connection of their own, resubscribed after
         // every reconnect. A disconnection wakes the waiters too, so that they ask again.
         let released = Arc::new(Notify::new());
         let notify = released.clone();
         let (done, _) = broadcast::channel(1024);
         let done_sender = done.clone();
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let subscriptions = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_max_delay(self.poll)
-            .set_push_sender(move |push: PushInfo| {
-                if push.kind == PushKind::Message {
-                    if let Some(Value::BulkString(message)) = push.data.get(1) {
-                        if let Some(id) = message.strip_prefix(b"done:") {
-                            let id = String::from_utf8_lossy(id);
-                            let _ = done_sender.send(Arc::from(id.as_ref()));
-                        }
+        let push = move |push: PushInfo| {
+            if push.kind == PushKind::Message {
+                if let Some(Value::BulkString(message)) = push.data.get(1) {
+                    if let Some(id) = message.strip_prefix(b"done:") {
+                        let id = String::from_utf8_lossy(id);
+                        let _ = done_sender.send(Arc::from(id.as_ref()));
                     }
                 }
-                notify.notify_waiters();
-                Ok::<(), redis::aio::SendError>(())
-            })
-            .set_automatic_resubscription();
-        let subscriber = ConnectionManager::new_lazy_with_config(
-            Client::open(info.set_redis_settings(resp3)).map_err(unusable)?,
-            subscriptions,
-        )
-        .map_err(unusable)?;
+            }
+            notify.notify_waiters();
+            Ok::<(), redis::aio::SendError>(())
+        };
+        let (connection, subscriber) = self.settings.connect(self.timeout, self.poll, push)?;
+        let secrets = self.settings.secrets();
         let channel = format!("{{{}}}:released", self.prefix);
-        let subscriber = runtime.spawn(subscribe(subscriber, channel.clone(), self.poll));
+        let subscriber = runtime.spawn(subscribe(
+            subscriber,
+            channel.clone(),
+            self.poll,
+            secrets.clone(),
+        ));
         // The workers are detached: each ends once every handle is dropped and its queue
         // is drained.
         let (background, queue) = mpsc::channel(BACKGROUND);
@@ -751,6 +793,7 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 connection,
+                secrets,
                 prefix: self.prefix,
                 channel,
                 timeout: self.timeout,
@@ -776,15 +819,19 @@ impl RedisStoreBuilder {
 
 /// Subscribes to release notifications until it succeeds, then pings at the poll interval so
 /// that a lost connection is noticed, remade and resubscribed.
-async fn subscribe(mut connection: ConnectionManager, channel: String, every: Duration) {
+async fn subscribe(connection: Connection, channel: String, every: Duration, secrets: Secrets) {
     let mut subscribed = false;
     loop {
         if !subscribed {
             match connection.subscribe(&channel).await {
                 Ok(()) => subscribed = true,
-                Err(error) => tracing::debug!(%error, "release notifications: subscribing again"),
+                Err(error) => {
+                    let error = secrets.scrub(error.to_string());
+                    tracing::debug!(%error, "release notifications: subscribing again");
+                }
             }
-        } else if let Err(error) = redis::cmd("PING").query_async::<()>(&mut connection).await {
+        } else if let Err(error) = connection.ping().await {
+            let error = secrets.scrub(error.to_string());
             tracing::debug!(%error, "release notifications: reconnecting");
         }
         tokio::time::sleep(every).await;

@@ -5,7 +5,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod cluster;
 mod places;
 mod plan_batches;
 mod rate_limits;
+mod servers;
 mod weighted;

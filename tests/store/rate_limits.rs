@@ -32,17 +32,17 @@ use crate::common::{redis_query, serve};
 // ===== an API that logs when requests arrive =====
 
 #[derive(Clone, Default)]
-struct Arrivals(Arc<Mutex<Vec<Instant>>>);
+pub(crate) struct Arrivals(Arc<Mutex<Vec<Instant>>>);
 
 impl Arrivals {
-    fn sorted(&self) -> Vec<Instant> {
+    pub(crate) fn sorted(&self) -> Vec<Instant> {
         let mut arrivals = self.0.lock().unwrap().clone();
         arrivals.sort();
         arrivals
     }
 }
 
-async fn logging_api(arrivals: Arrivals) -> SocketAddr {
+pub(crate) async fn logging_api(arrivals: Arrivals) -> SocketAddr {
     let app = Router::new().route(
         "/work",
         get(move || {
@@ -57,7 +57,7 @@ async fn logging_api(arrivals: Arrivals) -> SocketAddr {
 }
 
 /// The most arrivals in any window of length `window`.
-fn max_in_window(arrivals: &[Instant], window: Duration) -> usize {
+pub(crate) fn max_in_window(arrivals: &[Instant], window: Duration) -> usize {
     let mut most = 0;
     let mut start = 0;
     for end in 0..arrivals.len() {
@@ -69,13 +69,14 @@ fn max_in_window(arrivals: &[Instant], window: Duration) -> usize {
     most
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+pub(crate) type HttpClient =
+    Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
-fn http_client() -> HttpClient {
+pub(crate) fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-fn get_request(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
+pub(crate) fn get_request(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
     Request::get(format!("http://{addr}{path}"))
         .body(Empty::new())
         .unwrap()
@@ -581,6 +582,11 @@ async fn limited_server(url: &str, prefix: &str, quota: Quota, fail_mode: FailMo
         .fail_mode(fail_mode)
         .build()
         .unwrap();
+    server_on(store, quota).await
+}
+
+/// An axum API limiting `GET /v2/generations` to `quota` per `x-api-key`, counted in `store`.
+pub(crate) async fn server_on(store: RedisStore, quota: Quota) -> SocketAddr {
     let limits = RateLimitByRoute::builder()
         .route("GET /v2/generations", quota)
         .reject()
@@ -594,19 +600,19 @@ async fn limited_server(url: &str, prefix: &str, quota: Quota, fail_mode: FailMo
     serve(app).await
 }
 
-async fn send_keyed(
+pub(crate) async fn send_keyed(
     client: &HttpClient,
     addr: SocketAddr,
-    key: &'static str,
+    key: &str,
 ) -> Response<hyper::body::Incoming> {
     let mut request = get_request(addr, "/v2/generations");
     request
         .headers_mut()
-        .insert("x-api-key", http::HeaderValue::from_static(key));
+        .insert("x-api-key", http::HeaderValue::from_str(key).unwrap());
     client.request(request).await.unwrap()
 }
 
-fn retry_after(headers: &HeaderMap) -> u64 {
+pub(crate) fn retry_after(headers: &HeaderMap) -> u64 {
     headers["retry-after"].to_str().unwrap().parse().unwrap()
 }
 

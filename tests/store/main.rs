@@ -10,4 +10,5 @@ mod places;
 mod plan_batches;
 mod rate_limits;
 mod servers;
+mod tls;
 mod weighted;

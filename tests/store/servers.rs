@@ -258,6 +258,7 @@ impl Drop for RedisCluster {
 
 // ===== a server speaking TLS =====
 
+#[cfg(feature = "redis-tls")]
 /// PEM certificates made for one test: a CA, the server's (for 127.0.0.1 and localhost) and a
 /// client's, both signed by the CA.
 pub(crate) struct Certificates {
@@ -266,17 +267,27 @@ pub(crate) struct Certificates {
     pub(crate) client: (String, String),
 }
 
+#[cfg(feature = "redis-tls")]
 impl Certificates {
     pub(crate) fn generate() -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        // Each with a name of its own: OpenSSL takes a certificate named as its issuer for a
+        // self-signed one.
+        let named = |names: Vec<String>, common_name: &str| {
+            let mut params = CertificateParams::new(names).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, common_name);
+            params
+        };
         let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::new()).unwrap();
+        let mut ca = named(Vec::new(), "tower-quota test CA");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = ca.self_signed(&ca_key).unwrap();
         let signed = |names: Vec<String>| {
             let key = KeyPair::generate().unwrap();
-            let certificate = CertificateParams::new(names)
-                .unwrap()
+            let common_name = names[0].clone();
+            let certificate = named(names, &common_name)
                 .signed_by(&key, &ca, &ca_key)
                 .unwrap();
             (certificate.pem(), key.serialize_pem())
@@ -289,6 +300,7 @@ impl Certificates {
     }
 }
 
+#[cfg(feature = "redis-tls")]
 pub(crate) struct TlsRedis {
     pub(crate) port: u16,
     pub(crate) certificates: Certificates,
@@ -296,6 +308,7 @@ pub(crate) struct TlsRedis {
     dir: PathBuf,
 }
 
+#[cfg(feature = "redis-tls")]
 impl TlsRedis {
     /// A server answering only TLS, on certificates made now, asking for `password`, and for
     /// a client certificate if `client_certificates`; `None` (skipped) where `redis-server`
@@ -363,6 +376,7 @@ impl TlsRedis {
     }
 }
 
+#[cfg(feature = "redis-tls")]
 impl Drop for TlsRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -6,6 +6,7 @@
 mod common;
 
 mod cluster;
+mod memory;
 mod places;
 mod plan_batches;
 mod rate_limits;

@@ -224,7 +224,7 @@ async fn two_servers_on_a_cluster_hold_each_key_to_its_quota() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_master_killed_mid_test_fails_closed_then_its_replica_holds_the_quota() {
+async fn a_master_killed_mid_test_fails_as_told_then_its_replica_holds_the_quotas() {
     let Some(mut cluster) = RedisCluster::start(3, 1) else {
         return;
     };
@@ -235,7 +235,17 @@ async fn a_master_killed_mid_test_fails_closed_then_its_replica_holds_the_quota(
         .fail_mode(FailMode::Closed)
         .build()
         .unwrap();
-    let server = server_on(store, Quota::per_second(5)).await;
+    let server_limits = RateLimitByRoute::builder()
+        .route("GET /v2/generations", Quota::per_second(5))
+        .reject()
+        .key_header(http::HeaderName::from_static("x-api-key"))
+        .store(store)
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/v2/generations", get(|| async { "[]" }))
+        .layer(server_limits.clone());
+    let server = serve(app).await;
     let client = http_client();
     assert_eq!(
         send_keyed(&client, server, "victim").await.status(),
@@ -244,6 +254,29 @@ async fn a_master_killed_mid_test_fails_closed_then_its_replica_holds_the_quota(
     let held = cluster.keys_on_masters(&format!("{{{prefix}*"));
     assert_eq!(held.len(), 1);
     let master = held[0].0;
+
+    // And a client, failing open, whose limit lies on the same master.
+    let client_prefix = loop {
+        let prefix = unique_prefix("cluster-failover-client");
+        if cluster.master_of(&format!("{{{prefix}:rate:GET /r/0}}")) == master {
+            break prefix;
+        }
+    };
+    let arrivals = Arrivals::default();
+    let api = api(arrivals.clone()).await;
+    let limits = RateLimitByRoute::builder()
+        .route("GET /r/0", Quota::per_second(5))
+        .store(
+            RedisStore::cluster(cluster.urls())
+                .prefix(client_prefix)
+                .timeout(Duration::from_millis(200))
+                .fail_mode(FailMode::Open)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let paced = ServiceBuilder::new().layer(limits).service(http_client());
 
     // A request every 20 ms throughout: when it was sent, what came back, how long it took.
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -256,6 +289,19 @@ async fn a_master_killed_mid_test_fails_closed_then_its_replica_holds_the_quota(
                 let status = send_keyed(&client, server, "victim").await.status();
                 log.lock().unwrap().push((sent, status, sent.elapsed()));
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // The client's requests, one after another, each when the limit lets it.
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let client_sender = {
+        let (failed, stop) = (failed.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let request = get_request(api, "/r/0");
+                if let Err(error) = paced.clone().oneshot(request).await {
+                    failed.lock().unwrap().push(error.to_string());
+                }
             }
         })
     };
@@ -273,6 +319,7 @@ async fn a_master_killed_mid_test_fails_closed_then_its_replica_holds_the_quota(
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sender.await.unwrap();
+    client_sender.await.unwrap();
     drop(cluster);
 
     let log = log.lock().unwrap();
@@ -319,5 +366,29 @@ async fn a_master_killed_mid_test_fails_closed_then_its_replica_holds_the_quota(
     assert!(
         most <= 5,
         "{most} admitted in one second after the failover"
+    );
+    // Refused for want of the store (failing closed) while the slot had no master.
+    let counters = server_limits.snapshot()[0].counters;
+    println!("the server: {counters:?}");
+    assert!(counters.refused.store_unavailable > 0, "{counters:?}");
+
+    // The client, failing open, was never failed, and paced by its quota again afterwards.
+    let failed = failed.lock().unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    let mut sent = arrivals.0.lock().unwrap()["0"].clone();
+    sent.sort();
+    let during = sent
+        .iter()
+        .filter(|at| (killed..whole).contains(*at))
+        .count();
+    sent.retain(|at| *at > whole + Duration::from_secs(1));
+    let most = max_in_window(&sent, Duration::from_secs(1));
+    println!(
+        "the client: {during} requests sent during the outage, {} after, at most {most} in a second",
+        sent.len()
+    );
+    assert!(
+        sent.len() >= 5 && most <= 5,
+        "{most} in a second of {sent:?}"
     );
 }

@@ -45,7 +45,7 @@ async fn held_by(url: &str, keys: &[String]) -> i64 {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Redis allocates a command's latency histogram after its first run: INFO's and DEL's
     // are made here.
-    let mut info = || redis::cmd("INFO").arg("memory").to_owned();
+    let info = || redis::cmd("INFO").arg("memory").to_owned();
     let _: String = info().query_async(&mut connection).await.unwrap();
     let () = redis::cmd("DEL")
         .arg("{none}")

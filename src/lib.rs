@@ -154,6 +154,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
     doctest,
     feature = "axum",
     feature = "redis",
+    feature = "redis-tls",
     feature = "serde",
     feature = "reqwest-middleware",
     feature = "sync-webhook",

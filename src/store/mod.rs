@@ -1,5 +1,5 @@
-//! Where limiter state lives: in this process (the default), or in a Redis server that
-//! several processes share (feature `redis`).
+//! Where limiter state lives: in this process (the default), or in a Redis server or Redis
+//! Cluster that several processes share (feature `redis`; `redis-tls` for `rediss://`).
 //!
 //! The in-memory store is the layers' own state, untouched by this module: a layer built
 //! without a store costs what it cost before. A layer given a `RedisStore` keeps its local

@@ -27,11 +27,15 @@ use connection::{Connection, Nodes, Secrets, Settings};
 /// Give it to a layer's builder with `.store(store)`. Cheap to clone: clones share the
 /// connections.
 ///
+/// - On one server ([`builder`](Self::builder)) or a Redis Cluster ([`cluster`](Self::cluster)),
+///   in plain text or over TLS (`rediss://`, feature `redis-tls`), with a user and password
+///   from the URL or the builder that never appear in `Debug` output, errors or logs.
 /// - Rates run as atomic Lua scripts on Redis's own clock (`TIME`), so the processes' clocks do
 ///   not matter: a client's sliding window is a sorted set of the places held (exact, as in
-///   memory), a server's per-client window up to 17 bucket counts (a few bytes at any quota, as in
-///   memory), GCRA a stored theoretical arrival time. Keys are `{prefix:…}` (one Redis Cluster slot per limit) and
-///   expire once idle.
+///   memory: one place per request of its period for the whole fleet, about 130 bytes each),
+///   a server's per-client window a hash of up to 17 bucket counts (about 200 bytes at any
+///   quota, as in memory), GCRA a stored theoretical arrival time. Keys are `{prefix:…}` (one
+///   Redis Cluster slot per limit) and expire once idle.
 /// - A request waiting for its turn sleeps until the time the script names, and is woken
 ///   early by a release anywhere in the fleet (pub/sub, resubscribed after a reconnect), with
 ///   a bounded poll as the fallback for a lost message.
@@ -201,7 +205,8 @@ impl RedisStore {
     /// decides). Release notifications are published cluster-wide.
     ///
     /// ```no_run
-    /// # #[tokio::main] async fn main() {
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), tower_quota::ConfigError> {
     /// use tower_quota::store::RedisStore;
     ///
     /// let store = RedisStore::cluster([
@@ -211,7 +216,9 @@ impl RedisStore {
     /// ])
     /// .password(std::env::var("REDIS_PASSWORD").unwrap_or_default())
     /// .build()?;
-    /// # Ok::<(), tower_quota::ConfigError>(()) }
+    /// # drop(store);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn cluster<I>(nodes: I) -> RedisStoreBuilder
     where

@@ -104,7 +104,7 @@ async fn a_fleet_on_a_cluster_keeps_each_routes_window_on_every_master() {
                         .unwrap();
                     let mut limits = RateLimitByRoute::builder();
                     for n in 0..ROUTES {
-                        limits = limits.route(&format!("GET /r/{n}"), quota);
+                        limits = limits.route(format!("GET /r/{n}"), quota);
                     }
                     let limits = limits.store(store.clone()).build().unwrap();
                     let service = ServiceBuilder::new().layer(limits).service(http_client());

@@ -218,7 +218,7 @@ async fn a_client_fleets_limit_takes_redis_in_proportion_to_its_count_not_its_cl
         // Five limits, each taken whole: its window holds one place per request.
         let mut limits = RateLimitByRoute::builder();
         for n in 0..5 {
-            limits = limits.route(&format!("GET /r/{n}"), Quota::per_minute(count));
+            limits = limits.route(format!("GET /r/{n}"), Quota::per_minute(count));
         }
         let store = store(&url, &prefix);
         let limits = limits.store(store.clone()).build().unwrap();

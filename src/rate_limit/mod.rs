@@ -166,4 +166,5 @@ pub use permit::Permit;
 pub use reject::{EmptyBody, RejectReason, RejectResponse, Rejection};
 pub use server::future::RejectFuture;
 pub use server::key::{ForwardedHeader, MissingKey, RequestHead};
+pub use server::tier::UnknownTier;
 pub use service::RateLimitByRouteService;

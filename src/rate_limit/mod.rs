@@ -153,7 +153,7 @@ mod handle;
 mod layer;
 mod permit;
 mod reject;
-mod server;
+pub(crate) mod server;
 mod service;
 
 pub use builder::{Builder, RejectConfig, WaitConfig};

@@ -353,3 +353,105 @@ fn bad_server_settings_are_typed_errors() {
         .unwrap_err();
     assert!(matches!(error, ConfigError::InvalidRoute { .. }), "{error}");
 }
+
+/// A fleet of two servers sharing each client's plan through one Redis.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_servers_shares_each_clients_plan_through_redis() {
+    use tower_quota::store::{FailMode, RedisStore};
+
+    let Some((url, _server)) = common::redis::shared_redis() else {
+        return;
+    };
+    let prefix = common::redis::unique_prefix("keyed-plans");
+    let server = |api: Api| {
+        let store = RedisStore::builder(url.as_str())
+            .prefix(prefix.as_str())
+            .timeout(Duration::from_millis(500))
+            .fail_mode(FailMode::Closed)
+            .build()
+            .unwrap();
+        let jobs = sync::plan_server(Plan::Creator)
+            .store(store)
+            .build()
+            .unwrap();
+        (app(api, jobs.clone()), jobs)
+    };
+    // Both servers front one job API (its records shared), each with its own layer.
+    let api = Api::default();
+    let (app_a, jobs_a) = server(api.clone());
+    let (app_b, jobs_b) = server(api.clone());
+    let a = Caller::new(serve(app_a).await);
+    let b = Caller::new(serve(app_b).await);
+
+    let first = id(&a.create("sk-1").await);
+    let second = id(&b.create("sk-1").await);
+    assert_eq!(a.create("sk-1").await.status, 201);
+    for caller in [&a, &b] {
+        let refused = caller.create("sk-1").await;
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.body["errorCode"], "concurrency_limit_reached");
+    }
+    assert_eq!(jobs_a.in_use_shared("sk-1").await.unwrap(), 3);
+    assert_eq!(
+        b.create("sk-2").await.status,
+        201,
+        "another client's own plan"
+    );
+
+    // A job made through A, completed through B's handle, for the fleet.
+    assert!(
+        !jobs_b.complete_shared("sk-2", &first).await.unwrap(),
+        "not sk-2's"
+    );
+    assert!(jobs_b.complete_shared("sk-1", &first).await.unwrap());
+    assert!(
+        !jobs_b.complete_shared("sk-1", &first).await.unwrap(),
+        "once"
+    );
+    assert_eq!(a.create("sk-1").await.status, 201);
+    assert_eq!(b.create("sk-1").await.status, 429);
+
+    // A job made through B, seen to end through A.
+    api.finish(&second);
+    let path = format!("/v2/generate/{second}");
+    let status = a.send("GET", &path, &[("x-api-key", "sk-1")]).await;
+    assert_eq!(status.body["status"], "COMPLETED");
+    let store_settled = async {
+        while jobs_a.in_use_shared("sk-1").await.unwrap() != 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), store_settled)
+        .await
+        .expect("the status's end reaches the store");
+    assert_eq!(b.create("sk-1").await.status, 201);
+
+    // A 4xx gives its slot back for the fleet; a 5xx holds it.
+    let fail = |answer| [("x-api-key", "sk-3"), ("x-answer", answer)];
+    assert_eq!(
+        a.send("POST", "/v2/generate", &fail("400")).await.status,
+        400
+    );
+    assert_eq!(
+        a.send("POST", "/v2/generate", &fail("500")).await.status,
+        500
+    );
+    let settled = async {
+        while jobs_b.in_use_shared("sk-3").await.unwrap() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), settled)
+        .await
+        .expect("the answers reach the store");
+    jobs_b.reconcile("sk-3", Vec::<String>::new());
+    let reconciled = async {
+        while jobs_a.in_use_shared("sk-3").await.unwrap() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), reconciled)
+        .await
+        .expect("the reconcile reaches the store");
+}

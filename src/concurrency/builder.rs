@@ -365,11 +365,6 @@ impl Builder {
         } else {
             None
         };
-        #[cfg(feature = "redis")]
-        let error = error.or(self
-            .store
-            .is_some()
-            .then_some("store: set the store on the server-mode builder"));
         super::RejectBuilder::new(super::server::Inherited {
             plan: self.plan,
             job_routes: defaults(self.job_routes, 0),
@@ -381,6 +376,8 @@ impl Builder {
             max_job_life: self.max_job_life,
             max_prefix: self.max_prefix,
             events: self.events,
+            #[cfg(feature = "redis")]
+            store: self.store,
             error: error.map(|reason| ConfigError::InvalidSetting {
                 name: "reject",
                 reason,

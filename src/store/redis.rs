@@ -13,9 +13,12 @@ use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::{Decision, FailMode, StoreCall, StoreError};
+
+mod keyed_slots;
 use crate::error::ConfigError;
 use crate::quota::Rate;
 use crate::rate_limit::cost::Costs;
+pub(crate) use keyed_slots::KeyedCall;
 
 /// Limits kept in Redis, so that every process using the same server and prefix shares them:
 /// a fleet of clients stays inside one API key's quotas, a fleet of servers enforces one

@@ -112,6 +112,9 @@ impl<B: Body> Body for KeyedPlanBody<B> {
 pub(crate) struct CreateSlot<F> {
     pub(crate) shared: Arc<KeyedPlanState<F>>,
     pub(crate) key: u64,
+    /// With a shared store: the client's key there and this create's member.
+    #[cfg(feature = "redis")]
+    in_store: Option<(u64, String)>,
     /// Whether the answer was a success, whose body shows the job.
     success: bool,
     /// The body's first bytes.
@@ -124,10 +127,41 @@ impl<F> CreateSlot<F> {
         Self {
             shared,
             key,
+            #[cfg(feature = "redis")]
+            in_store: None,
             success: false,
             prefix: Vec::new(),
             settled: false,
         }
+    }
+
+    /// The slot is held in the shared store, for client `client` there, as `member`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn in_store(mut self, client: u64, member: String) -> Self {
+        self.in_store = Some((client, member));
+        self
+    }
+
+    /// Settles the slot in the shared store, if it is held there: `op` with `args` after the
+    /// member. False when it is held in this server's table.
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+    fn in_store_do(&self, op: &str, args: &[String]) -> bool {
+        #[cfg(feature = "redis")]
+        if let (Some((client, member)), Some(store)) = (&self.in_store, &self.shared.store) {
+            let mut all = vec![member.clone()];
+            all.extend_from_slice(args);
+            store.keyed_change(*client, op, all);
+            return true;
+        }
+        false
+    }
+
+    /// The lease of a hold, as the store takes it.
+    fn lease_arg(&self) -> String {
+        #[cfg(feature = "redis")]
+        return super::layer::micros(self.shared.lease());
+        #[cfg(not(feature = "redis"))]
+        String::new()
     }
 
     /// The answer's status is in: a failure settles the slot now; a success reads its body.
@@ -142,8 +176,14 @@ impl<F> CreateSlot<F> {
             (Outcome::Failed, Some(Freed::CreateFailed))
         };
         self.settled = true;
-        let now = self.shared.clock.now();
-        self.shared.slots.settle(self.key, outcome, now);
+        let stored = match outcome {
+            Outcome::Failed => self.in_store_do("failed", &[]),
+            Outcome::Unknown => self.in_store_do("unknown", &[self.lease_arg()]),
+        };
+        if !stored {
+            let now = self.shared.clock.now();
+            self.shared.slots.settle(self.key, outcome, now);
+        }
         if let Some(by) = by {
             self.shared.freed(by);
         }
@@ -155,7 +195,9 @@ impl<F> CreateSlot<F> {
         let shared = &self.shared;
         let now = shared.clock.now();
         if !self.success {
-            shared.slots.settle(self.key, Outcome::Unknown, now);
+            if !self.in_store_do("unknown", &[self.lease_arg()]) {
+                shared.slots.settle(self.key, Outcome::Unknown, now);
+            }
             return;
         }
         let fields = Fields {
@@ -165,10 +207,23 @@ impl<F> CreateSlot<F> {
         let seen = json::object(&self.prefix, fields);
         let Some(id) = seen.id.filter(|id| !id.is_empty() && id.len() <= MAX_ID) else {
             tracing::debug!("a create's answer showed no job id: its slot is held until its lease");
-            shared.slots.settle(self.key, Outcome::Unknown, now);
+            if !self.in_store_do("unknown", &[self.lease_arg()]) {
+                shared.slots.settle(self.key, Outcome::Unknown, now);
+            }
             return;
         };
         let ended = seen.status.is_some_and(|s| shared.is_terminal(&s));
+        let flag = if ended { "1" } else { "0" };
+        if self.in_store_do("bind", &[id.clone(), self.lease_arg(), flag.into()]) {
+            if ended {
+                shared.freed(Freed::Status);
+            } else {
+                shared
+                    .events
+                    .emit(0, |layer, _| Event::JobBound { layer, id: &id });
+            }
+            return;
+        }
         match shared.slots.bind(self.key, &id, ended, now) {
             Bound::Held => shared
                 .events
@@ -205,11 +260,19 @@ pub(crate) struct StatusRead<F> {
     pub(crate) key: u64,
     pub(crate) id: Box<str>,
     pub(crate) prefix: Vec<u8>,
+    /// With a shared store: the client's key there.
+    #[cfg(feature = "redis")]
+    pub(crate) client: Option<u64>,
 }
 
 impl<F> StatusRead<F> {
     /// Gives the job's slot back: the application says it is over.
     pub(crate) fn ended(&self) {
+        #[cfg(feature = "redis")]
+        if let (Some(client), Some(store)) = (self.client, &self.shared.store) {
+            let lease = super::layer::micros(self.shared.lease());
+            store.keyed_change(client, "end", vec![self.id.to_string(), lease, "0".into()]);
+        }
         if self.shared.slots.end(self.key, &self.id, false) {
             self.shared.freed(Freed::Status);
         }

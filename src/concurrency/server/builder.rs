@@ -42,6 +42,8 @@ pub(crate) struct Inherited {
     pub(crate) max_job_life: Duration,
     pub(crate) max_prefix: usize,
     pub(crate) events: EventConfig,
+    #[cfg(feature = "redis")]
+    pub(crate) store: Option<crate::store::StoreHandle>,
     /// A client-mode setting server mode cannot honour, reported by `build`.
     pub(crate) error: Option<ConfigError>,
 }
@@ -159,6 +161,22 @@ impl<F> RejectBuilder<F> {
         }
     }
 
+    /// Keeps every client's slots in a store shared with the other servers of a fleet
+    /// (feature `redis`), so that a client's plan holds across all of them: a create takes
+    /// its slot in the store before it is passed on (one round trip), and what ends a slot
+    /// anywhere (an answer, [`KeyedPlans::complete`], a terminal status) gives it back for
+    /// the fleet. Client keys are hashed the same way in every process (build the fleet with
+    /// one Rust release). While the store is away, its
+    /// [`FailMode`](crate::store::FailMode) decides: `Closed` refuses creates with a 429
+    /// ([`PlanRejectReason::StoreUnavailable`](super::PlanRejectReason::StoreUnavailable)),
+    /// `Open` counts them in this server's own table. Each hold has a lease of the maximum
+    /// job life in the store, so the slots of a server that dies come back.
+    #[cfg(feature = "redis")]
+    pub fn store(mut self, store: crate::store::RedisStore) -> Self {
+        self.base.store = Some(store);
+        self
+    }
+
     /// Builds the layer, or says which part of the configuration is unusable.
     pub fn build(self) -> Result<KeyedPlans<F>, ConfigError> {
         let base = self.base;
@@ -243,6 +261,8 @@ impl<F> RejectBuilder<F> {
                 clock: Clock::new(),
                 events: base.events.build(LayerKind::Plan, [Arc::from("plan")]),
                 body: self.body,
+                #[cfg(feature = "redis")]
+                store: base.store,
             }),
         })
     }

@@ -40,9 +40,18 @@ pub(crate) struct KeyedPlanState<F> {
     pub(crate) clock: Clock,
     pub(crate) events: Events,
     pub(crate) body: F,
+    /// The store the fleet's servers share the clients' slots through, if any.
+    #[cfg(feature = "redis")]
+    pub(crate) store: Option<crate::store::StoreHandle>,
 }
 
 impl<F> KeyedPlanState<F> {
+    /// The maximum job life: the lease of a hold.
+    #[cfg(feature = "redis")]
+    pub(crate) fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.slots.lease())
+    }
+
     /// Whether a job in `status` no longer holds a slot.
     pub(crate) fn is_terminal(&self, status: &str) -> bool {
         !self.active.iter().any(|a| **a == *status)
@@ -124,13 +133,64 @@ impl<F> KeyedPlans<F> {
     /// job: an unknown id, one completed already, another client's job. While the client has
     /// a create in flight, an id it does not hold is remembered (its last 8) and frees that
     /// create's slot as soon as the create's answer shows it.
+    ///
+    /// With a shared store ([`RejectBuilder::store`](super::RejectBuilder::store)), the
+    /// completion is sent to the store in the background, for the whole fleet, and the result
+    /// only says whether this server's own table (its fail-open fallback) held the job; await
+    /// [`complete_shared`](Self::complete_shared) to know, and to have the slot free before
+    /// the next create.
     pub fn complete(&self, key: &str, id: &str) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.shared.store {
+            let args = vec![id.to_owned(), micros(self.shared.lease()), "1".into()];
+            store.keyed_change(stable(key.as_bytes()), "end", args);
+        }
         self.end(self.header_key(key), id)
+    }
+
+    /// [`complete`](Self::complete) through the shared store, awaited: whether client `key`
+    /// (as the key header carries it) held job `id` anywhere in the fleet.
+    #[cfg(feature = "redis")]
+    pub async fn complete_shared(
+        &self,
+        key: &str,
+        id: &str,
+    ) -> Result<bool, crate::store::StoreError> {
+        let local = self.end(self.header_key(key), id);
+        let Some(store) = &self.shared.store else {
+            return Ok(local);
+        };
+        let args = vec![id.to_owned(), micros(self.shared.lease()), "1".into()];
+        let [_, ended] = store
+            .keyed_slots(stable(key.as_bytes()), "end", args)
+            .await?;
+        if ended == 1 && !local {
+            self.shared.freed(Freed::Completed);
+        }
+        Ok(ended == 1 || local)
+    }
+
+    /// The slots client `key` (as the key header carries it) holds in the shared store, for
+    /// the whole fleet.
+    #[cfg(feature = "redis")]
+    pub async fn in_use_shared(&self, key: &str) -> Result<usize, crate::store::StoreError> {
+        let Some(store) = &self.shared.store else {
+            return Ok(self.in_use(key));
+        };
+        let [_, held] = store
+            .keyed_slots(stable(key.as_bytes()), "held", Vec::new())
+            .await?;
+        Ok(usize::try_from(held).unwrap_or(0))
     }
 
     /// [`complete`](Self::complete) for a layer keyed by a closure: `key` is the value it
     /// returns for the client (the same type, hashed the same way).
     pub fn complete_key<K: Hash + ?Sized>(&self, key: &K, id: &str) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.shared.store {
+            let args = vec![id.to_owned(), micros(self.shared.lease()), "1".into()];
+            store.keyed_change(stable(key), "end", args);
+        }
         self.end(self.fn_key(key), id)
     }
 
@@ -165,6 +225,11 @@ impl<F> KeyedPlans<F> {
     {
         let ids: Vec<I::Item> = active_ids.into_iter().collect();
         let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.shared.store {
+            let args = ids.iter().map(|id| (*id).to_owned()).collect();
+            store.keyed_change(stable(key.as_bytes()), "reconcile", args);
+        }
         let freed = self.shared.slots.reconcile(self.header_key(key), &ids);
         for _ in 0..freed {
             self.shared.freed(Freed::Reconciled);
@@ -188,6 +253,18 @@ impl<F> KeyedPlans<F> {
             counters: self.shared.events.scope(0).slot_counters(),
         }
     }
+}
+
+/// A key hashed the same way in every process, for the shared store.
+#[cfg(feature = "redis")]
+pub(crate) fn stable<K: Hash + ?Sized>(key: &K) -> u64 {
+    KeyHashing::Stable.hash_one(key).max(1)
+}
+
+/// Whole microseconds, rounded up, as the store's scripts take them.
+#[cfg(feature = "redis")]
+pub(crate) fn micros(d: std::time::Duration) -> String {
+    d.as_nanos().div_ceil(1_000).min(1 << 52).to_string()
 }
 
 impl<S, F> Layer<S> for KeyedPlans<F> {

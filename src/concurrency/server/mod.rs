@@ -8,6 +8,8 @@ mod layer;
 mod reject;
 mod service;
 mod state;
+#[cfg(feature = "redis")]
+mod store;
 
 pub use body::KeyedPlanBody;
 pub(crate) use builder::Inherited;

@@ -17,13 +17,15 @@ pub enum PlanRejectReason {
     /// The layer keys clients by address and the server supplied none (a configuration
     /// error): `500 Internal Server Error`.
     NoPeerAddress,
+    /// The shared store is away and fails closed: `429 Too Many Requests`.
+    StoreUnavailable,
 }
 
 impl PlanRejectReason {
     /// The status the refusal is answered with.
     pub fn status(self) -> StatusCode {
         match self {
-            Self::PlanFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::PlanFull | Self::StoreUnavailable => StatusCode::TOO_MANY_REQUESTS,
             Self::MissingKey => StatusCode::BAD_REQUEST,
             Self::NoPeerAddress => StatusCode::INTERNAL_SERVER_ERROR,
         }

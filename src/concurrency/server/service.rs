@@ -61,12 +61,12 @@ enum KeyOf {
 
 impl<S, B, ResBody, F> Service<Request<B>> for KeyedPlansService<S, F>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     F: RejectPlan<ResBody> + Send + Sync + 'static,
 {
     type Response = Response<KeyedPlanBody<ResBody>>;
     type Error = S::Error;
-    type Future = KeyedPlanFuture<S::Future, ResBody, F>;
+    type Future = KeyedPlanFuture<S, B, F>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -99,6 +99,20 @@ where
                         key,
                         id: id.into(),
                         prefix: Vec::new(),
+                        #[cfg(feature = "redis")]
+                        client: None,
+                    };
+                    KeyedPlanFuture::status(self.inner.call(request), read)
+                }
+                #[cfg(feature = "redis")]
+                Some(id) if shared.store.is_some() => {
+                    // Held anywhere in the fleet, perhaps: read, and ended there if over.
+                    let read = StatusRead {
+                        shared: shared.clone(),
+                        key,
+                        id: id.into(),
+                        prefix: Vec::new(),
+                        client: Some(stable_key(shared, &request)),
                     };
                     KeyedPlanFuture::status(self.inner.call(request), read)
                 }
@@ -108,6 +122,20 @@ where
                 let head = RequestHead::of(&request);
                 let plan = shared.plan_by.as_ref().and_then(|by| by(&head));
                 let plan = plan.unwrap_or_else(|| *lock(&shared.default_plan));
+                #[cfg(feature = "redis")]
+                if shared.store.is_some() {
+                    let client = stable_key(shared, &request);
+                    let inner = crate::readiness::waiting_clone(&mut self.inner);
+                    let take = super::store::StoreTake::new(
+                        inner,
+                        shared.clone(),
+                        request,
+                        key,
+                        client,
+                        plan,
+                    );
+                    return KeyedPlanFuture::store(take);
+                }
                 let now = shared.clock.now();
                 match shared.slots.take(key, plan.limit(), now) {
                     Taken::Yes { forgot } => {
@@ -156,9 +184,19 @@ fn key_of<F, B>(shared: &KeyedPlanState<F>, request: &Request<B>) -> KeyOf {
     }
 }
 
+/// The client's key in the shared store: hashed the same way in every process.
+#[cfg(feature = "redis")]
+fn stable_key<F, B>(shared: &KeyedPlanState<F>, request: &Request<B>) -> u64 {
+    let stable = crate::rate_limit::server::key::KeyHashing::Stable;
+    match shared.key.extract(request, &stable, 64) {
+        Extracted::Key(key) => key,
+        Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
+    }
+}
+
 /// The response for a refused create.
 #[cold]
-fn refuse<F, B, ResBody>(
+pub(super) fn refuse<F, B, ResBody>(
     shared: &KeyedPlanState<F>,
     request: &Request<B>,
     reason: PlanRejectReason,
@@ -182,6 +220,7 @@ where
         PlanRejectReason::PlanFull => Refusal::PlanFull,
         PlanRejectReason::MissingKey => Refusal::MissingKey,
         PlanRejectReason::NoPeerAddress => Refusal::NoPeerAddress,
+        PlanRejectReason::StoreUnavailable => Refusal::StoreUnavailable,
     };
     shared.events.emit(0, |layer, _| Event::SlotRefused {
         layer,

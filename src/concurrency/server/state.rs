@@ -229,6 +229,12 @@ impl KeyedSlots {
         freed
     }
 
+    /// How long a hold lives at most.
+    #[cfg(feature = "redis")]
+    pub(crate) fn lease(&self) -> Nanos {
+        self.lease
+    }
+
     /// Slots `key` holds at `now`.
     pub(crate) fn held(&self, key: u64, now: Nanos) -> usize {
         let mut shard = lock(self.shard(key));

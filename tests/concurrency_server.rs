@@ -455,3 +455,20 @@ async fn a_fleet_of_servers_shares_each_clients_plan_through_redis() {
         .await
         .expect("the reconcile reaches the store");
 }
+
+#[test]
+fn the_server_mode_service_future_and_body_are_send_and_sync() {
+    use tower_quota::concurrency::{KeyedPlanBody, KeyedPlanFuture, KeyedPlansService};
+    type Inner = tower::util::BoxCloneSyncService<
+        http::Request<axum::body::Body>,
+        http::Response<axum::body::Body>,
+        std::convert::Infallible,
+    >;
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<KeyedPlans<PlanFullBody>>();
+    send_sync::<KeyedPlansService<Inner, PlanFullBody>>();
+    send::<KeyedPlanFuture<Inner, axum::body::Body, PlanFullBody>>();
+    send::<KeyedPlanBody<axum::body::Body>>();
+    send_sync::<KeyedPlanBody<http_body_util::Full<Bytes>>>();
+}

@@ -636,7 +636,8 @@ impl<F> Builder<RejectConfig<F>> {
     /// then on, starting from what it counted there before (nothing, usually), while what
     /// it counted in its old tier stays there until it no longer matters. So in the window
     /// of a change it may send up to both tiers' quotas; tiers are set by the server, not by
-    /// the client, so only the server's own changes open that window.
+    /// the client, so only the server's own changes open that window. Tiers are counted in
+    /// this process: with a [`store`](Self::store), `build` fails.
     ///
     /// ```
     /// use axum::http::HeaderName;

@@ -13,12 +13,9 @@ use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::{Decision, FailMode, StoreCall, StoreError};
-
-mod keyed_slots;
 use crate::error::ConfigError;
 use crate::quota::Rate;
 use crate::rate_limit::cost::Costs;
-pub(crate) use keyed_slots::KeyedCall;
 
 /// Limits kept in Redis, so that every process using the same server and prefix shares them:
 /// a fleet of clients stays inside one API key's quotas, a fleet of servers enforces one
@@ -793,3 +790,7 @@ async fn subscribe(mut connection: ConnectionManager, channel: String, every: Du
         tokio::time::sleep(every).await;
     }
 }
+
+// One client's job slots, for a plan enforced by a fleet of servers (server mode).
+mod keyed_slots;
+pub(crate) use keyed_slots::KeyedCall;

@@ -228,10 +228,15 @@ pub enum Refusal {
     /// A create starts more jobs than the plan has slots, or none
     /// ([`ConcurrencyError::JobCount`](crate::concurrency::ConcurrencyError::JobCount)).
     JobCount,
+    /// Server mode: the request's tier is unknown and the layer refuses such requests
+    /// (answered 403).
+    UnknownTier,
+    /// Server mode of a plan: the client's plan has no free slot (answered 429).
+    PlanFull,
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Self; 9] = [
+    pub(crate) const ALL: [Self; 11] = [
         Self::Quota,
         Self::QueueFull,
         Self::WaitTooLong,
@@ -241,11 +246,13 @@ impl Refusal {
         Self::NoSlots,
         Self::CostTooHigh,
         Self::JobCount,
+        Self::UnknownTier,
+        Self::PlanFull,
     ];
 
     /// The name used as a metric's `reason` label: `quota`, `queue_full`, `wait_too_long`,
-    /// `store_unavailable`, `missing_key`, `no_peer_address`, `no_slots`, `cost_too_high` or
-    /// `job_count`.
+    /// `store_unavailable`, `missing_key`, `no_peer_address`, `no_slots`, `cost_too_high`,
+    /// `job_count`, `unknown_tier` or `plan_full`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Quota => "quota",
@@ -257,6 +264,8 @@ impl Refusal {
             Self::NoSlots => "no_slots",
             Self::CostTooHigh => "cost_too_high",
             Self::JobCount => "job_count",
+            Self::UnknownTier => "unknown_tier",
+            Self::PlanFull => "plan_full",
         }
     }
 }
@@ -413,6 +422,10 @@ pub struct Refusals {
     pub cost_too_high: u64,
     /// [`Refusal::JobCount`].
     pub job_count: u64,
+    /// [`Refusal::UnknownTier`].
+    pub unknown_tier: u64,
+    /// [`Refusal::PlanFull`].
+    pub plan_full: u64,
 }
 
 impl Refusals {
@@ -428,6 +441,8 @@ impl Refusals {
             self.no_slots,
             self.cost_too_high,
             self.job_count,
+            self.unknown_tier,
+            self.plan_full,
         ]
         .iter()
         .sum()
@@ -731,6 +746,8 @@ impl Scope {
             no_slots: r(Refusal::NoSlots),
             cost_too_high: r(Refusal::CostTooHigh),
             job_count: r(Refusal::JobCount),
+            unknown_tier: r(Refusal::UnknownTier),
+            plan_full: r(Refusal::PlanFull),
         }
     }
 

@@ -63,8 +63,18 @@ fn reasons(kind: Kind) -> &'static [Refusal] {
             MissingKey,
             NoPeerAddress,
             CostTooHigh,
+            UnknownTier,
         ],
-        Kind::Plan => &[QueueFull, WaitTooLong, StoreUnavailable, NoSlots, JobCount],
+        Kind::Plan => &[
+            QueueFull,
+            WaitTooLong,
+            StoreUnavailable,
+            NoSlots,
+            JobCount,
+            PlanFull,
+            MissingKey,
+            NoPeerAddress,
+        ],
         Kind::Backoff => &[],
     }
 }

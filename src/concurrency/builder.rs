@@ -326,6 +326,65 @@ impl Builder {
         self
     }
 
+    /// Switches to server mode, for an API that enforces plans on its own clients: creates
+    /// are counted per client key (set on the returned builder) against each client's plan,
+    /// and a create past it is answered at once with a 429. The job and status routes, the
+    /// JSON fields, the active statuses, the maximum job life (the lease of a job and of an
+    /// unknown outcome), the bytes read of a body and the events' settings carry over; the
+    /// plan given to this builder is every client's unless
+    /// [`plan_by`](super::RejectBuilder::plan_by) names another. See the
+    /// [module docs](super#server-mode).
+    ///
+    /// Server mode never queues, so `max_queue` and `max_wait` are ignored; it counts one job
+    /// per create, reads the top-level object's id, and keeps no list route, so
+    /// [`jobs_per_create`](Self::jobs_per_create), [`id_path`](Self::id_path) and
+    /// [`in_flight`](Self::in_flight) make [`build`](super::RejectBuilder::build) fail.
+    ///
+    /// ```
+    /// use axum::http::HeaderName;
+    /// use tower_quota::{ConcurrencyLimitByPlan, Plan};
+    ///
+    /// let jobs = ConcurrencyLimitByPlan::builder(Plan::Creator) // 3 jobs per client
+    ///     .reject()
+    ///     .key_header(HeaderName::from_static("x-api-key"))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(jobs.in_use("sk-1"), 0);
+    /// ```
+    pub fn reject(self) -> super::RejectBuilder {
+        let preset = self.default_routes;
+        let defaults = |routes: Option<Vec<String>>, kind: usize| {
+            routes.unwrap_or_else(|| preset.map(|p| vec![p[kind].to_owned()]).unwrap_or_default())
+        };
+        let error = if self.jobs_per_create.is_some() {
+            Some("jobs_per_create: server mode counts one job per create")
+        } else if self.id_path.is_some() {
+            Some("id_path: server mode reads the id of the answer's top-level object")
+        } else if self.in_flight {
+            Some("in_flight: server mode counts jobs, not requests in flight")
+        } else {
+            None
+        };
+        super::RejectBuilder::new(super::server::Inherited {
+            plan: self.plan,
+            job_routes: defaults(self.job_routes, 0),
+            status_routes: defaults(self.status_routes, 1),
+            id_param: self.id_param,
+            id_field: self.id_field,
+            status_field: self.status_field,
+            active: self.active,
+            max_job_life: self.max_job_life,
+            max_prefix: self.max_prefix,
+            events: self.events,
+            #[cfg(feature = "redis")]
+            store: self.store,
+            error: error.map(|reason| ConfigError::InvalidSetting {
+                name: "reject",
+                reason,
+            }),
+        })
+    }
+
     /// Builds the layer, or says what is wrong.
     pub fn build(self) -> Result<ConcurrencyLimitByPlan, ConfigError> {
         self.plan.checked_limit()?;

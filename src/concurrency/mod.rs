@@ -106,6 +106,39 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Server mode
+//!
+//! An API that sells plans enforces them on its own clients: [`Builder::reject`] makes
+//! [`KeyedPlans`], the same job routes and JSON read from the server's side. Each create is
+//! counted under its client's key (a header such as `x-api-key`, a closure, the peer's
+//! address) against its client's plan ([`RejectBuilder::plan_by`], read on every create, so
+//! an upgrade takes effect on the next one). A create past the plan is answered at once with
+//! a 429 and the body of [`RejectBuilder::reject_with`] (Sync's JSON,
+//! `concurrency_limit_reached`, in [`presets::sync::plan_server`](crate::presets::sync::plan_server));
+//! one under it takes a slot and is passed on, never queued. The slot is then held:
+//!
+//! - until the answer's status says nothing was made (a 4xx): given back at once;
+//! - as the job the answer's JSON shows (`id`), until [`KeyedPlans::complete`] (the
+//!   application's job runner or webhook says it ended) or a response of a status route
+//!   shows it terminal or answers 404 to its own client; a completion that beats the
+//!   answer's body is remembered while the client has a create in flight (its last 8);
+//! - as an unknown outcome, when the application may have made a job the layer cannot name:
+//!   a 5xx, an error, a success whose body shows no id (not JSON, cut at
+//!   [`Builder::max_prefix`]), a caller that gave up (its connection closed, its future
+//!   dropped) before the answer's body was read. Until [`KeyedPlans::reconcile`] with the
+//!   application's own list of the client's jobs, or the lease
+//!   ([`Builder::max_job_life`]) runs out.
+//!
+//! `complete` twice, for an id the client does not hold, or for another client's job frees
+//! nothing and answers false. A client's entry holds at most its plan (jobs, creates in
+//! flight, unknown outcomes) and 8 remembered completions, and exists only while it holds a
+//! slot. At most [`RejectBuilder::max_keys`] clients are held: a newcomer at a full table
+//! takes the place of the sampled client that holds least, so a flood of fresh keys can
+//! neither grow memory nor lock newcomers out; the price is that a forgotten client may
+//! exceed its plan by what it held. Only a create the application answered (or that was cut
+//! off mid-flight) holds a slot: put authentication in front, and a flood of keys it refuses
+//! holds nothing.
 
 mod body;
 mod builder;
@@ -116,6 +149,7 @@ mod layer;
 mod observe;
 mod permit;
 mod plan;
+pub(crate) mod server;
 mod service;
 mod slots;
 mod state;
@@ -130,5 +164,9 @@ pub use future::ResponseFuture;
 pub use layer::{ConcurrencyLimitByPlan, HeldJob, PlanSnapshot};
 pub use permit::Permit;
 pub use plan::{ParsePlanError, Plan};
+pub use server::{
+    KeyedPlanBody, KeyedPlanFuture, KeyedPlans, KeyedPlansService, KeyedPlansSnapshot,
+    PlanRejectReason, PlanRejection, RejectBuilder, RejectPlan,
+};
 pub use service::ConcurrencyLimitByPlanService;
 pub use watch::Watch;

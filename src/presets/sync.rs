@@ -55,6 +55,62 @@ pub fn plan(plan: Plan) -> concurrency::Builder {
         .active_statuses(ACTIVE_STATUSES)
 }
 
+/// The header field Sync's clients send their API key in.
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// The body of Sync's refusal of a create over its plan: `429` with
+/// `{"error":"Too Many Requests","errorCode":"concurrency_limit_reached","message":..,"statusCode":429}`.
+pub const PLAN_FULL_BODY: &str = r#"{"error":"Too Many Requests","errorCode":"concurrency_limit_reached","message":"Concurrency limit reached for your plan. Wait for a generation to finish.","statusCode":429}"#;
+
+/// Sync's JSON refusal of a create over its plan ([`PLAN_FULL_BODY`], `content-type:
+/// application/json`), for server mode's
+/// [`RejectBuilder::reject_with`](concurrency::RejectBuilder::reject_with). A refusal for
+/// another reason (a missing key) gets Sync's body of that status, with no `errorCode`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanFullBody;
+
+impl<B: From<String>> concurrency::RejectPlan<B> for PlanFullBody {
+    fn response(&self, rejection: &concurrency::PlanRejection<'_>) -> http::Response<B> {
+        let body = match rejection.reason {
+            concurrency::PlanRejectReason::PlanFull => PLAN_FULL_BODY.to_owned(),
+            other => {
+                let status = other.status();
+                format!(
+                    r#"{{"error":"{}","message":"{}","statusCode":{}}}"#,
+                    status.canonical_reason().unwrap_or(""),
+                    status.canonical_reason().unwrap_or(""),
+                    status.as_u16()
+                )
+            }
+        };
+        let mut response = http::Response::new(B::from(body));
+        let json = http::HeaderValue::from_static("application/json");
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, json);
+        response
+    }
+}
+
+/// A plan's job slots enforced by a server, as Sync enforces them: [`plan`]'s routes and job
+/// JSON in server mode, each client keyed by its [`API_KEY_HEADER`], on `plan` unless
+/// [`plan_by`](concurrency::RejectBuilder::plan_by) names its own, refused with Sync's JSON
+/// ([`PlanFullBody`]).
+///
+/// ```
+/// use tower_quota::presets::sync;
+/// use tower_quota::Plan;
+///
+/// let jobs = sync::plan_server(Plan::Creator).build().unwrap();
+/// assert_eq!(jobs.in_use("sk-1"), 0);
+/// ```
+pub fn plan_server(plan: Plan) -> concurrency::RejectBuilder<PlanFullBody> {
+    self::plan(plan)
+        .reject()
+        .key_header(http::HeaderName::from_static(API_KEY_HEADER))
+        .reject_with(PlanFullBody)
+}
+
 /// [`Backoff429`]'s defaults, with Sync's refusals told apart by [`error_code`].
 pub fn backoff() -> Backoff429 {
     Backoff429::new().classify(error_code)

@@ -15,6 +15,7 @@ use super::server::key::{
     ClientKey, ForwardedHeader, KeyHashing, MissingKey, RequestHead, TrustedProxies,
 };
 use super::server::state::KeyedRoute;
+use super::server::tier::{TierSettings, Tiers, UnknownTier};
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::event::{EventConfig, LayerKind};
@@ -55,6 +56,10 @@ pub struct RejectConfig<F = EmptyBody> {
     pub(crate) store: Option<StoreHandle>,
     /// Whether the missing peer address was warned about.
     pub(crate) warned_no_peer: AtomicBool,
+    /// The tiers as given to the builder (taken by `build`).
+    tier_settings: TierSettings,
+    /// The tiers, compiled: `None` without tiers.
+    pub(crate) tiers: Option<Tiers>,
 }
 
 impl<F> fmt::Debug for RejectConfig<F> {
@@ -65,6 +70,7 @@ impl<F> fmt::Debug for RejectConfig<F> {
             .field("headers", &self.headers)
             .field("max_keys", &self.max_keys)
             .field("ipv6_prefix", &self.ipv6_prefix)
+            .field("tiers", &self.tiers)
             .finish()
     }
 }
@@ -437,6 +443,8 @@ impl Builder<WaitConfig> {
                 #[cfg(feature = "redis")]
                 store: self.config.store,
                 warned_no_peer: AtomicBool::new(false),
+                tier_settings: TierSettings::default(),
+                tiers: None,
             },
         }
     }
@@ -613,6 +621,78 @@ impl<F> Builder<RejectConfig<F>> {
         self
     }
 
+    /// Derives each request's quotas from the request: `tier` names its tier (from its
+    /// head: a header, the key, or an extension an authentication layer set), and a tier
+    /// given to [`tier`](Self::tier) counts it under that tier's quotas on the routes the
+    /// tier names (and under the routes' own quotas on the others). A request whose tier is
+    /// unknown (the closure answers `None`, or a name no `tier` gave) follows `unknown`,
+    /// which has no default: refused with a 403, counted in a tier named for it, or counted
+    /// under the routes' own quotas.
+    ///
+    /// The closure runs on every request of a limited route, so a change of tier (an
+    /// upgrade) takes effect on the client's next request. Each tier that names a route
+    /// keeps its own table of clients there, bounded by [`max_keys`](Self::max_keys) as the
+    /// route's own is: a client that changes tier is counted in its new tier's table from
+    /// then on, starting from what it counted there before (nothing, usually), while what
+    /// it counted in its old tier stays there until it no longer matters. So in the window
+    /// of a change it may send up to both tiers' quotas; tiers are set by the server, not by
+    /// the client, so only the server's own changes open that window. Tiers are counted in
+    /// this process: with a [`store`](Self::store), `build` fails.
+    ///
+    /// ```
+    /// use axum::http::HeaderName;
+    /// use tower_quota::rate_limit::UnknownTier;
+    /// use tower_quota::{Quota, RateLimitByRoute};
+    ///
+    /// /// Set by an authentication layer in front of this one.
+    /// #[derive(Clone)]
+    /// struct Customer { tier: &'static str }
+    ///
+    /// let layer = RateLimitByRoute::builder()
+    ///     .route("POST /v2/generate", Quota::per_minute(60))
+    ///     .default_quota(Quota::per_minute(600))
+    ///     .reject()
+    ///     .key_header(HeaderName::from_static("x-api-key"))
+    ///     .tier_by(
+    ///         |head| head.extensions().get::<Customer>().map(|c| c.tier),
+    ///         UnknownTier::Refuse,
+    ///     )
+    ///     .tier("hobbyist", [("POST /v2/generate", Quota::per_minute(60))])
+    ///     .tier("scale", [("POST /v2/generate", Quota::per_minute(300))])
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer);
+    /// ```
+    pub fn tier_by<G, T>(mut self, tier: G, unknown: UnknownTier) -> Self
+    where
+        G: Fn(&RequestHead<'_>) -> Option<T> + Send + Sync + 'static,
+        T: AsRef<str>,
+    {
+        self.config.tier_settings.set_by(tier, unknown);
+        self
+    }
+
+    /// A tier, and its quotas on the routes it names: each pattern as written to
+    /// [`route`](Builder::route) (or `"default"` for the default quota), with as many
+    /// quotas, counting the same units in the same order, as the route has. Routes the
+    /// tier does not name keep their own quotas for its clients. `build` fails on an
+    /// unknown pattern, a pattern named twice, an unusable quota, a tier named twice, and
+    /// on tiers without [`tier_by`](Self::tier_by).
+    pub fn tier<I, P, Q>(mut self, name: impl Into<String>, routes: I) -> Self
+    where
+        I: IntoIterator<Item = (P, Q)>,
+        P: Into<String>,
+        Q: Into<Quotas>,
+    {
+        let routes = routes
+            .into_iter()
+            .map(|(pattern, quotas)| (pattern.into(), quotas.into()))
+            .collect();
+        let name: String = name.into();
+        self.config.tier_settings.tiers.push((name.into(), routes));
+        self
+    }
+
     /// Builds each 429 response with this closure (its status and rate-limit fields are set
     /// afterwards), for example Sync's JSON error body.
     pub fn reject_with<G>(self, response: G) -> Builder<RejectConfig<G>> {
@@ -635,6 +715,8 @@ impl<F> Builder<RejectConfig<F>> {
                 #[cfg(feature = "redis")]
                 store: self.config.store,
                 warned_no_peer: self.config.warned_no_peer,
+                tier_settings: self.config.tier_settings,
+                tiers: None,
             },
         }
     }
@@ -671,10 +753,27 @@ impl<F> Builder<RejectConfig<F>> {
         // The server counts its own requests: there is no round trip to cover.
         let (table, routes) = self.compile(Some(self.margin.unwrap_or(Duration::ZERO)), None)?;
         let max_keys = self.config.max_keys;
+        let tiers = std::mem::take(&mut self.config.tier_settings).compile()?;
+        #[cfg(feature = "redis")]
+        if tiers.is_some() && self.config.store.is_some() {
+            return Err(ConfigError::InvalidSetting {
+                name: "tier_by",
+                reason: "tiers are counted in this process only: not yet with a store",
+            });
+        }
+        let placed = match &tiers {
+            Some(tiers) => place_tiers(tiers, &routes, self.margin.unwrap_or(Duration::ZERO))?,
+            None => Vec::new(),
+        };
         let routes = routes
             .into_iter()
             .map(|route| KeyedRoute::new(route.name, route.rates, max_keys, route.weighing))
             .collect::<Box<[KeyedRoute]>>();
+        let count = tiers.as_ref().map_or(0, |t| t.names.len());
+        for (tier, route, rates) in placed {
+            routes[route].set_tier_rates(tier, count, &rates, max_keys);
+        }
+        self.config.tiers = tiers;
         let events = self
             .events
             .build(LayerKind::Server, routes.iter().map(|r| r.name.clone()));
@@ -688,4 +787,50 @@ impl<F> Builder<RejectConfig<F>> {
             })),
         })
     }
+}
+
+/// Where each tier's quotas go: (tier, route, its compiled quotas there), checked against the
+/// route's own (as many, counting the same units).
+fn place_tiers(
+    tiers: &Tiers,
+    routes: &[CompiledRoute],
+    margin: Duration,
+) -> Result<Vec<(usize, usize, Vec<Rate>)>, ConfigError> {
+    let mut placed = Vec::new();
+    for (tier, named) in tiers.routes.iter().enumerate() {
+        for (i, (pattern, quotas)) in named.iter().enumerate() {
+            let Some(index) = routes.iter().position(|r| *r.name == **pattern) else {
+                return Err(ConfigError::UnknownRoute {
+                    pattern: pattern.clone(),
+                });
+            };
+            if named[..i].iter().any(|(p, _)| p == pattern) {
+                return Err(ConfigError::InvalidValue {
+                    name: "tier",
+                    value: pattern.clone(),
+                    reason: "a tier names this route twice",
+                });
+            }
+            let quotas = quotas.as_slice();
+            for quota in quotas {
+                check_quota(pattern, quota)?;
+            }
+            let own = &routes[index].rates;
+            let same = quotas.len() == own.len()
+                && quotas
+                    .iter()
+                    .zip(own)
+                    .all(|(q, r)| q.unit() == r.quota.unit());
+            if !same {
+                return Err(ConfigError::InvalidQuota {
+                    route: pattern.clone(),
+                    reason: "a tier's quotas on a route must be as many as the route's, counting \
+                             the same units in the same order",
+                });
+            }
+            let rates = quotas.iter().map(|q| Rate::new(*q, Some(margin))).collect();
+            placed.push((tier, index, rates));
+        }
+    }
+    Ok(placed)
 }

@@ -190,4 +190,40 @@ impl<F> RateLimitByRoute<Reject<F>> {
         shared.routes[index].set_rate(rate, shared.clock.now());
         Ok(())
     }
+
+    /// Replaces tier `tier`'s quota on the route given by `pattern` (as written to the
+    /// builder, or `"default"`), keeping what each client has counted in it, as
+    /// [`set_quota`](Self::set_quota) does for the route's own. The tier must have named the
+    /// route when the layer was built ([`Builder::tier`](super::Builder::tier)); a route of
+    /// several quotas has its first replaced, which must count the same unit. Moving a
+    /// client to another tier needs no call: the layer's `tier_by` closure names its tier
+    /// on each request.
+    pub fn set_tier_quota(
+        &self,
+        tier: &str,
+        pattern: &str,
+        quota: Quota,
+    ) -> Result<(), ConfigError> {
+        let shared = &self.mode.0;
+        let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
+        let Some(position) = shared.config.tiers.as_ref().and_then(|t| t.position(tier)) else {
+            return Err(ConfigError::InvalidValue {
+                name: "set_tier_quota",
+                value: tier.to_owned(),
+                reason: "no tier of that name was given to `tier`",
+            });
+        };
+        let route = &shared.routes[index];
+        let Some(rates) = route.tier_rates(position) else {
+            return Err(ConfigError::InvalidSetting {
+                name: "set_tier_quota",
+                reason: "this tier keeps the route's own quotas: name the route in `tier` when \
+                         building, or use `set_quota`",
+            });
+        };
+        same_unit(&rates[0].quota, &quota)?;
+        let rate = Rate::new(quota, Some(Duration::from_nanos(rates[0].margin)));
+        route.set_tier_rate(position, rate, shared.clock.now());
+        Ok(())
+    }
 }

@@ -153,7 +153,7 @@ mod handle;
 mod layer;
 mod permit;
 mod reject;
-mod server;
+pub(crate) mod server;
 mod service;
 
 pub use builder::{Builder, RejectConfig, WaitConfig};
@@ -166,4 +166,5 @@ pub use permit::Permit;
 pub use reject::{EmptyBody, RejectReason, RejectResponse, Rejection};
 pub use server::future::RejectFuture;
 pub use server::key::{ForwardedHeader, MissingKey, RequestHead};
+pub use server::tier::UnknownTier;
 pub use service::RateLimitByRouteService;

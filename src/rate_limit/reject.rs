@@ -24,7 +24,8 @@ pub struct Rejection {
     pub quota: Quota,
     /// How long the client must wait before the request would be admitted (zero when the
     /// refusal is not about time: [`RejectReason::MissingKey`],
-    /// [`RejectReason::NoPeerAddress`], [`RejectReason::CostTooHigh`]).
+    /// [`RejectReason::NoPeerAddress`], [`RejectReason::CostTooHigh`],
+    /// [`RejectReason::UnknownTier`]).
     ///
     /// The quota above is the one that refused it (for a route of several quotas).
     pub retry_after: Duration,
@@ -50,6 +51,10 @@ pub enum RejectReason {
     /// or a paced quota's burst): `413 Content Too Large`, with no `Retry-After`, since no
     /// wait lets it pass.
     CostTooHigh,
+    /// The request's tier is unknown and the layer refuses such requests
+    /// ([`UnknownTier::Refuse`](super::UnknownTier::Refuse)): `403 Forbidden`, with no
+    /// `Retry-After`.
+    UnknownTier,
 }
 
 impl RejectReason {
@@ -62,6 +67,7 @@ impl RejectReason {
             Self::MissingKey => Refusal::MissingKey,
             Self::NoPeerAddress => Refusal::NoPeerAddress,
             Self::CostTooHigh => Refusal::CostTooHigh,
+            Self::UnknownTier => Refusal::UnknownTier,
         }
     }
 }
@@ -111,6 +117,7 @@ pub(crate) fn rejection<B, F: RejectResponse<B>>(
         RejectReason::MissingKey => StatusCode::BAD_REQUEST,
         RejectReason::NoPeerAddress => StatusCode::INTERNAL_SERVER_ERROR,
         RejectReason::CostTooHigh => StatusCode::PAYLOAD_TOO_LARGE,
+        RejectReason::UnknownTier => StatusCode::FORBIDDEN,
         _ => StatusCode::TOO_MANY_REQUESTS,
     };
     *response.status_mut() = status;

@@ -39,6 +39,8 @@ use sync_wrapper::SyncFuture;
 mod redis;
 
 #[cfg(feature = "redis")]
+pub(crate) use self::redis::KeyedCall;
+#[cfg(feature = "redis")]
 pub(crate) use self::redis::StoreQuotas;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};

@@ -844,3 +844,7 @@ async fn subscribe(connection: Connection, channel: String, every: Duration, sec
         tokio::time::sleep(every).await;
     }
 }
+
+// One client's job slots, for a plan enforced by a fleet of servers (server mode).
+mod keyed_slots;
+pub(crate) use keyed_slots::KeyedCall;

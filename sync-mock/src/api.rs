@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 
 use crate::config::Endpoint;
 use crate::state::{CreateRequest, Refusal, State, Status};
+use tower::Layer;
+use tower_quota::presets::sync;
 
 type Shared = Arc<State>;
 
@@ -273,17 +275,70 @@ async fn create(
     let key = gate(&state, &headers, Endpoint::Create)?;
     let idempotency_key = idempotency_key(&headers)?;
     let request = parse_create(&body)?;
-    match state.create(&key, idempotency_key, request) {
-        Ok((generation, false)) => Ok((StatusCode::CREATED, Json(generation)).into_response()),
-        Ok((generation, true)) => Ok((
+    if let Some(generation) = state.replay(&key, idempotency_key.as_deref()) {
+        return Ok((
             StatusCode::CREATED,
             [("idempotent-replayed", "true")],
             Json(generation),
         )
-            .into_response()),
-        Err(refusal) => Err(ApiError::refused(&state, refusal)),
+            .into_response());
     }
+    // The plan's concurrency is `tower-quota`'s server mode: the create goes through the
+    // layer, which refuses it past the key's plan or holds a slot for the job its answer
+    // shows, until the job ends (`State::set_status` completes it).
+    let args = Arc::new(std::sync::Mutex::new(Some((idempotency_key, request))));
+    let make = {
+        let (state, key) = (state.clone(), key.clone());
+        tower::service_fn(move |request: axum::extract::Request| {
+            let (state, key) = (state.clone(), key.clone());
+            async move {
+                let args = request
+                    .extensions()
+                    .get::<CreateArgs>()
+                    .and_then(|args| args.0.lock().ok()?.take());
+                let answer = match args {
+                    Some((idempotency_key, body)) => {
+                        match state.create(&key, idempotency_key, body) {
+                            Ok(generation) => {
+                                (StatusCode::CREATED, Json(generation)).into_response()
+                            }
+                            Err(refusal) => ApiError::refused(&state, refusal).into_response(),
+                        }
+                    }
+                    None => ApiError::BadRequest("no create".into()).into_response(),
+                };
+                Ok::<_, std::convert::Infallible>(answer)
+            }
+        })
+    };
+    let mut through = axum::extract::Request::new(axum::body::Body::empty());
+    *through.method_mut() = axum::http::Method::POST;
+    *through.uri_mut() = Uri::from_static("/v2/generate");
+    if let Ok(value) = HeaderValue::from_str(&key) {
+        through.headers_mut().insert(sync::API_KEY_HEADER, value);
+    }
+    through.extensions_mut().insert(CreateArgs(args));
+    let Ok(response) = tower::ServiceExt::oneshot(state.jobs.layer(make), through).await;
+    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+        state.concurrency_limited();
+        let wait = state.frees_in(&key);
+        return Err(ApiError::refused(&state, Refusal::Concurrency(wait)));
+    }
+    // Read here, whole, so that the layer has bound the job before anyone can see it end.
+    let (parts, body) = response.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Ok(Response::from_parts(parts, axum::body::Body::from(body)))
 }
+
+/// A create's `Idempotency-Key` and body.
+type Args = (Option<String>, CreateRequest);
+
+/// A create's arguments, for the service behind the plan's layer (taken once).
+#[derive(Clone)]
+struct CreateArgs(Arc<std::sync::Mutex<Option<Args>>>);
 
 #[derive(Deserialize)]
 struct GetQuery {

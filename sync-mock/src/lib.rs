@@ -1,13 +1,18 @@
 //! A faithful local mock of Sync's lip-sync HTTP API, for testing `tower-quota` against.
 //!
-//! It counts its limits with its own code, written apart from `tower-quota`'s, so that one
-//! shared mistake cannot hide itself:
+//! It enforces Sync's limits and counts what happened:
 //!
 //! - route rate limits per API key (`x-api-key`), by a fixed window, a sliding window or a
-//!   leaky bucket like nginx's `limit_req`; Sync's defaults are 60 `POST /v2/generate` and 600
-//!   of each other endpoint a minute;
-//! - plan concurrency: generations stay `PENDING` then `PROCESSING` for set durations, and a
-//!   create while the plan's slots are all held gets a 429;
+//!   leaky bucket like nginx's `limit_req`, counted by its own code, written apart from
+//!   `tower-quota`'s limiters (whose server mode has no fixed window and keeps a sliding
+//!   window in 16 buckets, which would refuse a client that an exact log admits); Sync's
+//!   defaults are 60 `POST /v2/generate` and 600 of each other endpoint a minute;
+//! - plan concurrency, enforced by `tower-quota`'s own server mode
+//!   ([`KeyedPlans`](tower_quota::concurrency::KeyedPlans), keyed by `x-api-key`, each key
+//!   on its plan): generations stay `PENDING` then `PROCESSING` for set durations, and a
+//!   create while the plan's slots are all held gets a 429. The mock still counts its active
+//!   generations itself (`max_active`, `max_active_by_key` in its stats), so a layer that let
+//!   one too many through would show there;
 //! - Sync's error bodies, with `errorCode` `rate_limit_exceeded` or
 //!   `concurrency_limit_reached` (or none, as the older API), and `Retry-After` on or off;
 //! - `Idempotency-Key` replays, long polls (`?wait=true&timeout=`), list and count filters,

@@ -15,6 +15,9 @@ use crate::config::{Config, Endpoint};
 use crate::limits::Counter;
 use crate::stats::{Arrival, Stats};
 use crate::webhook;
+use tower_quota::concurrency::KeyedPlans;
+use tower_quota::presets::sync;
+use tower_quota::Plan;
 
 /// A generation's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -80,7 +83,7 @@ pub(crate) struct Generation {
 /// One API key: its plan, its counters, its generations.
 #[derive(Debug)]
 pub(crate) struct Account {
-    pub(crate) concurrency: usize,
+    /// Generations `PENDING` or `PROCESSING` (the plan itself is enforced by `jobs`).
     pub(crate) active: usize,
     pub(crate) counters: Vec<Counter>,
     /// `Idempotency-Key` to generation id.
@@ -102,6 +105,9 @@ pub(crate) struct Inner {
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) config: Config,
+    /// The plans' concurrency, enforced by `tower-quota`'s server-mode layer: each key's
+    /// generations hold slots of its plan from their create until they end.
+    pub(crate) jobs: KeyedPlans,
     pub(crate) epoch: Instant,
     pub(crate) inner: Mutex<Inner>,
     /// Notified whenever a generation's status changes (for long polls).
@@ -123,10 +129,9 @@ impl State {
     pub(crate) fn new(config: Config) -> Self {
         let accounts = config
             .keys
-            .iter()
-            .map(|(key, &concurrency)| {
+            .keys()
+            .map(|key| {
                 let account = Account {
-                    concurrency,
                     active: 0,
                     counters: Endpoint::ALL
                         .iter()
@@ -138,8 +143,19 @@ impl State {
                 (key.clone(), account)
             })
             .collect();
+        let plans = config.keys.clone();
+        let jobs = sync::plan(Plan::Creator)
+            .reject()
+            .key_header(axum::http::HeaderName::from_static(sync::API_KEY_HEADER))
+            .plan_by(move |head| {
+                let key = head.headers().get(sync::API_KEY_HEADER)?.to_str().ok()?;
+                plans.get(key).map(|&n| Plan::Enterprise(n))
+            })
+            .build()
+            .expect("the preset's routes and fields are valid");
         Self {
             config,
+            jobs,
             epoch: Instant::now(),
             inner: Mutex::new(Inner {
                 accounts,
@@ -215,41 +231,54 @@ impl State {
         }
     }
 
-    /// Creates a generation for `key`, or answers a replay of an earlier one. `Ok((gen, true))`
-    /// for a replay.
+    /// The generation an `Idempotency-Key` of `key`'s made before, if any: a replay, which
+    /// starts nothing and takes no slot.
+    pub(crate) fn replay(&self, key: &str, idempotency_key: Option<&str>) -> Option<Generation> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let account = inner.accounts.get(key)?;
+        let id = account.idempotency.get(idempotency_key?)?;
+        let generation = inner.generations.get(id)?.clone();
+        inner.stats.replays += 1;
+        Some(generation)
+    }
+
+    /// How long until one of `key`'s generations ends and frees a slot of its plan.
+    pub(crate) fn frees_in(&self, key: &str) -> Duration {
+        let now = self.now();
+        let inner = self.lock();
+        let Some(account) = inner.accounts.get(key) else {
+            return Duration::ZERO;
+        };
+        let frees_at = account
+            .generations
+            .iter()
+            .filter_map(|id| inner.generations.get(id))
+            .filter(|g| g.status.is_active())
+            .map(|g| g.ends_at)
+            .min()
+            .unwrap_or(now);
+        frees_at.saturating_sub(now)
+    }
+
+    /// Counts a create refused over its plan.
+    pub(crate) fn concurrency_limited(&self) {
+        self.lock().stats.concurrency_limited += 1;
+    }
+
+    /// Creates a generation for `key`, its plan's slot taken by the layer (`jobs`).
     pub(crate) fn create(
         self: &Arc<Self>,
         key: &str,
         idempotency_key: Option<String>,
         request: CreateRequest,
-    ) -> Result<(Generation, bool), Refusal> {
+    ) -> Result<Generation, Refusal> {
         let now = self.now();
         let mut guard = self.lock();
         let inner = &mut *guard;
         let Some(account) = inner.accounts.get_mut(key) else {
             return Err(Refusal::UnknownKey);
         };
-        if let Some(id) = idempotency_key
-            .as_ref()
-            .and_then(|k| account.idempotency.get(k))
-        {
-            if let Some(generation) = inner.generations.get(id) {
-                inner.stats.replays += 1;
-                return Ok((generation.clone(), true));
-            }
-        }
-        if account.active >= account.concurrency {
-            inner.stats.concurrency_limited += 1;
-            let frees_at = account
-                .generations
-                .iter()
-                .filter_map(|id| inner.generations.get(id))
-                .filter(|g| g.status.is_active())
-                .map(|g| g.ends_at)
-                .min()
-                .unwrap_or(now);
-            return Err(Refusal::Concurrency(frees_at.saturating_sub(now)));
-        }
         let seq = inner.next_seq;
         inner.next_seq += 1;
         let id = generation_id(self.config.seed, seq);
@@ -286,7 +315,7 @@ impl State {
         let started = Instant::now();
         let job = tokio::spawn(Arc::clone(self).run(id, started, fails));
         inner.jobs.push(job.abort_handle());
-        Ok((generation, false))
+        Ok(generation)
     }
 
     /// A generation's life after its create.
@@ -351,6 +380,10 @@ impl State {
         }
         let generation = generation.clone();
         drop(guard);
+        if !status.is_active() {
+            // Its plan's slot is free: the layer lets the key's next create through.
+            self.jobs.complete(&generation.key, &generation.id);
+        }
         self.changed.notify_waiters();
         Some(generation)
     }

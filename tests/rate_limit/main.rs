@@ -12,4 +12,5 @@ mod server_flood;
 mod server_fuzz;
 mod server_sockets;
 mod server_table;
+mod server_tiers;
 mod weighted;

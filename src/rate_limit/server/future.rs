@@ -43,6 +43,8 @@ pub(crate) struct Correction<F> {
     pub(crate) layer: Reject<F>,
     pub(crate) route: usize,
     pub(crate) key: u64,
+    /// The client's tier, if the layer has tiers.
+    pub(crate) tier: Option<usize>,
     pub(crate) at: Nanos,
     pub(crate) taken: Costs,
     #[cfg(feature = "redis")]
@@ -68,7 +70,7 @@ impl<F> Correction<F> {
             let quotas = crate::store::StoreQuotas::new(rates, &self.taken, &cost);
             return store.correct(name, quotas, *at);
         }
-        route.correct(self.key, now, self.at, &self.taken, &cost);
+        route.correct(self.key, self.tier, now, self.at, &self.taken, &cost);
     }
 }
 

@@ -7,3 +7,4 @@ pub(crate) mod service;
 pub(crate) mod state;
 #[cfg(feature = "redis")]
 mod store;
+pub(crate) mod tier;

@@ -13,6 +13,7 @@ use tower_service::Service;
 use super::future::{Correction, RejectFuture};
 use super::key::{Extracted, MissingKey, RequestHead, ANONYMOUS};
 use super::state::{KeyedRoute, Refused};
+use super::tier::Tier;
 use crate::rate_limit::builder::RejectConfig;
 use crate::rate_limit::cost::Costs;
 use crate::rate_limit::layer::{LayerState, Reject};
@@ -73,6 +74,9 @@ where
                 }
             },
         };
+        if config.tiers.is_some() {
+            return self.call_tiered(request, index, key);
+        }
         #[cfg(feature = "redis")]
         if config.store.is_some() {
             let costs = match &route.weighing {
@@ -106,6 +110,66 @@ where
 }
 
 impl<S, F> RateLimitByRouteService<S, Reject<F>> {
+    /// A request of a layer with tiers: counted under its tier's quotas (or refused, its
+    /// tier unknown).
+    #[inline(never)]
+    fn call_tiered<B, ResBody>(
+        &mut self,
+        request: Request<B>,
+        index: usize,
+        key: u64,
+    ) -> RejectFuture<S, B, F>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>>,
+        F: RejectResponse<ResBody>,
+    {
+        let shared = &self.mode.0;
+        let (config, route) = (&shared.config, &shared.routes[index]);
+        let Some(tiers) = &config.tiers else {
+            unreachable!("called with tiers");
+        };
+        let head = RequestHead::of(&request);
+        let tier = match tiers.of(&head) {
+            Tier::Of(tier) => Some(tier),
+            Tier::RouteQuotas => None,
+            Tier::Refused => {
+                let response = refusal(shared, index, RejectReason::UnknownTier);
+                return RejectFuture::rejected(response);
+            }
+        };
+        let costs = match &route.weighing {
+            None => Costs::one(),
+            Some(weighing) => weighing.costs(&head),
+        };
+        let now = shared.clock.now();
+        let (headers, events) = (config.headers, &shared.events);
+        let verdict = match tier {
+            Some(tier) => route.hit_tier(key, tier, now, headers, events, index, &costs),
+            None => route.hit(key, now, headers, events, index, &costs),
+        };
+        let fields = match verdict {
+            Ok(fields) => fields,
+            Err(refused) => {
+                return RejectFuture::rejected(rejection(config, &route.name, refused));
+            }
+        };
+        let future = self.inner.call(request);
+        if !route.weighing.as_ref().is_some_and(|w| w.corrects()) {
+            return RejectFuture::inner(future, fields);
+        }
+        let correction = Correction {
+            layer: Reject(shared.clone()),
+            route: index,
+            key,
+            tier,
+            at: now,
+            taken: costs,
+            #[cfg(feature = "redis")]
+            store: None,
+        };
+        RejectFuture::corrected(future, fields, correction)
+    }
+
     /// A request of a route that weighs its requests: counted for its cost, which its
     /// response may correct.
     #[inline(never)]
@@ -137,6 +201,7 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
             layer: Reject(shared.clone()),
             route: index,
             key,
+            tier: None,
             at: now,
             taken: costs,
             #[cfg(feature = "redis")]

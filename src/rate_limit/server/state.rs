@@ -43,6 +43,20 @@ struct Shard {
     /// Its other quotas, if it has several, each with its own table of the same clients: a
     /// request counts in all of them or in none.
     more: Vec<(Rate, KeyTable)>,
+    /// Per tier ([`Builder::tier`](crate::rate_limit::Builder::tier)): the quotas and tables
+    /// of a tier that names this route, `None` for one that keeps the route's own. Empty
+    /// without tiers.
+    tiers: Box<[Option<TierTables>]>,
+}
+
+/// A tier's quotas on a route, and its clients' counts: a table per quota, bounded as the
+/// route's own are.
+#[derive(Debug)]
+struct TierTables {
+    rate: Rate,
+    policy: HeaderValue,
+    clients: KeyTable,
+    more: Vec<(Rate, KeyTable)>,
 }
 
 /// The rate-limit fields a passing response gets.
@@ -148,6 +162,7 @@ impl KeyedRoute {
                         .iter()
                         .map(|&rate| (rate, KeyTable::new(capacity)))
                         .collect(),
+                    tiers: Box::default(),
                 })
             })
             .collect();
@@ -188,13 +203,51 @@ impl KeyedRoute {
         index: usize,
         costs: &Costs,
     ) -> Result<Option<RateLimitFields>, Refused> {
+        self.hit_in(key, None, now, with_fields, events, index, costs)
+    }
+
+    /// [`hit`](Self::hit) for a client of tier `tier`: counted in the tier's own tables
+    /// where the tier names this route, else in the route's.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn hit_tier(
+        &self,
+        key: u64,
+        tier: usize,
+        now: Nanos,
+        with_fields: bool,
+        events: &Events,
+        index: usize,
+        costs: &Costs,
+    ) -> Result<Option<RateLimitFields>, Refused> {
+        self.hit_in(key, Some(tier), now, with_fields, events, index, costs)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn hit_in(
+        &self,
+        key: u64,
+        tier: Option<usize>,
+        now: Nanos,
+        with_fields: bool,
+        events: &Events,
+        index: usize,
+        costs: &Costs,
+    ) -> Result<Option<RateLimitFields>, Refused> {
         let mut shard = lock(self.shard(key));
         let Shard {
             rate,
             policy,
             clients,
             more,
+            tiers,
         } = &mut *shard;
+        let (rate, policy, clients, more) =
+            match tier.and_then(|t| tiers.get_mut(t).and_then(Option::as_mut)) {
+                Some(t) => (&mut t.rate, &mut t.policy, &mut t.clients, &mut t.more),
+                None => (rate, policy, clients, more),
+            };
         if !costs.is_one() {
             let rates = std::iter::once(&*rate).chain(more.iter().map(|(rate, _)| rate));
             if let Some((quota, _)) = costs.too_high(rates) {
@@ -250,14 +303,29 @@ impl KeyedRoute {
     }
 
     /// Client `key`'s request counted at `at` for `taken` turned out to cost `cost`.
-    pub(crate) fn correct(&self, key: u64, now: Nanos, at: Nanos, taken: &Costs, cost: &Costs) {
+    /// `tier`: the client's tier, if the layer has tiers.
+    pub(crate) fn correct(
+        &self,
+        key: u64,
+        tier: Option<usize>,
+        now: Nanos,
+        at: Nanos,
+        taken: &Costs,
+        cost: &Costs,
+    ) {
         let mut shard = lock(self.shard(key));
         let Shard {
             rate,
             clients,
             more,
+            tiers,
             ..
         } = &mut *shard;
+        let (rate, clients, more) =
+            match tier.and_then(|t| tiers.get_mut(t).and_then(Option::as_mut)) {
+                Some(t) => (&mut t.rate, &mut t.clients, &mut t.more),
+                None => (rate, clients, more),
+            };
         clients.correct(key, rate, now, at, taken.get(0), cost.get(0));
         for (i, (rate, clients)) in more.iter_mut().enumerate() {
             clients.correct(key, rate, now, at, taken.get(i + 1), cost.get(i + 1));
@@ -327,5 +395,60 @@ impl KeyedRoute {
             shard.rate = rate;
             shard.policy = policy.clone();
         }
+    }
+
+    /// Gives tier `tier` (of `count` tiers) its own quotas on this route, `rates` (as many,
+    /// counting the same units, as the route's own: checked by the builder).
+    pub(crate) fn set_tier_rates(
+        &self,
+        tier: usize,
+        count: usize,
+        rates: &[Rate],
+        max_keys: usize,
+    ) {
+        let capacity = max_keys.div_ceil(SHARDS).max(1);
+        let policy = policy(&self.name, rates[0].quota);
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            if shard.tiers.len() < count {
+                let mut tiers = std::mem::take(&mut shard.tiers).into_vec();
+                tiers.resize_with(count, || None);
+                shard.tiers = tiers.into_boxed_slice();
+            }
+            shard.tiers[tier] = Some(TierTables {
+                rate: rates[0],
+                policy: policy.clone(),
+                clients: KeyTable::new(capacity),
+                more: rates[1..]
+                    .iter()
+                    .map(|&rate| (rate, KeyTable::new(capacity)))
+                    .collect(),
+            });
+        }
+    }
+
+    /// Tier `tier`'s quotas on this route: its own, or `None` where it keeps the route's.
+    pub(crate) fn tier_rates(&self, tier: usize) -> Option<Box<[Rate]>> {
+        let shard = lock(&self.shards[0]);
+        let tables = shard.tiers.get(tier)?.as_ref()?;
+        let more = tables.more.iter().map(|(rate, _)| *rate);
+        Some(std::iter::once(tables.rate).chain(more).collect())
+    }
+
+    /// Replaces the first quota tier `tier` has on this route, keeping what each client has
+    /// counted in it; false when the tier keeps the route's quotas here.
+    pub(crate) fn set_tier_rate(&self, tier: usize, rate: Rate, now: Nanos) -> bool {
+        let policy = policy(&self.name, rate.quota);
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let Some(Some(tables)) = shard.tiers.get_mut(tier) else {
+                return false;
+            };
+            let old = tables.rate;
+            tables.clients.change_rate(&old, &rate, now);
+            tables.rate = rate;
+            tables.policy = policy.clone();
+        }
+        true
     }
 }

@@ -138,6 +138,7 @@ where
                         layer: self.layer.clone(),
                         route: self.route,
                         key: self.local_key,
+                        tier: None,
                         at: shared.clock.now(),
                         taken: std::mem::replace(&mut self.costs, Costs::one()),
                         store: Some((

@@ -30,20 +30,18 @@ impl RedisStore {
         let mut all = Vec::with_capacity(args.len() + 1);
         all.push(op.to_owned());
         all.extend(args);
-        let mut connection = self.inner.connection.clone();
+        let connection = self.inner.connection.clone();
+        let secrets = self.inner.secrets.clone();
         let timeout = self.inner.timeout;
         let (failing, fail_mode) = (self.inner.failing.clone(), self.inner.fail_mode);
         SyncFuture::new(Box::pin(async move {
             let mut invocation = script().prepare_invoke();
             invocation.key(keys).arg(all);
-            let reply = tokio::time::timeout(
-                timeout,
-                invocation.invoke_async::<Vec<i64>>(&mut connection),
-            )
-            .await;
+            let reply =
+                tokio::time::timeout(timeout, connection.invoke::<Vec<i64>>(&invocation)).await;
             let answer = match reply {
                 Err(_) => Err(StoreError::Timeout(timeout)),
-                Ok(Err(error)) => Err(StoreError::Unavailable(error.to_string())),
+                Ok(Err(error)) => Err(StoreError::Unavailable(secrets.scrub(error.to_string()))),
                 Ok(Ok(reply)) => match reply[..] {
                     [a, b] => Ok([a, b]),
                     _ => Err(StoreError::Unavailable(format!(

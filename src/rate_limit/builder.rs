@@ -636,8 +636,10 @@ impl<F> Builder<RejectConfig<F>> {
     /// then on, starting from what it counted there before (nothing, usually), while what
     /// it counted in its old tier stays there until it no longer matters. So in the window
     /// of a change it may send up to both tiers' quotas; tiers are set by the server, not by
-    /// the client, so only the server's own changes open that window. Tiers are counted in
-    /// this process: with a [`store`](Self::store), `build` fails.
+    /// the client, so only the server's own changes open that window. With a
+    /// [`store`](Self::store), a client is counted under one key whatever its tier, against
+    /// its tier's quotas: its count follows it across a change of tier, and a fleet of
+    /// servers shares it.
     ///
     /// ```
     /// use axum::http::HeaderName;
@@ -754,13 +756,6 @@ impl<F> Builder<RejectConfig<F>> {
         let (table, routes) = self.compile(Some(self.margin.unwrap_or(Duration::ZERO)), None)?;
         let max_keys = self.config.max_keys;
         let tiers = std::mem::take(&mut self.config.tier_settings).compile()?;
-        #[cfg(feature = "redis")]
-        if tiers.is_some() && self.config.store.is_some() {
-            return Err(ConfigError::InvalidSetting {
-                name: "tier_by",
-                reason: "tiers are counted in this process only: not yet with a store",
-            });
-        }
         let placed = match &tiers {
             Some(tiers) => place_tiers(tiers, &routes, self.margin.unwrap_or(Duration::ZERO))?,
             None => Vec::new(),

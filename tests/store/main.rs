@@ -11,5 +11,6 @@ mod places;
 mod plan_batches;
 mod rate_limits;
 mod servers;
+mod tiers;
 mod tls;
 mod weighted;

@@ -88,7 +88,7 @@ where
                 let response = rejection(config, &route.name, refused);
                 return RejectFuture::rejected(response);
             }
-            return self.call_store(request, index, key, costs);
+            return self.call_store(request, index, key, costs, None);
         }
         let Some(weighing) = &route.weighing else {
             let now = shared.clock.now();
@@ -120,7 +120,7 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
         key: u64,
     ) -> RejectFuture<S, B, F>
     where
-        S: Service<Request<B>, Response = Response<ResBody>>,
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
         F: RejectResponse<ResBody>,
     {
         let shared = &self.mode.0;
@@ -141,6 +141,15 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
             None => Costs::one(),
             Some(weighing) => weighing.costs(&head),
         };
+        #[cfg(feature = "redis")]
+        if config.store.is_some() {
+            if let Some((quota, _)) = costs.too_high(route.rates_of(tier).iter()) {
+                let refused = route.too_high(quota, &shared.events, index);
+                let response = rejection(config, &route.name, refused);
+                return RejectFuture::rejected(response);
+            }
+            return self.call_store(request, index, key, costs, tier);
+        }
         let now = shared.clock.now();
         let (headers, events) = (config.headers, &shared.events);
         let verdict = match tier {
@@ -213,8 +222,12 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
 
 #[cfg(feature = "redis")]
 impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
-    /// A request whose verdict a shared store gives. It waits for the store with a clone of
-    /// the inner service, readied once the verdict is in.
+    /// A request whose verdict a shared store gives, counted in `tier`'s quotas if it has
+    /// one. It waits for the store with a clone of the inner service, readied once the
+    /// verdict is in.
+    ///
+    /// A client's count lies under one key whatever its tier, so a change of tier carries
+    /// its count over to the new tier's quotas.
     #[inline(never)]
     fn call_store<B>(
         &mut self,
@@ -222,6 +235,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
         index: usize,
         key: u64,
         costs: Costs,
+        tier: Option<usize>,
     ) -> RejectFuture<S, B, F>
     where
         S: Service<Request<B>>,
@@ -242,11 +256,12 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
             Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
         };
         let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
-        let rates = route.rates();
+        let rates = route.rates_of(tier);
         let call = store.acquire(&name, &store.member(), &rates, &costs, true);
         let layer = Reject(shared.clone());
         let hit = super::store::StoreHit::new(inner, request, call, layer, index, key)
-            .costing(costs, name, rates);
+            .costing(costs, name, rates)
+            .in_tier(tier);
         RejectFuture::store(hit)
     }
 }

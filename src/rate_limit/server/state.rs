@@ -186,9 +186,34 @@ impl KeyedRoute {
     /// Its quotas, in order.
     #[cfg(feature = "redis")]
     pub(crate) fn rates(&self) -> Box<[Rate]> {
+        self.rates_of(None)
+    }
+
+    /// The quotas a client of `tier` has on this route, in order: the tier's own where it
+    /// names this route, else the route's.
+    #[cfg(feature = "redis")]
+    pub(crate) fn rates_of(&self, tier: Option<usize>) -> Box<[Rate]> {
         let shard = lock(&self.shards[0]);
-        let more = shard.more.iter().map(|(rate, _)| *rate);
-        std::iter::once(shard.rate).chain(more).collect()
+        match tier.and_then(|t| shard.tiers.get(t).and_then(Option::as_ref)) {
+            Some(t) => {
+                let more = t.more.iter().map(|(rate, _)| *rate);
+                std::iter::once(t.rate).chain(more).collect()
+            }
+            None => {
+                let more = shard.more.iter().map(|(rate, _)| *rate);
+                std::iter::once(shard.rate).chain(more).collect()
+            }
+        }
+    }
+
+    /// The first quota a client of `tier` has on this route.
+    #[cfg(feature = "redis")]
+    pub(crate) fn quota_of(&self, tier: Option<usize>) -> Quota {
+        let shard = lock(&self.shards[0]);
+        match tier.and_then(|t| shard.tiers.get(t).and_then(Option::as_ref)) {
+            Some(t) => t.rate.quota,
+            None => shard.rate.quota,
+        }
     }
 
     /// Counts a request of client `key` at `now`, costing `costs`; `with_fields`: also the
@@ -362,12 +387,23 @@ impl KeyedRoute {
         }
     }
 
-    /// The fields of a response admitted with `remaining` left, all counted gone after
-    /// `reset` (a shared store's count).
+    /// The fields of a response to a client of `tier` (its tier's policy) admitted with
+    /// `remaining` left, all counted gone after `reset` (a shared store's count).
     #[cfg(feature = "redis")]
-    pub(crate) fn fields(&self, remaining: u32, reset: Duration) -> RateLimitFields {
+    pub(crate) fn fields_of(
+        &self,
+        tier: Option<usize>,
+        remaining: u32,
+        reset: Duration,
+    ) -> RateLimitFields {
+        let shard = lock(&self.shards[0]);
+        let policy = match tier.and_then(|t| shard.tiers.get(t).and_then(Option::as_ref)) {
+            Some(t) => t.policy.clone(),
+            None => shard.policy.clone(),
+        };
+        drop(shard);
         RateLimitFields {
-            policy: lock(&self.shards[0]).policy.clone(),
+            policy,
             ratelimit: self.ratelimit(remaining, reset),
         }
     }

@@ -31,6 +31,8 @@ pub(crate) struct StoreHit<S, B, F> {
     /// The client's limit in the store and its quotas, for a cost corrected afterwards.
     name: String,
     rates: Box<[Rate]>,
+    /// The client's tier, if the layer has tiers and it is counted in one.
+    tier: Option<usize>,
     /// When the store counted it (microseconds, on the store's clock).
     counted_at: u64,
 }
@@ -76,8 +78,15 @@ impl<S, B, F> StoreHit<S, B, F> {
             costs: Costs::one(),
             name: String::new(),
             rates: Box::default(),
+            tier: None,
             counted_at: 0,
         }
+    }
+
+    /// The client is counted in `tier`'s quotas.
+    pub(super) fn in_tier(mut self, tier: Option<usize>) -> Self {
+        self.tier = tier;
+        self
     }
 
     /// The request costs `costs` in the quotas `rates` of the client's limit `name`.
@@ -138,7 +147,7 @@ where
                         layer: self.layer.clone(),
                         route: self.route,
                         key: self.local_key,
-                        tier: None,
+                        tier: self.tier,
                         at: shared.clock.now(),
                         taken: std::mem::replace(&mut self.costs, Costs::one()),
                         store: Some((
@@ -168,21 +177,21 @@ where
         let shared = &self.layer.0;
         let route = &shared.routes[self.route];
         let config = &shared.config;
+        let quota = route.quota_of(self.tier);
         let refused = |wait: Duration, reason| Refused {
             wait,
-            quota: route.quota(),
+            quota,
             reason,
         };
         let verdict = match decision {
             Ok(Decision::Counted {
                 remaining, reset, ..
-            }) if config.headers => Ok(Some(route.fields(remaining, reset))),
+            }) if config.headers => Ok(Some(route.fields_of(self.tier, remaining, reset))),
             Ok(Decision::Admitted | Decision::Counted { .. }) => Ok(None),
             // Nothing is in flight in server mode; should it ever be, a period is safe.
-            Ok(Decision::Wait(wait)) => Err(refused(
-                wait.unwrap_or(route.quota().period()),
-                RejectReason::Quota,
-            )),
+            Ok(Decision::Wait(wait)) => {
+                Err(refused(wait.unwrap_or(quota.period()), RejectReason::Quota))
+            }
             Err(error) => match config.store.as_ref().map(|s| s.fail_mode()) {
                 Some(FailMode::Closed) => {
                     tracing::debug!(%error, "the shared quota store failed: refusing");
@@ -196,8 +205,13 @@ where
                     let now = shared.clock.now();
                     let events = &shared.events;
                     // Reports its own verdict.
-                    let (key, index) = (self.local_key, self.route);
-                    return route.hit(key, now, config.headers, events, index, &self.costs);
+                    let (key, index, costs) = (self.local_key, self.route, &self.costs);
+                    return match self.tier {
+                        Some(tier) => {
+                            route.hit_tier(key, tier, now, config.headers, events, index, costs)
+                        }
+                        None => route.hit(key, now, config.headers, events, index, costs),
+                    };
                 }
             },
         };

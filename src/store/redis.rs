@@ -678,7 +678,8 @@ impl RedisStoreBuilder {
     }
 
     /// The password to authenticate with, in place of the URL's. It is never shown: not in
-    /// `Debug` output, errors or logs.
+    /// `Debug` output, errors or logs. An empty one is none (a variable left unset), as is an
+    /// empty [`username`](Self::username).
     pub fn password(mut self, password: impl Into<String>) -> Self {
         self.settings.password = Some(password.into());
         self

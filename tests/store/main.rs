@@ -6,6 +6,7 @@
 mod common;
 
 mod cluster;
+mod cluster_faults;
 mod memory;
 mod places;
 mod plan_batches;

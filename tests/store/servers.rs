@@ -205,6 +205,28 @@ impl RedisCluster {
         keys
     }
 
+    /// Every master's port.
+    pub(crate) fn master_ports(&self) -> Vec<u16> {
+        let masters: BTreeSet<u16> = self
+            .masters()
+            .into_iter()
+            .map(|(_, _, port)| port)
+            .collect();
+        masters.into_iter().collect()
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the node on `port`: a hung node, its socket open.
+    pub(crate) fn signal(&self, port: u16, stop: bool) {
+        let (_, child) = self.nodes.iter().find(|(p, _)| *p == port).unwrap();
+        let pid = child.as_ref().expect("a live node").id();
+        let status = Command::new("kill")
+            .arg(if stop { "-STOP" } else { "-CONT" })
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Kills the node on `port` (SIGKILL: no goodbye to the cluster).
     pub(crate) fn kill(&mut self, port: u16) {
         let (_, child) = self.nodes.iter_mut().find(|(p, _)| *p == port).unwrap();

@@ -2,17 +2,17 @@
 //! text or over TLS, with its credentials kept out of every `Debug` output, error and log line.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    Client, ConnectionInfo, FromRedisValue, IntoConnectionInfo, ProtocolVersion, RedisResult,
-    ScriptInvocation,
+    Client, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo, ProtocolVersion,
+    RedisError, RedisResult, ScriptInvocation,
 };
-use tokio::sync::OnceCell;
+use tokio::sync::Notify;
 
 use crate::error::ConfigError;
 
@@ -60,6 +60,16 @@ impl Settings {
         if self.urls().is_empty() {
             return invalid("url", "a cluster needs at least one node");
         }
+        if self
+            .urls()
+            .iter()
+            .any(|url| is_tls(url) != is_tls(&self.urls()[0]))
+        {
+            return invalid(
+                "url",
+                "a cluster's nodes are all rediss:// (TLS) or all redis://",
+            );
+        }
         self.urls()
             .iter()
             .map(|url| {
@@ -70,10 +80,11 @@ impl Settings {
                     return invalid("url", "not a Redis URL");
                 };
                 let mut redis = info.redis_settings().clone();
-                if let Some(username) = &self.username {
+                // An empty one is none (a variable left unset).
+                if let Some(username) = self.username.as_ref().filter(|u| !u.is_empty()) {
                     redis = redis.set_username(username);
                 }
-                if let Some(password) = &self.password {
+                if let Some(password) = self.password.as_ref().filter(|p| !p.is_empty()) {
                     redis = redis.set_password(password);
                 }
                 Ok(info.set_redis_settings(redis))
@@ -152,8 +163,10 @@ impl Settings {
             }
             Nodes::Cluster(_) => {
                 let cluster = |infos: Vec<ConnectionInfo>| {
+                    // Connections are made off the requests' paths, so a node far away (or
+                    // hung) is given longer than one operation.
                     let builder = ClusterClientBuilder::new(infos)
-                        .connection_timeout(timeout)
+                        .connection_timeout(timeout.max(CLUSTER_CONNECT))
                         .response_timeout(timeout)
                         .retries(3)
                         .min_retry_wait(10)
@@ -305,26 +318,77 @@ pub(super) enum Connection {
     Cluster(Arc<LazyCluster>),
 }
 
+/// The least time a cluster's node is given to accept a connection.
+const CLUSTER_CONNECT: Duration = Duration::from_secs(1);
+
+/// A cluster's connection, made at its first use in a task of its own: an operation waits
+/// for it within its timeout, but its timeout never cuts the making short, so a cluster
+/// that takes longer than one operation to reach (a node hung, far away) is reached all the
+/// same.
 pub(super) struct LazyCluster {
-    client: redis::cluster::ClusterClient,
-    connection: OnceCell<ClusterConnection>,
+    client: Arc<redis::cluster::ClusterClient>,
+    made: Arc<Making>,
+}
+
+#[derive(Default)]
+struct Making {
+    connection: OnceLock<ClusterConnection>,
+    /// Whether an attempt runs, and why the last one failed.
+    attempt: Mutex<(bool, Option<String>)>,
+    ended: Notify,
 }
 
 impl LazyCluster {
     fn new(client: redis::cluster::ClusterClient) -> Self {
         Self {
-            client,
-            connection: OnceCell::new(),
+            client: Arc::new(client),
+            made: Arc::default(),
         }
     }
 
-    /// The cluster's connection, made now if it was not yet (and again at the next use if it
-    /// cannot be made now).
+    /// The cluster's connection; if it is not made yet, an attempt is started (unless one
+    /// runs) and awaited. A failed attempt is made again at the next use.
     async fn get(&self) -> RedisResult<ClusterConnection> {
-        self.connection
-            .get_or_try_init(|| self.client.get_async_connection())
-            .await
-            .cloned()
+        if let Some(connection) = self.made.connection.get() {
+            return Ok(connection.clone());
+        }
+        let ended = self.made.ended.notified();
+        let mut ended = std::pin::pin!(ended);
+        ended.as_mut().enable();
+        {
+            let mut attempt = self.made.attempt.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(connection) = self.made.connection.get() {
+                return Ok(connection.clone());
+            }
+            if !attempt.0 {
+                attempt.0 = true;
+                let (client, made) = (self.client.clone(), self.made.clone());
+                tokio::spawn(async move {
+                    let outcome = client.get_async_connection().await;
+                    let mut attempt = made.attempt.lock().unwrap_or_else(|e| e.into_inner());
+                    match outcome {
+                        Ok(connection) => {
+                            let _ = made.connection.set(connection);
+                        }
+                        Err(error) => attempt.1 = Some(error.to_string()),
+                    }
+                    attempt.0 = false;
+                    drop(attempt);
+                    made.ended.notify_waiters();
+                });
+            }
+        }
+        ended.await;
+        if let Some(connection) = self.made.connection.get() {
+            return Ok(connection.clone());
+        }
+        let attempt = self.made.attempt.lock().unwrap_or_else(|e| e.into_inner());
+        let why = attempt.1.clone().unwrap_or_default();
+        Err(RedisError::from((
+            ErrorKind::Io,
+            "the cluster could not be reached",
+            why,
+        )))
     }
 }
 

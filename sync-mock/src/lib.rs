@@ -41,6 +41,7 @@
 mod api;
 mod config;
 mod limits;
+mod quotas;
 mod server;
 mod state;
 mod stats;

@@ -218,11 +218,7 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 }
 
 /// Counts the request, checks its key and the route's rate. The key on success.
-async fn gate(
-    state: &State,
-    headers: &HeaderMap,
-    endpoint: Endpoint,
-) -> Result<String, ApiError> {
+async fn gate(state: &State, headers: &HeaderMap, endpoint: Endpoint) -> Result<String, ApiError> {
     let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     match state.admit(endpoint, key).await {
         Ok(true) => Ok(key.unwrap_or_default().to_owned()),

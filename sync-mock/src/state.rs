@@ -86,7 +86,8 @@ pub(crate) struct Generation {
 pub(crate) struct Account {
     /// Generations `PENDING` or `PROCESSING` (the plan itself is enforced by `jobs`).
     pub(crate) active: usize,
-    /// The route limits counted by the mock itself (a fixed window, which the layer lacks).
+    /// The route limits counted by the mock itself (a fixed window and the exact sliding log,
+    /// which the layer lacks).
     pub(crate) counters: Vec<Counter>,
     /// Per endpoint, what the layer said last: requests left, and when all counted is gone
     /// (since the server started).
@@ -113,8 +114,8 @@ pub(crate) struct State {
     /// The plans' concurrency, enforced by `tower-quota`'s server-mode layer: each key's
     /// generations hold slots of its plan from their create until they end.
     pub(crate) jobs: KeyedPlans,
-    /// The route limits, enforced by `tower-quota`'s server mode (`None`: a fixed window,
-    /// counted by the mock).
+    /// The route limits, enforced by `tower-quota`'s server mode (`None`: a fixed window or
+    /// the exact sliding log, counted by the mock in `Account::counters`).
     pub(crate) quotas: Option<RouteQuotas>,
     pub(crate) epoch: Instant,
     pub(crate) inner: Mutex<Inner>,

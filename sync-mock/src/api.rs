@@ -218,9 +218,9 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 }
 
 /// Counts the request, checks its key and the route's rate. The key on success.
-fn gate(state: &State, headers: &HeaderMap, endpoint: Endpoint) -> Result<String, ApiError> {
+async fn gate(state: &State, headers: &HeaderMap, endpoint: Endpoint) -> Result<String, ApiError> {
     let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    match state.admit(endpoint, key) {
+    match state.admit(endpoint, key).await {
         Ok(true) => Ok(key.unwrap_or_default().to_owned()),
         Ok(false) => Err(ApiError::Unauthorized),
         Err(refusal) => Err(ApiError::refused(state, refusal)),
@@ -272,7 +272,7 @@ async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let key = gate(&state, &headers, Endpoint::Create)?;
+    let key = gate(&state, &headers, Endpoint::Create).await?;
     let idempotency_key = idempotency_key(&headers)?;
     let request = parse_create(&body)?;
     if let Some(generation) = state.replay(&key, idempotency_key.as_deref()) {
@@ -352,7 +352,7 @@ async fn generation(
     Path(id): Path<String>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let key = gate(&state, &headers, Endpoint::Get)?;
+    let key = gate(&state, &headers, Endpoint::Get).await?;
     let Query(query) = Query::<GetQuery>::try_from_uri(&uri)
         .map_err(|e| bad_request(format!("Invalid query: {e}")))?;
     let timeout = match query.timeout {
@@ -403,7 +403,7 @@ async fn list(
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let key = gate(&state, &headers, Endpoint::List)?;
+    let key = gate(&state, &headers, Endpoint::List).await?;
     let (query, statuses) = list_query(&uri)?;
     let limit = match query.limit {
         None => 20,
@@ -421,7 +421,7 @@ async fn count(
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let key = gate(&state, &headers, Endpoint::Count)?;
+    let key = gate(&state, &headers, Endpoint::Count).await?;
     let (_, statuses) = list_query(&uri)?;
     let count = state.count(&key, &statuses);
     Ok(Json(json!({ "count": count })).into_response())

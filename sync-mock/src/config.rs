@@ -76,10 +76,21 @@ pub enum Algorithm {
     /// Windows of one period, aligned to the server's start: at most `count` in each. Allows
     /// up to `2 × count` in a period that straddles a window's edge.
     FixedWindow,
-    /// A log of accepted requests: at most `count` in any period-long interval.
+    /// A log of accepted requests: at most `count` in any period-long interval, each place
+    /// freed exactly one period after it was taken. Counted by the mock's own code, apart
+    /// from `tower-quota`, whose server mode keeps no exact log (see
+    /// [`BucketedWindow`](Self::BucketedWindow)).
     SlidingWindow,
+    /// `tower-quota`'s own server-mode sliding window (the mock runs that layer): at most
+    /// `count` in any period-long interval, counted in 16 buckets per key in constant memory,
+    /// so a place is held up to a sixteenth of a period longer than
+    /// [`SlidingWindow`](Self::SlidingWindow) holds it, and a refusal's wait is up to that
+    /// much longer. A client pacing to an exact window meets 429s here unless it holds each
+    /// place that much longer (`safety_margin` of `period / 16`).
+    BucketedWindow,
     /// A leaky bucket like nginx's `limit_req ... nodelay`: requests drain at `count` per
-    /// `period`, and at most `burst` may arrive at once. `burst: 1` is strict even pacing
+    /// `period`, and at most `burst` may arrive at once. Enforced by `tower-quota`'s server
+    /// mode (its GCRA with this burst, which is this bucket exactly). `burst: 1` is strict even pacing
     /// (nginx with no `burst`); nginx's `burst=k` is `burst: k + 1` here.
     LeakyBucket {
         /// Requests allowed at once (at least 1).

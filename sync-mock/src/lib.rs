@@ -2,11 +2,15 @@
 //!
 //! It enforces Sync's limits and counts what happened:
 //!
-//! - route rate limits per API key (`x-api-key`), by a fixed window, a sliding window or a
-//!   leaky bucket like nginx's `limit_req`, counted by its own code, written apart from
-//!   `tower-quota`'s limiters (whose server mode has no fixed window and keeps a sliding
-//!   window in 16 buckets, which would refuse a client that an exact log admits); Sync's
-//!   defaults are 60 `POST /v2/generate` and 600 of each other endpoint a minute;
+//! - route rate limits per API key (`x-api-key`), by a fixed window, a sliding window, a
+//!   leaky bucket like nginx's `limit_req`, or `tower-quota`'s own bucketed window. The leaky
+//!   bucket and the bucketed window are enforced by `tower-quota`'s server mode
+//!   ([`RateLimitByRoute`](tower_quota::RateLimitByRoute) with `.reject()`, keyed by
+//!   `x-api-key`); the fixed window and the exact sliding window (the default) are counted by
+//!   the mock's own code, written apart from the crate, which has no fixed window and keeps
+//!   its sliding window in 16 buckets per key (a place held up to a sixteenth of a period
+//!   longer than an exact log holds it: see [`Algorithm::BucketedWindow`]). Sync's defaults
+//!   are 60 `POST /v2/generate` and 600 of each other endpoint a minute;
 //! - plan concurrency, enforced by `tower-quota`'s own server mode
 //!   ([`KeyedPlans`](tower_quota::concurrency::KeyedPlans), keyed by `x-api-key`, each key
 //!   on its plan): generations stay `PENDING` then `PROCESSING` for set durations, and a
@@ -41,6 +45,7 @@
 mod api;
 mod config;
 mod limits;
+mod quotas;
 mod server;
 mod state;
 mod stats;

@@ -1,5 +1,10 @@
 //! The server's own counting of route limits, written apart from `tower-quota`'s limiters so
 //! that one shared mistake cannot hide itself. Times are durations since the server started.
+//!
+//! It counts the fixed window and the exact sliding log, which `tower-quota`'s server mode
+//! does not have. The leaky bucket and the bucketed window are counted by that layer
+//! ([`crate::quotas`]); the leaky bucket stays here as the oracle its unit tests check, and
+//! for the limit a bucket states.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -21,7 +26,8 @@ impl Counter {
                 window: 0,
                 count: 0,
             },
-            Algorithm::SlidingWindow => Self::Sliding {
+            // A bucketed window is counted by the layer: only its stated limit is read here.
+            Algorithm::SlidingWindow | Algorithm::BucketedWindow => Self::Sliding {
                 accepted: VecDeque::new(),
             },
             Algorithm::LeakyBucket { burst } => Self::Leaky {

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, Endpoint};
 use crate::limits::Counter;
+use crate::quotas::{RouteQuotas, Verdict};
 use crate::stats::{Arrival, Stats};
 use crate::webhook;
 use tower_quota::concurrency::KeyedPlans;
@@ -85,7 +86,12 @@ pub(crate) struct Generation {
 pub(crate) struct Account {
     /// Generations `PENDING` or `PROCESSING` (the plan itself is enforced by `jobs`).
     pub(crate) active: usize,
+    /// The route limits counted by the mock itself (a fixed window and the exact sliding log,
+    /// which the layer lacks).
     pub(crate) counters: Vec<Counter>,
+    /// Per endpoint, what the layer said last: requests left, and when all counted is gone
+    /// (since the server started).
+    pub(crate) stated: [(u32, Duration); 4],
     /// `Idempotency-Key` to generation id.
     pub(crate) idempotency: HashMap<String, String>,
     /// Ids of this key's generations, oldest first.
@@ -108,6 +114,9 @@ pub(crate) struct State {
     /// The plans' concurrency, enforced by `tower-quota`'s server-mode layer: each key's
     /// generations hold slots of its plan from their create until they end.
     pub(crate) jobs: KeyedPlans,
+    /// The route limits, enforced by `tower-quota`'s server mode (`None`: a fixed window or
+    /// the exact sliding log, counted by the mock in `Account::counters`).
+    pub(crate) quotas: Option<RouteQuotas>,
     pub(crate) epoch: Instant,
     pub(crate) inner: Mutex<Inner>,
     /// Notified whenever a generation's status changes (for long polls).
@@ -137,6 +146,7 @@ impl State {
                         .iter()
                         .map(|_| Counter::new(config.algorithm))
                         .collect(),
+                    stated: [(0, Duration::ZERO); 4],
                     idempotency: HashMap::new(),
                     generations: Vec::new(),
                 };
@@ -153,7 +163,9 @@ impl State {
             })
             .build()
             .expect("the preset's routes and fields are valid");
+        let quotas = RouteQuotas::new(&config);
         Self {
+            quotas,
             config,
             jobs,
             epoch: Instant::now(),
@@ -181,7 +193,15 @@ impl State {
         let limit = self.config.limit_of(endpoint);
         let mut guard = self.lock();
         let account = guard.accounts.get_mut(key)?;
-        Some(account.counters[endpoint.index()].state(limit, now))
+        let counter = &mut account.counters[endpoint.index()];
+        if self.quotas.is_none() {
+            return Some(counter.state(limit, now));
+        }
+        // The limit as the mock states it (a leaky bucket's is its burst), the rest as the
+        // layer said.
+        let (stated, _, _) = counter.state(limit, now);
+        let (left, reset_at) = account.stated[endpoint.index()];
+        Some((stated, left, reset_at.saturating_sub(now)))
     }
 
     /// Time since the server started, on tokio's clock.
@@ -197,21 +217,48 @@ impl State {
 
     /// Counts a request to `endpoint`, checks its key, and counts it against the key's rate
     /// limit. `Ok(false)` when the key is missing or unknown.
-    pub(crate) fn admit(&self, endpoint: Endpoint, key: Option<&str>) -> Result<bool, Refusal> {
+    pub(crate) async fn admit(
+        &self,
+        endpoint: Endpoint,
+        key: Option<&str>,
+    ) -> Result<bool, Refusal> {
+        let key = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            *inner
+                .stats
+                .requests
+                .entry(endpoint.route().to_owned())
+                .or_default() += 1;
+            match key.filter(|k| inner.accounts.contains_key(*k)) {
+                Some(key) => key,
+                None => {
+                    inner.stats.unauthorized += 1;
+                    return Ok(false);
+                }
+            }
+        };
+        let verdict = match &self.quotas {
+            Some(quotas) => Some(quotas.hit(endpoint, key).await),
+            None => None,
+        };
         let mut guard = self.lock();
         let inner = &mut *guard;
-        *inner
-            .stats
-            .requests
-            .entry(endpoint.route().to_owned())
-            .or_default() += 1;
-        let Some((key, account)) = key.and_then(|k| inner.accounts.get_mut(k).map(|a| (k, a)))
-        else {
-            inner.stats.unauthorized += 1;
+        let Some(account) = inner.accounts.get_mut(key) else {
             return Ok(false);
         };
         let now = self.now();
-        let result = account.counters[endpoint.index()].hit(self.config.limit_of(endpoint), now);
+        let result = match verdict {
+            None => account.counters[endpoint.index()].hit(self.config.limit_of(endpoint), now),
+            Some(Verdict::Pass { left, reset }) => {
+                account.stated[endpoint.index()] = (left, now + reset);
+                Ok(())
+            }
+            Some(Verdict::Refuse { wait }) => {
+                account.stated[endpoint.index()] = (0, now + wait);
+                Err(wait)
+            }
+        };
         inner.stats.arrivals.push(Arrival {
             endpoint,
             key: key.to_owned(),

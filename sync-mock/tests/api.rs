@@ -138,6 +138,61 @@ async fn sliding_window_frees_each_place_one_period_after_it_was_taken() {
     );
 }
 
+/// The same creates as above against `tower-quota`'s own server-mode window: buckets of
+/// 625 ms, each request counted for its bucket and the 16 after it, so the first place (taken
+/// at 0) frees at 10.625 s instead of 10 s. The 10 s and 10.001 s creates that the exact log
+/// admits are refused here (measured), and no window of 10 s ever holds more than 3.
+#[tokio::test(start_paused = true)]
+async fn bucketed_window_holds_a_place_up_to_a_sixteenth_of_a_period_longer() {
+    let config = rate_only(
+        Algorithm::BucketedWindow,
+        Limit::new(3, Duration::from_secs(10)),
+    );
+    let got = creates_at(config, &[0, 2_000, 4_000, 9_999, 10_000, 10_001, 12_000]).await;
+    assert_eq!(
+        got,
+        [
+            ok(),
+            ok(),
+            ok(),
+            refused("1"),
+            refused("1"),
+            refused("1"),
+            ok()
+        ]
+    );
+}
+
+/// A key that used its quota at once is told to come back when its bucket clears: 63.75 s
+/// for a minute's window (whole seconds: 64), where the exact log says 60 (measured). Then
+/// it is admitted, and not a moment before.
+#[tokio::test(start_paused = true)]
+async fn bucketed_window_retry_after_names_when_the_bucket_clears() {
+    let server = MockServer::start(rate_only(Algorithm::BucketedWindow, Limit::per_minute(3)))
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    for _ in 0..3 {
+        assert_eq!(api.create().await.status, StatusCode::CREATED);
+    }
+    let refused = api.create().await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.json["errorCode"], "rate_limit_exceeded");
+    assert_eq!(refused.header("retry-after"), Some("64"));
+    sleep(Duration::from_millis(63_749)).await;
+    assert_eq!(
+        api.create().await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "not before the bucket clears"
+    );
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(api.create().await.status, StatusCode::CREATED);
+    let stats = server.stats();
+    assert_eq!(stats.rate_limited["POST /v2/generate"], 2);
+    let limited: Vec<bool> = stats.arrivals.iter().map(|a| a.limited).collect();
+    assert_eq!(limited, [false, false, false, true, true, false]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn leaky_bucket_allows_its_burst_then_refills_at_the_rate() {
     // 6 per minute is one per 10 s; a burst of 2 lets two go at once.

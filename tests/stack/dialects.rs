@@ -273,6 +273,34 @@ async fn a_leaky_bucket_states_what_it_truly_allows() {
     assert_eq!(stats.requests_to(Endpoint::List), 60);
 }
 
+/// The crate's own server window states its limits (the layer's `RateLimit` fields, in the
+/// mock's chosen dialect): a client that learns them and trusts them meets no 429, though the
+/// window frees a place up to a sixteenth of a period later than an exact log (the 100 past
+/// the first 600 wait 63.75 s, not 60: measured 64 s).
+#[tokio::test(start_paused = true)]
+async fn the_crates_own_window_states_what_it_truly_allows() {
+    use sync_mock::{Algorithm, Config, Endpoint, MockServer};
+    for dialect in [Dialect::Ietf, Dialect::XRateLimit, Dialect::OpenAi] {
+        let config = Config::default()
+            .algorithm(Algorithm::BucketedWindow)
+            .state_limits(dialect);
+        let server = MockServer::start(config).await.unwrap();
+        let (elapsed, first) = list_many(&server, dialect, 700).await;
+        assert_eq!(
+            (first.limit, first.remaining),
+            (Some(600), 599),
+            "{dialect}"
+        );
+        let stats = server.stats();
+        assert_eq!(stats.rate_limited_total(), 0, "{dialect}");
+        assert_eq!(stats.requests_to(Endpoint::List), 700);
+        assert!(
+            (Duration::from_secs(63)..=Duration::from_secs(66)).contains(&elapsed),
+            "{dialect}: {elapsed:?}"
+        );
+    }
+}
+
 /// Lists generations `n` times through a client that learns the quota, the first alone; how
 /// long the rest took. The first answer must state the limit in `dialect`.
 async fn list_many(

@@ -11,8 +11,8 @@
 //! Jobs take 400 ms. Each customer runs 8 jobs (create, then poll the status until it ends)
 //! twice: bare (a plain hyper client retrying 429s after 100 ms), then through the client
 //! modes of the same layers (`ConcurrencyLimitByPlan` over `RateLimitByRoute`, with the
-//! customer's plan and quotas). Midway, the Hobbyist upgrades to Scale; its next requests
-//! get Scale's quotas and plan. Runs in a few seconds:
+//! customer's plan and quotas). Then the Hobbyist upgrades to Scale; its next requests get
+//! Scale's quotas and plan. Runs in about 15 seconds:
 //!
 //! ```sh
 //! cargo run --example tiers_and_plans

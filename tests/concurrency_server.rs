@@ -367,7 +367,7 @@ async fn a_fleet_of_servers_shares_each_clients_plan_through_redis() {
     let server = |api: Api| {
         let store = RedisStore::builder(url.as_str())
             .prefix(prefix.as_str())
-            .timeout(Duration::from_millis(500))
+            .timeout(STORE_TIMEOUT)
             .fail_mode(FailMode::Closed)
             .build()
             .unwrap();
@@ -445,6 +445,9 @@ async fn a_fleet_of_servers_shares_each_clients_plan_through_redis() {
     tokio::time::timeout(Duration::from_secs(5), settled)
         .await
         .expect("the answers reach the store");
+    // A list is judged on Redis's clock with the store's timeout as margin: what was taken
+    // within it is left to a later reconcile (a create racing the list is never freed).
+    tokio::time::sleep(STORE_TIMEOUT + Duration::from_millis(50)).await;
     jobs_b.reconcile("sk-3", Vec::<String>::new());
     let reconciled = async {
         while jobs_a.in_use_shared("sk-3").await.unwrap() != 0 {
@@ -455,6 +458,10 @@ async fn a_fleet_of_servers_shares_each_clients_plan_through_redis() {
         .await
         .expect("the reconcile reaches the store");
 }
+
+/// The store's timeout in the fleet test.
+#[cfg(feature = "redis")]
+const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[test]
 fn the_server_mode_service_future_and_body_are_send_and_sync() {
@@ -471,4 +478,325 @@ fn the_server_mode_service_future_and_body_are_send_and_sync() {
     send::<KeyedPlanFuture<Inner, axum::body::Body, PlanFullBody>>();
     send::<KeyedPlanBody<axum::body::Body>>();
     send_sync::<KeyedPlanBody<http_body_util::Full<Bytes>>>();
+}
+
+// ---------------------------------------------------------------------------------------
+// Found by an outside review: each failed before its fix.
+// ---------------------------------------------------------------------------------------
+
+/// The application reconciles from its own records, read a moment before the call (a DB
+/// query): a job bound in between is not in the list. `reconcile_as_of` with the time the
+/// list was read leaves it alone (before, server mode had only `reconcile`, which freed it).
+#[tokio::test]
+async fn a_reconcile_as_of_a_list_read_before_a_create_leaves_its_job_alone() {
+    let api = Api::default();
+    let jobs = sync::plan_server(Plan::Hobbyist).build().unwrap();
+    let caller = Caller::new(serve(app(api.clone(), jobs.clone())).await);
+
+    // The job runner reads the client's active jobs: none yet.
+    let listed_at = tokio::time::Instant::now();
+    let listed: Vec<String> = api
+        .jobs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| **s == "PENDING")
+        .map(|(id, _)| id.clone())
+        .collect();
+    // Meanwhile the client creates its one job.
+    let job = id(&caller.create("sk-1").await);
+    assert_eq!(jobs.in_use("sk-1"), 1);
+    // The (now stale) list arrives.
+    jobs.reconcile_as_of("sk-1", listed, listed_at);
+    assert_eq!(
+        api.jobs.lock().unwrap()[&job],
+        "PENDING",
+        "the job still runs"
+    );
+    assert_eq!(
+        caller.create("sk-1").await.status,
+        429,
+        "a Hobbyist runs two jobs at once: the reconcile freed a job created after its list"
+    );
+    // A list read now, without the job (it ended), frees it.
+    api.finish(&job);
+    jobs.reconcile("sk-1", Vec::<String>::new());
+    assert_eq!(jobs.in_use("sk-1"), 0);
+}
+
+/// A create the application answers `303 See Other` (the job made, its status URL in
+/// `Location`: a common answer of asynchronous job APIs) is read as a failure and its slot
+/// given back, so the client runs past its plan.
+#[tokio::test]
+async fn a_create_answered_with_a_redirect_is_not_given_back() {
+    let jobs = sync::plan_server(Plan::Hobbyist).build().unwrap();
+    let next = Arc::new(AtomicU64::new(0));
+    let app = Router::new()
+        .route(
+            "/v2/generate",
+            post(move || {
+                let next = next.clone();
+                async move {
+                    let id = format!("gen_{}", next.fetch_add(1, Ordering::Relaxed));
+                    (
+                        StatusCode::SEE_OTHER,
+                        [("location", format!("/v2/generate/{id}"))],
+                        format!(r#"{{"id":"{id}","status":"PENDING"}}"#),
+                    )
+                }
+            }),
+        )
+        .layer(jobs.clone());
+    let caller = Caller::new(serve(app).await);
+    assert_eq!(caller.create("sk-1").await.status, 303);
+    assert_eq!(
+        jobs.in_use("sk-1"),
+        1,
+        "the job exists (its id is in the answer): its slot must stay held"
+    );
+    assert_eq!(caller.create("sk-1").await.status, 429);
+}
+
+/// With a store failing closed, a create whose `take` reaches Redis after the store's
+/// timeout is refused (429 store_unavailable) while Redis holds its slot anyway, as a
+/// create in flight, until the maximum job life: a Hobbyist is locked out for an hour by
+/// one slow round trip. (FailMode::Open leaks the same way: the create is counted locally
+/// and the store's `c:` member is never given back.)
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_that_times_out_leaves_no_slot_in_redis() {
+    use tower_quota::store::{FailMode, RedisStore};
+
+    let Some(server) = common::redis::RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    let store = RedisStore::builder(url.as_str())
+        .prefix(common::redis::unique_prefix("plan-take-timeout").as_str())
+        .timeout(Duration::from_millis(200))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let jobs = sync::plan_server(Plan::Hobbyist)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let caller = Caller::new(serve(app(Api::default(), jobs.clone())).await);
+    // Warm the connection and the script cache.
+    assert_eq!(jobs.in_use_shared("sk-1").await.unwrap(), 0);
+
+    // Redis stalls for 600 ms (a failover, a slow command, a GC pause of a proxy).
+    let paused = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "CLIENT", "PAUSE", "600", "ALL"])
+        .output()
+        .unwrap();
+    assert!(paused.status.success(), "{paused:?}");
+    let refused = caller.create("sk-1").await;
+    assert_eq!(
+        refused.status, 429,
+        "refused: the store is away (fails closed)"
+    );
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        jobs.in_use_shared("sk-1").await.unwrap(),
+        0,
+        "a refused create must hold nothing in the store"
+    );
+    assert_eq!(caller.create("sk-1").await.status, 201);
+}
+
+/// With a store, every answer of a status route for a job not held locally (any id, any
+/// key, no key at all) queues an `end` in the store's one ordered background queue, 4,096
+/// deep and drained one round trip at a time; past it, changes are dropped. A flood of
+/// status requests for made-up ids (404s) thus drops other clients' completions, binds and
+/// give-backs: a completed job keeps its slot for the fleet until its lease (an hour).
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_flood_of_status_404s_drops_no_other_clients_completion() {
+    use tower::ServiceExt;
+    use tower_quota::store::{FailMode, RedisStore};
+
+    let Some((url, _server)) = common::redis::shared_redis() else {
+        return;
+    };
+    let store = RedisStore::builder(url.as_str())
+        .prefix(common::redis::unique_prefix("plan-flood").as_str())
+        .timeout(Duration::from_millis(500))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let jobs = sync::plan_server(Plan::Hobbyist)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let router = app(api.clone(), jobs.clone());
+    let caller = Caller::new(serve(router.clone()).await);
+
+    let job = id(&caller.create("sk-victim").await);
+    store.flush().await;
+    assert_eq!(jobs.in_use_shared("sk-victim").await.unwrap(), 1);
+
+    // Anyone, without a key: status requests for ids that never existed.
+    for i in 0..20_000 {
+        let request = http::Request::get(format!("/v2/generate/nope-{i}"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 404);
+    }
+    // The victim's job ends; the application says so.
+    api.finish(&job);
+    jobs.complete("sk-victim", &job);
+    store.flush().await;
+    assert_eq!(
+        jobs.in_use_shared("sk-victim").await.unwrap(),
+        0,
+        "the completion was dropped from the full background queue"
+    );
+}
+
+/// The same flood over real sockets, on a two-thread runtime: 16 connections asking for
+/// made-up ids, while the victim's job is completed in the middle of it.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_status_404s_over_sockets_drops_no_completion() {
+    use tower_quota::store::{FailMode, RedisStore};
+
+    let Some((url, _server)) = common::redis::shared_redis() else {
+        return;
+    };
+    // Redis a millisecond away (another availability zone): a proxy delays its answers.
+    let target = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let url = slow_proxy(target, Duration::from_millis(1)).await;
+    let store = RedisStore::builder(url.as_str())
+        .prefix(common::redis::unique_prefix("plan-flood-sockets").as_str())
+        .timeout(Duration::from_millis(500))
+        .fail_mode(FailMode::Closed)
+        .build()
+        .unwrap();
+    let jobs = sync::plan_server(Plan::Hobbyist)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let api = Api::default();
+    let addr = serve(app(api.clone(), jobs.clone())).await;
+    let caller = Caller::new(addr);
+    let job = id(&caller.create("sk-victim").await);
+    store.flush().await;
+
+    let started = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for t in 0..16 {
+        flood.push(tokio::spawn(async move {
+            let caller = Caller::new(addr);
+            for i in 0..1_500 {
+                let path = format!("/v2/generate/nope-{t}-{i}");
+                assert_eq!(caller.send("GET", &path, &[]).await.status, 404);
+            }
+        }));
+    }
+    for task in flood {
+        task.await.unwrap();
+    }
+    let sent = started.elapsed();
+    // The victim's job ends as the flood does.
+    api.finish(&job);
+    jobs.complete("sk-victim", &job);
+    store.flush().await;
+    eprintln!(
+        "24,000 status 404s sent in {sent:?}; the store's queue drained {:?} later",
+        started.elapsed() - sent
+    );
+    assert_eq!(
+        jobs.in_use_shared("sk-victim").await.unwrap(),
+        0,
+        "the completion was dropped from the full background queue"
+    );
+}
+
+/// A TCP proxy to `target` that delays each chunk of its answers by `delay`: a Redis that
+/// far away. Its URL.
+#[cfg(feature = "redis")]
+async fn slow_proxy(target: String, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                let (mut from_client, mut to_client) = inbound.into_split();
+                let (mut from_redis, mut to_redis) = outbound.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_redis).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match from_redis.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    tokio::time::sleep(delay).await;
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://{addr}/")
+}
+
+/// The application makes the job, then its answer is lost (the caller's timeout, a dropped
+/// connection): the slot is held as an unknown outcome. `complete(key, id)` of the job frees
+/// nothing: the layer never saw the id, and an id it does not hold cannot be told from one
+/// completed twice (which must free nothing). The application's list frees it: `reconcile`.
+#[tokio::test]
+async fn the_slot_of_a_lost_answer_is_freed_by_the_applications_list() {
+    let api = Api::default();
+    let jobs = sync::plan_server(Plan::Hobbyist).build().unwrap();
+    let made = api.clone();
+    let app = Router::new()
+        .route(
+            "/v2/generate",
+            post(move || {
+                let api = made.clone();
+                async move {
+                    let id = format!("gen_{}", api.next.fetch_add(1, Ordering::Relaxed));
+                    api.jobs.lock().unwrap().insert(id.clone(), "PENDING");
+                    // Made; the answer takes a while (an upload, a slow write).
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    (
+                        StatusCode::CREATED,
+                        format!(r#"{{"id":"{id}","status":"PENDING"}}"#),
+                    )
+                }
+            }),
+        )
+        .layer(jobs.clone());
+    let caller = Caller::new(serve(app).await);
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), caller.create("sk-1")).await;
+    assert!(gave_up.is_err());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(jobs.in_use("sk-1"), 1);
+
+    // The job runs, and ends; the application says so, naming it.
+    let job = api.jobs.lock().unwrap().keys().next().unwrap().clone();
+    api.finish(&job);
+    assert!(!jobs.complete("sk-1", &job));
+    assert_eq!(jobs.in_use("sk-1"), 1);
+    jobs.reconcile("sk-1", Vec::<String>::new());
+    assert_eq!(jobs.in_use("sk-1"), 0, "the client's only job is over");
 }

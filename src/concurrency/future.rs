@@ -488,14 +488,14 @@ fn respond_watched<ResBody, E: Into<BoxError>>(
                 let job = Job::default();
                 response.extensions_mut().insert(job.clone());
                 Observer::holding(hold, Observe::Create { job })
-            } else if status.is_server_error() {
-                // A gateway or server that failed may have created the job: dropped, the
-                // hold stays held as an unknown outcome.
-                drop(hold);
-                None
-            } else {
+            } else if status.is_client_error() {
                 // A definite failure (4xx, 429 included): nothing was created.
                 hold.release(ReleaseReason::Failed);
+                None
+            } else {
+                // A gateway or server that failed, or a redirect (a 303 to the job made), may
+                // have created the job: dropped, the hold stays held as an unknown outcome.
+                drop(hold);
                 None
             }
         }

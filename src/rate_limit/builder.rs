@@ -757,7 +757,12 @@ impl<F> Builder<RejectConfig<F>> {
         let max_keys = self.config.max_keys;
         let tiers = std::mem::take(&mut self.config.tier_settings).compile()?;
         let placed = match &tiers {
-            Some(tiers) => place_tiers(tiers, &routes, self.margin.unwrap_or(Duration::ZERO))?,
+            Some(tiers) => place_tiers(
+                tiers,
+                &routes,
+                self.margin.unwrap_or(Duration::ZERO),
+                cfg!(feature = "redis") && self.config.has_store(),
+            )?,
             None => Vec::new(),
         };
         let routes = routes
@@ -790,6 +795,7 @@ fn place_tiers(
     tiers: &Tiers,
     routes: &[CompiledRoute],
     margin: Duration,
+    stored: bool,
 ) -> Result<Vec<(usize, usize, Vec<Rate>)>, ConfigError> {
     let mut placed = Vec::new();
     for (tier, named) in tiers.routes.iter().enumerate() {
@@ -823,9 +829,32 @@ fn place_tiers(
                              the same units in the same order",
                 });
             }
-            let rates = quotas.iter().map(|q| Rate::new(*q, Some(margin))).collect();
+            let rates: Vec<Rate> = quotas.iter().map(|q| Rate::new(*q, Some(margin))).collect();
+            // In a store a client's count lies under one key whatever its tier, kept in
+            // buckets of a sixteenth of the period (or a GCRA time): only the count may differ.
+            if stored && rates.iter().zip(own).any(|(r, own)| !same_shape(r, own)) {
+                return Err(ConfigError::InvalidQuota {
+                    route: pattern.clone(),
+                    reason: "with a store, a tier's quotas on a route have the route's periods                              and algorithms (a window, or GCRA); only their counts differ",
+                });
+            }
             placed.push((tier, index, rates));
         }
     }
     Ok(placed)
+}
+
+/// Whether two quotas keep their counts alike in a store: the same period and algorithm.
+pub(crate) fn same_shape(a: &Rate, b: &Rate) -> bool {
+    a.quota.period() == b.quota.period() && a.is_gcra() == b.is_gcra()
+}
+
+impl<F> RejectConfig<F> {
+    /// Whether it counts in a shared store.
+    pub(crate) fn has_store(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self.store.is_some();
+        #[cfg(not(feature = "redis"))]
+        false
+    }
 }

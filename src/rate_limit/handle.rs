@@ -187,6 +187,8 @@ impl<F> RateLimitByRoute<Reject<F>> {
         let index = find(&shared.routes, |r| &r.name, pattern, &quota)?;
         same_unit(&shared.routes[index].quota(), &quota)?;
         let rate = Rate::new(quota, Some(Duration::ZERO));
+        let own = Rate::new(shared.routes[index].quota(), Some(Duration::ZERO));
+        same_shape_in_store(&shared.config, &own, &rate)?;
         shared.routes[index].set_rate(rate, shared.clock.now());
         Ok(())
     }
@@ -223,7 +225,24 @@ impl<F> RateLimitByRoute<Reject<F>> {
         };
         same_unit(&rates[0].quota, &quota)?;
         let rate = Rate::new(quota, Some(Duration::from_nanos(rates[0].margin)));
+        same_shape_in_store(&shared.config, &rates[0], &rate)?;
         route.set_tier_rate(position, rate, shared.clock.now());
         Ok(())
     }
+}
+
+/// In a store, a quota replaced at run time keeps its period and algorithm: the counts kept
+/// there are in buckets of a sixteenth of the period (or a GCRA time).
+fn same_shape_in_store<F>(
+    config: &super::builder::RejectConfig<F>,
+    old: &Rate,
+    new: &Rate,
+) -> Result<(), ConfigError> {
+    if config.has_store() && !super::builder::same_shape(old, new) {
+        return Err(ConfigError::InvalidSetting {
+            name: "set_quota",
+            reason: "with a store, a quota keeps its period and algorithm: only its count changes",
+        });
+    }
+    Ok(())
 }

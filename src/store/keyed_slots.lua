@@ -15,8 +15,8 @@
 --                                        showed it terminal) -> {1, 1} held, {1, 0} ended
 --   end       id, lease, remember     -> {1, 1} a held job ended, {1, 0} none (remembered,
 --                                        with `remember` 1, while a create is in flight)
---   reconcile id...                   (the client's jobs running now: other jobs and unknown
---                                        outcomes are given back)
+--   reconcile age, lease, id...       (the client's jobs running as of `age` ago: other jobs
+--                                        and unknown outcomes taken before then are given back)
 --   held                              -> {1, held}
 -- Every reply is two integers, as the store's other scripts answer.
 
@@ -71,6 +71,7 @@ elseif op == 'bind' then
   end
   if redis.call('ZADD', held, int(now + lease), 'j:' .. id) == 0 then
     -- The same job again (a replayed create): one slot, its lease renewed.
+    keep(lease)
     return {1, 0}
   end
   keep(lease)
@@ -97,13 +98,17 @@ elseif op == 'end' then
   end
   return {1, 0}
 elseif op == 'reconcile' then
+  -- A hold whose lease began (score - lease) after the list was read is left alone.
+  local listed, lease = now - tonumber(ARGV[2]), tonumber(ARGV[3])
   local active = {}
-  for i = 2, #ARGV do
+  for i = 4, #ARGV do
     active['j:' .. ARGV[i]] = true
   end
-  for _, member in ipairs(redis.call('ZRANGE', held, 0, -1)) do
+  local holds = redis.call('ZRANGE', held, 0, -1, 'WITHSCORES')
+  for i = 1, #holds, 2 do
+    local member, taken = holds[i], tonumber(holds[i + 1]) - lease
     local kind = string.sub(member, 1, 2)
-    if kind == 'u:' or (kind == 'j:' and not active[member]) then
+    if taken < listed and (kind == 'u:' or (kind == 'j:' and not active[member])) then
       redis.call('ZREM', held, member)
     end
   end

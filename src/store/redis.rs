@@ -233,6 +233,11 @@ impl RedisStore {
         self.inner.fail_mode
     }
 
+    /// The longest one operation may take.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
     /// Resolves once every change queued for the store before the call has reached Redis
     /// (or failed, each within the store's timeout): places given back after their
     /// responses, job slots bound and released.

@@ -299,9 +299,15 @@ async fn create(
                 let answer = match args {
                     Some((idempotency_key, body)) => {
                         match state.create(&key, idempotency_key, body) {
-                            Ok(generation) => {
+                            Ok((generation, false)) => {
                                 (StatusCode::CREATED, Json(generation)).into_response()
                             }
+                            Ok((generation, true)) => (
+                                StatusCode::CREATED,
+                                [("idempotent-replayed", "true")],
+                                Json(generation),
+                            )
+                                .into_response(),
                             Err(refusal) => ApiError::refused(&state, refusal).into_response(),
                         }
                     }

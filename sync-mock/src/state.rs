@@ -313,19 +313,30 @@ impl State {
         self.lock().stats.concurrency_limited += 1;
     }
 
-    /// Creates a generation for `key`, its plan's slot taken by the layer (`jobs`).
+    /// Creates a generation for `key`, its plan's slot taken by the layer (`jobs`); or, when
+    /// a create with the same `Idempotency-Key` made one meanwhile (two sent at once), that
+    /// one, replayed (`true`).
     pub(crate) fn create(
         self: &Arc<Self>,
         key: &str,
         idempotency_key: Option<String>,
         request: CreateRequest,
-    ) -> Result<Generation, Refusal> {
+    ) -> Result<(Generation, bool), Refusal> {
         let now = self.now();
         let mut guard = self.lock();
         let inner = &mut *guard;
         let Some(account) = inner.accounts.get_mut(key) else {
             return Err(Refusal::UnknownKey);
         };
+        let made = idempotency_key
+            .as_ref()
+            .and_then(|k| account.idempotency.get(k))
+            .and_then(|id| inner.generations.get(id));
+        if let Some(generation) = made {
+            let generation = generation.clone();
+            inner.stats.replays += 1;
+            return Ok((generation, true));
+        }
         let seq = inner.next_seq;
         inner.next_seq += 1;
         let id = generation_id(self.config.seed, seq);
@@ -362,7 +373,7 @@ impl State {
         let started = Instant::now();
         let job = tokio::spawn(Arc::clone(self).run(id, started, fails));
         inner.jobs.push(job.abort_handle());
-        Ok(generation)
+        Ok((generation, false))
     }
 
     /// A generation's life after its create.

@@ -553,3 +553,42 @@ async fn runs_in_real_time_too_on_a_given_listener_and_stops() {
     server.stop().await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// The replay check runs before the plan's layer and the create after it, under two separate
+/// locks: two creates with one `Idempotency-Key` sent at once may both miss the first check,
+/// so the create checks again under its lock and replays (before: 3 of 300 pairs made two
+/// generations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_creates_with_one_idempotency_key_at_once_start_one_generation() {
+    let server = MockServer::start(rate_only(
+        Algorithm::SlidingWindow,
+        Limit::per_second(100_000),
+    ))
+    .await
+    .unwrap();
+    let api = Api::new(&server);
+    let pairs: u64 = 300;
+    for i in 0..pairs {
+        let key = format!("race-{i}");
+        let (a, b) = (api.clone(), api.clone());
+        let (ka, kb) = (key.clone(), key.clone());
+        let first = tokio::spawn(async move {
+            a.create_with(&[("idempotency-key", ka.as_str())], create_body(None))
+                .await
+                .status
+        });
+        let second = tokio::spawn(async move {
+            b.create_with(&[("idempotency-key", kb.as_str())], create_body(None))
+                .await
+                .status
+        });
+        assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+        assert_eq!(second.await.unwrap(), StatusCode::CREATED);
+    }
+    let stats = server.stats();
+    assert_eq!(
+        (stats.created, stats.replays),
+        (pairs, pairs),
+        "one generation per Idempotency-Key"
+    );
+}

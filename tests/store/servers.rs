@@ -3,6 +3,8 @@
 //! Where `redis-server` cannot run them, the test is skipped, loudly (or fails, with
 //! `TOWER_QUOTA_REQUIRE_REDIS` set, as in CI).
 
+#![cfg(feature = "redis")]
+
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};

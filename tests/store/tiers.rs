@@ -13,7 +13,7 @@ use axum::Router;
 use http::HeaderName;
 use tower_quota::rate_limit::UnknownTier;
 use tower_quota::store::{FailMode, RedisStore};
-use tower_quota::{Quota, RateLimitByRoute};
+use tower_quota::{ConfigError, Quota, RateLimitByRoute};
 
 use super::rate_limits::{get_request, http_client, HttpClient};
 use crate::common::redis::{shared_redis, unique_prefix};
@@ -119,4 +119,62 @@ async fn a_fleet_gives_each_tier_its_quota_and_a_client_its_count_across_an_upgr
     }
     assert_eq!(passed(&upgraded), 3, "{upgraded:?}");
     assert!(upgraded[0].1.contains("q=5"), "{:?}", upgraded[0]);
+}
+
+/// Tiers of different periods on one route cannot share a store's count. In Redis a client's
+/// buckets lie under one key whatever its tier, indexed by `now / (period / 16)`: before, a
+/// Hobbyist's buckets of 200 ms, once upgraded to 5 per 2 s, were never stale to the Scale
+/// window and counted against the client for as long as it stayed active (3 of 5 creates back
+/// every 2.4 s, found by an outside review). Now `build` refuses such tiers with a store, and
+/// `set_tier_quota` / `set_quota` refuse a change of period or algorithm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_store_tiers_of_another_period_or_algorithm_are_a_typed_error() {
+    let Some((url, _server)) = shared_redis() else {
+        return;
+    };
+    let store = || {
+        RedisStore::builder(url.as_str())
+            .prefix(unique_prefix("tier-periods"))
+            .build()
+            .unwrap()
+    };
+    let tiered = |scale: Quota| {
+        RateLimitByRoute::builder()
+            .route(
+                "POST /v2/generate",
+                Quota::new(2, Duration::from_millis(200)),
+            )
+            .reject()
+            .key_header(HeaderName::from_static("x-api-key"))
+            .tier_by(|_| Some("scale"), UnknownTier::Refuse)
+            .tier("scale", [("POST /v2/generate", scale)])
+    };
+    for scale in [
+        Quota::new(5, Duration::from_secs(2)),
+        Quota::new(5, Duration::from_millis(200)).with_burst(2),
+    ] {
+        let error = tiered(scale).store(store()).build().unwrap_err();
+        assert!(matches!(error, ConfigError::InvalidQuota { .. }), "{error}");
+        // In this process alone, each tier keeps its own table: allowed.
+        assert!(tiered(scale).build().is_ok());
+    }
+    let limits = tiered(Quota::new(5, Duration::from_millis(200)))
+        .store(store())
+        .build()
+        .unwrap();
+    for quota in [
+        Quota::new(5, Duration::from_secs(2)),
+        Quota::new(5, Duration::from_millis(200)).with_burst(2),
+    ] {
+        assert!(limits
+            .set_tier_quota("scale", "POST /v2/generate", quota)
+            .is_err());
+        assert!(limits.set_quota("POST /v2/generate", quota).is_err());
+    }
+    // A new count is fine.
+    let quota = Quota::new(9, Duration::from_millis(200));
+    limits
+        .set_tier_quota("scale", "POST /v2/generate", quota)
+        .unwrap();
+    limits.set_quota("POST /v2/generate", quota).unwrap();
 }

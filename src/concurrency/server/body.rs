@@ -170,10 +170,12 @@ impl<F> CreateSlot<F> {
             self.success = true;
             return Some(self);
         }
-        let (outcome, by) = if status.is_server_error() {
-            (Outcome::Unknown, None)
-        } else {
+        // Only a 4xx says no job was made; a 5xx, or a redirect (a 303 to the job made), may
+        // have made one.
+        let (outcome, by) = if status.is_client_error() {
             (Outcome::Failed, Some(Freed::CreateFailed))
+        } else {
+            (Outcome::Unknown, None)
         };
         self.settled = true;
         let stored = match outcome {

@@ -216,21 +216,48 @@ impl<F> KeyedPlans<F> {
     }
 
     /// `active_ids` are every job client `key` (as the key header carries it) has running,
-    /// as the application's own records say: its held jobs not among them, and its creates
-    /// whose outcome was unknown, are given back. Creates in flight are left alone.
+    /// as the application's own records say now: its held jobs not among them, and its
+    /// creates whose outcome was unknown, are given back. Creates in flight are left alone.
+    ///
+    /// The list is taken as current: a job whose create was answered after the list was
+    /// read is not in it, and would lose its slot. When that can happen, use
+    /// [`reconcile_as_of`](Self::reconcile_as_of) with the time the list was read.
     pub fn reconcile<I>(&self, key: &str, active_ids: I)
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.reconcile_as_of(key, active_ids, tokio::time::Instant::now());
+    }
+
+    /// [`reconcile`](Self::reconcile) with a list read at `listed_at`: jobs and unknown
+    /// outcomes that took their slot after it are left alone, since the list may not show
+    /// them yet. In a store this is judged on Redis's clock with the store's timeout as
+    /// margin (the change may run up to a timeout after the call): what was taken within a
+    /// timeout before the list is left to a later reconcile, never freed early.
+    pub fn reconcile_as_of<I>(&self, key: &str, active_ids: I, listed_at: tokio::time::Instant)
     where
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
         let ids: Vec<I::Item> = active_ids.into_iter().collect();
         let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        let clock = &self.shared.clock;
+        let listed = crate::clock::nanos(listed_at.saturating_duration_since(clock.instant(0)));
         #[cfg(feature = "redis")]
         if let Some(store) = &self.shared.store {
-            let args = ids.iter().map(|id| (*id).to_owned()).collect();
+            let age = std::time::Duration::from_nanos(clock.now().saturating_sub(listed));
+            let mut args = vec![
+                micros(age.saturating_add(store.timeout())),
+                micros(self.shared.lease()),
+            ];
+            args.extend(ids.iter().map(|id| (*id).to_owned()));
             store.keyed_change(stable(key.as_bytes()), "reconcile", args);
         }
-        let freed = self.shared.slots.reconcile(self.header_key(key), &ids);
+        let freed = self
+            .shared
+            .slots
+            .reconcile(self.header_key(key), &ids, listed);
         for _ in 0..freed {
             self.shared.freed(Freed::Reconciled);
         }

@@ -216,15 +216,21 @@ impl KeyedSlots {
     }
 
     /// `key`'s jobs not in `active` are given back, and so are its unknown outcomes: the
-    /// application's own list says what runs. Its creates in flight are left alone. How many
-    /// were given back.
-    pub(crate) fn reconcile(&self, key: u64, active: &[&str]) -> usize {
+    /// application's own list, requested at `listed`, says what runs. What was taken after
+    /// `listed` is left alone (the list may not show it yet), and so are its creates in
+    /// flight. How many were given back.
+    pub(crate) fn reconcile(&self, key: u64, active: &[&str], listed: Nanos) -> usize {
         let mut freed = 0;
+        // A hold's lease began when it was taken (or renewed, later: kept the more).
+        let lease = self.lease;
+        let newer = move |until: Nanos| until.saturating_sub(lease) > listed;
         self.update(key, |holding| {
             let before = holding.jobs.len() + holding.unknown.len();
-            holding.jobs.retain(|(id, _)| active.contains(&&**id));
-            holding.unknown.clear();
-            freed = before - holding.jobs.len();
+            holding
+                .jobs
+                .retain(|(id, until)| active.contains(&&**id) || newer(*until));
+            holding.unknown.retain(|until| newer(*until));
+            freed = before - holding.jobs.len() - holding.unknown.len();
         });
         freed
     }

@@ -108,6 +108,15 @@ where
                             return Poll::Ready(Ok(rejected(response)));
                         }
                         Err(error) => {
+                            // The take may still run once Redis answers (a timeout): whatever
+                            // it took is given back after it.
+                            if let Some(store) = &shared.store {
+                                store.keyed_change(
+                                    self.client,
+                                    "failed",
+                                    vec![std::mem::take(&mut self.member)],
+                                );
+                            }
                             let fail_mode = shared.store.as_ref().map(|s| s.fail_mode());
                             if fail_mode == Some(FailMode::Closed) {
                                 tracing::debug!(%error, "the shared store failed: refusing the create");

@@ -71,14 +71,17 @@ impl RedisStore {
         self.keyed_slots(client, "take", args)
     }
 
-    /// Runs a change of client `client`'s slots in the background, after the job slots'
-    /// changes made before it.
+    /// Runs a change of client `client`'s slots in the background, never dropped: with the
+    /// places given back, many at once (a flood of status answers must not delay or drop
+    /// another client's completion). Their order does not matter: a job ended before its
+    /// create is bound is remembered (`early`), and a create's bind and failure exclude each
+    /// other.
     pub(crate) fn keyed_change(&self, client: u64, op: &str, args: Vec<String>) {
         let call = self.keyed_slots(client, op, args);
         let change: StoreCall =
             SyncFuture::new(Box::pin(
                 async move { call.await.map(|_| Decision::Admitted) },
             ));
-        self.spawn(change);
+        self.give_back(change);
     }
 }

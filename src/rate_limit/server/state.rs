@@ -306,12 +306,14 @@ impl KeyedRoute {
             self.changed(grew, forgot, events, index);
         }
         self.report(&result, events, index);
-        result.map(|fields| {
-            fields.map(|(policy, remaining, reset)| RateLimitFields {
+        match result {
+            Ok(Some((policy, remaining, reset))) => Ok(Some(RateLimitFields {
                 policy,
                 ratelimit: self.ratelimit(remaining, reset),
-            })
-        })
+            })),
+            Ok(None) => Ok(None),
+            Err(refused) => Err(refused),
+        }
     }
 
     /// A request that costs more than `quota` ever admits at once: refused, whatever the

@@ -463,6 +463,28 @@ async fn a_fleet_of_servers_shares_each_clients_plan_through_redis() {
 #[cfg(feature = "redis")]
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// A Hobbyist plan server counted in the Redis at `url`, under a fresh prefix, failing closed.
+#[cfg(feature = "redis")]
+fn hobbyist_plans_in(
+    url: &str,
+    what: &str,
+) -> (
+    tower_quota::store::RedisStore,
+    tower_quota::concurrency::KeyedPlans<sync::PlanFullBody>,
+) {
+    let store = tower_quota::store::RedisStore::builder(url)
+        .prefix(common::redis::unique_prefix(what).as_str())
+        .timeout(STORE_TIMEOUT)
+        .fail_mode(tower_quota::store::FailMode::Closed)
+        .build()
+        .unwrap();
+    let jobs = sync::plan_server(Plan::Hobbyist)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    (store, jobs)
+}
+
 #[test]
 fn the_server_mode_service_future_and_body_are_send_and_sync() {
     use tower_quota::concurrency::{KeyedPlanBody, KeyedPlanFuture, KeyedPlansService};
@@ -621,21 +643,11 @@ async fn a_take_that_times_out_leaves_no_slot_in_redis() {
 #[tokio::test]
 async fn a_flood_of_status_404s_drops_no_other_clients_completion() {
     use tower::ServiceExt;
-    use tower_quota::store::{FailMode, RedisStore};
 
     let Some((url, _server)) = common::redis::shared_redis() else {
         return;
     };
-    let store = RedisStore::builder(url.as_str())
-        .prefix(common::redis::unique_prefix("plan-flood").as_str())
-        .timeout(Duration::from_millis(500))
-        .fail_mode(FailMode::Closed)
-        .build()
-        .unwrap();
-    let jobs = sync::plan_server(Plan::Hobbyist)
-        .store(store.clone())
-        .build()
-        .unwrap();
+    let (store, jobs) = hobbyist_plans_in(&url, "plan-flood");
     let api = Api::default();
     let router = app(api.clone(), jobs.clone());
     let caller = Caller::new(serve(router.clone()).await);
@@ -668,8 +680,6 @@ async fn a_flood_of_status_404s_drops_no_other_clients_completion() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_status_404s_over_sockets_drops_no_completion() {
-    use tower_quota::store::{FailMode, RedisStore};
-
     let Some((url, _server)) = common::redis::shared_redis() else {
         return;
     };
@@ -679,16 +689,7 @@ async fn a_flood_of_status_404s_over_sockets_drops_no_completion() {
         .trim_end_matches('/')
         .to_owned();
     let url = slow_proxy(target, Duration::from_millis(1)).await;
-    let store = RedisStore::builder(url.as_str())
-        .prefix(common::redis::unique_prefix("plan-flood-sockets").as_str())
-        .timeout(Duration::from_millis(500))
-        .fail_mode(FailMode::Closed)
-        .build()
-        .unwrap();
-    let jobs = sync::plan_server(Plan::Hobbyist)
-        .store(store.clone())
-        .build()
-        .unwrap();
+    let (store, jobs) = hobbyist_plans_in(&url, "plan-flood-sockets");
     let api = Api::default();
     let addr = serve(app(api.clone(), jobs.clone())).await;
     let caller = Caller::new(addr);

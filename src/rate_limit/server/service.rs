@@ -83,11 +83,6 @@ where
                 None => Costs::one(),
                 Some(weighing) => weighing.costs(&RequestHead::of(&request)),
             };
-            if let Some((quota, _)) = costs.too_high(route.rates().iter()) {
-                let refused = route.too_high(quota, &shared.events, index);
-                let response = rejection(config, &route.name, refused);
-                return RejectFuture::rejected(response);
-            }
             return self.call_store(request, index, key, costs, None);
         }
         let Some(weighing) = &route.weighing else {
@@ -105,7 +100,7 @@ where
             };
         };
         let costs = weighing.costs(&RequestHead::of(&request));
-        self.call_weighed(request, index, key, costs)
+        self.call_counted(request, index, key, costs, None)
     }
 }
 
@@ -143,13 +138,28 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
         };
         #[cfg(feature = "redis")]
         if config.store.is_some() {
-            if let Some((quota, _)) = costs.too_high(route.rates_of(tier).iter()) {
-                let refused = route.too_high(quota, &shared.events, index);
-                let response = rejection(config, &route.name, refused);
-                return RejectFuture::rejected(response);
-            }
             return self.call_store(request, index, key, costs, tier);
         }
+        self.call_counted(request, index, key, costs, tier)
+    }
+
+    /// A request of a route that weighs its requests, or of a tier (`tier`): counted in this
+    /// process for its cost, which its response may correct.
+    #[inline(never)]
+    fn call_counted<B, ResBody>(
+        &mut self,
+        request: Request<B>,
+        index: usize,
+        key: u64,
+        costs: Costs,
+        tier: Option<usize>,
+    ) -> RejectFuture<S, B, F>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>>,
+        F: RejectResponse<ResBody>,
+    {
+        let shared = &self.mode.0;
+        let (config, route) = (&shared.config, &shared.routes[index]);
         let now = shared.clock.now();
         let (headers, events) = (config.headers, &shared.events);
         let verdict = match tier {
@@ -178,46 +188,6 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
         };
         RejectFuture::corrected(future, fields, correction)
     }
-
-    /// A request of a route that weighs its requests: counted for its cost, which its
-    /// response may correct.
-    #[inline(never)]
-    fn call_weighed<B, ResBody>(
-        &mut self,
-        request: Request<B>,
-        index: usize,
-        key: u64,
-        costs: Costs,
-    ) -> RejectFuture<S, B, F>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>>,
-        F: RejectResponse<ResBody>,
-    {
-        let shared = &self.mode.0;
-        let (config, route) = (&shared.config, &shared.routes[index]);
-        let now = shared.clock.now();
-        let fields = match route.hit(key, now, config.headers, &shared.events, index, &costs) {
-            Ok(fields) => fields,
-            Err(refused) => {
-                return RejectFuture::rejected(rejection(config, &route.name, refused));
-            }
-        };
-        let future = self.inner.call(request);
-        if !route.weighing.as_ref().is_some_and(|w| w.corrects()) {
-            return RejectFuture::inner(future, fields);
-        }
-        let correction = Correction {
-            layer: Reject(shared.clone()),
-            route: index,
-            key,
-            tier: None,
-            at: now,
-            taken: costs,
-            #[cfg(feature = "redis")]
-            store: None,
-        };
-        RejectFuture::corrected(future, fields, correction)
-    }
 }
 
 #[cfg(feature = "redis")]
@@ -229,7 +199,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
     /// A client's count lies under one key whatever its tier, so a change of tier carries
     /// its count over to the new tier's quotas.
     #[inline(never)]
-    fn call_store<B>(
+    fn call_store<B, ResBody>(
         &mut self,
         request: Request<B>,
         index: usize,
@@ -238,15 +208,21 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
         tier: Option<usize>,
     ) -> RejectFuture<S, B, F>
     where
-        S: Service<Request<B>>,
+        S: Service<Request<B>, Response = Response<ResBody>>,
+        F: RejectResponse<ResBody>,
     {
-        let inner = crate::readiness::waiting_clone(&mut self.inner);
         let shared = &self.mode.0;
         let config = &shared.config;
         let Some(store) = &config.store else {
             unreachable!("called with a store");
         };
         let route = &shared.routes[index];
+        let rates = route.rates_of(tier);
+        if let Some((quota, _)) = costs.too_high(rates.iter()) {
+            let refused = route.too_high(quota, &shared.events, index);
+            return RejectFuture::rejected(rejection(config, &route.name, refused));
+        }
+        let inner = crate::readiness::waiting_clone(&mut self.inner);
         let stable = match config.key.extract(
             &request,
             &super::key::KeyHashing::Stable,
@@ -256,7 +232,6 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
             Extracted::Missing | Extracted::NoPeer => ANONYMOUS,
         };
         let name = store.key(&format!("rate:{}:{stable:016x}", route.name));
-        let rates = route.rates_of(tier);
         let call = store.acquire(&name, &store.member(), &rates, &costs, true);
         let layer = Reject(shared.clone());
         let hit = super::store::StoreHit::new(inner, request, call, layer, index, key)

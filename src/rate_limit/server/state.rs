@@ -183,12 +183,6 @@ impl KeyedRoute {
         lock(&self.shards[0]).rate.quota
     }
 
-    /// Its quotas, in order.
-    #[cfg(feature = "redis")]
-    pub(crate) fn rates(&self) -> Box<[Rate]> {
-        self.rates_of(None)
-    }
-
     /// The quotas a client of `tier` has on this route, in order: the tier's own where it
     /// names this route, else the route's.
     #[cfg(feature = "redis")]

@@ -801,3 +801,43 @@ async fn the_slot_of_a_lost_answer_is_freed_by_the_applications_list() {
     jobs.reconcile("sk-1", Vec::<String>::new());
     assert_eq!(jobs.in_use("sk-1"), 0, "the client's only job is over");
 }
+
+/// A service instance that refused a create (429) gives back what its caller reserved below
+/// it: another instance gets the `ConcurrencyLimit` permit while the refusing one idles (a
+/// keep-alive connection's service). Before, the idle instance kept the permit (an outside
+/// attack found it).
+#[tokio::test(start_paused = true)]
+async fn a_refused_create_gives_back_the_permit_reserved_below() {
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    let jobs = sync::plan_server(Plan::Hobbyist).build().unwrap();
+    let made = Arc::new(AtomicU64::new(0));
+    let api = tower::service_fn(move |_: http::Request<axum::body::Body>| {
+        let n = made.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let body = format!(r#"{{"id":"gen_{n}","status":"PENDING"}}"#);
+            Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::from(body)))
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(jobs.clone())
+        .concurrency_limit(1)
+        .service(api);
+    let create = || {
+        http::Request::post("/v2/generate")
+            .header("x-api-key", "sk-1")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let answer = service.clone().oneshot(create()).await.unwrap();
+    answer.into_body().collect().await.unwrap();
+    assert_eq!(jobs.in_use("sk-1"), 1);
+
+    let mut idle = service.clone();
+    let refused = idle.ready().await.unwrap().call(create()).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let mut other = service.clone();
+    let ready = tokio::time::timeout(Duration::from_secs(30), other.ready()).await;
+    assert!(ready.is_ok(), "the refusing instance kept the permit");
+    drop(idle);
+}

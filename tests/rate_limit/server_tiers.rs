@@ -326,3 +326,46 @@ fn bad_tier_settings_are_typed_errors() {
         "{error}"
     );
 }
+
+/// A service instance that refused a request (an unknown tier's 403, a quota's 429) gives
+/// back what its caller reserved below it, so another instance gets the `ConcurrencyLimit`
+/// permit while the refusing one idles. Before, it kept it (an outside attack found it).
+#[tokio::test(start_paused = true)]
+async fn a_refused_request_gives_back_the_permit_reserved_below() {
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    let accounts = accounts(&[("sk-hobby", "hobbyist")]);
+    let limits = tiered(accounts).build().unwrap();
+    let api = tower::service_fn(|_: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(()))
+    });
+    let service = ServiceBuilder::new()
+        .layer(limits)
+        .concurrency_limit(1)
+        .service(api);
+    let create = |key: &str| {
+        http::Request::post("http://api.test/v2/generate")
+            .header("x-api-key", key)
+            .body(())
+            .unwrap()
+    };
+    for (key, status) in [
+        ("sk-nobody", 403),
+        ("sk-hobby", 200),
+        ("sk-hobby", 200),
+        ("sk-hobby", 429),
+    ] {
+        let mut idle = service.clone();
+        let answer = idle.ready().await.unwrap().call(create(key)).await.unwrap();
+        assert_eq!(answer.status(), status, "{key}");
+        if status != 200 {
+            let mut other = service.clone();
+            let ready = tokio::time::timeout(Duration::from_secs(30), other.ready()).await;
+            assert!(
+                ready.is_ok(),
+                "the instance that answered {status} kept the permit"
+            );
+        }
+        drop(idle);
+    }
+}

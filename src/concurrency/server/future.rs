@@ -76,6 +76,11 @@ where
         }
     }
 
+    /// Whether it is a refusal, answered without a call.
+    pub(super) fn is_rejected(&self) -> bool {
+        matches!(self.state, State::Rejected { .. })
+    }
+
     pub(super) fn rejected(response: S::Response) -> Self {
         Self {
             state: State::Rejected {

@@ -73,6 +73,24 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let future = self.decide(request);
+        if future.is_rejected() {
+            // Refused without a call: the readiness its caller reserved below (a `Buffer`
+            // slot, a `ConcurrencyLimit` permit) is given back, not kept by an idle service.
+            crate::readiness::unready(&mut self.inner);
+        }
+        future
+    }
+}
+
+impl<S: Clone, F> KeyedPlansService<S, F> {
+    /// Answers at once (a refusal) or sends (an admitted request).
+    #[inline(always)]
+    fn decide<B, ResBody>(&mut self, request: Request<B>) -> KeyedPlanFuture<S, B, F>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>>,
+        F: RejectPlan<ResBody> + Send + Sync + 'static,
+    {
         let shared = &self.shared;
         let found =
             shared

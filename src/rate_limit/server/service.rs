@@ -35,6 +35,24 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let future = self.decide(request);
+        if future.is_rejected() {
+            // Refused without a call: the readiness its caller reserved below (a `Buffer`
+            // slot, a `ConcurrencyLimit` permit) is given back, not kept by an idle service.
+            crate::readiness::unready(&mut self.inner);
+        }
+        future
+    }
+}
+
+impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
+    /// Answers at once (a refusal) or sends (an admitted request).
+    #[inline(always)]
+    fn decide<B, ResBody>(&mut self, request: Request<B>) -> RejectFuture<S, B, F>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>>,
+        F: RejectResponse<ResBody>,
+    {
         let shared = &self.mode.0;
         let Some(index) = shared
             .table

@@ -144,10 +144,13 @@ async fn at_once(mut queue: mpsc::Receiver<Change>) {
 }
 
 /// Places' changes running in tasks of their own, and a wake-up when the last one ends.
-#[derive(Default)]
 struct Overflow {
     running: std::sync::atomic::AtomicUsize,
     ended: Notify,
+    /// At most [`PLACES_AT_ONCE`] of them run at once; the others wait for a turn before
+    /// their operation (and its timeout) starts, so that a flood of changes does not make
+    /// them time out one another.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a background change came to.
@@ -577,7 +580,9 @@ impl RedisStore {
             let overflow = self.inner.overflow.clone();
             overflow.running.fetch_add(1, Ordering::SeqCst);
             self.inner.runtime.spawn(async move {
+                let turn = overflow.turns.clone().acquire_owned().await;
                 done(op.await);
+                drop(turn);
                 if overflow.running.fetch_sub(1, Ordering::SeqCst) == 1 {
                     overflow.ended.notify_waiters();
                 }
@@ -822,7 +827,11 @@ impl RedisStoreBuilder {
                 background,
                 places,
                 runtime,
-                overflow: Arc::default(),
+                overflow: Arc::new(Overflow {
+                    running: std::sync::atomic::AtomicUsize::new(0),
+                    ended: Notify::new(),
+                    turns: Arc::new(tokio::sync::Semaphore::new(PLACES_AT_ONCE)),
+                }),
                 subscriber,
                 failing: Arc::new(AtomicBool::new(false)),
             }),

@@ -104,8 +104,8 @@
 //! does not decode percent-escapes, fold case or drop a trailing slash before routing, and
 //! neither does the layer; `/v2/jobs//cancel` reaches `/v2/jobs/{id}/cancel` with an empty
 //! `id`); a path that matches no pattern so matches again with runs of `/` read as one:
-//! axum's nesting strips its prefix segment by segment, so `/svc//v2/generate` reaches the
-//! handler nested at `/v2/generate`, and counts as `/svc/v2/generate`. A pattern with `//`
+//! should a router let `/svc//v2/generate` reach a handler nested at `/v2/generate` (axum
+//! 0.8.9 answers it 404), it counts as `/svc/v2/generate`. A pattern with `//`
 //! in it is a [`ConfigError`](crate::ConfigError): write single `/`s, under which requests
 //! with `//` fall anyway. No form of a request that reaches a
 //! handler escapes its route's quota. Inside `Router::nest` and `nest_service` axum strips the prefix from

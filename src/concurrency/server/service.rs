@@ -73,24 +73,6 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let future = self.decide(request);
-        if future.is_rejected() {
-            // Refused without a call: the readiness its caller reserved below (a `Buffer`
-            // slot, a `ConcurrencyLimit` permit) is given back, not kept by an idle service.
-            crate::readiness::unready(&mut self.inner);
-        }
-        future
-    }
-}
-
-impl<S: Clone, F> KeyedPlansService<S, F> {
-    /// Answers at once (a refusal) or sends (an admitted request).
-    #[inline(always)]
-    fn decide<B, ResBody>(&mut self, request: Request<B>) -> KeyedPlanFuture<S, B, F>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>>,
-        F: RejectPlan<ResBody> + Send + Sync + 'static,
-    {
         let shared = &self.shared;
         let found =
             shared
@@ -106,7 +88,10 @@ impl<S: Clone, F> KeyedPlansService<S, F> {
                 if shared.kinds[index] != ServerRoute::Create {
                     return KeyedPlanFuture::pass(self.inner.call(request));
                 }
-                return KeyedPlanFuture::rejected(refuse(shared, &request, reason, 0));
+                return KeyedPlanFuture::rejected(
+                    &mut self.inner,
+                    refuse(shared, &request, reason, 0),
+                );
             }
         };
         match shared.kinds[index] {
@@ -169,7 +154,10 @@ impl<S: Clone, F> KeyedPlansService<S, F> {
                     }
                     Taken::Full { held } => {
                         let reason = PlanRejectReason::PlanFull;
-                        KeyedPlanFuture::rejected(refuse(shared, &request, reason, held))
+                        KeyedPlanFuture::rejected(
+                            &mut self.inner,
+                            refuse(shared, &request, reason, held),
+                        )
                     }
                 }
             }

@@ -115,12 +115,14 @@ where
         }
     }
 
-    /// Whether it is a refusal, answered without a call.
-    pub(super) fn is_rejected(&self) -> bool {
-        matches!(self.state, State::Rejected { .. })
-    }
-
-    pub(super) fn rejected(response: S::Response) -> Self {
+    /// A refusal, answered without a call to `inner`: the readiness its caller reserved
+    /// below (a `Buffer` slot, a `ConcurrencyLimit` permit) is given back, not kept by an
+    /// idle service instance.
+    pub(super) fn rejected(inner: &mut S, response: S::Response) -> Self
+    where
+        S: Clone,
+    {
+        crate::readiness::unready(inner);
         Self {
             state: State::Rejected { response },
         }

@@ -35,24 +35,6 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let future = self.decide(request);
-        if future.is_rejected() {
-            // Refused without a call: the readiness its caller reserved below (a `Buffer`
-            // slot, a `ConcurrencyLimit` permit) is given back, not kept by an idle service.
-            crate::readiness::unready(&mut self.inner);
-        }
-        future
-    }
-}
-
-impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
-    /// Answers at once (a refusal) or sends (an admitted request).
-    #[inline(always)]
-    fn decide<B, ResBody>(&mut self, request: Request<B>) -> RejectFuture<S, B, F>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>>,
-        F: RejectResponse<ResBody>,
-    {
         let shared = &self.mode.0;
         let Some(index) = shared
             .table
@@ -71,7 +53,10 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
                 MissingKey::Shared => ANONYMOUS,
                 MissingKey::Pass => return RejectFuture::inner(self.inner.call(request), None),
                 MissingKey::Refuse => {
-                    return RejectFuture::rejected(refusal(shared, index, RejectReason::MissingKey))
+                    return RejectFuture::rejected(
+                        &mut self.inner,
+                        refusal(shared, index, RejectReason::MissingKey),
+                    )
                 }
             },
             Extracted::NoPeer => match config.on_missing {
@@ -80,15 +65,17 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
                     return RejectFuture::inner(self.inner.call(request), None)
                 }
                 Some(MissingKey::Refuse) => {
-                    return RejectFuture::rejected(refusal(shared, index, RejectReason::MissingKey))
+                    return RejectFuture::rejected(
+                        &mut self.inner,
+                        refusal(shared, index, RejectReason::MissingKey),
+                    )
                 }
                 None => {
                     no_peer(config);
-                    return RejectFuture::rejected(refusal(
-                        shared,
-                        index,
-                        RejectReason::NoPeerAddress,
-                    ));
+                    return RejectFuture::rejected(
+                        &mut self.inner,
+                        refusal(shared, index, RejectReason::NoPeerAddress),
+                    );
                 }
             },
         };
@@ -114,7 +101,9 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
                 &Costs::one(),
             ) {
                 Ok(fields) => RejectFuture::inner(self.inner.call(request), fields),
-                Err(refused) => RejectFuture::rejected(rejection(config, &route.name, refused)),
+                Err(refused) => {
+                    RejectFuture::rejected(&mut self.inner, rejection(config, &route.name, refused))
+                }
             };
         };
         let costs = weighing.costs(&RequestHead::of(&request));
@@ -147,7 +136,7 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
             Tier::RouteQuotas => None,
             Tier::Refused => {
                 let response = refusal(shared, index, RejectReason::UnknownTier);
-                return RejectFuture::rejected(response);
+                return RejectFuture::rejected(&mut self.inner, response);
             }
         };
         let costs = match &route.weighing {
@@ -173,7 +162,7 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
         tier: Option<usize>,
     ) -> RejectFuture<S, B, F>
     where
-        S: Service<Request<B>, Response = Response<ResBody>>,
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
         F: RejectResponse<ResBody>,
     {
         let shared = &self.mode.0;
@@ -187,7 +176,10 @@ impl<S, F> RateLimitByRouteService<S, Reject<F>> {
         let fields = match verdict {
             Ok(fields) => fields,
             Err(refused) => {
-                return RejectFuture::rejected(rejection(config, &route.name, refused));
+                return RejectFuture::rejected(
+                    &mut self.inner,
+                    rejection(config, &route.name, refused),
+                );
             }
         };
         let future = self.inner.call(request);
@@ -226,7 +218,7 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
         tier: Option<usize>,
     ) -> RejectFuture<S, B, F>
     where
-        S: Service<Request<B>, Response = Response<ResBody>>,
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
         F: RejectResponse<ResBody>,
     {
         let shared = &self.mode.0;
@@ -238,7 +230,10 @@ impl<S: Clone, F> RateLimitByRouteService<S, Reject<F>> {
         let rates = route.rates_of(tier);
         if let Some((quota, _)) = costs.too_high(rates.iter()) {
             let refused = route.too_high(quota, &shared.events, index);
-            return RejectFuture::rejected(rejection(config, &route.name, refused));
+            return RejectFuture::rejected(
+                &mut self.inner,
+                rejection(config, &route.name, refused),
+            );
         }
         let inner = crate::readiness::waiting_clone(&mut self.inner);
         let stable = match config.key.extract(
